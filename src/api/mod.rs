@@ -1,0 +1,7 @@
+//! The public gRPC API: the `Registry` and `Cluster` services, the conversions
+//! between protobuf and registry types, and forwarding to the leader.
+
+pub mod cluster;
+pub mod convert;
+pub mod leader;
+pub mod registry;

@@ -1,0 +1,181 @@
+//! The `Registry` gRPC service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, instance_to_pb, status_to_pb};
+use super::leader::{forward_request, is_forwarded, LeaderRouter, Route};
+use crate::error::Error;
+use crate::proto::v1 as pb;
+use crate::proto::v1::registry_server::Registry;
+use crate::registry::validate;
+use crate::registry::watch::{run_watcher, RegistryState, SharedState};
+use crate::registry::{Command, HealthStatus, Outcome};
+
+/// Messages buffered per watcher before it waits on its client.
+const WATCH_BUFFER: usize = 256;
+
+pub struct RegistryApi {
+    state: SharedState,
+    router: Arc<LeaderRouter>,
+}
+
+impl RegistryApi {
+    pub fn new(state: SharedState, router: Arc<LeaderRouter>) -> Self {
+        RegistryApi { state, router }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&RegistryState) -> T) -> Result<T, Status> {
+        let st = self
+            .state
+            .read()
+            .map_err(|_| Error::Internal("state lock poisoned".into()))?;
+        Ok(f(&st))
+    }
+
+    /// Routes a read by the requested consistency: `Here` means read local state now.
+    async fn route_read(&self, consistency: i32, forwarded: bool) -> Result<Route<()>, Status> {
+        if consistency == pb::Consistency::Stale as i32 {
+            return Ok(Route::Here(()));
+        }
+        Ok(self.router.linearizable(forwarded).await?)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        let cmd = convert::register_command(msg.clone())?;
+        match self.router.write(cmd, forwarded).await? {
+            Route::Here(r) => match r.outcome {
+                Outcome::Registered(i) => Ok(Response::new(pb::RegisterResponse {
+                    revision: r.revision,
+                    instance: Some(instance_to_pb(&i)),
+                })),
+                other => Err(Error::Internal(format!("register applied as {other:?}")).into()),
+            },
+            Route::Leader(mut c) => c.register(forward_request(msg, self.router.timeout())).await,
+        }
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        convert::instance_ref(&msg.service, &msg.id)?;
+        let cmd = Command::Deregister {
+            service: msg.service.clone(),
+            id: msg.id.clone(),
+        };
+        match self.router.write(cmd, forwarded).await? {
+            Route::Here(r) => match r.outcome {
+                Outcome::Deregistered => Ok(Response::new(pb::DeregisterResponse { revision: r.revision })),
+                _ => Err(Error::NotFound(format!("instance {:?} of service {:?}", msg.id, msg.service)).into()),
+            },
+            Route::Leader(mut c) => c.deregister(forward_request(msg, self.router.timeout())).await,
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        convert::instance_ref(&msg.service, &msg.id)?;
+        match self.router.current(forwarded)? {
+            Route::Here(()) => {
+                let found = self.read(|st| {
+                    st.catalog
+                        .get(&msg.service, &msg.id)
+                        .map(|i| (st.catalog.revision(), i.status))
+                })?;
+                let (revision, status) = found.ok_or_else(|| {
+                    Error::NotFound(format!("instance {:?} of service {:?}", msg.id, msg.service))
+                })?;
+                Ok(Response::new(pb::HeartbeatResponse {
+                    revision,
+                    status: status_to_pb(status) as i32,
+                }))
+            }
+            Route::Leader(mut c) => c.heartbeat(forward_request(msg, self.router.timeout())).await,
+        }
+    }
+
+    async fn get_service(
+        &self,
+        req: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::GetServiceResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        validate::service_name(&msg.service)?;
+        match self.route_read(msg.consistency, forwarded).await? {
+            Route::Here(()) => self.read(|st| {
+                let instances = st
+                    .catalog
+                    .instances_of(&msg.service)
+                    .filter(|i| !msg.healthy_only || i.status == HealthStatus::Passing)
+                    .filter(|i| i.has_tags(&msg.tags))
+                    .map(instance_to_pb)
+                    .collect();
+                Response::new(pb::GetServiceResponse {
+                    revision: st.catalog.revision(),
+                    instances,
+                })
+            }),
+            Route::Leader(mut c) => c.get_service(forward_request(msg, self.router.timeout())).await,
+        }
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        match self.route_read(msg.consistency, forwarded).await? {
+            Route::Here(()) => self.read(|st| {
+                let services = st
+                    .catalog
+                    .summaries()
+                    .into_iter()
+                    .map(|s| pb::ServiceSummary {
+                        name: s.name,
+                        instances: s.instances,
+                        passing: s.passing,
+                    })
+                    .collect();
+                Response::new(pb::ListServicesResponse {
+                    revision: st.catalog.revision(),
+                    services,
+                })
+            }),
+            Route::Leader(mut c) => c.list_services(forward_request(msg, self.router.timeout())).await,
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let msg = req.into_inner();
+        let service = if msg.service.is_empty() {
+            None
+        } else {
+            validate::service_name(&msg.service)?;
+            Some(msg.service)
+        };
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(run_watcher(self.state.clone(), service, msg.since_revision, tx));
+        let stream = ReceiverStream::new(rx).map(|m| Ok(convert::watch_message_to_pb(&m)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

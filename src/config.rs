@@ -1,0 +1,214 @@
+//! Node configuration: from a TOML file, command-line flags, or both (flags win).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::raft::NodeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Raft timing and log retention. The defaults suit a LAN or one machine.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot, so slightly lagging followers need no snapshot.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_after_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Every node of one cluster carries the same id; peers of another cluster are refused.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Address the gRPC server binds.
+    pub listen: SocketAddr,
+    /// Address peers and clients use to reach this node; defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// `1=host:port,2=host:port,...`: the voters a new cluster starts with.
+    /// Used once, when the data directory is empty.
+    #[serde(default)]
+    pub initial_cluster: String,
+    /// Deadline for a write or linearizable read to be confirmed by a quorum.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Changes kept in memory for watchers resuming with `since_revision`.
+    #[serde(default = "default_watch_history")]
+    pub watch_history: usize,
+    /// sled page cache, in MiB.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+fn default_cluster_id() -> String {
+    "roster".to_string()
+}
+fn default_request_timeout_ms() -> u64 {
+    5_000
+}
+fn default_watch_history() -> usize {
+    10_000
+}
+fn default_cache_mb() -> u64 {
+    64
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            id,
+            cluster_id: default_cluster_id(),
+            listen,
+            advertise: None,
+            data_dir,
+            initial_cluster: String::new(),
+            request_timeout_ms: default_request_timeout_ms(),
+            watch_history: default_watch_history(),
+            cache_mb: default_cache_mb(),
+            raft: RaftTuning::default(),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks everything that can be checked without touching disk or network.
+    pub fn validate(&self) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.id == 0 {
+            return invalid("node id must be 1 or more".into());
+        }
+        if self.cluster_id.is_empty() || !self.cluster_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return invalid(format!("cluster id {:?} must be non-empty printable ASCII", self.cluster_id));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms || r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return invalid(format!(
+                "raft timing needs 0 < heartbeat_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
+                r.heartbeat_ms, r.election_timeout_min_ms, r.election_timeout_max_ms
+            ));
+        }
+        let members = parse_initial_cluster(&self.initial_cluster)?;
+        if !members.is_empty() && !members.contains_key(&self.id) {
+            return invalid(format!(
+                "initial cluster {:?} does not include this node's id {}",
+                self.initial_cluster, self.id
+            ));
+        }
+        Ok(members)
+    }
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Invalid(format!("initial cluster entry {part:?} is not id=host:port")))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::Invalid(format!("initial cluster entry {part:?}: {id:?} is not a node id")))?;
+        let addr = addr.trim();
+        let valid_addr = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !valid_addr {
+            return Err(ConfigError::Invalid(format!(
+                "initial cluster entry {part:?}: {addr:?} is not host:port"
+            )));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(ConfigError::Invalid(format!("node id {id} appears twice in the initial cluster")));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster() {
+        let m = parse_initial_cluster("1=127.0.0.1:7001, 2=node-2:7002").unwrap_or_default();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[&2], "node-2:7002");
+        assert!(parse_initial_cluster("1=a:1,1=b:2").is_err());
+        assert!(parse_initial_cluster("x=a:1").is_err());
+        assert!(parse_initial_cluster("1=a").is_err());
+        assert!(parse_initial_cluster("1=a:0").is_err());
+    }
+
+    #[test]
+    fn toml_rejects_unknown_fields() {
+        let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 50\n";
+        let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
+        assert_eq!(cfg.raft.heartbeat_ms, 50);
+        assert_eq!(cfg.raft.election_timeout_min_ms, 300);
+        assert!(toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err());
+        assert!(toml::from_str::<NodeConfig>(&format!("{ok}\nbogus = 1")).is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let mut cfg = NodeConfig::new(1, "127.0.0.1:7001".parse().expect("addr"), "/tmp/x".into());
+        cfg.initial_cluster = "2=127.0.0.1:7002".into();
+        assert!(cfg.validate().is_err());
+        cfg.initial_cluster = "1=127.0.0.1:7001".into();
+        assert!(cfg.validate().is_ok());
+        cfg.raft.election_timeout_min_ms = cfg.raft.heartbeat_ms;
+        assert!(cfg.validate().is_err());
+    }
+}

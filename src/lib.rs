@@ -1,0 +1,13 @@
+//! Roster: a Raft-replicated service registry.
+//!
+//! The crate is laid out by layer; `ARCHITECTURE.md` walks a write, a read and a
+//! watch event through them.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod node;
+pub mod proto;
+pub mod raft;
+pub mod registry;

@@ -1,0 +1,182 @@
+//! A running Roster node: storage, Raft and the gRPC server, assembled and torn down.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::cluster::ClusterApi;
+use crate::api::leader::LeaderRouter;
+use crate::api::registry::RegistryApi;
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
+use crate::proto::v1::cluster_server::ClusterServer;
+use crate::proto::v1::registry_server::RegistryServer;
+use crate::proto::DESCRIPTOR_SET;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
+use crate::raft::state_machine::StateMachine;
+use crate::raft::transport::RaftService;
+use crate::raft::{trees, NodeId, Raft};
+
+pub struct NodeHandle {
+    pub id: NodeId,
+    /// The address the server is bound to (useful when `listen` had port 0).
+    pub addr: SocketAddr,
+    pub raft: Raft,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl NodeHandle {
+    /// Stops serving and shuts Raft down; the data directory can then be reopened.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(());
+        let served = self.server.await;
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Internal(format!("raft shutdown: {e}")))?;
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Internal(format!("server: {e}"))),
+            Err(e) => Err(Error::Internal(format!("server task: {e}"))),
+        }
+    }
+}
+
+/// Refuses a data directory written by another cluster or another node id.
+fn check_identity(db: &sled::Db, cfg: &NodeConfig) -> Result<()> {
+    let meta = db.open_tree(trees::NODE_META)?;
+    let identity = format!("{}/{}", cfg.cluster_id, cfg.id);
+    match meta.get(b"identity")? {
+        Some(stored) if stored.as_ref() != identity.as_bytes() => Err(Error::WrongCluster(format!(
+            "data directory {} belongs to {:?} (cluster/node), not {identity:?}",
+            cfg.data_dir.display(),
+            String::from_utf8_lossy(&stored)
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            meta.insert(b"identity", identity.as_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
+
+fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
+    let r = &cfg.raft;
+    let c = openraft::Config {
+        cluster_name: cfg.cluster_id.clone(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+        max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    };
+    c.validate().map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))
+}
+
+/// Opens the data directory, starts Raft and serves gRPC on `cfg.listen`.
+/// A node whose data directory is empty bootstraps the initial cluster.
+pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
+    let members = cfg.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| Error::Storage(format!("create {}: {e}", cfg.data_dir.display())))?;
+    let db = sled::Config::new()
+        .path(&cfg.data_dir)
+        .cache_capacity(cfg.cache_mb * 1024 * 1024)
+        .open()
+        .map_err(|e| Error::Storage(format!("open {}: {e}", cfg.data_dir.display())))?;
+    check_identity(&db, &cfg)?;
+
+    let log_store = LogStore::open(&db)?;
+    let state_machine = StateMachine::open(&db, cfg.watch_history)?;
+    let state = state_machine.state();
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_config(&cfg)?),
+        Network::new(cfg.cluster_id.clone()),
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| Error::Internal(format!("start raft: {e}")))?;
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| Error::Unavailable(format!("bind {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+
+    let router = Arc::new(LeaderRouter::new(raft.clone(), cfg.id, cfg.request_timeout()));
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RegistryServer<RegistryApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_service(
+            RaftTransportServer::new(RaftService::new(raft.clone(), cfg.cluster_id.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RegistryServer::new(RegistryApi::new(state.clone(), router))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(ClusterServer::new(ClusterApi::new(
+            raft.clone(),
+            cfg.cluster_id.clone(),
+            state,
+        )))
+        .add_service(health)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    let server = tokio::spawn(server);
+
+    if !members.is_empty() {
+        bootstrap(&raft, members).await?;
+    }
+    tracing::info!(id = cfg.id, %addr, cluster = %cfg.cluster_id, "node started");
+    Ok(NodeHandle {
+        id: cfg.id,
+        addr,
+        raft,
+        stop,
+        server,
+    })
+}
+
+/// Initializes a pristine node. Every initial member does this with the same
+/// membership, which openraft allows; a node with state refuses, which is fine.
+async fn bootstrap(raft: &Raft, members: BTreeMap<NodeId, String>) -> Result<()> {
+    let nodes: BTreeMap<NodeId, BasicNode> = members
+        .into_iter()
+        .map(|(id, addr)| (id, BasicNode { addr }))
+        .collect();
+    match raft.initialize(nodes).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(Error::Internal(format!("bootstrap: {e}"))),
+    }
+}

@@ -1,0 +1,14 @@
+//! Code generated from `proto/` at build time.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("roster.v1");
+}
+
+pub mod raft_v1 {
+    tonic::include_proto!("roster.raft.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every schema, served by gRPC reflection.
+pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/roster_descriptor.bin"));

@@ -1,0 +1,194 @@
+//! The Raft log, vote and commit marker in sled.
+//!
+//! Appends are written without flushing; a single flusher task fsyncs once for
+//! every batch of appends queued meanwhile and only then reports them durable
+//! to openraft (group commit).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use tokio::sync::mpsc;
+
+use super::{decode, encode, trees, NodeId, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+    flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    /// Must be called inside a tokio runtime: it spawns the flusher task, which
+    /// lives as long as any clone of the store.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_flusher(db.clone(), rx));
+        Ok(LogStore {
+            log: db.open_tree(trees::LOG)?,
+            meta: db.open_tree(trees::RAFT_META)?,
+            flusher: tx,
+        })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        let v = self.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
+        v.map(|b| decode(&b).map_err(|e| StorageIOError::read(&e).into()))
+            .transpose()
+    }
+
+    fn write_meta<T: serde::Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
+        let b = encode(v).map_err(|e| StorageIOError::write(&e))?;
+        self.meta.insert(key, b).map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    fn last_log_id(&self) -> StorageResult<Option<LogId<NodeId>>> {
+        match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = decode(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(Some(e.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Completes flush callbacks in arrival order; each fsync covers every append
+/// that queued its callback before the fsync began.
+async fn run_flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+    let mut pending = Vec::new();
+    while let Some(first) = rx.recv().await {
+        pending.push(first);
+        while let Ok(cb) = rx.try_recv() {
+            pending.push(cb);
+        }
+        let db = db.clone();
+        let res = match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        for cb in pending.drain(..) {
+            cb.log_io_completed(res.clone().map_err(std::io::Error::other));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for kv in self.log.range((Bound::Included(key(start)), end)) {
+            let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
+            out.push(decode(&v).map_err(|e| StorageIOError::read_logs(&e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.read_meta(LAST_PURGED)?;
+        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.write_meta(VOTE, vote)?;
+        // A vote must be durable before it is granted or acted on.
+        self.meta
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.read_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.write_meta(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.read_meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+            batch.insert(&key(e.log_id.index), b);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flusher
+            .send(callback)
+            .map_err(|_| StorageIOError::write_logs(&std::io::Error::other("log flusher stopped")))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.remove_range(key(log_id.index)..)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge first: a crash in between leaves extra entries, never a hole.
+        self.write_meta(LAST_PURGED, &log_id)?;
+        self.remove_range(..=key(log_id.index))
+    }
+}
+
+impl LogStore {
+    fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(range) {
+            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! Input limits. Every write is checked here before it is proposed to Raft, so
+//! a rejected request never reaches the log.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::error::{Error, Result};
+
+pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_ID_LEN: usize = 128;
+pub const MAX_ADDRESS_LEN: usize = 253;
+pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_LEN: usize = 128;
+pub const MAX_METADATA_KEYS: usize = 64;
+pub const MAX_METADATA_KEY_LEN: usize = 128;
+/// Sum of key and value lengths over all metadata entries.
+pub const MAX_METADATA_BYTES: usize = 4096;
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+/// A service name is a DNS label (RFC 1123), so it can be used in DNS-based discovery.
+pub fn service_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(invalid("service name is empty".into()));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(format!(
+            "service name is {} characters, the limit is {MAX_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if !is_dns_label(name) {
+        return Err(invalid(format!(
+            "service name {name:?} must hold only letters, digits and '-', and not start or end with '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Instance ids are freer than service names: they often embed host:port.
+pub fn instance_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(invalid("instance id is empty".into()));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(invalid(format!(
+            "instance id is {} characters, the limit is {MAX_ID_LEN}",
+            id.len()
+        )));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(invalid(format!(
+            "instance id {id:?} holds {c:?}; allowed are letters, digits, '-', '_', '.' and ':'"
+        )));
+    }
+    Ok(())
+}
+
+/// An IP address or a DNS host name.
+pub fn address(addr: &str) -> Result<()> {
+    if addr.is_empty() {
+        return Err(invalid("address is empty".into()));
+    }
+    if addr.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let host = addr.strip_suffix('.').unwrap_or(addr);
+    if addr.len() <= MAX_ADDRESS_LEN && host.split('.').all(is_dns_label) {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "address {addr:?} is neither an IP address nor a host name"
+    )))
+}
+
+pub fn port(port: u32) -> Result<u16> {
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(invalid(format!("port {port} is outside 1..=65535"))),
+    }
+}
+
+pub fn weight(weight: u32) -> Result<u32> {
+    match weight {
+        0 => Ok(DEFAULT_WEIGHT),
+        w if w > MAX_WEIGHT => Err(invalid(format!(
+            "weight {w} is over the limit of {MAX_WEIGHT}"
+        ))),
+        w => Ok(w),
+    }
+}
+
+pub fn tags(tags: &[String]) -> Result<()> {
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(format!(
+            "{} tags, the limit is {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for t in tags {
+        if t.is_empty() || t.len() > MAX_TAG_LEN {
+            return Err(invalid(format!(
+                "tag {t:?} must be 1 to {MAX_TAG_LEN} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn metadata(md: &BTreeMap<String, String>) -> Result<()> {
+    if md.len() > MAX_METADATA_KEYS {
+        return Err(invalid(format!(
+            "{} metadata keys, the limit is {MAX_METADATA_KEYS}",
+            md.len()
+        )));
+    }
+    let mut total = 0;
+    for (k, v) in md {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
+            return Err(invalid(format!(
+                "metadata key {k:?} must be 1 to {MAX_METADATA_KEY_LEN} bytes"
+            )));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_METADATA_BYTES {
+        return Err(invalid(format!(
+            "metadata is {total} bytes, the limit is {MAX_METADATA_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(service_name("payments-v2").is_ok());
+        assert!(service_name("").is_err());
+        assert!(service_name("-x").is_err());
+        assert!(service_name("a_b").is_err());
+        assert!(service_name(&"a".repeat(64)).is_err());
+        assert!(instance_id("10.0.0.1:8080").is_ok());
+        assert!(instance_id("a b").is_err());
+    }
+
+    #[test]
+    fn addresses_and_ports() {
+        assert!(address("10.1.2.3").is_ok());
+        assert!(address("::1").is_ok());
+        assert!(address("db-1.internal.example").is_ok());
+        assert!(address("no spaces").is_err());
+        assert!(address("a..b").is_err());
+        assert_eq!(port(8080).ok(), Some(8080));
+        assert!(port(0).is_err());
+        assert!(port(65536).is_err());
+        assert_eq!(weight(0).ok(), Some(DEFAULT_WEIGHT));
+        assert!(weight(MAX_WEIGHT + 1).is_err());
+    }
+
+    #[test]
+    fn metadata_limits() {
+        let mut md = BTreeMap::new();
+        md.insert("k".to_string(), "v".repeat(MAX_METADATA_BYTES));
+        assert!(metadata(&md).is_err());
+        md.insert("k".to_string(), "v".into());
+        assert!(metadata(&md).is_ok());
+        let many: Vec<String> = (0..=MAX_TAGS).map(|i| i.to_string()).collect();
+        assert!(tags(&many).is_err());
+    }
+}
