@@ -1,12 +1,17 @@
 //! The `Cluster` gRPC service: membership and Raft progress of the node asked.
 
+use std::time::Duration;
+
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_server::Cluster;
 use crate::raft::Raft;
 use crate::registry::watch::SharedState;
+
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct ClusterApi {
     raft: Raft,
@@ -69,6 +74,22 @@ impl Cluster for ClusterApi {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             members,
             revision,
+            purged_index: m.purged.map_or(0, |l| l.index),
         }))
+    }
+
+    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let applied = self.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        let stopped = |e: openraft::error::Fatal<u64>| Error::Unavailable(format!("raft stopped: {e}"));
+        self.raft.trigger().snapshot().await.map_err(stopped)?;
+        let m = self
+            .raft
+            .wait(Some(SNAPSHOT_TIMEOUT))
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot built")
+            .await
+            .map_err(|e| Error::Unavailable(format!("snapshot: {e}")))?;
+        let snapshot_index = m.snapshot.map_or(0, |l| l.index);
+        self.raft.trigger().purge_log(snapshot_index).await.map_err(stopped)?;
+        Ok(Response::new(pb::SnapshotResponse { snapshot_index }))
     }
 }

@@ -1,1 +1,186 @@
-//! Rust client for Roster.
+//! Rust client for Roster: talks to any node of a cluster and moves on to the
+//! next one when a node is down or has no leader.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use roster::client::RosterClient;
+//! use roster::proto::v1::{GetServiceRequest, Instance, RegisterRequest};
+//!
+//! let client = RosterClient::new(&["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])?;
+//! client
+//!     .register(RegisterRequest {
+//!         instance: Some(Instance {
+//!             service: "payments".into(),
+//!             id: "payments-1".into(),
+//!             address: "10.0.0.7".into(),
+//!             port: 8080,
+//!             ..Default::default()
+//!         }),
+//!     })
+//!     .await?;
+//! let found = client
+//!     .get_service(GetServiceRequest { service: "payments".into(), healthy_only: true, ..Default::default() })
+//!     .await?;
+//! println!("{} instances at revision {}", found.instances.len(), found.revision);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use crate::proto::v1::cluster_client::ClusterClient;
+use crate::proto::v1::registry_client::RegistryClient;
+use crate::proto::v1::*;
+use crate::raft::network::{channel, MAX_MESSAGE_BYTES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints given")]
+    NoEndpoints,
+    #[error("bad endpoint {0:?}: {1}")]
+    BadEndpoint(String, String),
+}
+
+pub struct RosterClient {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    /// Index of the node tried first; moves on when that node fails.
+    preferred: AtomicUsize,
+    rounds: usize,
+}
+
+/// Errors after which another node may succeed.
+fn retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
+impl RosterClient {
+    /// Endpoints are `host:port`; connections are made lazily.
+    pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, ClientError> {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| e.as_ref().trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let channels = endpoints
+            .iter()
+            .map(|e| channel(e, Duration::from_millis(500)).map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string())))
+            .collect::<Result<_, _>>()?;
+        Ok(RosterClient {
+            endpoints,
+            channels,
+            preferred: AtomicUsize::new(0),
+            rounds: 10,
+        })
+    }
+
+    /// The endpoint that answered last.
+    pub fn current_endpoint(&self) -> &str {
+        &self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
+    }
+
+    /// Runs `f` against the preferred node, then the others, with a growing pause
+    /// between rounds (about 5 s in all) while nodes are down or electing.
+    async fn retry<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let n = self.channels.len();
+        let mut last = Status::unavailable("no endpoint tried");
+        for round in 0..self.rounds {
+            for step in 0..n {
+                let i = (self.preferred.load(Ordering::Relaxed) + step) % n;
+                match f(self.channels[i].clone()).await {
+                    Ok(v) => {
+                        self.preferred.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(s) if retryable(&s) => last = s,
+                    Err(s) => return Err(s),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50 * (round as u64 + 1))).await;
+        }
+        Err(last)
+    }
+
+    fn registry(ch: Channel) -> RegistryClient<Channel> {
+        RegistryClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(Self::registry(ch).register(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(Self::registry(ch).deregister(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(Self::registry(ch).heartbeat(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn get_service(&self, req: GetServiceRequest) -> Result<GetServiceResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(Self::registry(ch).get_service(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list_services(&self, req: ListServicesRequest) -> Result<ListServicesResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(Self::registry(ch).list_services(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Opens a watch stream on the first node that accepts it.
+    pub async fn watch(&self, req: WatchRequest) -> Result<Streaming<WatchResponse>, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(Self::registry(ch).watch(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Status of the first node that answers.
+    pub async fn status(&self) -> Result<StatusResponse, Status> {
+        self.retry(|ch| async move { Ok(ClusterClient::new(ch).status(StatusRequest {}).await?.into_inner()) })
+            .await
+    }
+
+    /// Status of every endpoint, in order; a node that does not answer gives its error.
+    pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
+        let mut out = Vec::new();
+        for (e, ch) in self.endpoints.iter().zip(&self.channels) {
+            let r = ClusterClient::new(ch.clone()).status(StatusRequest {}).await;
+            out.push((e.clone(), r.map(|r| r.into_inner())));
+        }
+        out
+    }
+}

@@ -1,0 +1,184 @@
+//! Client subcommands: one call each, printed for people.
+
+use roster::client::RosterClient;
+use roster::proto::v1::*;
+
+use super::{Endpoints, GetArgs, InstanceArgs, ListArgs, RegisterArgs, StatusArgs, WatchArgs};
+
+fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
+    Ok(RosterClient::new(&e.endpoints)?)
+}
+
+fn consistency(stale: bool) -> i32 {
+    if stale {
+        Consistency::Stale as i32
+    } else {
+        Consistency::Linearizable as i32
+    }
+}
+
+fn status_name(s: i32) -> &'static str {
+    match HealthStatus::try_from(s) {
+        Ok(HealthStatus::Passing) => "passing",
+        Ok(HealthStatus::Warning) => "warning",
+        Ok(HealthStatus::Critical) => "critical",
+        _ => "unknown",
+    }
+}
+
+fn show(i: &Instance) -> String {
+    let mut s = format!(
+        "{}/{} {}:{} {} weight={} rev={}",
+        i.service,
+        i.id,
+        i.address,
+        i.port,
+        status_name(i.status),
+        i.weight,
+        i.mod_revision
+    );
+    if !i.tags.is_empty() {
+        s.push_str(&format!(" tags={}", i.tags.join(",")));
+    }
+    let mut md: Vec<_> = i.metadata.iter().collect();
+    md.sort();
+    for (k, v) in md {
+        s.push_str(&format!(" {k}={v}"));
+    }
+    s
+}
+
+pub async fn register(a: RegisterArgs) -> anyhow::Result<()> {
+    let metadata = a
+        .metadata
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--meta {kv:?} is not key=value"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let r = client(&a.instance.endpoints)?
+        .register(RegisterRequest {
+            instance: Some(Instance {
+                service: a.instance.service,
+                id: a.instance.id,
+                address: a.address,
+                port: a.port,
+                tags: a.tags,
+                metadata,
+                weight: a.weight,
+                ..Default::default()
+            }),
+        })
+        .await?;
+    if let Some(i) = &r.instance {
+        println!("registered {} at revision {}", show(i), r.revision);
+    }
+    Ok(())
+}
+
+pub async fn deregister(a: InstanceArgs) -> anyhow::Result<()> {
+    let r = client(&a.endpoints)?
+        .deregister(DeregisterRequest {
+            service: a.service.clone(),
+            id: a.id.clone(),
+        })
+        .await?;
+    println!("deregistered {}/{} at revision {}", a.service, a.id, r.revision);
+    Ok(())
+}
+
+pub async fn heartbeat(a: InstanceArgs) -> anyhow::Result<()> {
+    let r = client(&a.endpoints)?
+        .heartbeat(HeartbeatRequest {
+            service: a.service.clone(),
+            id: a.id.clone(),
+        })
+        .await?;
+    println!("{}/{} {} at revision {}", a.service, a.id, status_name(r.status), r.revision);
+    Ok(())
+}
+
+pub async fn get(a: GetArgs) -> anyhow::Result<()> {
+    let r = client(&a.endpoints)?
+        .get_service(GetServiceRequest {
+            service: a.service,
+            healthy_only: a.healthy,
+            tags: a.tags,
+            consistency: consistency(a.stale),
+        })
+        .await?;
+    println!("revision {}", r.revision);
+    for i in &r.instances {
+        println!("{}", show(i));
+    }
+    Ok(())
+}
+
+pub async fn list(a: ListArgs) -> anyhow::Result<()> {
+    let r = client(&a.endpoints)?
+        .list_services(ListServicesRequest {
+            consistency: consistency(a.stale),
+        })
+        .await?;
+    println!("revision {}", r.revision);
+    for s in &r.services {
+        println!("{} instances={} passing={}", s.name, s.instances, s.passing);
+    }
+    Ok(())
+}
+
+pub async fn watch(a: WatchArgs) -> anyhow::Result<()> {
+    let mut stream = client(&a.endpoints)?
+        .watch(WatchRequest {
+            service: a.service.unwrap_or_default(),
+            since_revision: a.since,
+        })
+        .await?;
+    while let Some(m) = stream.message().await? {
+        match ResetReason::try_from(m.reset) {
+            Ok(ResetReason::Initial) | Ok(ResetReason::Compacted) => {
+                let why = if m.reset == ResetReason::Compacted as i32 {
+                    "resync (history compacted)"
+                } else {
+                    "state"
+                };
+                println!("{why} at revision {}: {} instances", m.revision, m.instances.len());
+                for i in &m.instances {
+                    println!("  {}", show(i));
+                }
+            }
+            _ => {
+                for e in &m.events {
+                    let kind = if e.r#type == EventType::Delete as i32 { "DELETE" } else { "PUT" };
+                    let inst = e.instance.as_ref().map(show).unwrap_or_default();
+                    println!("{} {kind} {inst}", e.revision);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let c = client(&a.endpoints)?;
+    for (endpoint, r) in c.status_all().await {
+        match r {
+            Ok(s) => {
+                println!(
+                    "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={}",
+                    s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id
+                );
+                let members: Vec<String> = s
+                    .members
+                    .iter()
+                    .map(|m| format!("{}={}{}", m.id, m.address, if m.voter { "" } else { "(learner)" }))
+                    .collect();
+                println!("  members: {}", members.join(","));
+            }
+            Err(e) => println!("{endpoint}: unreachable ({})", e.message()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! The `roster` command line: server, local dev cluster and client subcommands.
+
+mod commands;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "roster", version, about = "Raft-replicated service registry")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+pub struct Endpoints {
+    /// Registry nodes, comma separated host:port; any node will do.
+    #[arg(
+        long,
+        env = "ROSTER_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003",
+        global = true
+    )]
+    endpoints: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a registry node.
+    Server(ServerArgs),
+    /// Run a local 3-node cluster on loopback, data in a temporary directory, until Ctrl-C.
+    Dev(DevArgs),
+    /// Register (or replace) an instance.
+    Register(RegisterArgs),
+    /// Remove an instance.
+    Deregister(InstanceArgs),
+    /// Renew an instance's TTL.
+    Heartbeat(InstanceArgs),
+    /// Show the instances of a service.
+    Get(GetArgs),
+    /// List services with instance counts.
+    List(ListArgs),
+    /// Stream changes of one service (or all) as they happen.
+    Watch(WatchArgs),
+    /// Show each node's role, term, indexes and the membership.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// TOML file with the node's settings; the flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    id: Option<u64>,
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Address to bind, e.g. 0.0.0.0:7001.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address others reach this node at (defaults to --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Voters of a new cluster: 1=host:port,2=host:port,3=host:port. Used once, on an empty data dir.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Port of node 1; nodes 2 and 3 take the next ones.
+    #[arg(long, default_value_t = 7001)]
+    base_port: u16,
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+}
+
+#[derive(Args)]
+pub struct InstanceArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    #[arg(long)]
+    service: String,
+    #[arg(long)]
+    id: String,
+}
+
+#[derive(Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    #[arg(long)]
+    address: String,
+    #[arg(long)]
+    port: u32,
+    /// Repeatable.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// key=value, repeatable.
+    #[arg(long = "meta")]
+    metadata: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    weight: u32,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    service: String,
+    /// Only passing instances.
+    #[arg(long)]
+    healthy: bool,
+    /// Only instances with this tag; repeatable.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Read the local state of the node asked instead of going through the leader.
+    #[arg(long)]
+    stale: bool,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    #[arg(long)]
+    stale: bool,
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// Service to watch; all services when omitted.
+    service: Option<String>,
+    /// Resume after this revision instead of starting from the full state.
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server(a) => server::server(a).await,
+        Command::Dev(a) => server::dev(a).await,
+        Command::Register(a) => commands::register(a).await,
+        Command::Deregister(a) => commands::deregister(a).await,
+        Command::Heartbeat(a) => commands::heartbeat(a).await,
+        Command::Get(a) => commands::get(a).await,
+        Command::List(a) => commands::list(a).await,
+        Command::Watch(a) => commands::watch(a).await,
+        Command::Status(a) => commands::status(a).await,
+    }
+}

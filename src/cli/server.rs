@@ -1,0 +1,77 @@
+//! `roster server` and `roster dev`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::Context;
+use roster::config::NodeConfig;
+use roster::node;
+
+use super::{DevArgs, ServerArgs};
+
+fn node_config(a: ServerArgs) -> anyhow::Result<NodeConfig> {
+    let mut cfg = match &a.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => {
+            let missing = |f: &str| anyhow::anyhow!("--{f} is required without --config");
+            NodeConfig::new(
+                a.id.ok_or_else(|| missing("id"))?,
+                a.listen.ok_or_else(|| missing("listen"))?,
+                a.data_dir.clone().ok_or_else(|| missing("data-dir"))?,
+            )
+        }
+    };
+    if let Some(v) = a.id {
+        cfg.id = v;
+    }
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = a.cluster_id {
+        cfg.cluster_id = v;
+    }
+    if let Some(v) = a.advertise {
+        cfg.advertise = Some(v);
+    }
+    if let Some(v) = a.initial_cluster {
+        cfg.initial_cluster = v;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
+    let cfg = node_config(a)?;
+    let handle = node::start(cfg).await?;
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tracing::info!("shutting down");
+    handle.shutdown().await?;
+    Ok(())
+}
+
+pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("roster-dev-").tempdir()?;
+    let addr = |i: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + i));
+    let initial: Vec<String> = (0..a.nodes).map(|i| format!("{}={}", i + 1, addr(i))).collect();
+    let mut handles = Vec::new();
+    for i in 0..a.nodes {
+        let mut cfg = NodeConfig::new(u64::from(i) + 1, addr(i), dir.path().join(format!("node-{}", i + 1)));
+        cfg.cluster_id = "roster-dev".into();
+        cfg.initial_cluster = initial.join(",");
+        handles.push(node::start(cfg).await?);
+    }
+    let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
+    for h in &handles {
+        println!("node {} listening on {}", h.id, h.addr);
+    }
+    println!("data in {}", dir.path().display());
+    println!("try: roster status --endpoints {}", endpoints.join(","));
+    println!("Ctrl-C stops the cluster and deletes its data.");
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    for h in handles {
+        h.shutdown().await?;
+    }
+    Ok(())
+}

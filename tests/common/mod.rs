@@ -1,0 +1,231 @@
+//! A real cluster for tests: `roster server` processes on loopback ports, each
+//! with its own sled data directory, killed with SIGKILL when a test says so.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use roster::client::RosterClient;
+use roster::proto::v1::cluster_client::ClusterClient;
+use roster::proto::v1::*;
+use tempfile::TempDir;
+
+pub struct TestNode {
+    pub id: u64,
+    pub port: u16,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct TestCluster {
+    pub dir: TempDir,
+    pub nodes: Vec<TestNode>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl TestCluster {
+    /// Starts `n` nodes and waits until they agree on a leader.
+    pub async fn start(n: u64) -> TestCluster {
+        Self::start_with(n, "").await
+    }
+
+    /// `extra` is appended to every node's TOML config.
+    pub async fn start_with(n: u64, extra: &str) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let initial: Vec<String> = (0..n).map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i as usize])).collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = i + 1;
+            let config = dir.path().join(format!("node-{id}.toml"));
+            let data = dir.path().join(format!("node-{id}"));
+            let text = format!(
+                "id = {id}\ncluster_id = \"test\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\nrequest_timeout_ms = 3000\n{extra}\n",
+                ports[i as usize],
+                data.display(),
+                initial.join(",")
+            );
+            std::fs::write(&config, text).expect("write config");
+            nodes.push(TestNode {
+                id,
+                port: ports[i as usize],
+                config,
+                child: None,
+            });
+        }
+        let mut c = TestCluster { dir, nodes };
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c.leader().await;
+        c
+    }
+
+    pub fn node(&self, id: u64) -> &TestNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    pub fn endpoint(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.node(id).port)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| self.endpoint(n.id)).collect()
+    }
+
+    /// A client that fails over across every node.
+    pub fn client(&self) -> RosterClient {
+        RosterClient::new(&self.endpoints()).expect("client")
+    }
+
+    /// A client bound to one node only.
+    pub fn node_client(&self, id: u64) -> RosterClient {
+        RosterClient::new(&[self.endpoint(id)]).expect("client")
+    }
+
+    pub async fn cluster_client(&self, id: u64) -> ClusterClient<tonic::transport::Channel> {
+        ClusterClient::connect(format!("http://{}", self.endpoint(id)))
+            .await
+            .expect("connect")
+    }
+
+    pub fn start_node(&mut self, id: u64) {
+        let node = &mut self.nodes[(id - 1) as usize];
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = std::fs::File::create(node.config.with_extension("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(["server", "--config"])
+            .arg(&node.config)
+            .env("RUST_LOG", "warn,openraft=error")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn roster server");
+        node.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs, unflushed data is lost as in a crash.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.nodes[(id - 1) as usize].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.node(id).child.is_some()
+    }
+
+    pub async fn status(&self, id: u64) -> Option<StatusResponse> {
+        let ch = roster::client::RosterClient::new(&[self.endpoint(id)]).ok()?;
+        tokio::time::timeout(Duration::from_millis(500), async {
+            ch.status_all().await.pop().and_then(|(_, r)| r.ok())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Waits until every running node reports the same leader, and returns it.
+    pub async fn leader(&self) -> u64 {
+        self.wait_for("a leader all running nodes agree on", Duration::from_secs(20), || async {
+            let mut leader = None;
+            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let s = self.status(n.id).await?;
+                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                    return None;
+                }
+                leader = Some(s.leader_id);
+            }
+            leader.filter(|l| self.is_running(*l))
+        })
+        .await
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) -> StatusResponse {
+        self.wait_for(&format!("node {id} to apply {index}"), Duration::from_secs(30), || async {
+            self.status(id).await.filter(|s| s.applied_index >= index)
+        })
+        .await
+    }
+
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {limit:?} waiting for {what}; logs in {}", self.dir.path().display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            // Keep the logs of a failed test.
+            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
+            eprintln!("cluster data and logs kept in {}", path.display());
+        }
+    }
+}
+
+pub fn instance(service: &str, id: &str, port: u32) -> Instance {
+    Instance {
+        service: service.into(),
+        id: id.into(),
+        address: "10.0.0.1".into(),
+        port,
+        ..Default::default()
+    }
+}
+
+pub async fn register(c: &RosterClient, service: &str, id: &str, port: u32) -> RegisterResponse {
+    c.register(RegisterRequest {
+        instance: Some(instance(service, id, port)),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("register {service}/{id}: {e}"))
+}
+
+pub fn get_req(service: &str, consistency: Consistency) -> GetServiceRequest {
+    GetServiceRequest {
+        service: service.into(),
+        consistency: consistency as i32,
+        ..Default::default()
+    }
+}
+
+pub async fn ids(c: &RosterClient, service: &str, consistency: Consistency) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .get_service(get_req(service, consistency))
+        .await
+        .unwrap_or_else(|e| panic!("get {service}: {e}"))
+        .instances
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    v.sort();
+    v
+}
