@@ -11,10 +11,16 @@ use crate::raft::NodeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -115,7 +121,9 @@ impl NodeConfig {
     }
 
     pub fn advertise_addr(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -129,10 +137,16 @@ impl NodeConfig {
             return invalid("node id must be 1 or more".into());
         }
         if self.cluster_id.is_empty() || !self.cluster_id.bytes().all(|b| b.is_ascii_graphic()) {
-            return invalid(format!("cluster id {:?} must be non-empty printable ASCII", self.cluster_id));
+            return invalid(format!(
+                "cluster id {:?} must be non-empty printable ASCII",
+                self.cluster_id
+            ));
         }
         let r = &self.raft;
-        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms || r.election_timeout_max_ms <= r.election_timeout_min_ms {
+        if r.heartbeat_ms == 0
+            || r.election_timeout_min_ms <= r.heartbeat_ms
+            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+        {
             return invalid(format!(
                 "raft timing needs 0 < heartbeat_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
                 r.heartbeat_ms, r.election_timeout_min_ms, r.election_timeout_max_ms
@@ -153,24 +167,29 @@ impl NodeConfig {
 pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| ConfigError::Invalid(format!("initial cluster entry {part:?} is not id=host:port")))?;
-        let id: NodeId = id
-            .trim()
-            .parse()
-            .map_err(|_| ConfigError::Invalid(format!("initial cluster entry {part:?}: {id:?} is not a node id")))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "initial cluster entry {part:?} is not id=host:port"
+            ))
+        })?;
+        let id: NodeId = id.trim().parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "initial cluster entry {part:?}: {id:?} is not a node id"
+            ))
+        })?;
         let addr = addr.trim();
-        let valid_addr = addr
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        let valid_addr = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
         if !valid_addr {
             return Err(ConfigError::Invalid(format!(
                 "initial cluster entry {part:?}: {addr:?} is not host:port"
             )));
         }
         if out.insert(id, addr.to_string()).is_some() {
-            return Err(ConfigError::Invalid(format!("node id {id} appears twice in the initial cluster")));
+            return Err(ConfigError::Invalid(format!(
+                "node id {id} appears twice in the initial cluster"
+            )));
         }
     }
     Ok(out)
@@ -197,7 +216,9 @@ mod tests {
         let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
         assert_eq!(cfg.raft.heartbeat_ms, 50);
         assert_eq!(cfg.raft.election_timeout_min_ms, 300);
-        assert!(toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err());
+        assert!(
+            toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err()
+        );
         assert!(toml::from_str::<NodeConfig>(&format!("{ok}\nbogus = 1")).is_err());
     }
 

@@ -58,11 +58,13 @@ fn check_identity(db: &sled::Db, cfg: &NodeConfig) -> Result<()> {
     let meta = db.open_tree(trees::NODE_META)?;
     let identity = format!("{}/{}", cfg.cluster_id, cfg.id);
     match meta.get(b"identity")? {
-        Some(stored) if stored.as_ref() != identity.as_bytes() => Err(Error::WrongCluster(format!(
-            "data directory {} belongs to {:?} (cluster/node), not {identity:?}",
-            cfg.data_dir.display(),
-            String::from_utf8_lossy(&stored)
-        ))),
+        Some(stored) if stored.as_ref() != identity.as_bytes() => {
+            Err(Error::WrongCluster(format!(
+                "data directory {} belongs to {:?} (cluster/node), not {identity:?}",
+                cfg.data_dir.display(),
+                String::from_utf8_lossy(&stored)
+            )))
+        }
         Some(_) => Ok(()),
         None => {
             meta.insert(b"identity", identity.as_bytes())?;
@@ -84,13 +86,16 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
         install_snapshot_timeout: 10_000,
         ..Default::default()
     };
-    c.validate().map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))
+    c.validate()
+        .map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))
 }
 
 /// Opens the data directory, starts Raft and serves gRPC on `cfg.listen`.
 /// A node whose data directory is empty bootstraps the initial cluster.
 pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
-    let members = cfg.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let members = cfg
+        .validate()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Storage(format!("create {}: {e}", cfg.data_dir.display())))?;
     let db = sled::Config::new()
@@ -120,7 +125,11 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
 
-    let router = Arc::new(LeaderRouter::new(raft.clone(), cfg.id, cfg.request_timeout()));
+    let router = Arc::new(LeaderRouter::new(
+        raft.clone(),
+        cfg.id,
+        cfg.request_timeout(),
+    ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RegistryServer<RegistryApi>>()

@@ -11,4 +11,5 @@ pub mod raft_v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every schema, served by gRPC reflection.
-pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/roster_descriptor.bin"));
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/roster_descriptor.bin"));

@@ -16,17 +16,27 @@ async fn write_through_follower_is_visible_on_every_node() {
     let r = register(&c.node_client(follower), "payments", "p-1", 8080).await;
     assert!(r.revision > 0);
     let inst = r.instance.expect("registered instance");
-    assert_eq!((inst.create_revision, inst.mod_revision), (r.revision, r.revision));
+    assert_eq!(
+        (inst.create_revision, inst.mod_revision),
+        (r.revision, r.revision)
+    );
 
     for id in 1..=3 {
         c.wait_applied(id, r.revision).await;
         let node = c.node_client(id);
-        assert_eq!(ids(&node, "payments", Consistency::Stale).await, vec!["p-1"], "stale read on node {id}");
+        assert_eq!(
+            ids(&node, "payments", Consistency::Stale).await,
+            vec!["p-1"],
+            "stale read on node {id}"
+        );
         let lin = node
             .get_service(get_req("payments", Consistency::Linearizable))
             .await
             .expect("linearizable read");
-        assert!(lin.revision >= r.revision, "linearizable read on node {id} is behind the write");
+        assert!(
+            lin.revision >= r.revision,
+            "linearizable read on node {id} is behind the write"
+        );
         assert_eq!(lin.instances.len(), 1);
         assert_eq!(lin.instances[0], inst);
     }
@@ -59,13 +69,19 @@ async fn leader_kill_loses_no_acknowledged_write() {
         acked.push(format!("o-{i}"));
     }
     acked.sort();
-    assert_eq!(ids(&client, "orders", Consistency::Linearizable).await, acked);
+    assert_eq!(
+        ids(&client, "orders", Consistency::Linearizable).await,
+        acked
+    );
 
     // The old leader comes back as a follower and converges.
     c.start_node(old);
     let at = c.status(new).await.expect("leader status").applied_index;
     c.wait_applied(old, at).await;
-    assert_eq!(ids(&c.node_client(old), "orders", Consistency::Stale).await, acked);
+    assert_eq!(
+        ids(&c.node_client(old), "orders", Consistency::Stale).await,
+        acked
+    );
 }
 
 #[tokio::test]
@@ -90,12 +106,22 @@ async fn stopped_node_catches_up_by_snapshot_after_log_purge() {
     }
 
     let mut admin = c.cluster_client(leader).await;
-    let snap = admin.snapshot(SnapshotRequest {}).await.expect("snapshot").into_inner();
+    let snap = admin
+        .snapshot(SnapshotRequest {})
+        .await
+        .expect("snapshot")
+        .into_inner();
     assert!(snap.snapshot_index >= 1000);
     let status = c
-        .wait_for("the leader to purge its log", Duration::from_secs(30), || async {
-            c.status(leader).await.filter(|s| s.purged_index >= snap.snapshot_index)
-        })
+        .wait_for(
+            "the leader to purge its log",
+            Duration::from_secs(30),
+            || async {
+                c.status(leader)
+                    .await
+                    .filter(|s| s.purged_index >= snap.snapshot_index)
+            },
+        )
         .await;
     assert!(status.snapshot_index >= snap.snapshot_index);
 
@@ -109,12 +135,20 @@ async fn stopped_node_catches_up_by_snapshot_after_log_purge() {
     );
     let expected = ids(&client, "catalog", Consistency::Linearizable).await;
     assert_eq!(expected.len(), 1000);
-    assert_eq!(ids(&c.node_client(down), "catalog", Consistency::Stale).await, expected);
+    assert_eq!(
+        ids(&c.node_client(down), "catalog", Consistency::Stale).await,
+        expected
+    );
 
     // And it keeps following after the snapshot.
     let r = register(&client, "catalog", "after-snapshot", 1).await;
     c.wait_applied(down, r.revision).await;
-    assert_eq!(ids(&c.node_client(down), "catalog", Consistency::Stale).await.len(), 1001);
+    assert_eq!(
+        ids(&c.node_client(down), "catalog", Consistency::Stale)
+            .await
+            .len(),
+        1001
+    );
 }
 
 #[tokio::test]

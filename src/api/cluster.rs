@@ -41,7 +41,10 @@ fn role(s: ServerState) -> &'static str {
 
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let members = membership
@@ -78,18 +81,34 @@ impl Cluster for ClusterApi {
         }))
     }
 
-    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let applied = self.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
-        let stopped = |e: openraft::error::Fatal<u64>| Error::Unavailable(format!("raft stopped: {e}"));
+    async fn snapshot(
+        &self,
+        _req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let applied = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        let stopped =
+            |e: openraft::error::Fatal<u64>| Error::Unavailable(format!("raft stopped: {e}"));
         self.raft.trigger().snapshot().await.map_err(stopped)?;
         let m = self
             .raft
             .wait(Some(SNAPSHOT_TIMEOUT))
-            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot built")
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied),
+                "snapshot built",
+            )
             .await
             .map_err(|e| Error::Unavailable(format!("snapshot: {e}")))?;
         let snapshot_index = m.snapshot.map_or(0, |l| l.index);
-        self.raft.trigger().purge_log(snapshot_index).await.map_err(stopped)?;
+        self.raft
+            .trigger()
+            .purge_log(snapshot_index)
+            .await
+            .map_err(stopped)?;
         Ok(Response::new(pb::SnapshotResponse { snapshot_index }))
     }
 }

@@ -24,7 +24,11 @@ pub fn instance_to_pb(i: &Instance) -> pb::Instance {
         address: i.address.clone(),
         port: u32::from(i.port),
         tags: i.tags.clone(),
-        metadata: i.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metadata: i
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         weight: i.weight,
         status: status_to_pb(i.status) as i32,
         create_revision: i.create_revision,

@@ -41,8 +41,10 @@ pub fn is_forwarded(meta: &MetadataMap) -> bool {
 pub fn forward_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
-    r.metadata_mut()
-        .insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    r.metadata_mut().insert(
+        FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     r
 }
 
@@ -67,7 +69,9 @@ impl LeaderRouter {
             .map_err(|_| self.not_committed())?;
         match res {
             Ok(r) => Ok(Route::Here(r.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => self.to_leader(f, forwarded),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                self.to_leader(f, forwarded)
+            }
             Err(RaftError::APIError(e)) => Err(Error::Internal(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(Error::Unavailable(format!("raft stopped: {e}"))),
         }
@@ -81,7 +85,9 @@ impl LeaderRouter {
             .map_err(|_| self.not_committed())?;
         match res {
             Ok(_) => Ok(Route::Here(())),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => self.to_leader(f, forwarded),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                self.to_leader(f, forwarded)
+            }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
                 Err(Error::Unavailable(format!("leader lost its quorum: {e}")))
             }
@@ -109,7 +115,9 @@ impl LeaderRouter {
 
     fn to_leader<T>(&self, f: ForwardToLeader<NodeId, Node>, forwarded: bool) -> Result<Route<T>> {
         let Some(node) = f.leader_node else {
-            return Err(Error::Unavailable("no leader elected at the moment; retry".into()));
+            return Err(Error::Unavailable(
+                "no leader elected at the moment; retry".into(),
+            ));
         };
         if forwarded {
             // The leader we forwarded to no longer leads; let the client retry rather than bounce.
@@ -125,8 +133,9 @@ impl LeaderRouter {
         let ch = match channels.get(&node.addr) {
             Some(c) => c.clone(),
             None => {
-                let c = channel(&node.addr, Duration::from_secs(1))
-                    .map_err(|e| Error::Unavailable(format!("leader address {}: {e}", node.addr)))?;
+                let c = channel(&node.addr, Duration::from_secs(1)).map_err(|e| {
+                    Error::Unavailable(format!("leader address {}: {e}", node.addr))
+                })?;
                 channels.insert(node.addr.clone(), c.clone());
                 c
             }

@@ -52,7 +52,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> 
 
 #[tonic::async_trait]
 impl Registry for RegistryApi {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         let cmd = convert::register_command(msg.clone())?;
@@ -64,7 +67,10 @@ impl Registry for RegistryApi {
                 })),
                 other => Err(Error::Internal(format!("register applied as {other:?}")).into()),
             },
-            Route::Leader(mut c) => c.register(forward_request(msg, self.router.timeout())).await,
+            Route::Leader(mut c) => {
+                c.register(forward_request(msg, self.router.timeout()))
+                    .await
+            }
         }
     }
 
@@ -81,14 +87,26 @@ impl Registry for RegistryApi {
         };
         match self.router.write(cmd, forwarded).await? {
             Route::Here(r) => match r.outcome {
-                Outcome::Deregistered => Ok(Response::new(pb::DeregisterResponse { revision: r.revision })),
-                _ => Err(Error::NotFound(format!("instance {:?} of service {:?}", msg.id, msg.service)).into()),
+                Outcome::Deregistered => Ok(Response::new(pb::DeregisterResponse {
+                    revision: r.revision,
+                })),
+                _ => Err(Error::NotFound(format!(
+                    "instance {:?} of service {:?}",
+                    msg.id, msg.service
+                ))
+                .into()),
             },
-            Route::Leader(mut c) => c.deregister(forward_request(msg, self.router.timeout())).await,
+            Route::Leader(mut c) => {
+                c.deregister(forward_request(msg, self.router.timeout()))
+                    .await
+            }
         }
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         convert::instance_ref(&msg.service, &msg.id)?;
@@ -100,14 +118,20 @@ impl Registry for RegistryApi {
                         .map(|i| (st.catalog.revision(), i.status))
                 })?;
                 let (revision, status) = found.ok_or_else(|| {
-                    Error::NotFound(format!("instance {:?} of service {:?}", msg.id, msg.service))
+                    Error::NotFound(format!(
+                        "instance {:?} of service {:?}",
+                        msg.id, msg.service
+                    ))
                 })?;
                 Ok(Response::new(pb::HeartbeatResponse {
                     revision,
                     status: status_to_pb(status) as i32,
                 }))
             }
-            Route::Leader(mut c) => c.heartbeat(forward_request(msg, self.router.timeout())).await,
+            Route::Leader(mut c) => {
+                c.heartbeat(forward_request(msg, self.router.timeout()))
+                    .await
+            }
         }
     }
 
@@ -132,7 +156,10 @@ impl Registry for RegistryApi {
                     instances,
                 })
             }),
-            Route::Leader(mut c) => c.get_service(forward_request(msg, self.router.timeout())).await,
+            Route::Leader(mut c) => {
+                c.get_service(forward_request(msg, self.router.timeout()))
+                    .await
+            }
         }
     }
 
@@ -159,13 +186,19 @@ impl Registry for RegistryApi {
                     services,
                 })
             }),
-            Route::Leader(mut c) => c.list_services(forward_request(msg, self.router.timeout())).await,
+            Route::Leader(mut c) => {
+                c.list_services(forward_request(msg, self.router.timeout()))
+                    .await
+            }
         }
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let msg = req.into_inner();
         let service = if msg.service.is_empty() {
             None
@@ -174,7 +207,12 @@ impl Registry for RegistryApi {
             Some(msg.service)
         };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(run_watcher(self.state.clone(), service, msg.since_revision, tx));
+        tokio::spawn(run_watcher(
+            self.state.clone(),
+            service,
+            msg.since_revision,
+            tx,
+        ));
         let stream = ReceiverStream::new(rx).map(|m| Ok(convert::watch_message_to_pb(&m)));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -85,7 +85,10 @@ pub async fn deregister(a: InstanceArgs) -> anyhow::Result<()> {
             id: a.id.clone(),
         })
         .await?;
-    println!("deregistered {}/{} at revision {}", a.service, a.id, r.revision);
+    println!(
+        "deregistered {}/{} at revision {}",
+        a.service, a.id, r.revision
+    );
     Ok(())
 }
 
@@ -96,7 +99,13 @@ pub async fn heartbeat(a: InstanceArgs) -> anyhow::Result<()> {
             id: a.id.clone(),
         })
         .await?;
-    println!("{}/{} {} at revision {}", a.service, a.id, status_name(r.status), r.revision);
+    println!(
+        "{}/{} {} at revision {}",
+        a.service,
+        a.id,
+        status_name(r.status),
+        r.revision
+    );
     Ok(())
 }
 
@@ -144,14 +153,22 @@ pub async fn watch(a: WatchArgs) -> anyhow::Result<()> {
                 } else {
                     "state"
                 };
-                println!("{why} at revision {}: {} instances", m.revision, m.instances.len());
+                println!(
+                    "{why} at revision {}: {} instances",
+                    m.revision,
+                    m.instances.len()
+                );
                 for i in &m.instances {
                     println!("  {}", show(i));
                 }
             }
             _ => {
                 for e in &m.events {
-                    let kind = if e.r#type == EventType::Delete as i32 { "DELETE" } else { "PUT" };
+                    let kind = if e.r#type == EventType::Delete as i32 {
+                        "DELETE"
+                    } else {
+                        "PUT"
+                    };
                     let inst = e.instance.as_ref().map(show).unwrap_or_default();
                     println!("{} {kind} {inst}", e.revision);
                 }
@@ -173,7 +190,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 let members: Vec<String> = s
                     .members
                     .iter()
-                    .map(|m| format!("{}={}{}", m.id, m.address, if m.voter { "" } else { "(learner)" }))
+                    .map(|m| {
+                        format!(
+                            "{}={}{}",
+                            m.id,
+                            m.address,
+                            if m.voter { "" } else { "(learner)" }
+                        )
+                    })
                     .collect();
                 println!("  members: {}", members.join(","));
             }

@@ -45,7 +45,9 @@ fn node_config(a: ServerArgs) -> anyhow::Result<NodeConfig> {
 pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let cfg = node_config(a)?;
     let handle = node::start(cfg).await?;
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     tracing::info!("shutting down");
     handle.shutdown().await?;
     Ok(())
@@ -54,10 +56,16 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("roster-dev-").tempdir()?;
     let addr = |i: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + i));
-    let initial: Vec<String> = (0..a.nodes).map(|i| format!("{}={}", i + 1, addr(i))).collect();
+    let initial: Vec<String> = (0..a.nodes)
+        .map(|i| format!("{}={}", i + 1, addr(i)))
+        .collect();
     let mut handles = Vec::new();
     for i in 0..a.nodes {
-        let mut cfg = NodeConfig::new(u64::from(i) + 1, addr(i), dir.path().join(format!("node-{}", i + 1)));
+        let mut cfg = NodeConfig::new(
+            u64::from(i) + 1,
+            addr(i),
+            dir.path().join(format!("node-{}", i + 1)),
+        );
         cfg.cluster_id = "roster-dev".into();
         cfg.initial_cluster = initial.join(",");
         handles.push(node::start(cfg).await?);
@@ -69,7 +77,9 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     println!("data in {}", dir.path().display());
     println!("try: roster status --endpoints {}", endpoints.join(","));
     println!("Ctrl-C stops the cluster and deletes its data.");
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     for h in handles {
         h.shutdown().await?;
     }

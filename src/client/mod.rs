@@ -51,12 +51,16 @@ pub struct RosterClient {
     channels: Vec<Channel>,
     /// Index of the node tried first; moves on when that node fails.
     preferred: AtomicUsize,
-    rounds: usize,
+    /// How long a call keeps trying other nodes while the cluster is unavailable.
+    retry_for: Duration,
 }
 
 /// Errors after which another node may succeed.
 fn retryable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 impl RosterClient {
@@ -72,13 +76,16 @@ impl RosterClient {
         }
         let channels = endpoints
             .iter()
-            .map(|e| channel(e, Duration::from_millis(500)).map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string())))
+            .map(|e| {
+                channel(e, Duration::from_millis(500))
+                    .map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         Ok(RosterClient {
             endpoints,
             channels,
             preferred: AtomicUsize::new(0),
-            rounds: 10,
+            retry_for: Duration::from_secs(5),
         })
     }
 
@@ -87,16 +94,19 @@ impl RosterClient {
         &self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
     }
 
-    /// Runs `f` against the preferred node, then the others, with a growing pause
-    /// between rounds (about 5 s in all) while nodes are down or electing.
+    /// Runs `f` against the preferred node, then the others, pausing briefly
+    /// between rounds while nodes are down or a leader is being elected.
     async fn retry<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let n = self.channels.len();
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut pause = Duration::from_millis(20);
         let mut last = Status::unavailable("no endpoint tried");
-        for round in 0..self.rounds {
+        // An election takes a few hundred milliseconds: short pauses find the new leader quickly.
+        while tokio::time::Instant::now() < deadline {
             for step in 0..n {
                 let i = (self.preferred.load(Ordering::Relaxed) + step) % n;
                 match f(self.channels[i].clone()).await {
@@ -108,7 +118,8 @@ impl RosterClient {
                     Err(s) => return Err(s),
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50 * (round as u64 + 1))).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(160));
         }
         Err(last)
     }
@@ -151,11 +162,13 @@ impl RosterClient {
         .await
     }
 
-    pub async fn list_services(&self, req: ListServicesRequest) -> Result<ListServicesResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(Self::registry(ch).list_services(req).await?.into_inner()) }
-        })
+    pub async fn list_services(
+        &self,
+        req: ListServicesRequest,
+    ) -> Result<ListServicesResponse, Status> {
+        self.retry(
+            |ch| async move { Ok(Self::registry(ch).list_services(req).await?.into_inner()) },
+        )
         .await
     }
 
@@ -170,15 +183,22 @@ impl RosterClient {
 
     /// Status of the first node that answers.
     pub async fn status(&self) -> Result<StatusResponse, Status> {
-        self.retry(|ch| async move { Ok(ClusterClient::new(ch).status(StatusRequest {}).await?.into_inner()) })
-            .await
+        self.retry(|ch| async move {
+            Ok(ClusterClient::new(ch)
+                .status(StatusRequest {})
+                .await?
+                .into_inner())
+        })
+        .await
     }
 
     /// Status of every endpoint, in order; a node that does not answer gives its error.
     pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
         let mut out = Vec::new();
         for (e, ch) in self.endpoints.iter().zip(&self.channels) {
-            let r = ClusterClient::new(ch.clone()).status(StatusRequest {}).await;
+            let r = ClusterClient::new(ch.clone())
+                .status(StatusRequest {})
+                .await;
             out.push((e.clone(), r.map(|r| r.into_inner())));
         }
         out

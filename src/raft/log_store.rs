@@ -4,6 +4,9 @@
 //! every batch of appends queued meanwhile and only then reports them durable
 //! to openraft (group commit).
 
+// Openraft's storage traits fix the error type to its (large) StorageError.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 
@@ -47,7 +50,9 @@ impl LogStore {
 
     fn write_meta<T: serde::Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
         let b = encode(v).map_err(|e| StorageIOError::write(&e))?;
-        self.meta.insert(key, b).map_err(|e| StorageIOError::write(&e))?;
+        self.meta
+            .insert(key, b)
+            .map_err(|e| StorageIOError::write(&e))?;
         Ok(())
     }
 
@@ -146,7 +151,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.read_meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+        Ok(self
+            .read_meta::<Option<LogId<NodeId>>>(COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -162,9 +169,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.flusher
-            .send(callback)
-            .map_err(|_| StorageIOError::write_logs(&std::io::Error::other("log flusher stopped")))?;
+        self.flusher.send(callback).map_err(|_| {
+            StorageIOError::write_logs(&std::io::Error::other("log flusher stopped"))
+        })?;
         Ok(())
     }
 

@@ -2,13 +2,16 @@
 //! catalogue and persists the result in sled, so a restart resumes from the
 //! last applied entry instead of replaying the log.
 
+// Openraft's storage traits fix the error type to its (large) StorageError.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +70,11 @@ impl StateMachine {
         let applied: Applied = match sm.get(LAST_APPLIED)? {
             Some(b) => Applied {
                 last_applied: decode(&b)?,
-                membership: sm.get(MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default(),
+                membership: sm
+                    .get(MEMBERSHIP)?
+                    .map(|b| decode(&b))
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             None => Applied::default(),
         };
@@ -95,7 +102,10 @@ impl StateMachine {
     }
 
     fn read_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
-        let b = self.sm.get(CURRENT_SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let b = self
+            .sm
+            .get(CURRENT_SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         b.map(|b| decode(&b).map_err(|e| StorageIOError::read_snapshot(None, &e).into()))
             .transpose()
     }
@@ -108,7 +118,9 @@ impl StateMachine {
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         // The log may be purged up to this snapshot once it is built: the snapshot and
         // the state machine it describes must be on disk first.
-        self.db.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        self.db
+            .flush()
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
         Ok(())
     }
 }
@@ -150,7 +162,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
         let a = self.applied.lock().map_err(lock_err)?;
         Ok((a.last_applied, a.membership.clone()))
     }
@@ -175,7 +189,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         let k = instance_key(&e.instance.service, &e.instance.id);
                         match e.kind {
                             EventKind::Put => {
-                                let v = encode(&e.instance).map_err(|err| StorageIOError::apply(entry.log_id, &err))?;
+                                let v = encode(&e.instance)
+                                    .map_err(|err| StorageIOError::apply(entry.log_id, &err))?;
                                 batch.insert(k, v);
                             }
                             EventKind::Delete => batch.remove(k),
@@ -198,9 +213,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 outcome: Outcome::Applied,
             });
         }
-        let werr = |e: &dyn std::error::Error| StorageIOError::write_state_machine(&std::io::Error::other(e.to_string()));
-        batch.insert(LAST_APPLIED, encode(&applied.last_applied).map_err(|e| werr(&e))?);
-        batch.insert(MEMBERSHIP, encode(&applied.membership).map_err(|e| werr(&e))?);
+        let werr = |e: &dyn std::error::Error| {
+            StorageIOError::write_state_machine(&std::io::Error::other(e.to_string()))
+        };
+        batch.insert(
+            LAST_APPLIED,
+            encode(&applied.last_applied).map_err(|e| werr(&e))?,
+        );
+        batch.insert(
+            MEMBERSHIP,
+            encode(&applied.membership).map_err(|e| werr(&e))?,
+        );
         self.sm.apply_batch(batch).map_err(|e| werr(&e))?;
         for (rev, events) in changes {
             st.hub.publish(rev, events);
@@ -223,7 +246,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let sig = Some(meta.signature());
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload = decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let payload: SnapshotPayload =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let werr = |e: &dyn std::error::Error| {
             StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e.to_string()))
         };
@@ -236,10 +260,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.remove(k);
         }
         for i in &payload.instances {
-            batch.insert(instance_key(&i.service, &i.id), encode(i).map_err(|e| werr(&e))?);
+            batch.insert(
+                instance_key(&i.service, &i.id),
+                encode(i).map_err(|e| werr(&e))?,
+            );
         }
-        batch.insert(LAST_APPLIED, encode(&meta.last_log_id).map_err(|e| werr(&e))?);
-        batch.insert(MEMBERSHIP, encode(&meta.last_membership).map_err(|e| werr(&e))?);
+        batch.insert(
+            LAST_APPLIED,
+            encode(&meta.last_log_id).map_err(|e| werr(&e))?,
+        );
+        batch.insert(
+            MEMBERSHIP,
+            encode(&meta.last_membership).map_err(|e| werr(&e))?,
+        );
         self.sm.apply_batch(batch).map_err(|e| werr(&e))?;
         self.save_snapshot(&StoredSnapshot {
             meta: meta.clone(),

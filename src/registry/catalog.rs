@@ -83,7 +83,10 @@ impl Catalog {
     }
 
     pub fn instances_of(&self, service: &str) -> impl Iterator<Item = &Instance> {
-        self.services.get(service).into_iter().flat_map(|m| m.values())
+        self.services
+            .get(service)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     pub fn all_instances(&self) -> impl Iterator<Item = &Instance> {

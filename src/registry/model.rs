@@ -37,7 +37,10 @@ impl Instance {
 pub enum Command {
     /// Creates the instance, or replaces it (keeping its create revision).
     Register(Instance),
-    Deregister { service: String, id: String },
+    Deregister {
+        service: String,
+        id: String,
+    },
 }
 
 /// What applying a command did, at which revision.

@@ -102,7 +102,11 @@ pub struct WatchMessage {
 impl RegistryState {
     /// Messages that bring a watcher at `since` (0: nothing) up to date, and the
     /// subscription that carries on from there.
-    fn resume(&self, service: Option<&str>, since: u64) -> (Vec<WatchMessage>, broadcast::Receiver<Notice>) {
+    fn resume(
+        &self,
+        service: Option<&str>,
+        since: u64,
+    ) -> (Vec<WatchMessage>, broadcast::Receiver<Notice>) {
         let rx = self.hub.tx.subscribe();
         let floor = self.hub.floor;
         let reset = if since == 0 {
@@ -156,7 +160,12 @@ fn events_message(change: &Change, service: Option<&str>) -> Option<WatchMessage
 
 /// Streams `service`'s changes (every service's when `None`) after `since` into
 /// `out` until the receiving side goes away.
-pub async fn run_watcher(state: SharedState, service: Option<String>, since: u64, out: mpsc::Sender<WatchMessage>) {
+pub async fn run_watcher(
+    state: SharedState,
+    service: Option<String>,
+    since: u64,
+    out: mpsc::Sender<WatchMessage>,
+) {
     let mut last = since;
     loop {
         let (msgs, mut rx) = match state.read() {

@@ -40,7 +40,9 @@ impl TestCluster {
     pub async fn start_with(n: u64, extra: &str) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let initial: Vec<String> = (0..n).map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i as usize])).collect();
+        let initial: Vec<String> = (0..n)
+            .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i as usize]))
+            .collect();
         let mut nodes = Vec::new();
         for i in 0..n {
             let id = i + 1;
@@ -135,25 +137,31 @@ impl TestCluster {
 
     /// Waits until every running node reports the same leader, and returns it.
     pub async fn leader(&self) -> u64 {
-        self.wait_for("a leader all running nodes agree on", Duration::from_secs(20), || async {
-            let mut leader = None;
-            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-                let s = self.status(n.id).await?;
-                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
-                    return None;
+        self.wait_for(
+            "a leader all running nodes agree on",
+            Duration::from_secs(20),
+            || async {
+                let mut leader = None;
+                for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                    let s = self.status(n.id).await?;
+                    if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                        return None;
+                    }
+                    leader = Some(s.leader_id);
                 }
-                leader = Some(s.leader_id);
-            }
-            leader.filter(|l| self.is_running(*l))
-        })
+                leader.filter(|l| self.is_running(*l))
+            },
+        )
         .await
     }
 
     /// Waits until node `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) -> StatusResponse {
-        self.wait_for(&format!("node {id} to apply {index}"), Duration::from_secs(30), || async {
-            self.status(id).await.filter(|s| s.applied_index >= index)
-        })
+        self.wait_for(
+            &format!("node {id} to apply {index}"),
+            Duration::from_secs(30),
+            || async { self.status(id).await.filter(|s| s.applied_index >= index) },
+        )
         .await
     }
 
@@ -168,7 +176,10 @@ impl TestCluster {
                 return v;
             }
             if Instant::now() > deadline {
-                panic!("timed out after {limit:?} waiting for {what}; logs in {}", self.dir.path().display());
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; logs in {}",
+                    self.dir.path().display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -185,7 +196,8 @@ impl Drop for TestCluster {
         }
         if std::thread::panicking() {
             // Keep the logs of a failed test.
-            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
+            let path =
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
             eprintln!("cluster data and logs kept in {}", path.display());
         }
     }
