@@ -55,8 +55,11 @@ pub struct ServerArgs {
     /// TOML file with the node's settings; the flags below override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "id_from_hostname")]
     id: Option<u64>,
+    /// Derive the node id from a StatefulSet-style host name: `name-N` is node N+1.
+    #[arg(long)]
+    id_from_hostname: bool,
     #[arg(long)]
     cluster_id: Option<String>,
     /// Address to bind, e.g. 0.0.0.0:7001.

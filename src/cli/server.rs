@@ -8,7 +8,19 @@ use roster::node;
 
 use super::{DevArgs, ServerArgs};
 
-fn node_config(a: ServerArgs) -> anyhow::Result<NodeConfig> {
+/// `roster-2` → 3: pod ordinals count from 0, node ids from 1.
+fn id_from_hostname(host: &str) -> anyhow::Result<u64> {
+    host.rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .map(|n| n + 1)
+        .ok_or_else(|| anyhow::anyhow!("host name {host:?} does not end in -<ordinal>"))
+}
+
+fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
+    if a.id_from_hostname {
+        let host = std::env::var("HOSTNAME").context("--id-from-hostname needs $HOSTNAME")?;
+        a.id = Some(id_from_hostname(&host)?);
+    }
     let mut cfg = match &a.config {
         Some(path) => NodeConfig::from_file(path)?,
         None => {
@@ -84,4 +96,14 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         h.shutdown().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ordinal_ids() {
+        assert_eq!(super::id_from_hostname("roster-0").ok(), Some(1));
+        assert_eq!(super::id_from_hostname("my-roster-4").ok(), Some(5));
+        assert!(super::id_from_hostname("roster").is_err());
+    }
 }

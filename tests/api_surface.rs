@@ -1,0 +1,165 @@
+//! What a generic gRPC tool or an operator sees: health, reflection, the dev
+//! cluster command, and fast failure without a quorum.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use roster::client::RosterClient;
+use roster::proto::v1::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let c = TestCluster::start(3).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.endpoint(2)))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "roster.v1.Registry"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(
+            r.status,
+            ServingStatus::Serving as i32,
+            "service {service:?}"
+        );
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = stream
+        .message()
+        .await
+        .expect("reflection reply")
+        .expect("a reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection reply {msg:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "roster.v1.Registry",
+        "roster.v1.Cluster",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_a_quorum_requests_fail_with_unavailable_instead_of_hanging() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    register(&c.client(), "payments", "p-1", 80).await;
+    // Keep the leader alone: it can neither commit nor confirm leadership.
+    for id in (1..=3).filter(|&i| i != leader) {
+        c.kill(id);
+    }
+    let alone = c.node_client(leader);
+    for what in ["write", "linearizable read"] {
+        let started = Instant::now();
+        let e = if what == "write" {
+            alone
+                .register(roster::proto::v1::RegisterRequest {
+                    instance: Some(instance("payments", "p-2", 80)),
+                })
+                .await
+                .expect_err("write without quorum")
+        } else {
+            alone
+                .get_service(get_req("payments", Consistency::Linearizable))
+                .await
+                .expect_err("read without quorum")
+        };
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{what}: {e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+    }
+    // Stale reads still answer from the local state.
+    assert_eq!(
+        ids(&alone, "payments", Consistency::Stale).await,
+        vec!["p-1"]
+    );
+}
+
+#[tokio::test]
+async fn dev_command_runs_a_working_three_node_cluster() {
+    // Three consecutive free ports for `roster dev --base-port`.
+    let base = loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = l.local_addr().expect("addr").port();
+        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            break p;
+        }
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["dev", "--base-port", &base.to_string()])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn roster dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take_while(|l| !l.starts_with("Ctrl-C"))
+            .collect::<Vec<_>>()
+    });
+    let result = async {
+        let endpoints: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+        let client = RosterClient::new(&endpoints).expect("client");
+        let r = register(&client, "dev", "d-1", 80).await;
+        assert!(r.revision > 0);
+        assert_eq!(
+            ids(&client, "dev", Consistency::Linearizable).await,
+            vec!["d-1"]
+        );
+        client.status().await.expect("status")
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let printed = lines.join().expect("stdout reader");
+    assert!(result.members.len() == 3, "{result:?}");
+    for i in 0..3 {
+        assert!(
+            printed
+                .iter()
+                .any(|l| l.contains(&format!("127.0.0.1:{}", base + i))),
+            "dev output does not say where node {} listens: {printed:?}",
+            i + 1
+        );
+    }
+}
