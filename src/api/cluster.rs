@@ -109,6 +109,14 @@ impl Cluster for ClusterApi {
             .purge_log(snapshot_index)
             .await
             .map_err(stopped)?;
-        Ok(Response::new(pb::SnapshotResponse { snapshot_index }))
+        let size_bytes = match self.raft.get_snapshot().await {
+            Ok(Some(s)) => s.snapshot.get_ref().len() as u64,
+            Ok(None) => 0,
+            Err(e) => return Err(Error::Unavailable(format!("read snapshot: {e}")).into()),
+        };
+        Ok(Response::new(pb::SnapshotResponse {
+            snapshot_index,
+            size_bytes,
+        }))
     }
 }

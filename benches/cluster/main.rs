@@ -1,0 +1,505 @@
+//! Roster vs etcd, same machine, same load generator, one run.
+//!
+//!   cargo bench --features bench --bench cluster [-- --quick] [-- --out FILE]
+//!
+//! (`benches/run.sh` installs etcd and protoc first, then runs this.)
+//! Writes the results table into BENCHMARKS.md between its result markers.
+
+mod procs;
+mod stats;
+mod sut;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use procs::Cluster;
+use stats::{ms, Summary};
+use sut::{Etcd, Heartbeat, Roster, System, Watch};
+
+/// Connections each load generator spreads its clients over.
+const POOL: usize = 32;
+
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let args: Vec<String> = std::env::args().collect();
+        let out = args
+            .iter()
+            .position(|a| a == "--out")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md")));
+        Opts {
+            quick: args.iter().any(|a| a == "--quick"),
+            out,
+        }
+    }
+
+    fn phase(&self) -> Duration {
+        Duration::from_secs(if self.quick { 2 } else { 8 })
+    }
+}
+
+/// `clients` tasks each run `op` back to back for `dur`; every call is one sample.
+async fn closed_loop<S, F, Fut>(sys: &Arc<S>, clients: usize, dur: Duration, op: F) -> Summary
+where
+    S: System,
+    F: Fn(Arc<S>, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send,
+{
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (sys, op) = (sys.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors, mut seq) = (Vec::new(), 0, 0u64);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match op(sys.clone(), c, seq).await {
+                    Ok(()) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+                seq += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        if let Ok((lat, e)) = t.await {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    Summary::of(all, start.elapsed(), errors)
+}
+
+async fn register<S: System>(sys: &Arc<S>, clients: usize, dur: Duration) -> Summary {
+    let tag = format!("reg{clients}");
+    closed_loop(sys, clients, dur, move |s, c, n| {
+        let tag = tag.clone();
+        async move { s.register(c, &tag, &format!("c{c}-{n}")).await }
+    })
+    .await
+}
+
+async fn heartbeat<S: System>(sys: &Arc<S>, clients: usize, dur: Duration) -> Result<Summary> {
+    for c in 0..clients {
+        sys.register(c, "hb", &format!("hb-{c}")).await?;
+    }
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let sys = sys.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut beat = sys.heartbeat(c, "hb", &format!("hb-{c}")).await?;
+            let (mut lat, mut errors) = (Vec::new(), 0);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match beat.beat().await {
+                    Ok(()) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            anyhow::Ok((lat, errors))
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (lat, e) = t.await??;
+        all.extend(lat);
+        errors += e;
+    }
+    Ok(Summary::of(all, start.elapsed(), errors))
+}
+
+async fn query<S: System>(sys: &Arc<S>, clients: usize, dur: Duration, linearizable: bool) -> Result<Summary> {
+    for i in 0..100 {
+        sys.register(i, "query", &format!("q-{i}")).await?;
+    }
+    Ok(closed_loop(sys, clients, dur, move |s, c, _| async move {
+        let n = s.query(c, "query", linearizable).await?;
+        anyhow::ensure!(n == 100, "query returned {n} instances");
+        Ok(())
+    })
+    .await)
+}
+
+/// Time from a register's acknowledgement to each watcher receiving its event.
+async fn watch_delay<S: System>(sys: &Arc<S>, watchers: usize, events: usize) -> Result<Summary> {
+    let service = format!("watch{watchers}");
+    let sem = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut opening = Vec::new();
+    for w in 0..watchers {
+        let (sys, service, sem) = (sys.clone(), service.clone(), sem.clone());
+        opening.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await?;
+            sys.watch(w, &service).await
+        }));
+    }
+    let mut tasks = Vec::new();
+    for o in opening {
+        let mut watch = o.await??;
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(events);
+            while got.len() < events {
+                let ids = watch.next_puts().await?;
+                let now = Instant::now();
+                got.extend(ids.into_iter().map(|id| (id, now)));
+            }
+            anyhow::Ok(got)
+        }));
+    }
+    let start = Instant::now();
+    let mut acked = std::collections::HashMap::new();
+    for k in 0..events {
+        let id = format!("w-{k}");
+        sys.register(k, &service, &id).await?;
+        acked.insert(id, Instant::now());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut delays = Vec::new();
+    for t in tasks {
+        let got = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .context("watchers did not receive every event within 60 s")???;
+        for (id, at) in got {
+            if let Some(ack) = acked.get(&id) {
+                // An event may arrive before the writer sees its ack: count that as zero delay.
+                delays.push(at.saturating_duration_since(*ack));
+            }
+        }
+    }
+    Ok(Summary::of(delays, start.elapsed(), 0))
+}
+
+/// Kills the leader (SIGKILL) and times the first write accepted afterwards.
+async fn failover<S: System>(sys: &Arc<S>, cluster: &mut Cluster, rounds: usize) -> Result<Summary> {
+    let mut samples = Vec::new();
+    for r in 0..rounds {
+        let leader = sys.leader().await?;
+        cluster.procs[leader].kill();
+        let killed = Instant::now();
+        let mut n = 0;
+        loop {
+            n += 1;
+            let id = format!("f-{r}-{n}");
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), sys.register_any("failover", &id)).await {
+                break;
+            }
+            anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no write accepted 60 s after the kill");
+        }
+        samples.push(killed.elapsed());
+        cluster.procs[leader].start()?;
+        // Let the restarted node rejoin and catch up before the next round.
+        procs::wait_until("the old leader to rejoin", Duration::from_secs(30), || async {
+            sys.count().await.is_ok()
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let total = samples.iter().sum();
+    Ok(Summary::of(samples, total, 0))
+}
+
+struct Scale {
+    instances: u64,
+    load_rate: f64,
+    rss: Vec<u64>,
+    restart: Duration,
+    rss_after_restart: Vec<u64>,
+    disk: u64,
+}
+
+/// Loads `instances` registrations (100 per service), then measures memory and a full restart.
+async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -> Result<Scale> {
+    let clients = 256u64;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let sys = sys.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while i < instances {
+                sys.register(c as usize, &format!("svc-{}", i / 100), &format!("i-{i}")).await?;
+                i += clients;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let load_rate = instances as f64 / start.elapsed().as_secs_f64();
+    anyhow::ensure!(sys.count().await? >= instances, "not every instance was stored");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = cluster.rss();
+    let disk = cluster.procs.iter().map(|p| procs::dir_bytes(&p.data)).max().unwrap_or(0);
+
+    cluster.kill_all();
+    let restarted = Instant::now();
+    cluster.start_all()?;
+    procs::wait_until("the restarted cluster to serve every instance", Duration::from_secs(120), || async {
+        sys.count().await.is_ok_and(|n| n >= instances)
+    })
+    .await?;
+    let restart = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(Scale {
+        instances,
+        load_rate,
+        rss,
+        restart,
+        rss_after_restart: cluster.rss(),
+        disk,
+    })
+}
+
+async fn wait_leader<S: System>(sys: &Arc<S>) -> Result<()> {
+    procs::wait_until(&format!("a {} leader", sys.name()), Duration::from_secs(30), || async {
+        sys.leader().await.is_ok() && sys.count().await.is_ok()
+    })
+    .await
+    .map(|_| ())
+}
+
+struct Row {
+    name: String,
+    roster: String,
+    etcd: String,
+    ratio: String,
+    target: &'static str,
+}
+
+fn throughput_row(name: &str, r: &Summary, e: &Summary, target: &'static str) -> Row {
+    Row {
+        name: format!("{name}: throughput"),
+        roster: format!("{:.0}/s", r.throughput),
+        etcd: format!("{:.0}/s", e.throughput),
+        ratio: format!("{:.2}×", r.throughput / e.throughput.max(1e-9)),
+        target,
+    }
+}
+
+fn latency_rows(name: &str, r: &Summary, e: &Summary, target: &'static str) -> Vec<Row> {
+    let ratio = |a: Duration, b: Duration| format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64().max(1e-9));
+    let mut rows = vec![Row {
+        name: format!("{name}: p50 / max"),
+        roster: format!("{} / {}", ms(r.p50), ms(r.max)),
+        etcd: format!("{} / {}", ms(e.p50), ms(e.max)),
+        ratio: ratio(r.p50, e.p50),
+        target: "",
+    }];
+    rows.push(Row {
+        name: format!("{name}: p99"),
+        roster: ms(r.p99),
+        etcd: ms(e.p99),
+        ratio: ratio(r.p99, e.p99),
+        target,
+    });
+    if r.errors + e.errors > 0 {
+        rows.push(Row {
+            name: format!("{name}: errors"),
+            roster: r.errors.to_string(),
+            etcd: e.errors.to_string(),
+            ratio: String::new(),
+            target: "",
+        });
+    }
+    rows
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn list_mib(v: &[u64]) -> String {
+    v.iter().map(|b| mib(*b)).collect::<Vec<_>>().join(", ")
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
+        .unwrap_or(0);
+    format!(
+        "{} cores ({cpu}), {:.0} GiB RAM, Linux {}; {}; {}; Roster {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        mem as f64 / 1024.0 / 1024.0,
+        command_line("uname", &["-r"]),
+        command_line("rustc", &["--version"]),
+        command_line("etcd", &["--version"]).replace("etcd Version: ", "etcd "),
+        env!("CARGO_PKG_VERSION"),
+    )
+}
+
+fn write_report(opts: &Opts, rows: &[Row], extra: &[String]) -> Result<()> {
+    let mut t = String::new();
+    t.push_str(&format!(
+        "Run: {} mode, {}.\n\nMachine: {}.\n\n",
+        if opts.quick { "quick" } else { "full" },
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine()
+    ));
+    t.push_str("| workload | Roster | etcd | Roster/etcd | target |\n|---|---|---|---|---|\n");
+    for r in rows {
+        t.push_str(&format!("| {} | {} | {} | {} | {} |\n", r.name, r.roster, r.etcd, r.ratio, r.target));
+    }
+    t.push('\n');
+    for e in extra {
+        t.push_str(&format!("- {e}\n"));
+    }
+    const START: &str = "<!-- results:start -->";
+    const END: &str = "<!-- results:end -->";
+    let old = std::fs::read_to_string(&opts.out).unwrap_or_default();
+    let new = match (old.find(START), old.find(END)) {
+        (Some(s), Some(e)) if s < e => format!("{}{START}\n{t}{}", &old[..s], &old[e..]),
+        _ => format!("# Benchmarks\n\n{START}\n{t}{END}\n"),
+    };
+    std::fs::write(&opts.out, new).with_context(|| format!("write {}", opts.out.display()))?;
+    println!("{t}\nwritten to {}", opts.out.display());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let opts = Opts::parse();
+    let dir = tempfile::Builder::new().prefix("roster-bench-").tempdir()?;
+    let mut rc = procs::roster(dir.path(), 3)?;
+    let mut ec = procs::etcd(dir.path(), 3)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    let etcd = Arc::new(
+        procs::wait_until("etcd to accept clients", Duration::from_secs(30), || async {
+            Etcd::new(&ec.endpoints(), 1).await.is_ok()
+        })
+        .await
+        .and(Etcd::new(&ec.endpoints(), POOL).await)?,
+    );
+    wait_leader(&roster).await?;
+    wait_leader(&etcd).await?;
+    let dur = opts.phase();
+    let mut rows = Vec::new();
+
+    for clients in [64, 1000] {
+        eprintln!("register, {clients} clients");
+        let r = register(&roster, clients, dur).await;
+        let e = register(&etcd, clients, dur).await;
+        let name = format!("register, {clients} clients");
+        rows.push(throughput_row(&name, &r, &e, "≥ 1.5×"));
+        rows.extend(latency_rows(&name, &r, &e, ""));
+    }
+    eprintln!("heartbeat");
+    let r = heartbeat(&roster, 64, dur).await?;
+    let e = heartbeat(&etcd, 64, dur).await?;
+    rows.push(throughput_row("heartbeat, 64 clients", &r, &e, ""));
+    rows.extend(latency_rows("heartbeat, 64 clients", &r, &e, ""));
+    for (linearizable, label) in [(true, "linearizable"), (false, "stale / serializable")] {
+        eprintln!("query {label}");
+        let r = query(&roster, 64, dur, linearizable).await?;
+        let e = query(&etcd, 64, dur, linearizable).await?;
+        let name = format!("query 100 instances, {label}, 64 clients");
+        rows.push(throughput_row(&name, &r, &e, ""));
+        rows.extend(latency_rows(&name, &r, &e, "p99 ≤ 1×"));
+    }
+    let ws: &[usize] = if opts.quick { &[1, 100, 1000] } else { &[1, 100, 1000, 10_000] };
+    for &w in ws {
+        eprintln!("watch delay, {w} watchers");
+        let r = watch_delay(&roster, w, 20).await?;
+        let e = watch_delay(&etcd, w, 20).await?;
+        rows.extend(latency_rows(&format!("watch delay, {w} watchers"), &r, &e, "p99 ≤ 1×"));
+    }
+    eprintln!("failover");
+    let rounds = if opts.quick { 2 } else { 5 };
+    let r = failover(&roster, &mut rc, rounds).await?;
+    let e = failover(&etcd, &mut ec, rounds).await?;
+    rows.extend(latency_rows(
+        &format!("failover: leader SIGKILL → first accepted write ({rounds} rounds)"),
+        &r,
+        &e,
+        "Roster < 1 s",
+    ));
+    let roster_idle_rss = rc.rss();
+
+    // Scale on fresh clusters, so earlier phases do not count.
+    drop(roster);
+    drop(etcd);
+    rc.kill_all();
+    ec.kill_all();
+    let instances = if opts.quick { 10_000 } else { 100_000 };
+    let mut rc = procs::roster(&dir.path().join("scale"), 3).or_else(|_| {
+        std::fs::create_dir_all(dir.path().join("scale"))?;
+        procs::roster(&dir.path().join("scale"), 3)
+    })?;
+    let mut ec = procs::etcd(&dir.path().join("scale"), 3)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    wait_leader(&roster).await?;
+    eprintln!("scale: {instances} instances");
+    let rs = scale(&roster, &mut rc, instances).await?;
+    let snapshot = roster.snapshot(roster.leader().await?).await?;
+    let etcd = Arc::new(Etcd::new(&ec.endpoints(), POOL).await?);
+    wait_leader(&etcd).await?;
+    let es = scale(&etcd, &mut ec, instances).await?;
+    let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
+    rows.push(Row {
+        name: format!("{} instances: load rate (256 clients)", rs.instances),
+        roster: format!("{:.0}/s", rs.load_rate),
+        etcd: format!("{:.0}/s", es.load_rate),
+        ratio: format!("{:.2}×", rs.load_rate / es.load_rate.max(1e-9)),
+        target: "",
+    });
+    rows.push(Row {
+        name: format!("{} instances: RSS per node (max)", rs.instances),
+        roster: mib(max(&rs.rss)),
+        etcd: mib(max(&es.rss)),
+        ratio: format!("{:.2}×", max(&rs.rss) as f64 / max(&es.rss).max(1) as f64),
+        target: "Roster < 300 MB",
+    });
+    rows.push(Row {
+        name: format!("{} instances: full restart → all served", rs.instances),
+        roster: ms(rs.restart),
+        etcd: ms(es.restart),
+        ratio: format!("{:.2}×", rs.restart.as_secs_f64() / es.restart.as_secs_f64().max(1e-9)),
+        target: "",
+    });
+    rows.push(Row {
+        name: format!("{} instances: data dir per node", rs.instances),
+        roster: mib(rs.disk),
+        etcd: mib(es.disk),
+        ratio: String::new(),
+        target: "",
+    });
+    let extra = vec![
+        format!("Roster snapshot with {} instances: {} bytes ({}).", rs.instances, snapshot, mib(snapshot)),
+        format!(
+            "RSS per node: Roster {} after loading, {} after restart; idle after the earlier phases {}. etcd {} after loading.",
+            list_mib(&rs.rss),
+            list_mib(&rs.rss_after_restart),
+            list_mib(&roster_idle_rss),
+            list_mib(&es.rss)
+        ),
+    ];
+    write_report(&opts, &rows, &extra)
+}

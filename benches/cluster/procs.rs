@@ -1,0 +1,198 @@
+//! The two clusters under test, as real processes on loopback: three `roster
+//! server`s and three `etcd`s, each with its data on the same disk.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Resident set size of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn dir_bytes(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+pub struct Proc {
+    pub endpoint: String,
+    pub data: PathBuf,
+    args: Vec<String>,
+    program: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.data.with_extension("log"))?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub procs: Vec<Proc>,
+}
+
+impl Cluster {
+    pub fn endpoints(&self) -> Vec<String> {
+        self.procs.iter().map(|p| p.endpoint.clone()).collect()
+    }
+
+    pub fn rss(&self) -> Vec<u64> {
+        self.procs.iter().filter_map(|p| p.pid()).map(rss_bytes).collect()
+    }
+
+    pub fn start_all(&mut self) -> Result<()> {
+        for p in &mut self.procs {
+            p.start()?;
+        }
+        Ok(())
+    }
+
+    pub fn kill_all(&mut self) {
+        for p in &mut self.procs {
+            p.kill();
+        }
+    }
+}
+
+pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial: Vec<String> = (0..n).map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i])).collect();
+    let mut procs = Vec::new();
+    for i in 0..n {
+        let data = dir.join(format!("roster-{}", i + 1));
+        let config = dir.join(format!("roster-{}.toml", i + 1));
+        std::fs::write(
+            &config,
+            format!(
+                "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
+                i + 1,
+                ports[i],
+                data.display(),
+                initial.join(",")
+            ),
+        )?;
+        procs.push(Proc {
+            endpoint: format!("127.0.0.1:{}", ports[i]),
+            data,
+            args: vec!["server".into(), "--config".into(), config.display().to_string()],
+            program: PathBuf::from(env!("CARGO_BIN_EXE_roster")),
+            child: None,
+        });
+    }
+    let mut c = Cluster { procs };
+    c.start_all()?;
+    Ok(c)
+}
+
+pub fn etcd(dir: &Path, n: usize) -> Result<Cluster> {
+    let program = which("etcd").context("etcd is not installed: run benches/run.sh, which installs Debian's etcd-server")?;
+    let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial: Vec<String> = (0..n).map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, peer[i])).collect();
+    let mut procs = Vec::new();
+    for i in 0..n {
+        let data = dir.join(format!("etcd-{}", i + 1));
+        let args = vec![
+            format!("--name=e{}", i + 1),
+            format!("--data-dir={}", data.display()),
+            format!("--listen-client-urls=http://127.0.0.1:{}", client[i]),
+            format!("--advertise-client-urls=http://127.0.0.1:{}", client[i]),
+            format!("--listen-peer-urls=http://127.0.0.1:{}", peer[i]),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", peer[i]),
+            format!("--initial-cluster={}", initial.join(",")),
+            "--initial-cluster-state=new".into(),
+            "--initial-cluster-token=bench".into(),
+            "--logger=zap".into(),
+            "--log-level=error".into(),
+        ];
+        procs.push(Proc {
+            endpoint: format!("127.0.0.1:{}", client[i]),
+            data,
+            args,
+            program: program.clone(),
+            child: None,
+        });
+    }
+    let mut c = Cluster { procs };
+    c.start_all()?;
+    Ok(c)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("timed out after {limit:?} waiting for {what}")
+}

@@ -1,0 +1,357 @@
+//! The systems under test behind one interface, so every workload drives
+//! Roster and etcd the same way. Each system holds a pool of connections
+//! spread over the three nodes; client `i` uses connection `i % pool`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use etcd_client::{GetOptions, PutOptions, WatchOptions};
+use roster::client::RosterClient;
+use roster::proto::v1::cluster_client::ClusterClient;
+use roster::proto::v1::registry_client::RegistryClient;
+use roster::proto::v1::*;
+use tonic::transport::{Channel, Endpoint};
+
+pub trait System: Send + Sync + 'static {
+    type Beat: Heartbeat;
+    type Watch: Watch;
+
+    fn name(&self) -> &'static str;
+    /// One durable, replicated registration.
+    fn register(&self, conn: usize, service: &str, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Registers through a client that knows every node and fails over by itself.
+    fn register_any(&self, service: &str, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Sets up a TTL renewal for an instance registered by this client.
+    fn heartbeat(&self, conn: usize, service: &str, id: &str) -> impl Future<Output = Result<Self::Beat>> + Send;
+    /// Instances of a service; returns how many.
+    fn query(&self, conn: usize, service: &str, linearizable: bool) -> impl Future<Output = Result<usize>> + Send;
+    /// Opens a watch on a service; returns once the watch is established.
+    fn watch(&self, conn: usize, service: &str) -> impl Future<Output = Result<Self::Watch>> + Send;
+    /// All registered instances, read linearizably.
+    fn count(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// Index (into the endpoint list) of the current leader.
+    fn leader(&self) -> impl Future<Output = Result<usize>> + Send;
+}
+
+pub trait Heartbeat: Send + 'static {
+    fn beat(&mut self) -> impl Future<Output = Result<()>> + Send;
+}
+
+pub trait Watch: Send + 'static {
+    /// Ids of the instances put in the next message.
+    fn next_puts(&mut self) -> impl Future<Output = Result<Vec<String>>> + Send;
+}
+
+/// Metadata of the size a typical instance carries, registered with both systems.
+fn payload(id: &str) -> (String, u32) {
+    (format!("10.0.{}.{}", id.len() % 250, id.len()), 8080)
+}
+
+// ---------------------------------------------------------------- Roster
+
+pub struct Roster {
+    endpoints: Vec<String>,
+    pool: Vec<Channel>,
+    any: RosterClient,
+}
+
+impl Roster {
+    pub fn new(endpoints: &[String], pool: usize) -> Result<Roster> {
+        let pool = (0..pool)
+            .map(|i| {
+                Ok(Endpoint::from_shared(format!("http://{}", endpoints[i % endpoints.len()]))?
+                    .tcp_nodelay(true)
+                    .connect_lazy())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Roster {
+            endpoints: endpoints.to_vec(),
+            pool,
+            any: RosterClient::new(endpoints)?,
+        })
+    }
+
+    fn client(&self, conn: usize) -> RegistryClient<Channel> {
+        RegistryClient::new(self.pool[conn % self.pool.len()].clone())
+    }
+
+    fn instance(service: &str, id: &str) -> RegisterRequest {
+        let (address, port) = payload(id);
+        RegisterRequest {
+            instance: Some(Instance {
+                service: service.into(),
+                id: id.into(),
+                address,
+                port,
+                tags: vec!["bench".into()],
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Forces a snapshot on `node`; returns its size in bytes.
+    pub async fn snapshot(&self, node: usize) -> Result<u64> {
+        let ch = Endpoint::from_shared(format!("http://{}", self.endpoints[node]))?.connect().await?;
+        Ok(ClusterClient::new(ch)
+            .snapshot(SnapshotRequest {})
+            .await?
+            .into_inner()
+            .size_bytes)
+    }
+
+}
+
+pub struct RosterBeat {
+    client: RegistryClient<Channel>,
+    req: HeartbeatRequest,
+}
+
+impl Heartbeat for RosterBeat {
+    async fn beat(&mut self) -> Result<()> {
+        self.client.heartbeat(self.req.clone()).await?;
+        Ok(())
+    }
+}
+
+pub struct RosterWatch(tonic::Streaming<WatchResponse>);
+
+impl Watch for RosterWatch {
+    async fn next_puts(&mut self) -> Result<Vec<String>> {
+        let m = self.0.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        Ok(m.events
+            .into_iter()
+            .filter(|e| e.r#type == EventType::Put as i32)
+            .filter_map(|e| e.instance.map(|i| i.id))
+            .collect())
+    }
+}
+
+impl System for Roster {
+    type Beat = RosterBeat;
+    type Watch = RosterWatch;
+
+    fn name(&self) -> &'static str {
+        "Roster"
+    }
+
+    async fn register(&self, conn: usize, service: &str, id: &str) -> Result<()> {
+        self.client(conn).register(Self::instance(service, id)).await?;
+        Ok(())
+    }
+
+    async fn register_any(&self, service: &str, id: &str) -> Result<()> {
+        self.any.register(Self::instance(service, id)).await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, conn: usize, service: &str, id: &str) -> Result<RosterBeat> {
+        Ok(RosterBeat {
+            client: self.client(conn),
+            req: HeartbeatRequest {
+                service: service.into(),
+                id: id.into(),
+            },
+        })
+    }
+
+    async fn query(&self, conn: usize, service: &str, linearizable: bool) -> Result<usize> {
+        let consistency = if linearizable { Consistency::Linearizable } else { Consistency::Stale };
+        let r = self
+            .client(conn)
+            .get_service(GetServiceRequest {
+                service: service.into(),
+                consistency: consistency as i32,
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.into_inner().instances.len())
+    }
+
+    async fn watch(&self, conn: usize, service: &str) -> Result<RosterWatch> {
+        let mut s = self
+            .client(conn)
+            .watch(WatchRequest {
+                service: service.into(),
+                since_revision: 0,
+            })
+            .await?
+            .into_inner();
+        // The initial full state.
+        s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        Ok(RosterWatch(s))
+    }
+
+    async fn count(&self) -> Result<u64> {
+        let r = self.any.list_services(ListServicesRequest::default()).await?;
+        Ok(r.services.iter().map(|s| u64::from(s.instances)).sum())
+    }
+
+    async fn leader(&self) -> Result<usize> {
+        for e in &self.endpoints {
+            let Ok(ch) = Endpoint::from_shared(format!("http://{e}"))?
+                .connect_timeout(Duration::from_millis(300))
+                .connect()
+                .await
+            else {
+                continue;
+            };
+            if let Ok(s) = ClusterClient::new(ch).status(StatusRequest {}).await {
+                let s = s.into_inner();
+                if s.leader_id != 0 {
+                    return Ok(s.leader_id as usize - 1);
+                }
+            }
+        }
+        bail!("no Roster leader")
+    }
+}
+
+// ---------------------------------------------------------------- etcd
+
+pub struct Etcd {
+    endpoints: Vec<String>,
+    pool: Vec<etcd_client::Client>,
+    any: etcd_client::Client,
+    /// One lease per connection, as one process keeps one lease for its registrations.
+    leases: Vec<i64>,
+}
+
+impl Etcd {
+    pub async fn new(endpoints: &[String], pool: usize) -> Result<Etcd> {
+        let mut clients = Vec::new();
+        let mut leases = Vec::new();
+        for i in 0..pool {
+            let mut c = etcd_client::Client::connect([endpoints[i % endpoints.len()].as_str()], None).await?;
+            leases.push(c.lease_grant(600, None).await?.id());
+            clients.push(c);
+        }
+        Ok(Etcd {
+            endpoints: endpoints.to_vec(),
+            pool: clients,
+            any: etcd_client::Client::connect(endpoints, None).await?,
+            leases,
+        })
+    }
+
+    fn client(&self, conn: usize) -> (etcd_client::Client, i64) {
+        let i = conn % self.pool.len();
+        (self.pool[i].clone(), self.leases[i])
+    }
+
+    fn key(service: &str, id: &str) -> String {
+        format!("/services/{service}/{id}")
+    }
+
+    /// The same information a Roster instance holds, as etcd users store it.
+    fn value(service: &str, id: &str) -> String {
+        let (address, port) = payload(id);
+        format!(r#"{{"service":"{service}","id":"{id}","address":"{address}","port":{port},"tags":["bench"],"weight":1}}"#)
+    }
+}
+
+pub struct EtcdBeat {
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+}
+
+impl Heartbeat for EtcdBeat {
+    async fn beat(&mut self) -> Result<()> {
+        self.keeper.keep_alive().await?;
+        self.stream.message().await?.ok_or_else(|| anyhow!("keep-alive stream closed"))?;
+        Ok(())
+    }
+}
+
+pub struct EtcdWatch(etcd_client::WatchStream);
+
+impl Watch for EtcdWatch {
+    async fn next_puts(&mut self) -> Result<Vec<String>> {
+        let m = self.0.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        Ok(m.events()
+            .iter()
+            .filter(|e| e.event_type() == etcd_client::EventType::Put)
+            .filter_map(|e| e.kv())
+            .filter_map(|kv| kv.key_str().ok())
+            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+            .collect())
+    }
+}
+
+impl System for Etcd {
+    type Beat = EtcdBeat;
+    type Watch = EtcdWatch;
+
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn register(&self, conn: usize, service: &str, id: &str) -> Result<()> {
+        let (mut c, lease) = self.client(conn);
+        c.put(Self::key(service, id), Self::value(service, id), Some(PutOptions::new().with_lease(lease)))
+            .await?;
+        Ok(())
+    }
+
+    async fn register_any(&self, service: &str, id: &str) -> Result<()> {
+        let mut c = self.any.clone();
+        c.put(Self::key(service, id), Self::value(service, id), None).await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, conn: usize, _service: &str, _id: &str) -> Result<EtcdBeat> {
+        let (mut c, _) = self.client(conn);
+        let lease = c.lease_grant(600, None).await?.id();
+        let (keeper, stream) = c.lease_keep_alive(lease).await?;
+        Ok(EtcdBeat { keeper, stream })
+    }
+
+    async fn query(&self, conn: usize, service: &str, linearizable: bool) -> Result<usize> {
+        let (mut c, _) = self.client(conn);
+        let mut opts = GetOptions::new().with_prefix();
+        if !linearizable {
+            opts = opts.with_serializable();
+        }
+        Ok(c.get(format!("/services/{service}/"), Some(opts)).await?.kvs().len())
+    }
+
+    async fn watch(&self, conn: usize, service: &str) -> Result<EtcdWatch> {
+        let (mut c, _) = self.client(conn);
+        let mut s = c
+            .watch(format!("/services/{service}/"), Some(WatchOptions::new().with_prefix()))
+            .await?;
+        let created = s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        if !created.created() {
+            bail!("etcd watch not created");
+        }
+        Ok(EtcdWatch(s))
+    }
+
+    async fn count(&self) -> Result<u64> {
+        let mut c = self.any.clone();
+        let r = c
+            .get("/services/", Some(GetOptions::new().with_prefix().with_count_only()))
+            .await?;
+        Ok(r.count() as u64)
+    }
+
+    async fn leader(&self) -> Result<usize> {
+        for e in &self.endpoints {
+            let Ok(mut c) = etcd_client::Client::connect([e.as_str()], None).await else {
+                continue;
+            };
+            let Ok(s) = c.status().await else { continue };
+            let leader = s.leader();
+            for (i, e2) in self.endpoints.iter().enumerate() {
+                if let Ok(mut c2) = etcd_client::Client::connect([e2.as_str()], None).await {
+                    if let Ok(s2) = c2.status().await {
+                        if s2.header().map(|h| h.member_id()) == Some(leader) {
+                            return Ok(i);
+                        }
+                    }
+                }
+            }
+        }
+        bail!("no etcd leader")
+    }
+}
