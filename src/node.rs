@@ -9,7 +9,7 @@ use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::cluster::ClusterApi;
@@ -159,9 +159,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         )))
         .add_service(health)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stopped.await;
-        });
+        // Without TCP_NODELAY small replies wait for delayed ACKs (~40 ms on Linux).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stopped.await;
+            },
+        );
     let server = tokio::spawn(server);
 
     if !members.is_empty() {

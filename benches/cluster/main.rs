@@ -35,7 +35,9 @@ impl Opts {
             .position(|a| a == "--out")
             .and_then(|i| args.get(i + 1))
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md")));
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md"))
+            });
         Opts {
             quick: args.iter().any(|a| a == "--quick"),
             out,
@@ -122,7 +124,12 @@ async fn heartbeat<S: System>(sys: &Arc<S>, clients: usize, dur: Duration) -> Re
     Ok(Summary::of(all, start.elapsed(), errors))
 }
 
-async fn query<S: System>(sys: &Arc<S>, clients: usize, dur: Duration, linearizable: bool) -> Result<Summary> {
+async fn query<S: System>(
+    sys: &Arc<S>,
+    clients: usize,
+    dur: Duration,
+    linearizable: bool,
+) -> Result<Summary> {
     for i in 0..100 {
         sys.register(i, "query", &format!("q-{i}")).await?;
     }
@@ -183,7 +190,11 @@ async fn watch_delay<S: System>(sys: &Arc<S>, watchers: usize, events: usize) ->
 }
 
 /// Kills the leader (SIGKILL) and times the first write accepted afterwards.
-async fn failover<S: System>(sys: &Arc<S>, cluster: &mut Cluster, rounds: usize) -> Result<Summary> {
+async fn failover<S: System>(
+    sys: &Arc<S>,
+    cluster: &mut Cluster,
+    rounds: usize,
+) -> Result<Summary> {
     let mut samples = Vec::new();
     for r in 0..rounds {
         let leader = sys.leader().await?;
@@ -193,17 +204,25 @@ async fn failover<S: System>(sys: &Arc<S>, cluster: &mut Cluster, rounds: usize)
         loop {
             n += 1;
             let id = format!("f-{r}-{n}");
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), sys.register_any("failover", &id)).await {
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_secs(5), sys.register_any("failover", &id))
+                    .await
+            {
                 break;
             }
-            anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no write accepted 60 s after the kill");
+            anyhow::ensure!(
+                killed.elapsed() < Duration::from_secs(60),
+                "no write accepted 60 s after the kill"
+            );
         }
         samples.push(killed.elapsed());
         cluster.procs[leader].start()?;
         // Let the restarted node rejoin and catch up before the next round.
-        procs::wait_until("the old leader to rejoin", Duration::from_secs(30), || async {
-            sys.count().await.is_ok()
-        })
+        procs::wait_until(
+            "the old leader to rejoin",
+            Duration::from_secs(30),
+            || async { sys.count().await.is_ok() },
+        )
         .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -230,7 +249,8 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
         tasks.push(tokio::spawn(async move {
             let mut i = c;
             while i < instances {
-                sys.register(c as usize, &format!("svc-{}", i / 100), &format!("i-{i}")).await?;
+                sys.register(c as usize, &format!("svc-{}", i / 100), &format!("i-{i}"))
+                    .await?;
                 i += clients;
             }
             anyhow::Ok(())
@@ -240,17 +260,27 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
         t.await??;
     }
     let load_rate = instances as f64 / start.elapsed().as_secs_f64();
-    anyhow::ensure!(sys.count().await? >= instances, "not every instance was stored");
+    anyhow::ensure!(
+        sys.count().await? >= instances,
+        "not every instance was stored"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = cluster.rss();
-    let disk = cluster.procs.iter().map(|p| procs::dir_bytes(&p.data)).max().unwrap_or(0);
+    let disk = cluster
+        .procs
+        .iter()
+        .map(|p| procs::dir_bytes(&p.data))
+        .max()
+        .unwrap_or(0);
 
     cluster.kill_all();
     let restarted = Instant::now();
     cluster.start_all()?;
-    procs::wait_until("the restarted cluster to serve every instance", Duration::from_secs(120), || async {
-        sys.count().await.is_ok_and(|n| n >= instances)
-    })
+    procs::wait_until(
+        "the restarted cluster to serve every instance",
+        Duration::from_secs(120),
+        || async { sys.count().await.is_ok_and(|n| n >= instances) },
+    )
     .await?;
     let restart = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -265,9 +295,11 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
 }
 
 async fn wait_leader<S: System>(sys: &Arc<S>) -> Result<()> {
-    procs::wait_until(&format!("a {} leader", sys.name()), Duration::from_secs(30), || async {
-        sys.leader().await.is_ok() && sys.count().await.is_ok()
-    })
+    procs::wait_until(
+        &format!("a {} leader", sys.name()),
+        Duration::from_secs(30),
+        || async { sys.leader().await.is_ok() && sys.count().await.is_ok() },
+    )
     .await
     .map(|_| ())
 }
@@ -291,7 +323,8 @@ fn throughput_row(name: &str, r: &Summary, e: &Summary, target: &'static str) ->
 }
 
 fn latency_rows(name: &str, r: &Summary, e: &Summary, target: &'static str) -> Vec<Row> {
-    let ratio = |a: Duration, b: Duration| format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64().max(1e-9));
+    let ratio =
+        |a: Duration, b: Duration| format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64().max(1e-9));
     let mut rows = vec![Row {
         name: format!("{name}: p50 / max"),
         roster: format!("{} / {}", ms(r.p50), ms(r.max)),
@@ -339,11 +372,23 @@ fn command_line(cmd: &str, args: &[&str]) -> String {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
         .unwrap_or(0);
     format!(
         "{} cores ({cpu}), {:.0} GiB RAM, Linux {}; {}; {}; Roster {}",
@@ -366,7 +411,10 @@ fn write_report(opts: &Opts, rows: &[Row], extra: &[String]) -> Result<()> {
     ));
     t.push_str("| workload | Roster | etcd | Roster/etcd | target |\n|---|---|---|---|---|\n");
     for r in rows {
-        t.push_str(&format!("| {} | {} | {} | {} | {} |\n", r.name, r.roster, r.etcd, r.ratio, r.target));
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.name, r.roster, r.etcd, r.ratio, r.target
+        ));
     }
     t.push('\n');
     for e in extra {
@@ -392,9 +440,11 @@ async fn main() -> Result<()> {
     let mut ec = procs::etcd(dir.path(), 3)?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     let etcd = Arc::new(
-        procs::wait_until("etcd to accept clients", Duration::from_secs(30), || async {
-            Etcd::new(&ec.endpoints(), 1).await.is_ok()
-        })
+        procs::wait_until(
+            "etcd to accept clients",
+            Duration::from_secs(30),
+            || async { Etcd::new(&ec.endpoints(), 1).await.is_ok() },
+        )
         .await
         .and(Etcd::new(&ec.endpoints(), POOL).await)?,
     );
@@ -424,12 +474,21 @@ async fn main() -> Result<()> {
         rows.push(throughput_row(&name, &r, &e, ""));
         rows.extend(latency_rows(&name, &r, &e, "p99 ≤ 1×"));
     }
-    let ws: &[usize] = if opts.quick { &[1, 100, 1000] } else { &[1, 100, 1000, 10_000] };
+    let ws: &[usize] = if opts.quick {
+        &[1, 100, 1000]
+    } else {
+        &[1, 100, 1000, 10_000]
+    };
     for &w in ws {
         eprintln!("watch delay, {w} watchers");
         let r = watch_delay(&roster, w, 20).await?;
         let e = watch_delay(&etcd, w, 20).await?;
-        rows.extend(latency_rows(&format!("watch delay, {w} watchers"), &r, &e, "p99 ≤ 1×"));
+        rows.extend(latency_rows(
+            &format!("watch delay, {w} watchers"),
+            &r,
+            &e,
+            "p99 ≤ 1×",
+        ));
     }
     eprintln!("failover");
     let rounds = if opts.quick { 2 } else { 5 };
@@ -481,7 +540,10 @@ async fn main() -> Result<()> {
         name: format!("{} instances: full restart → all served", rs.instances),
         roster: ms(rs.restart),
         etcd: ms(es.restart),
-        ratio: format!("{:.2}×", rs.restart.as_secs_f64() / es.restart.as_secs_f64().max(1e-9)),
+        ratio: format!(
+            "{:.2}×",
+            rs.restart.as_secs_f64() / es.restart.as_secs_f64().max(1e-9)
+        ),
         target: "",
     });
     rows.push(Row {

@@ -93,7 +93,11 @@ impl Cluster {
     }
 
     pub fn rss(&self) -> Vec<u64> {
-        self.procs.iter().filter_map(|p| p.pid()).map(rss_bytes).collect()
+        self.procs
+            .iter()
+            .filter_map(|p| p.pid())
+            .map(rss_bytes)
+            .collect()
     }
 
     pub fn start_all(&mut self) -> Result<()> {
@@ -112,7 +116,9 @@ impl Cluster {
 
 pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let initial: Vec<String> = (0..n).map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i])).collect();
+    let initial: Vec<String> = (0..n)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .collect();
     let mut procs = Vec::new();
     for i in 0..n {
         let data = dir.join(format!("roster-{}", i + 1));
@@ -130,7 +136,11 @@ pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
         procs.push(Proc {
             endpoint: format!("127.0.0.1:{}", ports[i]),
             data,
-            args: vec!["server".into(), "--config".into(), config.display().to_string()],
+            args: vec![
+                "server".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
             program: PathBuf::from(env!("CARGO_BIN_EXE_roster")),
             child: None,
         });
@@ -141,10 +151,14 @@ pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
 }
 
 pub fn etcd(dir: &Path, n: usize) -> Result<Cluster> {
-    let program = which("etcd").context("etcd is not installed: run benches/run.sh, which installs Debian's etcd-server")?;
+    let program = which("etcd").context(
+        "etcd is not installed: run benches/run.sh, which installs Debian's etcd-server",
+    )?;
     let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let initial: Vec<String> = (0..n).map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, peer[i])).collect();
+    let initial: Vec<String> = (0..n)
+        .map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, peer[i]))
+        .collect();
     let mut procs = Vec::new();
     for i in 0..n {
         let data = dir.join(format!("etcd-{}", i + 1));

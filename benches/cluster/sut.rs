@@ -19,15 +19,31 @@ pub trait System: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
     /// One durable, replicated registration.
-    fn register(&self, conn: usize, service: &str, id: &str) -> impl Future<Output = Result<()>> + Send;
+    fn register(
+        &self,
+        conn: usize,
+        service: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Registers through a client that knows every node and fails over by itself.
     fn register_any(&self, service: &str, id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Sets up a TTL renewal for an instance registered by this client.
-    fn heartbeat(&self, conn: usize, service: &str, id: &str) -> impl Future<Output = Result<Self::Beat>> + Send;
+    fn heartbeat(
+        &self,
+        conn: usize,
+        service: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Self::Beat>> + Send;
     /// Instances of a service; returns how many.
-    fn query(&self, conn: usize, service: &str, linearizable: bool) -> impl Future<Output = Result<usize>> + Send;
+    fn query(
+        &self,
+        conn: usize,
+        service: &str,
+        linearizable: bool,
+    ) -> impl Future<Output = Result<usize>> + Send;
     /// Opens a watch on a service; returns once the watch is established.
-    fn watch(&self, conn: usize, service: &str) -> impl Future<Output = Result<Self::Watch>> + Send;
+    fn watch(&self, conn: usize, service: &str)
+        -> impl Future<Output = Result<Self::Watch>> + Send;
     /// All registered instances, read linearizably.
     fn count(&self) -> impl Future<Output = Result<u64>> + Send;
     /// Index (into the endpoint list) of the current leader.
@@ -60,9 +76,11 @@ impl Roster {
     pub fn new(endpoints: &[String], pool: usize) -> Result<Roster> {
         let pool = (0..pool)
             .map(|i| {
-                Ok(Endpoint::from_shared(format!("http://{}", endpoints[i % endpoints.len()]))?
-                    .tcp_nodelay(true)
-                    .connect_lazy())
+                Ok(
+                    Endpoint::from_shared(format!("http://{}", endpoints[i % endpoints.len()]))?
+                        .tcp_nodelay(true)
+                        .connect_lazy(),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Roster {
@@ -92,14 +110,15 @@ impl Roster {
 
     /// Forces a snapshot on `node`; returns its size in bytes.
     pub async fn snapshot(&self, node: usize) -> Result<u64> {
-        let ch = Endpoint::from_shared(format!("http://{}", self.endpoints[node]))?.connect().await?;
+        let ch = Endpoint::from_shared(format!("http://{}", self.endpoints[node]))?
+            .connect()
+            .await?;
         Ok(ClusterClient::new(ch)
             .snapshot(SnapshotRequest {})
             .await?
             .into_inner()
             .size_bytes)
     }
-
 }
 
 pub struct RosterBeat {
@@ -118,7 +137,11 @@ pub struct RosterWatch(tonic::Streaming<WatchResponse>);
 
 impl Watch for RosterWatch {
     async fn next_puts(&mut self) -> Result<Vec<String>> {
-        let m = self.0.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        let m = self
+            .0
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("watch closed"))?;
         Ok(m.events
             .into_iter()
             .filter(|e| e.r#type == EventType::Put as i32)
@@ -136,7 +159,9 @@ impl System for Roster {
     }
 
     async fn register(&self, conn: usize, service: &str, id: &str) -> Result<()> {
-        self.client(conn).register(Self::instance(service, id)).await?;
+        self.client(conn)
+            .register(Self::instance(service, id))
+            .await?;
         Ok(())
     }
 
@@ -156,7 +181,11 @@ impl System for Roster {
     }
 
     async fn query(&self, conn: usize, service: &str, linearizable: bool) -> Result<usize> {
-        let consistency = if linearizable { Consistency::Linearizable } else { Consistency::Stale };
+        let consistency = if linearizable {
+            Consistency::Linearizable
+        } else {
+            Consistency::Stale
+        };
         let r = self
             .client(conn)
             .get_service(GetServiceRequest {
@@ -183,7 +212,10 @@ impl System for Roster {
     }
 
     async fn count(&self) -> Result<u64> {
-        let r = self.any.list_services(ListServicesRequest::default()).await?;
+        let r = self
+            .any
+            .list_services(ListServicesRequest::default())
+            .await?;
         Ok(r.services.iter().map(|s| u64::from(s.instances)).sum())
     }
 
@@ -222,7 +254,9 @@ impl Etcd {
         let mut clients = Vec::new();
         let mut leases = Vec::new();
         for i in 0..pool {
-            let mut c = etcd_client::Client::connect([endpoints[i % endpoints.len()].as_str()], None).await?;
+            let mut c =
+                etcd_client::Client::connect([endpoints[i % endpoints.len()].as_str()], None)
+                    .await?;
             leases.push(c.lease_grant(600, None).await?.id());
             clients.push(c);
         }
@@ -246,7 +280,9 @@ impl Etcd {
     /// The same information a Roster instance holds, as etcd users store it.
     fn value(service: &str, id: &str) -> String {
         let (address, port) = payload(id);
-        format!(r#"{{"service":"{service}","id":"{id}","address":"{address}","port":{port},"tags":["bench"],"weight":1}}"#)
+        format!(
+            r#"{{"service":"{service}","id":"{id}","address":"{address}","port":{port},"tags":["bench"],"weight":1}}"#
+        )
     }
 }
 
@@ -258,7 +294,10 @@ pub struct EtcdBeat {
 impl Heartbeat for EtcdBeat {
     async fn beat(&mut self) -> Result<()> {
         self.keeper.keep_alive().await?;
-        self.stream.message().await?.ok_or_else(|| anyhow!("keep-alive stream closed"))?;
+        self.stream
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("keep-alive stream closed"))?;
         Ok(())
     }
 }
@@ -267,7 +306,11 @@ pub struct EtcdWatch(etcd_client::WatchStream);
 
 impl Watch for EtcdWatch {
     async fn next_puts(&mut self) -> Result<Vec<String>> {
-        let m = self.0.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        let m = self
+            .0
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("watch closed"))?;
         Ok(m.events()
             .iter()
             .filter(|e| e.event_type() == etcd_client::EventType::Put)
@@ -288,14 +331,19 @@ impl System for Etcd {
 
     async fn register(&self, conn: usize, service: &str, id: &str) -> Result<()> {
         let (mut c, lease) = self.client(conn);
-        c.put(Self::key(service, id), Self::value(service, id), Some(PutOptions::new().with_lease(lease)))
-            .await?;
+        c.put(
+            Self::key(service, id),
+            Self::value(service, id),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
         Ok(())
     }
 
     async fn register_any(&self, service: &str, id: &str) -> Result<()> {
         let mut c = self.any.clone();
-        c.put(Self::key(service, id), Self::value(service, id), None).await?;
+        c.put(Self::key(service, id), Self::value(service, id), None)
+            .await?;
         Ok(())
     }
 
@@ -312,13 +360,19 @@ impl System for Etcd {
         if !linearizable {
             opts = opts.with_serializable();
         }
-        Ok(c.get(format!("/services/{service}/"), Some(opts)).await?.kvs().len())
+        Ok(c.get(format!("/services/{service}/"), Some(opts))
+            .await?
+            .kvs()
+            .len())
     }
 
     async fn watch(&self, conn: usize, service: &str) -> Result<EtcdWatch> {
         let (mut c, _) = self.client(conn);
         let mut s = c
-            .watch(format!("/services/{service}/"), Some(WatchOptions::new().with_prefix()))
+            .watch(
+                format!("/services/{service}/"),
+                Some(WatchOptions::new().with_prefix()),
+            )
             .await?;
         let created = s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
         if !created.created() {
@@ -330,7 +384,10 @@ impl System for Etcd {
     async fn count(&self) -> Result<u64> {
         let mut c = self.any.clone();
         let r = c
-            .get("/services/", Some(GetOptions::new().with_prefix().with_count_only()))
+            .get(
+                "/services/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
             .await?;
         Ok(r.count() as u64)
     }
