@@ -84,6 +84,8 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
         max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
         install_snapshot_timeout: 10_000,
+        // Entries carry up to 128 commands each; keep an AppendEntries message well under the transport limit.
+        max_payload_entries: 32,
         ..Default::default()
     };
     c.validate()

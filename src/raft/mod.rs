@@ -1,5 +1,6 @@
 //! Consensus: openraft wired to sled storage and a gRPC transport.
 
+pub mod coalesce;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -7,13 +8,14 @@ pub mod transport;
 
 use std::io::Cursor;
 
-use crate::registry::{Command, CommandResponse};
+use crate::registry::{CommandResponse, Proposal};
 
 openraft::declare_raft_types!(
-    /// Roster's Raft: log entries carry registry commands.
+    /// Roster's Raft: a log entry carries a batch of registry commands and
+    /// answers with one response per command.
     pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
+        D = Proposal,
+        R = Vec<CommandResponse>,
 );
 
 pub type NodeId = u64;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{decode, encode, trees, Node, NodeId, TypeConfig};
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
-use crate::registry::{Catalog, CommandResponse, EventKind, Instance, Outcome};
+use crate::registry::{Catalog, CommandResponse, EventKind, Instance};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -169,7 +169,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((a.last_applied, a.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResponse>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<CommandResponse>>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -183,8 +183,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let rev = entry.log_id.index;
             applied.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Normal(cmd) => {
-                    let (resp, events) = st.catalog.apply(rev, &cmd);
+                EntryPayload::Normal(proposal) => {
+                    let mut events = Vec::new();
+                    let mut resps = Vec::with_capacity(proposal.0.len());
+                    for cmd in &proposal.0 {
+                        let (resp, evs) = st.catalog.apply(rev, cmd);
+                        resps.push(resp);
+                        events.extend(evs);
+                    }
                     for e in &events {
                         let k = instance_key(&e.instance.service, &e.instance.id);
                         match e.kind {
@@ -199,7 +205,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     if !events.is_empty() {
                         changes.push((rev, events));
                     }
-                    responses.push(resp);
+                    responses.push(resps);
                     continue;
                 }
                 EntryPayload::Membership(m) => {
@@ -208,10 +214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => {}
             }
             st.catalog.advance(rev);
-            responses.push(CommandResponse {
-                revision: rev,
-                outcome: Outcome::Applied,
-            });
+            responses.push(Vec::new());
         }
         let werr = |e: &dyn std::error::Error| {
             StorageIOError::write_state_machine(&std::io::Error::other(e.to_string()))

@@ -8,4 +8,6 @@ pub mod validate;
 pub mod watch;
 
 pub use catalog::Catalog;
-pub use model::{Command, CommandResponse, Event, EventKind, HealthStatus, Instance, Outcome};
+pub use model::{
+    Command, CommandResponse, Event, EventKind, HealthStatus, Instance, Outcome, Proposal,
+};

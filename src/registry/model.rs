@@ -43,6 +43,11 @@ pub enum Command {
     },
 }
 
+/// The payload of one Raft log entry: commands proposed together, applied in
+/// order at one revision (the entry's index), like a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal(pub Vec<Command>);
+
 /// What applying a command did, at which revision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResponse {
@@ -50,11 +55,8 @@ pub struct CommandResponse {
     pub outcome: Outcome,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Entries that carry no command (blank, membership).
-    #[default]
-    Applied,
     Registered(Instance),
     Deregistered,
     NotFound,
