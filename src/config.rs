@@ -41,9 +41,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_after_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
         }
@@ -212,10 +212,10 @@ mod tests {
 
     #[test]
     fn toml_rejects_unknown_fields() {
-        let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 50\n";
+        let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 40\n";
         let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
-        assert_eq!(cfg.raft.heartbeat_ms, 50);
-        assert_eq!(cfg.raft.election_timeout_min_ms, 300);
+        assert_eq!(cfg.raft.heartbeat_ms, 40);
+        assert_eq!(cfg.raft.election_timeout_min_ms, 200);
         assert!(
             toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err()
         );

@@ -98,7 +98,9 @@ async fn stopped_node_catches_up_by_snapshot_after_log_purge() {
         tasks.push(tokio::spawn(async move {
             let mut last = 0;
             for i in 0..125 {
-                last = register(&client, "catalog", &format!("c-{t}-{i}"), 1000 + i).await.revision;
+                last = register(&client, "catalog", &format!("c-{t}-{i}"), 1000 + i)
+                    .await
+                    .revision;
             }
             last
         }));
