@@ -21,10 +21,14 @@ use sut::{Etcd, Heartbeat, Roster, System, Watch};
 
 /// Connections each load generator spreads its clients over.
 const POOL: usize = 32;
+/// Registrations per watch-delay round, 20 ms apart.
+const WATCH_EVENTS: usize = 50;
 
 struct Opts {
     quick: bool,
     out: PathBuf,
+    /// Run only workloads whose name contains one of these (`--only watch,query`).
+    only: Vec<String>,
 }
 
 impl Opts {
@@ -38,10 +42,21 @@ impl Opts {
             .unwrap_or_else(|| {
                 PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md"))
             });
+        let only = args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| s.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
         Opts {
             quick: args.iter().any(|a| a == "--quick"),
             out,
+            only,
         }
+    }
+
+    fn runs(&self, workload: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| workload.contains(o.as_str()))
     }
 
     fn phase(&self) -> Duration {
@@ -233,7 +248,6 @@ async fn failover<S: System>(
 }
 
 struct Scale {
-    instances: u64,
     load_rate: f64,
     rss: Vec<u64>,
     restart: Duration,
@@ -287,7 +301,6 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
     let restart = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     Ok(Scale {
-        instances,
         load_rate,
         rss,
         restart,
@@ -440,6 +453,78 @@ fn write_report(opts: &Opts, rows: &[Row], extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Scale on fresh clusters, so that earlier phases do not count.
+async fn scale_rows(
+    dir: &std::path::Path,
+    instances: u64,
+    rows: &mut Vec<Row>,
+    extra: &mut Vec<String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut rc = procs::roster(dir, 3)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    wait_leader(&roster).await?;
+    eprintln!("scale: {instances} instances");
+    let rs = scale(&roster, &mut rc, instances).await?;
+    let snapshot = roster.snapshot(roster.leader().await?).await?;
+    drop((roster, rc));
+    let mut ec = procs::etcd(dir, 3)?;
+    let etcd = Arc::new(
+        procs::wait_until(
+            "etcd to accept clients",
+            Duration::from_secs(30),
+            || async { Etcd::new(&ec.endpoints(), 1).await.is_ok() },
+        )
+        .await
+        .and(Etcd::new(&ec.endpoints(), POOL).await)?,
+    );
+    wait_leader(&etcd).await?;
+    let es = scale(&etcd, &mut ec, instances).await?;
+    let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
+    rows.push(Row {
+        name: format!("{instances} instances: load rate (256 clients)"),
+        roster: format!("{:.0}/s", rs.load_rate),
+        etcd: format!("{:.0}/s", es.load_rate),
+        ratio: format!("{:.2}×", rs.load_rate / es.load_rate.max(1e-9)),
+        target: "",
+    });
+    rows.push(Row {
+        name: format!("{instances} instances: RSS per node (max)"),
+        roster: mib(max(&rs.rss)),
+        etcd: mib(max(&es.rss)),
+        ratio: format!("{:.2}×", max(&rs.rss) as f64 / max(&es.rss).max(1) as f64),
+        target: "Roster < 300 MB",
+    });
+    rows.push(Row {
+        name: format!("{instances} instances: full restart → all served"),
+        roster: ms(rs.restart),
+        etcd: ms(es.restart),
+        ratio: format!(
+            "{:.2}×",
+            rs.restart.as_secs_f64() / es.restart.as_secs_f64().max(1e-9)
+        ),
+        target: "",
+    });
+    rows.push(Row {
+        name: format!("{instances} instances: data dir per node"),
+        roster: mib(rs.disk),
+        etcd: mib(es.disk),
+        ratio: String::new(),
+        target: "",
+    });
+    extra.push(format!(
+        "Roster snapshot with {instances} instances: {snapshot} bytes ({}).",
+        mib(snapshot)
+    ));
+    extra.push(format!(
+        "RSS per node with {instances} instances: Roster {} after loading, {} after the restart; etcd {} after loading.",
+        list_mib(&rs.rss),
+        list_mib(&rs.rss_after_restart),
+        list_mib(&es.rss)
+    ));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let opts = Opts::parse();
@@ -461,115 +546,72 @@ async fn main() -> Result<()> {
     let dur = opts.phase();
     let mut rows = Vec::new();
 
-    for clients in [64, 1000] {
-        eprintln!("register, {clients} clients");
-        let r = register(&roster, clients, dur).await;
-        let e = register(&etcd, clients, dur).await;
-        let name = format!("register, {clients} clients");
-        rows.push(throughput_row(&name, &r, &e, "≥ 1.5×"));
-        rows.extend(latency_rows(&name, &r, &e, ""));
+    if opts.runs("register") {
+        for clients in [64, 1000] {
+            eprintln!("register, {clients} clients");
+            let r = register(&roster, clients, dur).await;
+            let e = register(&etcd, clients, dur).await;
+            let name = format!("register, {clients} clients");
+            rows.push(throughput_row(&name, &r, &e, "≥ 1.5×"));
+            rows.extend(latency_rows(&name, &r, &e, ""));
+        }
     }
-    eprintln!("heartbeat");
-    let r = heartbeat(&roster, 64, dur).await?;
-    let e = heartbeat(&etcd, 64, dur).await?;
-    rows.push(throughput_row("heartbeat, 64 clients", &r, &e, ""));
-    rows.extend(latency_rows("heartbeat, 64 clients", &r, &e, ""));
-    for (linearizable, label) in [(true, "linearizable"), (false, "stale / serializable")] {
-        eprintln!("query {label}");
-        let r = query(&roster, 64, dur, linearizable).await?;
-        let e = query(&etcd, 64, dur, linearizable).await?;
-        let name = format!("query 100 instances, {label}, 64 clients");
-        rows.push(throughput_row(&name, &r, &e, ""));
-        rows.extend(latency_rows(&name, &r, &e, "p99 ≤ 1×"));
+    if opts.runs("heartbeat") {
+        eprintln!("heartbeat");
+        let r = heartbeat(&roster, 64, dur).await?;
+        let e = heartbeat(&etcd, 64, dur).await?;
+        rows.push(throughput_row("heartbeat, 64 clients", &r, &e, ""));
+        rows.extend(latency_rows("heartbeat, 64 clients", &r, &e, ""));
     }
-    let ws: &[usize] = if opts.quick {
-        &[1, 100, 1000]
-    } else {
-        &[1, 100, 1000, 10_000]
-    };
-    for &w in ws {
-        eprintln!("watch delay, {w} watchers");
-        let r = watch_delay(&roster, w, 20).await?;
-        let e = watch_delay(&etcd, w, 20).await?;
+    if opts.runs("query") {
+        for (linearizable, label) in [(true, "linearizable"), (false, "stale / serializable")] {
+            eprintln!("query {label}");
+            let r = query(&roster, 64, dur, linearizable).await?;
+            let e = query(&etcd, 64, dur, linearizable).await?;
+            let name = format!("query 100 instances, {label}, 64 clients");
+            rows.push(throughput_row(&name, &r, &e, ""));
+            rows.extend(latency_rows(&name, &r, &e, "p99 ≤ 1×"));
+        }
+    }
+    if opts.runs("watch") {
+        let ws: &[usize] = if opts.quick {
+            &[1, 100, 1000]
+        } else {
+            &[1, 100, 1000, 10_000]
+        };
+        for &w in ws {
+            eprintln!("watch delay, {w} watchers");
+            let r = watch_delay(&roster, w, WATCH_EVENTS).await?;
+            let e = watch_delay(&etcd, w, WATCH_EVENTS).await?;
+            rows.extend(latency_rows(
+                &format!("watch delay, {w} watchers"),
+                &r,
+                &e,
+                "p99 ≤ 1×",
+            ));
+        }
+    }
+    if opts.runs("failover") {
+        eprintln!("failover");
+        let rounds = if opts.quick { 2 } else { 5 };
+        let r = failover(&roster, &mut rc, rounds).await?;
+        let e = failover(&etcd, &mut ec, rounds).await?;
         rows.extend(latency_rows(
-            &format!("watch delay, {w} watchers"),
+            &format!("failover: leader SIGKILL → first accepted write ({rounds} rounds)"),
             &r,
             &e,
-            "p99 ≤ 1×",
+            "Roster < 1 s",
         ));
     }
-    eprintln!("failover");
-    let rounds = if opts.quick { 2 } else { 5 };
-    let r = failover(&roster, &mut rc, rounds).await?;
-    let e = failover(&etcd, &mut ec, rounds).await?;
-    rows.extend(latency_rows(
-        &format!("failover: leader SIGKILL → first accepted write ({rounds} rounds)"),
-        &r,
-        &e,
-        "Roster < 1 s",
-    ));
-    let roster_idle_rss = rc.rss();
-
-    // Scale on fresh clusters, so earlier phases do not count.
-    drop(roster);
-    drop(etcd);
-    rc.kill_all();
-    ec.kill_all();
-    let instances = if opts.quick { 10_000 } else { 100_000 };
-    let mut rc = procs::roster(&dir.path().join("scale"), 3).or_else(|_| {
-        std::fs::create_dir_all(dir.path().join("scale"))?;
-        procs::roster(&dir.path().join("scale"), 3)
-    })?;
-    let mut ec = procs::etcd(&dir.path().join("scale"), 3)?;
-    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
-    wait_leader(&roster).await?;
-    eprintln!("scale: {instances} instances");
-    let rs = scale(&roster, &mut rc, instances).await?;
-    let snapshot = roster.snapshot(roster.leader().await?).await?;
-    let etcd = Arc::new(Etcd::new(&ec.endpoints(), POOL).await?);
-    wait_leader(&etcd).await?;
-    let es = scale(&etcd, &mut ec, instances).await?;
-    let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
-    rows.push(Row {
-        name: format!("{} instances: load rate (256 clients)", rs.instances),
-        roster: format!("{:.0}/s", rs.load_rate),
-        etcd: format!("{:.0}/s", es.load_rate),
-        ratio: format!("{:.2}×", rs.load_rate / es.load_rate.max(1e-9)),
-        target: "",
-    });
-    rows.push(Row {
-        name: format!("{} instances: RSS per node (max)", rs.instances),
-        roster: mib(max(&rs.rss)),
-        etcd: mib(max(&es.rss)),
-        ratio: format!("{:.2}×", max(&rs.rss) as f64 / max(&es.rss).max(1) as f64),
-        target: "Roster < 300 MB",
-    });
-    rows.push(Row {
-        name: format!("{} instances: full restart → all served", rs.instances),
-        roster: ms(rs.restart),
-        etcd: ms(es.restart),
-        ratio: format!(
-            "{:.2}×",
-            rs.restart.as_secs_f64() / es.restart.as_secs_f64().max(1e-9)
-        ),
-        target: "",
-    });
-    rows.push(Row {
-        name: format!("{} instances: data dir per node", rs.instances),
-        roster: mib(rs.disk),
-        etcd: mib(es.disk),
-        ratio: String::new(),
-        target: "",
-    });
-    let extra = vec![
-        format!("Roster snapshot with {} instances: {} bytes ({}).", rs.instances, snapshot, mib(snapshot)),
-        format!(
-            "RSS per node: Roster {} after loading, {} after restart; idle after the earlier phases {}. etcd {} after loading.",
-            list_mib(&rs.rss),
-            list_mib(&rs.rss_after_restart),
-            list_mib(&roster_idle_rss),
-            list_mib(&es.rss)
-        ),
-    ];
+    let mut extra = vec![format!(
+        "RSS per node after the phases above: Roster {}, etcd {}.",
+        list_mib(&rc.rss()),
+        list_mib(&ec.rss())
+    )];
+    drop((roster, etcd, rc, ec));
+    if opts.runs("scale") {
+        let instances = if opts.quick { 10_000 } else { 100_000 };
+        scale_rows(&dir.path().join("scale"), instances, &mut rows, &mut extra).await?;
+    }
     write_report(&opts, &rows, &extra)
 }

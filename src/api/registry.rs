@@ -4,8 +4,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
@@ -15,11 +13,8 @@ use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_server::Registry;
 use crate::registry::validate;
-use crate::registry::watch::{run_watcher, RegistryState, SharedState};
+use crate::registry::watch::{watch_stream, RegistryState, SharedState};
 use crate::registry::{Command, HealthStatus, Outcome};
-
-/// Messages buffered per watcher before it waits on its client.
-const WATCH_BUFFER: usize = 256;
 
 pub struct RegistryApi {
     state: SharedState,
@@ -206,14 +201,8 @@ impl Registry for RegistryApi {
             validate::service_name(&msg.service)?;
             Some(msg.service)
         };
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(run_watcher(
-            self.state.clone(),
-            service,
-            msg.since_revision,
-            tx,
-        ));
-        let stream = ReceiverStream::new(rx).map(|m| Ok(convert::watch_message_to_pb(&m)));
+        let stream = watch_stream(self.state.clone(), service, msg.since_revision)
+            .map(|m| Ok(convert::watch_message_to_pb(&m)));
         Ok(Response::new(Box::pin(stream)))
     }
 }

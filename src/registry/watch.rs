@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{broadcast, mpsc};
+use futures::Stream;
+use tokio::sync::broadcast;
 
 use super::catalog::Catalog;
 use super::model::{Event, Instance};
@@ -158,46 +159,55 @@ fn events_message(change: &Change, service: Option<&str>) -> Option<WatchMessage
     })
 }
 
-/// Streams `service`'s changes (every service's when `None`) after `since` into
-/// `out` until the receiving side goes away.
-pub async fn run_watcher(
+/// A watcher: where it is and what it still has to send.
+struct Watcher {
+    state: SharedState,
+    service: Option<String>,
+    last: u64,
+    pending: VecDeque<WatchMessage>,
+    /// `None` until (re)subscribed: at start, after a reset or after lagging.
+    rx: Option<broadcast::Receiver<Notice>>,
+}
+
+/// `service`'s changes (every service's when `None`) after `since` (0: from the
+/// full state), for as long as the stream is polled. The stream is driven by
+/// its consumer, so a watcher costs no task of its own.
+pub fn watch_stream(
     state: SharedState,
     service: Option<String>,
     since: u64,
-    out: mpsc::Sender<WatchMessage>,
-) {
-    let mut last = since;
-    loop {
-        let (msgs, mut rx) = match state.read() {
-            Ok(st) => st.resume(service.as_deref(), last),
-            Err(_) => return,
-        };
-        for m in msgs {
-            last = m.revision;
-            if out.send(m).await.is_err() {
-                return;
-            }
-        }
-        // Follow the live broadcast until it resets or we fall behind it; then resume from history.
+) -> impl Stream<Item = WatchMessage> + Send {
+    let w = Watcher {
+        state,
+        service,
+        last: since,
+        pending: VecDeque::new(),
+        rx: None,
+    };
+    futures::stream::unfold(w, |mut w| async move {
         loop {
-            let notice = tokio::select! {
-                n = rx.recv() => n,
-                _ = out.closed() => return,
+            if let Some(m) = w.pending.pop_front() {
+                w.last = m.revision;
+                return Some((m, w));
+            }
+            let Some(rx) = w.rx.as_mut() else {
+                let (msgs, rx) = w.state.read().ok()?.resume(w.service.as_deref(), w.last);
+                w.pending.extend(msgs);
+                w.rx = Some(rx);
+                continue;
             };
-            match notice {
-                Ok(Notice::Change(c)) if c.revision > last => {
-                    let msg = events_message(&c, service.as_deref());
-                    last = c.revision;
-                    if let Some(m) = msg {
-                        if out.send(m).await.is_err() {
-                            return;
-                        }
+            match rx.recv().await {
+                Ok(Notice::Change(c)) if c.revision > w.last => {
+                    w.last = c.revision;
+                    if let Some(m) = events_message(&c, w.service.as_deref()) {
+                        return Some((m, w));
                     }
                 }
                 Ok(Notice::Change(_)) => {}
-                Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => break,
-                Err(broadcast::error::RecvError::Closed) => return,
+                // Catch up from history under the lock, then follow the broadcast again.
+                Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => w.rx = None,
+                Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
-    }
+    })
 }
