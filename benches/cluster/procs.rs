@@ -120,7 +120,7 @@ pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
         .collect();
     let mut procs = Vec::new();
-    for i in 0..n {
+    for (i, port) in ports.iter().enumerate() {
         let data = dir.join(format!("roster-{}", i + 1));
         let config = dir.join(format!("roster-{}.toml", i + 1));
         std::fs::write(
@@ -128,13 +128,13 @@ pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
             format!(
                 "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
                 i + 1,
-                ports[i],
+                port,
                 data.display(),
                 initial.join(",")
             ),
         )?;
         procs.push(Proc {
-            endpoint: format!("127.0.0.1:{}", ports[i]),
+            endpoint: format!("127.0.0.1:{port}"),
             data,
             args: vec![
                 "server".into(),
