@@ -76,6 +76,9 @@ pub struct NodeConfig {
     /// sled page cache, in MiB.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// Health probes the leader runs at once, across all instances.
+    #[serde(default = "default_max_concurrent_probes")]
+    pub max_concurrent_probes: usize,
     #[serde(default)]
     pub raft: RaftTuning,
 }
@@ -92,6 +95,9 @@ fn default_watch_history() -> usize {
 fn default_cache_mb() -> u64 {
     64
 }
+fn default_max_concurrent_probes() -> usize {
+    512
+}
 
 impl NodeConfig {
     pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf) -> Self {
@@ -105,6 +111,7 @@ impl NodeConfig {
             request_timeout_ms: default_request_timeout_ms(),
             watch_history: default_watch_history(),
             cache_mb: default_cache_mb(),
+            max_concurrent_probes: default_max_concurrent_probes(),
             raft: RaftTuning::default(),
         }
     }

@@ -17,6 +17,7 @@ use crate::api::leader::LeaderRouter;
 use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
+use crate::health::{self, CheckContext, Leases};
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
@@ -132,6 +133,17 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         cfg.id,
         cfg.request_timeout(),
     ));
+    let leases = Arc::new(Leases::default());
+    tokio::spawn(health::supervise(
+        raft.clone(),
+        cfg.id,
+        Arc::new(CheckContext {
+            state: state.clone(),
+            router: router.clone(),
+            leases: leases.clone(),
+            max_concurrent_probes: cfg.max_concurrent_probes,
+        }),
+    ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RegistryServer<RegistryApi>>()
@@ -150,7 +162,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            RegistryServer::new(RegistryApi::new(state.clone(), router))
+            RegistryServer::new(RegistryApi::new(state.clone(), router, leases))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::error::Error;
 use crate::error::Result;
 use crate::proto::v1 as pb;
+use crate::registry::model::{CheckKind, CheckSpec};
 use crate::registry::validate;
 use crate::registry::watch::{ResetReason, WatchMessage};
 use crate::registry::{Command, Event, EventKind, HealthStatus, Instance};
@@ -33,14 +35,119 @@ pub fn instance_to_pb(i: &Instance) -> pb::Instance {
         status: status_to_pb(i.status) as i32,
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
+        check: i.check.as_ref().map(check_to_pb),
+        check_output: i.check_output.clone(),
+        status_since_ms: i.status_since_ms,
     }
+}
+
+fn check_to_pb(c: &CheckSpec) -> pb::HealthCheck {
+    use pb::health_check::Kind;
+    let kind = match &c.kind {
+        CheckKind::Ttl { ttl_ms } => Kind::Ttl(pb::TtlCheck {
+            ttl_ms: *ttl_ms as u32,
+        }),
+        CheckKind::Tcp { port } => Kind::Tcp(pb::TcpCheck {
+            port: u32::from(*port),
+        }),
+        CheckKind::Http { port, path } => Kind::Http(pb::HttpCheck {
+            port: u32::from(*port),
+            path: path.clone(),
+        }),
+        CheckKind::Grpc { port, service } => Kind::Grpc(pb::GrpcCheck {
+            port: u32::from(*port),
+            service: service.clone(),
+        }),
+    };
+    pb::HealthCheck {
+        kind: Some(kind),
+        interval_ms: c.interval_ms as u32,
+        timeout_ms: c.timeout_ms as u32,
+        failures_before_critical: c.failures_before_critical,
+        successes_before_passing: c.successes_before_passing,
+        deregister_after_ms: c.deregister_after_ms,
+    }
+}
+
+/// A check port: 0 means the instance's own.
+fn check_port(port: u32, instance_port: u16) -> Result<u16> {
+    if port == 0 {
+        Ok(instance_port)
+    } else {
+        validate::port(port)
+    }
+}
+
+/// Validates a check and fills in its defaults.
+fn check_from_pb(c: pb::HealthCheck, instance_port: u16) -> Result<CheckSpec> {
+    use pb::health_check::Kind;
+    let kind = match c.kind {
+        None => {
+            return Err(Error::InvalidArgument(
+                "check has no kind (ttl, tcp, http or grpc)".into(),
+            ))
+        }
+        Some(Kind::Ttl(t)) => CheckKind::Ttl {
+            ttl_ms: validate::period_ms("TTL", u64::from(t.ttl_ms), validate::DEFAULT_TTL_MS)?,
+        },
+        Some(Kind::Tcp(t)) => CheckKind::Tcp {
+            port: check_port(t.port, instance_port)?,
+        },
+        Some(Kind::Http(h)) => CheckKind::Http {
+            port: check_port(h.port, instance_port)?,
+            path: validate::http_path(&h.path)?,
+        },
+        Some(Kind::Grpc(g)) => {
+            if g.service.len() > validate::MAX_ID_LEN {
+                return Err(Error::InvalidArgument(format!(
+                    "gRPC health service name is over {} bytes",
+                    validate::MAX_ID_LEN
+                )));
+            }
+            CheckKind::Grpc {
+                port: check_port(g.port, instance_port)?,
+                service: g.service,
+            }
+        }
+    };
+    let interval_ms = validate::period_ms(
+        "check interval",
+        u64::from(c.interval_ms),
+        validate::DEFAULT_CHECK_INTERVAL_MS,
+    )?;
+    let timeout_ms = validate::period_ms(
+        "check timeout",
+        u64::from(c.timeout_ms),
+        validate::DEFAULT_CHECK_TIMEOUT_MS.min(interval_ms),
+    )?;
+    if timeout_ms > interval_ms {
+        return Err(Error::InvalidArgument(format!(
+            "check timeout {timeout_ms} ms is longer than its interval {interval_ms} ms"
+        )));
+    }
+    Ok(CheckSpec {
+        kind,
+        interval_ms,
+        timeout_ms,
+        failures_before_critical: validate::threshold(
+            "failures_before_critical",
+            c.failures_before_critical,
+            validate::DEFAULT_FAILURES_BEFORE_CRITICAL,
+        )?,
+        successes_before_passing: validate::threshold(
+            "successes_before_passing",
+            c.successes_before_passing,
+            validate::DEFAULT_SUCCESSES_BEFORE_PASSING,
+        )?,
+        deregister_after_ms: c.deregister_after_ms,
+    })
 }
 
 /// Validates a registration and turns it into the command to replicate.
 pub fn register_command(req: pb::RegisterRequest) -> Result<Command> {
     let i = req
         .instance
-        .ok_or_else(|| crate::error::Error::InvalidArgument("instance is missing".into()))?;
+        .ok_or_else(|| Error::InvalidArgument("instance is missing".into()))?;
     validate::service_name(&i.service)?;
     validate::instance_id(&i.id)?;
     validate::address(&i.address)?;
@@ -49,6 +156,7 @@ pub fn register_command(req: pb::RegisterRequest) -> Result<Command> {
     validate::tags(&i.tags)?;
     let metadata: BTreeMap<String, String> = i.metadata.into_iter().collect();
     validate::metadata(&metadata)?;
+    let check = i.check.map(|c| check_from_pb(c, port)).transpose()?;
     Ok(Command::Register(Instance {
         service: i.service,
         id: i.id,
@@ -60,6 +168,9 @@ pub fn register_command(req: pb::RegisterRequest) -> Result<Command> {
         status: HealthStatus::Passing,
         create_revision: 0,
         mod_revision: 0,
+        check,
+        check_output: String::new(),
+        status_since_ms: crate::health::now_ms(),
     }))
 }
 

@@ -10,20 +10,35 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, instance_to_pb, status_to_pb};
 use super::leader::{forward_request, is_forwarded, LeaderRouter, Route};
 use crate::error::Error;
+use crate::health::Leases;
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_server::Registry;
+use crate::registry::model::CheckKind;
 use crate::registry::validate;
 use crate::registry::watch::{watch_stream, RegistryState, SharedState};
-use crate::registry::{Command, HealthStatus, Outcome};
+use crate::registry::{Command, Instance, Outcome};
 
 pub struct RegistryApi {
     state: SharedState,
     router: Arc<LeaderRouter>,
+    leases: Arc<Leases>,
+}
+
+/// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
+fn renews_lease(i: &Instance) -> bool {
+    matches!(
+        i.check.as_ref().map(|c| &c.kind),
+        Some(CheckKind::Ttl { .. })
+    )
 }
 
 impl RegistryApi {
-    pub fn new(state: SharedState, router: Arc<LeaderRouter>) -> Self {
-        RegistryApi { state, router }
+    pub fn new(state: SharedState, router: Arc<LeaderRouter>, leases: Arc<Leases>) -> Self {
+        RegistryApi {
+            state,
+            router,
+            leases,
+        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&RegistryState) -> T) -> Result<T, Status> {
@@ -56,10 +71,15 @@ impl Registry for RegistryApi {
         let cmd = convert::register_command(msg.clone())?;
         match self.router.write(cmd, forwarded).await? {
             Route::Here(r) => match r.outcome {
-                Outcome::Registered(i) => Ok(Response::new(pb::RegisterResponse {
-                    revision: r.revision,
-                    instance: Some(instance_to_pb(&i)),
-                })),
+                Outcome::Registered(i) => {
+                    if renews_lease(&i) {
+                        self.leases.renew(&i.service, &i.id);
+                    }
+                    Ok(Response::new(pb::RegisterResponse {
+                        revision: r.revision,
+                        instance: Some(instance_to_pb(&i)),
+                    }))
+                }
                 other => Err(Error::Internal(format!("register applied as {other:?}")).into()),
             },
             Route::Leader(mut c) => {
@@ -110,14 +130,17 @@ impl Registry for RegistryApi {
                 let found = self.read(|st| {
                     st.catalog
                         .get(&msg.service, &msg.id)
-                        .map(|i| (st.catalog.revision(), i.status))
+                        .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
                 })?;
-                let (revision, status) = found.ok_or_else(|| {
+                let (revision, status, ttl) = found.ok_or_else(|| {
                     Error::NotFound(format!(
                         "instance {:?} of service {:?}",
                         msg.id, msg.service
                     ))
                 })?;
+                if ttl {
+                    self.leases.renew(&msg.service, &msg.id);
+                }
                 Ok(Response::new(pb::HeartbeatResponse {
                     revision,
                     status: status_to_pb(status) as i32,
@@ -139,16 +162,11 @@ impl Registry for RegistryApi {
         validate::service_name(&msg.service)?;
         match self.route_read(msg.consistency, forwarded).await? {
             Route::Here(()) => self.read(|st| {
-                let instances = st
-                    .catalog
-                    .instances_of(&msg.service)
-                    .filter(|i| !msg.healthy_only || i.status == HealthStatus::Passing)
-                    .filter(|i| i.has_tags(&msg.tags))
-                    .map(instance_to_pb)
-                    .collect();
+                let view = st.catalog.view(&msg.service, msg.healthy_only, &msg.tags);
                 Response::new(pb::GetServiceResponse {
                     revision: st.catalog.revision(),
-                    instances,
+                    instances: view.instances.into_iter().map(instance_to_pb).collect(),
+                    protection_active: view.protection_active,
                 })
             }),
             Route::Leader(mut c) => {
@@ -183,6 +201,31 @@ impl Registry for RegistryApi {
             }),
             Route::Leader(mut c) => {
                 c.list_services(forward_request(msg, self.router.timeout()))
+                    .await
+            }
+        }
+    }
+
+    async fn configure_service(
+        &self,
+        req: Request<pb::ConfigureServiceRequest>,
+    ) -> Result<Response<pb::ConfigureServiceResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        validate::service_name(&msg.service)?;
+        let cmd = Command::ConfigureService {
+            service: msg.service.clone(),
+            protect_threshold_pct: validate::percent(
+                "protect threshold",
+                msg.protect_threshold_percent,
+            )?,
+        };
+        match self.router.write(cmd, forwarded).await? {
+            Route::Here(r) => Ok(Response::new(pb::ConfigureServiceResponse {
+                revision: r.revision,
+            })),
+            Route::Leader(mut c) => {
+                c.configure_service(forward_request(msg, self.router.timeout()))
                     .await
             }
         }

@@ -3,7 +3,10 @@
 use roster::client::RosterClient;
 use roster::proto::v1::*;
 
-use super::{Endpoints, GetArgs, InstanceArgs, ListArgs, RegisterArgs, StatusArgs, WatchArgs};
+use super::{
+    CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, ProtectArgs, RegisterArgs,
+    StatusArgs, WatchArgs,
+};
 
 fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
     Ok(RosterClient::new(&e.endpoints)?)
@@ -45,7 +48,34 @@ fn show(i: &Instance) -> String {
     for (k, v) in md {
         s.push_str(&format!(" {k}={v}"));
     }
+    if !i.check_output.is_empty() {
+        s.push_str(&format!(" check: {}", i.check_output));
+    }
     s
+}
+
+fn check(a: CheckArgs) -> Option<HealthCheck> {
+    use health_check::Kind;
+    let kind = match a.check? {
+        CheckKindArg::Ttl => Kind::Ttl(TtlCheck { ttl_ms: a.ttl_ms }),
+        CheckKindArg::Tcp => Kind::Tcp(TcpCheck { port: a.check_port }),
+        CheckKindArg::Http => Kind::Http(HttpCheck {
+            port: a.check_port,
+            path: a.http_path,
+        }),
+        CheckKindArg::Grpc => Kind::Grpc(GrpcCheck {
+            port: a.check_port,
+            service: a.grpc_service,
+        }),
+    };
+    Some(HealthCheck {
+        kind: Some(kind),
+        interval_ms: a.interval_ms,
+        timeout_ms: a.timeout_ms,
+        failures_before_critical: a.failures_before_critical,
+        successes_before_passing: a.successes_before_passing,
+        deregister_after_ms: a.deregister_after_ms,
+    })
 }
 
 pub async fn register(a: RegisterArgs) -> anyhow::Result<()> {
@@ -68,6 +98,7 @@ pub async fn register(a: RegisterArgs) -> anyhow::Result<()> {
                 tags: a.tags,
                 metadata,
                 weight: a.weight,
+                check: check(a.check),
                 ..Default::default()
             }),
         })
@@ -119,6 +150,9 @@ pub async fn get(a: GetArgs) -> anyhow::Result<()> {
         })
         .await?;
     println!("revision {}", r.revision);
+    if r.protection_active {
+        println!("protection active: too few instances pass, so all are listed");
+    }
     for i in &r.instances {
         println!("{}", show(i));
     }
@@ -135,6 +169,20 @@ pub async fn list(a: ListArgs) -> anyhow::Result<()> {
     for s in &r.services {
         println!("{} instances={} passing={}", s.name, s.instances, s.passing);
     }
+    Ok(())
+}
+
+pub async fn protect(a: ProtectArgs) -> anyhow::Result<()> {
+    let r = client(&a.endpoints)?
+        .configure_service(ConfigureServiceRequest {
+            service: a.service.clone(),
+            protect_threshold_percent: a.threshold_percent,
+        })
+        .await?;
+    println!(
+        "{}: protection threshold {}% at revision {}",
+        a.service, a.threshold_percent, r.revision
+    );
     Ok(())
 }
 

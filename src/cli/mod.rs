@@ -44,6 +44,8 @@ enum Command {
     Get(GetArgs),
     /// List services with instance counts.
     List(ListArgs),
+    /// Set a service's protection threshold (percent of passing instances).
+    Protect(ProtectArgs),
     /// Stream changes of one service (or all) as they happen.
     Watch(WatchArgs),
     /// Show each node's role, term, indexes and the membership.
@@ -110,6 +112,47 @@ pub struct RegisterArgs {
     metadata: Vec<String>,
     #[arg(long, default_value_t = 0)]
     weight: u32,
+    #[command(flatten)]
+    check: CheckArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum CheckKindArg {
+    Ttl,
+    Tcp,
+    Http,
+    Grpc,
+}
+
+/// Health check flags; 0 means the default (see README).
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Health check kind; without it the instance stays passing until deregistered.
+    #[arg(long)]
+    check: Option<CheckKindArg>,
+    /// TTL for --check ttl: heartbeat at least this often.
+    #[arg(long, default_value_t = 0)]
+    ttl_ms: u32,
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u32,
+    #[arg(long, default_value_t = 0)]
+    timeout_ms: u32,
+    /// Port to probe, if not the instance's.
+    #[arg(long, default_value_t = 0)]
+    check_port: u32,
+    /// Path for --check http.
+    #[arg(long, default_value = "/")]
+    http_path: String,
+    /// Service name for --check grpc (empty: the whole server).
+    #[arg(long, default_value = "")]
+    grpc_service: String,
+    #[arg(long, default_value_t = 0)]
+    failures_before_critical: u32,
+    #[arg(long, default_value_t = 0)]
+    successes_before_passing: u32,
+    /// Remove the instance after it has been critical this long (0: never).
+    #[arg(long, default_value_t = 0)]
+    deregister_after_ms: u64,
 }
 
 #[derive(Args)]
@@ -126,6 +169,16 @@ pub struct GetArgs {
     /// Read the local state of the node asked instead of going through the leader.
     #[arg(long)]
     stale: bool,
+}
+
+#[derive(Args)]
+pub struct ProtectArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    service: String,
+    /// Below this share of passing instances, healthy-only queries return all of them; 0 turns it off.
+    #[arg(long)]
+    threshold_percent: u32,
 }
 
 #[derive(Args)]
@@ -162,6 +215,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Heartbeat(a) => commands::heartbeat(a).await,
         Command::Get(a) => commands::get(a).await,
         Command::List(a) => commands::list(a).await,
+        Command::Protect(a) => commands::protect(a).await,
         Command::Watch(a) => commands::watch(a).await,
         Command::Status(a) => commands::status(a).await,
     }

@@ -172,6 +172,22 @@ impl RosterClient {
         .await
     }
 
+    pub async fn configure_service(
+        &self,
+        req: ConfigureServiceRequest,
+    ) -> Result<ConfigureServiceResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move {
+                Ok(Self::registry(ch)
+                    .configure_service(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
     /// Opens a watch stream on the first node that accepts it.
     pub async fn watch(&self, req: WatchRequest) -> Result<Streaming<WatchResponse>, Status> {
         self.retry(|ch| {

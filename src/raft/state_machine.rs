@@ -16,13 +16,16 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::{decode, encode, trees, Node, NodeId, TypeConfig};
+use crate::registry::model::ServiceConfig;
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
-use crate::registry::{Catalog, CommandResponse, EventKind, Instance};
+use crate::registry::{Catalog, Command, CommandResponse, EventKind, Instance};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-/// Instance keys are `i:<service>\0<id>`; state machine metadata keys start with `m:`.
+/// Instance keys are `i:<service>\0<id>`, service settings `s:<service>`;
+/// state machine metadata keys start with `m:`.
 const INSTANCE_PREFIX: &[u8] = b"i:";
+const SERVICE_PREFIX: &[u8] = b"s:";
 const LAST_APPLIED: &[u8] = b"m:last_applied";
 const MEMBERSHIP: &[u8] = b"m:membership";
 const CURRENT_SNAPSHOT: &[u8] = b"m:snapshot";
@@ -36,6 +39,10 @@ fn instance_key(service: &str, id: &str) -> Vec<u8> {
     k
 }
 
+fn service_key(service: &str) -> Vec<u8> {
+    [SERVICE_PREFIX, service.as_bytes()].concat()
+}
+
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct Applied {
     last_applied: Option<LogId<NodeId>>,
@@ -47,6 +54,7 @@ struct Applied {
 struct SnapshotPayload {
     applied: Applied,
     instances: Vec<Instance>,
+    services: Vec<(String, ServiceConfig)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,9 +91,15 @@ impl StateMachine {
             let (_, v) = kv?;
             instances.push(decode(&v)?);
         }
+        let mut services = Vec::new();
+        for kv in sm.scan_prefix(SERVICE_PREFIX) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[SERVICE_PREFIX.len()..]).into_owned();
+            services.push((name, decode(&v)?));
+        }
         let revision = applied.last_applied.map_or(0, |l| l.index);
         let state = Arc::new(RwLock::new(RegistryState {
-            catalog: Catalog::from_instances(revision, instances),
+            catalog: Catalog::from_parts(revision, instances, services),
             hub: WatchHub::new(revision, watch_history),
         }));
         Ok(StateMachine {
@@ -137,6 +151,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let payload = SnapshotPayload {
                 applied: applied.clone(),
                 instances: st.catalog.all_instances().cloned().collect(),
+                services: st
+                    .catalog
+                    .configs()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             };
             let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
             (applied, data)
@@ -190,6 +209,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         let (resp, evs) = st.catalog.apply(rev, cmd);
                         resps.push(resp);
                         events.extend(evs);
+                        if let Command::ConfigureService { service, .. } = cmd {
+                            let v = encode(&st.catalog.config(service))
+                                .map_err(|err| StorageIOError::apply(entry.log_id, &err))?;
+                            batch.insert(service_key(service), v);
+                        }
                     }
                     for e in &events {
                         let k = instance_key(&e.instance.service, &e.instance.id);
@@ -258,9 +282,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut st = self.state.write().map_err(lock_err)?;
         let mut applied = self.applied.lock().map_err(lock_err)?;
         let mut batch = sled::Batch::default();
-        for kv in self.sm.scan_prefix(INSTANCE_PREFIX) {
+        for kv in self
+            .sm
+            .scan_prefix(INSTANCE_PREFIX)
+            .chain(self.sm.scan_prefix(SERVICE_PREFIX))
+        {
             let (k, _) = kv.map_err(|e| werr(&e))?;
             batch.remove(k);
+        }
+        for (name, config) in &payload.services {
+            batch.insert(service_key(name), encode(config).map_err(|e| werr(&e))?);
         }
         for i in &payload.instances {
             batch.insert(
@@ -283,7 +314,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })?;
 
         let revision = meta.last_log_id.map_or(0, |l| l.index);
-        st.catalog = Catalog::from_instances(revision, payload.instances);
+        st.catalog = Catalog::from_parts(revision, payload.instances, payload.services);
         st.hub.reset(revision);
         *applied = Applied {
             last_applied: meta.last_log_id,

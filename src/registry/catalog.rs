@@ -3,13 +3,22 @@
 
 use std::collections::BTreeMap;
 
-use super::model::{Command, CommandResponse, Event, EventKind, HealthStatus, Instance, Outcome};
+use super::model::{
+    Command, CommandResponse, Event, EventKind, HealthStatus, Instance, Outcome, ServiceConfig,
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     services: BTreeMap<String, BTreeMap<String, Instance>>,
+    configs: BTreeMap<String, ServiceConfig>,
     /// Log index of the last applied entry.
     revision: u64,
+}
+
+/// The instances a query returns, and whether protection overrode `healthy_only`.
+pub struct View<'a> {
+    pub instances: Vec<&'a Instance>,
+    pub protection_active: bool,
 }
 
 /// Per-service counts, for listings.
@@ -21,9 +30,14 @@ pub struct ServiceSummary {
 }
 
 impl Catalog {
-    pub fn from_instances(revision: u64, instances: impl IntoIterator<Item = Instance>) -> Self {
+    pub fn from_parts(
+        revision: u64,
+        instances: impl IntoIterator<Item = Instance>,
+        configs: impl IntoIterator<Item = (String, ServiceConfig)>,
+    ) -> Self {
         let mut c = Catalog {
             revision,
+            configs: configs.into_iter().collect(),
             ..Default::default()
         };
         for i in instances {
@@ -61,7 +75,7 @@ impl Catalog {
                     revision,
                     instance: inst.clone(),
                 });
-                Outcome::Registered(inst)
+                Outcome::Registered(Box::new(inst))
             }
             Command::Deregister { service, id } => match self.remove(service, id) {
                 Some(old) => {
@@ -74,12 +88,90 @@ impl Catalog {
                 }
                 None => Outcome::NotFound,
             },
+            Command::SetHealth(updates) => {
+                let mut applied = 0;
+                for u in updates {
+                    let Some(inst) = self
+                        .services
+                        .get_mut(&u.service)
+                        .and_then(|m| m.get_mut(&u.id))
+                    else {
+                        continue;
+                    };
+                    if inst.status == u.status {
+                        continue;
+                    }
+                    inst.status = u.status;
+                    inst.check_output = u.output.clone();
+                    inst.status_since_ms = u.at_ms;
+                    inst.mod_revision = revision;
+                    applied += 1;
+                    events.push(Event {
+                        kind: EventKind::Put,
+                        revision,
+                        instance: inst.clone(),
+                    });
+                }
+                Outcome::HealthUpdated(applied)
+            }
+            Command::ConfigureService {
+                service,
+                protect_threshold_pct,
+            } => {
+                self.configs.insert(
+                    service.clone(),
+                    ServiceConfig {
+                        protect_threshold_pct: *protect_threshold_pct,
+                    },
+                );
+                Outcome::Configured
+            }
         };
         (CommandResponse { revision, outcome }, events)
     }
 
     pub fn get(&self, service: &str, id: &str) -> Option<&Instance> {
         self.services.get(service)?.get(id)
+    }
+
+    pub fn config(&self, service: &str) -> ServiceConfig {
+        self.configs.get(service).cloned().unwrap_or_default()
+    }
+
+    pub fn configs(&self) -> impl Iterator<Item = (&String, &ServiceConfig)> {
+        self.configs.iter()
+    }
+
+    /// The instances of `service` carrying `tags`; with `healthy_only`, the passing
+    /// ones, unless fewer pass than the service's protection threshold.
+    pub fn view(&self, service: &str, healthy_only: bool, tags: &[String]) -> View<'_> {
+        let candidates: Vec<&Instance> = self
+            .instances_of(service)
+            .filter(|i| i.has_tags(tags))
+            .collect();
+        if !healthy_only {
+            return View {
+                instances: candidates,
+                protection_active: false,
+            };
+        }
+        let passing: Vec<&Instance> = candidates
+            .iter()
+            .copied()
+            .filter(|i| i.status == HealthStatus::Passing)
+            .collect();
+        let threshold = u64::from(self.config(service).protect_threshold_pct);
+        if threshold > 0 && (passing.len() as u64) * 100 < threshold * candidates.len() as u64 {
+            View {
+                instances: candidates,
+                protection_active: true,
+            }
+        } else {
+            View {
+                instances: passing,
+                protection_active: false,
+            }
+        }
     }
 
     pub fn instances_of(&self, service: &str) -> impl Iterator<Item = &Instance> {
@@ -148,6 +240,9 @@ mod tests {
             status: HealthStatus::Passing,
             create_revision: 0,
             mod_revision: 0,
+            check: None,
+            check_output: String::new(),
+            status_since_ms: 0,
         }
     }
 
@@ -162,6 +257,45 @@ mod tests {
         assert_eq!((i.create_revision, i.mod_revision), (3, 5));
         assert_eq!(ev.len(), 1);
         assert_eq!(c.revision(), 5);
+    }
+
+    #[test]
+    fn health_updates_and_protection() {
+        use crate::registry::model::HealthUpdate;
+        let mut c = Catalog::default();
+        for id in ["1", "2", "3", "4"] {
+            c.apply(1, &Command::Register(inst("a", id)));
+        }
+        let down = |id: &str| HealthUpdate {
+            service: "a".into(),
+            id: id.into(),
+            status: HealthStatus::Critical,
+            output: "refused".into(),
+            at_ms: 7,
+        };
+        let (resp, ev) = c.apply(
+            2,
+            &Command::SetHealth(vec![down("1"), down("2"), down("9")]),
+        );
+        assert_eq!(resp.outcome, Outcome::HealthUpdated(2));
+        assert_eq!(ev.len(), 2);
+        assert_eq!(c.get("a", "1").map(|i| i.mod_revision), Some(2));
+        // The same status again is no change.
+        let (resp, ev) = c.apply(3, &Command::SetHealth(vec![down("1")]));
+        assert_eq!(resp.outcome, Outcome::HealthUpdated(0));
+        assert!(ev.is_empty());
+        assert_eq!(c.view("a", true, &[]).instances.len(), 2);
+        c.apply(
+            4,
+            &Command::ConfigureService {
+                service: "a".into(),
+                protect_threshold_pct: 60,
+            },
+        );
+        let v = c.view("a", true, &[]);
+        assert!(v.protection_active);
+        assert_eq!(v.instances.len(), 4);
+        assert!(!c.view("a", false, &[]).protection_active);
     }
 
     #[test]

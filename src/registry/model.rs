@@ -12,6 +12,42 @@ pub enum HealthStatus {
     Critical,
 }
 
+/// How the leader decides whether an instance is healthy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckKind {
+    /// The instance must call `Heartbeat` at least every `ttl_ms`.
+    Ttl { ttl_ms: u64 },
+    /// A TCP connection to `port` must succeed.
+    Tcp { port: u16 },
+    /// `GET http://address:port{path}` must answer 2xx.
+    Http { port: u16, path: String },
+    /// The `grpc.health.v1` check of `service` must answer SERVING.
+    Grpc { port: u16, service: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    pub kind: CheckKind,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failed probes before a passing instance turns critical.
+    pub failures_before_critical: u32,
+    /// Consecutive successful probes before a critical instance passes again.
+    pub successes_before_passing: u32,
+    /// Remove the instance once it has been critical this long; 0: never.
+    pub deregister_after_ms: u64,
+}
+
+impl CheckSpec {
+    /// How long a new leader waits before it may mark this instance critical.
+    pub fn grace_ms(&self) -> u64 {
+        match self.kind {
+            CheckKind::Ttl { ttl_ms } => ttl_ms,
+            _ => self.interval_ms,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub service: String,
@@ -24,6 +60,11 @@ pub struct Instance {
     pub status: HealthStatus,
     pub create_revision: u64,
     pub mod_revision: u64,
+    pub check: Option<CheckSpec>,
+    /// What the check said at the last status change.
+    pub check_output: String,
+    /// The leader's wall clock (ms since the epoch) at the last status change.
+    pub status_since_ms: u64,
 }
 
 impl Instance {
@@ -41,6 +82,29 @@ pub enum Command {
         service: String,
         id: String,
     },
+    /// Status transitions decided by the leader's health checks, batched.
+    SetHealth(Vec<HealthUpdate>),
+    /// Below this percentage of passing instances, healthy-only queries return
+    /// every instance rather than overload the few left (0 disables).
+    ConfigureService {
+        service: String,
+        protect_threshold_pct: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthUpdate {
+    pub service: String,
+    pub id: String,
+    pub status: HealthStatus,
+    pub output: String,
+    pub at_ms: u64,
+}
+
+/// Per-service settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub protect_threshold_pct: u32,
 }
 
 /// The payload of one Raft log entry: commands proposed together, applied in
@@ -57,9 +121,12 @@ pub struct CommandResponse {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Registered(Instance),
+    Registered(Box<Instance>),
     Deregistered,
     NotFound,
+    /// How many health updates applied (stale ones are skipped).
+    HealthUpdated(usize),
+    Configured,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

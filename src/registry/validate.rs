@@ -18,6 +18,16 @@ pub const MAX_METADATA_BYTES: usize = 4096;
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const DEFAULT_WEIGHT: u32 = 1;
 
+/// Health check defaults and bounds (milliseconds and counts).
+pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
+pub const DEFAULT_CHECK_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_TTL_MS: u64 = 30_000;
+pub const DEFAULT_FAILURES_BEFORE_CRITICAL: u32 = 3;
+pub const DEFAULT_SUCCESSES_BEFORE_PASSING: u32 = 1;
+pub const MIN_CHECK_MS: u64 = 100;
+pub const MAX_CHECK_MS: u64 = 3_600_000;
+pub const MAX_THRESHOLD: u32 = 100;
+
 fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
@@ -136,6 +146,44 @@ pub fn metadata(md: &BTreeMap<String, String>) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A check period: 0 takes `default`, anything else must lie within bounds.
+pub fn period_ms(what: &str, v: u64, default: u64) -> Result<u64> {
+    match v {
+        0 => Ok(default),
+        v if (MIN_CHECK_MS..=MAX_CHECK_MS).contains(&v) => Ok(v),
+        v => Err(invalid(format!(
+            "{what} {v} ms is outside {MIN_CHECK_MS}..={MAX_CHECK_MS} ms"
+        ))),
+    }
+}
+
+/// A consecutive-results threshold: 0 takes `default`.
+pub fn threshold(what: &str, v: u32, default: u32) -> Result<u32> {
+    match v {
+        0 => Ok(default),
+        v if v <= MAX_THRESHOLD => Ok(v),
+        v => Err(invalid(format!("{what} {v} is over {MAX_THRESHOLD}"))),
+    }
+}
+
+pub fn percent(what: &str, v: u32) -> Result<u32> {
+    if v > 100 {
+        return Err(invalid(format!("{what} {v}% is over 100%")));
+    }
+    Ok(v)
+}
+
+/// An HTTP check path: absolute, printable, short.
+pub fn http_path(path: &str) -> Result<String> {
+    let path = if path.is_empty() { "/" } else { path };
+    if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(format!(
+            "HTTP check path {path:?} must start with '/' and hold at most 1024 printable characters"
+        )));
+    }
+    Ok(path.to_string())
 }
 
 fn is_dns_label(s: &str) -> bool {

@@ -1,0 +1,63 @@
+//! Health checking. Only the Raft leader probes; it starts when it becomes
+//! leader and stops when it loses leadership, and only status *transitions* go
+//! through Raft, batched, so every node and watcher sees the same status.
+
+pub mod leases;
+pub mod probe;
+pub mod runner;
+pub mod tracker;
+
+use std::sync::Arc;
+
+use openraft::ServerState;
+
+use crate::api::leader::LeaderRouter;
+use crate::raft::{NodeId, Raft};
+use crate::registry::watch::SharedState;
+pub use leases::Leases;
+
+/// What the leader's check loop needs from its node.
+pub struct CheckContext {
+    pub state: SharedState,
+    pub router: Arc<LeaderRouter>,
+    pub leases: Arc<Leases>,
+    /// Probes running at once, across all instances.
+    pub max_concurrent_probes: usize,
+}
+
+/// Runs the check loop while this node leads; ends when Raft shuts down.
+pub async fn supervise(raft: Raft, id: NodeId, ctx: Arc<CheckContext>) {
+    let mut metrics = raft.metrics();
+    let mut running: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let leading = {
+            let m = metrics.borrow_and_update();
+            m.state == ServerState::Leader && m.current_leader == Some(id)
+        };
+        match (leading, running.is_some()) {
+            (true, false) => {
+                tracing::info!("leader: starting health checks");
+                running = Some(tokio::spawn(runner::run(ctx.clone())));
+            }
+            (false, true) => {
+                tracing::info!("no longer leader: stopping health checks");
+                if let Some(t) = running.take() {
+                    t.abort();
+                }
+            }
+            _ => {}
+        }
+        if metrics.changed().await.is_err() {
+            break;
+        }
+    }
+    if let Some(t) = running {
+        t.abort();
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
