@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod targets;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
