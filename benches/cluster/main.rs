@@ -453,6 +453,81 @@ fn write_report(opts: &Opts, rows: &[Row], extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The leader health-checking `instances` instances over TCP every second:
+/// CPU and memory of the leader (Roster only: etcd has no health checks).
+async fn health_rows(dir: &std::path::Path, instances: u64, extra: &mut Vec<String>) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    std::fs::create_dir_all(dir)?;
+    let rc = procs::roster(dir, 3)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    wait_leader(&roster).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    let target = tokio::spawn(async move {
+        while let Ok(_conn) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    eprintln!("health: {instances} instances checked every second");
+    let mut tasks = Vec::new();
+    for c in 0..256u64 {
+        let roster = roster.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while i < instances {
+                roster
+                    .register_tcp_checked(
+                        c as usize,
+                        &format!("hc-{}", i / 100),
+                        &format!("h-{i}"),
+                        port,
+                        1000,
+                    )
+                    .await?;
+                i += 256;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    // Let every instance's probe settle into its interval.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = roster.leader().await?;
+    let pids: Vec<u32> = rc.procs.iter().filter_map(|p| p.pid()).collect();
+    let cpu0: Vec<Duration> = pids.iter().map(|p| procs::cpu_time(*p)).collect();
+    let probes0 = accepted.load(Ordering::Relaxed);
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let probes = accepted.load(Ordering::Relaxed) - probes0;
+    let cores: Vec<String> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| {
+            format!(
+                "{:.2}",
+                (procs::cpu_time(*p) - *c0).as_secs_f64() / window.as_secs_f64()
+            )
+        })
+        .collect();
+    let passing = roster.passing().await?;
+    let leader_rss = rc.procs[leader].pid().map_or(0, procs::rss_bytes);
+    extra.push(format!(
+        "Health checking {instances} instances over TCP at a 1 s interval: {:.0} probes/s observed, {passing} passing; \
+         CPU in cores per node (leader is node {}): {}; leader RSS {}.",
+        probes as f64 / window.as_secs_f64(),
+        leader + 1,
+        cores.join(", "),
+        mib(leader_rss)
+    ));
+    target.abort();
+    drop((roster, rc));
+    Ok(())
+}
+
 /// Scale on fresh clusters, so that earlier phases do not count.
 async fn scale_rows(
     dir: &std::path::Path,
@@ -609,6 +684,10 @@ async fn main() -> Result<()> {
         list_mib(&ec.rss())
     )];
     drop((roster, etcd, rc, ec));
+    if opts.runs("health") {
+        let n = if opts.quick { 1_000 } else { 10_000 };
+        health_rows(&dir.path().join("health"), n, &mut extra).await?;
+    }
     if opts.runs("scale") {
         let instances = if opts.quick { 10_000 } else { 100_000 };
         scale_rows(&dir.path().join("scale"), instances, &mut rows, &mut extra).await?;

@@ -15,6 +15,22 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used, from /proc.
+pub fn cpu_time(pid: u32) -> std::time::Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After the parenthesised command name come fields 3 (state) onwards:
+            // utime and stime, fields 14 and 15, are at 11 and 12.
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // Linux reports in USER_HZ, 100 per second on every common configuration.
+    std::time::Duration::from_millis(ticks * 10)
+}
+
 /// Resident set size of a process, from /proc.
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -108,6 +108,40 @@ impl Roster {
         }
     }
 
+    /// Registers an instance at 127.0.0.1:`port` that the leader probes over TCP every `interval_ms`.
+    pub async fn register_tcp_checked(
+        &self,
+        conn: usize,
+        service: &str,
+        id: &str,
+        port: u16,
+        interval_ms: u32,
+    ) -> Result<()> {
+        let mut req = Self::instance(service, id);
+        if let Some(i) = req.instance.as_mut() {
+            i.address = "127.0.0.1".into();
+            i.port = u32::from(port);
+            i.check = Some(HealthCheck {
+                kind: Some(health_check::Kind::Tcp(TcpCheck { port: 0 })),
+                interval_ms,
+                ..Default::default()
+            });
+        }
+        self.client(conn).register(req).await?;
+        Ok(())
+    }
+
+    /// Instances that are passing, over all services (stale read).
+    pub async fn passing(&self) -> Result<u64> {
+        let r = self
+            .any
+            .list_services(ListServicesRequest {
+                consistency: Consistency::Stale as i32,
+            })
+            .await?;
+        Ok(r.services.iter().map(|s| u64::from(s.passing)).sum())
+    }
+
     /// Forces a snapshot on `node`; returns its size in bytes.
     pub async fn snapshot(&self, node: usize) -> Result<u64> {
         let ch = Endpoint::from_shared(format!("http://{}", self.endpoints[node]))?
