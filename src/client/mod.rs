@@ -26,8 +26,13 @@
 //! # }
 //! ```
 
+pub mod keepalive;
+pub mod picker;
+pub mod resolver;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -195,6 +200,58 @@ impl RosterClient {
             async move { Ok(Self::registry(ch).watch(req).await?.into_inner()) }
         })
         .await
+    }
+
+    /// Registers `instance` with a TTL check and keeps it alive: a background
+    /// task heartbeats three times per TTL (through any node, across leader
+    /// changes) until the handle is shut down or dropped, which deregisters it.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use roster::client::RosterClient;
+    /// use roster::proto::v1::Instance;
+    ///
+    /// let client = Arc::new(RosterClient::new(&["127.0.0.1:7001", "127.0.0.1:7002"])?);
+    /// let me = Instance { service: "echo".into(), id: "echo-1".into(), address: "10.0.0.5".into(), port: 9000, ..Default::default() };
+    /// let registration = client.register_with_keepalive(me, Duration::from_secs(3)).await?;
+    /// // ... serve ...
+    /// registration.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn register_with_keepalive(
+        self: &Arc<Self>,
+        instance: Instance,
+        ttl: Duration,
+    ) -> Result<keepalive::Registration, Status> {
+        keepalive::Registration::start(self.clone(), instance, ttl).await
+    }
+
+    /// Follows the healthy instances of `service`; see [`resolver::Resolver`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use roster::client::{picker::RoundRobin, RosterClient};
+    ///
+    /// let client = Arc::new(RosterClient::new(&["127.0.0.1:7001"])?);
+    /// let mut payments = client.resolve("payments");
+    /// payments.ready(Duration::from_secs(5)).await;
+    /// let rr = RoundRobin::default();
+    /// if let Some(p) = payments.pick(&rr) {
+    ///     println!("call {}:{}", p.instance.address, p.instance.port);
+    /// }
+    /// // Or let tonic balance over them, dropping instances the registry marks critical:
+    /// let channel = payments.balanced_channel();
+    /// # drop(channel);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn resolve(self: &Arc<Self>, service: &str) -> resolver::Resolver {
+        resolver::Resolver::new(self.clone(), service)
     }
 
     /// Status of the first node that answers.

@@ -1,0 +1,215 @@
+//! A live set of a service's healthy instances, kept current by a watch stream
+//! that resumes from its last revision after a disconnect.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::watch;
+use tonic::transport::channel::Change as ChannelChange;
+use tonic::transport::{Channel, Endpoint};
+use tower::discover::Change;
+
+use super::picker::{Picked, Picker};
+use super::RosterClient;
+use crate::proto::v1::{
+    EventType, HealthStatus, Instance, ResetReason, WatchRequest, WatchResponse,
+};
+
+/// The healthy instances at a revision, ordered by id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResolvedSet {
+    pub revision: u64,
+    pub instances: Vec<Instance>,
+}
+
+/// Stops the background watch when the last handle is dropped.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Clone)]
+pub struct Resolver {
+    rx: watch::Receiver<Arc<ResolvedSet>>,
+    _task: Arc<Task>,
+}
+
+/// Applies watch messages to the full set of instances (all statuses).
+#[derive(Default)]
+struct Tracked {
+    revision: u64,
+    all: BTreeMap<String, Instance>,
+}
+
+impl Tracked {
+    fn apply(&mut self, m: WatchResponse) {
+        if m.reset != ResetReason::Unspecified as i32 {
+            self.all = m.instances.into_iter().map(|i| (i.id.clone(), i)).collect();
+        }
+        for e in m.events {
+            let Some(i) = e.instance else { continue };
+            if e.r#type == EventType::Delete as i32 {
+                self.all.remove(&i.id);
+            } else {
+                self.all.insert(i.id.clone(), i);
+            }
+        }
+        self.revision = self.revision.max(m.revision);
+    }
+
+    fn healthy(&self) -> ResolvedSet {
+        ResolvedSet {
+            revision: self.revision,
+            instances: self
+                .all
+                .values()
+                .filter(|i| i.status == HealthStatus::Passing as i32)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+impl Resolver {
+    /// Starts following `service`; the set is empty until the first answer.
+    pub fn new(client: Arc<RosterClient>, service: &str) -> Resolver {
+        let (tx, rx) = watch::channel(Arc::new(ResolvedSet::default()));
+        let task = tokio::spawn(follow(client, service.to_string(), tx));
+        Resolver {
+            rx,
+            _task: Arc::new(Task(task)),
+        }
+    }
+
+    /// The current healthy instances.
+    pub fn current(&self) -> Arc<ResolvedSet> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the set differs from the one last seen through this handle.
+    pub async fn changed(&mut self) -> Arc<ResolvedSet> {
+        // The sender lives as long as the task, which lives as long as `self`.
+        let _ = self.rx.changed().await;
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Waits until the first answer from the registry (at most `limit`).
+    pub async fn ready(&mut self, limit: Duration) -> bool {
+        let wait = self.rx.wait_for(|s| s.revision > 0);
+        matches!(tokio::time::timeout(limit, wait).await, Ok(Ok(_)))
+    }
+
+    pub fn pick(&self, picker: &dyn Picker) -> Option<Picked> {
+        picker.pick(&self.current().instances)
+    }
+
+    /// The set as a `tower::discover::Discover`: an insert for each instance
+    /// that turns healthy, a removal for each that stops being healthy.
+    pub fn discover(
+        &self,
+    ) -> impl Stream<Item = Result<Change<String, Instance>, Infallible>> + Send + 'static {
+        let rx = self.rx.clone();
+        let keep = self._task.clone();
+        futures::stream::unfold(
+            (rx, BTreeMap::<String, Instance>::new(), Vec::new(), keep),
+            |(mut rx, mut known, mut pending, keep)| async move {
+                loop {
+                    if let Some(c) = pending.pop() {
+                        return Some((Ok(c), (rx, known, pending, keep)));
+                    }
+                    let set = rx.borrow_and_update().clone();
+                    let now: BTreeMap<String, Instance> = set
+                        .instances
+                        .iter()
+                        .map(|i| (i.id.clone(), i.clone()))
+                        .collect();
+                    for id in known.keys().filter(|k| !now.contains_key(*k)) {
+                        pending.push(Change::Remove(id.clone()));
+                    }
+                    for (id, i) in &now {
+                        if known.get(id) != Some(i) {
+                            pending.push(Change::Insert(id.clone(), i.clone()));
+                        }
+                    }
+                    known = now;
+                    if pending.is_empty() && rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        )
+    }
+
+    /// A tonic `Channel` that balances requests over the healthy instances and
+    /// drops an instance as soon as the registry stops reporting it healthy.
+    pub fn balanced_channel(&self) -> Channel {
+        let (channel, tx) = Channel::balance_channel::<String>(64);
+        let changes = self.discover();
+        tokio::spawn(async move {
+            futures::pin_mut!(changes);
+            while let Some(Ok(change)) = futures::StreamExt::next(&mut changes).await {
+                let change = match change {
+                    Change::Insert(id, i) => {
+                        let Ok(ep) = Endpoint::from_shared(format!("http://{}", authority(&i)))
+                        else {
+                            continue;
+                        };
+                        ChannelChange::Insert(id, ep.connect_timeout(Duration::from_secs(1)))
+                    }
+                    Change::Remove(id) => ChannelChange::Remove(id),
+                };
+                if tx.send(change).await.is_err() {
+                    return;
+                }
+            }
+        });
+        channel
+    }
+}
+
+/// `address:port`, with brackets around an IPv6 address.
+pub fn authority(i: &Instance) -> String {
+    if i.address.contains(':') {
+        format!("[{}]:{}", i.address, i.port)
+    } else {
+        format!("{}:{}", i.address, i.port)
+    }
+}
+
+/// Follows the watch stream, reconnecting (to whichever node answers) and
+/// resuming from the last revision seen; a reset from the server replaces the set.
+async fn follow(client: Arc<RosterClient>, service: String, tx: watch::Sender<Arc<ResolvedSet>>) {
+    let mut tracked = Tracked::default();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let req = WatchRequest {
+            service: service.clone(),
+            since_revision: tracked.revision,
+        };
+        if let Ok(mut stream) = client.watch(req).await {
+            pause = Duration::from_millis(50);
+            while let Ok(Some(m)) = stream.message().await {
+                tracked.apply(m);
+                let set = tracked.healthy();
+                tx.send_if_modified(|cur| {
+                    let publish = cur.revision == 0 || cur.instances != set.instances;
+                    if publish {
+                        *cur = Arc::new(set);
+                    }
+                    publish
+                });
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
