@@ -3,7 +3,11 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["roster/v1/registry.proto", "roster/v1/raft.proto"];
+    let protos = [
+        "roster/v1/registry.proto",
+        "roster/v1/raft.proto",
+        "roster/examples/echo.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed=proto/{p}");
     }

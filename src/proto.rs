@@ -10,6 +10,11 @@ pub mod raft_v1 {
     tonic::include_proto!("roster.raft.v1");
 }
 
+/// The echo service of `examples/echo.rs` and the client tests.
+pub mod echo {
+    tonic::include_proto!("roster.examples");
+}
+
 /// Encoded `FileDescriptorSet` of every schema, served by gRPC reflection.
 pub const DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/roster_descriptor.bin"));
