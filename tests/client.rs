@@ -1,0 +1,362 @@
+//! The client library against a real 3-node registry: balancing that follows
+//! health, keep-alive across a leader failover, and resolver reconnects.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use roster::client::RosterClient;
+use roster::proto::echo::echo_client::EchoClient;
+use roster::proto::echo::echo_server::{Echo, EchoServer};
+use roster::proto::echo::{EchoReply, EchoRequest};
+use roster::proto::v1::*;
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status};
+
+struct Named(String);
+
+#[tonic::async_trait]
+impl Echo for Named {
+    async fn say(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        Ok(Response::new(EchoReply {
+            message: req.into_inner().message,
+            instance: self.0.clone(),
+        }))
+    }
+}
+
+/// An echo server with the gRPC health service, stoppable and restartable on its port.
+struct EchoNode {
+    name: String,
+    addr: SocketAddr,
+    task: Option<JoinHandle<()>>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl EchoNode {
+    async fn start(name: &str) -> EchoNode {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut n = EchoNode {
+            name: name.into(),
+            addr: l.local_addr().expect("addr"),
+            task: None,
+            conns: Arc::default(),
+        };
+        n.serve(l);
+        n
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (name, conns) = (self.name.clone(), self.conns.clone());
+        self.task = Some(tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            let server = tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(EchoServer::new(Named(name)))
+                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let accept = async move {
+                while let Ok((s, _)) = listener.accept().await {
+                    let Ok(std) = s.into_std() else { continue };
+                    if let (Ok(keep), Ok(mut c)) = (std.try_clone(), conns.lock()) {
+                        c.push(keep);
+                    }
+                    let Ok(s) = tokio::net::TcpStream::from_std(std) else {
+                        continue;
+                    };
+                    if tx.send(Ok(s)).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = server => {}
+                _ = accept => {}
+            }
+        }));
+    }
+
+    /// Closes the listener and every open connection.
+    fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if let Ok(mut c) = self.conns.lock() {
+            for s in c.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop();
+        for _ in 0..100 {
+            if let Ok(l) = tokio::net::TcpListener::bind(self.addr).await {
+                self.serve(l);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("could not rebind {}", self.addr);
+    }
+
+    fn instance(&self, check: Option<HealthCheck>) -> Instance {
+        Instance {
+            service: "echo".into(),
+            id: self.name.clone(),
+            address: "127.0.0.1".into(),
+            port: u32::from(self.addr.port()),
+            check,
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for EchoNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Who answers `n` calls through `rpc`; failed calls count under "error".
+async fn spread(
+    rpc: &mut EchoClient<tonic::transport::Channel>,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for _ in 0..n {
+        let who = match rpc
+            .say(EchoRequest {
+                message: "hi".into(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().instance,
+            Err(_) => "error".to_string(),
+        };
+        *m.entry(who).or_default() += 1;
+    }
+    m
+}
+
+fn healthy_ids(r: &roster::client::resolver::Resolver) -> Vec<String> {
+    r.current().instances.iter().map(|i| i.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn balanced_channel_follows_health_and_deregistration() {
+    let c = TestCluster::start(3).await;
+    let client = Arc::new(c.client());
+    let mut nodes = Vec::new();
+    for name in ["e1", "e2", "e3"] {
+        let n = EchoNode::start(name).await;
+        let check = HealthCheck {
+            kind: Some(health_check::Kind::Grpc(GrpcCheck::default())),
+            interval_ms: 200,
+            timeout_ms: 150,
+            failures_before_critical: 2,
+            successes_before_passing: 1,
+            deregister_after_ms: 0,
+        };
+        client
+            .register(RegisterRequest {
+                instance: Some(n.instance(Some(check))),
+            })
+            .await
+            .expect("register");
+        nodes.push(n);
+    }
+    let mut resolver = client.resolve("echo");
+    assert!(resolver.ready(Duration::from_secs(5)).await);
+    let mut rpc = EchoClient::new(resolver.balanced_channel());
+    let all = c
+        .wait_for("calls to reach all three", Duration::from_secs(10), || {
+            let mut rpc = rpc.clone();
+            async move {
+                let s = spread(&mut rpc, 60).await;
+                (s.len() == 3 && !s.contains_key("error")).then_some(s)
+            }
+        })
+        .await;
+    assert!(all.values().all(|&n| n >= 5), "{all:?}");
+
+    // Stop e1: once the registry marks it critical, it gets no more calls.
+    nodes[0].stop();
+    c.wait_for(
+        "e1 to leave the resolved set",
+        Duration::from_secs(10),
+        || async { (!healthy_ids(&resolver).contains(&"e1".to_string())).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = spread(&mut rpc, 60).await;
+    assert_eq!(
+        after.keys().cloned().collect::<Vec<_>>(),
+        vec!["e2", "e3"],
+        "{after:?}"
+    );
+
+    // Back up: passing again, and calls return to it.
+    nodes[0].restart().await;
+    c.wait_for("calls to reach e1 again", Duration::from_secs(10), || {
+        let mut rpc = rpc.clone();
+        async move { spread(&mut rpc, 30).await.contains_key("e1").then_some(()) }
+    })
+    .await;
+
+    // Deregistered (its server still runs): after the watch event, never called.
+    client
+        .deregister(DeregisterRequest {
+            service: "echo".into(),
+            id: "e2".into(),
+        })
+        .await
+        .expect("deregister");
+    let set = c
+        .wait_for(
+            "e2 to leave the resolved set",
+            Duration::from_secs(5),
+            || async {
+                let ids = healthy_ids(&resolver);
+                (!ids.contains(&"e2".to_string())).then_some(ids)
+            },
+        )
+        .await;
+    assert_eq!(set, vec!["e1", "e3"]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let last = spread(&mut rpc, 100).await;
+    assert!(
+        !last.contains_key("e2"),
+        "a deregistered instance was called: {last:?}"
+    );
+}
+
+#[tokio::test]
+async fn keepalive_registration_stays_passing_through_a_leader_kill() {
+    let mut c = TestCluster::start(3).await;
+    let client = Arc::new(c.client());
+    let node = EchoNode::start("ka").await;
+    let registration = client
+        .register_with_keepalive(node.instance(None), Duration::from_millis(1500))
+        .await
+        .expect("register");
+    let mut stream = client
+        .watch(WatchRequest {
+            service: "echo".into(),
+            since_revision: 0,
+        })
+        .await
+        .expect("watch");
+    let critical = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = critical.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(m)) = stream.message().await {
+            if m.events.iter().any(|e| {
+                e.instance
+                    .as_ref()
+                    .is_some_and(|i| i.status == HealthStatus::Critical as i32)
+            }) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old = c.leader().await;
+    c.kill(old);
+    c.leader().await;
+    // Several TTLs after the failover.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let i = c
+            .client()
+            .get_service(get_req("echo", Consistency::Linearizable))
+            .await
+            .expect("read")
+            .instances;
+        assert_eq!(i.len(), 1);
+        assert_eq!(
+            i[0].status,
+            HealthStatus::Passing as i32,
+            "went {:?}: {}",
+            i[0].status,
+            i[0].check_output
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        !critical.load(std::sync::atomic::Ordering::SeqCst),
+        "a watcher saw it critical"
+    );
+    registration.shutdown().await.expect("shutdown");
+    assert!(
+        ids(&c.client(), "echo", Consistency::Linearizable)
+            .await
+            .is_empty(),
+        "shutdown deregisters"
+    );
+    watcher.abort();
+}
+
+#[tokio::test]
+async fn resolver_moves_to_another_node_and_misses_no_change() {
+    let mut c = TestCluster::start(3).await;
+    let writer = c.client();
+    for n in 0..5 {
+        register(&writer, "payments", &format!("p-{n}"), 8000 + n).await;
+    }
+    // The resolver's client prefers node 1, so its watch starts there.
+    let client = Arc::new(RosterClient::new(&c.endpoints()).expect("client"));
+    let mut resolver = client.resolve("payments");
+    assert!(resolver.ready(Duration::from_secs(5)).await);
+    assert_eq!(resolver.current().instances.len(), 5);
+    assert_eq!(client.current_endpoint(), c.endpoint(1));
+
+    c.kill(1);
+    // Changes while the resolver reconnects.
+    let mut last = 0;
+    for n in 5..10 {
+        last = register(&writer, "payments", &format!("p-{n}"), 8000 + n)
+            .await
+            .revision;
+    }
+    for n in [0, 2] {
+        last = writer
+            .deregister(DeregisterRequest {
+                service: "payments".into(),
+                id: format!("p-{n}"),
+            })
+            .await
+            .expect("deregister")
+            .revision;
+    }
+    let truth = ids(&writer, "payments", Consistency::Linearizable).await;
+    let seen = c
+        .wait_for(
+            "the resolver to catch up",
+            Duration::from_secs(15),
+            || async {
+                let cur = resolver.current();
+                (cur.revision >= last).then(|| {
+                    cur.instances
+                        .iter()
+                        .map(|i| i.id.clone())
+                        .collect::<Vec<_>>()
+                })
+            },
+        )
+        .await;
+    let mut seen = seen;
+    seen.sort();
+    assert_eq!(seen, truth);
+    assert_ne!(
+        client.current_endpoint(),
+        c.endpoint(1),
+        "the resolver moved off the dead node"
+    );
+}
