@@ -3,13 +3,17 @@
 # holding the release binary and the shared libraries it links against.
 #
 #   deploy/docker/build-image.sh [tag]
+#   ROSTER_BIN=path/to/roster deploy/docker/build-image.sh roster:test   # an existing build
 set -euo pipefail
 tag=${1:-roster:local}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 
-cargo build --release --bin roster
-bin=target/release/roster
+bin=${ROSTER_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --bin roster
+  bin=target/release/roster
+fi
 
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT

@@ -1,0 +1,284 @@
+//! Roster nodes as containers on a private Docker network, so a node can be
+//! cut off the network (not just killed). The image is built from the test
+//! binary by deploy/docker/build-image.sh: nothing is pulled.
+//!
+//! Without a Docker engine these tests skip themselves with a message, unless
+//! ROSTER_DOCKER_TESTS=1 (as in .ci/run), which makes a missing engine a failure.
+
+mod common;
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use roster::client::RosterClient;
+use roster::proto::v1::*;
+
+const IMAGE: &str = "roster:test";
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Whether to run: the engine answers, or the environment demands it.
+fn engine_ready() -> bool {
+    let required = std::env::var("ROSTER_DOCKER_TESTS").is_ok_and(|v| v == "1");
+    match docker(&["info", "--format", "{{.ServerVersion}}"]) {
+        Ok(_) => true,
+        Err(e) if required => {
+            panic!("ROSTER_DOCKER_TESTS=1 but the Docker engine does not answer: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping container tests: no Docker engine ({e})");
+            false
+        }
+    }
+}
+
+fn image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/docker/build-image.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .arg(IMAGE)
+            .env("ROSTER_BIN", env!("CARGO_BIN_EXE_roster"))
+            .output()
+            .expect("run build-image.sh");
+        assert!(
+            out.status.success(),
+            "image build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// Three containers on their own network; removed (with the network) on drop.
+struct DockerCluster {
+    tag: String,
+    network: String,
+}
+
+impl DockerCluster {
+    fn start() -> DockerCluster {
+        image();
+        let tag = format!("rt{}-{}", std::process::id(), fastrand::u32(..));
+        let network = format!("{tag}-net");
+        docker(&["network", "create", &network]).expect("network");
+        let c = DockerCluster { tag, network };
+        let initial = (1..=3)
+            .map(|i| format!("{i}={}:7001", c.host(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 1..=3 {
+            let (name, alias) = (c.name(i), c.host(i));
+            docker(&[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                &c.network,
+                "--network-alias",
+                &alias,
+                "-p",
+                "127.0.0.1::7001",
+                "-e",
+                "RUST_LOG=warn,openraft=error",
+                IMAGE,
+                "server",
+                "--id",
+                &i.to_string(),
+                "--cluster-id",
+                "containers",
+                "--listen",
+                "0.0.0.0:7001",
+                "--advertise",
+                &format!("{alias}:7001"),
+                "--data-dir",
+                "/data",
+                "--initial-cluster",
+                &initial,
+            ])
+            .expect("run container");
+        }
+        c
+    }
+
+    fn name(&self, i: u64) -> String {
+        format!("{}-n{i}", self.tag)
+    }
+
+    fn host(&self, i: u64) -> String {
+        format!("roster-{i}")
+    }
+
+    /// The loopback address the container's port 7001 is published on.
+    fn endpoint(&self, i: u64) -> String {
+        let out = docker(&["port", &self.name(i), "7001/tcp"]).expect("port");
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
+    fn client(&self, nodes: &[u64]) -> RosterClient {
+        let eps: Vec<String> = nodes.iter().map(|i| self.endpoint(*i)).collect();
+        RosterClient::new(&eps).expect("client")
+    }
+
+    fn disconnect(&self, i: u64) {
+        docker(&["network", "disconnect", &self.network, &self.name(i)]).expect("disconnect");
+    }
+
+    fn reconnect(&self, i: u64) {
+        docker(&[
+            "network",
+            "connect",
+            "--alias",
+            &self.host(i),
+            &self.network,
+            &self.name(i),
+        ])
+        .expect("connect");
+    }
+
+    async fn status(&self, i: u64) -> Option<StatusResponse> {
+        let c = RosterClient::new(&[self.endpoint(i)]).ok()?;
+        tokio::time::timeout(Duration::from_secs(1), async {
+            c.status_all().await.pop().and_then(|(_, r)| r.ok())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn wait<T, F, Fut>(&self, what: &str, f: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn leader(&self, among: &[u64]) -> u64 {
+        self.wait("a leader", || async {
+            let mut leader = None;
+            for &i in among {
+                let s = self.status(i).await?;
+                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                    return None;
+                }
+                leader = Some(s.leader_id);
+            }
+            leader.filter(|l| among.contains(l))
+        })
+        .await
+    }
+}
+
+impl Drop for DockerCluster {
+    fn drop(&mut self) {
+        for i in 1..=3 {
+            if std::thread::panicking() {
+                if let Ok(logs) = docker(&["logs", "--tail", "30", &self.name(i)]) {
+                    eprintln!("--- {} ---\n{logs}", self.name(i));
+                }
+            }
+            let _ = docker(&["rm", "-f", &self.name(i)]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+#[tokio::test]
+async fn container_partitioned_leader_is_replaced_and_rejoins_without_losing_writes() {
+    if !engine_ready() {
+        return;
+    }
+    let c = DockerCluster::start();
+    let old = c.leader(&[1, 2, 3]).await;
+    let all = c.client(&[1, 2, 3]);
+    for n in 0..20 {
+        register(&all, "orders", &format!("o-{n}"), 9000 + n).await;
+    }
+
+    // Cut the leader off: the other two elect a new one and go on accepting writes.
+    c.disconnect(old);
+    let majority: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
+    let new = c.leader(&majority).await;
+    assert_ne!(new, old);
+    let side = c.client(&majority);
+    for n in 20..40 {
+        register(&side, "orders", &format!("o-{n}"), 9000 + n).await;
+    }
+    let during = ids(&side, "orders", Consistency::Linearizable).await;
+    assert_eq!(during.len(), 40);
+
+    // Heal: the old leader rejoins as a follower and converges on the same state.
+    c.reconnect(old);
+    let target = c.status(new).await.expect("leader status").applied_index;
+    let rejoined = c
+        .wait("the old leader to catch up", || async {
+            c.status(old)
+                .await
+                .filter(|s| s.applied_index >= target && s.leader_id == new)
+        })
+        .await;
+    assert_eq!(rejoined.role, "follower");
+    let theirs = ids(
+        &RosterClient::new(&[c.endpoint(old)]).expect("client"),
+        "orders",
+        Consistency::Stale,
+    )
+    .await;
+    assert_eq!(theirs, during);
+}
+
+#[tokio::test]
+async fn container_killed_node_restarts_from_its_volume_and_catches_up() {
+    if !engine_ready() {
+        return;
+    }
+    let c = DockerCluster::start();
+    c.leader(&[1, 2, 3]).await;
+    let follower = {
+        let l = c.leader(&[1, 2, 3]).await;
+        (1..=3).find(|&i| i != l).expect("a follower")
+    };
+    let all = c.client(&[1, 2, 3]);
+    register(&all, "carts", "c-0", 80).await;
+    docker(&["kill", &c.name(follower)]).expect("kill");
+    let rest: Vec<u64> = (1..=3).filter(|&i| i != follower).collect();
+    let side = c.client(&rest);
+    for n in 1..30 {
+        register(&side, "carts", &format!("c-{n}"), 80).await;
+    }
+    docker(&["start", &c.name(follower)]).expect("start");
+    let leader = c.leader(&[1, 2, 3]).await;
+    let target = c.status(leader).await.expect("status").applied_index;
+    c.wait("the restarted node to catch up", || async {
+        c.status(follower)
+            .await
+            .filter(|s| s.applied_index >= target)
+    })
+    .await;
+    let node = RosterClient::new(&[c.endpoint(follower)]).expect("client");
+    assert_eq!(ids(&node, "carts", Consistency::Stale).await.len(), 30);
+}
