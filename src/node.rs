@@ -162,7 +162,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            RegistryServer::new(RegistryApi::new(state.clone(), router, leases))
+            RegistryServer::new(RegistryApi::new(state.clone(), router.clone(), leases))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -170,6 +170,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             raft.clone(),
             cfg.cluster_id.clone(),
             state,
+            router.clone(),
         )))
         .add_service(health)
         .add_service(reflection)

@@ -1,31 +1,100 @@
 //! The `Cluster` gRPC service: membership and Raft progress of the node asked.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ServerState;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
+use super::leader::{forward_request, is_forwarded, LeaderRouter, Route};
+use crate::config::parse_initial_cluster;
 use crate::error::Error;
 use crate::proto::v1 as pb;
+use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
-use crate::raft::Raft;
+use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A new member must catch up with the log (or take a snapshot) within this.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ClusterApi {
     raft: Raft,
     cluster_id: String,
     state: SharedState,
+    router: Arc<LeaderRouter>,
 }
 
 impl ClusterApi {
-    pub fn new(raft: Raft, cluster_id: String, state: SharedState) -> Self {
+    pub fn new(
+        raft: Raft,
+        cluster_id: String,
+        state: SharedState,
+        router: Arc<LeaderRouter>,
+    ) -> Self {
         ClusterApi {
             raft,
             cluster_id,
             state,
+            router,
         }
+    }
+
+    fn members(&self) -> Vec<pb::Member> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                id: *id,
+                address: node.addr.clone(),
+                voter: membership.voter_ids().any(|v| v == *id),
+            })
+            .collect()
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Runs a membership change on the leader; the answer is the new membership.
+    async fn change<F, Fut>(
+        &self,
+        forwarded: bool,
+        here: F,
+    ) -> Result<Route<Vec<pb::Member>>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), Error>>,
+    {
+        match self.router.current(forwarded)? {
+            Route::Here(()) => {
+                here().await?;
+                Ok(Route::Here(self.members()))
+            }
+            Route::Leader(ch) => Ok(Route::Leader(ch)),
+        }
+    }
+}
+
+fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Error::Unavailable("leadership moved during the membership change; retry".into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Error::WrongCluster(e.to_string())
+        }
+        RaftError::Fatal(e) => Error::Unavailable(format!("raft stopped: {e}")),
     }
 }
 
@@ -47,14 +116,7 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| pb::Member {
-                id: *id,
-                address: node.addr.clone(),
-                voter: membership.voter_ids().any(|v| v == *id),
-            })
-            .collect();
+        let members = self.members();
         let leader_address = m
             .current_leader
             .and_then(|l| membership.get_node(&l))
@@ -79,6 +141,83 @@ impl Cluster for ClusterApi {
             revision,
             purged_index: m.purged.map_or(0, |l| l.index),
         }))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        if msg.id == 0 {
+            return Err(Error::InvalidArgument("node id must be 1 or more".into()).into());
+        }
+        parse_initial_cluster(&format!("{}={}", msg.id, msg.address))
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let (id, addr) = (msg.id, msg.address.clone());
+        let route = self
+            .change(forwarded, || async {
+                let learner = self.raft.add_learner(id, BasicNode { addr }, true);
+                tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!(
+                            "node {id} did not catch up within {CATCH_UP_TIMEOUT:?}"
+                        ))
+                    })?
+                    .map_err(membership_error)?;
+                let mut voters = self.voters();
+                voters.insert(id);
+                self.raft
+                    .change_membership(voters, false)
+                    .await
+                    .map_err(membership_error)?;
+                Ok(())
+            })
+            .await?;
+        match route {
+            Route::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
+            Route::Leader(ch) => {
+                ClusterClient::new(ch)
+                    .add_member(forward_request(msg, CATCH_UP_TIMEOUT))
+                    .await
+            }
+        }
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let forwarded = is_forwarded(req.metadata());
+        let msg = req.into_inner();
+        let id = msg.id;
+        let route = self
+            .change(forwarded, || async {
+                let mut voters = self.voters();
+                if !voters.remove(&id) {
+                    return Err(Error::NotFound(format!("node {id} is not a voter")));
+                }
+                if voters.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "cannot remove the last voter".into(),
+                    ));
+                }
+                self.raft
+                    .change_membership(voters, false)
+                    .await
+                    .map_err(membership_error)?;
+                Ok(())
+            })
+            .await?;
+        match route {
+            Route::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
+            Route::Leader(ch) => {
+                ClusterClient::new(ch)
+                    .remove_member(forward_request(msg, self.router.timeout()))
+                    .await
+            }
+        }
     }
 
     async fn snapshot(

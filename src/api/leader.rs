@@ -11,9 +11,8 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
-use crate::proto::v1::registry_client::RegistryClient;
 use crate::raft::coalesce::Coalescer;
-use crate::raft::network::{channel, MAX_MESSAGE_BYTES};
+use crate::raft::network::channel;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::{Command, CommandResponse, Proposal};
 
@@ -28,8 +27,8 @@ const ROUNDS_IN_FLIGHT: usize = 2;
 pub enum Route<T> {
     /// This node is the leader and did the work.
     Here(T),
-    /// Another node leads: send the request there.
-    Leader(RegistryClient<Channel>),
+    /// Another node leads: send the request there, over this channel.
+    Leader(Channel),
 }
 
 /// Why the work was not done here.
@@ -212,10 +211,6 @@ impl LeaderRouter {
                 c
             }
         };
-        Ok(Route::Leader(
-            RegistryClient::new(ch)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        ))
+        Ok(Route::Leader(ch))
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, instance_to_pb, status_to_pb};
@@ -12,7 +13,9 @@ use super::leader::{forward_request, is_forwarded, LeaderRouter, Route};
 use crate::error::Error;
 use crate::health::Leases;
 use crate::proto::v1 as pb;
+use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::registry_server::Registry;
+use crate::raft::network::MAX_MESSAGE_BYTES;
 use crate::registry::model::CheckKind;
 use crate::registry::validate;
 use crate::registry::watch::{watch_stream, RegistryState, SharedState};
@@ -22,6 +25,12 @@ pub struct RegistryApi {
     state: SharedState,
     router: Arc<LeaderRouter>,
     leases: Arc<Leases>,
+}
+
+fn registry(ch: Channel) -> RegistryClient<Channel> {
+    RegistryClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
@@ -82,8 +91,9 @@ impl Registry for RegistryApi {
                 }
                 other => Err(Error::Internal(format!("register applied as {other:?}")).into()),
             },
-            Route::Leader(mut c) => {
-                c.register(forward_request(msg, self.router.timeout()))
+            Route::Leader(ch) => {
+                registry(ch)
+                    .register(forward_request(msg, self.router.timeout()))
                     .await
             }
         }
@@ -111,8 +121,9 @@ impl Registry for RegistryApi {
                 ))
                 .into()),
             },
-            Route::Leader(mut c) => {
-                c.deregister(forward_request(msg, self.router.timeout()))
+            Route::Leader(ch) => {
+                registry(ch)
+                    .deregister(forward_request(msg, self.router.timeout()))
                     .await
             }
         }
@@ -146,8 +157,9 @@ impl Registry for RegistryApi {
                     status: status_to_pb(status) as i32,
                 }))
             }
-            Route::Leader(mut c) => {
-                c.heartbeat(forward_request(msg, self.router.timeout()))
+            Route::Leader(ch) => {
+                registry(ch)
+                    .heartbeat(forward_request(msg, self.router.timeout()))
                     .await
             }
         }
@@ -169,8 +181,9 @@ impl Registry for RegistryApi {
                     protection_active: view.protection_active,
                 })
             }),
-            Route::Leader(mut c) => {
-                c.get_service(forward_request(msg, self.router.timeout()))
+            Route::Leader(ch) => {
+                registry(ch)
+                    .get_service(forward_request(msg, self.router.timeout()))
                     .await
             }
         }
@@ -199,8 +212,9 @@ impl Registry for RegistryApi {
                     services,
                 })
             }),
-            Route::Leader(mut c) => {
-                c.list_services(forward_request(msg, self.router.timeout()))
+            Route::Leader(ch) => {
+                registry(ch)
+                    .list_services(forward_request(msg, self.router.timeout()))
                     .await
             }
         }
@@ -224,8 +238,9 @@ impl Registry for RegistryApi {
             Route::Here(r) => Ok(Response::new(pb::ConfigureServiceResponse {
                 revision: r.revision,
             })),
-            Route::Leader(mut c) => {
-                c.configure_service(forward_request(msg, self.router.timeout()))
+            Route::Leader(ch) => {
+                registry(ch)
+                    .configure_service(forward_request(msg, self.router.timeout()))
                     .await
             }
         }

@@ -4,8 +4,8 @@ use roster::client::RosterClient;
 use roster::proto::v1::*;
 
 use super::{
-    CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, ProtectArgs, RegisterArgs,
-    StatusArgs, WatchArgs,
+    CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,
+    ProtectArgs, RegisterArgs, StatusArgs, WatchArgs,
 };
 
 fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
@@ -252,5 +252,38 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
             Err(e) => println!("{endpoint}: unreachable ({})", e.message()),
         }
     }
+    Ok(())
+}
+
+pub async fn member(m: MemberCommand) -> anyhow::Result<()> {
+    let r = match m {
+        MemberCommand::Add {
+            endpoints,
+            id,
+            address,
+        } => {
+            client(&endpoints)?
+                .add_member(AddMemberRequest { id, address })
+                .await?
+        }
+        MemberCommand::Remove { endpoints, id } => {
+            client(&endpoints)?
+                .remove_member(RemoveMemberRequest { id })
+                .await?
+        }
+    };
+    let members: Vec<String> = r
+        .members
+        .iter()
+        .map(|m| {
+            format!(
+                "{}={}{}",
+                m.id,
+                m.address,
+                if m.voter { "" } else { "(learner)" }
+            )
+        })
+        .collect();
+    println!("members: {}", members.join(","));
     Ok(())
 }

@@ -50,6 +50,9 @@ enum Command {
     Watch(WatchArgs),
     /// Show each node's role, term, indexes and the membership.
     Status(StatusArgs),
+    /// Grow or shrink the cluster online.
+    #[command(subcommand)]
+    Member(MemberCommand),
 }
 
 #[derive(Args)]
@@ -200,6 +203,27 @@ pub struct WatchArgs {
     since: u64,
 }
 
+#[derive(Subcommand)]
+pub enum MemberCommand {
+    /// Add a running node (started without --initial-cluster) as a voter.
+    Add {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        id: u64,
+        /// The node's advertised host:port.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a voter.
+    Remove {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
 #[derive(Args)]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -218,5 +242,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Protect(a) => commands::protect(a).await,
         Command::Watch(a) => commands::watch(a).await,
         Command::Status(a) => commands::status(a).await,
+        Command::Member(m) => commands::member(m).await,
     }
 }

@@ -254,6 +254,29 @@ impl RosterClient {
         resolver::Resolver::new(self.clone(), service)
     }
 
+    /// Adds a running node as a voter (the cluster grows online).
+    pub async fn add_member(&self, req: AddMemberRequest) -> Result<MembershipResponse, Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { Ok(ClusterClient::new(ch).add_member(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Removes a voter (the cluster shrinks online).
+    pub async fn remove_member(
+        &self,
+        req: RemoveMemberRequest,
+    ) -> Result<MembershipResponse, Status> {
+        self.retry(|ch| async move {
+            Ok(ClusterClient::new(ch)
+                .remove_member(req)
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
     /// Status of the first node that answers.
     pub async fn status(&self) -> Result<StatusResponse, Status> {
         self.retry(|ch| async move {

@@ -25,6 +25,8 @@ pub struct TestNode {
 pub struct TestCluster {
     pub dir: TempDir,
     pub nodes: Vec<TestNode>,
+    /// Appended to every node's config.
+    extra: String,
 }
 
 fn free_port() -> u16 {
@@ -45,31 +47,46 @@ impl TestCluster {
         let initial: Vec<String> = (0..n)
             .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i as usize]))
             .collect();
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            let id = i + 1;
-            let config = dir.path().join(format!("node-{id}.toml"));
-            let data = dir.path().join(format!("node-{id}"));
-            let text = format!(
-                "id = {id}\ncluster_id = \"test\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\nrequest_timeout_ms = 3000\n{extra}\n",
-                ports[i as usize],
-                data.display(),
-                initial.join(",")
-            );
-            std::fs::write(&config, text).expect("write config");
-            nodes.push(TestNode {
-                id,
-                port: ports[i as usize],
-                config,
-                child: None,
-            });
+        let mut c = TestCluster {
+            dir,
+            nodes: Vec::new(),
+            extra: extra.to_string(),
+        };
+        for port in ports {
+            c.configure_node(port, &initial.join(","));
         }
-        let mut c = TestCluster { dir, nodes };
         for id in 1..=n {
             c.start_node(id);
         }
         c.leader().await;
         c
+    }
+
+    /// Writes the config of the next node id; returns that id.
+    fn configure_node(&mut self, port: u16, initial_cluster: &str) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let config = self.dir.path().join(format!("node-{id}.toml"));
+        let data = self.dir.path().join(format!("node-{id}"));
+        let text = format!(
+            "id = {id}\ncluster_id = \"test\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
+            data.display(),
+            self.extra
+        );
+        std::fs::write(&config, text).expect("write config");
+        self.nodes.push(TestNode {
+            id,
+            port,
+            config,
+            child: None,
+        });
+        id
+    }
+
+    /// Starts one more node that belongs to no cluster until it is added as a member.
+    pub fn start_spare(&mut self) -> u64 {
+        let id = self.configure_node(free_port(), "");
+        self.start_node(id);
+        id
     }
 
     pub fn node(&self, id: u64) -> &TestNode {

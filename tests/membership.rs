@@ -1,0 +1,107 @@
+//! The cluster grows from 3 to 5 voters and back, online, without losing writes.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use roster::proto::v1::*;
+
+fn voters(m: &MembershipResponse) -> BTreeSet<u64> {
+    m.members.iter().filter(|m| m.voter).map(|m| m.id).collect()
+}
+
+#[tokio::test]
+async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    let mut expected = Vec::new();
+    for n in 0..20 {
+        register(&client, "grow", &format!("g-{n}"), 80).await;
+        expected.push(format!("g-{n}"));
+    }
+
+    let (n4, n5) = (c.start_spare(), c.start_spare());
+    for id in [n4, n5] {
+        let r = client
+            .add_member(AddMemberRequest {
+                id,
+                address: c.endpoint(id),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("add node {id}: {e}"));
+        assert!(voters(&r).contains(&id), "{r:?}");
+    }
+    let all = c.client();
+    let m = c.status(c.leader().await).await.expect("status");
+    assert_eq!(m.members.iter().filter(|m| m.voter).count(), 5, "{m:?}");
+    for n in 20..30 {
+        register(&all, "grow", &format!("g-{n}"), 80).await;
+        expected.push(format!("g-{n}"));
+    }
+    expected.sort();
+    let at = c
+        .status(c.leader().await)
+        .await
+        .expect("status")
+        .applied_index;
+    for id in [n4, n5] {
+        c.wait_applied(id, at).await;
+        assert_eq!(
+            ids(&c.node_client(id), "grow", Consistency::Stale).await,
+            expected,
+            "node {id}"
+        );
+    }
+
+    // Five voters survive two failures, the leader among them.
+    let leader = c.leader().await;
+    let other = (1..=5).find(|&i| i != leader).expect("another node");
+    c.kill(leader);
+    c.kill(other);
+    for n in 30..40 {
+        register(&all, "grow", &format!("g-{n}"), 80).await;
+        expected.push(format!("g-{n}"));
+    }
+    c.start_node(leader);
+    c.start_node(other);
+    c.leader().await;
+
+    // Back to three.
+    for id in [n4, n5] {
+        let r = all
+            .remove_member(RemoveMemberRequest { id })
+            .await
+            .unwrap_or_else(|e| panic!("remove node {id}: {e}"));
+        assert!(!voters(&r).contains(&id), "{r:?}");
+    }
+    c.kill(n4);
+    c.kill(n5);
+    let three = c.client();
+    let m = c.status(c.leader().await).await.expect("status");
+    let left: BTreeSet<u64> = m.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(left, BTreeSet::from([1, 2, 3]));
+    for n in 40..45 {
+        register(&three, "grow", &format!("g-{n}"), 80).await;
+        expected.push(format!("g-{n}"));
+    }
+    expected.sort();
+    assert_eq!(
+        ids(&three, "grow", Consistency::Linearizable).await,
+        expected
+    );
+
+    let e = three
+        .remove_member(RemoveMemberRequest { id: 9 })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = three
+        .add_member(AddMemberRequest {
+            id: 6,
+            address: "no port".into(),
+        })
+        .await
+        .expect_err("bad address");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
