@@ -4,123 +4,24 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::targets::{Kind, Target};
 use common::*;
 use roster::client::RosterClient;
 use roster::proto::echo::echo_client::EchoClient;
-use roster::proto::echo::echo_server::{Echo, EchoServer};
-use roster::proto::echo::{EchoReply, EchoRequest};
+use roster::proto::echo::EchoRequest;
 use roster::proto::v1::*;
-use tokio::task::JoinHandle;
-use tonic::{Request, Response, Status};
 
-struct Named(String);
-
-#[tonic::async_trait]
-impl Echo for Named {
-    async fn say(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        Ok(Response::new(EchoReply {
-            message: req.into_inner().message,
-            instance: self.0.clone(),
-        }))
-    }
-}
-
-/// An echo server with the gRPC health service, stoppable and restartable on its port.
-struct EchoNode {
-    name: String,
-    addr: SocketAddr,
-    task: Option<JoinHandle<()>>,
-    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl EchoNode {
-    async fn start(name: &str) -> EchoNode {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut n = EchoNode {
-            name: name.into(),
-            addr: l.local_addr().expect("addr"),
-            task: None,
-            conns: Arc::default(),
-        };
-        n.serve(l);
-        n
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let (name, conns) = (self.name.clone(), self.conns.clone());
-        self.task = Some(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
-            let (_reporter, health) = tonic_health::server::health_reporter();
-            let server = tonic::transport::Server::builder()
-                .add_service(health)
-                .add_service(EchoServer::new(Named(name)))
-                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
-            let accept = async move {
-                while let Ok((s, _)) = listener.accept().await {
-                    let Ok(std) = s.into_std() else { continue };
-                    if let (Ok(keep), Ok(mut c)) = (std.try_clone(), conns.lock()) {
-                        c.push(keep);
-                    }
-                    let Ok(s) = tokio::net::TcpStream::from_std(std) else {
-                        continue;
-                    };
-                    if tx.send(Ok(s)).await.is_err() {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = server => {}
-                _ = accept => {}
-            }
-        }));
-    }
-
-    /// Closes the listener and every open connection.
-    fn stop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        if let Ok(mut c) = self.conns.lock() {
-            for s in c.drain(..) {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
-
-    async fn restart(&mut self) {
-        self.stop();
-        for _ in 0..100 {
-            if let Ok(l) = tokio::net::TcpListener::bind(self.addr).await {
-                self.serve(l);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("could not rebind {}", self.addr);
-    }
-
-    fn instance(&self, check: Option<HealthCheck>) -> Instance {
-        Instance {
-            service: "echo".into(),
-            id: self.name.clone(),
-            address: "127.0.0.1".into(),
-            port: u32::from(self.addr.port()),
-            check,
-            ..Default::default()
-        }
-    }
-}
-
-impl Drop for EchoNode {
-    fn drop(&mut self) {
-        self.stop();
+fn echo_instance(t: &Target, check: Option<HealthCheck>) -> Instance {
+    Instance {
+        service: "echo".into(),
+        id: t.name.clone(),
+        address: "127.0.0.1".into(),
+        port: t.port(),
+        check,
+        ..Default::default()
     }
 }
 
@@ -155,7 +56,7 @@ async fn balanced_channel_follows_health_and_deregistration() {
     let client = Arc::new(c.client());
     let mut nodes = Vec::new();
     for name in ["e1", "e2", "e3"] {
-        let n = EchoNode::start(name).await;
+        let n = Target::start_named(Kind::Echo, name).await;
         let check = HealthCheck {
             kind: Some(health_check::Kind::Grpc(GrpcCheck::default())),
             interval_ms: 200,
@@ -166,7 +67,7 @@ async fn balanced_channel_follows_health_and_deregistration() {
         };
         client
             .register(RegisterRequest {
-                instance: Some(n.instance(Some(check))),
+                instance: Some(echo_instance(&n, Some(check))),
             })
             .await
             .expect("register");
@@ -241,9 +142,9 @@ async fn balanced_channel_follows_health_and_deregistration() {
 async fn keepalive_registration_stays_passing_through_a_leader_kill() {
     let mut c = TestCluster::start(3).await;
     let client = Arc::new(c.client());
-    let node = EchoNode::start("ka").await;
+    let node = Target::start_named(Kind::Echo, "ka").await;
     let registration = client
-        .register_with_keepalive(node.instance(None), Duration::from_millis(1500))
+        .register_with_keepalive(echo_instance(&node, None), Duration::from_millis(1500))
         .await
         .expect("register");
     let mut stream = client

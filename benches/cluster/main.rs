@@ -309,6 +309,17 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
     })
 }
 
+/// Connects the etcd load generator once the cluster accepts clients.
+async fn etcd_client(ec: &Cluster) -> Result<Arc<Etcd>> {
+    procs::wait_until(
+        "etcd to accept clients",
+        Duration::from_secs(30),
+        || async { Etcd::new(&ec.endpoints(), 1).await.is_ok() },
+    )
+    .await?;
+    Ok(Arc::new(Etcd::new(&ec.endpoints(), POOL).await?))
+}
+
 async fn wait_leader<S: System>(sys: &Arc<S>) -> Result<()> {
     procs::wait_until(
         &format!("a {} leader", sys.name()),
@@ -544,15 +555,7 @@ async fn scale_rows(
     let snapshot = roster.snapshot(roster.leader().await?).await?;
     drop((roster, rc));
     let mut ec = procs::etcd(dir, 3)?;
-    let etcd = Arc::new(
-        procs::wait_until(
-            "etcd to accept clients",
-            Duration::from_secs(30),
-            || async { Etcd::new(&ec.endpoints(), 1).await.is_ok() },
-        )
-        .await
-        .and(Etcd::new(&ec.endpoints(), POOL).await)?,
-    );
+    let etcd = etcd_client(&ec).await?;
     wait_leader(&etcd).await?;
     let es = scale(&etcd, &mut ec, instances).await?;
     let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
@@ -607,15 +610,7 @@ async fn main() -> Result<()> {
     let mut rc = procs::roster(dir.path(), 3)?;
     let mut ec = procs::etcd(dir.path(), 3)?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
-    let etcd = Arc::new(
-        procs::wait_until(
-            "etcd to accept clients",
-            Duration::from_secs(30),
-            || async { Etcd::new(&ec.endpoints(), 1).await.is_ok() },
-        )
-        .await
-        .and(Etcd::new(&ec.endpoints(), POOL).await)?,
-    );
+    let etcd = etcd_client(&ec).await?;
     wait_leader(&roster).await?;
     wait_leader(&etcd).await?;
     let dur = opts.phase();

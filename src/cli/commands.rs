@@ -235,24 +235,26 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={}",
                     s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id
                 );
-                let members: Vec<String> = s
-                    .members
-                    .iter()
-                    .map(|m| {
-                        format!(
-                            "{}={}{}",
-                            m.id,
-                            m.address,
-                            if m.voter { "" } else { "(learner)" }
-                        )
-                    })
-                    .collect();
-                println!("  members: {}", members.join(","));
+                println!("  members: {}", members(&s.members));
             }
             Err(e) => println!("{endpoint}: unreachable ({})", e.message()),
         }
     }
     Ok(())
+}
+
+fn members(ms: &[Member]) -> String {
+    ms.iter()
+        .map(|m| {
+            format!(
+                "{}={}{}",
+                m.id,
+                m.address,
+                if m.voter { "" } else { "(learner)" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub async fn member(m: MemberCommand) -> anyhow::Result<()> {
@@ -272,18 +274,6 @@ pub async fn member(m: MemberCommand) -> anyhow::Result<()> {
                 .await?
         }
     };
-    let members: Vec<String> = r
-        .members
-        .iter()
-        .map(|m| {
-            format!(
-                "{}={}{}",
-                m.id,
-                m.address,
-                if m.voter { "" } else { "(learner)" }
-            )
-        })
-        .collect();
-    println!("members: {}", members.join(","));
+    println!("members: {}", members(&r.members));
     Ok(())
 }

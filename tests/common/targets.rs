@@ -1,14 +1,18 @@
 //! Real servers that registered instances point their health checks at:
-//! a TCP listener, an HTTP/1.1 server and a gRPC server with the standard
-//! health service. Each can be stopped and started again on the same port.
+//! a TCP listener, an HTTP/1.1 server, a gRPC server with the standard health
+//! service, and that plus the example echo service (which answers with the
+//! target's name). Each can be stopped and started again on the same port.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use roster::proto::echo::echo_server::{Echo, EchoServer};
+use roster::proto::echo::{EchoReply, EchoRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
@@ -17,10 +21,25 @@ pub enum Kind {
     /// HTTP that answers 500 to every other request.
     FlappingHttp,
     Grpc,
+    /// gRPC health plus the echo service.
+    Echo,
+}
+
+struct Named(String);
+
+#[tonic::async_trait]
+impl Echo for Named {
+    async fn say(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        Ok(Response::new(EchoReply {
+            message: req.into_inner().message,
+            instance: self.0.clone(),
+        }))
+    }
 }
 
 pub struct Target {
     pub kind: Kind,
+    pub name: String,
     pub addr: SocketAddr,
     task: Option<JoinHandle<()>>,
     requests: Arc<AtomicU64>,
@@ -31,10 +50,15 @@ pub struct Target {
 
 impl Target {
     pub async fn start(kind: Kind) -> Target {
+        Self::start_named(kind, "").await
+    }
+
+    pub async fn start_named(kind: Kind, name: &str) -> Target {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut t = Target {
             kind,
+            name: name.to_string(),
             addr,
             task: None,
             requests: Arc::new(AtomicU64::new(0)),
@@ -93,18 +117,25 @@ impl Target {
                     }
                 })
             }
-            Kind::Grpc => {
-                let conns = self.grpc_conns.clone();
+            Kind::Grpc | Kind::Echo => {
+                let (conns, name, echo) = (
+                    self.grpc_conns.clone(),
+                    self.name.clone(),
+                    self.kind == Kind::Echo,
+                );
                 tokio::spawn(async move {
                     let (tx, rx) =
                         tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
-                    let (reporter, service) = tonic_health::server::health_reporter();
+                    let (reporter, health) = tonic_health::server::health_reporter();
                     reporter
                         .set_service_status("", tonic_health::ServingStatus::Serving)
                         .await;
-                    let server = tonic::transport::Server::builder()
-                        .add_service(service)
-                        .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
+                    let mut router = tonic::transport::Server::builder().add_service(health);
+                    if echo {
+                        router = router.add_service(EchoServer::new(Named(name)));
+                    }
+                    let server =
+                        router.serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
                     let accept = async move {
                         while let Ok((s, _)) = listener.accept().await {
                             let Ok(std) = s.into_std() else { continue };
