@@ -76,6 +76,9 @@ pub struct NodeConfig {
     /// sled page cache, in MiB.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Health probes the leader runs at once, across all instances.
     #[serde(default = "default_max_concurrent_probes")]
     pub max_concurrent_probes: usize,
@@ -112,6 +115,7 @@ impl NodeConfig {
             watch_history: default_watch_history(),
             cache_mb: default_cache_mb(),
             max_concurrent_probes: default_max_concurrent_probes(),
+            metrics_listen: None,
             raft: RaftTuning::default(),
         }
     }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod node;
 pub mod proto;
 pub mod raft;

@@ -35,12 +35,16 @@ pub struct NodeHandle {
     pub raft: Raft,
     stop: oneshot::Sender<()>,
     server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    metrics: Option<JoinHandle<()>>,
 }
 
 impl NodeHandle {
     /// Stops serving and shuts Raft down; the data directory can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(());
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
         let served = self.server.await;
         self.raft
             .shutdown()
@@ -169,7 +173,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .add_service(ClusterServer::new(ClusterApi::new(
             raft.clone(),
             cfg.cluster_id.clone(),
-            state,
+            state.clone(),
             router.clone(),
         )))
         .add_service(health)
@@ -182,6 +186,10 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             },
         );
     let server = tokio::spawn(server);
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(crate::metrics::serve(addr, raft.clone(), state).await?),
+        None => None,
+    };
 
     if !members.is_empty() {
         bootstrap(&raft, members).await?;
@@ -193,6 +201,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         raft,
         stop,
         server,
+        metrics,
     })
 }
 

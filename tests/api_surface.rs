@@ -74,6 +74,42 @@ async fn health_and_reflection_are_served() {
 }
 
 #[tokio::test]
+async fn prometheus_metrics_show_raft_and_catalogue_state() {
+    let c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    register(&c.client(), "payments", "p-1", 80).await;
+    let applied = c.status(leader).await.expect("status").applied_index;
+    for n in &c.nodes {
+        c.wait_applied(n.id, applied).await;
+        let url = format!("http://127.0.0.1:{}/metrics", n.metrics_port);
+        let body = reqwest::get(&url)
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        let is_leader = if n.id == leader { 1 } else { 0 };
+        for want in [
+            format!("roster_raft_is_leader {is_leader}"),
+            format!("roster_raft_leader_id {leader}"),
+            "roster_raft_voters 3".to_string(),
+            "roster_registry_instances{status=\"passing\"} 1".to_string(),
+            "roster_registry_services 1".to_string(),
+        ] {
+            assert!(
+                body.lines().any(|l| l == want),
+                "node {}: no line {want:?} in\n{body}",
+                n.id
+            );
+        }
+    }
+    let missing = reqwest::get(format!("http://127.0.0.1:{}/other", c.node(1).metrics_port))
+        .await
+        .expect("request");
+    assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn without_a_quorum_requests_fail_with_unavailable_instead_of_hanging() {
     let mut c = TestCluster::start(3).await;
     let leader = c.leader().await;

@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::targets::{Kind, Target};
+use common::targets::{refusing_port, Kind, Target};
 use common::*;
 use roster::client::RosterClient;
 use roster::proto::v1::health_check::Kind as CheckKind;
@@ -253,10 +253,7 @@ async fn long_critical_instances_are_deregistered() {
     let c = TestCluster::start(3).await;
     let client = c.client();
     let seen = record(&client, "doomed").await;
-    let dead_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        u32::from(l.local_addr().expect("addr").port())
-    };
+    let (_held, dead_port) = refusing_port();
     let mut hc = check(CheckKind::Tcp(TcpCheck { port: 0 }), 200, 1, 1);
     hc.deregister_after_ms = 1000;
     register_checked(&client, "doomed", "d-1", dead_port, hc).await;
@@ -306,10 +303,7 @@ async fn new_leader_takes_over_checks_without_marking_live_instances_critical() 
         .await;
         live.push(t);
     }
-    let dead_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        u32::from(l.local_addr().expect("addr").port())
-    };
+    let (_held, dead_port) = refusing_port();
     register_checked(
         &client,
         "fleet",

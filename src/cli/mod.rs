@@ -78,6 +78,9 @@ pub struct ServerArgs {
     /// Voters of a new cluster: 1=host:port,2=host:port,3=host:port. Used once, on an empty data dir.
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]

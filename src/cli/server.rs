@@ -50,6 +50,9 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = a.initial_cluster {
         cfg.initial_cluster = v;
     }
+    if let Some(v) = a.metrics_listen {
+        cfg.metrics_listen = Some(v);
+    }
     cfg.validate()?;
     Ok(cfg)
 }

@@ -70,8 +70,9 @@ impl WatchHub {
         let _ = self.tx.send(Notice::Reset);
     }
 
-    pub fn floor(&self) -> u64 {
-        self.floor
+    /// Watch streams currently subscribed.
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
     }
 }
 

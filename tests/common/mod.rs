@@ -18,6 +18,8 @@ use tempfile::TempDir;
 pub struct TestNode {
     pub id: u64,
     pub port: u16,
+    /// Where the node serves Prometheus metrics.
+    pub metrics_port: u16,
     pub config: PathBuf,
     child: Option<Child>,
 }
@@ -67,8 +69,10 @@ impl TestCluster {
         let id = self.nodes.len() as u64 + 1;
         let config = self.dir.path().join(format!("node-{id}.toml"));
         let data = self.dir.path().join(format!("node-{id}"));
+        let metrics_port = free_port();
         let text = format!(
-            "id = {id}\ncluster_id = \"test\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
+            "id = {id}\ncluster_id = \"test\"\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
+            metrics_port,
             data.display(),
             self.extra
         );
@@ -76,6 +80,7 @@ impl TestCluster {
         self.nodes.push(TestNode {
             id,
             port,
+            metrics_port,
             config,
             child: None,
         });

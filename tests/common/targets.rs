@@ -37,6 +37,18 @@ impl Echo for Named {
     }
 }
 
+/// A port on which connections are refused and that nobody else can take while
+/// the returned socket lives: bound, never listening. (A port merely freed may be
+/// reused by another test's server running in parallel.)
+pub fn refusing_port() -> (tokio::net::TcpSocket, u32) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    (socket, u32::from(port))
+}
+
 pub struct Target {
     pub kind: Kind,
     pub name: String,

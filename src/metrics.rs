@@ -1,0 +1,158 @@
+//! Prometheus metrics over HTTP (`GET /metrics`): Raft progress and the size
+//! and health of the catalogue, read from the node at scrape time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use openraft::ServerState;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::raft::Raft;
+use crate::registry::watch::SharedState;
+use crate::registry::HealthStatus;
+
+/// Serves `/metrics` on `addr` until the returned task is aborted.
+pub async fn serve(addr: SocketAddr, raft: Raft, state: SharedState) -> Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Unavailable(format!("bind metrics listener {addr}: {e}")))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (raft, state) = (raft.clone(), state.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let reply = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(render(&raft, &state))))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"only /metrics here\n")))
+                    };
+                    async move { Ok::<_, Infallible>(reply.unwrap_or_default()) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }))
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g: Gauge = Gauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+/// The metrics text; built per scrape, so nothing else in the node keeps counters.
+pub fn render(raft: &Raft, state: &SharedState) -> String {
+    let m = raft.metrics().borrow().clone();
+    let mut r = Registry::with_prefix("roster");
+    let idx = |v: Option<u64>| i64::try_from(v.unwrap_or(0)).unwrap_or(i64::MAX);
+    gauge(
+        &mut r,
+        "raft_term",
+        "Current Raft term",
+        idx(Some(m.current_term)),
+    );
+    gauge(
+        &mut r,
+        "raft_is_leader",
+        "1 on the leader",
+        i64::from(m.state == ServerState::Leader),
+    );
+    gauge(
+        &mut r,
+        "raft_leader_id",
+        "Node id of the known leader, 0 if none",
+        idx(m.current_leader),
+    );
+    gauge(
+        &mut r,
+        "raft_last_log_index",
+        "Last log index",
+        idx(m.last_log_index),
+    );
+    gauge(
+        &mut r,
+        "raft_applied_index",
+        "Last applied index",
+        idx(m.last_applied.map(|l| l.index)),
+    );
+    gauge(
+        &mut r,
+        "raft_snapshot_index",
+        "Index of the last snapshot",
+        idx(m.snapshot.map(|l| l.index)),
+    );
+    gauge(
+        &mut r,
+        "raft_purged_index",
+        "Log purged up to this index",
+        idx(m.purged.map(|l| l.index)),
+    );
+    gauge(
+        &mut r,
+        "raft_voters",
+        "Voting members",
+        m.membership_config.membership().voter_ids().count() as i64,
+    );
+    if let Ok(st) = state.read() {
+        gauge(
+            &mut r,
+            "registry_revision",
+            "Revision of the catalogue",
+            idx(Some(st.catalog.revision())),
+        );
+        let summaries = st.catalog.summaries();
+        gauge(
+            &mut r,
+            "registry_services",
+            "Services with instances",
+            summaries.len() as i64,
+        );
+        let by_status: Family<Vec<(String, String)>, Gauge> = Family::default();
+        for s in [
+            HealthStatus::Passing,
+            HealthStatus::Warning,
+            HealthStatus::Critical,
+        ] {
+            let n = st.catalog.all_instances().filter(|i| i.status == s).count();
+            by_status
+                .get_or_create(&vec![(
+                    "status".to_string(),
+                    format!("{s:?}").to_lowercase(),
+                )])
+                .set(n as i64);
+        }
+        r.register(
+            "registry_instances",
+            "Instances by health status",
+            by_status,
+        );
+        gauge(
+            &mut r,
+            "watch_streams",
+            "Open watch streams, the leader's health checker included",
+            st.hub.watchers() as i64,
+        );
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
