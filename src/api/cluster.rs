@@ -66,19 +66,24 @@ impl ClusterApi {
             .collect()
     }
 
-    /// Runs a membership change on the leader; the answer is the new membership.
+    /// On the leader: `prepare` returns the new voter set, which is then
+    /// committed; the answer is the resulting membership.
     async fn change<F, Fut>(
         &self,
         forwarded: bool,
-        here: F,
+        prepare: F,
     ) -> Result<Route<Vec<pb::Member>>, Error>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<(), Error>>,
+        Fut: std::future::Future<Output = Result<BTreeSet<NodeId>, Error>>,
     {
         match self.router.current(forwarded)? {
             Route::Here(()) => {
-                here().await?;
+                let voters = prepare().await?;
+                self.raft
+                    .change_membership(voters, false)
+                    .await
+                    .map_err(membership_error)?;
                 Ok(Route::Here(self.members()))
             }
             Route::Leader(ch) => Ok(Route::Leader(ch)),
@@ -168,11 +173,7 @@ impl Cluster for ClusterApi {
                     .map_err(membership_error)?;
                 let mut voters = self.voters();
                 voters.insert(id);
-                self.raft
-                    .change_membership(voters, false)
-                    .await
-                    .map_err(membership_error)?;
-                Ok(())
+                Ok(voters)
             })
             .await?;
         match route {
@@ -203,11 +204,7 @@ impl Cluster for ClusterApi {
                         "cannot remove the last voter".into(),
                     ));
                 }
-                self.raft
-                    .change_membership(voters, false)
-                    .await
-                    .map_err(membership_error)?;
-                Ok(())
+                Ok(voters)
             })
             .await?;
         match route {
