@@ -141,17 +141,22 @@ impl LeaderRouter {
 
     /// Routes by this node's current view of the leader, without a quorum round trip.
     pub fn current(&self, forwarded: bool) -> Result<Route<()>> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader == Some(self.id) {
-            return Ok(Route::Here(()));
-        }
-        let node = m
-            .current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        // Heartbeats come this way at a high rate: read the metrics in place, no clone.
+        let (leader_id, leader_node) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow();
+            if m.current_leader == Some(self.id) {
+                return Ok(Route::Here(()));
+            }
+            let node = m
+                .current_leader
+                .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            (m.current_leader, node)
+        };
         self.to_leader(
             ForwardToLeader {
-                leader_id: m.current_leader,
-                leader_node: node,
+                leader_id,
+                leader_node,
             },
             forwarded,
         )
