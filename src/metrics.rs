@@ -118,26 +118,26 @@ pub fn render(raft: &Raft, state: &SharedState) -> String {
             "Revision of the catalogue",
             idx(Some(st.catalog.revision())),
         );
-        let summaries = st.catalog.summaries();
         gauge(
             &mut r,
             "registry_services",
             "Services with instances",
-            summaries.len() as i64,
+            st.catalog.service_count() as i64,
         );
+        // One pass over the catalogue: it is read under the lock writes need.
+        let mut counts = [0i64; 3];
+        for i in st.catalog.all_instances() {
+            counts[match i.status {
+                HealthStatus::Passing => 0,
+                HealthStatus::Warning => 1,
+                HealthStatus::Critical => 2,
+            }] += 1;
+        }
         let by_status: Family<Vec<(String, String)>, Gauge> = Family::default();
-        for s in [
-            HealthStatus::Passing,
-            HealthStatus::Warning,
-            HealthStatus::Critical,
-        ] {
-            let n = st.catalog.all_instances().filter(|i| i.status == s).count();
+        for (name, n) in ["passing", "warning", "critical"].into_iter().zip(counts) {
             by_status
-                .get_or_create(&vec![(
-                    "status".to_string(),
-                    format!("{s:?}").to_lowercase(),
-                )])
-                .set(n as i64);
+                .get_or_create(&vec![("status".to_string(), name.to_string())])
+                .set(n);
         }
         r.register(
             "registry_instances",

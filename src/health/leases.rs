@@ -5,26 +5,43 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Service → instance id → last renewal. Nested so that look-ups and renewals
+/// of known instances (every heartbeat, every check tick) allocate nothing.
 #[derive(Default)]
 pub struct Leases {
-    renewed: Mutex<HashMap<(String, String), Instant>>,
+    renewed: Mutex<HashMap<String, HashMap<String, Instant>>>,
 }
 
 impl Leases {
     pub fn renew(&self, service: &str, id: &str) {
-        if let Ok(mut m) = self.renewed.lock() {
-            m.insert((service.to_string(), id.to_string()), Instant::now());
+        let Ok(mut m) = self.renewed.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        match m.get_mut(service).and_then(|ids| ids.get_mut(id)) {
+            Some(at) => *at = now,
+            None => {
+                m.entry(service.to_string())
+                    .or_default()
+                    .insert(id.to_string(), now);
+            }
         }
     }
 
     pub fn last_renewal(&self, service: &str, id: &str) -> Option<Instant> {
         let m = self.renewed.lock().ok()?;
-        m.get(&(service.to_string(), id.to_string())).copied()
+        m.get(service)?.get(id).copied()
     }
 
     pub fn forget(&self, service: &str, id: &str) {
-        if let Ok(mut m) = self.renewed.lock() {
-            m.remove(&(service.to_string(), id.to_string()));
+        let Ok(mut m) = self.renewed.lock() else {
+            return;
+        };
+        if let Some(ids) = m.get_mut(service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                m.remove(service);
+            }
         }
     }
 }

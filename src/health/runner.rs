@@ -217,15 +217,21 @@ impl Runner {
                     .last_renewal(service, id)
                     .map_or(t.seen_at, |r| r.max(t.seen_at));
                 let silent = now.duration_since(renewed);
-                if silent > Duration::from_millis(ttl_ms) {
-                    t.desired = HealthStatus::Critical;
-                    t.output = format!(
-                        "TTL expired: no heartbeat for {} ms (TTL {ttl_ms} ms)",
-                        silent.as_millis()
-                    );
+                let desired = if silent > Duration::from_millis(ttl_ms) {
+                    HealthStatus::Critical
                 } else {
-                    t.desired = HealthStatus::Passing;
-                    t.output = "TTL: heartbeat received".into();
+                    HealthStatus::Passing
+                };
+                // Only a change needs words: this runs for every TTL instance on every tick.
+                if desired != t.desired || t.output.is_empty() {
+                    t.desired = desired;
+                    t.output = match desired {
+                        HealthStatus::Passing => "TTL: heartbeat received".into(),
+                        _ => format!(
+                            "TTL expired: no heartbeat for {} ms (TTL {ttl_ms} ms)",
+                            silent.as_millis()
+                        ),
+                    };
                 }
             }
             let blocked_by_grace = t.desired == HealthStatus::Critical && now < t.grace_until;

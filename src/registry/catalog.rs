@@ -185,6 +185,10 @@ impl Catalog {
         self.services.values().flat_map(|m| m.values())
     }
 
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
     pub fn len(&self) -> usize {
         self.services.values().map(|m| m.len()).sum()
     }
