@@ -1,6 +1,17 @@
 //! The error type of the registry, and its single mapping to gRPC status codes.
+//!
+//! The codes tell a client what to do: `UNAVAILABLE` means the request was
+//! certainly not applied and may be retried anywhere; `DEADLINE_EXCEEDED` and
+//! `ABORTED` mean it was handed to Raft (or to the leader) and its outcome is
+//! unknown: it may still be applied. Every write is safe to retry after either
+//! (see `OUTCOME_UNKNOWN_HINT`).
 
 use tonic::{Code, Status};
+
+/// What a client may do after a write with an unknown outcome.
+pub const OUTCOME_UNKNOWN_HINT: &str = "the write may or may not be applied; \
+     Register, Heartbeat and ConfigureService are safe to retry, and a retried \
+     Deregister answers NOT_FOUND if the first one was applied";
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
@@ -8,12 +19,24 @@ pub enum Error {
     InvalidArgument(String),
     #[error("not found: {0}")]
     NotFound(String),
-    /// No leader, no quorum, or the leader could not be reached: the caller may retry.
+    /// A watch asked for a revision this cluster has not reached.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    /// Not applied: no leader, no quorum, shutting down, or the leader could not
+    /// be reached. The caller may retry, possibly on another node.
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// A peer or data directory belongs to another cluster or node.
-    #[error("wrong cluster: {0}")]
-    WrongCluster(String),
+    /// Proposed, but no answer before the deadline: the outcome is unknown.
+    #[error("outcome unknown: {0}; {OUTCOME_UNKNOWN_HINT}")]
+    Timeout(String),
+    /// Proposed or forwarded, then interrupted (leadership moved, connection
+    /// lost): the outcome is unknown.
+    #[error("outcome unknown: {0}; {OUTCOME_UNKNOWN_HINT}")]
+    Interrupted(String),
+    /// The request does not fit the cluster's state: a peer or data directory
+    /// of another cluster, a membership change openraft refuses.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     #[error("storage: {0}")]
     Storage(String),
     #[error("internal: {0}")]
@@ -22,16 +45,24 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = match &e {
+impl Error {
+    pub fn code(&self) -> Code {
+        match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::Unavailable(_) => Code::Unavailable,
-            Error::WrongCluster(_) => Code::FailedPrecondition,
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Interrupted(_) => Code::Aborted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        Status::new(e.code(), e.to_string())
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod health;

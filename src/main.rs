@@ -8,7 +8,12 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn")
+                // Openraft logs every failed RPC to a down peer; Roster reports
+                // peers going down and coming back itself (raft::network), and
+                // a stopped Raft core on exit.
+                tracing_subscriber::EnvFilter::new(
+                    "info,openraft=error,openraft::core::raft_core=off,openraft::replication=off,sled=warn",
+                )
             }),
         )
         .with_writer(std::io::stderr)

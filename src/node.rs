@@ -3,9 +3,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{InitializeError, RaftError};
-use openraft::{BasicNode, SnapshotPolicy};
+use openraft::storage::RaftLogStorage;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,6 +24,7 @@ use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::DESCRIPTOR_SET;
+use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
 use crate::raft::state_machine::StateMachine;
@@ -33,14 +36,43 @@ pub struct NodeHandle {
     /// The address the server is bound to (useful when `listen` had port 0).
     pub addr: SocketAddr,
     pub raft: Raft,
+    cluster_id: String,
+    router: Arc<LeaderRouter>,
     stop: oneshot::Sender<()>,
     server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     metrics: Option<JoinHandle<()>>,
 }
 
+/// How long a stopping leader waits for a follower to take over.
+const TRANSFER_LIMIT: Duration = Duration::from_secs(2);
+
 impl NodeHandle {
-    /// Stops serving and shuts Raft down; the data directory can then be reopened.
+    /// Resolves if the Raft core stops on its own (a storage or internal error):
+    /// the node can no longer serve correctly and the process should exit, so
+    /// that its supervisor restarts it from its data directory.
+    pub async fn failed(&self) -> Error {
+        let mut m = self.raft.metrics();
+        let stopped = m
+            .wait_for(|m| m.running_state.is_err() || m.state == ServerState::Shutdown)
+            .await
+            .map(|m| match &m.running_state {
+                Err(e) => format!("raft core stopped: {e}"),
+                Ok(()) => "raft core stopped".to_string(),
+            });
+        Error::Internal(
+            stopped.unwrap_or_else(|_| "raft core ended without a word (panicked?)".to_string()),
+        )
+    }
+
+    /// Stops proposing, hands leadership to a caught-up follower if this node
+    /// leads (so a rolling restart costs no election timeout), then stops
+    /// serving and shuts Raft down; the data directory can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
+        self.router.close();
+        match leadership::transfer(&self.raft, self.id, &self.cluster_id, TRANSFER_LIMIT).await {
+            Some(to) => tracing::info!("handed leadership to node {to}"),
+            None => tracing::debug!("no leadership to hand over"),
+        }
         let _ = self.stop.send(());
         if let Some(m) = &self.metrics {
             m.abort();
@@ -64,7 +96,7 @@ fn check_identity(db: &sled::Db, cfg: &NodeConfig) -> Result<()> {
     let identity = format!("{}/{}", cfg.cluster_id, cfg.id);
     match meta.get(b"identity")? {
         Some(stored) if stored.as_ref() != identity.as_bytes() => {
-            Err(Error::WrongCluster(format!(
+            Err(Error::FailedPrecondition(format!(
                 "data directory {} belongs to {:?} (cluster/node), not {identity:?}",
                 cfg.data_dir.display(),
                 String::from_utf8_lossy(&stored)
@@ -112,7 +144,15 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .map_err(|e| Error::Storage(format!("open {}: {e}", cfg.data_dir.display())))?;
     check_identity(&db, &cfg)?;
 
-    let log_store = LogStore::open(&db)?;
+    let mut log_store = LogStore::open(&db)?;
+    // Only a node that has never voted nor logged anything bootstraps.
+    let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
+        && log_store
+            .get_log_state()
+            .await
+            .map_err(storage)?
+            .last_log_id
+            .is_none();
     let state_machine = StateMachine::open(&db, cfg.watch_history)?;
     let state = state_machine.state();
     let raft = Raft::new(
@@ -148,10 +188,25 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),
     ));
+    let lease = Duration::from_millis(cfg.raft.election_timeout_max_ms);
+    let poll = Duration::from_millis(cfg.raft.heartbeat_ms);
+    // Followers campaign after the lease plus at least the minimum timeout; a
+    // leader that has heard from no quorum for that long is no longer needed.
+    let quorum_timeout = lease + Duration::from_millis(cfg.raft.election_timeout_min_ms);
+    tokio::spawn(leadership::check_quorum(
+        raft.clone(),
+        cfg.id,
+        quorum_timeout,
+        poll,
+    ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RegistryServer<RegistryApi>>()
-        .await;
+    tokio::spawn(report_readiness(
+        raft.clone(),
+        cfg.id,
+        lease,
+        poll,
+        health_reporter,
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -191,7 +246,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         None => None,
     };
 
-    if !members.is_empty() {
+    if !members.is_empty() && pristine {
         bootstrap(&raft, members).await?;
     }
     tracing::info!(id = cfg.id, %addr, cluster = %cfg.cluster_id, "node started");
@@ -199,10 +254,60 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         id: cfg.id,
         addr,
         raft,
+        cluster_id: cfg.cluster_id,
+        router,
         stop,
         server,
         metrics,
     })
+}
+
+/// The gRPC health service answers per service: `roster.v1.Registry` and
+/// `roster.v1.Cluster` are SERVING only while this node can serve their
+/// linearizable requests (readiness); the overall status `""` stays SERVING
+/// while the process runs (liveness).
+async fn report_readiness(
+    raft: Raft,
+    id: NodeId,
+    lease: Duration,
+    poll: Duration,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    use tonic_health::ServingStatus;
+    let services = [
+        <RegistryServer<RegistryApi> as tonic::server::NamedService>::NAME,
+        <ClusterServer<ClusterApi> as tonic::server::NamedService>::NAME,
+    ];
+    let mut metrics = raft.metrics();
+    let mut last = None;
+    let mut tick = tokio::time::interval(poll);
+    loop {
+        tick.tick().await;
+        if metrics.has_changed().is_err() {
+            break;
+        }
+        let ready = leadership::can_serve(&metrics.borrow_and_update(), id, lease);
+        if last != Some(ready) {
+            last = Some(ready);
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for s in services {
+                reporter.set_service_status(s, status).await;
+            }
+        }
+    }
+    for s in services {
+        reporter
+            .set_service_status(s, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+fn storage(e: openraft::StorageError<NodeId>) -> Error {
+    Error::Storage(e.to_string())
 }
 
 /// Initializes a pristine node. Every initial member does this with the same

@@ -8,7 +8,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
-use super::leader::{forward_request, is_forwarded, LeaderRouter, Route};
+use super::leader::{is_forwarded, Effect, LeaderRouter, Route};
 use crate::config::parse_initial_cluster;
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -86,7 +86,7 @@ impl ClusterApi {
                     .map_err(membership_error)?;
                 Ok(Route::Here(self.members()))
             }
-            Route::Leader(ch) => Ok(Route::Leader(ch)),
+            Route::Leader(l) => Ok(Route::Leader(l)),
         }
     }
 }
@@ -97,7 +97,7 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Err
             Error::Unavailable("leadership moved during the membership change; retry".into())
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            Error::WrongCluster(e.to_string())
+            Error::FailedPrecondition(e.to_string())
         }
         RaftError::Fatal(e) => Error::Unavailable(format!("raft stopped: {e}")),
     }
@@ -178,10 +178,11 @@ impl Cluster for ClusterApi {
             .await?;
         match route {
             Route::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
-            Route::Leader(ch) => {
-                ClusterClient::new(ch)
-                    .add_member(forward_request(msg, CATCH_UP_TIMEOUT))
-                    .await
+            Route::Leader(l) => {
+                l.relay(msg, CATCH_UP_TIMEOUT, Effect::Write, |ch, r| async move {
+                    ClusterClient::new(ch).add_member(r).await
+                })
+                .await
             }
         }
     }
@@ -209,10 +210,14 @@ impl Cluster for ClusterApi {
             .await?;
         match route {
             Route::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
-            Route::Leader(ch) => {
-                ClusterClient::new(ch)
-                    .remove_member(forward_request(msg, self.router.timeout()))
-                    .await
+            Route::Leader(l) => {
+                l.relay(
+                    msg,
+                    self.router.timeout(),
+                    Effect::Write,
+                    |ch, r| async move { ClusterClient::new(ch).remove_member(r).await },
+                )
+                .await
             }
         }
     }

@@ -3,16 +3,18 @@
 //! clients never need to know who leads.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
+use tonic::{Response, Status};
 
 use crate::error::{Error, Result};
 use crate::raft::coalesce::Coalescer;
-use crate::raft::network::channel;
+use crate::raft::network::{channel, error_chain};
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::{Command, CommandResponse, Proposal};
 
@@ -27,8 +29,70 @@ const ROUNDS_IN_FLIGHT: usize = 2;
 pub enum Route<T> {
     /// This node is the leader and did the work.
     Here(T),
-    /// Another node leads: send the request there, over this channel.
-    Leader(Channel),
+    /// Another node leads: send the request there.
+    Leader(Leader),
+}
+
+/// The leader as a follower sees it, for forwarding.
+pub struct Leader {
+    pub id: NodeId,
+    pub addr: String,
+    pub channel: Channel,
+}
+
+/// Whether a forwarded request changes state: a write whose connection breaks
+/// mid-call has an unknown outcome, a read can simply be retried.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Read,
+    Write,
+}
+
+impl Leader {
+    /// Sends the caller's request to the leader, marked as forwarded, and relays
+    /// the leader's answer. Transport failures are said as such, naming the leader.
+    pub async fn relay<T, R, F, Fut>(
+        self,
+        msg: T,
+        timeout: Duration,
+        effect: Effect,
+        call: F,
+    ) -> std::result::Result<Response<R>, Status>
+    where
+        F: FnOnce(Channel, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<R>, Status>>,
+    {
+        let answer = call(self.channel.clone(), forward_request(msg, timeout)).await;
+        answer.map_err(|s| self.transport_failure(s, effect))
+    }
+
+    fn transport_failure(&self, s: Status, effect: Effect) -> Status {
+        // The leader's own answers carry no source; transport failures do.
+        if std::error::Error::source(&s).is_none() {
+            return s;
+        }
+        let cause = error_chain(&s);
+        let what = format!(
+            "forwarding to leader {} at {} failed: {cause}",
+            self.id, self.addr
+        );
+        match s.code() {
+            // The connection could not be made: the request never left this node.
+            tonic::Code::Unavailable if !sent(&s) => {
+                Error::Unavailable(format!("{what}; not applied, retry"))
+            }
+            _ if effect == Effect::Read => Error::Unavailable(format!("{what}; retry")),
+            _ => Error::Interrupted(what),
+        }
+        .into()
+    }
+}
+
+/// Whether a transport failure happened after the request could have reached
+/// the peer (tonic reports connect failures as UNAVAILABLE "tcp connect error").
+fn sent(s: &Status) -> bool {
+    let m = s.message();
+    !(m.contains("connect") || m.contains("dns"))
 }
 
 /// Why the work was not done here.
@@ -42,6 +106,9 @@ pub struct LeaderRouter {
     raft: Raft,
     id: NodeId,
     timeout: Duration,
+    /// Set when the node begins to shut down: nothing new is proposed, and
+    /// streams end so the server can stop.
+    closed: tokio::sync::watch::Sender<bool>,
     channels: Mutex<HashMap<String, Channel>>,
     writes: Coalescer<Command, std::result::Result<CommandResponse, Refusal>>,
     reads: Coalescer<(), std::result::Result<(), Refusal>>,
@@ -52,7 +119,7 @@ pub fn is_forwarded(meta: &MetadataMap) -> bool {
 }
 
 /// Wraps a message for the leader, marked as forwarded.
-pub fn forward_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+fn forward_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r.metadata_mut().insert(
@@ -62,11 +129,15 @@ pub fn forward_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     r
 }
 
+// Openraft answers ForwardToLeader for a write it did not append, or whose
+// entry was truncated by a new leader: either way it is not applied.
 fn write_refusal(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Refusal {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Refusal::NotLeader(f),
         RaftError::APIError(e) => Refusal::Failed(Error::Internal(e.to_string())),
-        RaftError::Fatal(e) => Refusal::Failed(Error::Unavailable(format!("raft stopped: {e}"))),
+        RaftError::Fatal(e) => Refusal::Failed(Error::Interrupted(format!(
+            "the Raft core stopped while the write was in flight ({e})"
+        ))),
     }
 }
 
@@ -74,7 +145,10 @@ fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refus
     match e {
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => Refusal::NotLeader(f),
         RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)) => {
-            Refusal::Failed(Error::Unavailable(format!("leader lost its quorum: {e}")))
+            Refusal::Failed(Error::Unavailable(format!(
+                "this node led but could not confirm it with a quorum of voters {:?}; retry, possibly on another node",
+                e.cluster
+            )))
         }
         RaftError::Fatal(e) => Refusal::Failed(Error::Unavailable(format!("raft stopped: {e}"))),
     }
@@ -116,6 +190,7 @@ impl LeaderRouter {
             raft,
             id,
             timeout,
+            closed: tokio::sync::watch::Sender::new(false),
             channels: Mutex::new(HashMap::new()),
             writes,
             reads,
@@ -126,21 +201,92 @@ impl LeaderRouter {
         self.timeout
     }
 
+    /// From now on nothing new is proposed here; requests are forwarded to
+    /// the leader or refused as not applied.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Resolves once the node has begun to shut down.
+    pub fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|c| *c).await;
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if *self.closed.borrow() {
+            return Err(Error::Unavailable(format!(
+                "node {} is shutting down; not applied, retry on another node",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
     /// Replicates `cmd` through Raft and returns what applying it did.
     pub async fn write(&self, cmd: Command, forwarded: bool) -> Result<Route<CommandResponse>> {
-        let answer = self.within_timeout(self.writes.submit(cmd)).await?;
+        self.check_open()?;
+        let mut server = self.raft.server_metrics();
+        let leading = server.borrow().current_leader == Some(self.id);
+        let answer = self.writes.submit(cmd);
+        // A write proposed here ends when it is answered, when the deadline passes,
+        // or when this node stops leading (stepped down, deposed): then its entry
+        // may or may not be committed by the next leader.
+        let deposed = async {
+            if !leading {
+                return std::future::pending().await;
+            }
+            let _ = server.wait_for(|m| m.current_leader != Some(self.id)).await;
+        };
+        let answer = tokio::select! {
+            biased;
+            a = tokio::time::timeout(self.timeout, answer) => a.map_err(|_| Error::Timeout(format!(
+                "no quorum confirmed the write within {:?}", self.timeout
+            )))?,
+            () = deposed => return Err(Error::Interrupted(format!(
+                "node {} stopped leading while the write was in flight", self.id
+            ))),
+        };
+        let answer = answer.ok_or_else(|| Error::Interrupted("node is shutting down".into()))?;
         self.route(answer, forwarded)
     }
 
     /// Confirms leadership with a quorum and waits until this node has applied
     /// everything committed before the call (read index).
     pub async fn linearizable(&self, forwarded: bool) -> Result<Route<()>> {
-        let answer = self.within_timeout(self.reads.submit(())).await?;
+        self.check_open()?;
+        let answer = tokio::time::timeout(self.timeout, self.reads.submit(()))
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "no quorum confirmed this node's view within {:?}; the cluster may have lost its majority",
+                    self.timeout
+                ))
+            })?
+            .ok_or_else(|| Error::Unavailable("node is shutting down".into()))?;
         self.route(answer, forwarded)
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<()> {
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(index), "catch up with the leader")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "node {} could not catch up with revision {index}: {e}; retry, possibly on another node",
+                    self.id
+                ))
+            })
     }
 
     /// Routes by this node's current view of the leader, without a quorum round trip.
     pub fn current(&self, forwarded: bool) -> Result<Route<()>> {
+        self.check_open()?;
         // Heartbeats come this way at a high rate: read the metrics in place, no clone.
         let (leader_id, leader_node) = {
             let rx = self.raft.metrics();
@@ -162,21 +308,6 @@ impl LeaderRouter {
         )
     }
 
-    async fn within_timeout<T>(
-        &self,
-        answer: impl std::future::Future<Output = Option<T>>,
-    ) -> Result<T> {
-        tokio::time::timeout(self.timeout, answer)
-            .await
-            .map_err(|_| {
-                Error::Unavailable(format!(
-                    "no answer from a quorum within {:?}; the cluster may have lost its majority",
-                    self.timeout
-                ))
-            })?
-            .ok_or_else(|| Error::Unavailable("node is shutting down".into()))
-    }
-
     fn route<T>(
         &self,
         answer: std::result::Result<T, Refusal>,
@@ -190,16 +321,15 @@ impl LeaderRouter {
     }
 
     fn to_leader<T>(&self, f: ForwardToLeader<NodeId, Node>, forwarded: bool) -> Result<Route<T>> {
-        let Some(node) = f.leader_node else {
+        let (Some(id), Some(node)) = (f.leader_id, f.leader_node) else {
             return Err(Error::Unavailable(
-                "no leader elected at the moment; retry".into(),
+                "no leader elected at the moment; not applied, retry".into(),
             ));
         };
         if forwarded {
             // The node we were forwarded to no longer leads; let the client retry rather than bounce.
             return Err(Error::Unavailable(format!(
-                "leadership is moving (to node {:?}); retry",
-                f.leader_id
+                "leadership is moving (to node {id}); not applied, retry"
             )));
         }
         let mut channels = self
@@ -216,6 +346,10 @@ impl LeaderRouter {
                 c
             }
         };
-        Ok(Route::Leader(ch))
+        Ok(Route::Leader(Leader {
+            id,
+            addr: node.addr,
+            channel: ch,
+        }))
     }
 }

@@ -9,17 +9,17 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, instance_to_pb, status_to_pb};
-use super::leader::{forward_request, is_forwarded, LeaderRouter, Route};
+use super::leader::{is_forwarded, Effect, Leader, LeaderRouter, Route};
 use crate::error::Error;
-use crate::health::Leases;
+use crate::health::{now_ms, Leases, TTL_RENEWED};
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::registry_server::Registry;
 use crate::raft::network::MAX_MESSAGE_BYTES;
-use crate::registry::model::CheckKind;
+use crate::registry::model::{CheckKind, HealthUpdate};
 use crate::registry::validate;
 use crate::registry::watch::{watch_stream, RegistryState, SharedState};
-use crate::registry::{Command, Instance, Outcome};
+use crate::registry::{Command, HealthStatus, Instance, Outcome};
 
 pub struct RegistryApi {
     state: SharedState,
@@ -58,6 +58,61 @@ impl RegistryApi {
         Ok(f(&st))
     }
 
+    async fn relay_deregister(
+        &self,
+        l: Leader,
+        msg: pb::DeregisterRequest,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        l.relay(
+            msg,
+            self.router.timeout(),
+            Effect::Write,
+            |ch, r| async move { registry(ch).deregister(r).await },
+        )
+        .await
+    }
+
+    /// Prepares this node for a watch. A fresh watch's initial state must hold
+    /// every write acknowledged before the call, so the node first catches up
+    /// with the cluster's revision (read index). A watch may resume from a
+    /// revision this node has not applied yet (the client saw it on a node
+    /// further ahead), but not from one the cluster has not reached: that would
+    /// silently skip the changes up to it.
+    async fn catch_up(&self, since: u64) -> Result<(), Status> {
+        let local = self.read(|st| st.catalog.revision())?;
+        if since != 0 && since <= local {
+            return Ok(());
+        }
+        let cluster = match self.router.linearizable(false).await? {
+            Route::Here(()) => self.read(|st| st.catalog.revision())?,
+            Route::Leader(l) => {
+                let req = pb::ListServicesRequest {
+                    consistency: pb::Consistency::Linearizable as i32,
+                };
+                l.relay(
+                    req,
+                    self.router.timeout(),
+                    Effect::Read,
+                    |ch, r| async move { registry(ch).list_services(r).await },
+                )
+                .await?
+                .into_inner()
+                .revision
+            }
+        };
+        if since > cluster {
+            return Err(Error::OutOfRange(format!(
+                "since_revision {since} is ahead of the cluster's revision {cluster}; \
+                 resume from a revision you received, or watch without since_revision"
+            ))
+            .into());
+        }
+        if since == 0 {
+            self.router.wait_applied(cluster).await?;
+        }
+        Ok(())
+    }
+
     /// Routes a read by the requested consistency: `Here` means read local state now.
     async fn route_read(&self, consistency: i32, forwarded: bool) -> Result<Route<()>, Status> {
         if consistency == pb::Consistency::Stale as i32 {
@@ -91,10 +146,14 @@ impl Registry for RegistryApi {
                 }
                 other => Err(Error::Internal(format!("register applied as {other:?}")).into()),
             },
-            Route::Leader(ch) => {
-                registry(ch)
-                    .register(forward_request(msg, self.router.timeout()))
-                    .await
+            Route::Leader(l) => {
+                l.relay(
+                    msg,
+                    self.router.timeout(),
+                    Effect::Write,
+                    |ch, r| async move { registry(ch).register(r).await },
+                )
+                .await
             }
         }
     }
@@ -106,6 +165,22 @@ impl Registry for RegistryApi {
         let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         convert::instance_ref(&msg.service, &msg.id)?;
+        let not_found = || {
+            Status::from(Error::NotFound(format!(
+                "instance {:?} of service {:?}",
+                msg.id, msg.service
+            )))
+        };
+        // An unknown instance is answered NOT_FOUND without a Raft entry: once
+        // the read index confirms this node is current, absence is the truth.
+        let held = |st: &RegistryState| st.catalog.get(&msg.service, &msg.id).is_some();
+        if !self.read(held)? {
+            match self.router.linearizable(forwarded).await? {
+                Route::Here(()) if !self.read(held)? => return Err(not_found()),
+                Route::Here(()) => {}
+                Route::Leader(l) => return self.relay_deregister(l, msg).await,
+            }
+        }
         let cmd = Command::Deregister {
             service: msg.service.clone(),
             id: msg.id.clone(),
@@ -115,17 +190,9 @@ impl Registry for RegistryApi {
                 Outcome::Deregistered => Ok(Response::new(pb::DeregisterResponse {
                     revision: r.revision,
                 })),
-                _ => Err(Error::NotFound(format!(
-                    "instance {:?} of service {:?}",
-                    msg.id, msg.service
-                ))
-                .into()),
+                _ => Err(not_found()),
             },
-            Route::Leader(ch) => {
-                registry(ch)
-                    .deregister(forward_request(msg, self.router.timeout()))
-                    .await
-            }
+            Route::Leader(l) => self.relay_deregister(l, msg).await,
         }
     }
 
@@ -149,18 +216,52 @@ impl Registry for RegistryApi {
                         msg.id, msg.service
                     ))
                 })?;
-                if ttl {
-                    self.leases.renew(&msg.service, &msg.id);
+                if !ttl {
+                    return Ok(Response::new(pb::HeartbeatResponse {
+                        revision,
+                        status: status_to_pb(status) as i32,
+                    }));
                 }
-                Ok(Response::new(pb::HeartbeatResponse {
-                    revision,
-                    status: status_to_pb(status) as i32,
-                }))
+                self.leases.renew(&msg.service, &msg.id);
+                if status == HealthStatus::Passing {
+                    return Ok(Response::new(pb::HeartbeatResponse {
+                        revision,
+                        status: status_to_pb(status) as i32,
+                    }));
+                }
+                // A heartbeat revives a critical TTL instance at once, through
+                // Raft like any status change, rather than at the next check tick.
+                let revive = Command::SetHealth(vec![HealthUpdate {
+                    service: msg.service.clone(),
+                    id: msg.id.clone(),
+                    status: HealthStatus::Passing,
+                    output: TTL_RENEWED.into(),
+                    at_ms: now_ms(),
+                }]);
+                match self.router.write(revive, forwarded).await? {
+                    Route::Here(r) => Ok(Response::new(pb::HeartbeatResponse {
+                        revision: r.revision,
+                        status: status_to_pb(HealthStatus::Passing) as i32,
+                    })),
+                    Route::Leader(l) => {
+                        l.relay(
+                            msg,
+                            self.router.timeout(),
+                            Effect::Read,
+                            |ch, r| async move { registry(ch).heartbeat(r).await },
+                        )
+                        .await
+                    }
+                }
             }
-            Route::Leader(ch) => {
-                registry(ch)
-                    .heartbeat(forward_request(msg, self.router.timeout()))
-                    .await
+            Route::Leader(l) => {
+                l.relay(
+                    msg,
+                    self.router.timeout(),
+                    Effect::Read,
+                    |ch, r| async move { registry(ch).heartbeat(r).await },
+                )
+                .await
             }
         }
     }
@@ -181,10 +282,14 @@ impl Registry for RegistryApi {
                     protection_active: view.protection_active,
                 })
             }),
-            Route::Leader(ch) => {
-                registry(ch)
-                    .get_service(forward_request(msg, self.router.timeout()))
-                    .await
+            Route::Leader(l) => {
+                l.relay(
+                    msg,
+                    self.router.timeout(),
+                    Effect::Read,
+                    |ch, r| async move { registry(ch).get_service(r).await },
+                )
+                .await
             }
         }
     }
@@ -212,10 +317,14 @@ impl Registry for RegistryApi {
                     services,
                 })
             }),
-            Route::Leader(ch) => {
-                registry(ch)
-                    .list_services(forward_request(msg, self.router.timeout()))
-                    .await
+            Route::Leader(l) => {
+                l.relay(
+                    msg,
+                    self.router.timeout(),
+                    Effect::Read,
+                    |ch, r| async move { registry(ch).list_services(r).await },
+                )
+                .await
             }
         }
     }
@@ -238,10 +347,14 @@ impl Registry for RegistryApi {
             Route::Here(r) => Ok(Response::new(pb::ConfigureServiceResponse {
                 revision: r.revision,
             })),
-            Route::Leader(ch) => {
-                registry(ch)
-                    .configure_service(forward_request(msg, self.router.timeout()))
-                    .await
+            Route::Leader(l) => {
+                l.relay(
+                    msg,
+                    self.router.timeout(),
+                    Effect::Write,
+                    |ch, r| async move { registry(ch).configure_service(r).await },
+                )
+                .await
             }
         }
     }
@@ -259,8 +372,12 @@ impl Registry for RegistryApi {
             validate::service_name(&msg.service)?;
             Some(msg.service)
         };
+        self.catch_up(msg.since_revision).await?;
+        // Watch streams never end by themselves; a stopping node ends them so
+        // that clients resume elsewhere and the server can finish.
         let stream = watch_stream(self.state.clone(), service, msg.since_revision)
             .map(|m| Ok(convert::watch_message_to_pb(&m)));
+        let stream = futures::StreamExt::take_until(stream, self.router.closing());
         Ok(Response::new(Box::pin(stream)))
     }
 }

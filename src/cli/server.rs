@@ -57,13 +57,39 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     Ok(cfg)
 }
 
+/// Resolves on SIGINT or SIGTERM (how Docker and Kubernetes stop a container).
+async fn stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT").map(|()| "SIGINT"),
+        _ = term.recv() => Ok("SIGTERM"),
+    }
+}
+
+/// Crash-only: a panic anywhere (a Raft core, a storage thread, a handler)
+/// leaves state no one should serve from, so the process exits non-zero and
+/// its supervisor restarts it from its data directory.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("panic: {info}; exiting so the node restarts from its data directory");
+        std::process::exit(70);
+    }));
+}
+
 pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let cfg = node_config(a)?;
     let handle = node::start(cfg).await?;
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    tracing::info!("shutting down");
+    exit_on_panic();
+    tokio::select! {
+        sig = stop_signal() => tracing::info!("{}: shutting down", sig?),
+        e = handle.failed() => {
+            return Err(anyhow::anyhow!(e)
+                .context("the node cannot go on serving; exiting so that it restarts from its data directory"));
+        }
+    }
     handle.shutdown().await?;
     Ok(())
 }
@@ -92,9 +118,8 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     println!("data in {}", dir.path().display());
     println!("try: roster status --endpoints {}", endpoints.join(","));
     println!("Ctrl-C stops the cluster and deletes its data.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    exit_on_panic();
+    stop_signal().await?;
     for h in handles {
         h.shutdown().await?;
     }

@@ -60,12 +60,18 @@ pub struct RosterClient {
     retry_for: Duration,
 }
 
-/// Errors after which another node may succeed.
+/// Errors after which another node may succeed. Every Roster write is safe
+/// to repeat, so outcome-unknown answers (`DEADLINE_EXCEEDED`, `ABORTED`, and a
+/// connection lost mid-call) are retried like `UNAVAILABLE` (not applied).
 fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
-    )
+    ) || outcome_unknown(s)
+}
+
+fn outcome_unknown(s: &Status) -> bool {
+    matches!(s.code(), Code::DeadlineExceeded | Code::Aborted)
 }
 
 impl RosterClient {
@@ -143,12 +149,31 @@ impl RosterClient {
         .await
     }
 
+    /// A retry after an attempt with an unknown outcome that answers
+    /// `NOT_FOUND` means the first attempt removed it: that is a success
+    /// (with revision 0, as the revision it was removed at is not known).
     pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(Self::registry(ch).deregister(req).await?.into_inner()) }
-        })
-        .await
+        let uncertain = std::sync::atomic::AtomicBool::new(false);
+        let answer = self
+            .retry(|ch| {
+                let (req, uncertain) = (req.clone(), &uncertain);
+                async move {
+                    let r = Self::registry(ch).deregister(req).await;
+                    if r.as_ref()
+                        .is_err_and(|s| retryable(s) && s.code() != Code::Unavailable)
+                    {
+                        uncertain.store(true, Ordering::Relaxed);
+                    }
+                    Ok(r?.into_inner())
+                }
+            })
+            .await;
+        match answer {
+            Err(s) if s.code() == Code::NotFound && uncertain.load(Ordering::Relaxed) => {
+                Ok(DeregisterResponse { revision: 0 })
+            }
+            other => other,
+        }
     }
 
     pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {

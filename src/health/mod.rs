@@ -56,6 +56,9 @@ pub async fn supervise(raft: Raft, id: NodeId, ctx: Arc<CheckContext>) {
     }
 }
 
+/// The check output of a TTL instance whose heartbeat arrived in time.
+pub const TTL_RENEWED: &str = "TTL: heartbeat received";
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

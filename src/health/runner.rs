@@ -15,7 +15,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::probe::Prober;
 use super::tracker::Tracker;
-use super::{now_ms, CheckContext};
+use super::{now_ms, CheckContext, TTL_RENEWED};
 use crate::registry::model::{CheckKind, CheckSpec, HealthUpdate};
 use crate::registry::watch::{watch_stream, WatchMessage};
 use crate::registry::{Command, EventKind, HealthStatus, Instance};
@@ -226,7 +226,7 @@ impl Runner {
                 if desired != t.desired || t.output.is_empty() {
                     t.desired = desired;
                     t.output = match desired {
-                        HealthStatus::Passing => "TTL: heartbeat received".into(),
+                        HealthStatus::Passing => TTL_RENEWED.into(),
                         _ => format!(
                             "TTL expired: no heartbeat for {} ms (TTL {ttl_ms} ms)",
                             silent.as_millis()

@@ -1,6 +1,8 @@
 //! Outbound Raft RPCs: openraft's network traits over the `RaftTransport` gRPC service.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -10,6 +12,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::Vote;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
@@ -31,14 +34,120 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
         .connect_lazy())
 }
 
+/// Peer requests carry the cluster id, so a node of another cluster refuses them.
+fn peer_request<T>(
+    msg: T,
+    cluster_id: &str,
+    timeout: Duration,
+) -> Result<tonic::Request<T>, tonic::metadata::errors::InvalidMetadataValue> {
+    let mut request = tonic::Request::new(msg);
+    request.set_timeout(timeout);
+    request
+        .metadata_mut()
+        .insert(CLUSTER_ID_HEADER, MetadataValue::try_from(cluster_id)?);
+    Ok(request)
+}
+
+/// Asks the node at `addr` to campaign at once (leadership transfer).
+/// `leader_vote` names the leader asking; the node refuses if it follows another.
+pub async fn timeout_now(
+    addr: &str,
+    cluster_id: &str,
+    leader_vote: &Vote<NodeId>,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(1);
+    let ch = channel(addr, timeout).map_err(|e| e.to_string())?;
+    let data = encode(leader_vote).map_err(|e| e.to_string())?;
+    let req = peer_request(RaftPayload { data }, cluster_id, timeout).map_err(|e| e.to_string())?;
+    RaftTransportClient::new(ch)
+        .timeout_now(req)
+        .await
+        .map(|_| ())
+        .map_err(|s| s.message().to_string())
+}
+
+/// An error and its causes on one line: "transport error: tcp connect error:
+/// Connection refused (os error 111)", without repeats.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out = format!("{out}: {s}");
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Peer reachability, for logging: a peer that is down is reported when it
+/// goes down, every `REMIND` while it stays down, and when it is back, rather
+/// than on every heartbeat and vote request.
+#[derive(Default)]
+struct PeerLog {
+    down: HashMap<NodeId, Outage>,
+}
+
+struct Outage {
+    since: Instant,
+    reported: Instant,
+    failures: u64,
+}
+
+const REMIND: Duration = Duration::from_secs(30);
+
+impl PeerLog {
+    fn failed(&mut self, target: NodeId, addr: &str, cause: &str) {
+        let now = Instant::now();
+        match self.down.get_mut(&target) {
+            None => {
+                tracing::warn!("cannot reach node {target} at {addr}: {cause}; retrying");
+                self.down.insert(
+                    target,
+                    Outage {
+                        since: now,
+                        reported: now,
+                        failures: 1,
+                    },
+                );
+            }
+            Some(o) => {
+                o.failures += 1;
+                if now.duration_since(o.reported) >= REMIND {
+                    o.reported = now;
+                    tracing::warn!(
+                        "node {target} at {addr} unreachable for {}s ({} attempts): {cause}",
+                        now.duration_since(o.since).as_secs(),
+                        o.failures
+                    );
+                }
+            }
+        }
+    }
+
+    fn succeeded(&mut self, target: NodeId, addr: &str) {
+        if let Some(o) = self.down.remove(&target) {
+            tracing::info!(
+                "node {target} at {addr} reachable again after {}s",
+                o.since.elapsed().as_secs()
+            );
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Network {
     cluster_id: String,
+    peers: Arc<Mutex<PeerLog>>,
 }
 
 impl Network {
     pub fn new(cluster_id: String) -> Self {
-        Network { cluster_id }
+        Network {
+            cluster_id,
+            peers: Arc::default(),
+        }
     }
 }
 
@@ -53,15 +162,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         });
         PeerClient {
             target,
+            addr: node.addr.clone(),
             cluster_id: self.cluster_id.clone(),
             client: client.map_err(|e| e.to_string()),
+            peers: self.peers.clone(),
         }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
+    addr: String,
     cluster_id: String,
+    peers: Arc<Mutex<PeerLog>>,
     /// An unparsable peer address is reported on every call, not at construction.
     client: Result<RaftTransportClient<Channel>, String>,
 }
@@ -89,16 +202,19 @@ impl PeerClient {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.clone())))
         })?;
         let data = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { data });
-        request.set_timeout(option.hard_ttl());
-        let cluster = MetadataValue::try_from(self.cluster_id.as_str())
+        let request = peer_request(RaftPayload { data }, &self.cluster_id, option.hard_ttl())
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        request.metadata_mut().insert(CLUSTER_ID_HEADER, cluster);
         let reply = match rpc {
             Rpc::AppendEntries => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
+        if let Ok(mut peers) = self.peers.lock() {
+            match &reply {
+                Ok(_) => peers.succeeded(self.target, &self.addr),
+                Err(s) => peers.failed(self.target, &self.addr, &error_chain(s)),
+            }
+        }
         let reply = reply.map_err(|status| match status.code() {
             // Openraft backs off from an unreachable peer instead of retrying hot.
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {

@@ -4,7 +4,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use super::{decode, encode, Raft, CLUSTER_ID_HEADER};
+use openraft::Vote;
+
+use super::{decode, encode, NodeId, Raft, CLUSTER_ID_HEADER};
 use crate::error::Error;
 use crate::proto::raft_v1::raft_transport_server::RaftTransport;
 use crate::proto::raft_v1::RaftPayload;
@@ -27,7 +29,7 @@ impl RaftService {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if theirs != self.cluster_id {
-            return Err(Error::WrongCluster(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "peer belongs to cluster {theirs:?}, this node to {:?}",
                 self.cluster_id
             ))
@@ -64,5 +66,25 @@ impl RaftTransport for RaftService {
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = self.admit(req)?;
         reply(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn timeout_now(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let leader_vote: Vote<NodeId> = self.admit(req)?;
+        let mine = self.raft.metrics().borrow().vote;
+        if mine != leader_vote {
+            return Err(Error::FailedPrecondition(format!(
+                "asked to take over from leader vote {leader_vote}, but this node follows {mine}"
+            ))
+            .into());
+        }
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("raft stopped: {e}")))?;
+        reply(&())
     }
 }

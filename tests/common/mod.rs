@@ -145,6 +145,49 @@ impl TestCluster {
         }
     }
 
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`, ...) to node `id`.
+    pub fn signal(&self, id: u64, sig: &str) {
+        let pid = self.node(id).child.as_ref().expect("node is running").id();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -s {sig} {pid}");
+    }
+
+    /// The exit status of node `id`'s process, if it has exited.
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let status = node.child.as_mut()?.try_wait().expect("try_wait")?;
+        node.child = None;
+        Some(status)
+    }
+
+    /// Waits up to `limit` for node `id`'s process to exit by itself.
+    pub async fn wait_exit(&mut self, id: u64, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited(id) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still running after {limit:?}; logs in {}",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What node `id` has logged so far (stderr, at the harness's log level).
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).config.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.node(id).child.is_some()
     }

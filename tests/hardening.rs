@@ -1,0 +1,555 @@
+//! Faults and misuse a production registry meets, each against real `roster
+//! server` processes: a stopped or isolated leader, writes whose outcome is
+//! unknown, requests that must change nothing, bad bytes, a full disk.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use roster::proto::v1::registry_client::RegistryClient;
+use roster::proto::v1::*;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn raw(c: &TestCluster, id: u64) -> RegistryClient<Channel> {
+    RegistryClient::connect(format!("http://{}", c.endpoint(id)))
+        .await
+        .expect("connect")
+}
+
+fn register_req(service: &str, id: &str) -> RegisterRequest {
+    RegisterRequest {
+        instance: Some(instance(service, id, 80)),
+    }
+}
+
+async fn health(c: &TestCluster, id: u64, service: &str) -> ServingStatus {
+    let ch = Channel::from_shared(format!("http://{}", c.endpoint(id)))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check");
+    ServingStatus::try_from(r.into_inner().status).expect("known status")
+}
+
+fn followers(c: &TestCluster, leader: u64) -> Vec<u64> {
+    c.nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| *id != leader)
+        .collect()
+}
+
+#[tokio::test]
+async fn sigterm_on_the_leader_hands_leadership_over_before_exiting() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    register(&client, "api", "a-1", 80).await;
+    let leader = c.leader().await;
+
+    c.signal(leader, "TERM");
+    let exit = c.wait_exit(leader, Duration::from_secs(10)).await;
+    assert!(exit.success(), "a stopped node exits cleanly: {exit:?}");
+    // The leader waited for a successor before exiting: one is in charge at
+    // once, without the election timeout a crash would cost.
+    let mut successor = None;
+    for id in followers(&c, leader) {
+        let s = c.status(id).await.expect("status of a running node");
+        if s.role == "leader" {
+            successor = Some((id, s.term));
+        }
+    }
+    let (new_leader, _) = successor.unwrap_or_else(|| {
+        panic!(
+            "no leader among the others the moment node {leader} exited; logs in {}",
+            c.dir.path().display()
+        )
+    });
+    register(&client, "api", "a-2", 80).await;
+    assert_eq!(
+        ids(&c.node_client(new_leader), "api", Consistency::Linearizable).await,
+        ["a-1", "a-2"]
+    );
+
+    c.start_node(leader);
+    c.wait_for(
+        "the restarted node to rejoin",
+        Duration::from_secs(20),
+        || async { c.status(leader).await.filter(|s| s.leader_id == new_leader) },
+    )
+    .await;
+    assert!(
+        !c.log(leader).contains("ERROR"),
+        "a normal restart logs no ERROR:\n{}",
+        c.log(leader)
+    );
+}
+
+#[tokio::test]
+async fn an_isolated_leader_steps_down_and_fails_fast() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    c.wait_for("a ready leader", Duration::from_secs(5), || async {
+        (health(&c, leader, "roster.v1.Registry").await == ServingStatus::Serving).then_some(())
+    })
+    .await;
+    for f in followers(&c, leader) {
+        c.kill(f);
+    }
+    c.wait_for(
+        "the isolated leader to step down",
+        Duration::from_secs(5),
+        || async { c.status(leader).await.filter(|s| s.role != "leader") },
+    )
+    .await;
+
+    let mut api = raw(&c, leader).await;
+    let started = Instant::now();
+    let err = api
+        .register(register_req("api", "lonely"))
+        .await
+        .expect_err("no quorum, no write");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("not applied"), "{}", err.message());
+
+    let started = Instant::now();
+    let err = api
+        .get_service(get_req("api", Consistency::Linearizable))
+        .await
+        .expect_err("no quorum, no linearizable read");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        !err.message().contains("Membership") && !err.message().contains('{'),
+        "a readable message, not a debug dump: {}",
+        err.message()
+    );
+
+    // Readiness follows; liveness stays a plain "the process runs".
+    c.wait_for(
+        "NOT_SERVING for the registry",
+        Duration::from_secs(5),
+        || async {
+            (health(&c, leader, "roster.v1.Registry").await == ServingStatus::NotServing)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        health(&c, leader, "roster.v1.Cluster").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(health(&c, leader, "").await, ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn a_write_cut_off_mid_flight_is_reported_as_unknown_and_refused_ones_never_apply() {
+    let c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    let mut api = raw(&c, leader).await;
+    for f in followers(&c, leader) {
+        c.signal(f, "STOP");
+    }
+    // Proposed, then the quorum is gone: the leader cannot know whether the
+    // entry will be committed by the next leader.
+    let err = api
+        .register(register_req("api", "in-flight"))
+        .await
+        .expect_err("no quorum");
+    assert!(
+        matches!(err.code(), Code::Aborted | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("outcome unknown"),
+        "{}",
+        err.message()
+    );
+
+    // Once it has stepped down, nothing is proposed: UNAVAILABLE means not applied.
+    c.wait_for(
+        "the leader to step down",
+        Duration::from_secs(5),
+        || async { c.status(leader).await.filter(|s| s.role != "leader") },
+    )
+    .await;
+    let err = api
+        .register(register_req("api", "refused"))
+        .await
+        .expect_err("no leader");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    for f in followers(&c, leader) {
+        c.signal(f, "CONT");
+    }
+    c.leader().await;
+    let client = c.client();
+    register(&client, "api", "after", 80).await;
+    let now = ids(&client, "api", Consistency::Linearizable).await;
+    assert!(!now.contains(&"refused".to_string()), "{now:?}");
+    assert!(now.contains(&"after".to_string()));
+}
+
+#[tokio::test]
+async fn deregistering_an_unknown_instance_changes_nothing_stored() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    register(&client, "api", "a-1", 80).await;
+    let logs = || async {
+        let mut v = Vec::new();
+        for node in 1..=3 {
+            let s = c.status(node).await?;
+            v.push((s.term, s.last_log_index));
+        }
+        Some(v)
+    };
+    // A leader change appends an entry of its own: measure within one term.
+    c.wait_for(
+        "NOT_FOUND answers within one term",
+        Duration::from_secs(60),
+        || async {
+            let before = logs().await?;
+            for node in 1..=3 {
+                let mut api = raw(&c, node).await;
+                for i in 0..20 {
+                    let err = api
+                        .deregister(DeregisterRequest {
+                            service: "api".into(),
+                            id: format!("ghost-{i}"),
+                        })
+                        .await
+                        .expect_err("unknown instance");
+                    if err.code() == Code::Unavailable {
+                        return None;
+                    }
+                    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+                }
+            }
+            let after = logs().await?;
+            let same_term = before.iter().zip(&after).all(|(b, a)| b.0 == a.0);
+            if same_term {
+                assert_eq!(before, after, "NOT_FOUND answers appended entries");
+            }
+            same_term.then_some(())
+        },
+    )
+    .await;
+    // A known one still goes through, from any node.
+    let r = c
+        .wait_for(
+            "a deregister through node 2",
+            Duration::from_secs(10),
+            || async {
+                raw(&c, 2)
+                    .await
+                    .deregister(DeregisterRequest {
+                        service: "api".into(),
+                        id: "a-1".into(),
+                    })
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+    assert!(r.into_inner().revision > 0);
+}
+
+#[tokio::test]
+async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    let rev = register(&client, "api", "a-1", 80).await.revision;
+    let leader = c.leader().await;
+    for node in 1..=3 {
+        let err = raw(&c, node)
+            .await
+            .watch(WatchRequest {
+                service: "api".into(),
+                since_revision: rev + 3,
+            })
+            .await
+            .expect_err("future revision");
+        assert_eq!(err.code(), Code::OutOfRange, "node {node}: {err:?}");
+    }
+    // The current revision is fine, and the next change arrives.
+    let follower = followers(&c, leader)[0];
+    let mut w = raw(&c, follower)
+        .await
+        .watch(WatchRequest {
+            service: "api".into(),
+            since_revision: rev,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let next = register(&client, "api", "a-2", 80).await.revision;
+    let m = w.message().await.expect("stream").expect("message");
+    assert_eq!(m.revision, next, "{m:?}");
+    assert_eq!(
+        m.events[0].instance.as_ref().map(|i| i.id.as_str()),
+        Some("a-2")
+    );
+
+    // A restarted node keeps no history from before its restart, and says so.
+    c.signal(follower, "TERM");
+    c.wait_exit(follower, Duration::from_secs(10)).await;
+    c.start_node(follower);
+    let s = c.wait_applied(follower, next).await;
+    let mut w = raw(&c, follower)
+        .await
+        .watch(WatchRequest {
+            service: "api".into(),
+            since_revision: 1,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let m = w.message().await.expect("stream").expect("message");
+    assert_eq!(m.reset, ResetReason::Compacted as i32);
+    assert!(
+        m.compact_revision > 1 && m.compact_revision <= s.applied_index,
+        "compact_revision {} should be where the restarted node's history begins",
+        m.compact_revision
+    );
+}
+
+/// Sends raw bytes as a gRPC request body.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawBytes;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn undecodable_requests_are_invalid_arguments() {
+    let c = TestCluster::start(1).await;
+    let ch = Channel::from_shared(format!("http://{}", c.endpoint(1)))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("ready");
+    let err = grpc
+        .unary(
+            tonic::Request::new(vec![0xff; 16]),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/roster.v1.Registry/Register"),
+            RawCodec,
+        )
+        .await
+        .expect_err("garbage is refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("RegisterRequest"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_follower_says_which_leader_it_could_not_reach() {
+    let mut c = TestCluster::start(3).await;
+    // A follower that has just forwarded to the leader, which still leads.
+    let (leader, api) = c
+        .wait_for(
+            "a write forwarded to the leader",
+            Duration::from_secs(20),
+            || async {
+                let leader = c.leader().await;
+                let mut api = raw(&c, followers(&c, leader)[0]).await;
+                api.register(register_req("api", "warm")).await.ok()?;
+                (c.leader().await == leader).then_some((leader, api))
+            },
+        )
+        .await;
+    c.kill(leader);
+    // Until the follower notices, it still forwards to the dead leader.
+    let expected = format!("forwarding to leader {leader} at {}", c.endpoint(leader));
+    let seen = c
+        .wait_for("a forwarding failure", Duration::from_secs(5), || {
+            let mut api = api.clone();
+            let expected = expected.clone();
+            async move {
+                let err = api.register(register_req("api", "x")).await.err()?;
+                assert!(
+                    matches!(err.code(), Code::Unavailable | Code::Aborted),
+                    "{err:?}"
+                );
+                err.message().contains(&expected).then_some(err)
+            }
+        })
+        .await;
+    assert_eq!(
+        seen.code(),
+        Code::Unavailable,
+        "connection refused: never sent: {}",
+        seen.message()
+    );
+}
+
+/// A small tmpfs mounted over a node's data directory, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Moves `dir`'s contents onto a fresh tmpfs of `mb` MiB mounted at `dir`;
+    /// `None` where mounting is not allowed (not root).
+    fn over(dir: &std::path::Path, mb: u32) -> Option<Tmpfs> {
+        let saved = dir.with_extension("saved");
+        std::fs::rename(dir, &saved).expect("move the data directory aside");
+        std::fs::create_dir(dir).expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            std::fs::remove_dir(dir).expect("remove mount point");
+            std::fs::rename(&saved, dir).expect("move the data directory back");
+            return None;
+        }
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", saved.display()))
+            .arg(dir)
+            .status()
+            .expect("cp");
+        assert!(copied.success(), "copy the data directory onto the tmpfs");
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Writes a file until the file system is full.
+    fn fill(&self) {
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.0.join("filler").display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).expect("remove the filler");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_stops_the_node_and_loses_nothing_acknowledged() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    register(&client, "api", "before", 80).await;
+    let leader = c.leader().await;
+    let node = followers(&c, leader)[0];
+    c.signal(node, "TERM");
+    c.wait_exit(node, Duration::from_secs(10)).await;
+    let Some(disk) = Tmpfs::over(&c.data_dir(node), 48) else {
+        eprintln!("skipping: mounting a tmpfs needs root");
+        return;
+    };
+    c.start_node(node);
+    let applied = c.wait_applied(leader, 0).await.applied_index;
+    c.wait_applied(node, applied).await;
+
+    disk.fill();
+    // Writes go on through the other two; the full node must stop, not limp on.
+    let mut acked = vec!["before".to_string()];
+    let mut n = 0;
+    let status = loop {
+        n += 1;
+        let id = format!("w-{n}");
+        let mut inst = instance("api", &id, 80);
+        inst.metadata.insert("pad".into(), "x".repeat(2000));
+        if client
+            .register(RegisterRequest {
+                instance: Some(inst),
+            })
+            .await
+            .is_ok()
+        {
+            acked.push(id);
+        }
+        if let Some(status) = c.exited(node) {
+            break status;
+        }
+        assert!(n < 5_000, "node {node} kept running on a full disk");
+    };
+    assert!(!status.success(), "exit status {status:?}");
+    let log = c.log(node);
+    assert!(
+        log.contains("No space left on device") || log.contains("storage"),
+        "the log says why:\n{log}"
+    );
+
+    // Nothing acknowledged is lost, and the node comes back once there is room.
+    acked.sort();
+    assert_eq!(ids(&client, "api", Consistency::Linearizable).await, acked);
+    disk.free();
+    c.start_node(node);
+    let applied = c.wait_applied(leader, 0).await.applied_index;
+    c.wait_applied(node, applied).await;
+    assert_eq!(
+        ids(&c.node_client(node), "api", Consistency::Stale).await,
+        acked
+    );
+    c.kill(node);
+}
