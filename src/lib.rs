@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod proto;
 pub mod raft;
