@@ -2,9 +2,10 @@
 //! connections that open with the HTTP/2 preface in time; it closes connections
 //! that carry no request for `idle_timeout`; and it keeps open connections
 //! within a cap derived from the file-descriptor limit. At the cap a new
-//! connection pushes out the one idle the longest, so connections that carry
-//! requests — Raft traffic between nodes, followers forwarding to the leader,
-//! watches — are never crowded out by idle ones.
+//! connection pushes out an idle one — one that never carried a request first,
+//! then the one idle the longest — so connections that carry requests (Raft
+//! traffic between nodes, followers forwarding to the leader, watches) are not
+//! crowded out by idle ones.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -77,6 +78,8 @@ struct Activity {
     epoch: Instant,
     /// Requests whose response has not finished.
     in_flight: AtomicUsize,
+    /// Whether the connection ever carried a request.
+    used: AtomicBool,
     /// Milliseconds after `epoch` when the last request finished (or the connection was accepted).
     last_active: AtomicU64,
     evicted: AtomicBool,
@@ -89,6 +92,7 @@ impl Activity {
         let a = Activity {
             epoch,
             in_flight: AtomicUsize::new(0),
+            used: AtomicBool::new(false),
             last_active: AtomicU64::new(0),
             evicted: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -162,12 +166,17 @@ impl Tracker {
             if open.conns.len() >= self.max + EVICTION_SLACK {
                 return Admission::Refused;
             }
+            // Connections that never carried a request go first, so a burst of
+            // new ones cannot push out a peer's between two heartbeats.
             let Some(victim) = open
                 .conns
                 .values()
                 .filter(|a| !a.is_evicted())
-                .filter_map(|a| a.idle_since().map(|since| (since, a)))
-                .min_by_key(|(since, _)| *since)
+                .filter_map(|a| {
+                    let since = a.idle_since()?;
+                    Some(((a.used.load(Ordering::Acquire), since), a))
+                })
+                .min_by_key(|(rank, _)| *rank)
                 .map(|(_, a)| a)
             else {
                 return Admission::Refused;
@@ -496,6 +505,7 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.used.store(true, Ordering::Release);
         InFlight(activity)
     }
 }
