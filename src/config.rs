@@ -50,6 +50,38 @@ impl Default for RaftTuning {
     }
 }
 
+/// Limits on the gRPC port's connections (`[connections]` in the config file).
+/// A socket that never speaks HTTP/2, or carries no request for long, must not
+/// hold one of the process's file descriptors forever.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionLimits {
+    /// A connection must send the HTTP/2 preface within this time, or it is closed.
+    pub handshake_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Interval of HTTP/2 pings to every connection; one unanswered within
+    /// `keepalive_timeout_ms` closes the connection (a dead peer or client).
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    /// Open connections at most; by default the file-descriptor limit less a
+    /// reserve for sled, Raft and forwarding channels and health probes. At the
+    /// limit a new connection replaces the one idle the longest.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            handshake_timeout_ms: 5_000,
+            idle_timeout_ms: 300_000,
+            keepalive_interval_ms: 20_000,
+            keepalive_timeout_ms: 10_000,
+            max_connections: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -84,6 +116,8 @@ pub struct NodeConfig {
     pub max_concurrent_probes: usize,
     #[serde(default)]
     pub raft: RaftTuning,
+    #[serde(default)]
+    pub connections: ConnectionLimits,
 }
 
 fn default_cluster_id() -> String {
@@ -117,6 +151,7 @@ impl NodeConfig {
             max_concurrent_probes: default_max_concurrent_probes(),
             metrics_listen: None,
             raft: RaftTuning::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 
@@ -162,6 +197,15 @@ impl NodeConfig {
                 "raft timing needs 0 < heartbeat_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
                 r.heartbeat_ms, r.election_timeout_min_ms, r.election_timeout_max_ms
             ));
+        }
+        let c = &self.connections;
+        if c.handshake_timeout_ms == 0
+            || c.idle_timeout_ms == 0
+            || c.keepalive_interval_ms == 0
+            || c.keepalive_timeout_ms == 0
+            || c.max_connections == Some(0)
+        {
+            return invalid(format!("connection limits must all be positive: {c:?}"));
         }
         let members = parse_initial_cluster(&self.initial_cluster)?;
         if !members.is_empty() && !members.contains_key(&self.id) {

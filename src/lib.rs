@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod proto;
 pub mod raft;

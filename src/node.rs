@@ -11,7 +11,6 @@ use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::cluster::ClusterApi;
@@ -20,10 +19,11 @@ use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::health::{self, CheckContext, Leases};
+use crate::net;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
-use crate::proto::DESCRIPTOR_SET;
+use crate::proto::PUBLIC_DESCRIPTOR_SET;
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
@@ -207,14 +207,28 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         poll,
         health_reporter,
     ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both versions, since many tools still speak v1alpha; the public API only.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(PUBLIC_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
+    let limits = &cfg.connections;
+    let max_connections =
+        net::max_connections(limits, net::raise_fd_limit(), cfg.max_concurrent_probes);
     let (stop, stopped) = oneshot::channel::<()>();
     let server = Server::builder()
+        // Pings find dead peers and clients; the listener closes idle and silent ones.
+        .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
+        .layer(net::TrackRequestsLayer)
         .add_service(
             RaftTransportServer::new(RaftService::new(raft.clone(), cfg.cluster_id.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -232,14 +246,11 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             router.clone(),
         )))
         .add_service(health)
-        .add_service(reflection)
-        // Without TCP_NODELAY small replies wait for delayed ACKs (~40 ms on Linux).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = stopped.await;
-            },
-        );
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(net::incoming(listener, limits, max_connections), async {
+            let _ = stopped.await;
+        });
     let server = tokio::spawn(server);
     let metrics = match cfg.metrics_listen {
         Some(addr) => Some(crate::metrics::serve(addr, raft.clone(), state).await?),

@@ -15,6 +15,7 @@ pub mod echo {
     tonic::include_proto!("roster.examples");
 }
 
-/// Encoded `FileDescriptorSet` of every schema, served by gRPC reflection.
-pub const DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/roster_descriptor.bin"));
+/// Encoded `FileDescriptorSet` of the public API only (`roster.v1`), served by
+/// gRPC reflection; the Raft transport and the example stay unadvertised.
+pub const PUBLIC_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/roster_public_descriptor.bin"));

@@ -13,10 +13,63 @@ use roster::proto::v1::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+/// Symbols a reflection client asks about, and whether the server should describe them.
+const SYMBOLS: [&str; 4] = [
+    "roster.v1.Registry",
+    "roster.v1.Cluster.Status",
+    "roster.raft.v1.RaftTransport",
+    "roster.examples.Echo",
+];
+
+/// Talks to the server's reflection service of version `$v` (`v1`, `v1alpha`) as
+/// a reflection tool would: lists the services, then asks for the file of each
+/// of `SYMBOLS`. Returns the sorted service names and, per symbol, whether a
+/// file came back. The two versions share no types, hence a macro.
+macro_rules! reflect {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        let mut client = ServerReflectionClient::new($channel);
+        // One stream per question: the server ends a stream with an error
+        // status when it cannot answer.
+        let mut ask = async |m| {
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(m),
+            };
+            let mut replies = client
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .expect("reflection")
+                .into_inner();
+            replies
+                .message()
+                .await
+                .map(|r| r.and_then(|m| m.message_response).expect("a reply"))
+        };
+        let list = ask(MessageRequest::ListServices(String::new())).await;
+        let Ok(MessageResponse::ListServicesResponse(list)) = list else {
+            panic!("reflection did not answer the service list: {list:?}");
+        };
+        let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        services.sort();
+        let mut symbols = Vec::new();
+        for symbol in SYMBOLS {
+            let found = match ask(MessageRequest::FileContainingSymbol(symbol.into())).await {
+                Ok(MessageResponse::FileDescriptorResponse(f)) => {
+                    !f.file_descriptor_proto.is_empty()
+                }
+                Err(e) if e.code() == tonic::Code::NotFound => false,
+                other => panic!("{symbol}: unexpected reply {other:?}"),
+            };
+            symbols.push((symbol, found));
+        }
+        (services, symbols)
+    }};
+}
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
@@ -42,33 +95,31 @@ async fn health_and_reflection_are_served() {
         );
     }
 
-    let mut reflection = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let msg = stream
-        .message()
-        .await
-        .expect("reflection reply")
-        .expect("a reply");
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
-        panic!("unexpected reflection reply {msg:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "roster.v1.Registry",
-        "roster.v1.Cluster",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
+    for version in ["v1", "v1alpha"] {
+        let (services, symbols) = if version == "v1" {
+            reflect!(v1, channel.clone())
+        } else {
+            reflect!(v1alpha, channel.clone())
+        };
+        assert_eq!(
+            services,
+            [
+                "grpc.health.v1.Health".into(),
+                format!("grpc.reflection.{version}.ServerReflection"),
+                "roster.v1.Cluster".into(),
+                "roster.v1.Registry".into(),
+            ],
+            "reflection {version}: only the public services are listed"
+        );
+        assert_eq!(
+            symbols,
+            [
+                ("roster.v1.Registry", true),
+                ("roster.v1.Cluster.Status", true),
+                ("roster.raft.v1.RaftTransport", false),
+                ("roster.examples.Echo", false),
+            ],
+            "reflection {version}: which symbols are described"
         );
     }
 }

@@ -29,6 +29,8 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     /// Appended to every node's config.
     extra: String,
+    /// Hard and soft `RLIMIT_NOFILE` each node process starts with.
+    fd_limit: Option<u64>,
 }
 
 fn free_port() -> u16 {
@@ -44,6 +46,12 @@ impl TestCluster {
 
     /// `extra` is appended to every node's TOML config.
     pub async fn start_with(n: u64, extra: &str) -> TestCluster {
+        Self::start_limited(n, extra, None).await
+    }
+
+    /// Like `start_with`, each node process limited to `fd_limit` open files
+    /// (hard limit, so the node cannot raise it).
+    pub async fn start_limited(n: u64, extra: &str, fd_limit: Option<u64>) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let initial: Vec<String> = (0..n)
@@ -53,6 +61,7 @@ impl TestCluster {
             dir,
             nodes: Vec::new(),
             extra: extra.to_string(),
+            fd_limit,
         };
         for port in ports {
             c.configure_node(port, &initial.join(","));
@@ -126,14 +135,22 @@ impl TestCluster {
         let node = &mut self.nodes[(id - 1) as usize];
         assert!(node.child.is_none(), "node {id} is already running");
         let log = std::fs::File::create(node.config.with_extension("log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_roster"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_roster"));
+        command
             .args(["server", "--config"])
             .arg(&node.config)
             .env("RUST_LOG", "warn,openraft=error")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn roster server");
+            .stderr(log);
+        if let Some(limit) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec and only calls setrlimit(2),
+            // which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, limit, limit));
+            }
+        }
+        let child = command.spawn().expect("spawn roster server");
         node.child = Some(child);
     }
 
