@@ -7,7 +7,7 @@ pub mod targets;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use roster::client::RosterClient;
@@ -143,6 +143,45 @@ impl TestCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits until node `id` exits by itself and returns how it exited.
+    pub async fn wait_exit(&mut self, id: u64, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let node = &mut self.nodes[(id - 1) as usize];
+        loop {
+            let child = node.child.as_mut().expect("node was started");
+            if let Some(status) = child.try_wait().expect("poll child") {
+                node.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still runs after {limit:?}; logs in {}",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    /// What node `id` wrote to stderr since it was last started.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).config.with_extension("log")).expect("read node log")
+    }
+
+    /// From now on node `id` starts without `initial_cluster`, as a node joining later does.
+    pub fn clear_initial_cluster(&self, id: u64) {
+        let path = &self.node(id).config;
+        let text = std::fs::read_to_string(path).expect("read config");
+        let text: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("initial_cluster"))
+            .collect();
+        std::fs::write(path, text.join("\n")).expect("write config");
     }
 
     pub fn is_running(&self, id: u64) -> bool {
