@@ -91,6 +91,7 @@ pub enum MarkerError {
 }
 
 /// What a flush will make durable: sampled before it, recorded after it succeeded.
+#[derive(Clone, Copy)]
 pub struct Ticket {
     seq: u64,
     progress: Progress,
