@@ -21,15 +21,21 @@ use crate::error::{Error, Result};
 use crate::health::{self, CheckContext, Leases};
 use crate::net;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
+use crate::proto::v1 as pb;
+use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
+use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
-use crate::raft::{trees, NodeId, Raft};
+use crate::raft::{log_store, state_machine, stored, trees, NodeId, Raft};
+
+/// How long a new node waits for each initial member's status before bootstrapping.
+const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct NodeHandle {
     pub id: NodeId,
@@ -90,25 +96,163 @@ impl NodeHandle {
     }
 }
 
-/// Refuses a data directory written by another cluster or another node id.
-fn check_identity(db: &sled::Db, cfg: &NodeConfig) -> Result<()> {
-    let meta = db.open_tree(trees::NODE_META)?;
-    let identity = format!("{}/{}", cfg.cluster_id, cfg.id);
-    match meta.get(b"identity")? {
-        Some(stored) if stored.as_ref() != identity.as_bytes() => {
-            Err(Error::FailedPrecondition(format!(
-                "data directory {} belongs to {:?} (cluster/node), not {identity:?}",
-                cfg.data_dir.display(),
-                String::from_utf8_lossy(&stored)
-            )))
-        }
-        Some(_) => Ok(()),
-        None => {
-            meta.insert(b"identity", identity.as_bytes())?;
-            db.flush()?;
-            Ok(())
+const IDENTITY_KEY: &[u8] = b"identity";
+
+/// The storage of a node, checked to be what it last wrote.
+struct Storage {
+    db: sled::Db,
+    marker: Arc<Marker>,
+    state_machine: StateMachine,
+    /// A new data directory: this node has no state yet.
+    fresh: bool,
+}
+
+/// Opens the data directory and refuses it unless it is what this node last
+/// wrote. Sled panics on some damaged files (its recovery and page reads run on
+/// the calling thread): such a panic becomes a storage error, not a crash.
+fn open_storage(cfg: &NodeConfig) -> Result<Storage> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_checked(cfg))) {
+        Ok(opened) => opened,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Storage(format!("sled panicked reading it: {why}")))
         }
     }
+}
+
+/// Verifies every record, then compares the database with the marker; a new
+/// directory gets its identity here.
+fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
+    let db = sled::Config::new()
+        .path(&cfg.data_dir)
+        .cache_capacity(cfg.cache_mb * 1024 * 1024)
+        .open()
+        .map_err(|e| Error::Storage(format!("sled cannot open it: {e}")))?;
+    let meta = db.open_tree(trees::NODE_META)?;
+    let stored: Option<Identity> = meta
+        .get(IDENTITY_KEY)?
+        .map(|b| stored::decode(&b))
+        .transpose()
+        .map_err(|e| Error::Storage(format!("node identity: {e}")))?;
+    if let Some(id) = &stored {
+        if id.cluster_id != cfg.cluster_id || id.node_id != cfg.id {
+            return Err(Error::FailedPrecondition(format!(
+                "data directory {} belongs to node {} of cluster {:?}, not node {} of {:?}",
+                cfg.data_dir.display(),
+                id.node_id,
+                id.cluster_id,
+                cfg.id,
+                cfg.cluster_id
+            )));
+        }
+    }
+    let recorded = Marker::read(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
+    let (last_log, vote_term) = log_store::inspect(&db)?;
+    let mut has_data = false;
+    for name in db.tree_names() {
+        has_data |= !db.open_tree(name)?.is_empty();
+    }
+    let found = Found {
+        identity: stored,
+        progress: Progress {
+            last_log,
+            vote_term,
+            applied: state_machine::applied_index(&db)?,
+        },
+        has_data,
+    };
+    marker::check(recorded.as_ref(), &found).map_err(Error::Storage)?;
+    let fresh = found.identity.is_none();
+    let identity = found
+        .identity
+        .unwrap_or_else(|| Identity::new(&cfg.cluster_id, cfg.id));
+    let marker = Arc::new(Marker::new(&cfg.data_dir, identity, found.progress));
+    let state_machine = StateMachine::open(&db, cfg.watch_history, marker.clone())?;
+    if fresh {
+        let b = stored::encode(marker.identity())
+            .map_err(|e| Error::Storage(format!("node identity: {e}")))?;
+        meta.insert(IDENTITY_KEY, b)?;
+        db.flush()?;
+        marker
+            .write_now()
+            .map_err(|e| Error::Storage(e.to_string()))?;
+    }
+    Ok(Storage {
+        db,
+        marker,
+        state_machine,
+        fresh,
+    })
+}
+
+/// The refusal to start on a damaged or replaced data directory, with the way back.
+fn damaged(cfg: &NodeConfig, what: &str) -> Error {
+    let dir = cfg.data_dir.display();
+    let id = cfg.id;
+    Error::Storage(format!(
+        "data directory {dir} is not what node {id} last wrote: {what}. \
+         The node refuses to start rather than take part with lost state. \
+         To recover: on a running member run `roster member remove --id {id}`, \
+         delete {dir}, start this node without --initial-cluster, then run \
+         `roster member add --id {id} --address {}`",
+        cfg.advertise_addr()
+    ))
+}
+
+/// A new data directory under an id the running cluster has heard from means
+/// this node's earlier state is gone: it must not vote again as that member.
+/// Only a leader knows which members acknowledged entries; unreachable peers
+/// are skipped (all initial members starting together reach none).
+async fn check_not_known(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Result<()> {
+    for addr in members
+        .iter()
+        .filter(|(id, _)| **id != cfg.id)
+        .map(|(_, a)| a)
+    {
+        let Some(status) = peer_status(addr).await else {
+            continue;
+        };
+        if status.cluster_id != cfg.cluster_id {
+            continue;
+        }
+        let leader = if status.leader_id == status.node_id {
+            Some(status)
+        } else if status.leader_id != 0 {
+            peer_status(&status.leader_address).await
+        } else {
+            None
+        };
+        let acked = leader
+            .iter()
+            .flat_map(|l| &l.members)
+            .find(|m| m.id == cfg.id)
+            .and_then(|m| m.acknowledged_index);
+        if let Some(index) = acked {
+            return Err(damaged(
+                cfg,
+                &format!(
+                    "it is empty, but cluster {:?} is running with node {} as a member that acknowledged log index {index}",
+                    cfg.cluster_id, cfg.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn peer_status(addr: &str) -> Option<pb::StatusResponse> {
+    let ch = crate::raft::network::channel(addr, PEER_CHECK_TIMEOUT).ok()?;
+    let mut req = tonic::Request::new(pb::StatusRequest {});
+    req.set_timeout(PEER_CHECK_TIMEOUT);
+    ClusterClient::new(ch)
+        .status(req)
+        .await
+        .ok()
+        .map(|r| r.into_inner())
 }
 
 fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
@@ -137,14 +281,19 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Storage(format!("create {}: {e}", cfg.data_dir.display())))?;
-    let db = sled::Config::new()
-        .path(&cfg.data_dir)
-        .cache_capacity(cfg.cache_mb * 1024 * 1024)
-        .open()
-        .map_err(|e| Error::Storage(format!("open {}: {e}", cfg.data_dir.display())))?;
-    check_identity(&db, &cfg)?;
-
-    let mut log_store = LogStore::open(&db)?;
+    let Storage {
+        db,
+        marker,
+        state_machine,
+        fresh,
+    } = open_storage(&cfg).map_err(|e| match e {
+        Error::Storage(what) => damaged(&cfg, &what),
+        e => e,
+    })?;
+    let mut log_store = LogStore::open(&db, marker)?;
+    if fresh && !members.is_empty() {
+        check_not_known(&cfg, &members).await?;
+    }
     // Only a node that has never voted nor logged anything bootstraps.
     let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
         && log_store
@@ -153,7 +302,6 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             .map_err(storage)?
             .last_log_id
             .is_none();
-    let state_machine = StateMachine::open(&db, cfg.watch_history)?;
     let state = state_machine.state();
     let raft = Raft::new(
         cfg.id,

@@ -249,7 +249,7 @@ async fn peers_and_data_of_another_cluster_are_refused() {
     let (code, err) = run_server(&foreign);
     assert_ne!(code, Some(0));
     assert!(
-        err.contains("test/3") && err.contains("other/3"),
+        err.contains("belongs to node 3 of cluster \"test\"") && err.contains("\"other\""),
         "stderr: {err}"
     );
 

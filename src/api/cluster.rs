@@ -52,6 +52,11 @@ impl ClusterApi {
                 id: *id,
                 address: node.addr.clone(),
                 voter: membership.voter_ids().any(|v| v == *id),
+                acknowledged_index: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).copied().flatten())
+                    .map(|l| l.index),
             })
             .collect()
     }

@@ -2,19 +2,24 @@
 //!
 //! Appends are written without flushing; a single flusher task fsyncs once for
 //! every batch of appends queued meanwhile and only then reports them durable
-//! to openraft (group commit).
+//! to openraft (group commit), and then moves the last-written marker up to what
+//! the fsync covered.
 
 // Openraft's storage traits fix the error type to its (large) StorageError.
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use super::{decode, encode, trees, NodeId, TypeConfig};
+use super::marker::{Marker, Ticket};
+use super::stored::{decode, encode};
+use super::{trees, NodeId, TypeConfig};
+use crate::error::Error;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -24,21 +29,25 @@ const LAST_PURGED: &[u8] = b"last_purged";
 
 #[derive(Clone)]
 pub struct LogStore {
+    db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+    marker: Arc<Marker>,
 }
 
 impl LogStore {
     /// Must be called inside a tokio runtime: it spawns the flusher task, which
     /// lives as long as any clone of the store.
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    pub fn open(db: &sled::Db, marker: Arc<Marker>) -> Result<Self, sled::Error> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_flusher(db.clone(), rx));
+        tokio::spawn(run_flusher(db.clone(), marker.clone(), rx));
         Ok(LogStore {
+            db: db.clone(),
             log: db.open_tree(trees::LOG)?,
             meta: db.open_tree(trees::RAFT_META)?,
             flusher: tx,
+            marker,
         })
     }
 
@@ -71,9 +80,66 @@ fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
+/// Reads and verifies the whole log at start: every entry's checksum, its key,
+/// and that the entries after the last purged one are contiguous. Returns the
+/// last log index and the vote's term; an `Error::Storage` names the damage.
+pub fn inspect(db: &sled::Db) -> Result<(Option<u64>, u64), Error> {
+    let log = db.open_tree(trees::LOG)?;
+    let meta = db.open_tree(trees::RAFT_META)?;
+    let read_meta =
+        |k: &[u8]| -> Result<Option<Vec<u8>>, Error> { Ok(meta.get(k)?.map(|v| v.to_vec())) };
+    let damaged = |what: String| Error::Storage(what);
+    let last_purged: Option<LogId<NodeId>> = read_meta(LAST_PURGED)?
+        .map(|b| decode(&b))
+        .transpose()
+        .map_err(|e| damaged(format!("raft meta last_purged: {e}")))?;
+    let vote: Option<Vote<NodeId>> = read_meta(VOTE)?
+        .map(|b| decode(&b))
+        .transpose()
+        .map_err(|e| damaged(format!("raft meta vote: {e}")))?;
+    read_meta(COMMITTED)?
+        .map(|b| decode::<Option<LogId<NodeId>>>(&b))
+        .transpose()
+        .map_err(|e| damaged(format!("raft meta committed: {e}")))?;
+
+    // A crash during a purge may leave entries at or below the purged index; they are never read.
+    let first = last_purged.map_or(0, |p| p.index + 1);
+    let mut last = last_purged.map(|p| p.index);
+    for kv in log.range(key(first)..) {
+        let (k, v) = kv?;
+        let entry: Entry<TypeConfig> = decode(&v).map_err(|e| {
+            damaged(format!(
+                "raft log entry under key {}: {e}",
+                k.as_ref().try_into().map_or(0, u64::from_be_bytes)
+            ))
+        })?;
+        let index = entry.log_id.index;
+        if k.as_ref() != key(index) {
+            return Err(damaged(format!(
+                "raft log entry {index} is stored under another index's key"
+            )));
+        }
+        let expected = last.map_or(0, |l| l + 1);
+        if index != expected {
+            return Err(damaged(format!(
+                "raft log has a gap: entry {index} follows {}",
+                last.map_or("nothing".to_string(), |l| l.to_string())
+            )));
+        }
+        last = Some(index);
+    }
+    Ok((last, vote.map_or(0, |v| v.leader_id.term)))
+}
+
 /// Completes flush callbacks in arrival order; each fsync covers every append
 /// that queued its callback before the fsync began.
-async fn run_flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+async fn run_flusher(
+    db: sled::Db,
+    marker: Arc<Marker>,
+    mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+) {
+    let (flushed, latest) = watch::channel(None);
+    tokio::spawn(run_marker_writer(marker.clone(), latest));
     let mut pending = Vec::new();
     while let Some(first) = rx.recv().await {
         pending.push(first);
@@ -81,8 +147,16 @@ async fn run_flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<Ty
             pending.push(cb);
         }
         let db = db.clone();
-        let res = match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(Ok(_)) => Ok(()),
+        let marker = marker.clone();
+        let flush = move || {
+            let ticket = marker.sample();
+            db.flush().map(|_| ticket)
+        };
+        let res = match tokio::task::spawn_blocking(flush).await {
+            Ok(Ok(ticket)) => {
+                flushed.send_replace(Some(ticket));
+                Ok(())
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -90,6 +164,30 @@ async fn run_flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<Ty
             cb.log_io_completed(res.clone().map_err(std::io::Error::other));
         }
     }
+}
+
+/// Moves the marker up to the latest flush, off the flush path (its own fsync
+/// would double the latency of a write): a marker lagging a little only makes
+/// the check at start less thorough, never wrong.
+async fn run_marker_writer(marker: Arc<Marker>, mut latest: watch::Receiver<Option<Ticket>>) {
+    while latest.changed().await.is_ok() {
+        let Some(ticket) = *latest.borrow_and_update() else {
+            continue;
+        };
+        let marker = marker.clone();
+        match tokio::task::spawn_blocking(move || marker.record(ticket)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot update the last-written marker"),
+            Err(e) => tracing::error!(error = %e, "marker writer failed"),
+        }
+    }
+}
+
+/// Flushes sled, then records in the marker what was written before the flush began.
+fn flush_and_mark(db: &sled::Db, marker: &Marker) -> Result<(), String> {
+    let ticket = marker.sample();
+    db.flush().map_err(|e| e.to_string())?;
+    marker.record(ticket).map_err(|e| e.to_string())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -134,11 +232,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         self.write_meta(VOTE, vote)?;
+        self.marker
+            .note(|p| p.vote_term = p.vote_term.max(vote.leader_id.term));
         // A vote must be durable before it is granted or acted on.
-        self.meta
-            .flush_async()
+        let (db, marker) = (self.db.clone(), self.marker.clone());
+        tokio::task::spawn_blocking(move || flush_and_mark(&db, &marker))
             .await
-            .map_err(|e| StorageIOError::write_vote(&e))?;
+            .map_err(|e| StorageIOError::write_vote(&e))?
+            .map_err(|e| StorageIOError::write_vote(&std::io::Error::other(e)))?;
         Ok(())
     }
 
@@ -162,13 +263,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut last = None;
         for e in entries {
             let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             batch.insert(&key(e.log_id.index), b);
+            last = Some(e.log_id.index);
         }
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.marker.note(|p| p.last_log = p.last_log.max(last));
         self.flusher.send(callback).map_err(|_| {
             StorageIOError::write_logs(&std::io::Error::other("log flusher stopped"))
         })?;
@@ -176,12 +280,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // The marker must stop claiming these entries before they go.
+        self.marker
+            .lower_log(log_id.index.checked_sub(1))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         self.remove_range(key(log_id.index)..)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         // Record the purge first: a crash in between leaves extra entries, never a hole.
         self.write_meta(LAST_PURGED, &log_id)?;
+        // With the log purged up to a snapshot, the last log index is at least that.
+        self.marker
+            .note(|p| p.last_log = p.last_log.max(Some(log_id.index)));
         self.remove_range(..=key(log_id.index))
     }
 }

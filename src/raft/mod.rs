@@ -3,8 +3,10 @@
 pub mod coalesce;
 pub mod leadership;
 pub mod log_store;
+pub mod marker;
 pub mod network;
 pub mod state_machine;
+pub mod stored;
 pub mod transport;
 
 use std::io::Cursor;
@@ -34,6 +36,7 @@ pub(crate) mod trees {
     pub const NODE_META: &str = "node_meta";
 }
 
+/// Network messages; what goes to disk uses [`stored`], which adds a checksum.
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, bincode::Error> {
     bincode::serialize(v)
 }

@@ -15,7 +15,10 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode, trees, Node, NodeId, TypeConfig};
+use super::marker::Marker;
+use super::stored::{decode, encode, CodecError};
+use super::{trees, Node, NodeId, TypeConfig};
+use crate::error::Error;
 use crate::registry::model::ServiceConfig;
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
 use crate::registry::{Catalog, Command, CommandResponse, EventKind, Instance};
@@ -63,6 +66,17 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// The last applied log index on disk, read at start before the state is loaded.
+pub fn applied_index(db: &sled::Db) -> crate::error::Result<Option<u64>> {
+    let sm = db.open_tree(trees::STATE_MACHINE)?;
+    let last: Option<Option<LogId<NodeId>>> = sm
+        .get(LAST_APPLIED)?
+        .map(|b| decode(&b))
+        .transpose()
+        .map_err(damaged("last applied id"))?;
+    Ok(last.flatten().map(|l| l.index))
+}
+
 #[derive(Clone)]
 pub struct StateMachine {
     db: sled::Db,
@@ -70,32 +84,55 @@ pub struct StateMachine {
     state: SharedState,
     /// Updated while `state`'s write lock is held, so both always describe the same entry.
     applied: Arc<Mutex<Applied>>,
+    marker: Arc<Marker>,
+}
+
+/// A record of the state machine tree that fails its checksum or does not decode.
+fn damaged(what: impl std::fmt::Display) -> impl FnOnce(CodecError) -> Error {
+    move |e| Error::Storage(format!("state machine {what}: {e}"))
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db, watch_history: usize) -> crate::error::Result<Self> {
+    /// Loads the whole state, verifying every record's checksum.
+    pub fn open(
+        db: &sled::Db,
+        watch_history: usize,
+        marker: Arc<Marker>,
+    ) -> crate::error::Result<Self> {
         let sm = db.open_tree(trees::STATE_MACHINE)?;
         let applied: Applied = match sm.get(LAST_APPLIED)? {
             Some(b) => Applied {
-                last_applied: decode(&b)?,
+                last_applied: decode(&b).map_err(damaged("last applied id"))?,
                 membership: sm
                     .get(MEMBERSHIP)?
                     .map(|b| decode(&b))
-                    .transpose()?
+                    .transpose()
+                    .map_err(damaged("membership"))?
                     .unwrap_or_default(),
             },
             None => Applied::default(),
         };
         let mut instances = Vec::new();
         for kv in sm.scan_prefix(INSTANCE_PREFIX) {
-            let (_, v) = kv?;
-            instances.push(decode(&v)?);
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).replace('\0', "/");
+            instances.push(decode(&v).map_err(damaged(format!("instance {key}")))?);
         }
         let mut services = Vec::new();
         for kv in sm.scan_prefix(SERVICE_PREFIX) {
             let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k[SERVICE_PREFIX.len()..]).into_owned();
-            services.push((name, decode(&v)?));
+            let config = decode(&v).map_err(damaged(format!("service {name}")))?;
+            services.push((name, config));
+        }
+        if let Some(b) = sm.get(CURRENT_SNAPSHOT)? {
+            let snap: StoredSnapshot = decode(&b).map_err(damaged("snapshot"))?;
+            if snap.meta.last_log_id > applied.last_applied {
+                return Err(Error::Storage(format!(
+                    "state machine has applied up to {:?} but its snapshot reaches {:?}",
+                    applied.last_applied, snap.meta.last_log_id
+                )));
+            }
         }
         let revision = applied.last_applied.map_or(0, |l| l.index);
         let state = Arc::new(RwLock::new(RegistryState {
@@ -107,6 +144,7 @@ impl StateMachine {
             sm,
             state,
             applied: Arc::new(Mutex::new(applied)),
+            marker,
         })
     }
 
@@ -252,6 +290,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             encode(&applied.membership).map_err(|e| werr(&e))?,
         );
         self.sm.apply_batch(batch).map_err(|e| werr(&e))?;
+        let index = applied.last_applied.map(|l| l.index);
+        self.marker.note(|p| p.applied = p.applied.max(index));
         for (rev, events) in changes {
             st.hub.publish(rev, events);
         }
@@ -312,6 +352,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         })?;
+        let index = meta.last_log_id.map(|l| l.index);
+        self.marker.note(|p| p.applied = p.applied.max(index));
 
         let revision = meta.last_log_id.map_or(0, |l| l.index);
         st.catalog = Catalog::from_parts(revision, payload.instances, payload.services);

@@ -7,7 +7,7 @@ pub mod targets;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use roster::client::RosterClient;
@@ -173,7 +173,7 @@ impl TestCluster {
     }
 
     /// The exit status of node `id`'s process, if it has exited.
-    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+    pub fn exited(&mut self, id: u64) -> Option<ExitStatus> {
         let node = &mut self.nodes[(id - 1) as usize];
         let status = node.child.as_mut()?.try_wait().expect("try_wait")?;
         node.child = None;
@@ -181,7 +181,7 @@ impl TestCluster {
     }
 
     /// Waits up to `limit` for node `id`'s process to exit by itself.
-    pub async fn wait_exit(&mut self, id: u64, limit: Duration) -> std::process::ExitStatus {
+    pub async fn wait_exit(&mut self, id: u64, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.exited(id) {
@@ -203,6 +203,17 @@ impl TestCluster {
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node-{id}"))
+    }
+
+    /// From now on node `id` starts without `initial_cluster`, as a node joining later does.
+    pub fn clear_initial_cluster(&self, id: u64) {
+        let path = &self.node(id).config;
+        let text = std::fs::read_to_string(path).expect("read config");
+        let text: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("initial_cluster"))
+            .collect();
+        std::fs::write(path, text.join("\n")).expect("write config");
     }
 
     pub fn is_running(&self, id: u64) -> bool {
