@@ -440,6 +440,35 @@ async fn a_follower_says_which_leader_it_could_not_reach() {
     );
 }
 
+#[tokio::test]
+async fn a_down_peer_is_logged_when_it_goes_not_on_every_rpc() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    let leader = c.leader().await;
+    let down = followers(&c, leader)[0];
+    c.kill(down);
+    // Hundreds of heartbeats and appends to the dead peer fail meanwhile.
+    for i in 0..300 {
+        register(&client, "api", &format!("i-{i}"), 80).await;
+    }
+    let leader = c.leader().await;
+    let log = c.log(leader);
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(
+        loud.iter()
+            .any(|l| l.contains(&format!("cannot reach node {down} at"))),
+        "the outage is reported:\n{log}"
+    );
+    assert!(
+        loud.len() <= 3,
+        "{} warnings and errors:\n{log}",
+        loud.len()
+    );
+}
+
 /// A small tmpfs mounted over a node's data directory, unmounted on drop.
 struct Tmpfs(std::path::PathBuf);
 

@@ -204,16 +204,28 @@ async fn watch_delay<S: System>(sys: &Arc<S>, watchers: usize, events: usize) ->
     Ok(Summary::of(delays, start.elapsed(), 0))
 }
 
-/// Kills the leader (SIGKILL) and times the first write accepted afterwards.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGKILL: a crash.
+    Kill,
+    /// SIGTERM: a rolling restart; both systems hand leadership over first.
+    Term,
+}
+
+/// Stops the leader and times the first write accepted afterwards.
 async fn failover<S: System>(
     sys: &Arc<S>,
     cluster: &mut Cluster,
     rounds: usize,
+    stop: Stop,
 ) -> Result<Summary> {
     let mut samples = Vec::new();
     for r in 0..rounds {
         let leader = sys.leader().await?;
-        cluster.procs[leader].kill();
+        match stop {
+            Stop::Kill => cluster.procs[leader].kill(),
+            Stop::Term => cluster.procs[leader].terminate()?,
+        }
         let killed = Instant::now();
         let mut n = 0;
         loop {
@@ -233,6 +245,7 @@ async fn failover<S: System>(
             );
         }
         samples.push(killed.elapsed());
+        cluster.procs[leader].wait()?;
         cluster.procs[leader].start()?;
         // Let the restarted node rejoin and catch up before the next round.
         procs::wait_until(
@@ -664,13 +677,21 @@ async fn main() -> Result<()> {
     if opts.runs("failover") {
         eprintln!("failover");
         let rounds = if opts.quick { 2 } else { 5 };
-        let r = failover(&roster, &mut rc, rounds).await?;
-        let e = failover(&etcd, &mut ec, rounds).await?;
+        let r = failover(&roster, &mut rc, rounds, Stop::Kill).await?;
+        let e = failover(&etcd, &mut ec, rounds, Stop::Kill).await?;
         rows.extend(latency_rows(
             &format!("failover: leader SIGKILL → first accepted write ({rounds} rounds)"),
             &r,
             &e,
             "Roster < 1 s",
+        ));
+        let r = failover(&roster, &mut rc, rounds, Stop::Term).await?;
+        let e = failover(&etcd, &mut ec, rounds, Stop::Term).await?;
+        rows.extend(latency_rows(
+            &format!("rolling restart: leader SIGTERM → first accepted write ({rounds} rounds)"),
+            &r,
+            &e,
+            "Roster < 0.2 s",
         ));
     }
     let mut extra = vec![format!(

@@ -88,6 +88,24 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, as an orchestrator stops a container; `wait` reaps it afterwards.
+    pub fn terminate(&mut self) -> Result<()> {
+        let pid = self.pid().context("process not running")?;
+        let ok = Command::new("kill")
+            .args(["-s", "TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(ok.success(), "kill -s TERM {pid}");
+        Ok(())
+    }
+
+    /// Waits for a terminated process to exit.
+    pub fn wait(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.wait()?;
+        }
+        Ok(())
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

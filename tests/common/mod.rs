@@ -139,7 +139,8 @@ impl TestCluster {
         command
             .args(["server", "--config"])
             .arg(&node.config)
-            .env("RUST_LOG", "warn,openraft=error")
+            // The default log filter, as operators get it: tests read these logs.
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(limit) = self.fd_limit {
