@@ -76,23 +76,29 @@ impl Leader {
             "forwarding to leader {} at {} failed: {cause}",
             self.id, self.addr
         );
-        match s.code() {
+        if !sent(&s) {
             // The connection could not be made: the request never left this node.
-            tonic::Code::Unavailable if !sent(&s) => {
-                Error::Unavailable(format!("{what}; not applied, retry"))
-            }
-            _ if effect == Effect::Read => Error::Unavailable(format!("{what}; retry")),
-            _ => Error::Interrupted(what),
+            Error::Unavailable(format!("{what}; not applied, retry"))
+        } else if effect == Effect::Read {
+            Error::Unavailable(format!("{what}; retry"))
+        } else {
+            Error::Interrupted(what)
         }
         .into()
     }
 }
 
-/// Whether a transport failure happened after the request could have reached
-/// the peer (tonic reports connect failures as UNAVAILABLE "tcp connect error").
+/// Whether the request may have reached the peer: only a failure to connect
+/// (tonic's `ConnectError` somewhere in the causes) proves it did not.
 fn sent(s: &Status) -> bool {
-    let m = s.message();
-    !(m.contains("connect") || m.contains("dns"))
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::ConnectError>().is_some() {
+            return false;
+        }
+        cause = c.source();
+    }
+    true
 }
 
 /// Why the work was not done here.
