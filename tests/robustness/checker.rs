@@ -121,6 +121,12 @@ struct Entry {
 
 /// Whether one key's operations are linearizable from an absent key.
 pub fn linearizable(ops: &[Op]) -> bool {
+    linearizable_within(ops, u64::MAX) != Some(false)
+}
+
+/// As `linearizable`, giving up (`None`) after `budget` search steps.
+pub fn linearizable_within(ops: &[Op], budget: u64) -> Option<bool> {
+    let mut steps = 0u64;
     let n = ops.len();
     let mut timed: Vec<(Time, bool, usize)> = Vec::with_capacity(2 * n);
     for (i, o) in ops.iter().enumerate() {
@@ -181,8 +187,12 @@ pub fn linearizable(ops: &[Op]) -> bool {
     let mut state: State = None;
     let mut cur = next[head];
     while next[head] != NIL {
+        steps += 1;
+        if steps > budget {
+            return None;
+        }
         if cur == NIL {
-            return false; // unreachable: a return always ends the list
+            return Some(false); // unreachable: a return always ends the list
         }
         let e = entries[cur];
         if e.call {
@@ -203,7 +213,7 @@ pub fn linearizable(ops: &[Op]) -> bool {
         } else {
             // This operation's return is reached unlinearized: undo the last choice.
             let Some((call, before)) = stack.pop() else {
-                return false;
+                return Some(false);
             };
             let c = entries[call];
             state = before;
@@ -213,7 +223,7 @@ pub fn linearizable(ops: &[Op]) -> bool {
             cur = next[call];
         }
     }
-    true
+    Some(true)
 }
 
 /// Splits a history by key.
@@ -248,13 +258,22 @@ impl fmt::Display for Violation {
     }
 }
 
-/// Every key of `ops` whose sub-history is not linearizable.
-pub fn check_linearizable(ops: &[Op]) -> Vec<Violation> {
-    by_key(ops)
-        .into_iter()
-        .filter(|(_, ops)| !linearizable(ops))
-        .map(|(key, ops)| Violation { key, ops })
-        .collect()
+/// Search steps allowed per key before its check is called inconclusive.
+pub const STEP_BUDGET: u64 = 20_000_000;
+
+/// Every key of `ops` whose sub-history is not linearizable, and the keys
+/// whose search ran out of budget (neither proven nor refuted).
+pub fn check_linearizable(ops: &[Op]) -> (Vec<Violation>, Vec<Key>) {
+    let mut bad = Vec::new();
+    let mut inconclusive = Vec::new();
+    for (key, ops) in by_key(ops) {
+        match linearizable_within(&ops, STEP_BUDGET) {
+            Some(true) => {}
+            Some(false) => bad.push(Violation { key, ops }),
+            None => inconclusive.push(key),
+        }
+    }
+    (bad, inconclusive)
 }
 
 // ---------------------------------------------------------------- watches

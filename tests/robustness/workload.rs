@@ -58,7 +58,7 @@ impl Recorder {
         self.next_value.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn record(&self, op: Op) {
+    pub fn record(&self, op: Op) {
         self.ops.lock().expect("history lock").push(op);
     }
 
