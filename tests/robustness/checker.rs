@@ -317,6 +317,10 @@ pub struct Replay {
     pub changes: BTreeMap<u64, Vec<Change>>,
     /// Revision ranges (a, b] over which the watcher saw every change.
     pub covered: Vec<(u64, u64)>,
+    /// Revision of the first full state received.
+    pub first: Option<u64>,
+    /// Every (key, value) a full-state message carried.
+    pub snapshots: Vec<(Key, Value)>,
     pub violations: Vec<String>,
 }
 
@@ -335,6 +339,8 @@ pub fn replay(log: &WatchLog) -> Replay {
         last: 0,
         changes: BTreeMap::new(),
         covered: Vec::new(),
+        first: None,
+        snapshots: Vec::new(),
         violations: Vec::new(),
     };
     let mut synced = false; // holds a full state
@@ -353,6 +359,8 @@ pub fn replay(log: &WatchLog) -> Replay {
                     r.violations.push(format!("{at}: reset in mid-stream"));
                 }
                 r.state = m.instances.iter().cloned().collect();
+                r.snapshots.extend(m.instances.iter().cloned());
+                r.first.get_or_insert(m.revision);
                 synced = true;
                 last = m.revision;
                 r.last = m.revision;
@@ -481,6 +489,77 @@ pub fn final_state_diff(
             )
         })
         .collect()
+}
+
+/// Whether the watchers together saw every revision from `from` to `to`.
+pub fn gap_free(replays: &[Replay], from: u64, to: u64) -> bool {
+    let mut spans: Vec<(u64, u64)> = replays.iter().flat_map(|r| r.covered.clone()).collect();
+    spans.sort();
+    let mut reached = from;
+    for (a, b) in spans {
+        if a <= reached {
+            reached = reached.max(b);
+        }
+    }
+    reached >= to
+}
+
+/// Settles unknown outcomes with what the watchers saw, as etcd's robustness
+/// checker does, when together they followed every revision: an unknown
+/// register whose value no watcher ever saw was never applied; unknown
+/// deregisters of a key with no more delete events than acknowledged deletes
+/// were never applied. Those operations are dropped, which only narrows the
+/// linearizations the checker may choose: it cannot hide a violation.
+/// Returns the remaining history and how many were dropped.
+pub fn settle_unknown(ops: &[Op], replays: &[Replay]) -> (Vec<Op>, usize) {
+    let mut seen: HashSet<(&Key, Value)> = HashSet::new();
+    let mut deletes: BTreeMap<u64, Vec<&Key>> = BTreeMap::new();
+    for r in replays {
+        for (rev, cs) in &r.changes {
+            for c in cs {
+                match c.value {
+                    Some(v) => {
+                        seen.insert((&c.key, v));
+                    }
+                    None => {
+                        let d = deletes.entry(*rev).or_default();
+                        if !d.contains(&&c.key) {
+                            d.push(&c.key);
+                        }
+                    }
+                }
+            }
+        }
+        for (k, v) in r
+            .state
+            .iter()
+            .chain(r.snapshots.iter().map(|(k, v)| (k, v)))
+        {
+            seen.insert((k, *v));
+        }
+    }
+    let mut delete_events: HashMap<&Key, usize> = HashMap::new();
+    for k in deletes.values().flatten() {
+        *delete_events.entry(*k).or_default() += 1;
+    }
+    let mut acked_deletes: HashMap<&Key, usize> = HashMap::new();
+    for o in ops
+        .iter()
+        .filter(|o| o.input == Input::Delete && o.output == Output::Ok)
+    {
+        *acked_deletes.entry(&o.key).or_default() += 1;
+    }
+    let keep = |o: &Op| match (o.input, o.output) {
+        (Input::Put(v), Output::Unknown) => seen.contains(&(&o.key, v)),
+        (Input::Delete, Output::Unknown) => {
+            delete_events.get(&o.key).copied().unwrap_or(0)
+                > acked_deletes.get(&o.key).copied().unwrap_or(0)
+        }
+        _ => true,
+    };
+    let kept: Vec<Op> = ops.iter().filter(|o| keep(o)).cloned().collect();
+    let dropped = ops.len() - kept.len();
+    (kept, dropped)
 }
 
 /// Counts per operation kind, for the summary.
@@ -851,5 +930,42 @@ mod tests {
         let (lost, uncovered) = lost_writes(&acked, &[r]);
         assert_eq!(lost.len(), 1, "{lost:?}");
         assert_eq!(uncovered, 1);
+    }
+
+    #[test]
+    fn settling_drops_only_unknown_writes_no_watcher_saw() {
+        let r = replay(&WatchLog {
+            sessions: vec![session(
+                0,
+                vec![
+                    initial(1),
+                    msg(4, &[("a", Some(1))]),
+                    msg(6, &[("a", None)]),
+                ],
+            )],
+        });
+        assert!(
+            gap_free(std::slice::from_ref(&r), 1, 6) && !gap_free(std::slice::from_ref(&r), 1, 7)
+        );
+        let h = [
+            op(0, Input::Put(1), Output::Unknown, 0, OPEN),
+            op(1, Input::Put(2), Output::Unknown, 0, OPEN),
+            op(2, Input::Delete, Output::Unknown, 10, OPEN),
+            op(3, Input::Delete, Output::Ok, 10, 20),
+        ];
+        let (kept, dropped) = settle_unknown(&h, &[r]);
+        // Put(2) was never seen; the one delete event is the acknowledged delete's.
+        assert_eq!(dropped, 2);
+        assert!(kept.iter().any(|o| o.input == Input::Put(1)));
+        // Dropping never applied writes can turn a pass into a failure, never the reverse.
+        let h = [
+            op(0, Input::Put(2), Output::Unknown, 0, OPEN),
+            get(1, Some(2), 5, 10),
+        ];
+        let r = replay(&WatchLog {
+            sessions: vec![session(0, vec![initial(1), msg(3, &[("b", Some(9))])])],
+        });
+        assert!(linearizable(&h));
+        assert!(!linearizable(&settle_unknown(&h, &[r]).0));
     }
 }

@@ -36,6 +36,8 @@ pub struct Recorder {
     /// Operations that failed without effect (refused before being sent, or a failed read).
     pub failed: AtomicU64,
     pub stop: AtomicBool,
+    /// Watchers that hold their initial state.
+    pub watchers_ready: AtomicU64,
 }
 
 impl Recorder {
@@ -47,6 +49,7 @@ impl Recorder {
             acked: Mutex::default(),
             failed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            watchers_ready: AtomicU64::new(0),
         })
     }
 
@@ -354,6 +357,9 @@ pub async fn watcher(
                 // Silence may be a stopped or cut-off node: move on after a while.
                 match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
                     Ok(Ok(Some(m))) => {
+                        if log.sessions.is_empty() && session.msgs.is_empty() {
+                            rec.watchers_ready.fetch_add(1, Ordering::Relaxed);
+                        }
                         last = m.revision.max(if m.reset != 0 { 0 } else { last });
                         session.msgs.push(to_msg(m));
                     }
