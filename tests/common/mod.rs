@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod netns;
 pub mod targets;
 
 use std::net::TcpListener;
@@ -17,6 +18,8 @@ use tempfile::TempDir;
 
 pub struct TestNode {
     pub id: u64,
+    /// Address the node listens on and peers dial: 127.0.0.1, or its namespace's address.
+    pub host: String,
     pub port: u16,
     /// Where the node serves Prometheus metrics.
     pub metrics_port: u16,
@@ -31,6 +34,8 @@ pub struct TestCluster {
     extra: String,
     /// Hard and soft `RLIMIT_NOFILE` each node process starts with.
     fd_limit: Option<u64>,
+    /// Set when each node runs in a network namespace of its own (`start_netns`).
+    pub net: Option<netns::NetLab>,
 }
 
 fn free_port() -> u16 {
@@ -46,25 +51,54 @@ impl TestCluster {
 
     /// `extra` is appended to every node's TOML config.
     pub async fn start_with(n: u64, extra: &str) -> TestCluster {
-        Self::start_limited(n, extra, None).await
+        Self::start_on(n, extra, None, None).await
     }
 
     /// Like `start_with`, each node process limited to `fd_limit` open files
     /// (hard limit, so the node cannot raise it).
     pub async fn start_limited(n: u64, extra: &str, fd_limit: Option<u64>) -> TestCluster {
+        Self::start_on(n, extra, fd_limit, None).await
+    }
+
+    /// Like `start_with`, but every node runs in its own network namespace
+    /// (see `netns`), so the test can partition the network. Fails where
+    /// namespaces cannot be made (not root, no iproute2).
+    pub async fn start_netns(n: u64, extra: &str) -> Result<TestCluster, String> {
+        let lab = netns::NetLab::create(n)?;
+        Ok(Self::start_on(n, extra, None, Some(lab)).await)
+    }
+
+    async fn start_on(
+        n: u64,
+        extra: &str,
+        fd_limit: Option<u64>,
+        net: Option<netns::NetLab>,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let initial: Vec<String> = (0..n)
-            .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i as usize]))
+        let addrs: Vec<(String, u16)> = (1..=n)
+            .map(|id| match &net {
+                Some(lab) => {
+                    let a = lab.addr(id);
+                    let (h, p) = a.rsplit_once(':').expect("host:port");
+                    (h.to_string(), p.parse().expect("port"))
+                }
+                None => ("127.0.0.1".to_string(), free_port()),
+            })
+            .collect();
+        let initial: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, (h, p))| format!("{}={h}:{p}", i + 1))
             .collect();
         let mut c = TestCluster {
             dir,
             nodes: Vec::new(),
             extra: extra.to_string(),
             fd_limit,
+            net,
         };
-        for port in ports {
-            c.configure_node(port, &initial.join(","));
+        for (host, port) in addrs {
+            c.configure_node(&host, port, &initial.join(","));
         }
         for id in 1..=n {
             c.start_node(id);
@@ -74,13 +108,13 @@ impl TestCluster {
     }
 
     /// Writes the config of the next node id; returns that id.
-    fn configure_node(&mut self, port: u16, initial_cluster: &str) -> u64 {
+    fn configure_node(&mut self, host: &str, port: u16, initial_cluster: &str) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let config = self.dir.path().join(format!("node-{id}.toml"));
-        let data = self.dir.path().join(format!("node-{id}"));
+        let data = self.data_dir(id);
         let metrics_port = free_port();
         let text = format!(
-            "id = {id}\ncluster_id = \"test\"\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
+            "id = {id}\ncluster_id = \"test\"\nlisten = \"{host}:{port}\"\nmetrics_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
             metrics_port,
             data.display(),
             self.extra
@@ -88,6 +122,7 @@ impl TestCluster {
         std::fs::write(&config, text).expect("write config");
         self.nodes.push(TestNode {
             id,
+            host: host.to_string(),
             port,
             metrics_port,
             config,
@@ -98,7 +133,7 @@ impl TestCluster {
 
     /// Starts one more node that belongs to no cluster until it is added as a member.
     pub fn start_spare(&mut self) -> u64 {
-        let id = self.configure_node(free_port(), "");
+        let id = self.configure_node("127.0.0.1", free_port(), "");
         self.start_node(id);
         id
     }
@@ -108,7 +143,7 @@ impl TestCluster {
     }
 
     pub fn endpoint(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.node(id).port)
+        format!("{}:{}", self.node(id).host, self.node(id).port)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -134,10 +169,21 @@ impl TestCluster {
     pub fn start_node(&mut self, id: u64) {
         let node = &mut self.nodes[(id - 1) as usize];
         assert!(node.child.is_none(), "node {id} is already running");
-        let log = std::fs::File::create(node.config.with_extension("log")).expect("log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_roster"));
-        command
-            .args(["server", "--config"])
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.config.with_extension("log"))
+            .expect("log file");
+        // `ip netns exec` execs the server in place: the child's pid is the server's.
+        let mut cmd = match &self.net {
+            Some(lab) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &lab.ns(id), env!("CARGO_BIN_EXE_roster")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_roster")),
+        };
+        cmd.args(["server", "--config"])
             .arg(&node.config)
             // The default log filter, as operators get it: tests read these logs.
             .env_remove("RUST_LOG")
@@ -148,10 +194,10 @@ impl TestCluster {
             // SAFETY: runs in the forked child before exec and only calls setrlimit(2),
             // which is async-signal-safe.
             unsafe {
-                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, limit, limit));
+                cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, limit, limit));
             }
         }
-        let child = command.spawn().expect("spawn roster server");
+        let child = cmd.spawn().expect("spawn roster server");
         node.child = Some(child);
     }
 
@@ -163,20 +209,27 @@ impl TestCluster {
         }
     }
 
-    /// Sends a signal by name (`TERM`, `STOP`, `CONT`, ...) to node `id`.
-    pub fn signal(&self, id: u64, sig: &str) {
-        let pid = self.node(id).child.as_ref().expect("node is running").id();
-        let ok = Command::new("kill")
-            .args(["-s", sig, &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success(), "kill -s {sig} {pid}");
+    /// Process id of node `id`'s server, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.node(id).child.as_ref().map(|c| c.id())
     }
 
-    /// The exit status of node `id`'s process, if it has exited.
+    /// Sends `signal` (a `kill` name such as "STOP" or "CONT") to node `id`.
+    pub fn signal(&self, id: u64, signal: &str) {
+        if let Some(pid) = self.pid(id) {
+            let ok = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{signal} {pid} (node {id}) failed");
+        }
+    }
+
+    /// Whether node `id`'s process has exited by itself (it is then reaped).
     pub fn exited(&mut self, id: u64) -> Option<ExitStatus> {
         let node = &mut self.nodes[(id - 1) as usize];
-        let status = node.child.as_mut()?.try_wait().expect("try_wait")?;
+        let status = node.child.as_mut()?.try_wait().ok()??;
         node.child = None;
         Some(status)
     }
@@ -202,6 +255,7 @@ impl TestCluster {
         std::fs::read_to_string(self.node(id).config.with_extension("log")).unwrap_or_default()
     }
 
+    /// The node's sled data directory.
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node-{id}"))
     }
