@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::faults::flood;
 use common::*;
 use roster::proto::v1::registry_client::RegistryClient;
 use roster::proto::v1::{RegisterRequest, WatchRequest};
@@ -105,46 +106,6 @@ async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
         .expect("watch still open")
         .expect("a message");
     assert_eq!(change.events.len(), 1, "{change:?}");
-}
-
-/// Opens an idle connection: one that never sends a byte, or (`handshake`)
-/// a tonic channel that completes the HTTP/2 handshake and sends no request.
-/// Returned boxed, to be held open and dropped.
-async fn open_idle(addr: &str, handshake: bool) -> Option<Box<dyn std::any::Any + Send>> {
-    if handshake {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-        let channel = endpoint.connect().await.ok()?;
-        Some(Box::new(channel))
-    } else {
-        let stream = TcpStream::connect(addr).await.ok()?;
-        Some(Box::new(stream))
-    }
-}
-
-/// Holds `hold` idle connections to `addr`, half of each kind, then keeps
-/// replacing the oldest with a new one until `stop`. Connections the server
-/// refuses are simply tried again.
-async fn flood(addr: String, hold: usize, mut stop: watch::Receiver<bool>) {
-    let mut held = std::collections::VecDeque::with_capacity(hold);
-    let mut attempts = 0u64;
-    let mut pace = tokio::time::interval(Duration::from_millis(2));
-    loop {
-        if held.len() < hold {
-            if *stop.borrow() {
-                return;
-            }
-        } else {
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = pace.tick() => {}
-            }
-            held.pop_front();
-        }
-        attempts += 1;
-        if let Some(c) = open_idle(&addr, attempts % 2 == 0).await {
-            held.push_back(c);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

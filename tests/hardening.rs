@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::faults::Tmpfs;
 use common::*;
 use roster::proto::v1::registry_client::RegistryClient;
 use roster::proto::v1::*;
@@ -467,59 +468,6 @@ async fn a_down_peer_is_logged_when_it_goes_not_on_every_rpc() {
         "{} warnings and errors:\n{log}",
         loud.len()
     );
-}
-
-/// A small tmpfs mounted over a node's data directory, unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    /// Moves `dir`'s contents onto a fresh tmpfs of `mb` MiB mounted at `dir`;
-    /// `None` where mounting is not allowed (not root).
-    fn over(dir: &std::path::Path, mb: u32) -> Option<Tmpfs> {
-        let saved = dir.with_extension("saved");
-        std::fs::rename(dir, &saved).expect("move the data directory aside");
-        std::fs::create_dir(dir).expect("mount point");
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            std::fs::remove_dir(dir).expect("remove mount point");
-            std::fs::rename(&saved, dir).expect("move the data directory back");
-            return None;
-        }
-        let copied = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", saved.display()))
-            .arg(dir)
-            .status()
-            .expect("cp");
-        assert!(copied.success(), "copy the data directory onto the tmpfs");
-        Some(Tmpfs(dir.to_path_buf()))
-    }
-
-    /// Writes a file until the file system is full.
-    fn fill(&self) {
-        let _ = std::process::Command::new("dd")
-            .args(["if=/dev/zero", "bs=64k"])
-            .arg(format!("of={}", self.0.join("filler").display()))
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.0.join("filler")).expect("remove the filler");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[tokio::test]

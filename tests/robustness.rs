@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checker::{Input, Output};
-use common::TestCluster;
+use common::{Setup, TestCluster};
 use nemesis::Fault;
 use roster::proto::v1::RegisterRequest;
 use workload::Recorder;
@@ -39,15 +39,23 @@ fn run_secs() -> u64 {
         .unwrap_or(45)
 }
 
+/// Three nodes, each in a network namespace of its own (partitions), with a
+/// 1,024 file-descriptor limit (connection floods) and its data on a small
+/// tmpfs (full disks).
 async fn cluster() -> TestCluster {
-    match TestCluster::start_netns(3, "").await {
+    let setup = Setup {
+        fd_limit: Some(1024),
+        netns: true,
+        tmpfs_mb: Some(256),
+    };
+    match TestCluster::start_setup(3, "", setup).await {
         Ok(c) => c,
         Err(e) if std::env::var("ROSTER_ROBUSTNESS_NO_NETNS").is_ok_and(|v| v == "1") => {
-            eprintln!("no network namespaces ({e}): running on loopback without partitions");
+            eprintln!("no network namespaces or tmpfs ({e}): running on loopback without partitions or full disks");
             TestCluster::start(3).await
         }
         Err(e) => panic!(
-            "network namespaces are needed for partitions (run as root, or set ROSTER_ROBUSTNESS_NO_NETNS=1): {e}"
+            "network namespaces and tmpfs mounts are needed (run as root, or set ROSTER_ROBUSTNESS_NO_NETNS=1): {e}"
         ),
     }
 }
@@ -55,6 +63,8 @@ async fn cluster() -> TestCluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn robustness_short() {
     let secs = run_secs();
+    // Connection floods need more descriptors than a default soft limit gives.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the test's file limit");
     let mut c = cluster().await;
     let endpoints = c.endpoints();
     let rec = Recorder::new();
@@ -106,7 +116,14 @@ async fn robustness_short() {
         println!("nemesis: {f:?} {what:?}");
         *injected.entry(f).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(2000..4000))).await;
-        nemesis::heal(&mut c, what);
+        match nemesis::heal(&mut c, what).await {
+            Ok(Some(note)) => println!("nemesis: {note}"),
+            Ok(None) => {}
+            Err(e) => {
+                problems.push(format!("{f:?}: {e}"));
+                break;
+            }
+        }
         match nemesis::wait_recovered(&c, Duration::from_secs(30)).await {
             Ok(took) => println!("nemesis: healed, recovered in {took:?}"),
             Err(e) => {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod faults;
 pub mod netns;
 pub mod targets;
 
@@ -28,14 +29,27 @@ pub struct TestNode {
 }
 
 pub struct TestCluster {
+    /// Dropped (unmounted) before `dir` is removed.
+    pub disks: Vec<faults::Tmpfs>,
     pub dir: TempDir,
     pub nodes: Vec<TestNode>,
     /// Appended to every node's config.
     extra: String,
     /// Hard and soft `RLIMIT_NOFILE` each node process starts with.
     fd_limit: Option<u64>,
-    /// Set when each node runs in a network namespace of its own (`start_netns`).
+    /// Set when each node runs in a network namespace of its own (`Setup::netns`).
     pub net: Option<netns::NetLab>,
+}
+
+/// How the nodes of a test cluster run, beyond their configuration.
+#[derive(Default)]
+pub struct Setup {
+    /// Hard and soft `RLIMIT_NOFILE` of each node process.
+    pub fd_limit: Option<u64>,
+    /// Each node in a network namespace of its own, so the test can partition them.
+    pub netns: bool,
+    /// Each node's data directory on a tmpfs of this many MiB.
+    pub tmpfs_mb: Option<u32>,
 }
 
 fn free_port() -> u16 {
@@ -51,30 +65,39 @@ impl TestCluster {
 
     /// `extra` is appended to every node's TOML config.
     pub async fn start_with(n: u64, extra: &str) -> TestCluster {
-        Self::start_on(n, extra, None, None).await
+        Self::start_setup(n, extra, Setup::default())
+            .await
+            .expect("a plain cluster needs nothing special")
     }
 
     /// Like `start_with`, each node process limited to `fd_limit` open files
     /// (hard limit, so the node cannot raise it).
     pub async fn start_limited(n: u64, extra: &str, fd_limit: Option<u64>) -> TestCluster {
-        Self::start_on(n, extra, fd_limit, None).await
+        let setup = Setup {
+            fd_limit,
+            ..Setup::default()
+        };
+        Self::start_setup(n, extra, setup)
+            .await
+            .expect("a file limit needs nothing special")
     }
 
-    /// Like `start_with`, but every node runs in its own network namespace
-    /// (see `netns`), so the test can partition the network. Fails where
-    /// namespaces cannot be made (not root, no iproute2).
-    pub async fn start_netns(n: u64, extra: &str) -> Result<TestCluster, String> {
-        let lab = netns::NetLab::create(n)?;
-        Ok(Self::start_on(n, extra, None, Some(lab)).await)
-    }
-
-    async fn start_on(
-        n: u64,
-        extra: &str,
-        fd_limit: Option<u64>,
-        net: Option<netns::NetLab>,
-    ) -> TestCluster {
+    /// Like `start_with`, with the nodes run as `setup` says. Fails where that
+    /// cannot be had: network namespaces (see `netns`) and tmpfs mounts need
+    /// root and iproute2.
+    pub async fn start_setup(n: u64, extra: &str, setup: Setup) -> Result<TestCluster, String> {
+        let net = match setup.netns {
+            true => Some(netns::NetLab::create(n)?),
+            false => None,
+        };
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut disks = Vec::new();
+        if let Some(mb) = setup.tmpfs_mb {
+            for id in 1..=n {
+                let data = dir.path().join(format!("node-{id}"));
+                disks.push(faults::Tmpfs::mount(&data, mb).ok_or("mounting a tmpfs needs root")?);
+            }
+        }
         let addrs: Vec<(String, u16)> = (1..=n)
             .map(|id| match &net {
                 Some(lab) => {
@@ -94,8 +117,9 @@ impl TestCluster {
             dir,
             nodes: Vec::new(),
             extra: extra.to_string(),
-            fd_limit,
+            fd_limit: setup.fd_limit,
             net,
+            disks,
         };
         for (host, port) in addrs {
             c.configure_node(&host, port, &initial.join(","));
@@ -104,7 +128,7 @@ impl TestCluster {
             c.start_node(id);
         }
         c.leader().await;
-        c
+        Ok(c)
     }
 
     /// Writes the config of the next node id; returns that id.

@@ -3,7 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::TestCluster;
+use roster::proto::v1::{AddMemberRequest, RemoveMemberRequest};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::common::{faults, TestCluster};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Fault {
@@ -19,20 +23,37 @@ pub enum Fault {
     PartitionLeader,
     /// Cut a random node off the others.
     PartitionRandom,
+    /// Fill a random node's disk (its data directory's tmpfs): it must stop
+    /// with an error, losing nothing acknowledged; restarted once there is room.
+    DiskFull,
+    /// SIGKILL a random node and cut its main sled file in half before the
+    /// restart: it must refuse to start (unless the cut only hit dead space);
+    /// healed as the README says (member remove, wipe, start, member add).
+    DamageRandom,
+    /// Hold 1,200 idle connections to the leader (past its 1,024-descriptor limit).
+    FloodLeader,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::KillAll,
         Fault::PauseLeader,
         Fault::PartitionLeader,
         Fault::PartitionRandom,
+        Fault::DiskFull,
+        Fault::DamageRandom,
+        Fault::FloodLeader,
     ];
 
-    fn needs_network(self) -> bool {
-        matches!(self, Fault::PartitionLeader | Fault::PartitionRandom)
+    /// Whether the cluster was set up for this fault.
+    fn possible(self, c: &TestCluster) -> bool {
+        match self {
+            Fault::PartitionLeader | Fault::PartitionRandom => c.net.is_some(),
+            Fault::DiskFull => !c.disks.is_empty(),
+            _ => true,
+        }
     }
 }
 
@@ -43,6 +64,21 @@ pub enum Injected {
     Paused(u64),
     /// This node is cut off the others.
     Partitioned(u64),
+    DiskFull(u64),
+    Damaged(u64),
+    /// Idle connections held against this node.
+    Flooding(u64, Flood),
+}
+
+pub struct Flood {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Flood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("1200 idle connections")
+    }
 }
 
 /// The leader as the running nodes report it: the highest-term node calling
@@ -71,10 +107,7 @@ async fn leader_or_random(c: &TestCluster) -> u64 {
 }
 
 pub fn available(c: &TestCluster) -> Vec<Fault> {
-    Fault::ALL
-        .into_iter()
-        .filter(|f| !f.needs_network() || c.net.is_some())
-        .collect()
+    Fault::ALL.into_iter().filter(|f| f.possible(c)).collect()
 }
 
 pub async fn inject(c: &mut TestCluster, f: Fault) -> Injected {
@@ -110,10 +143,104 @@ pub async fn inject(c: &mut TestCluster, f: Fault) -> Injected {
             lab.partition(&[id], &rest).expect("partition");
             Injected::Partitioned(id)
         }
+        Fault::DiskFull => {
+            let id = random_node(c);
+            c.disks[(id - 1) as usize].fill();
+            Injected::DiskFull(id)
+        }
+        Fault::DamageRandom => {
+            let id = random_node(c);
+            c.kill(id);
+            let db = c.data_dir(id).join("db");
+            let len = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&db)
+                .and_then(|f| f.set_len(len / 2))
+                .expect("truncate the sled file");
+            c.start_node(id);
+            Injected::Damaged(id)
+        }
+        Fault::FloodLeader => {
+            let id = leader_or_random(c).await;
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(faults::flood(c.endpoint(id), 1200, stopped));
+            Injected::Flooding(id, Flood { stop, task })
+        }
     }
 }
 
-pub fn heal(c: &mut TestCluster, i: Injected) {
+/// Waits for node `id` to exit by itself; `None` if it still runs after `limit`.
+async fn exit_of(
+    c: &mut TestCluster,
+    id: u64,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = c.exited(id) {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Runs a Cluster API call on any other running node until it succeeds.
+async fn on_cluster<F, Fut>(c: &TestCluster, not: u64, what: &str, f: F) -> Result<(), String>
+where
+    F: Fn(roster::proto::v1::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        for n in c.nodes.iter().filter(|n| n.id != not && c.is_running(n.id)) {
+            match f(c.cluster_client(n.id).await).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("{what}: {last}"))
+}
+
+/// The README's recovery of a node whose data is gone: remove the member,
+/// wipe its directory, start it without `initial_cluster`, add it back.
+async fn rejoin_empty(c: &mut TestCluster, id: u64) -> Result<(), String> {
+    on_cluster(c, id, "member remove", |mut cc| async move {
+        cc.remove_member(RemoveMemberRequest { id })
+            .await
+            .map(|_| ())
+    })
+    .await?;
+    for entry in std::fs::read_dir(c.data_dir(id)).map_err(|e| e.to_string())? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        gone.map_err(|e| format!("wipe {}: {e}", path.display()))?;
+    }
+    c.clear_initial_cluster(id);
+    c.start_node(id);
+    let address = c.endpoint(id);
+    on_cluster(c, id, "member add", |mut cc| {
+        let address = address.clone();
+        async move {
+            cc.add_member(AddMemberRequest { id, address })
+                .await
+                .map(|_| ())
+        }
+    })
+    .await
+}
+
+/// Undoes a fault. `Ok` says what happened worth reporting; `Err` is a
+/// broken promise (a node that ran on with a full disk or damaged data).
+pub async fn heal(c: &mut TestCluster, i: Injected) -> Result<Option<String>, String> {
     match i {
         Injected::Killed(ids) => {
             for id in ids {
@@ -127,7 +254,47 @@ pub fn heal(c: &mut TestCluster, i: Injected) {
             .expect("partitions need the namespace network")
             .heal()
             .unwrap_or_else(|e| panic!("healing the partition of node {id}: {e}")),
+        Injected::DiskFull(id) => {
+            // Writes keep arriving: the node must hit the full disk and stop.
+            let status = exit_of(c, id, Duration::from_secs(60)).await;
+            c.disks[(id - 1) as usize].free();
+            let status =
+                status.ok_or_else(|| format!("node {id} ran on for 60 s with a full disk"))?;
+            if status.success() {
+                return Err(format!("node {id} exited 0 on a full disk"));
+            }
+            c.start_node(id);
+            return Ok(Some(format!(
+                "node {id} stopped on the full disk ({status})"
+            )));
+        }
+        Injected::Damaged(id) => {
+            let Some(status) = exit_of(c, id, Duration::from_secs(20)).await else {
+                // Still running: the cut hit only dead space, every record it
+                // holds was verified at start. The checker judges the rest.
+                return Ok(Some(format!(
+                    "node {id} started: the cut held no live data"
+                )));
+            };
+            if status.success() || !c.log(id).contains("is not what node") {
+                return Err(format!(
+                    "node {id} with a damaged directory exited ({status}) without refusing it"
+                ));
+            }
+            rejoin_empty(c, id).await?;
+            return Ok(Some(format!(
+                "node {id} refused its damaged directory; rejoined empty"
+            )));
+        }
+        Injected::Flooding(id, flood) => {
+            let _ = flood.stop.send(true);
+            flood.task.await.expect("flood task");
+            if !c.is_running(id) {
+                return Err(format!("node {id} died under a connection flood"));
+            }
+        }
     }
+    Ok(None)
 }
 
 /// Waits until every node runs, one leader is agreed, and every node has
