@@ -289,8 +289,10 @@ pub async fn heal(c: &mut TestCluster, i: Injected) -> Result<Option<String>, St
         Injected::Flooding(id, flood) => {
             let _ = flood.stop.send(true);
             flood.task.await.expect("flood task");
-            if !c.is_running(id) {
-                return Err(format!("node {id} died under a connection flood"));
+            if let Some(status) = c.exited(id) {
+                return Err(format!(
+                    "node {id} died under a connection flood ({status})"
+                ));
             }
         }
     }
