@@ -20,7 +20,7 @@ log="target/robustness-$(date +%Y%m%d-%H%M%S).log"
 mkdir -p target
 echo "robustness soak: ${minutes} min of faults, log in ${log}"
 set +e
-ROSTER_ROBUSTNESS_SECS=$((minutes * 60)) \
+ROSTER_ROBUSTNESS_FULL=1 ROSTER_ROBUSTNESS_SECS=$((minutes * 60)) \
   cargo test -j1 --release --test robustness robustness_short -- --nocapture >"${log}" 2>&1
 rc=$?
 set -e
