@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ServerState};
+use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use super::leader::{is_forwarded, Effect, LeaderRouter, Route};
@@ -14,6 +14,8 @@ use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
+use crate::raft::marker::Identity;
+use crate::raft::network::channel;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 
@@ -23,21 +25,17 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ClusterApi {
     raft: Raft,
-    cluster_id: String,
+    /// This node's data directory: cluster, node id and incarnation.
+    me: Identity,
     state: SharedState,
     router: Arc<LeaderRouter>,
 }
 
 impl ClusterApi {
-    pub fn new(
-        raft: Raft,
-        cluster_id: String,
-        state: SharedState,
-        router: Arc<LeaderRouter>,
-    ) -> Self {
+    pub fn new(raft: Raft, me: Identity, state: SharedState, router: Arc<LeaderRouter>) -> Self {
         ClusterApi {
             raft,
-            cluster_id,
+            me,
             state,
             router,
         }
@@ -57,8 +55,51 @@ impl ClusterApi {
                     .as_ref()
                     .and_then(|r| r.get(id).copied().flatten())
                     .map(|l| l.index),
+                incarnation: node.incarnation,
             })
             .collect()
+    }
+
+    /// The data-directory incarnation of the node serving at `addr`, which
+    /// must be node `id` of this cluster.
+    async fn incarnation_of(&self, id: NodeId, addr: &str) -> Result<u64, Error> {
+        let timeout = self.router.timeout();
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::Unavailable(format!(
+                "cannot ask node {id} at {addr} for its status (is it running?): {e}"
+            ))
+        };
+        let ch = channel(addr, timeout).map_err(|e| unreachable(&e))?;
+        let mut req = Request::new(pb::StatusRequest {});
+        req.set_timeout(timeout);
+        let s = ClusterClient::new(ch)
+            .status(req)
+            .await
+            .map_err(|e| unreachable(&e.message()))?
+            .into_inner();
+        if s.node_id != id || s.cluster_id != self.me.cluster_id {
+            return Err(Error::FailedPrecondition(format!(
+                "the node at {addr} is node {} of cluster {:?}, not node {id} of {:?}",
+                s.node_id, s.cluster_id, self.me.cluster_id
+            )));
+        }
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map_or(0, |n| n.incarnation);
+        if known != 0 && known != s.incarnation {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} is a member with data-directory incarnation {known}, but the node at \
+                 {addr} has incarnation {}: its state is not that member's; remove node {id} \
+                 first (roster member remove --id {id}), then add it",
+                s.incarnation
+            )));
+        }
+        Ok(s.incarnation)
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
@@ -139,7 +180,7 @@ impl Cluster for ClusterApi {
             .map_err(|_| Status::internal("state lock poisoned"))?;
         Ok(Response::new(pb::StatusResponse {
             node_id: m.id,
-            cluster_id: self.cluster_id.clone(),
+            cluster_id: self.me.cluster_id.clone(),
             leader_id: m.current_leader.unwrap_or(0),
             leader_address,
             term: m.current_term,
@@ -150,6 +191,7 @@ impl Cluster for ClusterApi {
             members,
             revision,
             purged_index: m.purged.map_or(0, |l| l.index),
+            incarnation: self.me.incarnation,
         }))
     }
 
@@ -167,7 +209,9 @@ impl Cluster for ClusterApi {
         let (id, addr) = (msg.id, msg.address.clone());
         let route = self
             .change(forwarded, || async {
-                let learner = self.raft.add_learner(id, BasicNode { addr }, true);
+                let incarnation = self.incarnation_of(id, &addr).await?;
+                let node = Node { addr, incarnation };
+                let learner = self.raft.add_learner(id, node, true);
                 tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
                     .await
                     .map_err(|_| {
