@@ -22,6 +22,8 @@ use crate::registry::watch::SharedState;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A new member must catch up with the log (or take a snapshot) within this.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node being added may take to answer its first Status.
+const STARTING_NODE_WAIT: Duration = Duration::from_secs(10);
 
 pub struct ClusterApi {
     raft: Raft,
@@ -61,22 +63,27 @@ impl ClusterApi {
     }
 
     /// The data-directory incarnation of the node serving at `addr`, which
-    /// must be node `id` of this cluster.
+    /// must be node `id` of this cluster. A node just started may not listen
+    /// yet: it is asked again for a while.
     async fn incarnation_of(&self, id: NodeId, addr: &str) -> Result<u64, Error> {
         let timeout = self.router.timeout();
-        let unreachable = |e: &dyn std::fmt::Display| {
-            Error::Unavailable(format!(
-                "cannot ask node {id} at {addr} for its status (is it running?): {e}"
-            ))
+        let ch = channel(addr, timeout)
+            .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?;
+        let deadline = tokio::time::Instant::now() + STARTING_NODE_WAIT;
+        let s = loop {
+            let mut req = Request::new(pb::StatusRequest {});
+            req.set_timeout(timeout);
+            match ClusterClient::new(ch.clone()).status(req).await {
+                Ok(s) => break s.into_inner(),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Unavailable(format!(
+                        "cannot ask node {id} at {addr} for its status (is it running?): {}",
+                        e.message()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         };
-        let ch = channel(addr, timeout).map_err(|e| unreachable(&e))?;
-        let mut req = Request::new(pb::StatusRequest {});
-        req.set_timeout(timeout);
-        let s = ClusterClient::new(ch)
-            .status(req)
-            .await
-            .map_err(|e| unreachable(&e.message()))?
-            .into_inner();
         if s.node_id != id || s.cluster_id != self.me.cluster_id {
             return Err(Error::FailedPrecondition(format!(
                 "the node at {addr} is node {} of cluster {:?}, not node {id} of {:?}",
