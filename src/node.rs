@@ -365,6 +365,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         cfg.id,
         me.incarnation,
         learned,
+        lease,
         poll,
     ));
     let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::{ChangeMembers, Membership, ServerState};
 use tonic::metadata::MetadataMap;
@@ -113,10 +113,20 @@ fn learnable(
 }
 
 /// On the leader: records in the membership every member incarnation that has
-/// become known. Only changes node data, never the voters. Ends with Raft.
-pub async fn bind(raft: Raft, me: NodeId, mine: u64, learned: Learned, poll: Duration) {
+/// become known. Only changes node data, never the voters. A new leader waits
+/// `settle` first, so that every live member has replied and one change binds
+/// them all. Ends with Raft.
+pub async fn bind(
+    raft: Raft,
+    me: NodeId,
+    mine: u64,
+    learned: Learned,
+    settle: Duration,
+    poll: Duration,
+) {
     let mut metrics = raft.metrics();
     let mut tick = tokio::time::interval(poll);
+    let mut leading_since = None;
     loop {
         tick.tick().await;
         if metrics.has_changed().is_err() {
@@ -125,6 +135,10 @@ pub async fn bind(raft: Raft, me: NodeId, mine: u64, learned: Learned, poll: Dur
         let nodes = {
             let m = metrics.borrow_and_update();
             if m.state != ServerState::Leader {
+                leading_since = None;
+                continue;
+            }
+            if leading_since.get_or_insert_with(Instant::now).elapsed() < settle {
                 continue;
             }
             learnable(m.membership_config.membership(), me, mine, &learned)
