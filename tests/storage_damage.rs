@@ -305,7 +305,18 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
     got.retain(|id| id != unacked);
     assert_eq!(got, expected);
 
-    // The documented recovery makes it a member again, with its new incarnation.
+    // It cannot be added back over the member it replaced...
+    let e = two
+        .add_member(AddMemberRequest {
+            id: 3,
+            address: c.endpoint(3),
+        })
+        .await
+        .expect_err("adding a replaced member in place");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("remove node 3 first"), "{e}");
+
+    // ...but the documented recovery makes it a member again, with its new incarnation.
     recover(&mut c, 3);
     let at = c
         .status(c.leader().await)
