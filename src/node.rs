@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use openraft::error::{InitializeError, RaftError};
 use openraft::storage::RaftLogStorage;
-use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use openraft::{ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -26,13 +26,14 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
+use crate::raft::incarnation::{self, Learned};
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
-use crate::raft::{log_store, state_machine, stored, trees, NodeId, Raft};
+use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 
 /// How long a new node waits for each initial member's status before bootstrapping.
 const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -42,7 +43,8 @@ pub struct NodeHandle {
     /// The address the server is bound to (useful when `listen` had port 0).
     pub addr: SocketAddr,
     pub raft: Raft,
-    cluster_id: String,
+    /// This node's data directory: cluster, node id and incarnation.
+    me: Identity,
     router: Arc<LeaderRouter>,
     stop: oneshot::Sender<()>,
     server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
@@ -75,7 +77,7 @@ impl NodeHandle {
     /// serving and shuts Raft down; the data directory can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
         self.router.close();
-        match leadership::transfer(&self.raft, self.id, &self.cluster_id, TRANSFER_LIMIT).await {
+        match leadership::transfer(&self.raft, &self.me, TRANSFER_LIMIT).await {
             Some(to) => tracing::info!("handed leadership to node {to}"),
             None => tracing::debug!("no leadership to hand over"),
         }
@@ -191,16 +193,25 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
 
 /// The refusal to start on a damaged or replaced data directory, with the way back.
 fn damaged(cfg: &NodeConfig, what: &str) -> Error {
+    Error::Storage(format!(
+        "data directory {} is not what node {} last wrote: {what}. \
+         The node refuses to start rather than take part with lost state. {}",
+        cfg.data_dir.display(),
+        cfg.id,
+        recovery(cfg)
+    ))
+}
+
+/// How to bring back a node whose state is gone: as a new member.
+fn recovery(cfg: &NodeConfig) -> String {
     let dir = cfg.data_dir.display();
     let id = cfg.id;
-    Error::Storage(format!(
-        "data directory {dir} is not what node {id} last wrote: {what}. \
-         The node refuses to start rather than take part with lost state. \
-         To recover: on a running member run `roster member remove --id {id}`, \
+    format!(
+        "To recover: on a running member run `roster member remove --id {id}`, \
          delete {dir}, start this node without --initial-cluster, then run \
          `roster member add --id {id} --address {}`",
         cfg.advertise_addr()
-    ))
+    )
 }
 
 /// A new data directory under an id the running cluster has heard from means
@@ -290,6 +301,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         Error::Storage(what) => damaged(&cfg, &what),
         e => e,
     })?;
+    let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
     if fresh && !members.is_empty() {
         check_not_known(&cfg, &members).await?;
@@ -303,10 +315,11 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             .last_log_id
             .is_none();
     let state = state_machine.state();
+    let learned = Learned::default();
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
-        Network::new(cfg.cluster_id.clone()),
+        Network::new(me.clone(), learned.clone()),
         log_store,
         state_machine,
     )
@@ -347,6 +360,14 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         quorum_timeout,
         poll,
     ));
+    tokio::spawn(incarnation::bind(
+        raft.clone(),
+        cfg.id,
+        me.incarnation,
+        learned,
+        lease,
+        poll,
+    ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(report_readiness(
         raft.clone(),
@@ -378,7 +399,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
         .layer(net::TrackRequestsLayer)
         .add_service(
-            RaftTransportServer::new(RaftService::new(raft.clone(), cfg.cluster_id.clone()))
+            RaftTransportServer::new(RaftService::new(raft.clone(), me.clone(), recovery(&cfg)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -389,7 +410,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         )
         .add_service(ClusterServer::new(ClusterApi::new(
             raft.clone(),
-            cfg.cluster_id.clone(),
+            me.clone(),
             state.clone(),
             router.clone(),
         )))
@@ -413,7 +434,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         id: cfg.id,
         addr,
         raft,
-        cluster_id: cfg.cluster_id,
+        me,
         router,
         stop,
         server,
@@ -471,10 +492,12 @@ fn storage(e: openraft::StorageError<NodeId>) -> Error {
 
 /// Initializes a pristine node. Every initial member does this with the same
 /// membership, which openraft allows; a node with state refuses, which is fine.
+/// So no incarnation is in it (each node knows only its own): the leader binds
+/// them once it has heard from the members.
 async fn bootstrap(raft: &Raft, members: BTreeMap<NodeId, String>) -> Result<()> {
-    let nodes: BTreeMap<NodeId, BasicNode> = members
+    let nodes: BTreeMap<NodeId, Node> = members
         .into_iter()
-        .map(|(id, addr)| (id, BasicNode { addr }))
+        .map(|(id, addr)| (id, Node::unbound(addr)))
         .collect();
     match raft.initialize(nodes).await {
         Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),

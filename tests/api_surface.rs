@@ -79,20 +79,27 @@ async fn health_and_reflection_are_served() {
         .connect()
         .await
         .expect("connect");
-    let mut health = HealthClient::new(channel.clone());
+    let health = HealthClient::new(channel.clone());
+    // Readiness follows Raft's metrics on the next tick after a leader is known.
     for service in ["", "roster.v1.Registry"] {
-        let r = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("health check")
-            .into_inner();
-        assert_eq!(
-            r.status,
-            ServingStatus::Serving as i32,
-            "service {service:?}"
-        );
+        c.wait_for(
+            &format!("service {service:?} to be SERVING"),
+            Duration::from_secs(10),
+            || {
+                let mut health = health.clone();
+                async move {
+                    let r = health
+                        .check(HealthCheckRequest {
+                            service: service.into(),
+                        })
+                        .await
+                        .expect("health check")
+                        .into_inner();
+                    (r.status == ServingStatus::Serving as i32).then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     for version in ["v1", "v1alpha"] {

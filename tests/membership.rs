@@ -14,6 +14,8 @@ fn voters(m: &MembershipResponse) -> BTreeSet<u64> {
 #[tokio::test]
 async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
     let mut c = TestCluster::start(3).await;
+    // The initial members bootstrap without incarnations; the leader binds them.
+    assert_eq!(c.wait_bound().await.len(), 3);
     let client = c.client();
     let mut expected = Vec::new();
     for n in 0..20 {
@@ -31,6 +33,10 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
             .await
             .unwrap_or_else(|e| panic!("add node {id}: {e}"));
         assert!(voters(&r).contains(&id), "{r:?}");
+        // Added bound to its data directory.
+        let own = c.status(id).await.expect("status").incarnation;
+        let member = r.members.iter().find(|m| m.id == id).expect("member");
+        assert!(own != 0 && member.incarnation == own, "{r:?}");
     }
     let all = c.client();
     let m = c.status(c.leader().await).await.expect("status");
@@ -81,6 +87,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
     let m = c.status(c.leader().await).await.expect("status");
     let left: BTreeSet<u64> = m.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
     assert_eq!(left, BTreeSet::from([1, 2, 3]));
+    assert_eq!(c.wait_bound().await.len(), 3);
     for n in 40..45 {
         register(&three, "grow", &format!("g-{n}"), 80).await;
         expected.push(format!("g-{n}"));

@@ -82,6 +82,34 @@ async fn refuses_after(damage: impl FnOnce(&Path)) -> (TestCluster, Vec<String>,
     (c, expected, f)
 }
 
+/// The recovery the refusals give, with the real CLI: remove node `f`, wipe
+/// its directory, start it without an initial cluster, add it back.
+fn recover(c: &mut TestCluster, f: u64) {
+    let others: Vec<String> = (1..=3).filter(|&i| i != f).map(|i| c.endpoint(i)).collect();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(args)
+            .args(["--endpoints", &others.join(",")])
+            .output()
+            .expect("run roster");
+        assert!(out.status.success(), "roster {args:?}: {out:?}");
+    };
+    cli(&["member", "remove", "--id", &f.to_string()]);
+    c.kill(f);
+    std::fs::remove_dir_all(c.data_dir(f)).expect("wipe");
+    c.clear_initial_cluster(f);
+    c.start_node(f);
+    let address = c.endpoint(f);
+    cli(&[
+        "member",
+        "add",
+        "--id",
+        &f.to_string(),
+        "--address",
+        &address,
+    ]);
+}
+
 fn sled_file(dir: &Path) -> std::path::PathBuf {
     let db = dir.join("db");
     let len = std::fs::metadata(&db).expect("sled db file").len();
@@ -117,30 +145,7 @@ async fn overwritten_sled_file_then_documented_recovery() {
     })
     .await;
 
-    // The recovery the message gives, with the real CLI.
-    let others: Vec<String> = (1..=3).filter(|&i| i != f).map(|i| c.endpoint(i)).collect();
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_roster"))
-            .args(args)
-            .args(["--endpoints", &others.join(",")])
-            .output()
-            .expect("run roster");
-        assert!(out.status.success(), "roster {args:?}: {out:?}");
-    };
-    cli(&["member", "remove", "--id", &f.to_string()]);
-    std::fs::remove_dir_all(c.data_dir(f)).expect("wipe");
-    c.clear_initial_cluster(f);
-    c.start_node(f);
-    let address = c.endpoint(f);
-    cli(&[
-        "member",
-        "add",
-        "--id",
-        &f.to_string(),
-        "--address",
-        &address,
-    ]);
-
+    recover(&mut c, f);
     let client = c.client();
     register(&client, SERVICE, "after-recovery", 80).await;
     expected.push("after-recovery".into());
@@ -177,4 +182,156 @@ async fn emptied_data_directory() {
         }
     })
     .await;
+}
+
+/// The leader nodes 1 and 2 agree on (node 3 may follow none).
+async fn leader_of_1_and_2(c: &TestCluster) -> u64 {
+    c.wait_for(
+        "a leader nodes 1 and 2 agree on",
+        Duration::from_secs(20),
+        || async {
+            let (a, b) = (c.status(1).await?, c.status(2).await?);
+            (a.leader_id != 0 && a.leader_id == b.leader_id).then_some(a.leader_id)
+        },
+    )
+    .await
+}
+
+/// A node whose directory was wiped and that bootstraps again with its initial
+/// cluster while no peer answers (so the start-up check cannot tell) has a new
+/// incarnation: the others refuse it as the old voter, so it neither votes nor
+/// acknowledges entries, and no acknowledged write can be lost through it.
+#[tokio::test]
+async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
+    let mut c = TestCluster::start(3).await;
+    let bound = c.wait_bound().await;
+    let mut expected = Vec::new();
+    let all = c.client();
+    for n in 0..10 {
+        let id = format!("before-{n}");
+        register(&all, SERVICE, &id, 80).await;
+        expected.push(id);
+    }
+
+    c.kill(3);
+    std::fs::remove_dir_all(c.data_dir(3)).expect("wipe");
+    let two = RosterClient::new(&[c.endpoint(1), c.endpoint(2)]).expect("client");
+    for n in 0..10 {
+        let id = format!("while-down-{n}");
+        register(&two, SERVICE, &id, 80).await;
+        expected.push(id);
+    }
+    c.signal(1, "STOP");
+    c.signal(2, "STOP");
+    c.start_node(3);
+    let impostor = c
+        .wait_for(
+            "node 3 to bootstrap again",
+            Duration::from_secs(30),
+            || async { c.status(3).await.filter(|s| !s.members.is_empty()) },
+        )
+        .await;
+    c.signal(1, "CONT");
+    c.signal(2, "CONT");
+    assert_ne!(impostor.incarnation, bound[&3]);
+
+    // Refused both ways: as a target of the leader, as a candidate.
+    c.wait_for(
+        "the incarnation mismatch to be logged",
+        Duration::from_secs(20),
+        || async {
+            let refused_here = c
+                .log(3)
+                .contains("is not the one the cluster knows as node 3");
+            let refused_there = (1..=2).any(|i| {
+                c.log(i)
+                    .contains("node 3 presents data directory incarnation")
+            });
+            (refused_here && refused_there).then_some(())
+        },
+    )
+    .await;
+
+    // The others carry on without it; it never has a leader nor an entry.
+    for n in 0..20 {
+        let id = format!("refused-{n}");
+        register(&two, SERVICE, &id, 80).await;
+        expected.push(id);
+        let s = c.status(3).await.expect("node 3 status");
+        assert_eq!(s.leader_id, 0, "node 3 was accepted: {s:?}");
+        assert_eq!(s.last_log_index, impostor.last_log_index, "{s:?}");
+    }
+    let leader = c.status(leader_of_1_and_2(&c).await).await.expect("status");
+    let known = leader.members.iter().find(|m| m.id == 3).expect("member 3");
+    assert_eq!(known.incarnation, bound[&3], "{leader:?}");
+    expected.sort();
+    assert_eq!(
+        ids(&c.node_client(1), SERVICE, Consistency::Linearizable).await,
+        expected
+    );
+
+    // Node 2 and the impostor are no quorum: no leader, no write.
+    c.kill(1);
+    c.wait_for(
+        "node 2 to have no leader",
+        Duration::from_secs(20),
+        || async { c.status(2).await.filter(|s| s.leader_id == 0) },
+    )
+    .await;
+    let unacked = "without-quorum";
+    let e = c
+        .node_client(2)
+        .register(RegisterRequest {
+            instance: Some(instance(SERVICE, unacked, 80)),
+        })
+        .await
+        .expect_err("a write without a quorum");
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+        ),
+        "{e}"
+    );
+    for i in [2, 3] {
+        let s = c.status(i).await.expect("status");
+        assert_eq!(s.leader_id, 0, "node {i}: {s:?}");
+    }
+
+    // Node 1 back: every acknowledged write is there.
+    c.start_node(1);
+    leader_of_1_and_2(&c).await;
+    let mut got = ids(&two, SERVICE, Consistency::Linearizable).await;
+    got.retain(|id| id != unacked);
+    assert_eq!(got, expected);
+
+    // It cannot be added back over the member it replaced...
+    let e = two
+        .add_member(AddMemberRequest {
+            id: 3,
+            address: c.endpoint(3),
+        })
+        .await
+        .expect_err("adding a replaced member in place");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("remove node 3 first"), "{e}");
+
+    // ...but the documented recovery makes it a member again, with its new incarnation.
+    recover(&mut c, 3);
+    let at = c
+        .status(c.leader().await)
+        .await
+        .expect("status")
+        .applied_index;
+    c.wait_applied(3, at).await;
+    let mut got = ids(&c.node_client(3), SERVICE, Consistency::Stale).await;
+    got.retain(|id| id != unacked);
+    assert_eq!(got, expected);
+    let rebound = c.wait_bound().await;
+    assert!(
+        rebound[&3] != bound[&3] && rebound[&3] != impostor.incarnation,
+        "{rebound:?}"
+    );
+    let s = c.status(3).await.expect("status");
+    assert!(s.members.iter().any(|m| m.id == 3 && m.voter), "{s:?}");
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ServerState};
+use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use super::leader::{is_forwarded, Effect, LeaderRouter, Route};
@@ -14,30 +14,30 @@ use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
+use crate::raft::marker::Identity;
+use crate::raft::network::channel;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A new member must catch up with the log (or take a snapshot) within this.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node being added may take to answer its first Status.
+const STARTING_NODE_WAIT: Duration = Duration::from_secs(10);
 
 pub struct ClusterApi {
     raft: Raft,
-    cluster_id: String,
+    /// This node's data directory: cluster, node id and incarnation.
+    me: Identity,
     state: SharedState,
     router: Arc<LeaderRouter>,
 }
 
 impl ClusterApi {
-    pub fn new(
-        raft: Raft,
-        cluster_id: String,
-        state: SharedState,
-        router: Arc<LeaderRouter>,
-    ) -> Self {
+    pub fn new(raft: Raft, me: Identity, state: SharedState, router: Arc<LeaderRouter>) -> Self {
         ClusterApi {
             raft,
-            cluster_id,
+            me,
             state,
             router,
         }
@@ -57,8 +57,56 @@ impl ClusterApi {
                     .as_ref()
                     .and_then(|r| r.get(id).copied().flatten())
                     .map(|l| l.index),
+                incarnation: node.incarnation,
             })
             .collect()
+    }
+
+    /// The data-directory incarnation of the node serving at `addr`, which
+    /// must be node `id` of this cluster. A node just started may not listen
+    /// yet: it is asked again for a while.
+    async fn incarnation_of(&self, id: NodeId, addr: &str) -> Result<u64, Error> {
+        let timeout = self.router.timeout();
+        let ch = channel(addr, timeout)
+            .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?;
+        let deadline = tokio::time::Instant::now() + STARTING_NODE_WAIT;
+        let s = loop {
+            let mut req = Request::new(pb::StatusRequest {});
+            req.set_timeout(timeout);
+            match ClusterClient::new(ch.clone()).status(req).await {
+                Ok(s) => break s.into_inner(),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Unavailable(format!(
+                        "cannot ask node {id} at {addr} for its status (is it running?): {}",
+                        e.message()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        if s.node_id != id || s.cluster_id != self.me.cluster_id {
+            return Err(Error::FailedPrecondition(format!(
+                "the node at {addr} is node {} of cluster {:?}, not node {id} of {:?}",
+                s.node_id, s.cluster_id, self.me.cluster_id
+            )));
+        }
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map_or(0, |n| n.incarnation);
+        if known != 0 && known != s.incarnation {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} is a member with data-directory incarnation {known}, but the node at \
+                 {addr} has incarnation {}: its state is not that member's; remove node {id} \
+                 first (roster member remove --id {id}), then add it",
+                s.incarnation
+            )));
+        }
+        Ok(s.incarnation)
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
@@ -139,7 +187,7 @@ impl Cluster for ClusterApi {
             .map_err(|_| Status::internal("state lock poisoned"))?;
         Ok(Response::new(pb::StatusResponse {
             node_id: m.id,
-            cluster_id: self.cluster_id.clone(),
+            cluster_id: self.me.cluster_id.clone(),
             leader_id: m.current_leader.unwrap_or(0),
             leader_address,
             term: m.current_term,
@@ -150,6 +198,7 @@ impl Cluster for ClusterApi {
             members,
             revision,
             purged_index: m.purged.map_or(0, |l| l.index),
+            incarnation: self.me.incarnation,
         }))
     }
 
@@ -167,7 +216,9 @@ impl Cluster for ClusterApi {
         let (id, addr) = (msg.id, msg.address.clone());
         let route = self
             .change(forwarded, || async {
-                let learner = self.raft.add_learner(id, BasicNode { addr }, true);
+                let incarnation = self.incarnation_of(id, &addr).await?;
+                let node = Node { addr, incarnation };
+                let learner = self.raft.add_learner(id, node, true);
                 tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
                     .await
                     .map_err(|_| {

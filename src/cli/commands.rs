@@ -232,8 +232,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
         match r {
             Ok(s) => {
                 println!(
-                    "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={}",
-                    s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id
+                    "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}",
+                    s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id, s.incarnation
                 );
                 println!("  members: {}", members(&s.members));
             }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use openraft::raft::VoteRequest;
 use openraft::{RaftMetrics, ServerState, Vote};
 
+use super::marker::Identity;
 use super::network::timeout_now;
 use super::{Node, NodeId, Raft};
 
@@ -100,14 +101,10 @@ pub async fn check_quorum(raft: Raft, id: NodeId, lease: Duration, poll: Duratio
 /// (up to `limit`) for it to take over. The caller must have stopped proposing.
 /// Returns the new leader, or `None` when this node did not lead or no
 /// follower could take over in time (the cluster then elects one as usual).
-pub async fn transfer(
-    raft: &Raft,
-    id: NodeId,
-    cluster_id: &str,
-    limit: Duration,
-) -> Option<NodeId> {
+pub async fn transfer(raft: &Raft, me: &Identity, limit: Duration) -> Option<NodeId> {
+    let id = me.node_id;
     let deadline = tokio::time::Instant::now() + limit;
-    let (target, addr, leader_vote) = {
+    let (target, node, leader_vote) = {
         let m = raft.metrics().borrow().clone();
         if m.current_leader != Some(id) {
             return None;
@@ -119,13 +116,8 @@ pub async fn transfer(
             .iter()
             .filter(|(n, _)| **n != id && voters.contains(n))
             .max_by_key(|(_, matched)| matched.map(|l| l.index))?;
-        let addr = m
-            .membership_config
-            .membership()
-            .get_node(target)?
-            .addr
-            .clone();
-        (*target, addr, m.vote)
+        let node = m.membership_config.membership().get_node(target)?.clone();
+        (*target, node, m.vote)
     };
     // The follower must hold every entry this leader has, or it cannot win the vote.
     let caught_up = raft
@@ -155,8 +147,11 @@ pub async fn transfer(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The follower campaigns only for the leader it follows, named by its vote.
-    if let Err(e) = timeout_now(&addr, cluster_id, &leader_vote).await {
-        tracing::warn!("leadership transfer: asking node {target} at {addr} to campaign: {e}");
+    if let Err(e) = timeout_now(me, &node, &leader_vote).await {
+        tracing::warn!(
+            "leadership transfer: asking node {target} at {} to campaign: {e}",
+            node.addr
+        );
         return None;
     }
     let took_over = raft

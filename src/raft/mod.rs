@@ -1,6 +1,7 @@
 //! Consensus: openraft wired to sled storage and a gRPC transport.
 
 pub mod coalesce;
+pub mod incarnation;
 pub mod leadership;
 pub mod log_store;
 pub mod marker;
@@ -19,14 +20,49 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Proposal,
         R = Vec<CommandResponse>,
+        Node = Node,
 );
 
 pub type NodeId = u64;
-pub type Node = openraft::BasicNode;
 pub type Raft = openraft::Raft<TypeConfig>;
+
+/// A member as the Raft membership records it: where it serves and which data
+/// directory it runs on. A node whose directory was wiped comes back with
+/// another incarnation, and its peers refuse it as the old member (see
+/// [`transport`]), since it lost the votes and entries that member acknowledged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Node {
+    /// `host:port` the node serves on.
+    pub addr: String,
+    /// The member's data-directory incarnation ([`marker::Identity`]); 0 until
+    /// the leader has learned it ([`incarnation::bind`]).
+    pub incarnation: u64,
+}
+
+impl Node {
+    /// A member whose incarnation is not known yet.
+    pub fn unbound(addr: String) -> Self {
+        Node {
+            addr,
+            incarnation: 0,
+        }
+    }
+}
+
+impl std::fmt::Display for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (incarnation {})", self.addr, self.incarnation)
+    }
+}
 
 /// Metadata header carrying the cluster id on every node-to-node request.
 pub const CLUSTER_ID_HEADER: &str = "roster-cluster-id";
+/// Metadata header with the sender's own data-directory incarnation on every
+/// node-to-node request, and the responder's on every reply.
+pub const INCARNATION_HEADER: &str = "roster-incarnation";
+/// Metadata header with the incarnation the sender's membership records for
+/// the node it sends to (0: not known yet).
+pub const TARGET_INCARNATION_HEADER: &str = "roster-target-incarnation";
 
 /// Sled tree names; one database per node holds all of them.
 pub(crate) mod trees {

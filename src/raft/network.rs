@@ -19,7 +19,12 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use super::{decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER};
+use super::incarnation::{self, Learned};
+use super::marker::Identity;
+use super::{
+    decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, INCARNATION_HEADER,
+    TARGET_INCARNATION_HEADER,
+};
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use crate::proto::raft_v1::RaftPayload;
 
@@ -34,31 +39,38 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
         .connect_lazy())
 }
 
-/// Peer requests carry the cluster id, so a node of another cluster refuses them.
+/// Peer requests carry the cluster id, so a node of another cluster refuses
+/// them, and the incarnations of sender and target, so a node whose data
+/// directory was replaced is refused as the member it was (see [`incarnation`]).
 fn peer_request<T>(
     msg: T,
-    cluster_id: &str,
+    me: &Identity,
+    target: &Node,
     timeout: Duration,
 ) -> Result<tonic::Request<T>, tonic::metadata::errors::InvalidMetadataValue> {
     let mut request = tonic::Request::new(msg);
     request.set_timeout(timeout);
-    request
-        .metadata_mut()
-        .insert(CLUSTER_ID_HEADER, MetadataValue::try_from(cluster_id)?);
+    let meta = request.metadata_mut();
+    meta.insert(CLUSTER_ID_HEADER, MetadataValue::try_from(&me.cluster_id)?);
+    meta.insert(INCARNATION_HEADER, MetadataValue::from(me.incarnation));
+    meta.insert(
+        TARGET_INCARNATION_HEADER,
+        MetadataValue::from(target.incarnation),
+    );
     Ok(request)
 }
 
-/// Asks the node at `addr` to campaign at once (leadership transfer).
+/// Asks `target` to campaign at once (leadership transfer).
 /// `leader_vote` names the leader asking; the node refuses if it follows another.
 pub async fn timeout_now(
-    addr: &str,
-    cluster_id: &str,
+    me: &Identity,
+    target: &Node,
     leader_vote: &Vote<NodeId>,
 ) -> Result<(), String> {
     let timeout = Duration::from_secs(1);
-    let ch = channel(addr, timeout).map_err(|e| e.to_string())?;
+    let ch = channel(&target.addr, timeout).map_err(|e| e.to_string())?;
     let data = encode(leader_vote).map_err(|e| e.to_string())?;
-    let req = peer_request(RaftPayload { data }, cluster_id, timeout).map_err(|e| e.to_string())?;
+    let req = peer_request(RaftPayload { data }, me, target, timeout).map_err(|e| e.to_string())?;
     RaftTransportClient::new(ch)
         .timeout_now(req)
         .await
@@ -95,7 +107,7 @@ struct Outage {
     failures: u64,
 }
 
-const REMIND: Duration = Duration::from_secs(30);
+pub(super) const REMIND: Duration = Duration::from_secs(30);
 
 impl PeerLog {
     fn failed(&mut self, target: NodeId, addr: &str, cause: &str) {
@@ -138,15 +150,19 @@ impl PeerLog {
 
 #[derive(Clone)]
 pub struct Network {
-    cluster_id: String,
+    me: Arc<Identity>,
     peers: Arc<Mutex<PeerLog>>,
+    learned: Learned,
 }
 
 impl Network {
-    pub fn new(cluster_id: String) -> Self {
+    /// `me` is this node; the incarnations peers state in their replies are
+    /// recorded in `learned`.
+    pub fn new(me: Identity, learned: Learned) -> Self {
         Network {
-            cluster_id,
+            me: Arc::new(me),
             peers: Arc::default(),
+            learned,
         }
     }
 }
@@ -162,19 +178,22 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         });
         PeerClient {
             target,
-            addr: node.addr.clone(),
-            cluster_id: self.cluster_id.clone(),
+            node: node.clone(),
+            me: self.me.clone(),
             client: client.map_err(|e| e.to_string()),
             peers: self.peers.clone(),
+            learned: self.learned.clone(),
         }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
-    addr: String,
-    cluster_id: String,
+    /// The target as this node's membership recorded it when the client was made.
+    node: Node,
+    me: Arc<Identity>,
     peers: Arc<Mutex<PeerLog>>,
+    learned: Learned,
     /// An unparsable peer address is reported on every call, not at construction.
     client: Result<RaftTransportClient<Channel>, String>,
 }
@@ -202,26 +221,44 @@ impl PeerClient {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.clone())))
         })?;
         let data = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let request = peer_request(RaftPayload { data }, &self.cluster_id, option.hard_ttl())
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = peer_request(
+            RaftPayload { data },
+            &self.me,
+            &self.node,
+            option.hard_ttl(),
+        )
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = match rpc {
             Rpc::AppendEntries => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
         if let Ok(mut peers) = self.peers.lock() {
+            let addr = &self.node.addr;
             match &reply {
-                Ok(_) => peers.succeeded(self.target, &self.addr),
-                Err(s) => peers.failed(self.target, &self.addr, &error_chain(s)),
+                Ok(_) => peers.succeeded(self.target, addr),
+                Err(s) if s.code() == Code::FailedPrecondition => peers.failed(
+                    self.target,
+                    addr,
+                    &format!("it refuses this node: {}", s.message()),
+                ),
+                Err(s) => peers.failed(self.target, addr, &error_chain(s)),
             }
         }
         let reply = reply.map_err(|status| match status.code() {
-            // Openraft backs off from an unreachable peer instead of retrying hot.
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-                RPCError::Unreachable(Unreachable::new(&status))
-            }
+            // Openraft backs off from an unreachable peer instead of retrying hot;
+            // a peer that refuses this node (another cluster, another
+            // incarnation) is as good as unreachable.
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::FailedPrecondition => RPCError::Unreachable(Unreachable::new(&status)),
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
+        self.learned.record(
+            self.target,
+            incarnation::header(reply.metadata(), INCARNATION_HEADER),
+        );
         let result: Result<Resp, RaftError<NodeId, E>> = decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

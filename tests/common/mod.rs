@@ -339,6 +339,32 @@ impl TestCluster {
         .await
     }
 
+    /// Waits until the leader's membership records, for every member, the
+    /// data-directory incarnation that member states (a stopped member: any
+    /// known one); returns them by node id.
+    pub async fn wait_bound(&self) -> std::collections::BTreeMap<u64, u64> {
+        self.wait_for(
+            "the leader to record every member's incarnation",
+            Duration::from_secs(20),
+            || async {
+                let leader = self.status(self.leader().await).await?;
+                let mut bound = std::collections::BTreeMap::new();
+                for m in &leader.members {
+                    let states = match self.nodes.get((m.id - 1) as usize) {
+                        Some(n) if n.child.is_some() => self.status(m.id).await?.incarnation,
+                        _ => m.incarnation,
+                    };
+                    if m.incarnation == 0 || m.incarnation != states {
+                        return None;
+                    }
+                    bound.insert(m.id, m.incarnation);
+                }
+                Some(bound)
+            },
+        )
+        .await
+    }
+
     pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut f: F) -> T
     where
         F: FnMut() -> Fut,
