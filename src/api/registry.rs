@@ -113,6 +113,48 @@ impl RegistryApi {
         Ok(())
     }
 
+    /// A heartbeat on the leader: renews a TTL instance's lease, and revives a
+    /// critical one at once, through Raft like any status change, rather than
+    /// at the next check tick.
+    async fn heartbeat_here(
+        &self,
+        msg: &pb::HeartbeatRequest,
+        forwarded: bool,
+    ) -> Result<Route<pb::HeartbeatResponse>, Status> {
+        let found = self.read(|st| {
+            st.catalog
+                .get(&msg.service, &msg.id)
+                .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
+        })?;
+        let (revision, status, ttl) = found.ok_or_else(|| {
+            Error::NotFound(format!(
+                "instance {:?} of service {:?}",
+                msg.id, msg.service
+            ))
+        })?;
+        let answer = |revision, status| pb::HeartbeatResponse {
+            revision,
+            status: status_to_pb(status) as i32,
+        };
+        if ttl {
+            self.leases.renew(&msg.service, &msg.id);
+        }
+        if !ttl || status == HealthStatus::Passing {
+            return Ok(Route::Here(answer(revision, status)));
+        }
+        let revive = Command::SetHealth(vec![HealthUpdate {
+            service: msg.service.clone(),
+            id: msg.id.clone(),
+            status: HealthStatus::Passing,
+            output: TTL_RENEWED.into(),
+            at_ms: now_ms(),
+        }]);
+        Ok(match self.router.write(revive, forwarded).await? {
+            Route::Here(r) => Route::Here(answer(r.revision, HealthStatus::Passing)),
+            Route::Leader(l) => Route::Leader(l),
+        })
+    }
+
     /// Routes a read by the requested consistency: `Here` means read local state now.
     async fn route_read(&self, consistency: i32, forwarded: bool) -> Result<Route<()>, Status> {
         if consistency == pb::Consistency::Stale as i32 {
@@ -203,57 +245,12 @@ impl Registry for RegistryApi {
         let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         convert::instance_ref(&msg.service, &msg.id)?;
-        match self.router.current(forwarded)? {
-            Route::Here(()) => {
-                let found = self.read(|st| {
-                    st.catalog
-                        .get(&msg.service, &msg.id)
-                        .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
-                })?;
-                let (revision, status, ttl) = found.ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "instance {:?} of service {:?}",
-                        msg.id, msg.service
-                    ))
-                })?;
-                if !ttl {
-                    return Ok(Response::new(pb::HeartbeatResponse {
-                        revision,
-                        status: status_to_pb(status) as i32,
-                    }));
-                }
-                self.leases.renew(&msg.service, &msg.id);
-                if status == HealthStatus::Passing {
-                    return Ok(Response::new(pb::HeartbeatResponse {
-                        revision,
-                        status: status_to_pb(status) as i32,
-                    }));
-                }
-                // A heartbeat revives a critical TTL instance at once, through
-                // Raft like any status change, rather than at the next check tick.
-                let revive = Command::SetHealth(vec![HealthUpdate {
-                    service: msg.service.clone(),
-                    id: msg.id.clone(),
-                    status: HealthStatus::Passing,
-                    output: TTL_RENEWED.into(),
-                    at_ms: now_ms(),
-                }]);
-                match self.router.write(revive, forwarded).await? {
-                    Route::Here(r) => Ok(Response::new(pb::HeartbeatResponse {
-                        revision: r.revision,
-                        status: status_to_pb(HealthStatus::Passing) as i32,
-                    })),
-                    Route::Leader(l) => {
-                        l.relay(
-                            msg,
-                            self.router.timeout(),
-                            Effect::Read,
-                            |ch, r| async move { registry(ch).heartbeat(r).await },
-                        )
-                        .await
-                    }
-                }
-            }
+        let route = match self.router.current(forwarded)? {
+            Route::Here(()) => self.heartbeat_here(&msg, forwarded).await?,
+            Route::Leader(l) => Route::Leader(l),
+        };
+        match route {
+            Route::Here(answer) => Ok(Response::new(answer)),
             Route::Leader(l) => {
                 l.relay(
                     msg,
