@@ -80,8 +80,12 @@ pub async fn timeout_now(
 
 /// An error and its causes on one line: "transport error: tcp connect error:
 /// Connection refused (os error 111)", without repeats.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    // A status's Display carries its source in Debug form: take its message.
+    let mut out = match e.downcast_ref::<tonic::Status>() {
+        Some(s) => s.message().to_string(),
+        None => e.to_string(),
+    };
     let mut cause = e.source();
     while let Some(c) = cause {
         let s = c.to_string();
