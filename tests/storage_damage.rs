@@ -235,7 +235,8 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
     c.signal(2, "CONT");
     assert_ne!(impostor.incarnation, bound[&3]);
 
-    // Refused both ways: as a target of the leader, as a candidate.
+    // It refuses the leader's requests meant for the member it replaced, and
+    // the leader hears why.
     c.wait_for(
         "the incarnation mismatch to be logged",
         Duration::from_secs(20),
@@ -243,11 +244,12 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
             let refused_here = c
                 .log(3)
                 .contains("is not the one the cluster knows as node 3");
-            let refused_there = (1..=2).any(|i| {
-                c.log(i)
-                    .contains("node 3 presents data directory incarnation")
+            let told_there = (1..=2).any(|i| {
+                c.log(i).contains(
+                    "it refuses this node: failed precondition: this node's data directory",
+                )
             });
-            (refused_here && refused_there).then_some(())
+            (refused_here && told_there).then_some(())
         },
     )
     .await;

@@ -57,8 +57,8 @@ impl std::fmt::Display for Node {
 
 /// Metadata header carrying the cluster id on every node-to-node request.
 pub const CLUSTER_ID_HEADER: &str = "roster-cluster-id";
-/// Metadata header with the sender's own data-directory incarnation on every
-/// node-to-node request, and the responder's on every reply.
+/// Metadata header with the responder's data-directory incarnation on every
+/// node-to-node reply, from which the leader learns it.
 pub const INCARNATION_HEADER: &str = "roster-incarnation";
 /// Metadata header with the incarnation the sender's membership records for
 /// the node it sends to (0: not known yet).

@@ -40,8 +40,8 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
 }
 
 /// Peer requests carry the cluster id, so a node of another cluster refuses
-/// them, and the incarnations of sender and target, so a node whose data
-/// directory was replaced is refused as the member it was (see [`incarnation`]).
+/// them, and the target's incarnation, so a node whose data directory was
+/// replaced refuses to act as the member it was (see [`incarnation`]).
 fn peer_request<T>(
     msg: T,
     me: &Identity,
@@ -52,7 +52,6 @@ fn peer_request<T>(
     request.set_timeout(timeout);
     let meta = request.metadata_mut();
     meta.insert(CLUSTER_ID_HEADER, MetadataValue::try_from(&me.cluster_id)?);
-    meta.insert(INCARNATION_HEADER, MetadataValue::from(me.incarnation));
     meta.insert(
         TARGET_INCARNATION_HEADER,
         MetadataValue::from(target.incarnation),

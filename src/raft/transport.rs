@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use openraft::Vote;
 
-use super::incarnation::{self, Mismatch};
+use super::incarnation;
 use super::marker::Identity;
 use super::network::REMIND;
 use super::{
@@ -94,25 +94,13 @@ impl RaftService {
             .into());
         }
         let target = incarnation::header(meta, TARGET_INCARNATION_HEADER);
-        let presented = incarnation::header(meta, INCARNATION_HEADER);
         let msg: T = decode(&req.into_inner().data)
             .map_err(|e| Error::InvalidArgument(format!("undecodable raft message: {e}")))?;
         let sender = msg.sender();
-        let checked = incarnation::check(
-            self.raft.metrics().borrow().membership_config.membership(),
-            self.me.node_id,
-            self.me.incarnation,
-            target,
-            sender,
-            presented,
-        );
-        match checked {
+        match incarnation::check(self.me.node_id, self.me.incarnation, target) {
             Ok(()) => Ok(msg),
             Err(e) => {
-                let why = match e {
-                    Mismatch::Replaced { .. } => format!("{e}. {}", self.recovery),
-                    Mismatch::Impostor { .. } => e.to_string(),
-                };
+                let why = format!("{e}. {}", self.recovery);
                 self.log_refusal(sender, &why);
                 Err(Error::FailedPrecondition(why).into())
             }
