@@ -211,6 +211,13 @@ async fn deregistering_an_unknown_instance_changes_nothing_stored() {
     let c = TestCluster::start(3).await;
     let client = c.client();
     register(&client, "api", "a-1", 80).await;
+    // Binding members to their data directories appends a membership entry of
+    // its own shortly after start: let it land everywhere first.
+    c.wait_bound().await;
+    let last = c.wait_applied(c.leader().await, 0).await.last_log_index;
+    for node in 1..=3 {
+        c.wait_applied(node, last).await;
+    }
     let logs = || async {
         let mut v = Vec::new();
         for node in 1..=3 {
