@@ -52,9 +52,16 @@ pub struct Setup {
     pub tmpfs_mb: Option<u32>,
 }
 
+/// A port free now, below the kernel's ephemeral range (32768 and up here):
+/// a port the kernel handed out and took back can be given at once to some
+/// other process's outgoing connection before the node binds it.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    loop {
+        let port = fastrand::u16(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl TestCluster {
