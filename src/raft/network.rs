@@ -108,14 +108,21 @@ struct Outage {
     since: Instant,
     reported: Instant,
     failures: u64,
+    /// The peer answered and refused, rather than could not be reached: a
+    /// change between the two is reported at once.
+    refused: bool,
 }
 
 pub(super) const REMIND: Duration = Duration::from_secs(30);
 
 impl PeerLog {
-    fn failed(&mut self, target: NodeId, addr: &str, cause: &str) {
+    fn failed(&mut self, target: NodeId, addr: &str, cause: &str, refused: bool) {
         let now = Instant::now();
         match self.down.get_mut(&target) {
+            Some(o) if o.refused != refused => {
+                self.down.remove(&target);
+                self.failed(target, addr, cause, refused);
+            }
             None => {
                 tracing::warn!("cannot reach node {target} at {addr}: {cause}; retrying");
                 self.down.insert(
@@ -124,6 +131,7 @@ impl PeerLog {
                         since: now,
                         reported: now,
                         failures: 1,
+                        refused,
                     },
                 );
             }
@@ -244,8 +252,9 @@ impl PeerClient {
                     self.target,
                     addr,
                     &format!("it refuses this node: {}", s.message()),
+                    true,
                 ),
-                Err(s) => peers.failed(self.target, addr, &error_chain(s)),
+                Err(s) => peers.failed(self.target, addr, &error_chain(s), false),
             }
         }
         let reply = reply.map_err(|status| match status.code() {
