@@ -458,15 +458,10 @@ async fn report_readiness(
         <RegistryServer<RegistryApi> as tonic::server::NamedService>::NAME,
         <ClusterServer<ClusterApi> as tonic::server::NamedService>::NAME,
     ];
-    let mut metrics = raft.metrics();
     let mut last = None;
-    let mut tick = tokio::time::interval(poll);
-    loop {
-        tick.tick().await;
-        if metrics.has_changed().is_err() {
-            break;
-        }
-        let ready = leadership::can_serve(&metrics.borrow_and_update(), id, lease);
+    let mut metrics = std::pin::pin!(crate::raft::metrics_every(&raft, poll));
+    while let Some(m) = futures::StreamExt::next(&mut metrics).await {
+        let ready = leadership::can_serve(&m, id, lease);
         if last != Some(ready) {
             last = Some(ready);
             let status = if ready {

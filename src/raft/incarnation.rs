@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use openraft::{ChangeMembers, Membership, ServerState};
 use tonic::metadata::MetadataMap;
 
-use super::{Node, NodeId, Raft};
+use futures::StreamExt;
+
+use super::{metrics_every, Node, NodeId, Raft};
 
 /// A Raft request meant for another incarnation of this node.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -111,25 +113,17 @@ pub async fn bind(
     settle: Duration,
     poll: Duration,
 ) {
-    let mut metrics = raft.metrics();
-    let mut tick = tokio::time::interval(poll);
     let mut leading_since = None;
-    loop {
-        tick.tick().await;
-        if metrics.has_changed().is_err() {
-            return;
+    let mut metrics = std::pin::pin!(metrics_every(&raft, poll));
+    while let Some(m) = metrics.next().await {
+        if m.state != ServerState::Leader {
+            leading_since = None;
+            continue;
         }
-        let nodes = {
-            let m = metrics.borrow_and_update();
-            if m.state != ServerState::Leader {
-                leading_since = None;
-                continue;
-            }
-            if leading_since.get_or_insert_with(Instant::now).elapsed() < settle {
-                continue;
-            }
-            learnable(m.membership_config.membership(), me, mine, &learned)
-        };
+        if leading_since.get_or_insert_with(Instant::now).elapsed() < settle {
+            continue;
+        }
+        let nodes = learnable(m.membership_config.membership(), me, mine, &learned);
         if nodes.is_empty() {
             continue;
         }

@@ -14,6 +14,9 @@ use openraft::raft::VoteRequest;
 use openraft::{RaftMetrics, ServerState, Vote};
 
 use super::marker::Identity;
+use futures::StreamExt;
+
+use super::metrics_every;
 use super::network::timeout_now;
 use super::{Node, NodeId, Raft};
 
@@ -64,20 +67,11 @@ async fn vote_next_term(raft: &Raft, candidate: NodeId) -> bool {
 /// quorum for longer than `lease`, so clients are told at once that there is
 /// no leader instead of waiting for a write that cannot commit. Ends with Raft.
 pub async fn check_quorum(raft: Raft, id: NodeId, lease: Duration, poll: Duration) {
-    let mut metrics = raft.metrics();
     let mut leading_since = Instant::now();
     let mut was_leading = false;
-    let mut tick = tokio::time::interval(poll);
-    loop {
-        tick.tick().await;
-        if metrics.has_changed().is_err() {
-            return;
-        }
-        let silence = {
-            let m = metrics.borrow_and_update();
-            quorum_silence(&m, id, leading_since)
-        };
-        match silence {
+    let mut metrics = std::pin::pin!(metrics_every(&raft, poll));
+    while let Some(m) = metrics.next().await {
+        match quorum_silence(&m, id, leading_since) {
             None => was_leading = false,
             Some(_) if !was_leading => {
                 was_leading = true;

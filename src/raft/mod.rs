@@ -80,3 +80,23 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, bincode::Err
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error> {
     bincode::deserialize(b)
 }
+
+/// This node's Raft metrics every `period` until Raft shuts down. Polled
+/// rather than awaited: they change on every append, far more often than the
+/// leadership checks built on them need to look.
+pub fn metrics_every(
+    raft: &Raft,
+    period: std::time::Duration,
+) -> impl futures::Stream<Item = openraft::RaftMetrics<NodeId, Node>> + Send + 'static {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(
+        (raft.metrics(), tick),
+        |(mut metrics, mut tick)| async move {
+            tick.tick().await;
+            metrics.has_changed().ok()?;
+            let m = metrics.borrow_and_update().clone();
+            Some((m, (metrics, tick)))
+        },
+    )
+}

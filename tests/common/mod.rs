@@ -281,6 +281,28 @@ impl TestCluster {
         }
     }
 
+    /// The lines node `id` logged at level ERROR (not lines that merely
+    /// mention an error, such as an HTTP/2 `INTERNAL_ERROR` in a warning).
+    pub fn logged_errors(&self, id: u64) -> Vec<String> {
+        self.log(id)
+            .lines()
+            .map(|l| {
+                // Drop the terminal colour codes around the level.
+                let mut plain = String::with_capacity(l.len());
+                let mut chars = l.chars();
+                while let Some(c) = chars.next() {
+                    if c == '\u{1b}' {
+                        chars.by_ref().find(|c| *c == 'm');
+                    } else {
+                        plain.push(c);
+                    }
+                }
+                plain
+            })
+            .filter(|l| l.split_whitespace().nth(1) == Some("ERROR"))
+            .collect()
+    }
+
     /// What node `id` has logged so far (stderr, at the harness's log level).
     pub fn log(&self, id: u64) -> String {
         std::fs::read_to_string(self.node(id).config.with_extension("log")).unwrap_or_default()
