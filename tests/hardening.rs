@@ -491,7 +491,7 @@ async fn a_full_disk_stops_the_node_and_loses_nothing_acknowledged() {
         return;
     };
     c.start_node(node);
-    let applied = c.wait_applied(leader, 0).await.applied_index;
+    let applied = c.leader_applied().await;
     c.wait_applied(node, applied).await;
 
     disk.fill();
@@ -529,7 +529,7 @@ async fn a_full_disk_stops_the_node_and_loses_nothing_acknowledged() {
     assert_eq!(ids(&client, "api", Consistency::Linearizable).await, acked);
     disk.free();
     c.start_node(node);
-    let applied = c.wait_applied(leader, 0).await.applied_index;
+    let applied = c.leader_applied().await;
     c.wait_applied(node, applied).await;
     assert_eq!(
         ids(&c.node_client(node), "api", Consistency::Stale).await,

@@ -46,11 +46,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         expected.push(format!("g-{n}"));
     }
     expected.sort();
-    let at = c
-        .status(c.leader().await)
-        .await
-        .expect("status")
-        .applied_index;
+    let at = c.leader_applied().await;
     for id in [n4, n5] {
         c.wait_applied(id, at).await;
         assert_eq!(

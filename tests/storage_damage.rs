@@ -150,11 +150,7 @@ async fn overwritten_sled_file_then_documented_recovery() {
     register(&client, SERVICE, "after-recovery", 80).await;
     expected.push("after-recovery".into());
     expected.sort();
-    let at = c
-        .status(c.leader().await)
-        .await
-        .expect("status")
-        .applied_index;
+    let at = c.leader_applied().await;
     c.wait_applied(f, at).await;
     assert_eq!(
         ids(&c.node_client(f), SERVICE, Consistency::Stale).await,
@@ -320,11 +316,7 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
 
     // ...but the documented recovery makes it a member again, with its new incarnation.
     recover(&mut c, 3);
-    let at = c
-        .status(c.leader().await)
-        .await
-        .expect("status")
-        .applied_index;
+    let at = c.leader_applied().await;
     c.wait_applied(3, at).await;
     let mut got = ids(&c.node_client(3), SERVICE, Consistency::Stale).await;
     got.retain(|id| id != unacked);

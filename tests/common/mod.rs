@@ -358,6 +358,13 @@ impl TestCluster {
         .await
     }
 
+    /// What the current leader has applied: once a node reaches it, it holds
+    /// every write acknowledged so far.
+    pub async fn leader_applied(&self) -> u64 {
+        let leader = self.leader().await;
+        self.wait_applied(leader, 0).await.applied_index
+    }
+
     /// Waits until node `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) -> StatusResponse {
         self.wait_for(
