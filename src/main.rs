@@ -10,9 +10,10 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 // Openraft logs every failed RPC to a down peer; Roster reports
                 // peers going down and coming back itself (raft::network), and
-                // a stopped Raft core on exit.
+                // a stopped Raft core on exit; a membership change refused
+                // because leadership just moved is returned to its caller.
                 tracing_subscriber::EnvFilter::new(
-                    "info,openraft=error,openraft::core::raft_core=off,openraft::replication=off,sled=warn",
+                    "info,openraft=error,openraft::core::raft_core=off,openraft::replication=off,openraft::raft::impl_raft_blocking_write=off,sled=warn",
                 )
             }),
         )
