@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::raft::election::Timing;
 use crate::raft::NodeId;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,28 +26,76 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Raft timing and log retention. The defaults suit a LAN or one machine.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RaftTuning {
-    pub heartbeat_ms: u64,
-    pub election_timeout_min_ms: u64,
-    pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many applied entries since the last one.
-    pub snapshot_after_entries: u64,
-    /// Entries kept in the log behind a snapshot, so slightly lagging followers need no snapshot.
-    pub keep_entries_after_snapshot: u64,
+/// The network between the nodes, which sets the Raft timing defaults.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkProfile {
+    /// Nodes in one data centre or region: round trips up to 100 ms.
+    #[default]
+    Lan,
+    /// Nodes in different regions: round trips up to 400 ms, at the cost of
+    /// slower failure detection (see `Timing`).
+    Wan,
 }
 
-impl Default for RaftTuning {
-    fn default() -> Self {
-        RaftTuning {
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 200,
-            election_timeout_max_ms: 400,
-            snapshot_after_entries: 10_000,
-            keep_entries_after_snapshot: 1_000,
+/// Raft timing and log retention. Unset timings come from `network`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub network: NetworkProfile,
+    /// How often a leader sends heartbeats.
+    pub heartbeat_ms: Option<u64>,
+    /// Deadline of one node-to-node request (append, vote, read confirmation):
+    /// it must cover a round trip plus the transfer of a batch of entries.
+    pub rpc_timeout_ms: Option<u64>,
+    /// A follower that has heard from no leader for a random time in this
+    /// range asks its peers whether they would elect it (pre-vote).
+    pub election_timeout_min_ms: Option<u64>,
+    pub election_timeout_max_ms: Option<u64>,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_after_entries: Option<u64>,
+    /// Entries kept in the log behind a snapshot, so slightly lagging followers need no snapshot.
+    pub keep_entries_after_snapshot: Option<u64>,
+}
+
+impl NetworkProfile {
+    fn timing(self) -> Timing {
+        let ms = Duration::from_millis;
+        match self {
+            NetworkProfile::Lan => Timing {
+                heartbeat: ms(50),
+                rpc_timeout: ms(300),
+                election_min: ms(500),
+                election_max: ms(800),
+            },
+            NetworkProfile::Wan => Timing {
+                heartbeat: ms(150),
+                rpc_timeout: ms(1_000),
+                election_min: ms(1_500),
+                election_max: ms(2_500),
+            },
         }
+    }
+}
+
+impl RaftTuning {
+    pub fn timing(&self) -> Timing {
+        let d = self.network.timing();
+        let or = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+        Timing {
+            heartbeat: or(self.heartbeat_ms, d.heartbeat),
+            rpc_timeout: or(self.rpc_timeout_ms, d.rpc_timeout),
+            election_min: or(self.election_timeout_min_ms, d.election_min),
+            election_max: or(self.election_timeout_max_ms, d.election_max),
+        }
+    }
+
+    pub fn snapshot_after_entries(&self) -> u64 {
+        self.snapshot_after_entries.unwrap_or(10_000)
+    }
+
+    pub fn keep_entries_after_snapshot(&self) -> u64 {
+        self.keep_entries_after_snapshot.unwrap_or(1_000)
     }
 }
 
@@ -188,14 +237,18 @@ impl NodeConfig {
                 self.cluster_id
             ));
         }
-        let r = &self.raft;
-        if r.heartbeat_ms == 0
-            || r.election_timeout_min_ms <= r.heartbeat_ms
-            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+        let t = self.raft.timing();
+        if t.heartbeat.is_zero()
+            || t.rpc_timeout <= t.heartbeat
+            || t.election_min <= t.rpc_timeout
+            || t.election_max <= t.election_min
         {
             return invalid(format!(
-                "raft timing needs 0 < heartbeat_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
-                r.heartbeat_ms, r.election_timeout_min_ms, r.election_timeout_max_ms
+                "raft timing needs 0 < heartbeat_ms ({}) < rpc_timeout_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
+                t.heartbeat.as_millis(),
+                t.rpc_timeout.as_millis(),
+                t.election_min.as_millis(),
+                t.election_max.as_millis()
             ));
         }
         let c = &self.connections;
@@ -269,8 +322,11 @@ mod tests {
     fn toml_rejects_unknown_fields() {
         let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 40\n";
         let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
-        assert_eq!(cfg.raft.heartbeat_ms, 40);
-        assert_eq!(cfg.raft.election_timeout_min_ms, 200);
+        assert_eq!(cfg.raft.timing().heartbeat, Duration::from_millis(40));
+        assert_eq!(cfg.raft.timing().election_min, Duration::from_millis(500));
+        let wan = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nnetwork = \"wan\"\n";
+        let cfg: NodeConfig = toml::from_str(wan).expect("valid config");
+        assert_eq!(cfg.raft.timing().rpc_timeout, Duration::from_millis(1_000));
         assert!(
             toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err()
         );
@@ -284,7 +340,7 @@ mod tests {
         assert!(cfg.validate().is_err());
         cfg.initial_cluster = "1=127.0.0.1:7001".into();
         assert!(cfg.validate().is_ok());
-        cfg.raft.election_timeout_min_ms = cfg.raft.heartbeat_ms;
+        cfg.raft.election_timeout_min_ms = cfg.raft.rpc_timeout_ms.or(Some(300));
         assert!(cfg.validate().is_err());
     }
 }

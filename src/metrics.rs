@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,24 +20,30 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::raft::network::Peers;
 use crate::raft::Raft;
 use crate::registry::watch::SharedState;
 use crate::registry::HealthStatus;
 
 /// Serves `/metrics` on `addr` until the returned task is aborted.
-pub async fn serve(addr: SocketAddr, raft: Raft, state: SharedState) -> Result<JoinHandle<()>> {
+pub async fn serve(
+    addr: SocketAddr,
+    raft: Raft,
+    state: SharedState,
+    peers: Peers,
+) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Unavailable(format!("bind metrics listener {addr}: {e}")))?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let (raft, state) = (raft.clone(), state.clone());
+            let (raft, state, peers) = (raft.clone(), state.clone(), peers.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let reply = if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(render(&raft, &state))))
+                            .body(Full::new(Bytes::from(render(&raft, &state, &peers))))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)
@@ -59,7 +66,7 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
 }
 
 /// The metrics text; built per scrape, so nothing else in the node keeps counters.
-pub fn render(raft: &Raft, state: &SharedState) -> String {
+pub fn render(raft: &Raft, state: &SharedState, peers: &Peers) -> String {
     let m = raft.metrics().borrow().clone();
     let mut r = Registry::with_prefix("roster");
     let idx = |v: Option<u64>| i64::try_from(v.unwrap_or(0)).unwrap_or(i64::MAX);
@@ -111,6 +118,18 @@ pub fn render(raft: &Raft, state: &SharedState) -> String {
         "Voting members",
         m.membership_config.membership().voter_ids().count() as i64,
     );
+    if m.state == ServerState::Leader {
+        let rtt: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>> = Family::default();
+        for (peer, d) in peers.rtts() {
+            rtt.get_or_create(&vec![("peer".to_string(), peer.to_string())])
+                .set(d.as_secs_f64());
+        }
+        r.register(
+            "raft_peer_rtt_seconds",
+            "Smoothed heartbeat round trip from this leader to each peer",
+            rtt,
+        );
+    }
     if let Ok(st) = state.read() {
         gauge(
             &mut r,

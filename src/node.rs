@@ -26,11 +26,12 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
+use crate::raft::election::{self, Contact};
 use crate::raft::incarnation::{self, Learned};
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
-use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
+use crate::raft::network::{Network, Peers, MAX_ENTRIES, MAX_MESSAGE_BYTES};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
@@ -45,6 +46,7 @@ pub struct NodeHandle {
     pub raft: Raft,
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
+    peers: Peers,
     router: Arc<LeaderRouter>,
     stop: oneshot::Sender<()>,
     server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
@@ -77,7 +79,7 @@ impl NodeHandle {
     /// serving and shuts Raft down; the data directory can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
         self.router.close();
-        match leadership::transfer(&self.raft, &self.me, TRANSFER_LIMIT).await {
+        match leadership::transfer(&self.raft, &self.me, &self.peers, TRANSFER_LIMIT).await {
             Some(to) => tracing::info!("handed leadership to node {to}"),
             None => tracing::debug!("no leadership to hand over"),
         }
@@ -268,16 +270,28 @@ async fn peer_status(addr: &str) -> Option<pb::StatusResponse> {
 
 fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
     let r = &cfg.raft;
+    let t = r.timing();
+    let ms = |d: Duration| d.as_millis() as u64;
     let c = openraft::Config {
         cluster_name: cfg.cluster_id.clone(),
-        heartbeat_interval: r.heartbeat_ms,
-        election_timeout_min: r.election_timeout_min_ms,
-        election_timeout_max: r.election_timeout_max_ms,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
-        max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+        // Openraft's heartbeat interval is the deadline of each AppendEntries
+        // and leadership confirmation; heartbeats and elections are driven by
+        // `raft::election` instead (see there why).
+        heartbeat_interval: ms(t.rpc_timeout),
+        enable_heartbeat: false,
+        enable_elect: false,
+        // Its lease: a voter that heard from a leader this recently refuses a
+        // vote. No longer than the shortest election timeout, so that a
+        // candidate that passed the pre-vote is not refused.
+        election_timeout_min: ms(t.rpc_timeout) + 1,
+        election_timeout_max: ms(t.election_min),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries()),
+        max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot(),
+        // Each chunk has this long: 10 s covers 512 KiB down to ~50 KiB/s.
         install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: 512 * 1024,
         // Entries carry up to 128 commands each; keep an AppendEntries message well under the transport limit.
-        max_payload_entries: 32,
+        max_payload_entries: MAX_ENTRIES,
         ..Default::default()
     };
     c.validate()
@@ -316,10 +330,12 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             .is_none();
     let state = state_machine.state();
     let learned = Learned::default();
+    let timing = cfg.raft.timing();
+    let peers = Peers::new(timing.rpc_timeout);
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
-        Network::new(me.clone(), learned.clone()),
+        Network::new(me.clone(), peers.clone(), learned.clone()),
         log_store,
         state_machine,
     )
@@ -336,6 +352,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let router = Arc::new(LeaderRouter::new(
         raft.clone(),
         cfg.id,
+        peers.clone(),
         cfg.request_timeout(),
     ));
     let leases = Arc::new(Leases::default());
@@ -349,15 +366,24 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),
     ));
-    let lease = Duration::from_millis(cfg.raft.election_timeout_max_ms);
-    let poll = Duration::from_millis(cfg.raft.heartbeat_ms);
-    // Followers campaign after the lease plus at least the minimum timeout; a
-    // leader that has heard from no quorum for that long is no longer needed.
-    let quorum_timeout = lease + Duration::from_millis(cfg.raft.election_timeout_min_ms);
+    let contact = Contact::default();
+    tokio::spawn(election::heartbeats(raft.clone(), cfg.id, timing.heartbeat));
+    tokio::spawn(election::campaigns(
+        raft.clone(),
+        me.clone(),
+        peers.clone(),
+        contact.clone(),
+        timing,
+    ));
+    // A leader counts as alive for the shortest election timeout after a
+    // quorum last answered it; with no answer for the longest one, followers
+    // will have elected another, and it steps down.
+    let lease = timing.election_min;
+    let poll = timing.heartbeat;
     tokio::spawn(leadership::check_quorum(
         raft.clone(),
         cfg.id,
-        quorum_timeout,
+        timing.election_max,
         poll,
     ));
     tokio::spawn(incarnation::bind(
@@ -399,9 +425,15 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
         .layer(net::TrackRequestsLayer)
         .add_service(
-            RaftTransportServer::new(RaftService::new(raft.clone(), me.clone(), recovery(&cfg)))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            RaftTransportServer::new(RaftService::new(
+                raft.clone(),
+                me.clone(),
+                contact,
+                timing.election_min,
+                recovery(&cfg),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             RegistryServer::new(RegistryApi::new(state.clone(), router.clone(), leases))
@@ -413,6 +445,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             me.clone(),
             state.clone(),
             router.clone(),
+            peers.clone(),
         )))
         .add_service(health)
         .add_service(reflection_v1)
@@ -422,7 +455,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         });
     let server = tokio::spawn(server);
     let metrics = match cfg.metrics_listen {
-        Some(addr) => Some(crate::metrics::serve(addr, raft.clone(), state).await?),
+        Some(addr) => Some(crate::metrics::serve(addr, raft.clone(), state, peers.clone()).await?),
         None => None,
     };
 
@@ -435,6 +468,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         addr,
         raft,
         me,
+        peers,
         router,
         stop,
         server,

@@ -15,7 +15,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
 use crate::raft::marker::Identity;
-use crate::raft::network::channel;
+use crate::raft::network::{channel, Peers};
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 
@@ -31,21 +31,31 @@ pub struct ClusterApi {
     me: Identity,
     state: SharedState,
     router: Arc<LeaderRouter>,
+    peers: Peers,
 }
 
 impl ClusterApi {
-    pub fn new(raft: Raft, me: Identity, state: SharedState, router: Arc<LeaderRouter>) -> Self {
+    pub fn new(
+        raft: Raft,
+        me: Identity,
+        state: SharedState,
+        router: Arc<LeaderRouter>,
+        peers: Peers,
+    ) -> Self {
         ClusterApi {
             raft,
             me,
             state,
             router,
+            peers,
         }
     }
 
     fn members(&self) -> Vec<pb::Member> {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
+        let leading = m.current_leader == Some(self.me.node_id);
+        let rtts = self.peers.rtts();
         membership
             .nodes()
             .map(|(id, node)| pb::Member {
@@ -58,6 +68,10 @@ impl ClusterApi {
                     .and_then(|r| r.get(id).copied().flatten())
                     .map(|l| l.index),
                 incarnation: node.incarnation,
+                rtt_ms: rtts
+                    .get(id)
+                    .filter(|_| leading)
+                    .map(|d| d.as_secs_f64() * 1000.0),
             })
             .collect()
     }

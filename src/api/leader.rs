@@ -2,9 +2,7 @@
 //! a follower forwards the caller's request there and relays the answer, so
 //! clients never need to know who leads.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
@@ -14,10 +12,12 @@ use tonic::{Response, Status};
 
 use crate::error::{Error, Result};
 use crate::raft::coalesce::Coalescer;
-use crate::raft::network::{channel, error_chain};
+use crate::raft::network::{error_chain, Peers};
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::{Command, CommandResponse, Proposal};
 
+/// Extra time a follower waits for the leader's answer to a forwarded request.
+const FORWARD_MARGIN: Duration = Duration::from_secs(1);
 /// Set on a forwarded request, so it is never forwarded a second time.
 const FORWARDED_HEADER: &str = "roster-forwarded";
 /// Commands per log entry. Bounded so that an entry stays far below the
@@ -62,11 +62,30 @@ impl Leader {
         F: FnOnce(Channel, tonic::Request<T>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<R>, Status>>,
     {
-        let answer = call(self.channel.clone(), forward_request(msg, timeout)).await;
+        // The leader gets `timeout` and answers by then; the margin lets its
+        // answer (which knows whether the write was applied) travel back.
+        let answer = call(
+            self.channel.clone(),
+            forward_request(msg, timeout + FORWARD_MARGIN),
+        )
+        .await;
         answer.map_err(|s| self.transport_failure(s, effect))
     }
 
     fn transport_failure(&self, s: Status, effect: Effect) -> Status {
+        if s.code() == tonic::Code::Cancelled
+            && s.message() == tonic::TimeoutExpired(()).to_string()
+        {
+            let what = format!(
+                "forwarded to leader {} at {}, no answer in time",
+                self.id, self.addr
+            );
+            return match effect {
+                Effect::Read => Error::Unavailable(format!("{what}; retry")),
+                Effect::Write => Error::Timeout(format!("{what}; the write may have been applied")),
+            }
+            .into();
+        }
         // The leader's own answers carry no source; transport failures do.
         if std::error::Error::source(&s).is_none() {
             return s;
@@ -115,7 +134,7 @@ pub struct LeaderRouter {
     /// Set when the node begins to shut down: nothing new is proposed, and
     /// streams end so the server can stop.
     closed: tokio::sync::watch::Sender<bool>,
-    channels: Mutex<HashMap<String, Channel>>,
+    peers: Peers,
     writes: Coalescer<Command, std::result::Result<CommandResponse, Refusal>>,
     reads: Coalescer<(), std::result::Result<(), Refusal>>,
 }
@@ -133,6 +152,46 @@ fn forward_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
         tonic::metadata::MetadataValue::from_static("1"),
     );
     r
+}
+
+/// One Raft round of writes. A leader deposed while its entry is in flight
+/// answers at once that the outcome is unknown, rather than holding the round
+/// (and every write queued behind it) until the entry is committed or dropped
+/// by a leader it may not reach.
+async fn propose(
+    raft: Raft,
+    id: NodeId,
+    cmds: Vec<Command>,
+) -> Vec<std::result::Result<CommandResponse, Refusal>> {
+    let n = cmds.len();
+    let mut server = raft.server_metrics();
+    let vote = {
+        let m = server.borrow_and_update();
+        (m.current_leader == Some(id)).then_some(m.vote)
+    };
+    let write = raft.client_write(Proposal(cmds));
+    let deposed = async {
+        match vote {
+            Some(v) => {
+                let _ = server.wait_for(|m| m.vote != v).await;
+            }
+            // Not leading: openraft refuses at once.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        answer = write => match answer {
+            Ok(r) => r.data.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(write_refusal(e)); n],
+        },
+        () = deposed => vec![
+            Err(Refusal::Failed(Error::Interrupted(format!(
+                "node {id} stopped leading while the write was in flight; it may or may not be applied"
+            ))));
+            n
+        ],
+    }
 }
 
 // Openraft answers ForwardToLeader for a write it did not append, or whose
@@ -162,21 +221,12 @@ fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refus
 
 impl LeaderRouter {
     /// Must be called inside a tokio runtime: it starts the coalescing tasks.
-    pub fn new(raft: Raft, id: NodeId, timeout: Duration) -> Self {
+    pub fn new(raft: Raft, id: NodeId, peers: Peers, timeout: Duration) -> Self {
         let r = raft.clone();
         let writes = Coalescer::spawn(
             ROUNDS_IN_FLIGHT,
             MAX_COMMANDS_PER_ENTRY,
-            move |cmds: Vec<Command>| {
-                let raft = r.clone();
-                async move {
-                    let n = cmds.len();
-                    match raft.client_write(Proposal(cmds)).await {
-                        Ok(r) => r.data.into_iter().map(Ok).collect(),
-                        Err(e) => vec![Err(write_refusal(e)); n],
-                    }
-                }
-            },
+            move |cmds: Vec<Command>| propose(r.clone(), id, cmds),
         );
         let r = raft.clone();
         // A read may share a check only if it arrived before the check began,
@@ -197,7 +247,7 @@ impl LeaderRouter {
             id,
             timeout,
             closed: tokio::sync::watch::Sender::new(false),
-            channels: Mutex::new(HashMap::new()),
+            peers,
             writes,
             reads,
         }
@@ -233,36 +283,27 @@ impl LeaderRouter {
 
     /// Replicates `cmd` through Raft and returns what applying it did.
     pub async fn write(&self, cmd: Command, forwarded: bool) -> Result<Route<CommandResponse>> {
-        self.check_open()?;
-        let mut server = self.raft.server_metrics();
-        let leading = server.borrow().current_leader == Some(self.id);
-        let answer = self.writes.submit(cmd);
-        // A write proposed here ends when it is answered, when the deadline passes,
-        // or when this node stops leading (stepped down, deposed): then its entry
-        // may or may not be committed by the next leader.
-        let deposed = async {
-            if !leading {
-                return std::future::pending().await;
-            }
-            let _ = server.wait_for(|m| m.current_leader != Some(self.id)).await;
-        };
-        let answer = tokio::select! {
-            biased;
-            a = tokio::time::timeout(self.timeout, answer) => a.map_err(|_| Error::Timeout(format!(
-                "no quorum confirmed the write within {:?}", self.timeout
-            )))?,
-            () = deposed => return Err(Error::Interrupted(format!(
-                "node {} stopped leading while the write was in flight", self.id
-            ))),
-        };
-        let answer = answer.ok_or_else(|| Error::Interrupted("node is shutting down".into()))?;
+        if let Route::Leader(l) = self.current(forwarded)? {
+            return Ok(Route::Leader(l));
+        }
+        let answer = tokio::time::timeout(self.timeout, self.writes.submit(cmd))
+            .await
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "no quorum confirmed the write within {:?}",
+                    self.timeout
+                ))
+            })?
+            .ok_or_else(|| Error::Interrupted("node is shutting down".into()))?;
         self.route(answer, forwarded)
     }
 
     /// Confirms leadership with a quorum and waits until this node has applied
     /// everything committed before the call (read index).
     pub async fn linearizable(&self, forwarded: bool) -> Result<Route<()>> {
-        self.check_open()?;
+        if let Route::Leader(l) = self.current(forwarded)? {
+            return Ok(Route::Leader(l));
+        }
         let answer = tokio::time::timeout(self.timeout, self.reads.submit(()))
             .await
             .map_err(|_| {
@@ -338,24 +379,11 @@ impl LeaderRouter {
                 "leadership is moving (to node {id}); not applied, retry"
             )));
         }
-        let mut channels = self
-            .channels
-            .lock()
-            .map_err(|_| Error::Internal("channel cache poisoned".into()))?;
-        let ch = match channels.get(&node.addr) {
-            Some(c) => c.clone(),
-            None => {
-                let c = channel(&node.addr, Duration::from_secs(1)).map_err(|e| {
-                    Error::Unavailable(format!("leader address {}: {e}", node.addr))
-                })?;
-                channels.insert(node.addr.clone(), c.clone());
-                c
-            }
-        };
+        let channel = self.peers.channel(&node.addr).map_err(Error::Unavailable)?;
         Ok(Route::Leader(Leader {
             id,
             addr: node.addr,
-            channel: ch,
+            channel,
         }))
     }
 }

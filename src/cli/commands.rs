@@ -247,10 +247,13 @@ fn members(ms: &[Member]) -> String {
     ms.iter()
         .map(|m| {
             format!(
-                "{}={}{}",
+                "{}={}{}{}",
                 m.id,
                 m.address,
-                if m.voter { "" } else { "(learner)" }
+                if m.voter { "" } else { "(learner)" },
+                m.rtt_ms
+                    .map(|r| format!("(rtt {r:.1}ms)"))
+                    .unwrap_or_default()
             )
         })
         .collect::<Vec<_>>()

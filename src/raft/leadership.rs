@@ -17,7 +17,7 @@ use super::marker::Identity;
 use futures::StreamExt;
 
 use super::metrics_every;
-use super::network::timeout_now;
+use super::network::{extra_call, Extra, Peers};
 use super::{Node, NodeId, Raft};
 
 /// A vote for this id is a vote for nobody: node ids start at 1.
@@ -95,7 +95,12 @@ pub async fn check_quorum(raft: Raft, id: NodeId, lease: Duration, poll: Duratio
 /// (up to `limit`) for it to take over. The caller must have stopped proposing.
 /// Returns the new leader, or `None` when this node did not lead or no
 /// follower could take over in time (the cluster then elects one as usual).
-pub async fn transfer(raft: &Raft, me: &Identity, limit: Duration) -> Option<NodeId> {
+pub async fn transfer(
+    raft: &Raft,
+    me: &Identity,
+    peers: &Peers,
+    limit: Duration,
+) -> Option<NodeId> {
     let id = me.node_id;
     let deadline = tokio::time::Instant::now() + limit;
     let (target, node, leader_vote) = {
@@ -141,11 +146,17 @@ pub async fn transfer(raft: &Raft, me: &Identity, limit: Duration) -> Option<Nod
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The follower campaigns only for the leader it follows, named by its vote.
-    if let Err(e) = timeout_now(me, &node, &leader_vote).await {
-        tracing::warn!(
-            "leadership transfer: asking node {target} at {} to campaign: {e}",
-            node.addr
-        );
+    let asked: Result<(), String> = extra_call(
+        peers,
+        me,
+        &node,
+        Extra::TimeoutNow,
+        &leader_vote,
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
+    if let Err(e) = asked {
+        tracing::warn!("leadership transfer: asking node {target} to campaign: {e}");
         return None;
     }
     let took_over = raft

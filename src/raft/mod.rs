@@ -1,6 +1,7 @@
 //! Consensus: openraft wired to sled storage and a gRPC transport.
 
 pub mod coalesce;
+pub mod election;
 pub mod incarnation;
 pub mod leadership;
 pub mod log_store;

@@ -5,14 +5,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::Vote;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
@@ -28,6 +28,10 @@ use super::{
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use crate::proto::raft_v1::RaftPayload;
 
+/// Entries per AppendEntries at most (openraft's `max_payload_entries` is set to this).
+pub const MAX_ENTRIES: u64 = 32;
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Snapshot chunks and entry batches can be several MiB; tonic's default cap is 4 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -37,6 +41,105 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .connect_lazy())
+}
+
+/// HTTP/2 pings on peer connections: a connection to a peer that vanished
+/// (host down, cable cut, no RST) is closed and dialled again on the next
+/// request, instead of swallowing requests until each times out.
+const PEER_KEEPALIVE: Duration = Duration::from_secs(2);
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A long-lived channel to a peer: one HTTP/2 connection, reconnected when it breaks.
+fn peer_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(PEER_KEEPALIVE)
+        .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        // Large windows so one round trip carries a whole batch on a long link.
+        .http2_adaptive_window(true)
+        .connect_lazy())
+}
+
+/// What this node shares across its connections to peers: one channel per
+/// peer address, used by every Raft RPC and by forwarded client requests
+/// (never a connection per request), and the measured round-trip times.
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<PeersInner>,
+}
+
+struct PeersInner {
+    connect_timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Smoothed heartbeat round trip per peer (RFC 6298's SRTT).
+    rtt: Mutex<HashMap<NodeId, Duration>>,
+    log: Mutex<PeerLog>,
+}
+
+impl Peers {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Peers {
+            inner: Arc::new(PeersInner {
+                connect_timeout,
+                channels: Mutex::default(),
+                rtt: Mutex::default(),
+                log: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The channel to the peer at `addr`, made on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = peer_channel(addr, self.inner.connect_timeout)
+            .map_err(|e| format!("peer address {addr:?}: {e}"))?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
+        Ok(RaftTransportClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    fn sample_rtt(&self, target: NodeId, sample: Duration) {
+        let mut rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        let srtt = rtt.entry(target).or_insert(sample);
+        *srtt = (*srtt * 7 + sample) / 8;
+    }
+
+    /// Smoothed round-trip times of heartbeats this node sent (so: as a leader).
+    pub fn rtts(&self) -> HashMap<NodeId, Duration> {
+        self.inner
+            .rtt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn logged(&self, target: NodeId, addr: &str, reply: &Result<(), &tonic::Status>) {
+        let mut log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        match reply {
+            Ok(()) => log.succeeded(target, addr),
+            Err(s) if s.code() == Code::FailedPrecondition => log.failed(
+                target,
+                addr,
+                &format!("it refuses this node: {}", s.message()),
+                true,
+            ),
+            Err(s) => log.failed(target, addr, &error_chain(*s), false),
+        }
+    }
 }
 
 /// Peer requests carry the cluster id, so a node of another cluster refuses
@@ -59,22 +162,33 @@ fn peer_request<T>(
     Ok(request)
 }
 
-/// Asks `target` to campaign at once (leadership transfer).
-/// `leader_vote` names the leader asking; the node refuses if it follows another.
-pub async fn timeout_now(
+/// The node-to-node RPCs Roster adds to openraft's.
+#[derive(Clone, Copy, Debug)]
+pub enum Extra {
+    /// Leadership transfer: the payload is the asking leader's vote.
+    TimeoutNow,
+    /// Would the peer elect this node? See [`super::election`].
+    PreVote,
+}
+
+/// Sends `msg` to `target` as `rpc` and decodes its answer.
+pub async fn extra_call<Req: Serialize, Resp: DeserializeOwned>(
+    peers: &Peers,
     me: &Identity,
     target: &Node,
-    leader_vote: &Vote<NodeId>,
-) -> Result<(), String> {
-    let timeout = Duration::from_secs(1);
-    let ch = channel(&target.addr, timeout).map_err(|e| e.to_string())?;
-    let data = encode(leader_vote).map_err(|e| e.to_string())?;
+    rpc: Extra,
+    msg: &Req,
+    timeout: Duration,
+) -> Result<Resp, String> {
+    let mut client = peers.client(&target.addr)?;
+    let data = encode(msg).map_err(|e| e.to_string())?;
     let req = peer_request(RaftPayload { data }, me, target, timeout).map_err(|e| e.to_string())?;
-    RaftTransportClient::new(ch)
-        .timeout_now(req)
-        .await
-        .map(|_| ())
-        .map_err(|s| s.message().to_string())
+    let reply = match rpc {
+        Extra::TimeoutNow => client.timeout_now(req).await,
+        Extra::PreVote => client.pre_vote(req).await,
+    }
+    .map_err(|s| format!("{rpc:?} to {}: {}", target.addr, error_chain(&s)))?;
+    decode(&reply.into_inner().data).map_err(|e| e.to_string())
 }
 
 /// An error and its causes on one line: "transport error: tcp connect error:
@@ -162,17 +276,17 @@ impl PeerLog {
 #[derive(Clone)]
 pub struct Network {
     me: Arc<Identity>,
-    peers: Arc<Mutex<PeerLog>>,
+    peers: Peers,
     learned: Learned,
 }
 
 impl Network {
     /// `me` is this node; the incarnations peers state in their replies are
     /// recorded in `learned`.
-    pub fn new(me: Identity, learned: Learned) -> Self {
+    pub fn new(me: Identity, peers: Peers, learned: Learned) -> Self {
         Network {
             me: Arc::new(me),
-            peers: Arc::default(),
+            peers,
             learned,
         }
     }
@@ -182,18 +296,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
-        let client = channel(&node.addr, Duration::from_secs(1)).map(|c| {
-            RaftTransportClient::new(c)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        });
         PeerClient {
             target,
             node: node.clone(),
             me: self.me.clone(),
-            client: client.map_err(|e| e.to_string()),
+            client: self.peers.client(&node.addr),
             peers: self.peers.clone(),
             learned: self.learned.clone(),
+            max_entries: None,
         }
     }
 }
@@ -203,10 +313,13 @@ pub struct PeerClient {
     /// The target as this node's membership recorded it when the client was made.
     node: Node,
     me: Arc<Identity>,
-    peers: Arc<Mutex<PeerLog>>,
+    peers: Peers,
     learned: Learned,
     /// An unparsable peer address is reported on every call, not at construction.
     client: Result<RaftTransportClient<Channel>, String>,
+    /// Entries per AppendEntries this link has carried in time, once a batch
+    /// did not: halved on each such timeout, doubled back on quick successes.
+    max_entries: Option<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -244,19 +357,8 @@ impl PeerClient {
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
-        if let Ok(mut peers) = self.peers.lock() {
-            let addr = &self.node.addr;
-            match &reply {
-                Ok(_) => peers.succeeded(self.target, addr),
-                Err(s) if s.code() == Code::FailedPrecondition => peers.failed(
-                    self.target,
-                    addr,
-                    &format!("it refuses this node: {}", s.message()),
-                    true,
-                ),
-                Err(s) => peers.failed(self.target, addr, &error_chain(s), false),
-            }
-        }
+        self.peers
+            .logged(self.target, &self.node.addr, &reply.as_ref().map(|_| ()));
         let reply = reply.map_err(|status| match status.code() {
             // Openraft backs off from an unreachable peer instead of retrying hot;
             // a peer that refuses this node (another cluster, another
@@ -277,13 +379,52 @@ impl PeerClient {
     }
 }
 
+/// Openraft gives an AppendEntries as long as a heartbeat round trip may take;
+/// a batch that needs longer on a slow link would time out forever. A batch
+/// that misses this share of the deadline is cut in half instead.
+fn batch_deadline(option: &RPCOption) -> Duration {
+    option.soft_ttl()
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(Rpc::AppendEntries, &rpc, &option).await
+        let n = rpc.entries.len() as u64;
+        if let Some(max) = self.max_entries.filter(|max| n > *max) {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(max),
+            ));
+        }
+        let sent = Instant::now();
+        let deadline = batch_deadline(&option);
+        let reply = if n > 1 {
+            match tokio::time::timeout(deadline, self.call(Rpc::AppendEntries, &rpc, &option)).await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    let max = (n / 2).max(1);
+                    self.max_entries = Some(max);
+                    return Err(RPCError::PayloadTooLarge(
+                        PayloadTooLarge::new_entries_hint(max),
+                    ));
+                }
+            }
+        } else {
+            self.call(Rpc::AppendEntries, &rpc, &option).await
+        };
+        if reply.is_ok() {
+            let took = sent.elapsed();
+            if n == 0 {
+                self.peers.sample_rtt(self.target, took);
+            }
+            if took < deadline / 4 {
+                self.max_entries = self.max_entries.map(|m| m * 2).filter(|m| *m < MAX_ENTRIES);
+            }
+        }
+        reply
     }
 
     async fn install_snapshot(
@@ -303,5 +444,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         self.call(Rpc::Vote, &rpc, &option).await
+    }
+
+    /// A peer that cannot be reached is tried again after 50 ms, then less and
+    /// less often, up to once a second.
+    fn backoff(&self) -> Backoff {
+        Backoff::new((0..).map(|i| Duration::from_millis(50 << u32::min(i, 4)).min(MAX_BACKOFF)))
     }
 }

@@ -2,9 +2,11 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
@@ -12,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use openraft::Vote;
 
+use super::election::{answer_pre_vote, Contact, PreVoteRequest};
 use super::incarnation;
 use super::marker::Identity;
 use super::network::REMIND;
@@ -26,53 +29,71 @@ use crate::proto::raft_v1::RaftPayload;
 pub struct RaftService {
     raft: Raft,
     me: Identity,
+    /// Refreshed by every message from a leader this node accepts.
+    contact: Contact,
+    /// Minimum election timeout: how long a leader heard from is presumed alive.
+    lease: Duration,
     /// How to bring this node back when the cluster knows another incarnation of it.
     recovery: String,
     /// When a refusal of each peer was last logged.
     refusals: Mutex<HashMap<NodeId, Instant>>,
 }
 
-/// Every Raft request names its sender in the vote it carries.
+/// Every Raft request names its sender: in the vote it carries, or outright.
 trait Sent {
-    fn vote(&self) -> &Vote<NodeId>;
+    fn sender(&self) -> NodeId;
+}
 
-    fn sender(&self) -> NodeId {
-        self.vote().leader_id().voted_for().unwrap_or_default()
-    }
+fn voted_for(v: &Vote<NodeId>) -> NodeId {
+    v.leader_id().voted_for().unwrap_or_default()
 }
 
 impl Sent for AppendEntriesRequest<TypeConfig> {
-    fn vote(&self) -> &Vote<NodeId> {
-        &self.vote
+    fn sender(&self) -> NodeId {
+        voted_for(&self.vote)
     }
 }
 
 impl Sent for VoteRequest<NodeId> {
-    fn vote(&self) -> &Vote<NodeId> {
-        &self.vote
+    fn sender(&self) -> NodeId {
+        voted_for(&self.vote)
     }
 }
 
 impl Sent for InstallSnapshotRequest<TypeConfig> {
-    fn vote(&self) -> &Vote<NodeId> {
-        &self.vote
+    fn sender(&self) -> NodeId {
+        voted_for(&self.vote)
+    }
+}
+
+impl Sent for PreVoteRequest {
+    fn sender(&self) -> NodeId {
+        self.candidate
     }
 }
 
 /// TimeoutNow carries the vote of the leader asking.
 impl Sent for Vote<NodeId> {
-    fn vote(&self) -> &Vote<NodeId> {
-        self
+    fn sender(&self) -> NodeId {
+        voted_for(self)
     }
 }
 
 impl RaftService {
     /// `recovery` is appended to the refusal of a request meant for another
     /// incarnation of this node: what the operator must do.
-    pub fn new(raft: Raft, me: Identity, recovery: String) -> Self {
+    pub fn new(
+        raft: Raft,
+        me: Identity,
+        contact: Contact,
+        lease: Duration,
+        recovery: String,
+    ) -> Self {
         RaftService {
             raft,
             me,
+            contact,
+            lease,
             recovery,
             refusals: Mutex::default(),
         }
@@ -137,12 +158,30 @@ impl RaftTransport for RaftService {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = self.admit(req)?;
-        self.reply(&self.raft.append_entries(rpc).await)
+        let answer = self.raft.append_entries(rpc).await;
+        if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.touch();
+        }
+        self.reply(&answer)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = self.admit(req)?;
-        self.reply(&self.raft.vote(rpc).await)
+        let answer = self.raft.vote(rpc).await;
+        if matches!(&answer, Ok(r) if r.vote_granted) {
+            self.contact.touch();
+        }
+        self.reply(&answer)
+    }
+
+    async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: PreVoteRequest = self.admit(req)?;
+        self.reply(&answer_pre_vote(
+            &self.raft,
+            &self.contact,
+            self.lease,
+            &rpc,
+        ))
     }
 
     async fn install_snapshot(
@@ -150,7 +189,11 @@ impl RaftTransport for RaftService {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = self.admit(req)?;
-        self.reply(&self.raft.install_snapshot(rpc).await)
+        let answer = self.raft.install_snapshot(rpc).await;
+        if answer.is_ok() {
+            self.contact.touch();
+        }
+        self.reply(&answer)
     }
 
     async fn timeout_now(

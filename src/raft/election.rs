@@ -1,0 +1,210 @@
+//! Elections and heartbeats, driven here rather than by openraft 0.9's timers.
+//!
+//! Openraft 0.9 has no pre-vote: a follower cut off for a while calls
+//! election after election, raising its term each time, and when it comes
+//! back its term deposes a healthy leader. Here a voter that has heard from no
+//! leader for its (random) election timeout first asks the voters whether they
+//! would elect it (pre-vote, Raft thesis 9.6) and campaigns only when a quorum
+//! says yes. A voter says yes only if it has itself heard from no leader for
+//! the minimum election timeout, and the candidate's log is at least as up to
+//! date as its own; a pre-vote changes no state on either side.
+//!
+//! Openraft's heartbeat interval is also its deadline for every AppendEntries
+//! and leadership confirmation, so it is set to the RPC timeout, which must
+//! cover a long round trip; the leader's heartbeats are sent from here at the
+//! configured, shorter, interval.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use openraft::{LogId, ServerState};
+use serde::{Deserialize, Serialize};
+
+use super::marker::Identity;
+use super::network::{extra_call, Extra, Peers};
+use super::{NodeId, Raft};
+
+/// Raft timing in effect (see `config::RaftTuning`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How often a leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// Deadline of one node-to-node request.
+    pub rpc_timeout: Duration,
+    /// Range of the random time without a leader after which a voter campaigns.
+    pub election_min: Duration,
+    pub election_max: Duration,
+}
+
+/// When this node last heard from a leader it accepts, or granted a vote:
+/// what its election timer and its answers to pre-votes measure from.
+#[derive(Clone)]
+pub struct Contact(Arc<Mutex<Instant>>);
+
+impl Default for Contact {
+    fn default() -> Self {
+        Contact(Arc::new(Mutex::new(Instant::now())))
+    }
+}
+
+impl Contact {
+    pub fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn age(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    pub last_log_id: Option<LogId<NodeId>>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+}
+
+/// Whether this node would vote for the candidate now. `lease`: the minimum
+/// election timeout, within which a leader heard from is presumed alive.
+pub fn answer_pre_vote(
+    raft: &Raft,
+    contact: &Contact,
+    lease: Duration,
+    req: &PreVoteRequest,
+) -> PreVoteResponse {
+    let leading = raft.metrics().borrow().state == ServerState::Leader;
+    let mine = raft.data_metrics().borrow().last_log;
+    let granted = !leading && contact.age() >= lease && req.last_log_id >= mine;
+    tracing::debug!(
+        candidate = req.candidate,
+        granted,
+        "pre-vote (heard from a leader {} ms ago)",
+        contact.age().as_millis()
+    );
+    PreVoteResponse { granted }
+}
+
+/// Sends heartbeats while this node leads, every `every`. Ends with Raft.
+pub async fn heartbeats(raft: Raft, id: NodeId, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let metrics = raft.metrics();
+    loop {
+        tick.tick().await;
+        if metrics.has_changed().is_err() {
+            return;
+        }
+        let leading = metrics.borrow().current_leader == Some(id);
+        if leading && raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs this node's elections: after a random timeout in the configured range
+/// without a leader, a pre-vote round, and an election if a quorum would vote
+/// for this node. Ends with Raft.
+pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact, timing: Timing) {
+    let metrics = raft.metrics();
+    loop {
+        let timeout = random_between(timing.election_min, timing.election_max);
+        loop {
+            let age = contact.age();
+            if age >= timeout {
+                break;
+            }
+            tokio::time::sleep(timeout - age).await;
+        }
+        if metrics.has_changed().is_err() {
+            return;
+        }
+        let (may_campaign, term) = {
+            let m = metrics.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == me.node_id);
+            (
+                voter && matches!(m.state, ServerState::Follower | ServerState::Candidate),
+                m.current_term,
+            )
+        };
+        if may_campaign && pre_vote(&raft, &me, &peers, timing.rpc_timeout).await {
+            tracing::info!(
+                "no leader heard from for {} ms and a quorum would elect this node: campaigning after term {term}",
+                timeout.as_millis()
+            );
+            if raft.trigger().elect().await.is_err() {
+                return;
+            }
+        }
+        // Whatever happened, wait a whole timeout before trying again.
+        contact.touch();
+    }
+}
+
+fn random_between(min: Duration, max: Duration) -> Duration {
+    let span = max.saturating_sub(min).as_millis() as u64;
+    min + Duration::from_millis(fastrand::u64(0..=span))
+}
+
+/// Whether a quorum of every voter configuration (two during a membership
+/// change) would elect this node.
+async fn pre_vote(raft: &Raft, me: &Identity, peers: &Peers, timeout: Duration) -> bool {
+    let (configs, nodes) = {
+        let m = raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let nodes: Vec<_> = membership
+            .nodes()
+            .filter(|(id, _)| **id != me.node_id)
+            .map(|(id, n)| (*id, n.clone()))
+            .collect();
+        (membership.get_joint_config().clone(), nodes)
+    };
+    let quorum = |granted: &BTreeSet<NodeId>| {
+        configs
+            .iter()
+            .all(|c| c.iter().filter(|n| granted.contains(n)).count() * 2 > c.len())
+    };
+    let mut granted = BTreeSet::from([me.node_id]);
+    if quorum(&granted) {
+        return true;
+    }
+    let req = PreVoteRequest {
+        candidate: me.node_id,
+        last_log_id: raft.data_metrics().borrow().last_log,
+    };
+    let mut answers: FuturesUnordered<_> = nodes
+        .iter()
+        .filter(|(id, _)| configs.iter().any(|c| c.contains(id)))
+        .map(|(id, node)| {
+            let req = &req;
+            async move {
+                let answer: Result<PreVoteResponse, String> =
+                    extra_call(peers, me, node, Extra::PreVote, req, timeout).await;
+                (*id, answer)
+            }
+        })
+        .collect();
+    while let Some((id, answer)) = answers.next().await {
+        match answer {
+            Ok(a) if a.granted => {
+                granted.insert(id);
+                if quorum(&granted) {
+                    return true;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("pre-vote: node {id}: {e}"),
+        }
+    }
+    false
+}
