@@ -48,6 +48,7 @@ async fn cluster() -> TestCluster {
         fd_limit: Some(1024),
         netns: true,
         tmpfs_mb: Some(256),
+        ..Setup::default()
     };
     match TestCluster::start_setup(3, "", setup).await {
         Ok(c) => c,

@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod netns;
+pub mod proxy;
 pub mod targets;
 
 use std::net::TcpListener;
@@ -19,9 +20,11 @@ use tempfile::TempDir;
 
 pub struct TestNode {
     pub id: u64,
-    /// Address the node listens on and peers dial: 127.0.0.1, or its namespace's address.
+    /// Address the node listens on: 127.0.0.1, or its namespace's address.
     pub host: String,
     pub port: u16,
+    /// `host:port` peers dial: the listen address, or its proxy's (`Setup::proxies`).
+    pub peer: String,
     /// Where the node serves Prometheus metrics.
     pub metrics_port: u16,
     pub config: PathBuf,
@@ -39,6 +42,9 @@ pub struct TestCluster {
     fd_limit: Option<u64>,
     /// Set when each node runs in a network namespace of its own (`Setup::netns`).
     pub net: Option<netns::NetLab>,
+    /// One in front of each node, indexed like `nodes`, when `Setup::proxies`.
+    pub proxies: Vec<proxy::Proxy>,
+    proxied: bool,
 }
 
 /// How the nodes of a test cluster run, beyond their configuration.
@@ -50,6 +56,11 @@ pub struct Setup {
     pub netns: bool,
     /// Each node's data directory on a tmpfs of this many MiB.
     pub tmpfs_mb: Option<u32>,
+    /// Each node behind a `proxy::Proxy` that every peer dials (its advertised
+    /// address), so the test can inject faults into node-to-node traffic;
+    /// clients still dial the nodes directly. Needs a multi-threaded runtime:
+    /// the proxies run on the test's.
+    pub proxies: bool,
 }
 
 /// A port free now, below the kernel's ephemeral range (32768 and up here):
@@ -91,8 +102,12 @@ impl TestCluster {
 
     /// Like `start_with`, with the nodes run as `setup` says. Fails where that
     /// cannot be had: network namespaces (see `netns`) and tmpfs mounts need
-    /// root and iproute2.
+    /// root and iproute2; proxies listen in the test's namespace, out of reach
+    /// of nodes in namespaces of their own.
     pub async fn start_setup(n: u64, extra: &str, setup: Setup) -> Result<TestCluster, String> {
+        if setup.netns && setup.proxies {
+            return Err("proxies and network namespaces do not combine".into());
+        }
         let net = match setup.netns {
             true => Some(netns::NetLab::create(n)?),
             false => None,
@@ -115,11 +130,6 @@ impl TestCluster {
                 None => ("127.0.0.1".to_string(), free_port()),
             })
             .collect();
-        let initial: Vec<String> = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, (h, p))| format!("{}={h}:{p}", i + 1))
-            .collect();
         let mut c = TestCluster {
             dir,
             nodes: Vec::new(),
@@ -127,9 +137,19 @@ impl TestCluster {
             fd_limit: setup.fd_limit,
             net,
             disks,
+            proxies: Vec::new(),
+            proxied: setup.proxies,
         };
         for (host, port) in addrs {
-            c.configure_node(&host, port, &initial.join(","));
+            c.add_node(&host, port);
+        }
+        let initial: Vec<String> = c
+            .nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.peer))
+            .collect();
+        for id in 1..=n {
+            c.write_config(id, &initial.join(","));
         }
         for id in 1..=n {
             c.start_node(id);
@@ -138,33 +158,48 @@ impl TestCluster {
         Ok(c)
     }
 
-    /// Writes the config of the next node id; returns that id.
-    fn configure_node(&mut self, host: &str, port: u16, initial_cluster: &str) -> u64 {
+    /// Adds the next node id, listening on `host:port`, behind a proxy of
+    /// its own when the cluster has proxies; returns that id.
+    fn add_node(&mut self, host: &str, port: u16) -> u64 {
         let id = self.nodes.len() as u64 + 1;
-        let config = self.dir.path().join(format!("node-{id}.toml"));
-        let data = self.data_dir(id);
-        let metrics_port = free_port();
-        let text = format!(
-            "id = {id}\ncluster_id = \"test\"\nlisten = \"{host}:{port}\"\nmetrics_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
-            metrics_port,
-            data.display(),
-            self.extra
-        );
-        std::fs::write(&config, text).expect("write config");
+        let mut peer = format!("{host}:{port}");
+        if self.proxied {
+            let target = peer.parse().expect("a node's listen address");
+            let p = proxy::Proxy::spawn(([127, 0, 0, 1], 0).into(), target).expect("start a proxy");
+            peer = p.addr().to_string();
+            self.proxies.push(p);
+        }
         self.nodes.push(TestNode {
             id,
             host: host.to_string(),
             port,
-            metrics_port,
-            config,
+            peer,
+            metrics_port: free_port(),
+            config: self.dir.path().join(format!("node-{id}.toml")),
             child: None,
         });
         id
     }
 
-    /// Starts one more node that belongs to no cluster until it is added as a member.
+    fn write_config(&self, id: u64, initial_cluster: &str) {
+        let n = self.node(id);
+        let text = format!(
+            "id = {id}\ncluster_id = \"test\"\nlisten = \"{}:{}\"\nadvertise = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
+            n.host,
+            n.port,
+            n.peer,
+            n.metrics_port,
+            self.data_dir(id).display(),
+            self.extra
+        );
+        std::fs::write(&n.config, text).expect("write config");
+    }
+
+    /// Starts one more node that belongs to no cluster until it is added as a
+    /// member, at its `peer` address.
     pub fn start_spare(&mut self) -> u64 {
-        let id = self.configure_node("127.0.0.1", free_port(), "");
+        let id = self.add_node("127.0.0.1", free_port());
+        self.write_config(id, "");
         self.start_node(id);
         id
     }
@@ -173,6 +208,14 @@ impl TestCluster {
         &self.nodes[(id - 1) as usize]
     }
 
+    /// The proxy in front of node `id` (`Setup::proxies`).
+    pub fn proxy(&self, id: u64) -> &proxy::Proxy {
+        self.proxies.get((id - 1) as usize).unwrap_or_else(|| {
+            panic!("node {id} has no proxy: start the cluster with Setup::proxies")
+        })
+    }
+
+    /// Where clients reach node `id`: directly, never through its proxy.
     pub fn endpoint(&self, id: u64) -> String {
         format!("{}:{}", self.node(id).host, self.node(id).port)
     }
