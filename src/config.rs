@@ -30,11 +30,12 @@ pub enum ConfigError {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkProfile {
-    /// Nodes in one data centre or region: round trips up to 100 ms.
+    /// Nodes in one data centre or region: round trips up to 100 ms, with
+    /// room for a retransmission (an RPC may take 500 ms).
     #[default]
     Lan,
-    /// Nodes in different regions: round trips up to 400 ms, at the cost of
-    /// slower failure detection (see `Timing`).
+    /// Nodes in different regions: round trips up to 500 ms, at the cost of
+    /// slower failure detection (elections after 2-3 s instead of 0.6-0.9 s).
     Wan,
 }
 
@@ -64,15 +65,15 @@ impl NetworkProfile {
         match self {
             NetworkProfile::Lan => Timing {
                 heartbeat: ms(50),
-                rpc_timeout: ms(300),
-                election_min: ms(500),
-                election_max: ms(800),
+                rpc_timeout: ms(500),
+                election_min: ms(600),
+                election_max: ms(900),
             },
             NetworkProfile::Wan => Timing {
                 heartbeat: ms(150),
-                rpc_timeout: ms(1_000),
-                election_min: ms(1_500),
-                election_max: ms(2_500),
+                rpc_timeout: ms(1_500),
+                election_min: ms(2_000),
+                election_max: ms(3_000),
             },
         }
     }
@@ -323,10 +324,10 @@ mod tests {
         let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 40\n";
         let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
         assert_eq!(cfg.raft.timing().heartbeat, Duration::from_millis(40));
-        assert_eq!(cfg.raft.timing().election_min, Duration::from_millis(500));
+        assert_eq!(cfg.raft.timing().election_min, Duration::from_millis(600));
         let wan = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nnetwork = \"wan\"\n";
         let cfg: NodeConfig = toml::from_str(wan).expect("valid config");
-        assert_eq!(cfg.raft.timing().rpc_timeout, Duration::from_millis(1_000));
+        assert_eq!(cfg.raft.timing().rpc_timeout, Duration::from_millis(1_500));
         assert!(
             toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err()
         );
@@ -340,7 +341,7 @@ mod tests {
         assert!(cfg.validate().is_err());
         cfg.initial_cluster = "1=127.0.0.1:7001".into();
         assert!(cfg.validate().is_ok());
-        cfg.raft.election_timeout_min_ms = cfg.raft.rpc_timeout_ms.or(Some(300));
+        cfg.raft.election_timeout_min_ms = Some(500);
         assert!(cfg.validate().is_err());
     }
 }

@@ -362,11 +362,12 @@ impl PeerClient {
         let reply = reply.map_err(|status| match status.code() {
             // Openraft backs off from an unreachable peer instead of retrying hot;
             // a peer that refuses this node (another cluster, another
-            // incarnation) is as good as unreachable.
-            Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::FailedPrecondition => RPCError::Unreachable(Unreachable::new(&status)),
+            // incarnation) is as good as unreachable. A request that timed
+            // out has waited already: it is retried at once, so a slow link
+            // is used as fast as it delivers.
+            Code::Unavailable | Code::FailedPrecondition => {
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
         self.learned.record(

@@ -1,0 +1,309 @@
+//! Networks as they are: latency between nodes, slow and lossy links, nodes
+//! cut off and coming back. Faults are injected by the harness's proxy in
+//! front of each node's peer address, so they hit node-to-node traffic only;
+//! the test's own requests go straight to a node, over a raw gRPC client that
+//! never retries, so every failure a client would see is counted.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::proxy::{Dir, Link};
+use common::*;
+use roster::proto::v1::registry_client::RegistryClient;
+use roster::proto::v1::*;
+use tonic::transport::Channel;
+
+async fn proxied(n: u64) -> TestCluster {
+    let setup = Setup {
+        proxies: true,
+        ..Setup::default()
+    };
+    TestCluster::start_setup(n, "", setup)
+        .await
+        .expect("a proxied cluster needs nothing special")
+}
+
+fn delay(ms: u64) -> Link {
+    Link {
+        delay: Duration::from_millis(ms),
+        ..Link::default()
+    }
+}
+
+/// A client of node `id` alone, with no retries.
+async fn raw(c: &TestCluster, id: u64) -> RegistryClient<Channel> {
+    RegistryClient::connect(format!("http://{}", c.endpoint(id)))
+        .await
+        .expect("connect")
+}
+
+async fn write(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    id: &str,
+) -> Result<(), String> {
+    client
+        .register(RegisterRequest {
+            instance: Some(instance(service, id, 80)),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("register {service}/{id}: {:?} {}", s.code(), s.message()))
+}
+
+/// A linearizable read that must see `id`.
+async fn read(client: &mut RegistryClient<Channel>, service: &str, id: &str) -> Result<(), String> {
+    let r = client
+        .get_service(get_req(service, Consistency::Linearizable))
+        .await
+        .map_err(|s| format!("get {service}: {:?} {}", s.code(), s.message()))?;
+    match r.into_inner().instances.iter().any(|i| i.id == id) {
+        true => Ok(()),
+        false => Err(format!("linearizable read of {service} misses {id}")),
+    }
+}
+
+fn followers(leader: u64) -> Vec<u64> {
+    (1..=3).filter(|&i| i != leader).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_work_with_20_50_and_100_ms_between_nodes() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    let term = c.status(leader).await.expect("leader status").term;
+    for ms in [20, 50, 100] {
+        // Every node-to-node message takes `ms` more: a round trip of `ms`.
+        for p in &c.proxies {
+            p.set(Dir::ToTarget, delay(ms));
+        }
+        for node in [leader, followers(leader)[0]] {
+            let mut client = raw(&c, node).await;
+            for i in 0..5 {
+                let id = format!("d{ms}-n{node}-{i}");
+                let took = Instant::now();
+                write(&mut client, "far", &id).await.expect("write");
+                read(&mut client, "far", &id).await.expect("read");
+                // A write waits for a follower, a read for a quorum's word.
+                assert!(took.elapsed() >= Duration::from_millis(2 * ms));
+            }
+        }
+    }
+    let s = c.status(leader).await.expect("leader status");
+    assert_eq!(
+        (s.leader_id, s.term),
+        (leader, term),
+        "latency alone must not move leadership"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wan_profile_works_with_400_ms_round_trips() {
+    let setup = Setup {
+        proxies: true,
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "[raft]\nnetwork = \"wan\"\n", setup)
+        .await
+        .expect("a proxied cluster");
+    let leader = c.leader().await;
+    let term = c.status(leader).await.expect("leader status").term;
+    // 200 ms each way: beyond the lan profile's deadline of 500 ms once a
+    // retransmission is added, within the wan profile's.
+    for p in &c.proxies {
+        p.set_both(delay(200));
+    }
+    for node in [leader, followers(leader)[0]] {
+        let mut client = raw(&c, node).await;
+        for i in 0..3 {
+            let id = format!("wan-n{node}-{i}");
+            write(&mut client, "wan", &id).await.expect("write");
+            read(&mut client, "wan", &id).await.expect("read");
+        }
+    }
+    let s = c.status(leader).await.expect("leader status");
+    assert_eq!((s.leader_id, s.term), (leader, term));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_reuse_the_peer_connections() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    let mut client = raw(&c, leader).await;
+    write(&mut client, "conn", "c-1").await.expect("write");
+    read(&mut client, "conn", "c-1").await.expect("read");
+    let accepted =
+        |c: &TestCluster| -> u64 { c.proxies.iter().map(|p| p.connections_accepted()).sum() };
+    let before = accepted(&c);
+    for _ in 0..200 {
+        read(&mut client, "conn", "c-1").await.expect("read");
+    }
+    let opened = accepted(&c) - before;
+    assert!(
+        opened == 0,
+        "200 linearizable reads opened {opened} new node-to-node connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_a_slow_lossy_link_keeps_up() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    let far = followers(leader)[1];
+    // What its interface would do with 100 ms of delay on what it sends and
+    // 5% loss both ways: a lost segment stalls its stream for a
+    // retransmission timeout (200 ms).
+    let lossy = Link {
+        loss: 0.05,
+        stall: Duration::from_millis(200),
+        ..Link::default()
+    };
+    c.proxy(far).set(
+        Dir::FromTarget,
+        Link {
+            delay: Duration::from_millis(100),
+            ..lossy.clone()
+        },
+    );
+    c.proxy(far).set(Dir::ToTarget, lossy);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (stop, written) = (stop.clone(), written.clone());
+        let mut client = raw(&c, leader).await;
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                write(&mut client, "load", &format!("w{w}-{i}"))
+                    .await
+                    .expect("a write to the leader");
+                written.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    // Sample the lag in entries while the load runs.
+    let start_applied = c.status(far).await.expect("status").applied_index;
+    let mut max_lag = 0;
+    let load_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < load_until {
+        let lead = c.status(leader).await.expect("leader status").applied_index;
+        let mine = c.status(far).await.expect("status").applied_index;
+        max_lag = max_lag.max(lead.saturating_sub(mine));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let target = c.status(leader).await.expect("leader status").applied_index;
+    let caught_up = Instant::now();
+    c.wait_applied(far, target).await;
+    let catch_up = caught_up.elapsed();
+    eprintln!(
+        "{} writes; slow follower: max lag {max_lag} entries, caught up {catch_up:?} after the load",
+        written.load(Ordering::Relaxed)
+    );
+    assert!(target > start_applied + 20, "the load wrote too little");
+    assert!(
+        catch_up < Duration::from_secs(3),
+        "the slow follower needed {catch_up:?} to catch up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_follower_rejoins_without_one_failed_request() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    let [near, cut] = followers(leader)[..] else {
+        unreachable!("three nodes")
+    };
+    let term = c.status(leader).await.expect("leader status").term;
+    // Writes and linearizable reads through the leader and the other follower
+    // for the whole test; any failure is recorded.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for node in [leader, near] {
+        let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
+        let mut client = raw(&c, node).await;
+        clients.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("n{node}-{i}");
+                let r = match write(&mut client, "rejoin", &id).await {
+                    Ok(()) => read(&mut client, "rejoin", &id).await,
+                    e => e,
+                };
+                if let Err(e) = r {
+                    failures.lock().expect("lock").push(e);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    // Nothing reaches the cut follower for 5 s: it hears from no leader.
+    c.proxy(cut).isolate(true);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    c.proxy(cut).heal();
+    let target = c.status(leader).await.expect("leader status").applied_index;
+    c.wait_applied(cut, target).await;
+    // And a while of traffic after it is back.
+    let after = done.load(Ordering::Relaxed) + 20;
+    c.wait_for("20 more requests", Duration::from_secs(20), || async {
+        (done.load(Ordering::Relaxed) >= after).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.await.expect("client task");
+    }
+    let failures = failures.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    for id in 1..=3 {
+        let s = c.status(id).await.expect("status");
+        assert_eq!(
+            (s.leader_id, s.term),
+            (leader, term),
+            "node {id}: the rejoining node must not move leadership or terms"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_that_times_out_says_its_outcome_is_unknown() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    let follower = followers(leader)[0];
+    // Requests into the leader are held: the follower's forward gets no answer.
+    c.proxy(leader).set(
+        Dir::ToTarget,
+        Link {
+            blocked: true,
+            ..Link::default()
+        },
+    );
+    let mut client = raw(&c, follower).await;
+    let err = client
+        .register(RegisterRequest {
+            instance: Some(instance("held", "h-1", 80)),
+        })
+        .await
+        .expect_err("no answer can come back");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("may have been applied"), "{err:?}");
+    // Once the link delivers, the held write is applied: it was in flight.
+    c.proxy(leader).heal();
+    let leader_client = raw(&c, leader).await;
+    c.wait_for("the held write to apply", Duration::from_secs(10), || {
+        let mut cl = leader_client.clone();
+        async move { read(&mut cl, "held", "h-1").await.ok() }
+    })
+    .await;
+}
