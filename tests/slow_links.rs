@@ -91,6 +91,21 @@ async fn reads_and_writes_work_with_20_50_and_100_ms_between_nodes() {
                 assert!(took.elapsed() >= Duration::from_millis(2 * ms));
             }
         }
+        // The leader measures the round trip to each follower.
+        c.wait_for(
+            &format!("the leader to measure {ms} ms to its followers"),
+            Duration::from_secs(10),
+            || async {
+                let s = c.status(leader).await?;
+                let rtts: Vec<f64> = s.members.iter().filter_map(|m| m.rtt_ms).collect();
+                (rtts.len() == 2
+                    && rtts
+                        .iter()
+                        .all(|r| *r >= ms as f64 * 0.9 && *r < ms as f64 + 100.0))
+                .then_some(())
+            },
+        )
+        .await;
     }
     let s = c.status(leader).await.expect("leader status");
     assert_eq!(
@@ -306,4 +321,108 @@ async fn a_forwarded_write_that_times_out_says_its_outcome_is_unknown() {
         async move { read(&mut cl, "held", "h-1").await.ok() }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_follower_neither_stops_writes_nor_moves_leadership() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    let flaky = followers(leader)[1];
+    let term = c.status(leader).await.expect("leader status").term;
+    // 100-300 ms each way and 15% of the chunks stalled.
+    c.proxy(flaky).set_both(Link {
+        delay: Duration::from_millis(100),
+        jitter: Duration::from_millis(200),
+        loss: 0.15,
+        stall: Duration::from_millis(200),
+        ..Link::default()
+    });
+    let mut clients = Vec::new();
+    for node in [leader, followers(leader)[0], flaky] {
+        let mut client = raw(&c, node).await;
+        clients.push(tokio::spawn(async move {
+            for i in 0..30 {
+                let id = format!("n{node}-{i}");
+                write(&mut client, "flaky", &id).await?;
+                read(&mut client, "flaky", &id).await?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in clients {
+        t.await
+            .expect("client task")
+            .expect("every request succeeds");
+    }
+    // Round trips up to 600 ms are beyond the lan profile: the flaky follower
+    // may fall behind, and catches up once its link is sound again.
+    c.proxy(flaky).heal();
+    let target = c.status(leader).await.expect("leader status").applied_index;
+    c.wait_applied(flaky, target).await;
+    let s = c.status(leader).await.expect("leader status");
+    assert_eq!((s.leader_id, s.term), (leader, term));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_crosses_a_slow_narrow_link() {
+    let mut c = proxied(3).await;
+    let leader = c.leader().await;
+    let down = followers(leader)[0];
+    c.kill(down);
+    // About 2 MiB of catalogue, 4 KiB of metadata per instance.
+    let big = "x".repeat(4000);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let mut client = raw(&c, leader).await;
+        let big = big.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..125 {
+                let mut inst = instance("bulk", &format!("b-{t}-{i}"), 80);
+                inst.metadata.insert("blob".into(), big.clone());
+                client
+                    .register(RegisterRequest {
+                        instance: Some(inst),
+                    })
+                    .await
+                    .expect("register");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let mut admin = c.cluster_client(leader).await;
+    let snap = admin
+        .snapshot(SnapshotRequest {})
+        .await
+        .expect("snapshot")
+        .into_inner();
+    assert!(
+        snap.size_bytes > 3 << 19,
+        "snapshot of {} bytes",
+        snap.size_bytes
+    );
+    c.wait_for(
+        "the leader to purge its log",
+        Duration::from_secs(30),
+        || async {
+            c.status(leader)
+                .await
+                .filter(|s| s.purged_index >= snap.snapshot_index)
+        },
+    )
+    .await;
+    // 50 ms and 256 KiB/s towards the returning node: the snapshot takes ~8 s.
+    c.proxy(down).set(
+        Dir::ToTarget,
+        Link {
+            delay: Duration::from_millis(50),
+            bytes_per_sec: Some(256 * 1024),
+            ..Link::default()
+        },
+    );
+    c.start_node(down);
+    let target = c.status(leader).await.expect("leader status").applied_index;
+    let caught_up = c.wait_applied(down, target).await;
+    assert!(caught_up.snapshot_index >= snap.snapshot_index);
 }
