@@ -160,6 +160,12 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
                 n.id
             );
         }
+        // Only the leader sends heartbeats, so only it knows round trips.
+        let rtts = body
+            .lines()
+            .filter(|l| l.starts_with("roster_raft_peer_rtt_seconds{peer="))
+            .count();
+        assert_eq!(rtts, if n.id == leader { 2 } else { 0 }, "{body}");
     }
     let missing = reqwest::get(format!("http://127.0.0.1:{}/other", c.node(1).metrics_port))
         .await
