@@ -354,8 +354,14 @@ async fn a_flaky_follower_neither_stops_writes_nor_moves_leadership() {
             .expect("client task")
             .expect("every request succeeds");
     }
-    // Round trips up to 600 ms are beyond the lan profile: the flaky follower
-    // may fall behind, and catches up once its link is sound again.
+    // Round trips up to 600 ms are beyond the lan profile: the operator is
+    // told, the flaky follower may fall behind, and catches up once its link
+    // is sound again.
+    assert!(
+        c.log(leader)
+            .contains(&format!("round trip to node {flaky} is")),
+        "the leader should warn about the slow round trip"
+    );
     c.proxy(flaky).heal();
     let target = c.status(leader).await.expect("leader status").applied_index;
     c.wait_applied(flaky, target).await;

@@ -71,18 +71,26 @@ pub struct Peers {
 }
 
 struct PeersInner {
-    connect_timeout: Duration,
+    /// Deadline of one peer request, and of making a connection.
+    rpc_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
-    /// Smoothed heartbeat round trip per peer (RFC 6298's SRTT).
-    rtt: Mutex<HashMap<NodeId, Duration>>,
+    rtt: Mutex<HashMap<NodeId, Rtt>>,
     log: Mutex<PeerLog>,
 }
 
+/// Heartbeat round trips to one peer.
+struct Rtt {
+    /// RFC 6298's SRTT.
+    smoothed: Duration,
+    /// When a round trip too close to the RPC deadline was last reported.
+    warned: Option<Instant>,
+}
+
 impl Peers {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(rpc_timeout: Duration) -> Self {
         Peers {
             inner: Arc::new(PeersInner {
-                connect_timeout,
+                rpc_timeout,
                 channels: Mutex::default(),
                 rtt: Mutex::default(),
                 log: Mutex::default(),
@@ -100,7 +108,7 @@ impl Peers {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = peer_channel(addr, self.inner.connect_timeout)
+        let c = peer_channel(addr, self.inner.rpc_timeout)
             .map_err(|e| format!("peer address {addr:?}: {e}"))?;
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -112,10 +120,25 @@ impl Peers {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
+    /// Records a heartbeat round trip; one that uses up half the RPC deadline
+    /// leaves no room for a retransmission or a batch, and the operator is told.
     fn sample_rtt(&self, target: NodeId, sample: Duration) {
         let mut rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        let srtt = rtt.entry(target).or_insert(sample);
-        *srtt = (*srtt * 7 + sample) / 8;
+        let r = rtt.entry(target).or_insert(Rtt {
+            smoothed: sample,
+            warned: None,
+        });
+        r.smoothed = (r.smoothed * 7 + sample) / 8;
+        let limit = self.inner.rpc_timeout / 2;
+        if r.smoothed > limit && r.warned.is_none_or(|t| t.elapsed() >= REMIND) {
+            r.warned = Some(Instant::now());
+            tracing::warn!(
+                "round trip to node {target} is {} ms, over half of rpc_timeout_ms ({} ms): \
+                 replication to it may stall; use [raft] network = \"wan\" or a larger rpc_timeout_ms",
+                r.smoothed.as_millis(),
+                self.inner.rpc_timeout.as_millis()
+            );
+        }
     }
 
     /// Smoothed round-trip times of heartbeats this node sent (so: as a leader).
@@ -124,7 +147,9 @@ impl Peers {
             .rtt
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .map(|(id, r)| (*id, r.smoothed))
+            .collect()
     }
 
     fn logged(&self, target: NodeId, addr: &str, reply: &Result<(), &tonic::Status>) {
