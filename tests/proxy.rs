@@ -1,16 +1,17 @@
 //! The fault-injecting proxy of the harness, against a plain echo server, and
-//! a cluster whose node-to-node traffic runs through proxies.
+//! a cluster whose node-to-node traffic runs through proxies. Per-link faults
+//! need network namespaces (root): those tests fail, not skip, without them.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::proxy::{Dir, Link, Proxy};
 use common::*;
 use roster::proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Generous slack over an expected time: the machine is shared.
 const SLACK: Duration = Duration::from_millis(150);
@@ -85,6 +86,52 @@ async fn delay_is_added_once_per_direction() {
     p.heal();
     let rtt = round_trip(&mut s, b"healed").await;
     assert!(rtt < SLACK, "{rtt:?}");
+}
+
+/// A connection to `to` from `source` (any 127/8 address is a loopback source).
+async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().expect("socket");
+    s.bind((source, 0).into()).expect("bind the source address");
+    s.connect(to).await.expect("connect")
+}
+
+#[tokio::test]
+async fn rules_by_source_address_override_the_proxy_wide_setting() {
+    let p = Proxy::start(echo_server().await).await.expect("proxy");
+    let mut one = connect_from([127, 0, 0, 1], p.addr()).await;
+    let mut two = connect_from([127, 0, 0, 2], p.addr()).await;
+    round_trip(&mut one, b"warm").await;
+    round_trip(&mut two, b"warm").await;
+
+    // On connections already open; the other direction keeps the proxy-wide setting.
+    let two_ip = IpAddr::from([127, 0, 0, 2]);
+    p.set_from(two_ip, Dir::ToTarget, delay(100));
+    p.set(Dir::FromTarget, delay(50));
+    let rtt = round_trip(&mut one, b"from .1").await;
+    assert!(
+        rtt >= Duration::from_millis(50) && rtt < Duration::from_millis(50) + SLACK,
+        "{rtt:?}"
+    );
+    let rtt = round_trip(&mut two, b"from .2").await;
+    assert!(
+        rtt >= Duration::from_millis(150) && rtt < Duration::from_millis(150) + SLACK,
+        "{rtt:?}"
+    );
+
+    // A rule wins over the proxy-wide setting, even one that adds nothing.
+    p.set(Dir::ToTarget, delay(200));
+    p.set_from(two_ip, Dir::ToTarget, Link::default());
+    let rtt = round_trip(&mut two, b"rule wins").await;
+    assert!(
+        rtt >= Duration::from_millis(50) && rtt < Duration::from_millis(50) + SLACK,
+        "{rtt:?}"
+    );
+
+    p.heal();
+    for s in [&mut one, &mut two] {
+        let rtt = round_trip(s, b"healed").await;
+        assert!(rtt < SLACK, "{rtt:?}");
+    }
 }
 
 #[tokio::test]
@@ -288,4 +335,92 @@ async fn cluster_traffic_runs_through_the_proxies() {
     register(&c.node_client(leader), "proxied", "p-2", 80).await;
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(30), "{took:?}");
+}
+
+/// The leader's outbound links are slow, the link between the followers is
+/// not: writes still commit, only the slow node's links are slow, and
+/// healing them ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_behind_a_slow_link() {
+    let setup = Setup {
+        netns: true,
+        proxies: true,
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .unwrap_or_else(|e| panic!("per-link faults need network namespaces (run as root): {e}"));
+    let slow = c.leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|&i| i != slow).collect();
+    // Replicated through the proxies in the test's namespace.
+    register(&c.node_client(followers[0]), "links", "l-1", 80).await;
+    for id in 1..=3 {
+        assert!(
+            c.proxy(id).connections_accepted() > 0,
+            "nothing reached node {id} through its proxy"
+        );
+    }
+
+    for &f in &followers {
+        c.link(slow, f, delay(300));
+    }
+    let start = Instant::now();
+    register(&c.node_client(followers[1]), "links", "l-2", 80).await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(
+        ids(&c.client(), "links", Consistency::Linearizable).await,
+        ["l-1", "l-2"]
+    );
+
+    // A write the leader takes waits for a follower's answer: 300 ms and more
+    // if the slow node still leads, far less if another node took over, its
+    // link to the third node being fast. (Not the leader's `rtt_ms`: heartbeats
+    // that time out leave it at its value from before the fault.)
+    let tries = std::cell::Cell::new(0);
+    let write_through = async |node: u64| {
+        tries.set(tries.get() + 1);
+        let start = Instant::now();
+        let id = format!("timed-{}", tries.get());
+        c.node_client(node)
+            .register(RegisterRequest {
+                instance: Some(instance("links", &id, 80)),
+            })
+            .await
+            .ok()
+            .map(|_| start.elapsed())
+    };
+    let (leader, took) = c
+        .wait_for(
+            "a write timed under one leader",
+            Duration::from_secs(10),
+            || async {
+                let leader = c.leader().await;
+                let took = write_through(leader).await?;
+                (c.leader().await == leader).then_some((leader, took))
+            },
+        )
+        .await;
+    if leader == slow {
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+    } else {
+        assert!(
+            took < Duration::from_millis(200),
+            "{took:?} under node {leader}"
+        );
+    }
+
+    // Healed, the slow node's writes (forwarded, or its own as leader) are
+    // fast again once what the slow links still held is delivered.
+    c.heal_links();
+    c.wait_for(
+        "a fast write through the formerly slow node",
+        Duration::from_secs(5),
+        || async {
+            write_through(slow)
+                .await
+                .filter(|t| *t < Duration::from_millis(200))
+        },
+    )
+    .await;
 }

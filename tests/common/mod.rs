@@ -8,7 +8,7 @@ pub mod netns;
 pub mod proxy;
 pub mod targets;
 
-use std::net::TcpListener;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -59,7 +59,9 @@ pub struct Setup {
     /// Each node behind a `proxy::Proxy` that every peer dials (its advertised
     /// address), so the test can inject faults into node-to-node traffic;
     /// clients still dial the nodes directly. Needs a multi-threaded runtime:
-    /// the proxies run on the test's.
+    /// the proxies run on the test's. With `netns` the proxies listen on the
+    /// lab's `root_ip` and see each peer by its namespace address, so faults
+    /// can be set per link (`TestCluster::link`).
     pub proxies: bool,
 }
 
@@ -102,12 +104,8 @@ impl TestCluster {
 
     /// Like `start_with`, with the nodes run as `setup` says. Fails where that
     /// cannot be had: network namespaces (see `netns`) and tmpfs mounts need
-    /// root and iproute2; proxies listen in the test's namespace, out of reach
-    /// of nodes in namespaces of their own.
+    /// root and iproute2.
     pub async fn start_setup(n: u64, extra: &str, setup: Setup) -> Result<TestCluster, String> {
-        if setup.netns && setup.proxies {
-            return Err("proxies and network namespaces do not combine".into());
-        }
         let net = match setup.netns {
             true => Some(netns::NetLab::create(n)?),
             false => None,
@@ -165,7 +163,13 @@ impl TestCluster {
         let mut peer = format!("{host}:{port}");
         if self.proxied {
             let target = peer.parse().expect("a node's listen address");
-            let p = proxy::Proxy::spawn(([127, 0, 0, 1], 0).into(), target).expect("start a proxy");
+            // Where the nodes can dial it: in a lab, the test's own address there.
+            let at = match &self.net {
+                Some(lab) => lab.root_ip(),
+                None => "127.0.0.1".to_string(),
+            };
+            let listen = SocketAddr::new(at.parse().expect("an IP"), 0);
+            let p = proxy::Proxy::spawn(listen, target).expect("start a proxy");
             peer = p.addr().to_string();
             self.proxies.push(p);
         }
@@ -213,6 +217,34 @@ impl TestCluster {
         self.proxies.get((id - 1) as usize).unwrap_or_else(|| {
             panic!("node {id} has no proxy: start the cluster with Setup::proxies")
         })
+    }
+
+    /// Makes the traffic node `from` sends to node `to` follow `link`, on new
+    /// and open connections, whichever of the two opened them: on `to`'s
+    /// proxy for connections from `from`, and on `from`'s proxy for
+    /// connections from `to`, in the direction back to `to`. The reverse
+    /// direction is left as it is. Needs `Setup { netns: true, proxies: true }`:
+    /// on loopback every connection comes from 127.0.0.1, so a proxy cannot
+    /// tell its peers apart.
+    pub fn link(&self, from: u64, to: u64, link: proxy::Link) {
+        assert!(
+            self.net.is_some() && !self.proxies.is_empty(),
+            "TestCluster::link needs Setup {{ netns: true, proxies: true }}: \
+             only nodes at addresses of their own can be told apart by a proxy"
+        );
+        let ip = |id: u64| -> IpAddr { self.node(id).host.parse().expect("a node's IP") };
+        self.proxy(to)
+            .set_from(ip(from), proxy::Dir::ToTarget, link.clone());
+        self.proxy(from)
+            .set_from(ip(to), proxy::Dir::FromTarget, link);
+    }
+
+    /// Every proxy back to normal (`Proxy::heal`): the rules `link` set, and
+    /// any proxy-wide fault or isolation too.
+    pub fn heal_links(&self) {
+        for p in &self.proxies {
+            p.heal();
+        }
     }
 
     /// Where clients reach node `id`: directly, never through its proxy.

@@ -4,6 +4,9 @@
 //! blackhole routes inside the node namespaces, set on both sides, so packets
 //! between cut nodes are dropped in both directions, for new and established
 //! connections alike, while the test's clients still reach every node.
+//! They cut direct links only: traffic through proxies in the test's
+//! namespace (`Setup::proxies`) runs between a node and `root_ip`, never
+//! between two node addresses, so it is cut with the proxies instead.
 //!
 //! Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2. Everything is named
 //! after the test's process id; `create` first removes what dead test
@@ -111,7 +114,7 @@ impl NetLab {
         ip(&[
             "addr",
             "add",
-            &format!("{}.254/24", self.prefix),
+            &format!("{}/24", self.root_ip()),
             "dev",
             &root,
         ])?;
@@ -133,6 +136,13 @@ impl NetLab {
 
     pub fn ip(&self, id: u64) -> String {
         format!("{}.{id}", self.prefix)
+    }
+
+    /// The test's own address in the lab (its veth end, on the nodes' /24, so
+    /// every node reaches it without a route of its own): where proxies
+    /// listen that the nodes dial.
+    pub fn root_ip(&self) -> String {
+        format!("{}.254", self.prefix)
     }
 
     /// host:port node `id` serves on (every node uses the same port in its own namespace).

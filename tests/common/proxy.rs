@@ -8,8 +8,13 @@
 //! order once that time has come, the direction is not blocked, and the
 //! bandwidth cap allows. The accept itself is never delayed: a peer connects at
 //! once and only its data waits.
+//!
+//! Rules keyed by a connection's source IP (`set_from`) override the
+//! proxy-wide setting for that source: with nodes at distinct addresses (see
+//! `netns`) one proxy can slow the link from one peer and not from another.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +44,7 @@ pub struct Link {
     pub bytes_per_sec: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dir {
     /// From the connecting peer to the proxied target.
     ToTarget,
@@ -76,16 +81,20 @@ impl Link {
 #[derive(Clone, Debug, Default)]
 struct State {
     links: [Link; 2],
+    /// Per source IP and direction; wins over `links` where present.
+    from: HashMap<(IpAddr, Dir), Link>,
     isolated: bool,
 }
 
 impl State {
-    fn link(&self, dir: Dir) -> &Link {
-        &self.links[dir as usize]
+    fn link(&self, source: IpAddr, dir: Dir) -> &Link {
+        self.from
+            .get(&(source, dir))
+            .unwrap_or(&self.links[dir as usize])
     }
 
-    fn blocked(&self, dir: Dir) -> bool {
-        self.isolated || self.link(dir).blocked
+    fn blocked(&self, source: IpAddr, dir: Dir) -> bool {
+        self.isolated || self.link(source, dir).blocked
     }
 }
 
@@ -155,7 +164,17 @@ impl Proxy {
         self.state.send_modify(|s| s.links = [link.clone(), link]);
     }
 
-    /// Both directions back to `Link::default()`, and the end of an `isolate`.
+    /// Like `set`, for the connections from `source` only (the peer's IP as
+    /// the proxy sees it); they ignore the proxy-wide setting of `dir` while
+    /// this rule exists.
+    pub fn set_from(&self, source: IpAddr, dir: Dir, link: Link) {
+        self.state.send_modify(|s| {
+            s.from.insert((source, dir), link);
+        });
+    }
+
+    /// Both directions back to `Link::default()`, every `set_from` rule
+    /// removed, and the end of an `isolate`.
     pub fn heal(&self) {
         self.state.send_replace(State::default());
     }
@@ -196,11 +215,11 @@ async fn accept(
             // Reaps finished connections so the set does not grow.
             Some(_) = conns.join_next() => {}
             r = listener.accept() => match r {
-                Ok((peer, _)) => {
+                Ok((peer, from)) => {
                     counts.accepted.fetch_add(1, Ordering::Relaxed);
                     counts.open.fetch_add(1, Ordering::Relaxed);
                     let open = Open(counts.clone());
-                    conns.spawn(connection(peer, target, state.subscribe(), open));
+                    conns.spawn(connection(peer, from.ip(), target, state.subscribe(), open));
                 }
                 // Out of file descriptors and the like: wait for some to close
                 // rather than spin on the error.
@@ -212,6 +231,7 @@ async fn accept(
 
 async fn connection(
     peer: TcpStream,
+    source: IpAddr,
     target: SocketAddr,
     mut state: watch::Receiver<State>,
     _open: Open,
@@ -236,21 +256,24 @@ async fn connection(
     let (peer_r, peer_w) = peer.into_split();
     let (up_r, up_w) = upstream.into_split();
     tokio::join!(
-        direction(peer_r, up_w, Dir::ToTarget, &state),
-        direction(up_r, peer_w, Dir::FromTarget, &state),
+        direction(peer_r, up_w, (source, Dir::ToTarget), &state),
+        direction(up_r, peer_w, (source, Dir::FromTarget), &state),
     );
 }
+
+/// Which rules a direction of a connection obeys: its source IP and `Dir`.
+type Key = (IpAddr, Dir);
 
 async fn direction(
     from: OwnedReadHalf,
     to: OwnedWriteHalf,
-    dir: Dir,
+    key: Key,
     state: &watch::Receiver<State>,
 ) {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::join!(
-        read(from, tx, dir, state.clone()),
-        deliver(rx, to, dir, state.clone())
+        read(from, tx, key, state.clone()),
+        deliver(rx, to, key, state.clone())
     );
 }
 
@@ -264,14 +287,18 @@ struct Chunk {
 async fn read(
     mut from: OwnedReadHalf,
     tx: mpsc::Sender<Chunk>,
-    dir: Dir,
+    (source, dir): Key,
     state: watch::Receiver<State>,
 ) {
     let mut buf = vec![0; 64 * 1024];
     let mut last = Instant::now();
     while let Ok(n @ 1..) = from.read(&mut buf).await {
         // Never before an earlier chunk: a byte stream is not reordered.
-        let at = state.borrow().link(dir).arrival(Instant::now()).max(last);
+        let at = state
+            .borrow()
+            .link(source, dir)
+            .arrival(Instant::now())
+            .max(last);
         last = at;
         let chunk = Chunk {
             data: buf[..n].to_vec(),
@@ -286,17 +313,21 @@ async fn read(
 async fn deliver(
     mut rx: mpsc::Receiver<Chunk>,
     mut to: OwnedWriteHalf,
-    dir: Dir,
+    (source, dir): Key,
     mut state: watch::Receiver<State>,
 ) {
     // When a capped link has sent everything handed to it so far.
     let mut free_at = Instant::now();
     while let Some(chunk) = rx.recv().await {
         sleep_until(chunk.at).await;
-        if state.wait_for(|s| !s.blocked(dir)).await.is_err() {
+        if state.wait_for(|s| !s.blocked(source, dir)).await.is_err() {
             return;
         }
-        let rate = state.borrow().link(dir).bytes_per_sec.map(|r| r.max(1));
+        let rate = state
+            .borrow()
+            .link(source, dir)
+            .bytes_per_sec
+            .map(|r| r.max(1));
         // A capped link sends pieces of 20 ms each, so a big chunk trickles
         // out rather than arriving whole after its transmission time.
         let piece = rate.map_or(chunk.data.len(), |r| (r / 50).max(1) as usize);
