@@ -432,3 +432,67 @@ async fn a_snapshot_crosses_a_slow_narrow_link() {
     let caught_up = c.wait_applied(down, target).await;
     assert!(caught_up.snapshot_index >= snap.snapshot_index);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_behind_a_slow_link_hands_over_and_forwards() {
+    let setup = Setup {
+        netns: true,
+        proxies: true,
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .unwrap_or_else(|e| panic!("per-link faults need network namespaces (run as root): {e}"));
+    let slow = c.leader().await;
+    let term = c.status(slow).await.expect("leader status").term;
+    // 600 ms each way between the leader and both followers: beyond the lan
+    // profile's 500 ms deadline, while the followers talk to each other freely.
+    for f in followers(slow) {
+        c.link(slow, f, delay(600));
+        c.link(f, slow, delay(600));
+    }
+    let cut = Instant::now();
+    c.wait_for(
+        "the slow leader to step down",
+        Duration::from_secs(5),
+        || async { c.status(slow).await.filter(|s| s.leader_id != slow) },
+    )
+    .await;
+    let stepped_down = cut.elapsed();
+    // The longest election timeout (900 ms) after its last acknowledged
+    // heartbeat, plus this test's polling.
+    assert!(
+        stepped_down < Duration::from_millis(1_600),
+        "the slow leader led on for {stepped_down:?}"
+    );
+    let new = c
+        .wait_for("a new leader", Duration::from_secs(10), || async {
+            let [a, b] = followers(slow)[..] else {
+                return None;
+            };
+            let (sa, sb) = (c.status(a).await?, c.status(b).await?);
+            (sa.leader_id == sb.leader_id && sa.leader_id != 0 && sa.term > term)
+                .then_some(sa.leader_id)
+        })
+        .await;
+    assert_ne!(new, slow);
+    eprintln!(
+        "stepped down after {stepped_down:?}, node {new} leads after {:?}",
+        cut.elapsed()
+    );
+    // The slow node hears of the new leader 600 ms after it is elected.
+    c.wait_for(
+        "the slow node to follow",
+        Duration::from_secs(5),
+        || async { c.status(slow).await.filter(|s| s.leader_id == new) },
+    )
+    .await;
+    // Writes and linearizable reads through every node, the slow one included
+    // (it forwards to the new leader over its slow link).
+    for node in 1..=3 {
+        let mut client = raw(&c, node).await;
+        let id = format!("after-{node}");
+        write(&mut client, "handover", &id).await.expect("write");
+        read(&mut client, "handover", &id).await.expect("read");
+    }
+}

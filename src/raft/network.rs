@@ -405,6 +405,22 @@ impl PeerClient {
     }
 }
 
+/// Samples a heartbeat's round trip when it ends: answered, timed out, or
+/// dropped by openraft at its deadline. The last two give the time waited, a
+/// lower bound, so the RTT shown does not keep its value from before a link
+/// slowed down.
+struct RttProbe {
+    peers: Peers,
+    target: NodeId,
+    sent: Instant,
+}
+
+impl Drop for RttProbe {
+    fn drop(&mut self) {
+        self.peers.sample_rtt(self.target, self.sent.elapsed());
+    }
+}
+
 /// Openraft gives an AppendEntries as long as a heartbeat round trip may take;
 /// a batch that needs longer on a slow link would time out forever. A batch
 /// that misses this share of the deadline is cut in half instead.
@@ -425,6 +441,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             ));
         }
         let sent = Instant::now();
+        let mut probe = (n == 0).then(|| RttProbe {
+            peers: self.peers.clone(),
+            target: self.target,
+            sent,
+        });
         let deadline = batch_deadline(&option);
         let reply = if n > 1 {
             match tokio::time::timeout(deadline, self.call(Rpc::AppendEntries, &rpc, &option)).await
@@ -441,15 +462,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         } else {
             self.call(Rpc::AppendEntries, &rpc, &option).await
         };
-        if reply.is_ok() {
-            let took = sent.elapsed();
-            if n == 0 {
-                self.peers.sample_rtt(self.target, took);
-            }
-            if took < deadline / 4 {
+        match &reply {
+            Ok(_) if sent.elapsed() < deadline / 4 => {
                 self.max_entries = self.max_entries.map(|m| m * 2).filter(|m| *m < MAX_ENTRIES);
             }
+            // No round trip to learn from a peer that could not be reached.
+            Err(RPCError::Unreachable(_)) => probe = None,
+            _ => {}
         }
+        drop(probe);
         reply
     }
 
