@@ -6,16 +6,22 @@
 //! Writes the results table into BENCHMARKS.md between its result markers.
 
 mod procs;
+// Written for the tests; the benchmark uses only part of it.
+#[allow(dead_code)]
+#[path = "../../tests/common/proxy.rs"]
+mod proxy;
 mod stats;
 mod sut;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use procs::Cluster;
+use procs::{Cluster, Peers};
+use proxy::{Link, Proxy};
 use stats::{ms, Summary};
 use sut::{Etcd, Heartbeat, Roster, System, Watch};
 
@@ -479,10 +485,10 @@ fn write_report(opts: &Opts, rows: &[Row], extra: &[String]) -> Result<()> {
 
 /// The leader health-checking `instances` instances over TCP every second:
 /// CPU and memory of the leader (Roster only: etcd has no health checks).
-async fn health_rows(dir: &std::path::Path, instances: u64, extra: &mut Vec<String>) -> Result<()> {
+async fn health_rows(dir: &Path, instances: u64, extra: &mut Vec<String>) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     std::fs::create_dir_all(dir)?;
-    let rc = procs::roster(dir, 3)?;
+    let rc = procs::roster(dir, 3, Peers::Direct)?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     wait_leader(&roster).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -554,20 +560,20 @@ async fn health_rows(dir: &std::path::Path, instances: u64, extra: &mut Vec<Stri
 
 /// Scale on fresh clusters, so that earlier phases do not count.
 async fn scale_rows(
-    dir: &std::path::Path,
+    dir: &Path,
     instances: u64,
     rows: &mut Vec<Row>,
     extra: &mut Vec<String>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut rc = procs::roster(dir, 3)?;
+    let mut rc = procs::roster(dir, 3, Peers::Direct)?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     wait_leader(&roster).await?;
     eprintln!("scale: {instances} instances");
     let rs = scale(&roster, &mut rc, instances).await?;
     let snapshot = roster.snapshot(roster.leader().await?).await?;
     drop((roster, rc));
-    let mut ec = procs::etcd(dir, 3)?;
+    let mut ec = procs::etcd(dir, 3, Peers::Direct, &[])?;
     let etcd = etcd_client(&ec).await?;
     wait_leader(&etcd).await?;
     let es = scale(&etcd, &mut ec, instances).await?;
@@ -616,12 +622,91 @@ async fn scale_rows(
     Ok(())
 }
 
+/// Round trips between nodes the `rtt` phase measures at.
+const RTTS_MS: [u64; 3] = [0, 10, 50];
+/// etcd's defaults, kept at every round trip in `RTTS_MS`: its tuning guide
+/// wants the heartbeat around the round trip between members and the election
+/// timeout at least 10× that round trip, which 100/1000 ms covers up to 50 ms
+/// (https://etcd.io/docs/v3.4/tuning/).
+const ETCD_RTT_FLAGS: [&str; 2] = ["--heartbeat-interval=100", "--election-timeout=1000"];
+
+/// Writes and linearizable reads with the nodes `RTTS_MS` apart, on fresh
+/// clusters whose peers dial each other through a delaying proxy; the load
+/// generator dials the nodes directly, so only node-to-node traffic is delayed.
+async fn rtt_rows(
+    dir: &Path,
+    dur: Duration,
+    rows: &mut Vec<Row>,
+    extra: &mut Vec<String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut proxies = Vec::new();
+    let mut front = |target: SocketAddr| -> Result<SocketAddr> {
+        let p = Proxy::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), target)?;
+        let addr = p.addr();
+        proxies.push(p);
+        Ok(addr)
+    };
+    let rc = procs::roster(dir, 3, Peers::Front(&mut front))?;
+    let flags = ETCD_RTT_FLAGS.map(String::from);
+    let ec = procs::etcd(dir, 3, Peers::Front(&mut front), &flags)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    let etcd = etcd_client(&ec).await?;
+    let mut elections = Vec::new();
+    for rtt_ms in RTTS_MS {
+        // Half each way rather than all on requests: an etcd node sends its
+        // messages to a peer over a stream the peer dialed, so its messages and
+        // their replies alike travel the proxies' reply direction.
+        let half = Link {
+            delay: Duration::from_millis(rtt_ms) / 2,
+            ..Link::default()
+        };
+        for p in &proxies {
+            p.set_both(half.clone());
+        }
+        wait_leader(&roster).await?;
+        wait_leader(&etcd).await?;
+        let terms = (roster.term().await?, etcd.term().await?);
+
+        eprintln!("register, RTT {rtt_ms} ms");
+        let r = register(&roster, 64, dur).await;
+        let e = register(&etcd, 64, dur).await;
+        let name = format!("register, RTT {rtt_ms} ms, 64 clients");
+        rows.push(throughput_row(&name, &r, &e, "Roster ≥ etcd"));
+        rows.extend(latency_rows(&name, &r, &e, ""));
+
+        eprintln!("query linearizable, RTT {rtt_ms} ms");
+        let r = query(&roster, 64, dur, true).await?;
+        let e = query(&etcd, 64, dur, true).await?;
+        let name = format!("query 100 instances, linearizable, RTT {rtt_ms} ms, 64 clients");
+        rows.push(throughput_row(&name, &r, &e, "Roster ≥ etcd"));
+        rows.extend(latency_rows(&name, &r, &e, ""));
+
+        elections.push(format!(
+            "{rtt_ms} ms: Roster +{}, etcd +{}",
+            roster.term().await?.saturating_sub(terms.0),
+            etcd.term().await?.saturating_sub(terms.1)
+        ));
+    }
+    extra.push(format!(
+        "RTT rows: a proxy in front of each node's peer port delays every byte between nodes by half the round trip \
+         each way; clients reach the nodes directly. Roster with its default timing (`[raft] network = \"lan\"`: \
+         heartbeat 50 ms, RPC timeout 500 ms, elections after 600-900 ms); etcd with {} (its defaults).",
+        ETCD_RTT_FLAGS.join(" ")
+    ));
+    extra.push(format!(
+        "Raft term increase while measuring the RTT rows (0: no election): {}.",
+        elections.join("; ")
+    ));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let opts = Opts::parse();
     let dir = tempfile::Builder::new().prefix("roster-bench-").tempdir()?;
-    let mut rc = procs::roster(dir.path(), 3)?;
-    let mut ec = procs::etcd(dir.path(), 3)?;
+    let mut rc = procs::roster(dir.path(), 3, Peers::Direct)?;
+    let mut ec = procs::etcd(dir.path(), 3, Peers::Direct, &[])?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     let etcd = etcd_client(&ec).await?;
     wait_leader(&roster).await?;
@@ -703,6 +788,9 @@ async fn main() -> Result<()> {
     if opts.runs("health") {
         let n = if opts.quick { 1_000 } else { 10_000 };
         health_rows(&dir.path().join("health"), n, &mut extra).await?;
+    }
+    if opts.runs("rtt") {
+        rtt_rows(&dir.path().join("rtt"), dur, &mut rows, &mut extra).await?;
     }
     if opts.runs("scale") {
         let instances = if opts.quick { 10_000 } else { 100_000 };

@@ -1,7 +1,7 @@
 //! The two clusters under test, as real processes on loopback: three `roster
 //! server`s and three `etcd`s, each with its data on the same disk.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -148,10 +148,34 @@ impl Cluster {
     }
 }
 
-pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
+/// Where peers reach a node whose peer port is `listen`: `Direct`ly, or at
+/// an address returned by `Front`, such as a proxy started in front of it.
+pub enum Peers<'a> {
+    Direct,
+    Front(&'a mut dyn FnMut(SocketAddr) -> Result<SocketAddr>),
+}
+
+impl Peers<'_> {
+    /// One address per port, in order.
+    fn advertise(&mut self, ports: &[u16]) -> Result<Vec<SocketAddr>> {
+        ports
+            .iter()
+            .map(|p| {
+                let listen = SocketAddr::from(([127, 0, 0, 1], *p));
+                match self {
+                    Peers::Direct => Ok(listen),
+                    Peers::Front(front) => front(listen),
+                }
+            })
+            .collect()
+    }
+}
+
+pub fn roster(dir: &Path, n: usize, mut peers: Peers) -> Result<Cluster> {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let advertise = peers.advertise(&ports)?;
     let initial: Vec<String> = (0..n)
-        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .map(|i| format!("{}={}", i + 1, advertise[i]))
         .collect();
     let mut procs = Vec::new();
     for (i, port) in ports.iter().enumerate() {
@@ -160,9 +184,10 @@ pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
         std::fs::write(
             &config,
             format!(
-                "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
+                "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{}\"\nadvertise = \"{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
                 i + 1,
                 port,
+                advertise[i],
                 data.display(),
                 initial.join(",")
             ),
@@ -184,31 +209,34 @@ pub fn roster(dir: &Path, n: usize) -> Result<Cluster> {
     Ok(c)
 }
 
-pub fn etcd(dir: &Path, n: usize) -> Result<Cluster> {
+/// `flags` are added to every node's command line.
+pub fn etcd(dir: &Path, n: usize, mut peers: Peers, flags: &[String]) -> Result<Cluster> {
     let program = which("etcd").context(
         "etcd is not installed: run benches/run.sh, which installs Debian's etcd-server",
     )?;
     let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let advertise = peers.advertise(&peer)?;
     let initial: Vec<String> = (0..n)
-        .map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, peer[i]))
+        .map(|i| format!("e{}=http://{}", i + 1, advertise[i]))
         .collect();
     let mut procs = Vec::new();
     for i in 0..n {
         let data = dir.join(format!("etcd-{}", i + 1));
-        let args = vec![
+        let mut args = vec![
             format!("--name=e{}", i + 1),
             format!("--data-dir={}", data.display()),
             format!("--listen-client-urls=http://127.0.0.1:{}", client[i]),
             format!("--advertise-client-urls=http://127.0.0.1:{}", client[i]),
             format!("--listen-peer-urls=http://127.0.0.1:{}", peer[i]),
-            format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", peer[i]),
+            format!("--initial-advertise-peer-urls=http://{}", advertise[i]),
             format!("--initial-cluster={}", initial.join(",")),
             "--initial-cluster-state=new".into(),
             "--initial-cluster-token=bench".into(),
             "--logger=zap".into(),
             "--log-level=error".into(),
         ];
+        args.extend_from_slice(flags);
         procs.push(Proc {
             endpoint: format!("127.0.0.1:{}", client[i]),
             data,

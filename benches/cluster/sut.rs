@@ -48,6 +48,8 @@ pub trait System: Send + Sync + 'static {
     fn count(&self) -> impl Future<Output = Result<u64>> + Send;
     /// Index (into the endpoint list) of the current leader.
     fn leader(&self) -> impl Future<Output = Result<usize>> + Send;
+    /// The highest Raft term any reachable node is in: it grows with every election.
+    fn term(&self) -> impl Future<Output = Result<u64>> + Send;
 }
 
 pub trait Heartbeat: Send + 'static {
@@ -271,6 +273,23 @@ impl System for Roster {
         }
         bail!("no Roster leader")
     }
+
+    async fn term(&self) -> Result<u64> {
+        let mut term = None;
+        for e in &self.endpoints {
+            let Ok(ch) = Endpoint::from_shared(format!("http://{e}"))?
+                .connect_timeout(Duration::from_millis(300))
+                .connect()
+                .await
+            else {
+                continue;
+            };
+            if let Ok(s) = ClusterClient::new(ch).status(StatusRequest {}).await {
+                term = term.max(Some(s.into_inner().term));
+            }
+        }
+        term.ok_or_else(|| anyhow!("no Roster node answered"))
+    }
 }
 
 // ---------------------------------------------------------------- etcd
@@ -444,5 +463,18 @@ impl System for Etcd {
             }
         }
         bail!("no etcd leader")
+    }
+
+    async fn term(&self) -> Result<u64> {
+        let mut term = None;
+        for e in &self.endpoints {
+            let Ok(mut c) = etcd_client::Client::connect([e.as_str()], None).await else {
+                continue;
+            };
+            if let Ok(s) = c.status().await {
+                term = term.max(Some(s.raft_term()));
+            }
+        }
+        term.ok_or_else(|| anyhow!("no etcd node answered"))
     }
 }
