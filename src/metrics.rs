@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::raft::election::Contact;
 use crate::raft::network::Peers;
 use crate::raft::Raft;
 use crate::registry::watch::SharedState;
@@ -31,19 +32,23 @@ pub async fn serve(
     raft: Raft,
     state: SharedState,
     peers: Peers,
+    contact: Contact,
 ) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Unavailable(format!("bind metrics listener {addr}: {e}")))?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let (raft, state, peers) = (raft.clone(), state.clone(), peers.clone());
+            let (raft, state) = (raft.clone(), state.clone());
+            let (peers, contact) = (peers.clone(), contact.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let reply = if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(render(&raft, &state, &peers))))
+                            .body(Full::new(Bytes::from(render(
+                                &raft, &state, &peers, &contact,
+                            ))))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)
@@ -66,7 +71,7 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
 }
 
 /// The metrics text; built per scrape, so nothing else in the node keeps counters.
-pub fn render(raft: &Raft, state: &SharedState, peers: &Peers) -> String {
+pub fn render(raft: &Raft, state: &SharedState, peers: &Peers, contact: &Contact) -> String {
     let m = raft.metrics().borrow().clone();
     let mut r = Registry::with_prefix("roster");
     let idx = |v: Option<u64>| i64::try_from(v.unwrap_or(0)).unwrap_or(i64::MAX);
@@ -86,7 +91,7 @@ pub fn render(raft: &Raft, state: &SharedState, peers: &Peers) -> String {
         &mut r,
         "raft_leader_id",
         "Node id of the known leader, 0 if none",
-        idx(m.current_leader),
+        idx(contact.leader(&m)),
     );
     gauge(
         &mut r,

@@ -317,6 +317,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     })?;
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
+    let durable = log_store.durable();
     if fresh && !members.is_empty() {
         check_not_known(&cfg, &members).await?;
     }
@@ -335,7 +336,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
-        Network::new(me.clone(), peers.clone(), learned.clone()),
+        Network::new(me.clone(), peers.clone(), learned.clone(), timing.heartbeat),
         log_store,
         state_machine,
     )
@@ -349,10 +350,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
 
+    let contact = Contact::new(timing.election_max);
     let router = Arc::new(LeaderRouter::new(
         raft.clone(),
         cfg.id,
+        durable,
         peers.clone(),
+        contact.clone(),
         cfg.request_timeout(),
     ));
     let leases = Arc::new(Leases::default());
@@ -366,7 +370,6 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),
     ));
-    let contact = Contact::default();
     tokio::spawn(election::heartbeats(raft.clone(), cfg.id, timing.heartbeat));
     tokio::spawn(election::campaigns(
         raft.clone(),
@@ -400,6 +403,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         cfg.id,
         lease,
         poll,
+        contact.clone(),
         health_reporter,
     ));
     // Both versions, since many tools still speak v1alpha; the public API only.
@@ -428,7 +432,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             RaftTransportServer::new(RaftService::new(
                 raft.clone(),
                 me.clone(),
-                contact,
+                contact.clone(),
                 timing.election_min,
                 recovery(&cfg),
             ))
@@ -446,6 +450,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             state.clone(),
             router.clone(),
             peers.clone(),
+            contact.clone(),
         )))
         .add_service(health)
         .add_service(reflection_v1)
@@ -455,7 +460,10 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         });
     let server = tokio::spawn(server);
     let metrics = match cfg.metrics_listen {
-        Some(addr) => Some(crate::metrics::serve(addr, raft.clone(), state, peers.clone()).await?),
+        Some(addr) => Some(
+            crate::metrics::serve(addr, raft.clone(), state, peers.clone(), contact.clone())
+                .await?,
+        ),
         None => None,
     };
 
@@ -485,6 +493,7 @@ async fn report_readiness(
     id: NodeId,
     lease: Duration,
     poll: Duration,
+    contact: Contact,
     reporter: tonic_health::server::HealthReporter,
 ) {
     use tonic_health::ServingStatus;
@@ -495,7 +504,7 @@ async fn report_readiness(
     let mut last = None;
     let mut metrics = std::pin::pin!(crate::raft::metrics_every(&raft, poll));
     while let Some(m) = futures::StreamExt::next(&mut metrics).await {
-        let ready = leadership::can_serve(&m, id, lease);
+        let ready = leadership::can_serve(&m, id, lease, &contact);
         if last != Some(ready) {
             last = Some(ready);
             let status = if ready {

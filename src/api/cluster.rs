@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
+use crate::raft::election::Contact;
 use crate::raft::marker::Identity;
 use crate::raft::network::{channel, Peers};
 use crate::raft::{Node, NodeId, Raft};
@@ -32,6 +33,7 @@ pub struct ClusterApi {
     state: SharedState,
     router: Arc<LeaderRouter>,
     peers: Peers,
+    contact: Contact,
 }
 
 impl ClusterApi {
@@ -41,6 +43,7 @@ impl ClusterApi {
         state: SharedState,
         router: Arc<LeaderRouter>,
         peers: Peers,
+        contact: Contact,
     ) -> Self {
         ClusterApi {
             raft,
@@ -48,6 +51,7 @@ impl ClusterApi {
             state,
             router,
             peers,
+            contact,
         }
     }
 
@@ -189,8 +193,8 @@ impl Cluster for ClusterApi {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let members = self.members();
-        let leader_address = m
-            .current_leader
+        let leader = self.contact.leader(&m);
+        let leader_address = leader
             .and_then(|l| membership.get_node(&l))
             .map(|n| n.addr.clone())
             .unwrap_or_default();
@@ -202,7 +206,7 @@ impl Cluster for ClusterApi {
         Ok(Response::new(pb::StatusResponse {
             node_id: m.id,
             cluster_id: self.me.cluster_id.clone(),
-            leader_id: m.current_leader.unwrap_or(0),
+            leader_id: leader.unwrap_or(0),
             leader_address,
             term: m.current_term,
             role: role(m.state).to_string(),

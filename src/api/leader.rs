@@ -5,14 +5,17 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Response, Status};
 
 use crate::error::{Error, Result};
-use crate::raft::coalesce::Coalescer;
-use crate::raft::network::{error_chain, Peers};
+use crate::raft::coalesce::{Coalescer, Slot};
+use crate::raft::election::Contact;
+use crate::raft::network::{error_chain, Peers, FAR};
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::{Command, CommandResponse, Proposal};
 
@@ -135,6 +138,7 @@ pub struct LeaderRouter {
     /// streams end so the server can stop.
     closed: tokio::sync::watch::Sender<bool>,
     peers: Peers,
+    contact: Contact,
     writes: Coalescer<Command, std::result::Result<CommandResponse, Refusal>>,
     reads: Coalescer<(), std::result::Result<(), Refusal>>,
 }
@@ -161,9 +165,30 @@ fn forward_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 async fn propose(
     raft: Raft,
     id: NodeId,
+    mut durable: watch::Receiver<Option<u64>>,
+    peers: Peers,
     cmds: Vec<Command>,
+    slot: Slot,
 ) -> Vec<std::result::Result<CommandResponse, Refusal>> {
     let n = cmds.len();
+    // Between far nodes (a few milliseconds apart or more), a round whose entry is
+    // on disk here only waits for the followers: the next round may start,
+    // and replication carries both, instead of each waiting a round trip for
+    // the other. Nearby, the round keeps its slot to the end, so that rounds
+    // (and fsyncs) stay few and large.
+    let (appended, far) = {
+        let rx = raft.metrics();
+        let m = rx.borrow();
+        let voters = m.membership_config.membership().voter_ids().count();
+        (m.last_log_index, peers.quorum_rtt(voters) >= FAR)
+    };
+    let released = async move {
+        if far {
+            let _ = durable.wait_for(|d| *d > appended).await;
+            drop(slot);
+        }
+        std::future::pending::<()>().await
+    };
     let mut server = raft.server_metrics();
     let vote = {
         let m = server.borrow_and_update();
@@ -181,6 +206,7 @@ async fn propose(
     };
     tokio::select! {
         biased;
+        () = released => unreachable!("never completes"),
         answer = write => match answer {
             Ok(r) => r.data.into_iter().map(Ok).collect(),
             Err(e) => vec![Err(write_refusal(e)); n],
@@ -221,33 +247,48 @@ fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refus
 
 impl LeaderRouter {
     /// Must be called inside a tokio runtime: it starts the coalescing tasks.
-    pub fn new(raft: Raft, id: NodeId, peers: Peers, timeout: Duration) -> Self {
-        let r = raft.clone();
+    pub fn new(
+        raft: Raft,
+        id: NodeId,
+        durable: watch::Receiver<Option<u64>>,
+        peers: Peers,
+        contact: Contact,
+        timeout: Duration,
+    ) -> Self {
+        let (r, p) = (raft.clone(), peers.clone());
         let writes = Coalescer::spawn(
             ROUNDS_IN_FLIGHT,
             MAX_COMMANDS_PER_ENTRY,
-            move |cmds: Vec<Command>| propose(r.clone(), id, cmds),
+            move |cmds: Vec<Command>, slot| {
+                propose(r.clone(), id, durable.clone(), p.clone(), cmds, slot)
+            },
         );
         let r = raft.clone();
         // A read may share a check only if it arrived before the check began,
         // which is what coalescing gives: it joins the next round.
-        let reads = Coalescer::spawn(ROUNDS_IN_FLIGHT, usize::MAX, move |waiting: Vec<()>| {
-            let raft = r.clone();
-            async move {
-                let answer = raft
-                    .ensure_linearizable()
-                    .await
-                    .map(|_| ())
-                    .map_err(read_refusal);
-                vec![answer; waiting.len()]
-            }
-        });
+        let reads = Coalescer::spawn(
+            ROUNDS_IN_FLIGHT,
+            usize::MAX,
+            move |waiting: Vec<()>, slot| {
+                let raft = r.clone();
+                async move {
+                    let _slot = slot;
+                    let answer = raft
+                        .ensure_linearizable()
+                        .await
+                        .map(|_| ())
+                        .map_err(read_refusal);
+                    vec![answer; waiting.len()]
+                }
+            },
+        );
         LeaderRouter {
             raft,
             id,
             timeout,
             closed: tokio::sync::watch::Sender::new(false),
             peers,
+            contact,
             writes,
             reads,
         }
@@ -338,13 +379,12 @@ impl LeaderRouter {
         let (leader_id, leader_node) = {
             let rx = self.raft.metrics();
             let m = rx.borrow();
-            if m.current_leader == Some(self.id) {
+            let leader = self.contact.leader(&m);
+            if leader == Some(self.id) {
                 return Ok(Route::Here(()));
             }
-            let node = m
-                .current_leader
-                .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
-            (m.current_leader, node)
+            let node = leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            (leader, node)
         };
         self.to_leader(
             ForwardToLeader {

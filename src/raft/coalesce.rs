@@ -9,9 +9,14 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 type Job<Req, Resp> = (Req, oneshot::Sender<Resp>);
+
+/// A round's place among the `inflight` rounds. A round that no longer needs
+/// to hold back the next one (its entry is on disk and only waits for the
+/// followers) drops it early; otherwise it is released when the round ends.
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 pub struct Coalescer<Req, Resp> {
     tx: mpsc::UnboundedSender<Job<Req, Resp>>,
@@ -19,11 +24,12 @@ pub struct Coalescer<Req, Resp> {
 
 impl<Req: Send + 'static, Resp: Send + 'static> Coalescer<Req, Resp> {
     /// Runs `op` on batches of at most `max_batch` requests, with at most
-    /// `inflight` batches running at once. `op` answers each request, in order.
+    /// `inflight` batches holding their [`Slot`] at once. `op` answers each
+    /// request, in order.
     /// Must be called inside a tokio runtime; the task ends with the coalescer.
     pub fn spawn<F, Fut>(inflight: usize, max_batch: usize, op: F) -> Self
     where
-        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        F: Fn(Vec<Req>, Slot) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Resp>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -47,7 +53,7 @@ async fn run<Req, Resp, F, Fut>(
 ) where
     Req: Send + 'static,
     Resp: Send + 'static,
-    F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+    F: Fn(Vec<Req>, Slot) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Resp>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(inflight.max(1)));
@@ -67,10 +73,9 @@ async fn run<Req, Resp, F, Fut>(
             }
         }
         let (reqs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) = jobs.into_iter().unzip();
-        let round = op(reqs);
+        let round = op(reqs, Slot(slot));
         tokio::spawn(async move {
             let answers = round.await;
-            drop(slot);
             for (reply, answer) in replies.into_iter().zip(answers) {
                 // The caller may have given up (timeout); nothing to do then.
                 let _ = reply.send(answer);
@@ -90,10 +95,11 @@ mod tests {
     async fn concurrent_requests_share_rounds_and_get_their_own_answers() {
         let rounds = Arc::new(AtomicUsize::new(0));
         let counted = rounds.clone();
-        let c = Arc::new(Coalescer::spawn(1, 1000, move |reqs: Vec<u32>| {
+        let c = Arc::new(Coalescer::spawn(1, 1000, move |reqs: Vec<u32>, slot| {
             counted.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(slot);
                 reqs.into_iter().map(|r| r * 2).collect()
             }
         }));

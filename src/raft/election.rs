@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use openraft::{LogId, ServerState};
+use openraft::{LogId, RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
 
 use super::marker::Identity;
 use super::network::{extra_call, Extra, Peers};
-use super::{NodeId, Raft};
+use super::{Node, NodeId, Raft};
 
 /// Raft timing in effect (see `config::RaftTuning`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,21 +42,43 @@ pub struct Timing {
 /// When this node last heard from a leader it accepts, or granted a vote:
 /// what its election timer and its answers to pre-votes measure from.
 #[derive(Clone)]
-pub struct Contact(Arc<Mutex<Instant>>);
-
-impl Default for Contact {
-    fn default() -> Self {
-        Contact(Arc::new(Mutex::new(Instant::now())))
-    }
+pub struct Contact {
+    last: Arc<Mutex<Instant>>,
+    /// Silence after which the leader followed is no longer taken as known.
+    stale: Duration,
 }
 
 impl Contact {
+    /// `stale`: the longest election timeout.
+    pub fn new(stale: Duration) -> Self {
+        Contact {
+            last: Arc::new(Mutex::new(Instant::now())),
+            stale,
+        }
+    }
+
     pub fn touch(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
     fn age(&self) -> Duration {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// The leader as this node reports it: itself while it leads, the leader
+    /// it follows while it hears from it. A follower that has heard from no
+    /// leader for the longest election timeout knows none, even when the
+    /// pre-vote keeps it from campaigning (openraft would still name the lost
+    /// leader until the next election).
+    pub fn leader(&self, m: &RaftMetrics<NodeId, Node>) -> Option<NodeId> {
+        match m.current_leader {
+            Some(l) if l == m.id => Some(l),
+            l if self.age() < self.stale => l,
+            _ => None,
+        }
     }
 }
 
@@ -113,14 +135,18 @@ pub async fn heartbeats(raft: Raft, id: NodeId, every: Duration) {
 /// for this node. Ends with Raft.
 pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact, timing: Timing) {
     let metrics = raft.metrics();
+    // The last pre-vote round: the next waits a whole timeout after it too.
+    let mut attempted = Instant::now();
     loop {
         let timeout = random_between(timing.election_min, timing.election_max);
         loop {
-            let age = contact.age();
-            if age >= timeout {
+            let wait = timeout
+                .saturating_sub(contact.age())
+                .max(timeout.saturating_sub(attempted.elapsed()));
+            if wait.is_zero() {
                 break;
             }
-            tokio::time::sleep(timeout - age).await;
+            tokio::time::sleep(wait).await;
         }
         if metrics.has_changed().is_err() {
             return;
@@ -146,8 +172,7 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
                 return;
             }
         }
-        // Whatever happened, wait a whole timeout before trying again.
-        contact.touch();
+        attempted = Instant::now();
     }
 }
 

@@ -16,6 +16,7 @@ use openraft::{RaftMetrics, ServerState, Vote};
 use super::marker::Identity;
 use futures::StreamExt;
 
+use super::election::Contact;
 use super::metrics_every;
 use super::network::{extra_call, Extra, Peers};
 use super::{Node, NodeId, Raft};
@@ -40,12 +41,17 @@ fn quorum_silence(
 }
 
 /// Whether this node can serve linearizable requests now: it leads with a
-/// recent quorum, or follows a known leader. Readiness, not liveness.
-pub fn can_serve(m: &RaftMetrics<NodeId, Node>, id: NodeId, lease: Duration) -> bool {
+/// recent quorum, or follows a leader it hears from. Readiness, not liveness.
+pub fn can_serve(
+    m: &RaftMetrics<NodeId, Node>,
+    id: NodeId,
+    lease: Duration,
+    contact: &Contact,
+) -> bool {
     if m.running_state.is_err() || m.state == ServerState::Shutdown {
         return false;
     }
-    match m.current_leader {
+    match contact.leader(m) {
         Some(l) if l == id => m
             .millis_since_quorum_ack
             .is_some_and(|ms| Duration::from_millis(ms) <= lease),

@@ -34,6 +34,7 @@ pub struct LogStore {
     meta: sled::Tree,
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
     marker: Arc<Marker>,
+    durable: watch::Receiver<Option<u64>>,
 }
 
 impl LogStore {
@@ -41,14 +42,21 @@ impl LogStore {
     /// lives as long as any clone of the store.
     pub fn open(db: &sled::Db, marker: Arc<Marker>) -> Result<Self, sled::Error> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_flusher(db.clone(), marker.clone(), rx));
+        let (durable_tx, durable) = watch::channel(None);
+        tokio::spawn(run_flusher(db.clone(), marker.clone(), rx, durable_tx));
         Ok(LogStore {
             db: db.clone(),
             log: db.open_tree(trees::LOG)?,
             meta: db.open_tree(trees::RAFT_META)?,
             flusher: tx,
             marker,
+            durable,
         })
+    }
+
+    /// The last log index known to be on disk, updated after every flush.
+    pub fn durable(&self) -> watch::Receiver<Option<u64>> {
+        self.durable.clone()
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
@@ -137,6 +145,7 @@ async fn run_flusher(
     db: sled::Db,
     marker: Arc<Marker>,
     mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+    durable: watch::Sender<Option<u64>>,
 ) {
     let (flushed, latest) = watch::channel(None);
     tokio::spawn(run_marker_writer(marker.clone(), latest));
@@ -154,6 +163,7 @@ async fn run_flusher(
         };
         let res = match tokio::task::spawn_blocking(flush).await {
             Ok(Ok(ticket)) => {
+                durable.send_replace(ticket.last_log());
                 flushed.send_replace(Some(ticket));
                 Ok(())
             }

@@ -97,6 +97,12 @@ pub struct Ticket {
     progress: Progress,
 }
 
+impl Ticket {
+    pub fn last_log(&self) -> Option<u64> {
+        self.progress.last_log
+    }
+}
+
 /// Tracks progress written to sled and keeps the marker file in step with what is durable.
 pub struct Marker {
     path: PathBuf,

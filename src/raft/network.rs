@@ -28,6 +28,10 @@ use super::{
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use crate::proto::raft_v1::RaftPayload;
 
+/// A peer this far (round trip) is far: waiting a round trip costs more than
+/// the larger batches the wait allows.
+pub const FAR: Duration = Duration::from_millis(2);
+
 /// Entries per AppendEntries at most (openraft's `max_payload_entries` is set to this).
 pub const MAX_ENTRIES: u64 = 32;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -138,6 +142,24 @@ impl Peers {
                 r.smoothed.as_millis(),
                 self.inner.rpc_timeout.as_millis()
             );
+        }
+    }
+
+    /// The smoothed round trip to `target`, zero before the first sample.
+    fn rtt(&self, target: NodeId) -> Duration {
+        let rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        rtt.get(&target).map(|r| r.smoothed).unwrap_or_default()
+    }
+
+    /// The round trip within which a quorum of `voters` (this node among
+    /// them) answers: the one to the follower that completes the majority.
+    pub fn quorum_rtt(&self, voters: usize) -> Duration {
+        let rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<Duration> = rtt.values().map(|r| r.smoothed).collect();
+        all.sort();
+        match voters / 2 {
+            0 => Duration::ZERO,
+            k => all.get(k - 1).copied().unwrap_or_default(),
         }
     }
 
@@ -303,16 +325,18 @@ pub struct Network {
     me: Arc<Identity>,
     peers: Peers,
     learned: Learned,
+    heartbeat: Duration,
 }
 
 impl Network {
     /// `me` is this node; the incarnations peers state in their replies are
-    /// recorded in `learned`.
-    pub fn new(me: Identity, peers: Peers, learned: Learned) -> Self {
+    /// recorded in `learned`. `heartbeat`: the leader's heartbeat interval.
+    pub fn new(me: Identity, peers: Peers, learned: Learned, heartbeat: Duration) -> Self {
         Network {
             me: Arc::new(me),
             peers,
             learned,
+            heartbeat,
         }
     }
 }
@@ -329,10 +353,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             learned: self.learned.clone(),
             max_entries: None,
+            heartbeat: self.heartbeat,
+            answered: Arc::default(),
+            deferred: Arc::default(),
         }
     }
 }
 
+#[derive(Clone)]
 pub struct PeerClient {
     target: NodeId,
     /// The target as this node's membership recorded it when the client was made.
@@ -345,6 +373,13 @@ pub struct PeerClient {
     /// Entries per AppendEntries this link has carried in time, once a batch
     /// did not: halved on each such timeout, doubled back on quick successes.
     max_entries: Option<u64>,
+    heartbeat: Duration,
+    /// When the peer last answered an AppendEntries of this client (or of
+    /// its background heartbeats).
+    answered: Arc<Mutex<Option<Instant>>>,
+    /// A higher vote a heartbeat sent in the background came back with: the
+    /// next call reports it.
+    deferred: Arc<Mutex<Option<AppendEntriesResponse<NodeId>>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -403,6 +438,51 @@ impl PeerClient {
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+
+    /// Sends an AppendEntries of `n` entries, halving the batch on a link too
+    /// slow for it, and samples heartbeat round trips.
+    async fn send_append(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+        n: u64,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let sent = Instant::now();
+        let mut probe = (n == 0).then(|| RttProbe {
+            peers: self.peers.clone(),
+            target: self.target,
+            sent,
+        });
+        let deadline = batch_deadline(&option);
+        let reply = if n > 1 {
+            match tokio::time::timeout(deadline, self.call(Rpc::AppendEntries, &rpc, &option)).await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    let max = (n / 2).max(1);
+                    self.max_entries = Some(max);
+                    return Err(RPCError::PayloadTooLarge(
+                        PayloadTooLarge::new_entries_hint(max),
+                    ));
+                }
+            }
+        } else {
+            self.call(Rpc::AppendEntries, &rpc, &option).await
+        };
+        match &reply {
+            Ok(_) if sent.elapsed() < deadline / 4 => {
+                self.max_entries = self.max_entries.map(|m| m * 2).filter(|m| *m < MAX_ENTRIES);
+            }
+            // No round trip to learn from a peer that could not be reached.
+            Err(RPCError::Unreachable(_)) => probe = None,
+            _ => {}
+        }
+        drop(probe);
+        if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        reply
+    }
 }
 
 /// Samples a heartbeat's round trip when it ends: answered, timed out, or
@@ -440,38 +520,39 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(max),
             ));
         }
-        let sent = Instant::now();
-        let mut probe = (n == 0).then(|| RttProbe {
-            peers: self.peers.clone(),
-            target: self.target,
-            sent,
-        });
-        let deadline = batch_deadline(&option);
-        let reply = if n > 1 {
-            match tokio::time::timeout(deadline, self.call(Rpc::AppendEntries, &rpc, &option)).await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    let max = (n / 2).max(1);
-                    self.max_entries = Some(max);
-                    return Err(RPCError::PayloadTooLarge(
-                        PayloadTooLarge::new_entries_hint(max),
-                    ));
-                }
-            }
-        } else {
-            self.call(Rpc::AppendEntries, &rpc, &option).await
-        };
-        match &reply {
-            Ok(_) if sent.elapsed() < deadline / 4 => {
-                self.max_entries = self.max_entries.map(|m| m * 2).filter(|m| *m < MAX_ENTRIES);
-            }
-            // No round trip to learn from a peer that could not be reached.
-            Err(RPCError::Unreachable(_)) => probe = None,
-            _ => {}
+        if let Some(higher) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Ok(higher);
         }
-        drop(probe);
-        reply
+        // Openraft sends a heartbeat right after each commit (to pass the
+        // commit index on) and waits for its answer before sending the next
+        // entries: on a long link every write would wait a round trip behind
+        // it (nearby, the wait is short and lets the next batch grow). A
+        // heartbeat to a far peer, on a replication stream it answered within
+        // two heartbeat intervals and a round trip goes out in the background
+        // instead; a higher vote in its answer is reported on the next call.
+        // So the leader's record of quorum contact runs ahead of the truth by
+        // that much at most. Answers to a fresh client (a leadership
+        // confirmation for a read) are never presumed.
+        let answered = *self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        let rtt = self.peers.rtt(self.target);
+        if n == 0 && rtt >= FAR && answered.is_some_and(|t| t.elapsed() < self.heartbeat * 2 + rtt)
+        {
+            let mut bg = self.clone();
+            tokio::spawn(async move {
+                if let Ok(higher @ AppendEntriesResponse::HigherVote(_)) =
+                    bg.send_append(rpc, option, 0).await
+                {
+                    *bg.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(higher);
+                }
+            });
+            return Ok(AppendEntriesResponse::Success);
+        }
+        self.send_append(rpc, option, n).await
     }
 
     async fn install_snapshot(
