@@ -180,7 +180,7 @@ async fn propose(
         let rx = raft.metrics();
         let m = rx.borrow();
         let voters = m.membership_config.membership().voter_ids().count();
-        (m.last_log_index, peers.quorum_rtt(voters) >= FAR)
+        (m.last_log_index, peers.quorum_distance(voters) >= FAR)
     };
     let released = async move {
         if far {

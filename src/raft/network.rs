@@ -28,9 +28,11 @@ use super::{
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use crate::proto::raft_v1::RaftPayload;
 
-/// A peer this far (round trip) is far: waiting a round trip costs more than
-/// the larger batches the wait allows.
+/// A peer this far (least round trip) is far: waiting a round trip costs more
+/// than the larger batches the wait allows.
 pub const FAR: Duration = Duration::from_millis(2);
+/// How long the least round trip seen stands for the distance to a peer.
+const FLOOR_WINDOW: Duration = Duration::from_secs(10);
 
 /// Entries per AppendEntries at most (openraft's `max_payload_entries` is set to this).
 pub const MAX_ENTRIES: u64 = 32;
@@ -61,8 +63,11 @@ fn peer_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic:
         .http2_keep_alive_interval(PEER_KEEPALIVE)
         .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        // Large windows so one round trip carries a whole batch on a long link.
-        .http2_adaptive_window(true)
+        // Hyper's fixed windows (2 MiB a stream, 5 MiB the connection) carry a
+        // batch per round trip on a long link. Not the adaptive window: it
+        // starts small, and h2 sizes its guard against floods of small DATA
+        // frames by the window, which then closes a connection busy with
+        // hundreds of forwarded requests ("too_many_data_frames").
         .connect_lazy())
 }
 
@@ -84,8 +89,12 @@ struct PeersInner {
 
 /// Heartbeat round trips to one peer.
 struct Rtt {
-    /// RFC 6298's SRTT.
+    /// RFC 6298's SRTT: what requests to the peer take, its queues included.
     smoothed: Duration,
+    /// The least round trip seen lately (as BBR's min RTT): the distance to
+    /// the peer, which a busy peer's queues do not inflate.
+    floor: Duration,
+    floor_at: Instant,
     /// When a round trip too close to the RPC deadline was last reported.
     warned: Option<Instant>,
 }
@@ -128,11 +137,18 @@ impl Peers {
     /// leaves no room for a retransmission or a batch, and the operator is told.
     fn sample_rtt(&self, target: NodeId, sample: Duration) {
         let mut rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
         let r = rtt.entry(target).or_insert(Rtt {
             smoothed: sample,
+            floor: sample,
+            floor_at: now,
             warned: None,
         });
         r.smoothed = (r.smoothed * 7 + sample) / 8;
+        if sample <= r.floor || now.duration_since(r.floor_at) > FLOOR_WINDOW {
+            r.floor = sample;
+            r.floor_at = now;
+        }
         let limit = self.inner.rpc_timeout / 2;
         if r.smoothed > limit && r.warned.is_none_or(|t| t.elapsed() >= REMIND) {
             r.warned = Some(Instant::now());
@@ -145,17 +161,20 @@ impl Peers {
         }
     }
 
-    /// The smoothed round trip to `target`, zero before the first sample.
-    fn rtt(&self, target: NodeId) -> Duration {
+    /// The smoothed round trip to `target` and its distance (see [`Rtt`]),
+    /// zero before the first sample.
+    fn rtt(&self, target: NodeId) -> (Duration, Duration) {
         let rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        rtt.get(&target).map(|r| r.smoothed).unwrap_or_default()
+        rtt.get(&target)
+            .map(|r| (r.smoothed, r.floor))
+            .unwrap_or_default()
     }
 
-    /// The round trip within which a quorum of `voters` (this node among
-    /// them) answers: the one to the follower that completes the majority.
-    pub fn quorum_rtt(&self, voters: usize) -> Duration {
+    /// The distance within which a quorum of `voters` (this node among them)
+    /// answers: the one to the follower that completes the majority.
+    pub fn quorum_distance(&self, voters: usize) -> Duration {
         let rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<Duration> = rtt.values().map(|r| r.smoothed).collect();
+        let mut all: Vec<Duration> = rtt.values().map(|r| r.floor).collect();
         all.sort();
         match voters / 2 {
             0 => Duration::ZERO,
@@ -539,8 +558,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // that much at most. Answers to a fresh client (a leadership
         // confirmation for a read) are never presumed.
         let answered = *self.answered.lock().unwrap_or_else(|p| p.into_inner());
-        let rtt = self.peers.rtt(self.target);
-        if n == 0 && rtt >= FAR && answered.is_some_and(|t| t.elapsed() < self.heartbeat * 2 + rtt)
+        let (rtt, distance) = self.peers.rtt(self.target);
+        if n == 0
+            && distance >= FAR
+            && answered.is_some_and(|t| t.elapsed() < self.heartbeat * 2 + rtt)
         {
             let mut bg = self.clone();
             tokio::spawn(async move {
