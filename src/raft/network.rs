@@ -32,7 +32,7 @@ use crate::proto::raft_v1::RaftPayload;
 /// than the larger batches the wait allows.
 pub const FAR: Duration = Duration::from_millis(2);
 /// How long the least round trip seen stands for the distance to a peer.
-const FLOOR_WINDOW: Duration = Duration::from_secs(10);
+const FLOOR_WINDOW: Duration = Duration::from_secs(2);
 
 /// Entries per AppendEntries at most (openraft's `max_payload_entries` is set to this).
 pub const MAX_ENTRIES: u64 = 32;
