@@ -19,10 +19,6 @@ impl Tracker {
         }
     }
 
-    pub fn status(&self) -> HealthStatus {
-        self.status
-    }
-
     /// Records a probe result; the status changes only after enough of the same in a row.
     pub fn record(
         &mut self,

@@ -177,15 +177,21 @@ impl StateMachine {
     }
 }
 
-fn lock_err<T>(_: T) -> StorageError<NodeId> {
+/// A poisoned lock (a panic while it was held) met while reading the state.
+fn read_lock_err<T>(_: T) -> StorageError<NodeId> {
     StorageIOError::read_state_machine(&std::io::Error::other("state lock poisoned")).into()
+}
+
+/// A poisoned lock met while applying entries or installing a snapshot.
+fn write_lock_err<T>(_: T) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(&std::io::Error::other("state lock poisoned")).into()
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let (applied, data) = {
-            let st = self.state.read().map_err(lock_err)?;
-            let applied = self.applied.lock().map_err(lock_err)?.clone();
+            let st = self.state.read().map_err(read_lock_err)?;
+            let applied = self.applied.lock().map_err(read_lock_err)?.clone();
             let payload = SnapshotPayload {
                 applied: applied.clone(),
                 instances: st.catalog.all_instances().cloned().collect(),
@@ -222,7 +228,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
-        let a = self.applied.lock().map_err(lock_err)?;
+        let a = self.applied.lock().map_err(read_lock_err)?;
         Ok((a.last_applied, a.membership.clone()))
     }
 
@@ -231,8 +237,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut st = self.state.write().map_err(lock_err)?;
-        let mut applied = self.applied.lock().map_err(lock_err)?;
+        let mut st = self.state.write().map_err(write_lock_err)?;
+        let mut applied = self.applied.lock().map_err(write_lock_err)?;
         let mut batch = sled::Batch::default();
         let mut changes = Vec::new();
         let mut responses = Vec::new();
@@ -319,8 +325,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e.to_string()))
         };
 
-        let mut st = self.state.write().map_err(lock_err)?;
-        let mut applied = self.applied.lock().map_err(lock_err)?;
+        let mut st = self.state.write().map_err(write_lock_err)?;
+        let mut applied = self.applied.lock().map_err(write_lock_err)?;
         let mut batch = sled::Batch::default();
         for kv in self
             .sm
