@@ -18,7 +18,7 @@ use crate::api::leader::LeaderRouter;
 use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
-use crate::health::{self, CheckContext, Leases};
+use crate::health::{self, CheckContext};
 use crate::net;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1 as pb;
@@ -35,6 +35,7 @@ use crate::raft::network::{Network, Peers, MAX_ENTRIES, MAX_MESSAGE_BYTES};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
+use crate::registry::leases::Leases;
 
 /// How long a new node waits for each initial member's status before bootstrapping.
 const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

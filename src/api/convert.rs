@@ -170,7 +170,7 @@ pub fn register_command(req: pb::RegisterRequest) -> Result<Command> {
         mod_revision: 0,
         check,
         check_output: String::new(),
-        status_since_ms: crate::health::now_ms(),
+        status_since_ms: crate::registry::leases::now_ms(),
     }))
 }
 

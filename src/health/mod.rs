@@ -2,7 +2,6 @@
 //! leader and stops when it loses leadership, and only status *transitions* go
 //! through Raft, batched, so every node and watcher sees the same status.
 
-pub mod leases;
 pub mod probe;
 pub mod runner;
 pub mod tracker;
@@ -13,8 +12,8 @@ use openraft::ServerState;
 
 use crate::api::leader::LeaderRouter;
 use crate::raft::{NodeId, Raft};
+use crate::registry::leases::Leases;
 use crate::registry::watch::SharedState;
-pub use leases::Leases;
 
 /// What the leader's check loop needs from its node.
 pub struct CheckContext {
@@ -54,13 +53,4 @@ pub async fn supervise(raft: Raft, id: NodeId, ctx: Arc<CheckContext>) {
     if let Some(t) = running {
         t.abort();
     }
-}
-
-/// The check output of a TTL instance whose heartbeat arrived in time.
-pub const TTL_RENEWED: &str = "TTL: heartbeat received";
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

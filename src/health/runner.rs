@@ -15,7 +15,8 @@ use tokio::time::MissedTickBehavior;
 
 use super::probe::Prober;
 use super::tracker::Tracker;
-use super::{now_ms, CheckContext, TTL_RENEWED};
+use super::CheckContext;
+use crate::registry::leases::{now_ms, TTL_RENEWED};
 use crate::registry::model::{CheckKind, CheckSpec, HealthUpdate};
 use crate::registry::watch::{watch_stream, WatchMessage};
 use crate::registry::{Command, EventKind, HealthStatus, Instance};

@@ -3,6 +3,7 @@
 //! Nothing here knows about Raft, sled or gRPC.
 
 pub mod catalog;
+pub mod leases;
 pub mod model;
 pub mod validate;
 pub mod watch;

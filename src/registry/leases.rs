@@ -1,5 +1,7 @@
 //! TTL renewals, kept in memory on the leader only: a heartbeat is not
-//! replicated, only the status change it may cause.
+//! replicated, only the status change it may cause. Here, below the API and
+//! the health checker, because both use them: the API records heartbeats, the
+//! checker reads them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -44,4 +46,14 @@ impl Leases {
             }
         }
     }
+}
+
+/// The check output of a TTL instance whose heartbeat arrived in time.
+pub const TTL_RENEWED: &str = "TTL: heartbeat received";
+
+/// Wall-clock milliseconds, as statuses and check outputs record them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
