@@ -32,6 +32,7 @@ use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Network, Peers, MAX_ENTRIES, MAX_MESSAGE_BYTES};
+use crate::raft::proposer::Proposer;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
@@ -352,7 +353,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .map_err(|e| Error::Internal(e.to_string()))?;
 
     let contact = Contact::new(timing.election_max);
-    let router = Arc::new(LeaderRouter::new(
+    let proposer = Arc::new(Proposer::new(
         raft.clone(),
         cfg.id,
         durable,
@@ -360,13 +361,14 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         contact.clone(),
         cfg.request_timeout(),
     ));
+    let router = Arc::new(LeaderRouter::new(proposer.clone(), peers.clone()));
     let leases = Arc::new(Leases::default());
     tokio::spawn(health::supervise(
         raft.clone(),
         cfg.id,
         Arc::new(CheckContext {
             state: state.clone(),
-            router: router.clone(),
+            proposer,
             leases: leases.clone(),
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),

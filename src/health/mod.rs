@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use openraft::ServerState;
 
-use crate::api::leader::LeaderRouter;
+use crate::raft::proposer::Proposer;
 use crate::raft::{NodeId, Raft};
 use crate::registry::leases::Leases;
 use crate::registry::watch::SharedState;
@@ -18,7 +18,7 @@ use crate::registry::watch::SharedState;
 /// What the leader's check loop needs from its node.
 pub struct CheckContext {
     pub state: SharedState,
-    pub router: Arc<LeaderRouter>,
+    pub proposer: Arc<Proposer>,
     pub leases: Arc<Leases>,
     /// Probes running at once, across all instances.
     pub max_concurrent_probes: usize,

@@ -16,6 +16,7 @@ use tokio::time::MissedTickBehavior;
 use super::probe::Prober;
 use super::tracker::Tracker;
 use super::CheckContext;
+use crate::raft::proposer::Refusal;
 use crate::registry::leases::{now_ms, TTL_RENEWED};
 use crate::registry::model::{CheckKind, CheckSpec, HealthUpdate};
 use crate::registry::watch::{watch_stream, WatchMessage};
@@ -266,11 +267,17 @@ impl Runner {
             commands.push(Command::SetHealth(updates));
         }
         for cmd in commands {
-            let router = self.ctx.router.clone();
-            // Proposed as already forwarded: a node that lost leadership must not pass its verdicts on.
+            let proposer = self.ctx.proposer.clone();
+            // Never forwarded: a node that lost leadership must not pass its verdicts on.
             tokio::spawn(async move {
-                if let Err(e) = router.write(cmd, true).await {
-                    tracing::warn!("health transition not committed: {e}");
+                match proposer.propose(cmd).await {
+                    Ok(_) => {}
+                    Err(Refusal::NotLeader(_)) => {
+                        tracing::debug!("health transition dropped: no longer leader")
+                    }
+                    Err(Refusal::Failed(e)) => {
+                        tracing::warn!("health transition not committed: {e}")
+                    }
                 }
             });
         }

@@ -7,6 +7,7 @@ pub mod leadership;
 pub mod log_store;
 pub mod marker;
 pub mod network;
+pub mod proposer;
 pub mod state_machine;
 pub mod stored;
 pub mod transport;

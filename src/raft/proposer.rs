@@ -1,0 +1,280 @@
+//! The write and read paths every front-end shares (the gRPC API, the health
+//! checker): commands proposed through Raft in group-committed rounds, and
+//! linearizable reads confirmed by a shared read index. A node that does not
+//! lead refuses with the leader it knows, for the caller to forward to (the
+//! API) or to drop (the health checker).
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use tokio::sync::watch;
+
+use super::coalesce::{Coalescer, Slot};
+use super::election::Contact;
+use super::network::{Peers, FAR};
+use super::{Node, NodeId, Raft};
+use crate::error::Error;
+use crate::registry::{Command, CommandResponse, Proposal};
+
+/// Commands per log entry. Bounded so that an entry stays far below the
+/// transport's message limit even when every command carries maximal metadata.
+const MAX_COMMANDS_PER_ENTRY: usize = 128;
+/// Raft rounds in flight at once: one being replicated while the next fills up.
+const ROUNDS_IN_FLIGHT: usize = 2;
+
+/// Why the work was not done here.
+#[derive(Clone, Debug)]
+pub enum Refusal {
+    /// Another node leads, or none is known: nothing was proposed.
+    NotLeader(ForwardToLeader<NodeId, Node>),
+    Failed(Error),
+}
+
+pub struct Proposer {
+    raft: Raft,
+    id: NodeId,
+    timeout: Duration,
+    /// Set when the node begins to shut down: nothing new is proposed, and
+    /// streams end so the server can stop.
+    closed: watch::Sender<bool>,
+    contact: Contact,
+    writes: Coalescer<Command, Result<CommandResponse, Refusal>>,
+    reads: Coalescer<(), Result<(), Refusal>>,
+}
+
+/// One Raft round of writes. A leader deposed while its entry is in flight
+/// answers at once that the outcome is unknown, rather than holding the round
+/// (and every write queued behind it) until the entry is committed or dropped
+/// by a leader it may not reach.
+async fn propose(
+    raft: Raft,
+    id: NodeId,
+    mut durable: watch::Receiver<Option<u64>>,
+    peers: Peers,
+    cmds: Vec<Command>,
+    slot: Slot,
+) -> Vec<std::result::Result<CommandResponse, Refusal>> {
+    let n = cmds.len();
+    // Between far nodes (a few milliseconds apart or more), a round whose entry is
+    // on disk here only waits for the followers: the next round may start,
+    // and replication carries both, instead of each waiting a round trip for
+    // the other. Nearby, the round keeps its slot to the end, so that rounds
+    // (and fsyncs) stay few and large.
+    let (appended, far) = {
+        let rx = raft.metrics();
+        let m = rx.borrow();
+        let voters = m.membership_config.membership().voter_ids().count();
+        (m.last_log_index, peers.quorum_distance(voters) >= FAR)
+    };
+    let released = async move {
+        if far {
+            let _ = durable.wait_for(|d| *d > appended).await;
+            drop(slot);
+        }
+        std::future::pending::<()>().await
+    };
+    let mut server = raft.server_metrics();
+    let vote = {
+        let m = server.borrow_and_update();
+        (m.current_leader == Some(id)).then_some(m.vote)
+    };
+    let write = raft.client_write(Proposal(cmds));
+    let deposed = async {
+        match vote {
+            Some(v) => {
+                let _ = server.wait_for(|m| m.vote != v).await;
+            }
+            // Not leading: openraft refuses at once.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = released => unreachable!("never completes"),
+        answer = write => match answer {
+            Ok(r) => r.data.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(write_refusal(e)); n],
+        },
+        () = deposed => vec![
+            Err(Refusal::Failed(Error::Interrupted(format!(
+                "node {id} stopped leading while the write was in flight; it may or may not be applied"
+            ))));
+            n
+        ],
+    }
+}
+
+// Openraft answers ForwardToLeader for a write it did not append, or whose
+// entry was truncated by a new leader: either way it is not applied.
+fn write_refusal(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Refusal {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Refusal::NotLeader(f),
+        RaftError::APIError(e) => Refusal::Failed(Error::Internal(e.to_string())),
+        RaftError::Fatal(e) => Refusal::Failed(Error::Interrupted(format!(
+            "the Raft core stopped while the write was in flight ({e})"
+        ))),
+    }
+}
+
+fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refusal {
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => Refusal::NotLeader(f),
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)) => {
+            Refusal::Failed(Error::Unavailable(format!(
+                "this node led but could not confirm it with a quorum of voters {:?}; retry, possibly on another node",
+                e.cluster
+            )))
+        }
+        RaftError::Fatal(e) => Refusal::Failed(Error::Unavailable(format!("raft stopped: {e}"))),
+    }
+}
+
+impl Proposer {
+    /// Must be called inside a tokio runtime: it starts the coalescing tasks.
+    pub fn new(
+        raft: Raft,
+        id: NodeId,
+        durable: watch::Receiver<Option<u64>>,
+        peers: Peers,
+        contact: Contact,
+        timeout: Duration,
+    ) -> Self {
+        let (r, p) = (raft.clone(), peers.clone());
+        let writes = Coalescer::spawn(
+            ROUNDS_IN_FLIGHT,
+            MAX_COMMANDS_PER_ENTRY,
+            move |cmds: Vec<Command>, slot| {
+                propose(r.clone(), id, durable.clone(), p.clone(), cmds, slot)
+            },
+        );
+        let r = raft.clone();
+        // A read may share a check only if it arrived before the check began,
+        // which is what coalescing gives: it joins the next round.
+        let reads = Coalescer::spawn(
+            ROUNDS_IN_FLIGHT,
+            usize::MAX,
+            move |waiting: Vec<()>, slot| {
+                let raft = r.clone();
+                async move {
+                    let _slot = slot;
+                    let answer = raft
+                        .ensure_linearizable()
+                        .await
+                        .map(|_| ())
+                        .map_err(read_refusal);
+                    vec![answer; waiting.len()]
+                }
+            },
+        );
+        Proposer {
+            raft,
+            id,
+            timeout,
+            closed: watch::Sender::new(false),
+            contact,
+            writes,
+            reads,
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// From now on nothing new is proposed here: every call is refused as not applied.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Resolves once the node has begun to shut down.
+    pub fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|c| *c).await;
+        }
+    }
+
+    fn check_open(&self) -> Result<(), Refusal> {
+        if *self.closed.borrow() {
+            return Err(Refusal::Failed(Error::Unavailable(format!(
+                "node {} is shutting down; not applied, retry on another node",
+                self.id
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Replicates `cmd` through Raft and returns what applying it did.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, Refusal> {
+        self.here()?;
+        tokio::time::timeout(self.timeout, self.writes.submit(cmd))
+            .await
+            .map_err(|_| {
+                Refusal::Failed(Error::Timeout(format!(
+                    "no quorum confirmed the write within {:?}",
+                    self.timeout
+                )))
+            })?
+            .unwrap_or_else(|| {
+                Err(Refusal::Failed(Error::Interrupted(
+                    "node is shutting down".into(),
+                )))
+            })
+    }
+
+    /// Confirms leadership with a quorum and waits until this node has applied
+    /// everything committed before the call (read index).
+    pub async fn read_index(&self) -> Result<(), Refusal> {
+        self.here()?;
+        tokio::time::timeout(self.timeout, self.reads.submit(()))
+            .await
+            .map_err(|_| {
+                Refusal::Failed(Error::Unavailable(format!(
+                    "no quorum confirmed this node's view within {:?}; the cluster may have lost its majority",
+                    self.timeout
+                )))
+            })?
+            .unwrap_or_else(|| {
+                Err(Refusal::Failed(Error::Unavailable(
+                    "node is shutting down".into(),
+                )))
+            })
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(index), "catch up with the leader")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "node {} could not catch up with revision {index}: {e}; retry, possibly on another node",
+                    self.id
+                ))
+            })
+    }
+
+    /// Whether this node leads, by its current view and without a quorum
+    /// round trip; if not, the leader it knows.
+    pub fn here(&self) -> Result<(), Refusal> {
+        self.check_open()?;
+        // Heartbeats come this way at a high rate: read the metrics in place, no clone.
+        let (leader_id, leader_node) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow();
+            let leader = self.contact.leader(&m);
+            if leader == Some(self.id) {
+                return Ok(());
+            }
+            let node = leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            (leader, node)
+        };
+        Err(Refusal::NotLeader(ForwardToLeader {
+            leader_id,
+            leader_node,
+        }))
+    }
+}
