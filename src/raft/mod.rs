@@ -9,6 +9,8 @@ pub mod marker;
 pub mod network;
 pub mod state_machine;
 pub mod stored;
+#[cfg(test)]
+mod suite_tests;
 pub mod transport;
 
 use std::io::Cursor;
