@@ -10,6 +10,8 @@ pub mod network;
 pub mod proposer;
 pub mod state_machine;
 pub mod stored;
+#[cfg(test)]
+mod suite_tests;
 pub mod transport;
 
 use std::io::Cursor;
