@@ -95,7 +95,16 @@ async fn balanced_channel_follows_health_and_deregistration() {
         || async { (!healthy_ids(&resolver).contains(&"e1".to_string())).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The channel applies the resolver's change on its own task: wait until
+    // calls avoid e1, then check that they keep doing so.
+    c.wait_for("calls to avoid e1", Duration::from_secs(5), || {
+        let mut rpc = rpc.clone();
+        async move {
+            let s = spread(&mut rpc, 30).await;
+            (s.keys().map(String::as_str).collect::<Vec<_>>() == ["e2", "e3"]).then_some(())
+        }
+    })
+    .await;
     let after = spread(&mut rpc, 60).await;
     assert_eq!(
         after.keys().cloned().collect::<Vec<_>>(),
@@ -130,7 +139,11 @@ async fn balanced_channel_follows_health_and_deregistration() {
         )
         .await;
     assert_eq!(set, vec!["e1", "e3"]);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.wait_for("calls to avoid e2", Duration::from_secs(5), || {
+        let mut rpc = rpc.clone();
+        async move { (!spread(&mut rpc, 30).await.contains_key("e2")).then_some(()) }
+    })
+    .await;
     let last = spread(&mut rpc, 100).await;
     assert!(
         !last.contains_key("e2"),

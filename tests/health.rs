@@ -117,6 +117,39 @@ async fn wait_status(
     .await
 }
 
+/// Waits until every target has answered `more` probes beyond `from` (its
+/// count taken earlier), so a test holding a state knows the checks really ran.
+async fn wait_probes(c: &TestCluster, targets: &[&Target], from: &[u64], more: u64) {
+    c.wait_for(
+        &format!("{more} more probes of each target"),
+        Duration::from_secs(10),
+        || async {
+            targets
+                .iter()
+                .zip(from)
+                .all(|(t, &n)| t.probes() >= n + more)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until the watcher has seen `id` at `revision` or later.
+async fn wait_seen(c: &TestCluster, seen: &Arc<Mutex<Vec<Seen>>>, id: &str, revision: u64) {
+    c.wait_for(
+        &format!("the watcher to see {id} at revision {revision}"),
+        Duration::from_secs(5),
+        || async {
+            seen.lock()
+                .expect("lock")
+                .iter()
+                .any(|s| s.id == id && s.revision >= revision)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn tcp_http_and_grpc_checks_detect_failure_and_recovery() {
     let c = TestCluster::start(3).await;
@@ -146,8 +179,10 @@ async fn tcp_http_and_grpc_checks_detect_failure_and_recovery() {
         .await;
         targets.push(t);
     }
-    // Healthy servers stay passing.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Healthy servers stay passing through more probes than it takes to fail.
+    let all: Vec<&Target> = targets.iter().collect();
+    let from: Vec<u64> = vec![0; all.len()];
+    wait_probes(&c, &all, &from, 4).await;
     for t in &targets {
         let i = status_of(&client, "checked", &format!("{:?}", t.kind))
             .await
@@ -179,17 +214,18 @@ async fn tcp_http_and_grpc_checks_detect_failure_and_recovery() {
         t.restart().await;
     }
     for t in &targets {
-        wait_status(
+        let id = format!("{:?}", t.kind);
+        let i = wait_status(
             &c,
             &client,
             "checked",
-            &format!("{:?}", t.kind),
+            &id,
             PASSING,
             Duration::from_secs(10),
         )
         .await;
+        wait_seen(&c, &seen, &id, i.mod_revision).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     for t in &targets {
         let s = statuses(&seen, &format!("{:?}", t.kind));
         let changes: Vec<i32> = s.iter().map(|(st, _)| *st).collect();
@@ -216,7 +252,7 @@ async fn ttl_check_follows_heartbeats() {
         "ttl",
         "t-1",
         80,
-        check(CheckKind::Ttl(TtlCheck { ttl_ms: 600 }), 0, 0, 0),
+        check(CheckKind::Ttl(TtlCheck { ttl_ms: 1500 }), 0, 0, 0),
     )
     .await;
     let beat = || async {
@@ -228,10 +264,18 @@ async fn ttl_check_follows_heartbeats() {
             .await
             .expect("heartbeat")
     };
-    let until = Instant::now() + Duration::from_secs(2);
+    // Heartbeats at a fifth of the TTL over two TTLs: the instance must read
+    // passing after every one, with no slack so thin that a slow scheduler flips it.
+    let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        beat().await;
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            beat().await.status,
+            PASSING,
+            "a heartbeat answered not passing"
+        );
+        let i = status_of(&client, "ttl", "t-1").await.expect("instance");
+        assert_eq!(i.status, PASSING, "went critical: {}", i.check_output);
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(
         statuses(&seen, "t-1").len(),
@@ -279,13 +323,18 @@ async fn long_critical_instances_are_deregistered() {
         || async { (status_of(&client, "doomed", "d-1").await.is_none()).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let deleted = seen
-        .lock()
-        .expect("lock")
-        .iter()
-        .any(|s| s.id == "d-1" && s.kind == EventType::Delete as i32);
-    assert!(deleted, "watchers must get the removal");
+    c.wait_for(
+        "watchers to get the removal",
+        Duration::from_secs(5),
+        || async {
+            seen.lock()
+                .expect("lock")
+                .iter()
+                .any(|s| s.id == "d-1" && s.kind == EventType::Delete as i32)
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         ids(&client, "doomed", Consistency::Linearizable).await,
         vec!["unchecked"]
@@ -357,8 +406,19 @@ async fn new_leader_takes_over_checks_without_marking_live_instances_critical() 
     c.kill(old);
     let new = c.leader().await;
     assert_ne!(new, old);
+    let probed: Vec<u64> = live.iter().map(Target::probes).collect();
     // Well past the grace period and several probe intervals.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The hold means something only if the new leader probed through it (one
+    // probe may still have come from the old leader).
+    for (t, n) in live.iter().zip(&probed) {
+        assert!(
+            t.probes() >= n + 4,
+            "{} probes of {} during the hold",
+            t.probes() - n,
+            t.addr
+        );
+    }
     let flipped: Vec<Seen> = seen
         .lock()
         .expect("lock")
@@ -405,7 +465,8 @@ async fn flapping_server_does_not_flip_status_on_every_probe() {
         2,
     );
     register_checked(&client, "flappy", "f-1", t.port(), hc).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Many probes, alternating: any two failing in a row would flip it.
+    wait_probes(&c, &[&t], &[0], 16).await;
     let s = statuses(&seen, "f-1");
     assert_eq!(
         s.len(),

@@ -54,6 +54,7 @@ pub struct Target {
     pub name: String,
     pub addr: SocketAddr,
     task: Option<JoinHandle<()>>,
+    /// Probes served: TCP connections accepted, HTTP requests, gRPC calls.
     requests: Arc<AtomicU64>,
     /// Accepted gRPC connections: the server spawns tasks of its own for them,
     /// so stopping it means shutting the sockets.
@@ -82,6 +83,11 @@ impl Target {
 
     pub fn port(&self) -> u32 {
         u32::from(self.addr.port())
+    }
+
+    /// How many probes this server has answered, so a test can tell that checks ran.
+    pub fn probes(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// Closes the listener and every connection.
@@ -115,6 +121,7 @@ impl Target {
             Kind::Tcp => tokio::spawn(async move {
                 let mut open = Vec::new();
                 while let Ok((s, _)) = listener.accept().await {
+                    requests.fetch_add(1, Ordering::SeqCst);
                     open.push(s);
                     open.truncate(64);
                 }
@@ -135,6 +142,10 @@ impl Target {
                     self.name.clone(),
                     self.kind == Kind::Echo,
                 );
+                let counted = move |r: Request<()>| {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Status>(r)
+                };
                 tokio::spawn(async move {
                     let (tx, rx) =
                         tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
@@ -142,6 +153,8 @@ impl Target {
                     reporter
                         .set_service_status("", tonic_health::ServingStatus::Serving)
                         .await;
+                    let health =
+                        tonic::service::interceptor::InterceptedService::new(health, counted);
                     let mut router = tonic::transport::Server::builder().add_service(health);
                     if echo {
                         router = router.add_service(EchoServer::new(Named(name)));
