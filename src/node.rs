@@ -105,10 +105,10 @@ impl NodeHandle {
 const IDENTITY_KEY: &[u8] = b"identity";
 
 /// The storage of a node, checked to be what it last wrote.
-pub(crate) struct Storage {
-    pub(crate) db: sled::Db,
-    pub(crate) marker: Arc<Marker>,
-    pub(crate) state_machine: StateMachine,
+struct Storage {
+    db: sled::Db,
+    marker: Arc<Marker>,
+    state_machine: StateMachine,
     /// A new data directory: this node has no state yet.
     fresh: bool,
 }
@@ -116,7 +116,7 @@ pub(crate) struct Storage {
 /// Opens the data directory and refuses it unless it is what this node last
 /// wrote. Sled panics on some damaged files (its recovery and page reads run on
 /// the calling thread): such a panic becomes a storage error, not a crash.
-pub(crate) fn open_storage(cfg: &NodeConfig) -> Result<Storage> {
+fn open_storage(cfg: &NodeConfig) -> Result<Storage> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_checked(cfg))) {
         Ok(opened) => opened,
         Err(panic) => {
@@ -545,3 +545,6 @@ async fn bootstrap(raft: &Raft, members: BTreeMap<NodeId, String>) -> Result<()>
         Err(e) => Err(Error::Internal(format!("bootstrap: {e}"))),
     }
 }
+
+#[cfg(test)]
+mod storage_suite;

@@ -10,8 +10,6 @@ pub mod network;
 pub mod proposer;
 pub mod state_machine;
 pub mod stored;
-#[cfg(test)]
-mod suite_tests;
 pub mod transport;
 
 use std::io::Cursor;

@@ -8,11 +8,11 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{StorageError, StorageIOError};
 use tempfile::TempDir;
 
-use super::log_store::LogStore;
-use super::state_machine::StateMachine;
-use super::{NodeId, TypeConfig};
+use super::{open_storage, Storage};
 use crate::config::NodeConfig;
-use crate::node::{open_storage, Storage};
+use crate::raft::log_store::LogStore;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{NodeId, TypeConfig};
 
 struct SledBuilder;
 
