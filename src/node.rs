@@ -292,7 +292,7 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
         // Each chunk has this long: 10 s covers 512 KiB down to ~50 KiB/s.
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: 512 * 1024,
-        // Entries carry up to 128 commands each; keep an AppendEntries message well under the transport limit.
+        // Up to MAX_ENTRIES entries an AppendEntries; the network splits larger messages.
         max_payload_entries: MAX_ENTRIES,
         ..Default::default()
     };

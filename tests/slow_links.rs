@@ -225,6 +225,10 @@ async fn a_follower_behind_a_slow_lossy_link_keeps_up() {
     );
     assert!(target > start_applied + 20, "the load wrote too little");
     assert!(
+        max_lag < 1_000,
+        "the slow follower fell {max_lag} entries behind"
+    );
+    assert!(
         catch_up < Duration::from_secs(3),
         "the slow follower needed {catch_up:?} to catch up"
     );

@@ -34,8 +34,13 @@ pub const FAR: Duration = Duration::from_millis(2);
 /// How long the least round trip seen stands for the distance to a peer.
 const FLOOR_WINDOW: Duration = Duration::from_secs(2);
 
-/// Entries per AppendEntries at most (openraft's `max_payload_entries` is set to this).
-pub const MAX_ENTRIES: u64 = 32;
+/// Entries per AppendEntries at most (openraft's `max_payload_entries` is set
+/// to this): many, so that a follower behind a long link catches up by the
+/// round trip, not the entry; `MAX_BATCH_BYTES` keeps the message small.
+pub const MAX_ENTRIES: u64 = 512;
+/// An AppendEntries larger than this is split (entries carry up to 128
+/// commands each, with metadata).
+const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Snapshot chunks and entry batches can be several MiB; tonic's default cap is 4 MiB.
@@ -390,7 +395,8 @@ pub struct PeerClient {
     /// An unparsable peer address is reported on every call, not at construction.
     client: Result<RaftTransportClient<Channel>, String>,
     /// Entries per AppendEntries this link has carried in time, once a batch
-    /// did not: halved on each such timeout, doubled back on quick successes.
+    /// did not: halved on each such timeout, doubled on each success within
+    /// half the deadline.
     max_entries: Option<u64>,
     heartbeat: Duration,
     /// When the peer last answered an AppendEntries of this client (or of
@@ -466,6 +472,15 @@ impl PeerClient {
         option: RPCOption,
         n: u64,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        if n > 1 {
+            let size = bincode::serialized_size(&rpc).unwrap_or(0);
+            if size > MAX_BATCH_BYTES {
+                let fit = (n * MAX_BATCH_BYTES / size).max(1);
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(fit),
+                ));
+            }
+        }
         let sent = Instant::now();
         let mut probe = (n == 0).then(|| RttProbe {
             peers: self.peers.clone(),
@@ -489,7 +504,10 @@ impl PeerClient {
             self.call(Rpc::AppendEntries, &rpc, &option).await
         };
         match &reply {
-            Ok(_) if sent.elapsed() < deadline / 4 => {
+            // A batch that made it in half the time may double: loss, not
+            // size, is what makes most batches late on a long link, so the
+            // cap must not stick at its low after one unlucky stall.
+            Ok(_) if sent.elapsed() < deadline / 2 => {
                 self.max_entries = self.max_entries.map(|m| m * 2).filter(|m| *m < MAX_ENTRIES);
             }
             // No round trip to learn from a peer that could not be reached.
