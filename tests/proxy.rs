@@ -342,14 +342,7 @@ async fn cluster_traffic_runs_through_the_proxies() {
 /// healing them ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_behind_a_slow_link() {
-    let setup = Setup {
-        netns: true,
-        proxies: true,
-        ..Setup::default()
-    };
-    let c = TestCluster::start_setup(3, "", setup)
-        .await
-        .unwrap_or_else(|e| panic!("per-link faults need network namespaces (run as root): {e}"));
+    let c = TestCluster::start_linked(3).await;
     let slow = c.leader().await;
     let followers: Vec<u64> = (1..=3).filter(|&i| i != slow).collect();
     // Replicated through the proxies in the test's namespace.

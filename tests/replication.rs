@@ -110,25 +110,10 @@ async fn stopped_node_catches_up_by_snapshot_after_log_purge() {
         last_write = last_write.max(t.await.expect("writer task"));
     }
 
-    let mut admin = c.cluster_client(leader).await;
-    let snap = admin
-        .snapshot(SnapshotRequest {})
-        .await
-        .expect("snapshot")
-        .into_inner();
+    let snap = c.snapshot_and_purge(leader).await;
     assert!(snap.snapshot_index >= last_write);
     assert!(snap.size_bytes > 0);
-    let status = c
-        .wait_for(
-            "the leader to purge its log",
-            Duration::from_secs(30),
-            || async {
-                c.status(leader)
-                    .await
-                    .filter(|s| s.purged_index >= snap.snapshot_index)
-            },
-        )
-        .await;
+    let status = c.status(leader).await.expect("leader status");
     assert!(status.snapshot_index >= snap.snapshot_index);
 
     c.start_node(down);

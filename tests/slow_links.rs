@@ -401,27 +401,12 @@ async fn a_snapshot_crosses_a_slow_narrow_link() {
     for t in tasks {
         t.await.expect("writer");
     }
-    let mut admin = c.cluster_client(leader).await;
-    let snap = admin
-        .snapshot(SnapshotRequest {})
-        .await
-        .expect("snapshot")
-        .into_inner();
+    let snap = c.snapshot_and_purge(leader).await;
     assert!(
         snap.size_bytes > 3 << 19,
         "snapshot of {} bytes",
         snap.size_bytes
     );
-    c.wait_for(
-        "the leader to purge its log",
-        Duration::from_secs(30),
-        || async {
-            c.status(leader)
-                .await
-                .filter(|s| s.purged_index >= snap.snapshot_index)
-        },
-    )
-    .await;
     // 50 ms and 256 KiB/s towards the returning node: the snapshot takes ~8 s.
     c.proxy(down).set(
         Dir::ToTarget,
@@ -439,14 +424,7 @@ async fn a_snapshot_crosses_a_slow_narrow_link() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_behind_a_slow_link_hands_over_and_forwards() {
-    let setup = Setup {
-        netns: true,
-        proxies: true,
-        ..Setup::default()
-    };
-    let c = TestCluster::start_setup(3, "", setup)
-        .await
-        .unwrap_or_else(|e| panic!("per-link faults need network namespaces (run as root): {e}"));
+    let c = TestCluster::start_linked(3).await;
     let slow = c.leader().await;
     let term = c.status(slow).await.expect("leader status").term;
     // 600 ms each way between the leader and both followers: beyond the lan

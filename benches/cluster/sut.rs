@@ -96,6 +96,24 @@ impl Roster {
         RegistryClient::new(self.pool[conn % self.pool.len()].clone())
     }
 
+    /// The status of every node that answers within 300 ms.
+    async fn statuses(&self) -> Result<Vec<StatusResponse>> {
+        let mut out = Vec::new();
+        for e in &self.endpoints {
+            let Ok(ch) = Endpoint::from_shared(format!("http://{e}"))?
+                .connect_timeout(Duration::from_millis(300))
+                .connect()
+                .await
+            else {
+                continue;
+            };
+            if let Ok(s) = ClusterClient::new(ch).status(StatusRequest {}).await {
+                out.push(s.into_inner());
+            }
+        }
+        Ok(out)
+    }
+
     fn instance(service: &str, id: &str) -> RegisterRequest {
         let (address, port) = payload(id);
         RegisterRequest {
@@ -256,39 +274,21 @@ impl System for Roster {
     }
 
     async fn leader(&self) -> Result<usize> {
-        for e in &self.endpoints {
-            let Ok(ch) = Endpoint::from_shared(format!("http://{e}"))?
-                .connect_timeout(Duration::from_millis(300))
-                .connect()
-                .await
-            else {
-                continue;
-            };
-            if let Ok(s) = ClusterClient::new(ch).status(StatusRequest {}).await {
-                let s = s.into_inner();
-                if s.leader_id != 0 {
-                    return Ok(s.leader_id as usize - 1);
-                }
-            }
-        }
-        bail!("no Roster leader")
+        self.statuses()
+            .await?
+            .into_iter()
+            .find(|s| s.leader_id != 0)
+            .map(|s| s.leader_id as usize - 1)
+            .ok_or_else(|| anyhow!("no Roster leader"))
     }
 
     async fn term(&self) -> Result<u64> {
-        let mut term = None;
-        for e in &self.endpoints {
-            let Ok(ch) = Endpoint::from_shared(format!("http://{e}"))?
-                .connect_timeout(Duration::from_millis(300))
-                .connect()
-                .await
-            else {
-                continue;
-            };
-            if let Ok(s) = ClusterClient::new(ch).status(StatusRequest {}).await {
-                term = term.max(Some(s.into_inner().term));
-            }
-        }
-        term.ok_or_else(|| anyhow!("no Roster node answered"))
+        self.statuses()
+            .await?
+            .into_iter()
+            .map(|s| s.term)
+            .max()
+            .ok_or_else(|| anyhow!("no Roster node answered"))
     }
 }
 

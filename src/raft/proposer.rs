@@ -208,38 +208,42 @@ impl Proposer {
     /// Replicates `cmd` through Raft and returns what applying it did.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, Refusal> {
         self.here()?;
-        tokio::time::timeout(self.timeout, self.writes.submit(cmd))
+        let late = || {
+            Error::Timeout(format!(
+                "no quorum confirmed the write within {:?}",
+                self.timeout
+            ))
+        };
+        self.bounded(self.writes.submit(cmd), late, Error::Interrupted)
             .await
-            .map_err(|_| {
-                Refusal::Failed(Error::Timeout(format!(
-                    "no quorum confirmed the write within {:?}",
-                    self.timeout
-                )))
-            })?
-            .unwrap_or_else(|| {
-                Err(Refusal::Failed(Error::Interrupted(
-                    "node is shutting down".into(),
-                )))
-            })
     }
 
     /// Confirms leadership with a quorum and waits until this node has applied
     /// everything committed before the call (read index).
     pub async fn read_index(&self) -> Result<(), Refusal> {
         self.here()?;
-        tokio::time::timeout(self.timeout, self.reads.submit(()))
+        let late = || {
+            Error::Unavailable(format!(
+                "no quorum confirmed this node's view within {:?}; the cluster may have lost its majority",
+                self.timeout
+            ))
+        };
+        self.bounded(self.reads.submit(()), late, Error::Unavailable)
             .await
-            .map_err(|_| {
-                Refusal::Failed(Error::Unavailable(format!(
-                    "no quorum confirmed this node's view within {:?}; the cluster may have lost its majority",
-                    self.timeout
-                )))
-            })?
-            .unwrap_or_else(|| {
-                Err(Refusal::Failed(Error::Unavailable(
-                    "node is shutting down".into(),
-                )))
-            })
+    }
+
+    /// A coalesced round's answer within the request timeout; `late` says why
+    /// it did not come in time, `stopped` wraps the answer for a stopped node.
+    async fn bounded<T>(
+        &self,
+        answer: impl Future<Output = Option<Result<T, Refusal>>>,
+        late: impl FnOnce() -> Error,
+        stopped: fn(String) -> Error,
+    ) -> Result<T, Refusal> {
+        tokio::time::timeout(self.timeout, answer)
+            .await
+            .map_err(|_| Refusal::Failed(late()))?
+            .unwrap_or_else(|| Err(Refusal::Failed(stopped("node is shutting down".into()))))
     }
 
     /// Waits until this node has applied `index`.

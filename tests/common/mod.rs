@@ -199,6 +199,42 @@ impl TestCluster {
         std::fs::write(&n.config, text).expect("write config");
     }
 
+    /// `n` nodes, each in a network namespace behind a proxy, so that a test
+    /// can slow single links (`link`). Needs root.
+    pub async fn start_linked(n: u64) -> TestCluster {
+        let setup = Setup {
+            netns: true,
+            proxies: true,
+            ..Setup::default()
+        };
+        Self::start_setup(n, "", setup).await.unwrap_or_else(|e| {
+            panic!("per-link faults need network namespaces (run as root): {e}")
+        })
+    }
+
+    /// Has `leader` build a snapshot, waits until it has purged its log up to
+    /// it, and returns it.
+    pub async fn snapshot_and_purge(&self, leader: u64) -> SnapshotResponse {
+        let snap = self
+            .cluster_client(leader)
+            .await
+            .snapshot(SnapshotRequest {})
+            .await
+            .expect("snapshot")
+            .into_inner();
+        self.wait_for(
+            "the leader to purge its log",
+            Duration::from_secs(30),
+            || async {
+                self.status(leader)
+                    .await
+                    .filter(|s| s.purged_index >= snap.snapshot_index)
+            },
+        )
+        .await;
+        snap
+    }
+
     /// Starts one more node that belongs to no cluster until it is added as a
     /// member, at its `peer` address.
     pub fn start_spare(&mut self) -> u64 {
