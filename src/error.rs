@@ -26,6 +26,10 @@ pub enum Error {
     /// be reached. The caller may retry, possibly on another node.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// This node does not lead; nothing was applied. `leader` is the leader it
+    /// knows (id and client address), which the status carries for forwarding.
+    #[error("unavailable: {}", not_leader(leader))]
+    NotLeader { leader: Option<(u64, String)> },
     /// Proposed, but no answer before the deadline: the outcome is unknown.
     #[error("outcome unknown: {0}; {OUTCOME_UNKNOWN_HINT}")]
     Timeout(String),
@@ -51,7 +55,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::OutOfRange(_) => Code::OutOfRange,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Interrupted(_) => Code::Aborted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -60,9 +64,34 @@ impl Error {
     }
 }
 
+/// Response metadata naming the leader when a node refuses with `NotLeader`:
+/// followers forward by it (`api::forward`), and clients may use it as a hint.
+pub const LEADER_ID_HEADER: &str = "roster-leader-id";
+pub const LEADER_ADDRESS_HEADER: &str = "roster-leader-address";
+
+fn not_leader(leader: &Option<(u64, String)>) -> String {
+    match leader {
+        Some((id, addr)) => {
+            format!("this node does not lead, node {id} at {addr} does; not applied, retry")
+        }
+        None => "no leader elected at the moment; not applied, retry".into(),
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut meta = tonic::metadata::MetadataMap::new();
+        if let Error::NotLeader {
+            leader: Some((id, addr)),
+        } = &e
+        {
+            meta.insert(LEADER_ID_HEADER, (*id).into());
+            // An address that is no valid header value is simply not given.
+            if let Ok(v) = addr.parse() {
+                meta.insert(LEADER_ADDRESS_HEADER, v);
+            }
+        }
+        Status::with_metadata(e.code(), e.to_string(), meta)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 
 use crate::api::cluster::ClusterApi;
-use crate::api::leader::LeaderRouter;
+use crate::api::forward::Forward;
 use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -49,7 +49,7 @@ pub struct NodeHandle {
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
     peers: Peers,
-    router: Arc<LeaderRouter>,
+    proposer: Arc<Proposer>,
     stop: oneshot::Sender<()>,
     server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     metrics: Option<JoinHandle<()>>,
@@ -80,7 +80,7 @@ impl NodeHandle {
     /// leads (so a rolling restart costs no election timeout), then stops
     /// serving and shuts Raft down; the data directory can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
-        self.router.close();
+        self.proposer.close();
         match leadership::transfer(&self.raft, &self.me, &self.peers, TRANSFER_LIMIT).await {
             Some(to) => tracing::info!("handed leadership to node {to}"),
             None => tracing::debug!("no leadership to hand over"),
@@ -361,14 +361,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         contact.clone(),
         cfg.request_timeout(),
     ));
-    let router = Arc::new(LeaderRouter::new(proposer.clone(), peers.clone()));
     let leases = Arc::new(Leases::default());
     tokio::spawn(health::supervise(
         raft.clone(),
         cfg.id,
         Arc::new(CheckContext {
             state: state.clone(),
-            proposer,
+            proposer: proposer.clone(),
             leases: leases.clone(),
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),
@@ -426,6 +425,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let max_connections =
         net::max_connections(limits, net::raise_fd_limit(), cfg.max_concurrent_probes);
     let (stop, stopped) = oneshot::channel::<()>();
+    let timeout = cfg.request_timeout();
     let server = Server::builder()
         // Pings find dead peers and clients; the listener closes idle and silent ones.
         .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
@@ -442,19 +442,30 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(
-            RegistryServer::new(RegistryApi::new(state.clone(), router.clone(), leases))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(ClusterServer::new(ClusterApi::new(
-            raft.clone(),
-            me.clone(),
-            state.clone(),
-            router.clone(),
+        .add_service(Forward::new(
+            RegistryServer::new(RegistryApi::new(
+                state.clone(),
+                proposer.clone(),
+                peers.clone(),
+                leases,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
             peers.clone(),
-            contact.clone(),
-        )))
+            timeout,
+        ))
+        .add_service(Forward::new(
+            ClusterServer::new(ClusterApi::new(
+                raft.clone(),
+                me.clone(),
+                state.clone(),
+                proposer.clone(),
+                peers.clone(),
+                contact.clone(),
+            )),
+            peers.clone(),
+            timeout,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -480,7 +491,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         raft,
         me,
         peers,
-        router,
+        proposer,
         stop,
         server,
         metrics,

@@ -537,3 +537,55 @@ async fn a_full_disk_stops_the_node_and_loses_nothing_acknowledged() {
     );
     c.kill(node);
 }
+
+#[tokio::test]
+async fn a_follower_forwards_every_rpc_and_a_forwarded_one_names_the_leader() {
+    let c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    let follower = followers(&c, leader)[0];
+    let mut api = raw(&c, follower).await;
+    // Writes and linearizable reads sent to a follower are done by the leader.
+    let rev = api
+        .register(register_req("fwd", "a"))
+        .await
+        .expect("register through a follower")
+        .into_inner()
+        .revision;
+    let got = api
+        .get_service(GetServiceRequest {
+            service: "fwd".into(),
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("linearizable read through a follower")
+        .into_inner();
+    assert!(got.revision >= rev, "{got:?}");
+    assert_eq!(got.instances.len(), 1);
+    // A request that was already forwarded once is never forwarded again:
+    // the follower refuses, naming the leader in the message and in metadata.
+    let mut req = tonic::Request::new(register_req("fwd", "b"));
+    req.metadata_mut()
+        .insert("roster-forwarded", "1".parse().expect("ascii"));
+    let err = api.register(req).await.expect_err("a follower refuses");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let named = |k| err.metadata().get(k).and_then(|v| v.to_str().ok());
+    assert_eq!(named("roster-leader-id"), Some(leader.to_string().as_str()));
+    assert_eq!(
+        named("roster-leader-address"),
+        Some(c.endpoint(leader).as_str())
+    );
+    assert!(err.message().contains("not applied"), "{}", err.message());
+    // Nothing of the refused request was applied.
+    let after = raw(&c, leader)
+        .await
+        .get_service(GetServiceRequest {
+            service: "fwd".into(),
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("read on the leader")
+        .into_inner();
+    assert_eq!(after.instances.len(), 1, "{after:?}");
+}

@@ -8,7 +8,6 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
-use super::leader::{is_forwarded, Effect, LeaderRouter, Route};
 use crate::config::parse_initial_cluster;
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -17,12 +16,13 @@ use crate::proto::v1::cluster_server::Cluster;
 use crate::raft::election::Contact;
 use crate::raft::marker::Identity;
 use crate::raft::network::{channel, Peers};
+use crate::raft::proposer::Proposer;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A new member must catch up with the log (or take a snapshot) within this.
-const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node being added may take to answer its first Status.
 const STARTING_NODE_WAIT: Duration = Duration::from_secs(10);
 
@@ -31,7 +31,7 @@ pub struct ClusterApi {
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
     state: SharedState,
-    router: Arc<LeaderRouter>,
+    proposer: Arc<Proposer>,
     peers: Peers,
     contact: Contact,
 }
@@ -41,7 +41,7 @@ impl ClusterApi {
         raft: Raft,
         me: Identity,
         state: SharedState,
-        router: Arc<LeaderRouter>,
+        proposer: Arc<Proposer>,
         peers: Peers,
         contact: Contact,
     ) -> Self {
@@ -49,7 +49,7 @@ impl ClusterApi {
             raft,
             me,
             state,
-            router,
+            proposer,
             peers,
             contact,
         }
@@ -84,7 +84,7 @@ impl ClusterApi {
     /// must be node `id` of this cluster. A node just started may not listen
     /// yet: it is asked again for a while.
     async fn incarnation_of(&self, id: NodeId, addr: &str) -> Result<u64, Error> {
-        let timeout = self.router.timeout();
+        let timeout = self.proposer.timeout();
         let ch = channel(addr, timeout)
             .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?;
         let deadline = tokio::time::Instant::now() + STARTING_NODE_WAIT;
@@ -137,28 +137,18 @@ impl ClusterApi {
             .collect()
     }
 
-    /// On the leader: `prepare` returns the new voter set, which is then
-    /// committed; the answer is the resulting membership.
-    async fn change<F, Fut>(
+    /// Commits `voters` as the new voter set; the answer is the resulting membership.
+    async fn change(
         &self,
-        forwarded: bool,
-        prepare: F,
-    ) -> Result<Route<Vec<pb::Member>>, Error>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<BTreeSet<NodeId>, Error>>,
-    {
-        match self.router.current(forwarded)? {
-            Route::Here(()) => {
-                let voters = prepare().await?;
-                self.raft
-                    .change_membership(voters, false)
-                    .await
-                    .map_err(membership_error)?;
-                Ok(Route::Here(self.members()))
-            }
-            Route::Leader(l) => Ok(Route::Leader(l)),
-        }
+        voters: BTreeSet<NodeId>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(membership_error)?;
+        Ok(Response::new(pb::MembershipResponse {
+            members: self.members(),
+        }))
     }
 }
 
@@ -224,76 +214,43 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
-        let msg = req.into_inner();
-        if msg.id == 0 {
+        let pb::AddMemberRequest { id, address: addr } = req.into_inner();
+        if id == 0 {
             return Err(Error::InvalidArgument("node id must be 1 or more".into()).into());
         }
-        parse_initial_cluster(&format!("{}={}", msg.id, msg.address))
+        parse_initial_cluster(&format!("{id}={addr}"))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let (id, addr) = (msg.id, msg.address.clone());
-        let route = self
-            .change(forwarded, || async {
-                let incarnation = self.incarnation_of(id, &addr).await?;
-                let node = Node { addr, incarnation };
-                let learner = self.raft.add_learner(id, node, true);
-                tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
-                    .await
-                    .map_err(|_| {
-                        Error::Unavailable(format!(
-                            "node {id} did not catch up within {CATCH_UP_TIMEOUT:?}"
-                        ))
-                    })?
-                    .map_err(membership_error)?;
-                let mut voters = self.voters();
-                voters.insert(id);
-                Ok(voters)
-            })
-            .await?;
-        match route {
-            Route::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
-            Route::Leader(l) => {
-                l.relay(msg, CATCH_UP_TIMEOUT, Effect::Write, |ch, r| async move {
-                    ClusterClient::new(ch).add_member(r).await
-                })
-                .await
-            }
-        }
+        self.proposer.here()?;
+        let incarnation = self.incarnation_of(id, &addr).await?;
+        let node = Node { addr, incarnation };
+        let learner = self.raft.add_learner(id, node, true);
+        tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "node {id} did not catch up within {CATCH_UP_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(membership_error)?;
+        let mut voters = self.voters();
+        voters.insert(id);
+        self.change(voters).await
     }
 
     async fn remove_member(
         &self,
         req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
-        let msg = req.into_inner();
-        let id = msg.id;
-        let route = self
-            .change(forwarded, || async {
-                let mut voters = self.voters();
-                if !voters.remove(&id) {
-                    return Err(Error::NotFound(format!("node {id} is not a voter")));
-                }
-                if voters.is_empty() {
-                    return Err(Error::InvalidArgument(
-                        "cannot remove the last voter".into(),
-                    ));
-                }
-                Ok(voters)
-            })
-            .await?;
-        match route {
-            Route::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
-            Route::Leader(l) => {
-                l.relay(
-                    msg,
-                    self.router.timeout(),
-                    Effect::Write,
-                    |ch, r| async move { ClusterClient::new(ch).remove_member(r).await },
-                )
-                .await
-            }
+        let id = req.into_inner().id;
+        self.proposer.here()?;
+        let mut voters = self.voters();
+        if !voters.remove(&id) {
+            return Err(Error::NotFound(format!("node {id} is not a voter")).into());
         }
+        if voters.is_empty() {
+            return Err(Error::InvalidArgument("cannot remove the last voter".into()).into());
+        }
+        self.change(voters).await
     }
 
     async fn snapshot(

@@ -3,5 +3,5 @@
 
 pub mod cluster;
 pub mod convert;
-pub mod leader;
+pub mod forward;
 pub mod registry;

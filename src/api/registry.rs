@@ -5,32 +5,28 @@ use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, instance_to_pb, status_to_pb};
-use super::leader::{is_forwarded, Effect, Leader, LeaderRouter, Route};
+use super::forward::{self, Leader};
 use crate::error::Error;
 use crate::proto::v1 as pb;
-use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::registry_server::Registry;
-use crate::raft::network::MAX_MESSAGE_BYTES;
+use crate::raft::network::Peers;
+use crate::raft::proposer::Proposer;
 use crate::registry::leases::{now_ms, Leases, TTL_RENEWED};
 use crate::registry::model::{CheckKind, HealthUpdate};
 use crate::registry::validate;
 use crate::registry::watch::{watch_stream, RegistryState, SharedState};
 use crate::registry::{Command, HealthStatus, Instance, Outcome};
 
+/// Handlers validate, then do the work here; on a follower, the proposer's
+/// refusal names the leader and `api::forward` sends the request there.
 pub struct RegistryApi {
     state: SharedState,
-    router: Arc<LeaderRouter>,
+    proposer: Arc<Proposer>,
+    peers: Peers,
     leases: Arc<Leases>,
-}
-
-fn registry(ch: Channel) -> RegistryClient<Channel> {
-    RegistryClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
@@ -41,11 +37,21 @@ fn renews_lease(i: &Instance) -> bool {
     )
 }
 
+fn not_found(service: &str, id: &str) -> Status {
+    Error::NotFound(format!("instance {id:?} of service {service:?}")).into()
+}
+
 impl RegistryApi {
-    pub fn new(state: SharedState, router: Arc<LeaderRouter>, leases: Arc<Leases>) -> Self {
+    pub fn new(
+        state: SharedState,
+        proposer: Arc<Proposer>,
+        peers: Peers,
+        leases: Arc<Leases>,
+    ) -> Self {
         RegistryApi {
             state,
-            router,
+            proposer,
+            peers,
             leases,
         }
     }
@@ -56,20 +62,6 @@ impl RegistryApi {
             .read()
             .map_err(|_| Error::Internal("state lock poisoned".into()))?;
         Ok(f(&st))
-    }
-
-    async fn relay_deregister(
-        &self,
-        l: Leader,
-        msg: pb::DeregisterRequest,
-    ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        l.relay(
-            msg,
-            self.router.timeout(),
-            Effect::Write,
-            |ch, r| async move { registry(ch).deregister(r).await },
-        )
-        .await
     }
 
     /// Prepares this node for a watch. A fresh watch's initial state must hold
@@ -83,22 +75,15 @@ impl RegistryApi {
         if since != 0 && since <= local {
             return Ok(());
         }
-        let cluster = match self.router.linearizable(false).await? {
-            Route::Here(()) => self.read(|st| st.catalog.revision())?,
-            Route::Leader(l) => {
-                let req = pb::ListServicesRequest {
-                    consistency: pb::Consistency::Linearizable as i32,
-                };
-                l.relay(
-                    req,
-                    self.router.timeout(),
-                    Effect::Read,
-                    |ch, r| async move { registry(ch).list_services(r).await },
-                )
-                .await?
-                .into_inner()
-                .revision
+        let cluster = match self.proposer.read_index().await.map_err(Error::from) {
+            Ok(()) => self.read(|st| st.catalog.revision())?,
+            Err(Error::NotLeader {
+                leader: Some((id, addr)),
+            }) => {
+                let leader = Leader { id, addr };
+                forward::leader_revision(&self.peers, leader, self.proposer.timeout()).await?
             }
+            Err(e) => return Err(e.into()),
         };
         if since > cluster {
             return Err(Error::OutOfRange(format!(
@@ -108,59 +93,17 @@ impl RegistryApi {
             .into());
         }
         if since == 0 {
-            self.router.wait_applied(cluster).await?;
+            self.proposer.wait_applied(cluster).await?;
         }
         Ok(())
     }
 
-    /// A heartbeat on the leader: renews a TTL instance's lease, and revives a
-    /// critical one at once, through Raft like any status change, rather than
-    /// at the next check tick.
-    async fn heartbeat_here(
-        &self,
-        msg: &pb::HeartbeatRequest,
-        forwarded: bool,
-    ) -> Result<Route<pb::HeartbeatResponse>, Status> {
-        let found = self.read(|st| {
-            st.catalog
-                .get(&msg.service, &msg.id)
-                .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
-        })?;
-        let (revision, status, ttl) = found.ok_or_else(|| {
-            Error::NotFound(format!(
-                "instance {:?} of service {:?}",
-                msg.id, msg.service
-            ))
-        })?;
-        let answer = |revision, status| pb::HeartbeatResponse {
-            revision,
-            status: status_to_pb(status) as i32,
-        };
-        if ttl {
-            self.leases.renew(&msg.service, &msg.id);
+    /// Waits, for a read of the given consistency, until local state may be read.
+    async fn consistent(&self, consistency: i32) -> Result<(), Status> {
+        if consistency != pb::Consistency::Stale as i32 {
+            self.proposer.read_index().await?;
         }
-        if !ttl || status == HealthStatus::Passing {
-            return Ok(Route::Here(answer(revision, status)));
-        }
-        let revive = Command::SetHealth(vec![HealthUpdate {
-            service: msg.service.clone(),
-            id: msg.id.clone(),
-            status: HealthStatus::Passing,
-            output: TTL_RENEWED.into(),
-            at_ms: now_ms(),
-        }]);
-        Ok(match self.router.write(revive, forwarded).await? {
-            Route::Here(r) => Route::Here(answer(r.revision, HealthStatus::Passing)),
-            Route::Leader(l) => Route::Leader(l),
-        })
-    }
-
-    /// Routes a read by the requested consistency: `Here` means read local state now.
-    async fn route_read(&self, consistency: i32, forwarded: bool) -> Result<Route<()>, Status> {
-        if consistency == pb::Consistency::Stale as i32 {
-            return Ok(Route::Here(()));
-        }
-        Ok(self.router.linearizable(forwarded).await?)
+        Ok(())
     }
 }
 
@@ -172,188 +115,141 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
-        let msg = req.into_inner();
-        let cmd = convert::register_command(msg.clone())?;
-        match self.router.write(cmd, forwarded).await? {
-            Route::Here(r) => match r.outcome {
-                Outcome::Registered(i) => {
-                    if renews_lease(&i) {
-                        self.leases.renew(&i.service, &i.id);
-                    }
-                    Ok(Response::new(pb::RegisterResponse {
-                        revision: r.revision,
-                        instance: Some(instance_to_pb(&i)),
-                    }))
-                }
-                other => Err(Error::Internal(format!("register applied as {other:?}")).into()),
-            },
-            Route::Leader(l) => {
-                l.relay(
-                    msg,
-                    self.router.timeout(),
-                    Effect::Write,
-                    |ch, r| async move { registry(ch).register(r).await },
-                )
-                .await
-            }
+        let cmd = convert::register_command(req.into_inner())?;
+        let r = self.proposer.propose(cmd).await?;
+        let Outcome::Registered(i) = r.outcome else {
+            return Err(Error::Internal(format!("register applied as {:?}", r.outcome)).into());
+        };
+        if renews_lease(&i) {
+            self.leases.renew(&i.service, &i.id);
         }
+        Ok(Response::new(pb::RegisterResponse {
+            revision: r.revision,
+            instance: Some(instance_to_pb(&i)),
+        }))
     }
 
     async fn deregister(
         &self,
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
-        let msg = req.into_inner();
-        convert::instance_ref(&msg.service, &msg.id)?;
-        let not_found = || {
-            Status::from(Error::NotFound(format!(
-                "instance {:?} of service {:?}",
-                msg.id, msg.service
-            )))
-        };
+        let pb::DeregisterRequest { service, id } = req.into_inner();
+        convert::instance_ref(&service, &id)?;
         // An unknown instance is answered NOT_FOUND without a Raft entry: once
         // the read index confirms this node is current, absence is the truth.
-        let held = |st: &RegistryState| st.catalog.get(&msg.service, &msg.id).is_some();
+        let held = |st: &RegistryState| st.catalog.get(&service, &id).is_some();
         if !self.read(held)? {
-            match self.router.linearizable(forwarded).await? {
-                Route::Here(()) if !self.read(held)? => return Err(not_found()),
-                Route::Here(()) => {}
-                Route::Leader(l) => return self.relay_deregister(l, msg).await,
+            self.proposer.read_index().await?;
+            if !self.read(held)? {
+                return Err(not_found(&service, &id));
             }
         }
         let cmd = Command::Deregister {
-            service: msg.service.clone(),
-            id: msg.id.clone(),
+            service: service.clone(),
+            id: id.clone(),
         };
-        match self.router.write(cmd, forwarded).await? {
-            Route::Here(r) => match r.outcome {
-                Outcome::Deregistered => Ok(Response::new(pb::DeregisterResponse {
-                    revision: r.revision,
-                })),
-                _ => Err(not_found()),
-            },
-            Route::Leader(l) => self.relay_deregister(l, msg).await,
+        let r = self.proposer.propose(cmd).await?;
+        match r.outcome {
+            Outcome::Deregistered => Ok(Response::new(pb::DeregisterResponse {
+                revision: r.revision,
+            })),
+            _ => Err(not_found(&service, &id)),
         }
     }
 
+    /// Renews a TTL instance's lease on the leader, and revives a critical one
+    /// at once, through Raft like any status change, rather than at the next
+    /// check tick.
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         convert::instance_ref(&msg.service, &msg.id)?;
-        let route = match self.router.current(forwarded)? {
-            Route::Here(()) => self.heartbeat_here(&msg, forwarded).await?,
-            Route::Leader(l) => Route::Leader(l),
-        };
-        match route {
-            Route::Here(answer) => Ok(Response::new(answer)),
-            Route::Leader(l) => {
-                l.relay(
-                    msg,
-                    self.router.timeout(),
-                    Effect::Read,
-                    |ch, r| async move { registry(ch).heartbeat(r).await },
-                )
-                .await
-            }
+        self.proposer.here()?;
+        let found = self.read(|st| {
+            st.catalog
+                .get(&msg.service, &msg.id)
+                .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
+        })?;
+        let (mut revision, status, ttl) = found.ok_or_else(|| not_found(&msg.service, &msg.id))?;
+        if ttl {
+            self.leases.renew(&msg.service, &msg.id);
         }
+        if ttl && status != HealthStatus::Passing {
+            let revive = Command::SetHealth(vec![HealthUpdate {
+                service: msg.service,
+                id: msg.id,
+                status: HealthStatus::Passing,
+                output: TTL_RENEWED.into(),
+                at_ms: now_ms(),
+            }]);
+            revision = self.proposer.propose(revive).await?.revision;
+        }
+        let status = if ttl { HealthStatus::Passing } else { status };
+        Ok(Response::new(pb::HeartbeatResponse {
+            revision,
+            status: status_to_pb(status) as i32,
+        }))
     }
 
     async fn get_service(
         &self,
         req: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::GetServiceResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         validate::service_name(&msg.service)?;
-        match self.route_read(msg.consistency, forwarded).await? {
-            Route::Here(()) => self.read(|st| {
-                let view = st.catalog.view(&msg.service, msg.healthy_only, &msg.tags);
-                Response::new(pb::GetServiceResponse {
-                    revision: st.catalog.revision(),
-                    instances: view.instances.into_iter().map(instance_to_pb).collect(),
-                    protection_active: view.protection_active,
-                })
-            }),
-            Route::Leader(l) => {
-                l.relay(
-                    msg,
-                    self.router.timeout(),
-                    Effect::Read,
-                    |ch, r| async move { registry(ch).get_service(r).await },
-                )
-                .await
-            }
-        }
+        self.consistent(msg.consistency).await?;
+        self.read(|st| {
+            let view = st.catalog.view(&msg.service, msg.healthy_only, &msg.tags);
+            Response::new(pb::GetServiceResponse {
+                revision: st.catalog.revision(),
+                instances: view.instances.into_iter().map(instance_to_pb).collect(),
+                protection_active: view.protection_active,
+            })
+        })
     }
 
     async fn list_services(
         &self,
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
-        let msg = req.into_inner();
-        match self.route_read(msg.consistency, forwarded).await? {
-            Route::Here(()) => self.read(|st| {
-                let services = st
-                    .catalog
-                    .summaries()
-                    .into_iter()
-                    .map(|s| pb::ServiceSummary {
-                        name: s.name,
-                        instances: s.instances,
-                        passing: s.passing,
-                    })
-                    .collect();
-                Response::new(pb::ListServicesResponse {
-                    revision: st.catalog.revision(),
-                    services,
+        self.consistent(req.into_inner().consistency).await?;
+        self.read(|st| {
+            let services = st
+                .catalog
+                .summaries()
+                .into_iter()
+                .map(|s| pb::ServiceSummary {
+                    name: s.name,
+                    instances: s.instances,
+                    passing: s.passing,
                 })
-            }),
-            Route::Leader(l) => {
-                l.relay(
-                    msg,
-                    self.router.timeout(),
-                    Effect::Read,
-                    |ch, r| async move { registry(ch).list_services(r).await },
-                )
-                .await
-            }
-        }
+                .collect();
+            Response::new(pb::ListServicesResponse {
+                revision: st.catalog.revision(),
+                services,
+            })
+        })
     }
 
     async fn configure_service(
         &self,
         req: Request<pb::ConfigureServiceRequest>,
     ) -> Result<Response<pb::ConfigureServiceResponse>, Status> {
-        let forwarded = is_forwarded(req.metadata());
         let msg = req.into_inner();
         validate::service_name(&msg.service)?;
         let cmd = Command::ConfigureService {
-            service: msg.service.clone(),
+            service: msg.service,
             protect_threshold_pct: validate::percent(
                 "protect threshold",
                 msg.protect_threshold_percent,
             )?,
         };
-        match self.router.write(cmd, forwarded).await? {
-            Route::Here(r) => Ok(Response::new(pb::ConfigureServiceResponse {
-                revision: r.revision,
-            })),
-            Route::Leader(l) => {
-                l.relay(
-                    msg,
-                    self.router.timeout(),
-                    Effect::Write,
-                    |ch, r| async move { registry(ch).configure_service(r).await },
-                )
-                .await
-            }
-        }
+        let r = self.proposer.propose(cmd).await?;
+        Ok(Response::new(pb::ConfigureServiceResponse {
+            revision: r.revision,
+        }))
     }
 
     type WatchStream = WatchStream;
@@ -374,7 +270,7 @@ impl Registry for RegistryApi {
         // that clients resume elsewhere and the server can finish.
         let stream = watch_stream(self.state.clone(), service, msg.since_revision)
             .map(|m| Ok(convert::watch_message_to_pb(&m)));
-        let stream = futures::StreamExt::take_until(stream, self.router.closing());
+        let stream = futures::StreamExt::take_until(stream, self.proposer.closing());
         Ok(Response::new(Box::pin(stream)))
     }
 }

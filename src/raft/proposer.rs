@@ -31,6 +31,23 @@ pub enum Refusal {
     Failed(Error),
 }
 
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NotLeader(f) => Error::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            },
+            Refusal::Failed(e) => e,
+        }
+    }
+}
+
+impl From<Refusal> for tonic::Status {
+    fn from(r: Refusal) -> Self {
+        Error::from(r).into()
+    }
+}
+
 pub struct Proposer {
     raft: Raft,
     id: NodeId,

@@ -1,0 +1,380 @@
+//! Forwarding to the Raft leader, once for every RPC of the public services.
+//!
+//! A handler does its work on this node or refuses with `Error::NotLeader`,
+//! whose status names the leader (`LEADER_ADDRESS_HEADER`). `Forward`, in
+//! front of the `Registry` and `Cluster` services, keeps the request's bytes
+//! as the handler reads them; on such a refusal it replays them to the leader,
+//! marked as forwarded so that the leader never forwards again, and relays the
+//! leader's answer. Handlers hold no forwarding code, and an RPC added later
+//! (or a check in front of the handlers) is forwarded the same way.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Uri};
+use http_body::{Frame, SizeHint};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::Status;
+use tower::{Service, ServiceExt};
+
+use super::cluster::CATCH_UP_TIMEOUT;
+use crate::error::{Error, LEADER_ADDRESS_HEADER, LEADER_ID_HEADER};
+use crate::proto::v1 as pb;
+use crate::proto::v1::registry_client::RegistryClient;
+use crate::raft::network::{error_chain, Peers, MAX_MESSAGE_BYTES};
+
+/// Extra time a follower waits for the leader's answer to a forwarded request:
+/// the leader answers within its own deadline, and its answer (which knows
+/// whether the write was applied) must still travel back.
+const FORWARD_MARGIN: Duration = Duration::from_secs(1);
+/// Set on a forwarded request, so it is never forwarded a second time.
+const FORWARDED_HEADER: &str = "roster-forwarded";
+
+/// Whether a forwarded request changes state: a write whose connection breaks
+/// mid-call has an unknown outcome, a read can simply be retried.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Read,
+    Write,
+}
+
+/// How a forwarded call is treated, by its method: what a failure after
+/// sending means, and how long the leader may take. Any method not named here
+/// counts as a write with the request timeout, which is never wrong, only
+/// more cautious.
+fn policy(path: &str, timeout: Duration) -> (Effect, Duration) {
+    match path.rsplit('/').next() {
+        Some("GetService" | "ListServices" | "Heartbeat" | "Watch" | "Status") => {
+            (Effect::Read, timeout)
+        }
+        Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT),
+        _ => (Effect::Write, timeout),
+    }
+}
+
+/// Wraps a public gRPC service so that a follower forwards what it cannot do.
+#[derive(Clone)]
+pub struct Forward<S> {
+    inner: S,
+    relay: Arc<Relay>,
+}
+
+struct Relay {
+    peers: Peers,
+    /// How long the leader takes at most for a request (its request timeout).
+    timeout: Duration,
+}
+
+impl<S> Forward<S> {
+    pub fn new(inner: S, peers: Peers, timeout: Duration) -> Self {
+        Forward {
+            inner,
+            relay: Arc::new(Relay { peers, timeout }),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Forward<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Forward<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // The service made ready serves this call; its clone waits for the next.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        if req.headers().contains_key(FORWARDED_HEADER) {
+            return Box::pin(inner.call(req));
+        }
+        let relay = self.relay.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let replay = Replay {
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                tape: Arc::default(),
+            };
+            let body = Body::new(Recording {
+                body,
+                tape: replay.tape.clone(),
+            });
+            let answer = inner.call(http::Request::from_parts(parts, body)).await?;
+            Ok(match (leader(answer.headers()), replay.body()) {
+                (Some(leader), Some(body)) => relay.forward(leader, replay, body).await,
+                // Here, or a request stream the handler did not read to its end:
+                // the refusal goes to the client, which retries.
+                _ => answer,
+            })
+        })
+    }
+}
+
+/// The leader a refusal names, if it names one.
+fn leader(headers: &HeaderMap) -> Option<Leader> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    Some(Leader {
+        addr: text(LEADER_ADDRESS_HEADER)?.to_string(),
+        id: text(LEADER_ID_HEADER)?.parse().ok()?,
+    })
+}
+
+/// What it takes to send a request again.
+struct Replay {
+    uri: Uri,
+    headers: HeaderMap,
+    tape: Arc<Mutex<Tape>>,
+}
+
+impl Replay {
+    /// The whole request body, if the handler read it to its end.
+    fn body(&self) -> Option<Bytes> {
+        let tape = self.tape.lock().unwrap_or_else(PoisonError::into_inner);
+        if !tape.ended || tape.len > MAX_MESSAGE_BYTES {
+            return None;
+        }
+        Some(match tape.chunks.as_slice() {
+            [one] => one.clone(),
+            many => many
+                .iter()
+                .fold(BytesMut::with_capacity(tape.len), |mut all, c| {
+                    all.extend_from_slice(c);
+                    all
+                })
+                .freeze(),
+        })
+    }
+}
+
+/// The request body as the handler reads it. Unary and server-streaming calls
+/// send one message and end; a longer stream stops being kept past the
+/// message size limit.
+#[derive(Default)]
+struct Tape {
+    chunks: Vec<Bytes>,
+    len: usize,
+    ended: bool,
+}
+
+struct Recording {
+    body: Body,
+    tape: Arc<Mutex<Tape>>,
+}
+
+impl http_body::Body for Recording {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let ended = self.body.is_end_stream();
+        let mut tape = self.tape.lock().unwrap_or_else(PoisonError::into_inner);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    tape.len += data.len();
+                    if tape.len <= MAX_MESSAGE_BYTES {
+                        tape.chunks.push(data.clone());
+                    } else {
+                        tape.chunks.clear();
+                    }
+                }
+                tape.ended |= ended;
+            }
+            Poll::Ready(None) => tape.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The leader as a follower sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Leader {
+    pub id: u64,
+    pub addr: String,
+}
+
+impl Relay {
+    /// Sends the request to the leader and relays its answer; transport
+    /// failures are said as such, naming the leader.
+    async fn forward(&self, leader: Leader, replay: Replay, body: Bytes) -> http::Response<Body> {
+        let (effect, timeout) = policy(replay.uri.path(), self.timeout);
+        let sent = async {
+            let channel = self
+                .peers
+                .channel(&leader.addr)
+                .map_err(Error::Unavailable)?;
+            let mut req = http::Request::new(Body::new(http_body_util::Full::new(body)));
+            *req.uri_mut() = replay.uri;
+            *req.headers_mut() = replay.headers;
+            mark_forwarded(req.headers_mut(), timeout);
+            channel
+                .oneshot(req)
+                .await
+                .map_err(|e| Status::from_error(Box::new(e)))
+        };
+        match sent.await {
+            Ok(answer) => answer,
+            Err(s) => leader.transport_failure(s, effect).into_http(),
+        }
+    }
+}
+
+/// Marks a request as forwarded, with the time the leader gets to answer.
+fn mark_forwarded(headers: &mut HeaderMap, timeout: Duration) {
+    headers.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
+    // gRPC's timeout header: at most 8 digits and a unit.
+    let ms = (timeout + FORWARD_MARGIN).as_millis().min(99_999_999);
+    if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+        headers.insert("grpc-timeout", v);
+    }
+}
+
+/// The cluster's revision, asked of the leader with a linearizable read.
+pub async fn leader_revision(
+    peers: &Peers,
+    leader: Leader,
+    timeout: Duration,
+) -> Result<u64, Status> {
+    let asked = async {
+        let channel = peers.channel(&leader.addr).map_err(Error::Unavailable)?;
+        let mut headers = HeaderMap::new();
+        mark_forwarded(&mut headers, timeout);
+        let req = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(headers),
+            tonic::Extensions::default(),
+            pb::ListServicesRequest {
+                consistency: pb::Consistency::Linearizable as i32,
+            },
+        );
+        RegistryClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .list_services(req)
+            .await
+    };
+    match asked.await {
+        Ok(r) => Ok(r.into_inner().revision),
+        Err(s) => Err(leader.transport_failure(s, Effect::Read)),
+    }
+}
+
+impl Leader {
+    fn transport_failure(&self, s: Status, effect: Effect) -> Status {
+        if s.code() == tonic::Code::Cancelled
+            && s.message() == tonic::TimeoutExpired(()).to_string()
+        {
+            let what = format!(
+                "forwarded to leader {} at {}, no answer in time",
+                self.id, self.addr
+            );
+            return match effect {
+                Effect::Read => Error::Unavailable(format!("{what}; retry")),
+                Effect::Write => Error::Timeout(format!("{what}; the write may have been applied")),
+            }
+            .into();
+        }
+        // The leader's own answers carry no source; transport failures do.
+        if std::error::Error::source(&s).is_none() {
+            return s;
+        }
+        let cause = error_chain(&s);
+        let what = format!(
+            "forwarding to leader {} at {} failed: {cause}",
+            self.id, self.addr
+        );
+        if !sent(&s) {
+            // The connection could not be made: the request never left this node.
+            Error::Unavailable(format!("{what}; not applied, retry"))
+        } else if effect == Effect::Read {
+            Error::Unavailable(format!("{what}; retry"))
+        } else {
+            Error::Interrupted(what)
+        }
+        .into()
+    }
+}
+
+/// Whether the request may have reached the peer: only a failure to connect
+/// (tonic's `ConnectError` somewhere in the causes) proves it did not.
+fn sent(s: &Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::ConnectError>().is_some() {
+            return false;
+        }
+        cause = c.source();
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_membership_changes_have_their_own_policy() {
+        let t = Duration::from_secs(3);
+        let of = |m| policy(&format!("/roster.v1.Registry/{m}"), t);
+        assert!(of("GetService") == (Effect::Read, t));
+        assert!(of("Watch") == (Effect::Read, t));
+        assert!(of("Register") == (Effect::Write, t));
+        assert!(of("SomethingNew") == (Effect::Write, t));
+        assert!(policy("/roster.v1.Cluster/AddMember", t) == (Effect::Write, CATCH_UP_TIMEOUT));
+    }
+
+    #[test]
+    fn a_refusal_names_the_leader_a_follower_forwards_to() {
+        let s: Status = Error::NotLeader {
+            leader: Some((3, "10.0.0.3:7000".into())),
+        }
+        .into();
+        let http = s.into_http::<Body>();
+        assert_eq!(
+            leader(http.headers()),
+            Some(Leader {
+                id: 3,
+                addr: "10.0.0.3:7000".into()
+            })
+        );
+        let none: Status = Error::NotLeader { leader: None }.into();
+        assert_eq!(leader(none.into_http::<Body>().headers()), None);
+    }
+}
