@@ -5,6 +5,9 @@
 //! (`benches/run.sh` installs etcd and protoc first, then runs this.)
 //! Writes the results table into BENCHMARKS.md between its result markers.
 
+/// The tests' port picker: below the ephemeral range, never one port twice.
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 mod procs;
 // Written for the tests; the benchmark uses only part of it.
 #[allow(dead_code)]

@@ -1,19 +1,14 @@
 //! The two clusters under test, as real processes on loopback: three `roster
 //! server`s and three `etcd`s, each with its data on the same disk.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+pub use crate::ports::free_port;
 
 /// CPU time (user + system) a process has used, from /proc.
 pub fn cpu_time(pid: u32) -> std::time::Duration {

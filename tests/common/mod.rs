@@ -5,10 +5,13 @@
 
 pub mod faults;
 pub mod netns;
+pub mod ports;
 pub mod proxy;
 pub mod targets;
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
+
+use ports::free_port;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -48,7 +51,7 @@ pub struct TestCluster {
 }
 
 /// How the nodes of a test cluster run, beyond their configuration.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 pub struct Setup {
     /// Hard and soft `RLIMIT_NOFILE` of each node process.
     pub fd_limit: Option<u64>,
@@ -65,17 +68,8 @@ pub struct Setup {
     pub proxies: bool,
 }
 
-/// A port free now, below the kernel's ephemeral range (32768 and up here):
-/// a port the kernel handed out and took back can be given at once to some
-/// other process's outgoing connection before the node binds it.
-fn free_port() -> u16 {
-    loop {
-        let port = fastrand::u16(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+/// What a node logs when its listen or metrics port was taken before it bound it.
+const PORT_TAKEN: &str = "Address already in use";
 
 impl TestCluster {
     /// Starts `n` nodes and waits until they agree on a leader.
@@ -106,6 +100,36 @@ impl TestCluster {
     /// cannot be had: network namespaces (see `netns`) and tmpfs mounts need
     /// root and iproute2.
     pub async fn start_setup(n: u64, extra: &str, setup: Setup) -> Result<TestCluster, String> {
+        for _ in 0..3 {
+            let c = Self::spawn_setup(n, extra, setup)?;
+            if c.started().await {
+                return Ok(c);
+            }
+            eprintln!("a port was taken before a node could bind it; starting on new ports");
+        }
+        Err("three attempts to start a cluster each lost a port to another process".into())
+    }
+
+    /// Waits until the nodes agree on a leader; false if a node lost its port.
+    async fn started(&self) -> bool {
+        let log_says = |n: &TestNode| {
+            std::fs::read_to_string(n.config.with_extension("log"))
+                .is_ok_and(|l| l.contains(PORT_TAKEN))
+        };
+        self.wait_for(
+            "a leader all running nodes agree on",
+            Duration::from_secs(20),
+            || async {
+                if self.nodes.iter().any(log_says) {
+                    return Some(false);
+                }
+                self.agreed_leader().await.map(|_| true)
+            },
+        )
+        .await
+    }
+
+    fn spawn_setup(n: u64, extra: &str, setup: Setup) -> Result<TestCluster, String> {
         let net = match setup.netns {
             true => Some(netns::NetLab::create(n)?),
             false => None,
@@ -152,7 +176,6 @@ impl TestCluster {
         for id in 1..=n {
             c.start_node(id);
         }
-        c.leader().await;
         Ok(c)
     }
 
@@ -454,19 +477,22 @@ impl TestCluster {
         self.wait_for(
             "a leader all running nodes agree on",
             Duration::from_secs(20),
-            || async {
-                let mut leader = None;
-                for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-                    let s = self.status(n.id).await?;
-                    if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
-                        return None;
-                    }
-                    leader = Some(s.leader_id);
-                }
-                leader.filter(|l| self.is_running(*l))
-            },
+            || self.agreed_leader(),
         )
         .await
+    }
+
+    /// The leader every running node reports, if they agree on one.
+    async fn agreed_leader(&self) -> Option<u64> {
+        let mut leader = None;
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let s = self.status(n.id).await?;
+            if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                return None;
+            }
+            leader = Some(s.leader_id);
+        }
+        leader.filter(|l| self.is_running(*l))
     }
 
     /// What the current leader has applied: once a node reaches it, it holds
