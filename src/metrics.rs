@@ -11,7 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use openraft::ServerState;
+use openraft::{RaftMetrics, ServerState};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::raft::election::Contact;
 use crate::raft::network::Peers;
-use crate::raft::Raft;
-use crate::registry::watch::SharedState;
+use crate::raft::{Node, NodeId, Raft};
+use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;
 
 /// Serves `/metrics` on `addr` until the returned task is aborted.
@@ -74,56 +74,65 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
 pub fn render(raft: &Raft, state: &SharedState, peers: &Peers, contact: &Contact) -> String {
     let m = raft.metrics().borrow().clone();
     let mut r = Registry::with_prefix("roster");
-    let idx = |v: Option<u64>| i64::try_from(v.unwrap_or(0)).unwrap_or(i64::MAX);
-    gauge(
-        &mut r,
-        "raft_term",
-        "Current Raft term",
-        idx(Some(m.current_term)),
-    );
-    gauge(
-        &mut r,
-        "raft_is_leader",
-        "1 on the leader",
-        i64::from(m.state == ServerState::Leader),
-    );
-    gauge(
-        &mut r,
-        "raft_leader_id",
-        "Node id of the known leader, 0 if none",
-        idx(contact.leader(&m)),
-    );
-    gauge(
-        &mut r,
-        "raft_last_log_index",
-        "Last log index",
-        idx(m.last_log_index),
-    );
-    gauge(
-        &mut r,
-        "raft_applied_index",
-        "Last applied index",
-        idx(m.last_applied.map(|l| l.index)),
-    );
-    gauge(
-        &mut r,
-        "raft_snapshot_index",
-        "Index of the last snapshot",
-        idx(m.snapshot.map(|l| l.index)),
-    );
-    gauge(
-        &mut r,
-        "raft_purged_index",
-        "Log purged up to this index",
-        idx(m.purged.map(|l| l.index)),
-    );
-    gauge(
-        &mut r,
-        "raft_voters",
-        "Voting members",
-        m.membership_config.membership().voter_ids().count() as i64,
-    );
-    if m.state == ServerState::Leader {
+    raft_metrics(&mut r, &m, peers, contact);
+    if let Ok(st) = state.read() {
+        registry_metrics(&mut r, &st);
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
+
+fn index(v: Option<u64>) -> i64 {
+    i64::try_from(v.unwrap_or(0)).unwrap_or(i64::MAX)
+}
+
+/// Raft progress as this node sees it, and on the leader each peer's round trip.
+fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, contact: &Contact) {
+    let leading = m.state == ServerState::Leader;
+    let gauges = [
+        (
+            "raft_term",
+            "Current Raft term",
+            index(Some(m.current_term)),
+        ),
+        ("raft_is_leader", "1 on the leader", i64::from(leading)),
+        (
+            "raft_leader_id",
+            "Node id of the known leader, 0 if none",
+            index(contact.leader(m)),
+        ),
+        (
+            "raft_last_log_index",
+            "Last log index",
+            index(m.last_log_index),
+        ),
+        (
+            "raft_applied_index",
+            "Last applied index",
+            index(m.last_applied.map(|l| l.index)),
+        ),
+        (
+            "raft_snapshot_index",
+            "Index of the last snapshot",
+            index(m.snapshot.map(|l| l.index)),
+        ),
+        (
+            "raft_purged_index",
+            "Log purged up to this index",
+            index(m.purged.map(|l| l.index)),
+        ),
+        (
+            "raft_voters",
+            "Voting members",
+            m.membership_config.membership().voter_ids().count() as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        gauge(r, name, help, value);
+    }
+    if leading {
         let rtt: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>> = Family::default();
         for (peer, d) in peers.rtts() {
             rtt.get_or_create(&vec![("peer".to_string(), peer.to_string())])
@@ -135,48 +144,46 @@ pub fn render(raft: &Raft, state: &SharedState, peers: &Peers, contact: &Contact
             rtt,
         );
     }
-    if let Ok(st) = state.read() {
-        gauge(
-            &mut r,
-            "registry_revision",
-            "Revision of the catalogue",
-            idx(Some(st.catalog.revision())),
-        );
-        gauge(
-            &mut r,
-            "registry_services",
-            "Services with instances",
-            st.catalog.service_count() as i64,
-        );
-        // One pass over the catalogue: it is read under the lock writes need.
-        let mut counts = [0i64; 3];
-        for i in st.catalog.all_instances() {
-            counts[match i.status {
-                HealthStatus::Passing => 0,
-                HealthStatus::Warning => 1,
-                HealthStatus::Critical => 2,
-            }] += 1;
-        }
-        let by_status: Family<Vec<(String, String)>, Gauge> = Family::default();
-        for (name, n) in ["passing", "warning", "critical"].into_iter().zip(counts) {
-            by_status
-                .get_or_create(&vec![("status".to_string(), name.to_string())])
-                .set(n);
-        }
-        r.register(
-            "registry_instances",
-            "Instances by health status",
-            by_status,
-        );
-        gauge(
-            &mut r,
-            "watch_streams",
-            "Open watch streams, the leader's health checker included",
-            st.hub.watchers() as i64,
-        );
+}
+
+/// The catalogue's size and health, and the open watch streams.
+fn registry_metrics(r: &mut Registry, st: &RegistryState) {
+    gauge(
+        r,
+        "registry_revision",
+        "Revision of the catalogue",
+        index(Some(st.catalog.revision())),
+    );
+    gauge(
+        r,
+        "registry_services",
+        "Services with instances",
+        st.catalog.service_count() as i64,
+    );
+    // One pass over the catalogue: it is read under the lock writes need.
+    let mut counts = [0i64; 3];
+    for i in st.catalog.all_instances() {
+        counts[match i.status {
+            HealthStatus::Passing => 0,
+            HealthStatus::Warning => 1,
+            HealthStatus::Critical => 2,
+        }] += 1;
     }
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, &r);
-    out
+    let by_status: Family<Vec<(String, String)>, Gauge> = Family::default();
+    for (name, n) in ["passing", "warning", "critical"].into_iter().zip(counts) {
+        by_status
+            .get_or_create(&vec![("status".to_string(), name.to_string())])
+            .set(n);
+    }
+    r.register(
+        "registry_instances",
+        "Instances by health status",
+        by_status,
+    );
+    gauge(
+        r,
+        "watch_streams",
+        "Open watch streams, the leader's health checker included",
+        st.hub.watchers() as i64,
+    );
 }

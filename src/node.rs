@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
+use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::api::cluster::ClusterApi;
 use crate::api::forward::Forward;
@@ -26,7 +27,7 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
-use crate::raft::election::{self, Contact};
+use crate::raft::election::{self, Contact, Timing};
 use crate::raft::incarnation::{self, Learned};
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
@@ -37,6 +38,7 @@ use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
+use crate::registry::watch::SharedState;
 
 /// How long a new node waits for each initial member's status before bootstrapping.
 const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -51,9 +53,12 @@ pub struct NodeHandle {
     peers: Peers,
     proposer: Arc<Proposer>,
     stop: oneshot::Sender<()>,
-    server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    server: ServerTask,
     metrics: Option<JoinHandle<()>>,
 }
+
+/// The gRPC server, until it stops.
+type ServerTask = JoinHandle<std::result::Result<(), tonic::transport::Error>>;
 
 /// How long a stopping leader waits for a follower to take over.
 const TRANSFER_LIMIT: Duration = Duration::from_secs(2);
@@ -300,12 +305,67 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
         .map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))
 }
 
+/// What the node's front-ends and background tasks share.
+struct Core {
+    raft: Raft,
+    me: Identity,
+    state: SharedState,
+    peers: Peers,
+    contact: Contact,
+    proposer: Arc<Proposer>,
+    timing: Timing,
+}
+
 /// Opens the data directory, starts Raft and serves gRPC on `cfg.listen`.
 /// A node whose data directory is empty bootstraps the initial cluster.
 pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let members = cfg
         .validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let (core, pristine) = start_raft(&cfg, &members).await?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| Error::Unavailable(format!("bind {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let leases = Arc::new(Leases::default());
+    let health_service = spawn_tasks(&core, &cfg, leases.clone());
+    let (stop, server) = serve(&core, &cfg, listener, leases, health_service)?;
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::serve(
+                addr,
+                core.raft.clone(),
+                core.state.clone(),
+                core.peers.clone(),
+                core.contact.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if !members.is_empty() && pristine {
+        bootstrap(&core.raft, members).await?;
+    }
+    tracing::info!(id = cfg.id, %addr, cluster = %cfg.cluster_id, "node started");
+    Ok(NodeHandle {
+        id: cfg.id,
+        addr,
+        raft: core.raft,
+        me: core.me,
+        peers: core.peers,
+        proposer: core.proposer,
+        stop,
+        server,
+        metrics,
+    })
+}
+
+/// Opens and checks the data directory and starts the Raft core on it; also
+/// says whether this node has never voted nor logged anything (it may
+/// bootstrap).
+async fn start_raft(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Result<(Core, bool)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Storage(format!("create {}: {e}", cfg.data_dir.display())))?;
     let Storage {
@@ -313,17 +373,16 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         marker,
         state_machine,
         fresh,
-    } = open_storage(&cfg).map_err(|e| match e {
-        Error::Storage(what) => damaged(&cfg, &what),
+    } = open_storage(cfg).map_err(|e| match e {
+        Error::Storage(what) => damaged(cfg, &what),
         e => e,
     })?;
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
     let durable = log_store.durable();
     if fresh && !members.is_empty() {
-        check_not_known(&cfg, &members).await?;
+        check_not_known(cfg, members).await?;
     }
-    // Only a node that has never voted nor logged anything bootstraps.
     let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
         && log_store
             .get_log_state()
@@ -337,21 +396,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let peers = Peers::new(timing.rpc_timeout);
     let raft = Raft::new(
         cfg.id,
-        Arc::new(raft_config(&cfg)?),
+        Arc::new(raft_config(cfg)?),
         Network::new(me.clone(), peers.clone(), learned.clone(), timing.heartbeat),
         log_store,
         state_machine,
     )
     .await
     .map_err(|e| Error::Internal(format!("start raft: {e}")))?;
-
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| Error::Unavailable(format!("bind {}: {e}", cfg.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
-
     let contact = Contact::new(timing.election_max);
     let proposer = Arc::new(Proposer::new(
         raft.clone(),
@@ -361,53 +412,79 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         contact.clone(),
         cfg.request_timeout(),
     ));
-    let leases = Arc::new(Leases::default());
+    // A leader counts as alive for the shortest election timeout after a
+    // quorum last answered it; the binding task polls at heartbeat pace.
+    tokio::spawn(incarnation::bind(
+        raft.clone(),
+        cfg.id,
+        me.incarnation,
+        learned,
+        timing.election_min,
+        timing.heartbeat,
+    ));
+    let core = Core {
+        raft,
+        me,
+        state,
+        peers,
+        contact,
+        proposer,
+        timing,
+    };
+    Ok((core, pristine))
+}
+
+/// Starts what runs beside the server: health checks (on the leader),
+/// heartbeats and elections, the quorum check, readiness reporting. Returns
+/// the gRPC health service readiness is reported on.
+fn spawn_tasks(core: &Core, cfg: &NodeConfig, leases: Arc<Leases>) -> HealthServer<impl Health> {
+    let (raft, timing) = (&core.raft, core.timing);
     tokio::spawn(health::supervise(
         raft.clone(),
         cfg.id,
         Arc::new(CheckContext {
-            state: state.clone(),
-            proposer: proposer.clone(),
-            leases: leases.clone(),
+            state: core.state.clone(),
+            proposer: core.proposer.clone(),
+            leases,
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),
     ));
     tokio::spawn(election::heartbeats(raft.clone(), cfg.id, timing.heartbeat));
     tokio::spawn(election::campaigns(
         raft.clone(),
-        me.clone(),
-        peers.clone(),
-        contact.clone(),
+        core.me.clone(),
+        core.peers.clone(),
+        core.contact.clone(),
         timing,
     ));
-    // A leader counts as alive for the shortest election timeout after a
-    // quorum last answered it; with no answer for the longest one, followers
-    // will have elected another, and it steps down.
-    let lease = timing.election_min;
-    let poll = timing.heartbeat;
+    // With no answer from a quorum for the longest election timeout, followers
+    // will have elected another: the leader steps down.
     tokio::spawn(leadership::check_quorum(
         raft.clone(),
         cfg.id,
         timing.election_max,
-        poll,
-    ));
-    tokio::spawn(incarnation::bind(
-        raft.clone(),
-        cfg.id,
-        me.incarnation,
-        learned,
-        lease,
-        poll,
+        timing.heartbeat,
     ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(report_readiness(
         raft.clone(),
         cfg.id,
-        lease,
-        poll,
-        contact.clone(),
+        timing.election_min,
+        timing.heartbeat,
+        core.contact.clone(),
         health_reporter,
     ));
+    health
+}
+
+/// Serves the gRPC services on `listener` until the returned sender fires.
+fn serve(
+    core: &Core,
+    cfg: &NodeConfig,
+    listener: TcpListener,
+    leases: Arc<Leases>,
+    health: HealthServer<impl Health>,
+) -> Result<(oneshot::Sender<()>, ServerTask)> {
     // Both versions, since many tools still speak v1alpha; the public API only.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -420,82 +497,51 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-
+    let registry = RegistryServer::new(RegistryApi::new(
+        core.state.clone(),
+        core.proposer.clone(),
+        core.peers.clone(),
+        leases,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let cluster = ClusterServer::new(ClusterApi::new(
+        core.raft.clone(),
+        core.me.clone(),
+        core.state.clone(),
+        core.proposer.clone(),
+        core.peers.clone(),
+        core.contact.clone(),
+    ));
+    let raft_transport = RaftTransportServer::new(RaftService::new(
+        core.raft.clone(),
+        core.me.clone(),
+        core.contact.clone(),
+        core.timing.election_min,
+        recovery(cfg),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let timeout = cfg.request_timeout();
     let limits = &cfg.connections;
     let max_connections =
         net::max_connections(limits, net::raise_fd_limit(), cfg.max_concurrent_probes);
     let (stop, stopped) = oneshot::channel::<()>();
-    let timeout = cfg.request_timeout();
     let server = Server::builder()
         // Pings find dead peers and clients; the listener closes idle and silent ones.
         .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
         .layer(net::TrackRequestsLayer)
-        .add_service(
-            RaftTransportServer::new(RaftService::new(
-                raft.clone(),
-                me.clone(),
-                contact.clone(),
-                timing.election_min,
-                recovery(&cfg),
-            ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(Forward::new(
-            RegistryServer::new(RegistryApi::new(
-                state.clone(),
-                proposer.clone(),
-                peers.clone(),
-                leases,
-            ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            peers.clone(),
-            timeout,
-        ))
-        .add_service(Forward::new(
-            ClusterServer::new(ClusterApi::new(
-                raft.clone(),
-                me.clone(),
-                state.clone(),
-                proposer.clone(),
-                peers.clone(),
-                contact.clone(),
-            )),
-            peers.clone(),
-            timeout,
-        ))
+        .add_service(raft_transport)
+        .add_service(Forward::new(registry, core.peers.clone(), timeout))
+        .add_service(Forward::new(cluster, core.peers.clone(), timeout))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(net::incoming(listener, limits, max_connections), async {
             let _ = stopped.await;
         });
-    let server = tokio::spawn(server);
-    let metrics = match cfg.metrics_listen {
-        Some(addr) => Some(
-            crate::metrics::serve(addr, raft.clone(), state, peers.clone(), contact.clone())
-                .await?,
-        ),
-        None => None,
-    };
-
-    if !members.is_empty() && pristine {
-        bootstrap(&raft, members).await?;
-    }
-    tracing::info!(id = cfg.id, %addr, cluster = %cfg.cluster_id, "node started");
-    Ok(NodeHandle {
-        id: cfg.id,
-        addr,
-        raft,
-        me,
-        peers,
-        proposer,
-        stop,
-        server,
-        metrics,
-    })
+    Ok((stop, tokio::spawn(server)))
 }
 
 /// The gRPC health service answers per service: `roster.v1.Registry` and
