@@ -268,6 +268,16 @@ impl NodeConfig {
                 self.initial_cluster, self.id
             ));
         }
+        // Peers dial what the initial cluster says: it must be what this node advertises.
+        if let (Some(listed), Some(advertised)) = (members.get(&self.id), &self.advertise) {
+            if listed != advertised {
+                return invalid(format!(
+                    "the initial cluster lists node {} at {listed}, but it advertises {advertised}; \
+                     make them the same address",
+                    self.id
+                ));
+            }
+        }
         Ok(members)
     }
 }
@@ -317,6 +327,23 @@ mod tests {
         assert!(parse_initial_cluster("x=a:1").is_err());
         assert!(parse_initial_cluster("1=a").is_err());
         assert!(parse_initial_cluster("1=a:0").is_err());
+    }
+
+    #[test]
+    fn the_initial_cluster_must_list_this_node_at_its_advertised_address() {
+        let cfg = |advertise: &str| -> NodeConfig {
+            let text = format!(
+                "id = 1\nlisten = \"0.0.0.0:7001\"\n{advertise}data_dir = \"/tmp/x\"\n\
+                 initial_cluster = \"1=node-1:7001,2=node-2:7001\"\n"
+            );
+            toml::from_str(&text).expect("valid config")
+        };
+        assert!(cfg("advertise = \"node-1:7001\"\n").validate().is_ok());
+        assert!(cfg("").validate().is_ok());
+        let e = cfg("advertise = \"10.0.0.1:7001\"\n")
+            .validate()
+            .expect_err("another address");
+        assert!(e.to_string().contains("lists node 1 at node-1:7001"), "{e}");
     }
 
     #[test]

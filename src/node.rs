@@ -508,6 +508,7 @@ fn serve(
     let cluster = ClusterServer::new(ClusterApi::new(
         core.raft.clone(),
         core.me.clone(),
+        cfg.advertise.clone(),
         core.state.clone(),
         core.proposer.clone(),
         core.peers.clone(),

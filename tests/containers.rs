@@ -257,7 +257,18 @@ async fn container_killed_node_restarts_from_its_volume_and_catches_up() {
         return;
     }
     let c = DockerCluster::start();
-    c.leader(&[1, 2, 3]).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    // Each node gives its peers the name it advertises (its alias on the
+    // container network, not its 0.0.0.0 listen address), and the membership
+    // the cluster replicates records those names.
+    let members = c.status(leader).await.expect("status").members;
+    assert_eq!(members.len(), 3, "{members:?}");
+    for m in &members {
+        let advertised = format!("{}:7001", c.host(m.id));
+        assert_eq!(m.address, advertised, "{members:?}");
+        let s = c.status(m.id).await.expect("status");
+        assert_eq!(s.advertise_address, advertised);
+    }
     let follower = {
         let l = c.leader(&[1, 2, 3]).await;
         (1..=3).find(|&i| i != l).expect("a follower")

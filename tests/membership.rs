@@ -24,6 +24,21 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
     }
 
     let (n4, n5) = (c.start_spare(), c.start_spare());
+    // Peers dial what a node advertises: added under another address, it is refused.
+    let other = c.endpoint(n4).replace("127.0.0.1", "localhost");
+    let e = client
+        .add_member(AddMemberRequest {
+            id: n4,
+            address: other,
+        })
+        .await
+        .expect_err("another address than the node advertises");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .contains(&format!("advertises {}", c.endpoint(n4))),
+        "{e:?}"
+    );
     for id in [n4, n5] {
         let r = client
             .add_member(AddMemberRequest {
@@ -33,8 +48,10 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
             .await
             .unwrap_or_else(|e| panic!("add node {id}: {e}"));
         assert!(voters(&r).contains(&id), "{r:?}");
-        // Added bound to its data directory.
-        let own = c.status(id).await.expect("status").incarnation;
+        // Added bound to its data directory, at the address it advertises.
+        let own = c.status(id).await.expect("status");
+        assert_eq!(own.advertise_address, c.endpoint(id));
+        let own = own.incarnation;
         let member = r.members.iter().find(|m| m.id == id).expect("member");
         assert!(own != 0 && member.incarnation == own, "{r:?}");
     }

@@ -30,6 +30,8 @@ pub struct ClusterApi {
     raft: Raft,
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
+    /// What this node gives peers and clients (`--advertise`), if set.
+    advertise: Option<String>,
     state: SharedState,
     proposer: Arc<Proposer>,
     peers: Peers,
@@ -40,6 +42,7 @@ impl ClusterApi {
     pub fn new(
         raft: Raft,
         me: Identity,
+        advertise: Option<String>,
         state: SharedState,
         proposer: Arc<Proposer>,
         peers: Peers,
@@ -48,6 +51,7 @@ impl ClusterApi {
         ClusterApi {
             raft,
             me,
+            advertise,
             state,
             proposer,
             peers,
@@ -106,6 +110,13 @@ impl ClusterApi {
             return Err(Error::FailedPrecondition(format!(
                 "the node at {addr} is node {} of cluster {:?}, not node {id} of {:?}",
                 s.node_id, s.cluster_id, self.me.cluster_id
+            )));
+        }
+        if !s.advertise_address.is_empty() && s.advertise_address != addr {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} advertises {}, not {addr}: add it with --address {} \
+                 (or restart it with --advertise {addr})",
+                s.advertise_address, s.advertise_address
             )));
         }
         let known = self
@@ -207,6 +218,7 @@ impl Cluster for ClusterApi {
             revision,
             purged_index: m.purged.map_or(0, |l| l.index),
             incarnation: self.me.incarnation,
+            advertise_address: self.advertise.clone().unwrap_or_default(),
         }))
     }
 

@@ -231,8 +231,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     for (endpoint, r) in c.status_all().await {
         match r {
             Ok(s) => {
+                let advertise = match s.advertise_address.as_str() {
+                    "" => String::new(),
+                    a => format!(" advertise={a}"),
+                };
                 println!(
-                    "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}",
+                    "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}{advertise}",
                     s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id, s.incarnation
                 );
                 println!("  members: {}", members(&s.members));
