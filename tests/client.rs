@@ -160,17 +160,26 @@ async fn keepalive_registration_stays_passing_through_a_leader_kill() {
         .register_with_keepalive(echo_instance(&node, None), Duration::from_millis(1500))
         .await
         .expect("register");
-    let mut stream = client
+    let old = c.leader().await;
+    // Watched on a node that survives the kill, so the stream spans the failover.
+    let survivor = if old == 1 { 2 } else { 1 };
+    let mut stream = c
+        .node_client(survivor)
         .watch(WatchRequest {
             service: "echo".into(),
             since_revision: 0,
         })
         .await
         .expect("watch");
+    let (synced, initial) = tokio::sync::oneshot::channel();
     let critical = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = critical.clone();
     let watcher = tokio::spawn(async move {
+        let mut synced = Some(synced);
         while let Ok(Some(m)) = stream.message().await {
+            if let Some(s) = synced.take() {
+                let _ = s.send(m.instances);
+            }
             if m.events.iter().any(|e| {
                 e.instance
                     .as_ref()
@@ -180,8 +189,13 @@ async fn keepalive_registration_stays_passing_through_a_leader_kill() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let old = c.leader().await;
+    // Once the watcher holds the full state, every later change reaches it.
+    let initial = tokio::time::timeout(Duration::from_secs(10), initial)
+        .await
+        .expect("the watch's initial state")
+        .expect("watcher running");
+    assert_eq!(initial.len(), 1);
+    assert_eq!(initial[0].status, HealthStatus::Passing as i32);
     c.kill(old);
     c.leader().await;
     // Several TTLs after the failover.
@@ -206,6 +220,10 @@ async fn keepalive_registration_stays_passing_through_a_leader_kill() {
     assert!(
         !critical.load(std::sync::atomic::Ordering::SeqCst),
         "a watcher saw it critical"
+    );
+    assert!(
+        !watcher.is_finished(),
+        "the watch ended during the failover"
     );
     registration.shutdown().await.expect("shutdown");
     assert!(

@@ -2,6 +2,7 @@
 //! leader and stops when it loses leadership, and only status *transitions* go
 //! through Raft, batched, so every node and watcher sees the same status.
 
+pub mod checks;
 pub mod probe;
 pub mod runner;
 pub mod tracker;

@@ -16,10 +16,14 @@ pub struct Leases {
 
 impl Leases {
     pub fn renew(&self, service: &str, id: &str) {
+        self.renew_at(service, id, Instant::now());
+    }
+
+    /// A renewal at `now`: the checker's tests run on a clock of their own.
+    pub fn renew_at(&self, service: &str, id: &str, now: Instant) {
         let Ok(mut m) = self.renewed.lock() else {
             return;
         };
-        let now = Instant::now();
         match m.get_mut(service).and_then(|ids| ids.get_mut(id)) {
             Some(at) => *at = now,
             None => {
