@@ -38,10 +38,10 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
+use crate::grpc::{channel, MAX_MESSAGE_BYTES};
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::*;
-use crate::raft::network::{channel, MAX_MESSAGE_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
