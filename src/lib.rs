@@ -1,9 +1,9 @@
 //! Roster: a Raft-replicated service registry.
 //!
 //! The crate is laid out by layer; `ARCHITECTURE.md` walks a write, a read and a
-//! watch event through them. Its API is the Rust client and the protobuf types
-//! (feature `client`); the default feature `server` adds the node, whose entry
-//! point is the `roster` binary's.
+//! watch event through them. The public API is the Rust client and the
+//! protobuf types (feature `client`); the default feature `server` adds the
+//! node, reached only through `main`, the `roster` binary's entry point.
 
 #[cfg(feature = "client")]
 pub mod client;
