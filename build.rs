@@ -12,14 +12,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &all {
         println!("cargo:rerun-if-changed=proto/{p}");
     }
+    // Only the node serves these services: a client-only build (no `server`
+    // feature) gets the messages and client stubs, and no reflection data.
+    let server = std::env::var_os("CARGO_FEATURE_SERVER").is_some();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // protox compiles in pure Rust, so building needs no system protoc.
-    let public = protox::compile(PUBLIC, ["proto"])?;
-    std::fs::write(
-        out.join("roster_public_descriptor.bin"),
-        public.encode_to_vec(),
-    )?;
+    if server {
+        let public = protox::compile(PUBLIC, ["proto"])?;
+        std::fs::write(
+            out.join("roster_public_descriptor.bin"),
+            public.encode_to_vec(),
+        )?;
+    }
     tonic_prost_build::configure()
+        .build_server(server)
         .codec_path("crate::codec::Codec")
         .compile_fds(protox::compile(all, ["proto"])?)?;
     Ok(())

@@ -1,17 +1,39 @@
 //! Roster: a Raft-replicated service registry.
 //!
 //! The crate is laid out by layer; `ARCHITECTURE.md` walks a write, a read and a
-//! watch event through them.
+//! watch event through them. The public API is the Rust client and the
+//! protobuf types (feature `client`); the default feature `server` adds the
+//! node, reached only through `main`, the `roster` binary's entry point.
 
-pub mod api;
+#[cfg(feature = "client")]
 pub mod client;
-pub mod codec;
-pub mod config;
-pub mod error;
-pub mod health;
-pub mod metrics;
-pub mod net;
-pub mod node;
+#[cfg(feature = "client")]
+mod codec;
+#[cfg(feature = "client")]
+mod grpc;
+#[cfg(feature = "client")]
 pub mod proto;
-pub mod raft;
-pub mod registry;
+
+#[cfg(feature = "server")]
+mod api;
+#[cfg(feature = "server")]
+mod cli;
+#[cfg(feature = "server")]
+mod config;
+#[cfg(feature = "server")]
+mod error;
+#[cfg(feature = "server")]
+mod health;
+#[cfg(feature = "server")]
+mod metrics;
+#[cfg(feature = "server")]
+mod net;
+#[cfg(feature = "server")]
+mod node;
+#[cfg(feature = "server")]
+mod raft;
+#[cfg(feature = "server")]
+mod registry;
+
+#[cfg(feature = "server")]
+pub use cli::main;

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::config::ConnectionLimits;
 
@@ -341,7 +341,6 @@ pub struct Conn {
 /// What a request learns of its connection (a request extension).
 #[derive(Clone)]
 pub struct ConnInfo {
-    pub tcp: TcpConnectInfo,
     activity: Arc<Activity>,
 }
 
@@ -350,7 +349,6 @@ impl Connected for Conn {
 
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
-            tcp: self.io.connect_info(),
             activity: self.slot.activity.clone(),
         }
     }

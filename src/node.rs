@@ -19,6 +19,7 @@ use crate::api::forward::Forward;
 use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
+use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::health::{self, CheckContext};
 use crate::net;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
@@ -32,7 +33,7 @@ use crate::raft::incarnation::{self, Learned};
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
-use crate::raft::network::{Network, Peers, MAX_ENTRIES, MAX_MESSAGE_BYTES};
+use crate::raft::network::{Network, Peers, MAX_ENTRIES};
 use crate::raft::proposer::Proposer;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
@@ -265,7 +266,7 @@ async fn check_not_known(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -
 }
 
 async fn peer_status(addr: &str) -> Option<pb::StatusResponse> {
-    let ch = crate::raft::network::channel(addr, PEER_CHECK_TIMEOUT).ok()?;
+    let ch = crate::grpc::channel(addr, PEER_CHECK_TIMEOUT).ok()?;
     let mut req = tonic::Request::new(pb::StatusRequest {});
     req.set_timeout(PEER_CHECK_TIMEOUT);
     ClusterClient::new(ch)

@@ -6,6 +6,8 @@ pub mod v1 {
     tonic::include_proto!("roster.v1");
 }
 
+/// The node-to-node transport.
+#[cfg(feature = "server")]
 pub mod raft_v1 {
     tonic::include_proto!("roster.raft.v1");
 }
@@ -17,5 +19,6 @@ pub mod echo {
 
 /// Encoded `FileDescriptorSet` of the public API only (`roster.v1`), served by
 /// gRPC reflection; the Raft transport and the example stay unadvertised.
+#[cfg(feature = "server")]
 pub const PUBLIC_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/roster_public_descriptor.bin"));

@@ -10,12 +10,13 @@ use tonic::{Request, Response, Status};
 
 use crate::config::parse_initial_cluster;
 use crate::error::Error;
+use crate::grpc::channel;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
 use crate::raft::election::Contact;
 use crate::raft::marker::Identity;
-use crate::raft::network::{channel, Peers};
+use crate::raft::network::Peers;
 use crate::raft::proposer::Proposer;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;

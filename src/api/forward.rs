@@ -25,9 +25,10 @@ use tower::{Service, ServiceExt};
 
 use super::cluster::CATCH_UP_TIMEOUT;
 use crate::error::{Error, LEADER_ADDRESS_HEADER, LEADER_ID_HEADER};
+use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_client::RegistryClient;
-use crate::raft::network::{error_chain, Peers, MAX_MESSAGE_BYTES};
+use crate::raft::network::{error_chain, Peers};
 
 /// Extra time a follower waits for the leader's answer to a forwarded request:
 /// the leader answers within its own deadline, and its answer (which knows

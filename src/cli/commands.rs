@@ -1,7 +1,7 @@
 //! Client subcommands: one call each, printed for people.
 
-use roster::client::RosterClient;
-use roster::proto::v1::*;
+use crate::client::RosterClient;
+use crate::proto::v1::*;
 
 use super::{
     CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,

@@ -2,9 +2,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use crate::config::NodeConfig;
+use crate::node;
 use anyhow::Context;
-use roster::config::NodeConfig;
-use roster::node;
 
 use super::{DevArgs, ServerArgs};
 

@@ -31,17 +31,17 @@ pub mod picker;
 pub mod resolver;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Response, Status, Streaming};
 
+use crate::grpc::{channel, MAX_MESSAGE_BYTES};
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::*;
-use crate::raft::network::{channel, MAX_MESSAGE_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -105,12 +105,14 @@ impl RosterClient {
         &self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
     }
 
-    /// Runs `f` against the preferred node, then the others, pausing briefly
-    /// between rounds while nodes are down or a leader is being elected.
-    async fn retry<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    /// Sends `req` with `send` to the preferred node, then the others,
+    /// pausing briefly between rounds while nodes are down or a leader is
+    /// being elected; every method goes through here.
+    async fn call<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Status>
     where
-        F: FnMut(Channel) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
+        Req: Clone,
+        F: FnMut(Channel, Req) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let n = self.channels.len();
         let deadline = tokio::time::Instant::now() + self.retry_for;
@@ -120,10 +122,10 @@ impl RosterClient {
         while tokio::time::Instant::now() < deadline {
             for step in 0..n {
                 let i = (self.preferred.load(Ordering::Relaxed) + step) % n;
-                match f(self.channels[i].clone()).await {
+                match send(self.channels[i].clone(), req.clone()).await {
                     Ok(v) => {
                         self.preferred.store(i, Ordering::Relaxed);
-                        return Ok(v);
+                        return Ok(v.into_inner());
                     }
                     Err(s) if retryable(&s) => last = s,
                     Err(s) => return Err(s),
@@ -142,10 +144,10 @@ impl RosterClient {
     }
 
     pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(Self::registry(ch).register(req).await?.into_inner()) }
-        })
+        self.call(
+            req,
+            |ch, r| async move { Self::registry(ch).register(r).await },
+        )
         .await
     }
 
@@ -153,18 +155,19 @@ impl RosterClient {
     /// `NOT_FOUND` means the first attempt removed it: that is a success
     /// (with revision 0, as the revision it was removed at is not known).
     pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, Status> {
-        let uncertain = std::sync::atomic::AtomicBool::new(false);
+        let uncertain = AtomicBool::new(false);
         let answer = self
-            .retry(|ch| {
-                let (req, uncertain) = (req.clone(), &uncertain);
+            .call(req, |ch, r| {
+                let uncertain = &uncertain;
                 async move {
-                    let r = Self::registry(ch).deregister(req).await;
-                    if r.as_ref()
+                    let answer = Self::registry(ch).deregister(r).await;
+                    if answer
+                        .as_ref()
                         .is_err_and(|s| retryable(s) && s.code() != Code::Unavailable)
                     {
                         uncertain.store(true, Ordering::Relaxed);
                     }
-                    Ok(r?.into_inner())
+                    answer
                 }
             })
             .await;
@@ -177,17 +180,16 @@ impl RosterClient {
     }
 
     pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(Self::registry(ch).heartbeat(req).await?.into_inner()) }
-        })
+        self.call(
+            req,
+            |ch, r| async move { Self::registry(ch).heartbeat(r).await },
+        )
         .await
     }
 
     pub async fn get_service(&self, req: GetServiceRequest) -> Result<GetServiceResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(Self::registry(ch).get_service(req).await?.into_inner()) }
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).get_service(r).await
         })
         .await
     }
@@ -196,9 +198,9 @@ impl RosterClient {
         &self,
         req: ListServicesRequest,
     ) -> Result<ListServicesResponse, Status> {
-        self.retry(
-            |ch| async move { Ok(Self::registry(ch).list_services(req).await?.into_inner()) },
-        )
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).list_services(r).await
+        })
         .await
     }
 
@@ -206,24 +208,18 @@ impl RosterClient {
         &self,
         req: ConfigureServiceRequest,
     ) -> Result<ConfigureServiceResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move {
-                Ok(Self::registry(ch)
-                    .configure_service(req)
-                    .await?
-                    .into_inner())
-            }
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).configure_service(r).await
         })
         .await
     }
 
     /// Opens a watch stream on the first node that accepts it.
     pub async fn watch(&self, req: WatchRequest) -> Result<Streaming<WatchResponse>, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(Self::registry(ch).watch(req).await?.into_inner()) }
-        })
+        self.call(
+            req,
+            |ch, r| async move { Self::registry(ch).watch(r).await },
+        )
         .await
     }
 
@@ -281,9 +277,8 @@ impl RosterClient {
 
     /// Adds a running node as a voter (the cluster grows online).
     pub async fn add_member(&self, req: AddMemberRequest) -> Result<MembershipResponse, Status> {
-        self.retry(|ch| {
-            let req = req.clone();
-            async move { Ok(ClusterClient::new(ch).add_member(req).await?.into_inner()) }
+        self.call(req, |ch, r| async move {
+            ClusterClient::new(ch).add_member(r).await
         })
         .await
     }
@@ -293,22 +288,16 @@ impl RosterClient {
         &self,
         req: RemoveMemberRequest,
     ) -> Result<MembershipResponse, Status> {
-        self.retry(|ch| async move {
-            Ok(ClusterClient::new(ch)
-                .remove_member(req)
-                .await?
-                .into_inner())
+        self.call(req, |ch, r| async move {
+            ClusterClient::new(ch).remove_member(r).await
         })
         .await
     }
 
     /// Status of the first node that answers.
     pub async fn status(&self) -> Result<StatusResponse, Status> {
-        self.retry(|ch| async move {
-            Ok(ClusterClient::new(ch)
-                .status(StatusRequest {})
-                .await?
-                .into_inner())
+        self.call(StatusRequest {}, |ch, r| async move {
+            ClusterClient::new(ch).status(r).await
         })
         .await
     }

@@ -16,7 +16,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 use super::incarnation::{self, Learned};
@@ -25,6 +25,7 @@ use super::{
     decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, INCARNATION_HEADER,
     TARGET_INCARNATION_HEADER,
 };
+use crate::grpc::{endpoint, MAX_MESSAGE_BYTES};
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use crate::proto::raft_v1::RaftPayload;
 
@@ -43,17 +44,6 @@ pub const MAX_ENTRIES: u64 = 512;
 const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Snapshot chunks and entry batches can be several MiB; tonic's default cap is 4 MiB.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-/// A lazily connecting channel to `addr` ("host:port").
-pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
 /// HTTP/2 pings on peer connections: a connection to a peer that vanished
 /// (host down, cable cut, no RST) is closed and dialled again on the next
 /// request, instead of swallowing requests until each times out.
@@ -62,9 +52,7 @@ const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A long-lived channel to a peer: one HTTP/2 connection, reconnected when it breaks.
 fn peer_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
+    Ok(endpoint(addr, connect_timeout)?
         .http2_keep_alive_interval(PEER_KEEPALIVE)
         .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)

@@ -189,14 +189,6 @@ impl Catalog {
         self.services.len()
     }
 
-    pub fn len(&self) -> usize {
-        self.services.values().map(|m| m.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
-    }
-
     pub fn summaries(&self) -> Vec<ServiceSummary> {
         self.services
             .iter()
@@ -315,7 +307,7 @@ mod tests {
         );
         assert_eq!(resp.outcome, Outcome::NotFound);
         assert!(ev.is_empty());
-        assert_eq!(c.len(), 1);
+        assert_eq!(c.all_instances().count(), 1);
         let (resp, ev) = c.apply(
             3,
             &Command::Deregister {
@@ -325,6 +317,6 @@ mod tests {
         );
         assert_eq!(resp.outcome, Outcome::Deregistered);
         assert_eq!(ev[0].kind, EventKind::Delete);
-        assert!(c.is_empty());
+        assert_eq!(c.service_count(), 0);
     }
 }
