@@ -5,9 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
-
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::tracker::Tracker;
 use crate::registry::leases::{Leases, TTL_RENEWED};
