@@ -28,8 +28,13 @@ use proxy::{Link, Proxy};
 use stats::{ms, Summary};
 use sut::{Etcd, Heartbeat, Roster, System, Watch};
 
-/// Connections each load generator spreads its clients over.
+/// Nodes in each cluster under test.
+const NODES: usize = 3;
+/// Connections each load generator spreads its clients over: connection `i`
+/// goes to node `i % NODES` (an index into the endpoint list).
 const POOL: usize = 32;
+/// Clients registering on the leader while stale reads are timed.
+const STALE_WRITERS: usize = 64;
 /// Registrations per watch-delay round, 20 ms apart.
 const WATCH_EVENTS: usize = 50;
 
@@ -163,6 +168,62 @@ async fn query<S: System>(
         Ok(())
     })
     .await)
+}
+
+/// Connection `k` of those to `node`.
+fn conn_to(node: usize, k: usize) -> usize {
+    node + NODES * (k % (POOL / NODES))
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Leader,
+    Follower,
+}
+
+/// One reader issuing stale (etcd: serializable) reads of a 100-instance
+/// service back to back on the `role` node, while `writers` clients register
+/// other instances on the leader. A stale read waits only for the node's own
+/// state, so its latency shows what applying the writes costs readers there.
+/// Returns the reads and the writes.
+async fn stale_under_writes<S: System>(
+    sys: &Arc<S>,
+    role: Role,
+    writers: usize,
+    dur: Duration,
+) -> Result<(Summary, Summary)> {
+    const SERVICE: &str = "stale";
+    const INSTANCES: usize = 100;
+    let leader = sys.leader().await?;
+    let node = match role {
+        Role::Leader => leader,
+        Role::Follower => (leader + 1) % NODES,
+    };
+    let reader = conn_to(node, 0);
+    for i in 0..INSTANCES {
+        sys.register(i, SERVICE, &format!("s-{i}")).await?;
+    }
+    procs::wait_until(
+        "the read node to hold every instance",
+        Duration::from_secs(30),
+        || async {
+            sys.query(reader, SERVICE, false)
+                .await
+                .is_ok_and(|n| n == INSTANCES)
+        },
+    )
+    .await?;
+    let reads = closed_loop(sys, 1, dur, move |s, _, _| async move {
+        let n = s.query(reader, SERVICE, false).await?;
+        anyhow::ensure!(n == INSTANCES, "stale read returned {n} instances");
+        Ok(())
+    });
+    // Writers use the leader's other connections, never the reader's.
+    let writes = closed_loop(sys, writers, dur, move |s, c, n| async move {
+        let conn = conn_to(leader, 1 + c % (POOL / NODES - 1));
+        s.register(conn, "stale-writes", &format!("w{c}-{n}")).await
+    });
+    Ok(tokio::join!(reads, writes))
 }
 
 /// Time from a register's acknowledgement to each watcher receiving its event.
@@ -708,8 +769,8 @@ async fn rtt_rows(
 async fn main() -> Result<()> {
     let opts = Opts::parse();
     let dir = tempfile::Builder::new().prefix("roster-bench-").tempdir()?;
-    let mut rc = procs::roster(dir.path(), 3, Peers::Direct)?;
-    let mut ec = procs::etcd(dir.path(), 3, Peers::Direct, &[])?;
+    let mut rc = procs::roster(dir.path(), NODES, Peers::Direct)?;
+    let mut ec = procs::etcd(dir.path(), NODES, Peers::Direct, &[])?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     let etcd = etcd_client(&ec).await?;
     wait_leader(&roster).await?;
@@ -742,6 +803,31 @@ async fn main() -> Result<()> {
             let name = format!("query 100 instances, {label}, 64 clients");
             rows.push(throughput_row(&name, &r, &e, ""));
             rows.extend(latency_rows(&name, &r, &e, "p99 ≤ 1×"));
+        }
+    }
+    if opts.runs("stale_under_writes") {
+        for (role, on) in [(Role::Leader, "the leader"), (Role::Follower, "a follower")] {
+            for writers in [0, STALE_WRITERS] {
+                eprintln!("stale reads on {on}, {writers} writers");
+                let (r, rw) = stale_under_writes(&roster, role, writers, dur).await?;
+                let (e, ew) = stale_under_writes(&etcd, role, writers, dur).await?;
+                let name = format!(
+                    "stale / serializable read of 100 instances on {on}, {writers} clients registering"
+                );
+                rows.extend(latency_rows(&name, &r, &e, ""));
+                if writers > 0 {
+                    rows.push(throughput_row(&format!("{name}, writes"), &rw, &ew, ""));
+                    if rw.errors + ew.errors > 0 {
+                        rows.push(Row {
+                            name: format!("{name}, writes: errors"),
+                            roster: rw.errors.to_string(),
+                            etcd: ew.errors.to_string(),
+                            ratio: String::new(),
+                            target: "",
+                        });
+                    }
+                }
+            }
         }
     }
     if opts.runs("watch") {

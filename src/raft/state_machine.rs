@@ -8,7 +8,7 @@
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
 
-use openraft::storage::RaftStateMachine;
+use openraft::storage::{RaftStateMachine, SnapshotSignature};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
@@ -21,7 +21,7 @@ use super::{trees, Node, NodeId, TypeConfig};
 use crate::error::Error;
 use crate::registry::model::ServiceConfig;
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
-use crate::registry::{Catalog, Command, CommandResponse, EventKind, Instance};
+use crate::registry::{Catalog, Command, CommandResponse, Event, EventKind, Instance, Proposal};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -82,7 +82,10 @@ pub struct StateMachine {
     db: sled::Db,
     sm: sled::Tree,
     state: SharedState,
-    /// Updated while `state`'s write lock is held, so both always describe the same entry.
+    /// Held from a change of `state` until sled holds that change too (taken
+    /// before `state`'s lock, released after it): whoever holds it finds
+    /// `state`, this and sled describing the same entry. Disk writes happen
+    /// under this lock only, so readers of `state` never wait for them.
     applied: Arc<Mutex<Applied>>,
     marker: Arc<Marker>,
 }
@@ -162,19 +165,118 @@ impl StateMachine {
             .transpose()
     }
 
-    fn save_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
+    /// Writes `snap` as the current snapshot; durable after `flush_snapshot`.
+    fn store_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
         let sig = Some(snap.meta.signature());
         let b = encode(snap).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         self.sm
             .insert(CURRENT_SNAPSHOT, b)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        // The log may be purged up to this snapshot once it is built: the snapshot and
-        // the state machine it describes must be on disk first.
-        self.db
-            .flush()
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
         Ok(())
     }
+
+    /// Makes everything written so far durable. Openraft may purge the log up to
+    /// a snapshot once it is built or installed, so the snapshot and the state
+    /// machine it describes are flushed before either returns; on a blocking
+    /// thread, holding no lock, as the fsync may take a while.
+    async fn flush_snapshot(&self, meta: &SnapshotMeta<NodeId, Node>) -> StorageResult<()> {
+        let sig = Some(meta.signature());
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        Ok(())
+    }
+
+    /// Applies one entry to the catalogue and `applied`, staging in `batch` what
+    /// it changed; returns its responses and its events (none for an entry that
+    /// changed no instance).
+    fn apply_entry(
+        st: &mut RegistryState,
+        applied: &mut Applied,
+        batch: &mut sled::Batch,
+        entry: Entry<TypeConfig>,
+    ) -> StorageResult<(Vec<CommandResponse>, Vec<Event>)> {
+        let rev = entry.log_id.index;
+        applied.last_applied = Some(entry.log_id);
+        match entry.payload {
+            EntryPayload::Normal(proposal) => {
+                return Self::apply_proposal(&mut st.catalog, rev, &proposal, batch)
+                    .map_err(|e| StorageIOError::apply(entry.log_id, &e).into());
+            }
+            EntryPayload::Membership(m) => {
+                applied.membership = StoredMembership::new(Some(entry.log_id), m);
+            }
+            EntryPayload::Blank => {}
+        }
+        st.catalog.advance(rev);
+        Ok((Vec::new(), Vec::new()))
+    }
+
+    /// Runs a proposal's commands as the entry at `rev`, staging the service
+    /// settings and instances they changed.
+    fn apply_proposal(
+        catalog: &mut Catalog,
+        rev: u64,
+        proposal: &Proposal,
+        batch: &mut sled::Batch,
+    ) -> Result<(Vec<CommandResponse>, Vec<Event>), CodecError> {
+        let mut events = Vec::new();
+        let mut responses = Vec::with_capacity(proposal.0.len());
+        for cmd in &proposal.0 {
+            let (resp, evs) = catalog.apply(rev, cmd);
+            responses.push(resp);
+            events.extend(evs);
+            if let Command::ConfigureService { service, .. } = cmd {
+                batch.insert(service_key(service), encode(&catalog.config(service))?);
+            }
+        }
+        for e in &events {
+            let k = instance_key(&e.instance.service, &e.instance.id);
+            match e.kind {
+                EventKind::Put => batch.insert(k, encode(&e.instance)?),
+                EventKind::Delete => batch.remove(k),
+            }
+        }
+        Ok((responses, events))
+    }
+
+    /// A batch replacing every instance and service setting with a snapshot's.
+    fn snapshot_batch(
+        &self,
+        payload: &SnapshotPayload,
+        applied: &Applied,
+        sig: &Option<SnapshotSignature<NodeId>>,
+    ) -> StorageResult<sled::Batch> {
+        let werr = |e: &(dyn std::error::Error + 'static)| {
+            StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e.to_string()))
+        };
+        let mut batch = sled::Batch::default();
+        for kv in self
+            .sm
+            .scan_prefix(INSTANCE_PREFIX)
+            .chain(self.sm.scan_prefix(SERVICE_PREFIX))
+        {
+            batch.remove(kv.map_err(|e| werr(&e))?.0);
+        }
+        for (name, config) in &payload.services {
+            batch.insert(service_key(name), encode(config).map_err(|e| werr(&e))?);
+        }
+        for i in &payload.instances {
+            let v = encode(i).map_err(|e| werr(&e))?;
+            batch.insert(instance_key(&i.service, &i.id), v);
+        }
+        stage_applied(&mut batch, applied).map_err(|e| werr(&e))?;
+        Ok(batch)
+    }
+}
+
+/// Stages the last applied id and membership, written with the changes they cover.
+fn stage_applied(batch: &mut sled::Batch, applied: &Applied) -> Result<(), CodecError> {
+    batch.insert(LAST_APPLIED, encode(&applied.last_applied)?);
+    batch.insert(MEMBERSHIP, encode(&applied.membership)?);
+    Ok(())
 }
 
 /// A poisoned lock (a panic while it was held) met while reading the state.
@@ -189,36 +291,49 @@ fn write_lock_err<T>(_: T) -> StorageError<NodeId> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (applied, data) = {
-            let st = self.state.read().map_err(read_lock_err)?;
+        let stored = {
+            // Openraft builds snapshots concurrently with applying and installing:
+            // `applied` keeps sled at the copied state, and keeps an installed
+            // snapshot from being overwritten by an older one built meanwhile.
             let applied = self.applied.lock().map_err(read_lock_err)?.clone();
-            let payload = SnapshotPayload {
-                applied: applied.clone(),
-                instances: st.catalog.all_instances().cloned().collect(),
-                services: st
-                    .catalog
-                    .configs()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+            let payload = {
+                let st = self.state.read().map_err(read_lock_err)?;
+                SnapshotPayload {
+                    applied: applied.clone(),
+                    instances: st.catalog.all_instances().cloned().collect(),
+                    services: st
+                        .catalog
+                        .configs()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                }
             };
             let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            (applied, data)
+            let stored = StoredSnapshot {
+                meta: snapshot_meta(applied),
+                data,
+            };
+            self.store_snapshot(&stored)?;
+            stored
         };
-        let last = applied.last_applied;
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: applied.membership,
-            snapshot_id: match last {
-                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
-                None => "empty".to_string(),
-            },
-        };
-        let stored = StoredSnapshot { meta, data };
-        self.save_snapshot(&stored)?;
+        self.flush_snapshot(&stored.meta).await?;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         })
+    }
+}
+
+/// A snapshot's metadata: the position it reflects, named after its last log id.
+fn snapshot_meta(applied: Applied) -> SnapshotMeta<NodeId, Node> {
+    let last = applied.last_applied;
+    SnapshotMeta {
+        last_log_id: last,
+        last_membership: applied.membership,
+        snapshot_id: match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            None => "empty".to_string(),
+        },
     }
 }
 
@@ -232,75 +347,41 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((a.last_applied, a.membership.clone()))
     }
 
+    /// The catalogue changes and the watch events are published under the
+    /// state's write lock, the sled batch is written after it is released;
+    /// `applied` stays held until sled has the batch.
     async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<CommandResponse>>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut st = self.state.write().map_err(write_lock_err)?;
         let mut applied = self.applied.lock().map_err(write_lock_err)?;
         let mut batch = sled::Batch::default();
-        let mut changes = Vec::new();
         let mut responses = Vec::new();
-        for entry in entries {
-            let rev = entry.log_id.index;
-            applied.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Normal(proposal) => {
-                    let mut events = Vec::new();
-                    let mut resps = Vec::with_capacity(proposal.0.len());
-                    for cmd in &proposal.0 {
-                        let (resp, evs) = st.catalog.apply(rev, cmd);
-                        resps.push(resp);
-                        events.extend(evs);
-                        if let Command::ConfigureService { service, .. } = cmd {
-                            let v = encode(&st.catalog.config(service))
-                                .map_err(|err| StorageIOError::apply(entry.log_id, &err))?;
-                            batch.insert(service_key(service), v);
-                        }
-                    }
-                    for e in &events {
-                        let k = instance_key(&e.instance.service, &e.instance.id);
-                        match e.kind {
-                            EventKind::Put => {
-                                let v = encode(&e.instance)
-                                    .map_err(|err| StorageIOError::apply(entry.log_id, &err))?;
-                                batch.insert(k, v);
-                            }
-                            EventKind::Delete => batch.remove(k),
-                        }
-                    }
-                    if !events.is_empty() {
-                        changes.push((rev, events));
-                    }
-                    responses.push(resps);
-                    continue;
+        {
+            let mut st = self.state.write().map_err(write_lock_err)?;
+            let mut changes = Vec::new();
+            for entry in entries {
+                let rev = entry.log_id.index;
+                let (resps, events) = Self::apply_entry(&mut st, &mut applied, &mut batch, entry)?;
+                responses.push(resps);
+                if !events.is_empty() {
+                    changes.push((rev, events));
                 }
-                EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                }
-                EntryPayload::Blank => {}
             }
-            st.catalog.advance(rev);
-            responses.push(Vec::new());
+            // Under the same lock as the catalogue changes: a watch starting in
+            // between would otherwise get a change both in its state and as an event.
+            for (rev, events) in changes {
+                st.hub.publish(rev, events);
+            }
         }
-        let werr = |e: &dyn std::error::Error| {
+        let werr = |e: &(dyn std::error::Error + 'static)| {
             StorageIOError::write_state_machine(&std::io::Error::other(e.to_string()))
         };
-        batch.insert(
-            LAST_APPLIED,
-            encode(&applied.last_applied).map_err(|e| werr(&e))?,
-        );
-        batch.insert(
-            MEMBERSHIP,
-            encode(&applied.membership).map_err(|e| werr(&e))?,
-        );
+        stage_applied(&mut batch, &applied).map_err(|e| werr(&e))?;
         self.sm.apply_batch(batch).map_err(|e| werr(&e))?;
         let index = applied.last_applied.map(|l| l.index);
         self.marker.note(|p| p.applied = p.applied.max(index));
-        for (rev, events) in changes {
-            st.hub.publish(rev, events);
-        }
         Ok(responses)
     }
 
@@ -321,54 +402,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let payload: SnapshotPayload =
             decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        let werr = |e: &dyn std::error::Error| {
-            StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e.to_string()))
-        };
-
-        let mut st = self.state.write().map_err(write_lock_err)?;
-        let mut applied = self.applied.lock().map_err(write_lock_err)?;
-        let mut batch = sled::Batch::default();
-        for kv in self
-            .sm
-            .scan_prefix(INSTANCE_PREFIX)
-            .chain(self.sm.scan_prefix(SERVICE_PREFIX))
-        {
-            let (k, _) = kv.map_err(|e| werr(&e))?;
-            batch.remove(k);
-        }
-        for (name, config) in &payload.services {
-            batch.insert(service_key(name), encode(config).map_err(|e| werr(&e))?);
-        }
-        for i in &payload.instances {
-            batch.insert(
-                instance_key(&i.service, &i.id),
-                encode(i).map_err(|e| werr(&e))?,
-            );
-        }
-        batch.insert(
-            LAST_APPLIED,
-            encode(&meta.last_log_id).map_err(|e| werr(&e))?,
-        );
-        batch.insert(
-            MEMBERSHIP,
-            encode(&meta.last_membership).map_err(|e| werr(&e))?,
-        );
-        self.sm.apply_batch(batch).map_err(|e| werr(&e))?;
-        self.save_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })?;
-        let index = meta.last_log_id.map(|l| l.index);
-        self.marker.note(|p| p.applied = p.applied.max(index));
-
         let revision = meta.last_log_id.map_or(0, |l| l.index);
-        st.catalog = Catalog::from_parts(revision, payload.instances, payload.services);
-        st.hub.reset(revision);
-        *applied = Applied {
+        let installed = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        Ok(())
+        let batch = self.snapshot_batch(&payload, &installed, &sig)?;
+        let catalog = Catalog::from_parts(revision, payload.instances, payload.services);
+        let replaced = {
+            let mut applied = self.applied.lock().map_err(write_lock_err)?;
+            self.sm
+                .apply_batch(batch)
+                .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+            self.store_snapshot(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            })?;
+            self.marker
+                .note(|p| p.applied = p.applied.max(meta.last_log_id.map(|l| l.index)));
+            let mut st = self.state.write().map_err(write_lock_err)?;
+            st.hub.reset(revision);
+            *applied = installed;
+            std::mem::replace(&mut st.catalog, catalog)
+        };
+        // Dropped outside the locks: freeing a large catalogue takes a while.
+        drop(replaced);
+        self.flush_snapshot(meta).await
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
@@ -376,5 +435,83 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+    use crate::raft::marker::{Identity, Progress};
+    use crate::registry::HealthStatus;
+
+    fn open(dir: &Path) -> StateMachine {
+        let db = sled::open(dir).expect("open sled");
+        let marker = Arc::new(Marker::new(dir, Identity::new("c", 1), Progress::default()));
+        StateMachine::open(&db, 16, marker).expect("open state machine")
+    }
+
+    fn register(index: u64, id: &str) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal(vec![Command::Register(Instance {
+                service: "s".into(),
+                id: id.into(),
+                address: "127.0.0.1".into(),
+                port: 80,
+                tags: vec![],
+                metadata: Default::default(),
+                weight: 1,
+                status: HealthStatus::Passing,
+                create_revision: 0,
+                mod_revision: 0,
+                check: None,
+                check_output: String::new(),
+                status_since_ms: 0,
+            })])),
+        }
+    }
+
+    fn ids(sm: &StateMachine) -> Vec<String> {
+        let st = sm.state.read().expect("state lock");
+        st.catalog.all_instances().map(|i| i.id.clone()).collect()
+    }
+
+    /// Install writes sled before it swaps the catalogue and fsyncs after:
+    /// what a reopened node finds is the snapshot, not a mix with what it replaced.
+    #[tokio::test]
+    async fn an_installed_snapshot_replaces_the_state_in_memory_and_on_disk() {
+        let src_dir = tempfile::tempdir().expect("temp dir");
+        let mut src = open(src_dir.path());
+        src.apply(vec![register(1, "a"), register(2, "b")])
+            .await
+            .expect("apply");
+        let snap = src.build_snapshot().await.expect("build");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut sm = open(dir.path());
+            sm.apply(vec![register(1, "replaced")])
+                .await
+                .expect("apply");
+            sm.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .expect("install");
+            assert_eq!(ids(&sm), ["a", "b"]);
+        }
+        let mut sm = open(dir.path());
+        assert_eq!(ids(&sm), ["a", "b"]);
+        let (last, _) = sm.applied_state().await.expect("applied state");
+        assert_eq!(last, snap.meta.last_log_id);
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .expect("read snapshot")
+            .expect("a current snapshot");
+        assert_eq!(current.meta, snap.meta);
+        assert_eq!(applied_index(&sm.db).expect("applied index"), Some(2));
     }
 }

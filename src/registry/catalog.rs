@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::model::{
-    Command, CommandResponse, Event, EventKind, HealthStatus, Instance, Outcome, ServiceConfig,
+    Command, CommandResponse, Event, EventKind, HealthStatus, HealthUpdate, Instance, Outcome,
+    ServiceConfig,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -60,60 +61,11 @@ impl Catalog {
         self.advance(revision);
         let mut events = Vec::new();
         let outcome = match cmd {
-            Command::Register(spec) => {
-                let mut inst = spec.clone();
-                inst.mod_revision = revision;
-                inst.create_revision = self
-                    .get(&inst.service, &inst.id)
-                    .map_or(revision, |old| old.create_revision);
-                if inst.status == HealthStatus::default() {
-                    inst.status = HealthStatus::Passing;
-                }
-                self.insert(inst.clone());
-                events.push(Event {
-                    kind: EventKind::Put,
-                    revision,
-                    instance: inst.clone(),
-                });
-                Outcome::Registered(Box::new(inst))
+            Command::Register(spec) => self.register(revision, spec, &mut events),
+            Command::Deregister { service, id } => {
+                self.deregister(revision, service, id, &mut events)
             }
-            Command::Deregister { service, id } => match self.remove(service, id) {
-                Some(old) => {
-                    events.push(Event {
-                        kind: EventKind::Delete,
-                        revision,
-                        instance: old,
-                    });
-                    Outcome::Deregistered
-                }
-                None => Outcome::NotFound,
-            },
-            Command::SetHealth(updates) => {
-                let mut applied = 0;
-                for u in updates {
-                    let Some(inst) = self
-                        .services
-                        .get_mut(&u.service)
-                        .and_then(|m| m.get_mut(&u.id))
-                    else {
-                        continue;
-                    };
-                    if inst.status == u.status {
-                        continue;
-                    }
-                    inst.status = u.status;
-                    inst.check_output = u.output.clone();
-                    inst.status_since_ms = u.at_ms;
-                    inst.mod_revision = revision;
-                    applied += 1;
-                    events.push(Event {
-                        kind: EventKind::Put,
-                        revision,
-                        instance: inst.clone(),
-                    });
-                }
-                Outcome::HealthUpdated(applied)
-            }
+            Command::SetHealth(updates) => self.set_health(revision, updates, &mut events),
             Command::ConfigureService {
                 service,
                 protect_threshold_pct,
@@ -128,6 +80,78 @@ impl Catalog {
             }
         };
         (CommandResponse { revision, outcome }, events)
+    }
+
+    /// Stores `spec` at `revision`, keeping the create revision of the instance it replaces.
+    fn register(&mut self, revision: u64, spec: &Instance, events: &mut Vec<Event>) -> Outcome {
+        let mut inst = spec.clone();
+        inst.mod_revision = revision;
+        inst.create_revision = self
+            .get(&inst.service, &inst.id)
+            .map_or(revision, |old| old.create_revision);
+        if inst.status == HealthStatus::default() {
+            inst.status = HealthStatus::Passing;
+        }
+        self.insert(inst.clone());
+        events.push(Event {
+            kind: EventKind::Put,
+            revision,
+            instance: inst.clone(),
+        });
+        Outcome::Registered(Box::new(inst))
+    }
+
+    fn deregister(
+        &mut self,
+        revision: u64,
+        service: &str,
+        id: &str,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        match self.remove(service, id) {
+            Some(old) => {
+                events.push(Event {
+                    kind: EventKind::Delete,
+                    revision,
+                    instance: old,
+                });
+                Outcome::Deregistered
+            }
+            None => Outcome::NotFound,
+        }
+    }
+
+    /// Applies the updates that change a known instance's status; others are skipped.
+    fn set_health(
+        &mut self,
+        revision: u64,
+        updates: &[HealthUpdate],
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let mut applied = 0;
+        for u in updates {
+            let Some(inst) = self
+                .services
+                .get_mut(&u.service)
+                .and_then(|m| m.get_mut(&u.id))
+            else {
+                continue;
+            };
+            if inst.status == u.status {
+                continue;
+            }
+            inst.status = u.status;
+            inst.check_output = u.output.clone();
+            inst.status_since_ms = u.at_ms;
+            inst.mod_revision = revision;
+            applied += 1;
+            events.push(Event {
+                kind: EventKind::Put,
+                revision,
+                instance: inst.clone(),
+            });
+        }
+        Outcome::HealthUpdated(applied)
     }
 
     pub fn get(&self, service: &str, id: &str) -> Option<&Instance> {
@@ -257,7 +281,6 @@ mod tests {
 
     #[test]
     fn health_updates_and_protection() {
-        use crate::registry::model::HealthUpdate;
         let mut c = Catalog::default();
         for id in ["1", "2", "3", "4"] {
             c.apply(1, &Command::Register(inst("a", id)));
