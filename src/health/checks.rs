@@ -272,16 +272,7 @@ mod tests {
 
     fn instance(id: &str, kind: CheckKind, thresholds: (u32, u32), deregister_ms: u64) -> Instance {
         Instance {
-            service: "svc".into(),
-            id: id.into(),
             address: "10.0.0.1".into(),
-            port: 80,
-            tags: vec![],
-            metadata: Default::default(),
-            weight: 1,
-            status: HealthStatus::Passing,
-            create_revision: 0,
-            mod_revision: 0,
             check: Some(CheckSpec {
                 kind,
                 interval_ms: INTERVAL_MS,
@@ -290,8 +281,7 @@ mod tests {
                 successes_before_passing: thresholds.1,
                 deregister_after_ms: deregister_ms,
             }),
-            check_output: String::new(),
-            status_since_ms: 0,
+            ..Instance::example("svc", id)
         }
     }
 

@@ -446,7 +446,6 @@ mod tests {
 
     use super::*;
     use crate::raft::marker::{Identity, Progress};
-    use crate::registry::HealthStatus;
 
     fn open(dir: &Path) -> StateMachine {
         let db = sled::open(dir).expect("open sled");
@@ -457,21 +456,9 @@ mod tests {
     fn register(index: u64, id: &str) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Proposal(vec![Command::Register(Instance {
-                service: "s".into(),
-                id: id.into(),
-                address: "127.0.0.1".into(),
-                port: 80,
-                tags: vec![],
-                metadata: Default::default(),
-                weight: 1,
-                status: HealthStatus::Passing,
-                create_revision: 0,
-                mod_revision: 0,
-                check: None,
-                check_output: String::new(),
-                status_since_ms: 0,
-            })])),
+            payload: EntryPayload::Normal(Proposal(vec![Command::Register(Instance::example(
+                "s", id,
+            ))])),
         }
     }
 

@@ -248,29 +248,11 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    pub(crate) fn inst(service: &str, id: &str) -> Instance {
-        Instance {
-            service: service.into(),
-            id: id.into(),
-            address: "127.0.0.1".into(),
-            port: 80,
-            tags: vec![],
-            metadata: Default::default(),
-            weight: 1,
-            status: HealthStatus::Passing,
-            create_revision: 0,
-            mod_revision: 0,
-            check: None,
-            check_output: String::new(),
-            status_since_ms: 0,
-        }
-    }
-
     #[test]
     fn register_keeps_create_revision() {
         let mut c = Catalog::default();
-        c.apply(3, &Command::Register(inst("a", "1")));
-        let (resp, ev) = c.apply(5, &Command::Register(inst("a", "1")));
+        c.apply(3, &Command::Register(Instance::example("a", "1")));
+        let (resp, ev) = c.apply(5, &Command::Register(Instance::example("a", "1")));
         let Outcome::Registered(i) = resp.outcome else {
             panic!("unexpected outcome {resp:?}")
         };
@@ -283,7 +265,7 @@ mod tests {
     fn health_updates_and_protection() {
         let mut c = Catalog::default();
         for id in ["1", "2", "3", "4"] {
-            c.apply(1, &Command::Register(inst("a", id)));
+            c.apply(1, &Command::Register(Instance::example("a", id)));
         }
         let down = |id: &str| HealthUpdate {
             service: "a".into(),
@@ -320,7 +302,7 @@ mod tests {
     #[test]
     fn deregister_unknown_changes_nothing() {
         let mut c = Catalog::default();
-        c.apply(1, &Command::Register(inst("a", "1")));
+        c.apply(1, &Command::Register(Instance::example("a", "1")));
         let (resp, ev) = c.apply(
             2,
             &Command::Deregister {

@@ -71,6 +71,26 @@ impl Instance {
     pub fn has_tags(&self, tags: &[String]) -> bool {
         tags.iter().all(|t| self.tags.contains(t))
     }
+
+    /// A passing instance at 127.0.0.1:80 with no check, for tests.
+    #[cfg(test)]
+    pub fn example(service: &str, id: &str) -> Instance {
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            address: "127.0.0.1".into(),
+            port: 80,
+            tags: vec![],
+            metadata: Default::default(),
+            weight: 1,
+            status: HealthStatus::Passing,
+            create_revision: 0,
+            mod_revision: 0,
+            check: None,
+            check_output: String::new(),
+            status_since_ms: 0,
+        }
+    }
 }
 
 /// A replicated write: the payload of a Raft log entry.

@@ -221,24 +221,6 @@ mod tests {
     use crate::registry::model::EventKind;
     use crate::registry::Command;
 
-    fn inst(service: &str, id: &str) -> Instance {
-        Instance {
-            service: service.into(),
-            id: id.into(),
-            address: "127.0.0.1".into(),
-            port: 80,
-            tags: vec![],
-            metadata: Default::default(),
-            weight: 1,
-            status: Default::default(),
-            create_revision: 0,
-            mod_revision: 0,
-            check: None,
-            check_output: String::new(),
-            status_since_ms: 0,
-        }
-    }
-
     fn shared(history: usize) -> SharedState {
         Arc::new(RwLock::new(RegistryState {
             catalog: Catalog::default(),
@@ -256,7 +238,11 @@ mod tests {
     }
 
     fn register(state: &SharedState, rev: u64, service: &str, id: &str) {
-        apply(state, rev, Command::Register(inst(service, id)));
+        apply(
+            state,
+            rev,
+            Command::Register(Instance::example(service, id)),
+        );
     }
 
     /// Replaces the state as a Raft snapshot install does.
@@ -421,7 +407,11 @@ mod tests {
         install(
             &state,
             20,
-            vec![inst("a", "new1"), inst("a", "new2"), inst("b", "x")],
+            vec![
+                Instance::example("a", "new1"),
+                Instance::example("a", "new2"),
+                Instance::example("b", "x"),
+            ],
         );
         let m = next(&mut live);
         assert_eq!(m.reset, Some(ResetReason::Compacted));
