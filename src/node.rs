@@ -16,6 +16,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::api::cluster::ClusterApi;
 use crate::api::forward::Forward;
+use crate::api::limits::RequestLimit;
 use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -503,9 +504,11 @@ fn serve(
         core.proposer.clone(),
         core.peers.clone(),
         leases,
+        cfg.limits.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let registry = RequestLimit::new(registry, cfg.limits.max_request_bytes);
     let cluster = ClusterServer::new(ClusterApi::new(
         core.raft.clone(),
         core.me.clone(),
@@ -515,6 +518,7 @@ fn serve(
         core.peers.clone(),
         core.contact.clone(),
     ));
+    let cluster = RequestLimit::new(cluster, cfg.limits.max_request_bytes);
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),

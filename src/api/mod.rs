@@ -4,4 +4,5 @@
 pub mod cluster;
 pub mod convert;
 pub mod forward;
+pub mod limits;
 pub mod registry;
