@@ -364,7 +364,7 @@ mod tests {
             status: Default::default(),
             create_revision: 0,
             mod_revision: 0,
-            check: checked.then(|| CheckSpec {
+            check: checked.then_some(CheckSpec {
                 kind: CheckKind::Ttl { ttl_ms: 1_000 },
                 interval_ms: 1_000,
                 timeout_ms: 1_000,
