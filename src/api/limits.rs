@@ -315,6 +315,66 @@ mod tests {
         assert!(Framing::new(10).feed(&message(1 << 20)[..5]).is_err());
     }
 
+    /// The defaults leave room: the largest valid registration is a fraction of
+    /// `max_request_bytes`, and a full service of the largest instances still
+    /// fits in one message (a GetService answer, a watch's full state).
+    #[test]
+    fn the_largest_valid_registration_fits_the_defaults() {
+        use crate::api::convert;
+        use crate::proto::v1 as pb;
+        use crate::registry::validate::*;
+        use prost::Message;
+        let per_key = MAX_METADATA_BYTES / MAX_METADATA_KEYS;
+        let instance = pb::Instance {
+            service: "s".repeat(MAX_NAME_LEN),
+            id: "i".repeat(MAX_ID_LEN),
+            address: format!(
+                "{}.{}.{}.example",
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63)
+            ),
+            port: 65_535,
+            tags: (0..MAX_TAGS)
+                .map(|t| format!("{t:0>MAX_TAG_LEN$}"))
+                .collect(),
+            metadata: (0..MAX_METADATA_KEYS)
+                .map(|k| (format!("{k:0>2}"), "v".repeat(per_key - 2)))
+                .collect(),
+            weight: MAX_WEIGHT,
+            check: Some(pb::HealthCheck {
+                kind: Some(pb::health_check::Kind::Http(pb::HttpCheck {
+                    port: 65_535,
+                    path: format!("/{}", "p".repeat(1023)),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let req = pb::RegisterRequest {
+            instance: Some(instance.clone()),
+        };
+        assert!(convert::register_command(req.clone()).is_ok(), "valid");
+        let d = Limits::default();
+        assert!(
+            req.encoded_len() * 4 < d.max_request_bytes,
+            "{}",
+            req.encoded_len()
+        );
+        let stored = pb::Instance {
+            create_revision: u64::MAX,
+            mod_revision: u64::MAX,
+            status_since_ms: u64::MAX,
+            check_output: "o".repeat(256),
+            ..instance
+        };
+        let full_service = stored.encoded_len() * d.max_instances_per_service;
+        assert!(
+            full_service < crate::grpc::MAX_MESSAGE_BYTES,
+            "{full_service}"
+        );
+    }
+
     #[test]
     fn watch_slots_count_per_node_and_per_connection_until_dropped() {
         let limits = Limits {
