@@ -202,3 +202,29 @@ async fn watch_streams_are_limited_per_node_and_per_connection() {
         )
         .await;
 }
+
+/// Registrations in flight together count against the limit: a burst of new
+/// instances through every node fills it exactly.
+#[tokio::test]
+async fn a_burst_of_concurrent_registrations_fills_a_limit_exactly() {
+    let c = TestCluster::start_with(3, "[limits]\nmax_instances_per_service = 4\n").await;
+    let clients: Vec<RosterClient> = (1..=3).map(|id| c.node_client(id)).collect();
+    let burst = (0..24).map(|k| put(&clients[k % 3], instance("burst", &format!("b{k}"), 80)));
+    let answers = futures::future::join_all(burst).await;
+    let mut admitted = 0;
+    for a in answers {
+        match a {
+            Ok(_) => admitted += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(
+                    s.message().contains("limits.max_instances_per_service"),
+                    "{s:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(admitted, 4);
+    let held = ids(&clients[0], "burst", Consistency::Linearizable).await;
+    assert_eq!(held.len(), 4, "{held:?}");
+}

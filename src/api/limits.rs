@@ -2,7 +2,7 @@
 //! checks and watch streams. Each refusal is `RESOURCE_EXHAUSTED` naming the
 //! limit's config key; nothing else on the node is affected.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,27 +26,34 @@ fn exhausted(what: String, key: &str, limit: usize, remedy: &str) -> Error {
     ))
 }
 
-/// Refuses the registration of `i` if it would pass an instance or health
-/// check limit, judged by the catalogue as applied here (on the leader).
-/// Replacing an instance never adds one; it adds a check only if the stored
-/// instance had none. Registrations in flight at once are not counted yet, so
-/// concurrent ones can overshoot a limit by as many as are in flight.
-pub fn admit_registration(limits: &Limits, catalog: &Catalog, i: &Instance) -> Result<(), Error> {
+/// Instances and checks that registrations in flight may still add, beyond
+/// what the catalogue holds.
+#[derive(Clone, Copy, Debug, Default)]
+struct InFlight {
+    of_service: usize,
+    total: usize,
+    checks: usize,
+}
+
+/// Refuses the registration of `i` if, with what is in flight, it would pass
+/// an instance or health check limit. Replacing an instance never adds one;
+/// it adds a check only if the stored instance had none.
+fn refusal(limits: &Limits, catalog: &Catalog, i: &Instance, more: InFlight) -> Result<(), Error> {
     let stored = catalog.get(&i.service, &i.id);
     if stored.is_none() {
-        let held = catalog.instance_count_of(&i.service);
+        let held = catalog.instance_count_of(&i.service) + more.of_service;
         if held >= limits.max_instances_per_service {
             return Err(exhausted(
-                format!("service {:?} holds {held} instances", i.service),
+                format!("service {:?} has {held} instances", i.service),
                 "max_instances_per_service",
                 limits.max_instances_per_service,
                 "deregister instances of this service, or raise the limit on every node",
             ));
         }
-        let held = catalog.instance_count();
+        let held = catalog.instance_count() + more.total;
         if held >= limits.max_instances {
             return Err(exhausted(
-                format!("the registry holds {held} instances"),
+                format!("the registry has {held} instances"),
                 "max_instances",
                 limits.max_instances,
                 "deregister instances, or raise the limit on every node",
@@ -54,16 +61,132 @@ pub fn admit_registration(limits: &Limits, catalog: &Catalog, i: &Instance) -> R
         }
     }
     let adds_check = i.check.is_some() && stored.is_none_or(|s| s.check.is_none());
-    let held = catalog.checked_count();
+    let held = catalog.checked_count() + more.checks;
     if adds_check && held >= limits.max_health_checks {
         return Err(exhausted(
-            format!("the registry holds {held} instances with a health check"),
+            format!("the registry has {held} instances with a health check"),
             "max_health_checks",
             limits.max_health_checks,
             "register without a check, deregister checked instances, or raise the limit on every node",
         ));
     }
     Ok(())
+}
+
+/// The leader's admission of registrations against the instance and health
+/// check limits. A registration admitted here counts until it is answered, so
+/// that registrations in flight together cannot pass a limit; once applied it
+/// is in the catalogue and counted there only.
+pub struct Admission {
+    limits: Limits,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    admitted: HashMap<u64, Admitted>,
+    per_service: HashMap<String, usize>,
+    checks: usize,
+}
+
+struct Admitted {
+    service: String,
+    id: String,
+    checked: bool,
+}
+
+/// An admitted registration; dropped when its proposal is answered (or abandoned).
+pub struct Ticket<'a> {
+    admission: &'a Admission,
+    number: u64,
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Self {
+        Admission {
+            limits,
+            pending: Mutex::default(),
+        }
+    }
+
+    /// Admits `i` against `catalog` (applied on this node, the leader) and the
+    /// registrations in flight. Far from the limits this costs a few lookups;
+    /// close to one, a pass over the registrations in flight tells those that
+    /// add an instance or check from those that replace one.
+    pub fn admit(&self, catalog: &Catalog, i: &Instance) -> Result<Ticket<'_>, Error> {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let at_most = InFlight {
+            of_service: p.per_service.get(&i.service).copied().unwrap_or(0),
+            total: p.admitted.len(),
+            checks: p.checks,
+        };
+        if refusal(&self.limits, catalog, i, at_most).is_err() {
+            refusal(&self.limits, catalog, i, p.growth(catalog, i))?;
+        }
+        let number = p.next;
+        p.next += 1;
+        *p.per_service.entry(i.service.clone()).or_default() += 1;
+        p.checks += usize::from(i.check.is_some());
+        p.admitted.insert(
+            number,
+            Admitted {
+                service: i.service.clone(),
+                id: i.id.clone(),
+                checked: i.check.is_some(),
+            },
+        );
+        Ok(Ticket {
+            admission: self,
+            number,
+        })
+    }
+}
+
+impl Pending {
+    /// What the registrations in flight, other than those of `i` itself, add
+    /// to the catalogue: distinct new instances and new checks.
+    fn growth(&self, catalog: &Catalog, i: &Instance) -> InFlight {
+        let mut new = HashSet::new();
+        let mut checks = HashSet::new();
+        for a in self.admitted.values() {
+            if a.service == i.service && a.id == i.id {
+                continue;
+            }
+            let stored = catalog.get(&a.service, &a.id);
+            if stored.is_none() {
+                new.insert((&a.service, &a.id));
+            }
+            if a.checked && stored.is_none_or(|s| s.check.is_none()) {
+                checks.insert((&a.service, &a.id));
+            }
+        }
+        InFlight {
+            of_service: new.iter().filter(|(s, _)| **s == i.service).count(),
+            total: new.len(),
+            checks: checks.len(),
+        }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut p = self
+            .admission
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(a) = p.admitted.remove(&self.number) else {
+            return;
+        };
+        p.checks -= usize::from(a.checked);
+        if let Some(n) = p.per_service.get_mut(&a.service) {
+            *n -= 1;
+            if *n == 0 {
+                p.per_service.remove(&a.service);
+            }
+        }
+    }
 }
 
 /// Open watch streams, on this node and per client connection.
@@ -444,8 +567,9 @@ mod tests {
             ],
             [],
         );
-        let refused = |i: Instance| match admit_registration(&limits, &c, &i) {
-            Ok(()) => String::new(),
+        let admission = Admission::new(limits.clone());
+        let refused = |i: Instance| match admission.admit(&c, &i) {
+            Ok(_) => String::new(),
             Err(e) => e.to_string(),
         };
         assert!(refused(inst("a", "3", false)).contains("max_instances_per_service"));
@@ -454,5 +578,33 @@ mod tests {
         assert_eq!(refused(inst("a", "1", true)), "");
         assert_eq!(refused(inst("a", "2", false)), "");
         assert_eq!(refused(inst("b", "1", false)), "");
+
+        // Registrations in flight count until answered, each instance once;
+        // one that replaces a stored instance adds nothing.
+        let admission = Admission::new(Limits {
+            max_instances: 4,
+            ..limits
+        });
+        let refused = |c: &Catalog, i: Instance| match admission.admit(c, &i) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let update = admission.admit(&c, &inst("a", "2", false)).expect("update");
+        let new = admission.admit(&c, &inst("c", "1", false));
+        let new = new.expect("the last place");
+        let again = admission.admit(&c, &inst("c", "1", false));
+        let again = again.expect("the same instance again");
+        assert!(refused(&c, inst("c", "2", false)).contains("limits.max_instances is 4"));
+        drop(new);
+        assert!(refused(&c, inst("c", "2", false)).contains("max_instances"));
+        drop(again);
+        assert_eq!(refused(&c, inst("c", "2", false)), "");
+        drop(update);
+        let unchecked = Catalog::from_parts(1, [inst("a", "1", false)], []);
+        let first = admission.admit(&unchecked, &inst("a", "1", true));
+        let first = first.expect("adds the first check");
+        assert!(refused(&unchecked, inst("b", "1", true)).contains("max_health_checks"));
+        drop(first);
+        assert_eq!(refused(&unchecked, inst("b", "1", true)), "");
     }
 }

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, instance_to_pb, status_to_pb};
 use super::forward::{self, Leader};
-use super::limits::{self, WatchSlots};
+use super::limits::{Admission, WatchSlots};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -29,7 +29,7 @@ pub struct RegistryApi {
     proposer: Arc<Proposer>,
     peers: Peers,
     leases: Arc<Leases>,
-    limits: Limits,
+    admission: Admission,
     watch_slots: Arc<WatchSlots>,
 }
 
@@ -59,7 +59,7 @@ impl RegistryApi {
             peers,
             leases,
             watch_slots: WatchSlots::new(&limits),
-            limits,
+            admission: Admission::new(limits),
         }
     }
 
@@ -125,9 +125,10 @@ impl Registry for RegistryApi {
         let cmd = convert::register_command(req.into_inner())?;
         // Limits are the leader's to judge: a follower forwards the request.
         self.proposer.here()?;
-        if let Command::Register(i) = &cmd {
-            self.read(|st| limits::admit_registration(&self.limits, &st.catalog, i))??;
-        }
+        let _admitted = match &cmd {
+            Command::Register(i) => Some(self.read(|st| self.admission.admit(&st.catalog, i))??),
+            _ => None,
+        };
         let r = self.proposer.propose(cmd).await?;
         let Outcome::Registered(i) = r.outcome else {
             return Err(Error::Internal(format!("register applied as {:?}", r.outcome)).into());
