@@ -508,7 +508,9 @@ fn serve(
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let registry = RequestLimit::new(registry, cfg.limits.max_request_bytes);
+    // Every service of the client port but Raft's, whose messages are large.
+    let max_request = cfg.limits.max_request_bytes;
+    let registry = RequestLimit::new(registry, max_request);
     let cluster = ClusterServer::new(ClusterApi::new(
         core.raft.clone(),
         core.me.clone(),
@@ -518,7 +520,7 @@ fn serve(
         core.peers.clone(),
         core.contact.clone(),
     ));
-    let cluster = RequestLimit::new(cluster, cfg.limits.max_request_bytes);
+    let cluster = RequestLimit::new(cluster, max_request);
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),
@@ -541,9 +543,9 @@ fn serve(
         .add_service(raft_transport)
         .add_service(Forward::new(registry, core.peers.clone(), timeout))
         .add_service(Forward::new(cluster, core.peers.clone(), timeout))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(RequestLimit::new(health, max_request))
+        .add_service(RequestLimit::new(reflection_v1, max_request))
+        .add_service(RequestLimit::new(reflection_v1alpha, max_request))
         .serve_with_incoming_shutdown(net::incoming(listener, limits, max_connections), async {
             let _ = stopped.await;
         });
