@@ -182,12 +182,23 @@ async fn watch_streams_are_limited_per_node_and_per_connection() {
 
     // Another connection gets the node's last place, then the node is full.
     let mut second = connection(&c, 1).await;
-    let _w3 = open_watch(&mut second, "alpha").await.expect("watch 3");
+    let mut w3 = open_watch(&mut second, "alpha").await.expect("watch 3");
     assert_exhausted(open_watch(&mut second, "alpha").await, "max_watch_streams");
     // Other nodes count their own streams; writes go on and reach the watchers.
     let mut other = connection(&c, 2).await;
     let _elsewhere = open_watch(&mut other, "alpha").await.expect("other node");
     register(&c.client(), "alpha", "a2", 80).await;
+    let change = w3
+        .message()
+        .await
+        .expect("watch 3 goes on")
+        .expect("a message");
+    let ids: Vec<&str> = change
+        .events
+        .iter()
+        .filter_map(|e| Some(e.instance.as_ref()?.id.as_str()))
+        .collect();
+    assert_eq!(ids, ["a2"]);
 
     // A cancelled watch frees its place once the node has seen it end.
     drop(w1);
