@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::raft::election::Timing;
 use crate::raft::NodeId;
 
@@ -132,6 +133,37 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// What one client may take of a node (`[limits]` in the config file). Each
+/// limit reached is answered `RESOURCE_EXHAUSTED` naming it; the README says
+/// why each default is what it is.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request message on the client port (the Raft transport keeps
+    /// `grpc::MAX_MESSAGE_BYTES`).
+    pub max_request_bytes: usize,
+    pub max_instances_per_service: usize,
+    pub max_instances: usize,
+    /// Open watch streams on this node, and on one client connection to it.
+    pub max_watch_streams: usize,
+    pub max_watch_streams_per_connection: usize,
+    /// Instances with a health check (probe or TTL), cluster-wide: the leader runs them all.
+    pub max_health_checks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 64 * 1024,
+            max_instances_per_service: 5_000,
+            max_instances: 1_000_000,
+            max_watch_streams: 10_000,
+            max_watch_streams_per_connection: 1_000,
+            max_health_checks: 50_000,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -168,6 +200,8 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub connections: ConnectionLimits,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn default_cluster_id() -> String {
@@ -202,6 +236,7 @@ impl NodeConfig {
             metrics_listen: None,
             raft: RaftTuning::default(),
             connections: ConnectionLimits::default(),
+            limits: Limits::default(),
         }
     }
 
@@ -260,6 +295,22 @@ impl NodeConfig {
             || c.max_connections == Some(0)
         {
             return invalid(format!("connection limits must all be positive: {c:?}"));
+        }
+        let l = &self.limits;
+        if l.max_request_bytes == 0
+            || l.max_instances_per_service == 0
+            || l.max_instances == 0
+            || l.max_watch_streams == 0
+            || l.max_watch_streams_per_connection == 0
+            || l.max_health_checks == 0
+        {
+            return invalid(format!("limits must all be positive: {l:?}"));
+        }
+        if l.max_request_bytes > MAX_MESSAGE_BYTES {
+            return invalid(format!(
+                "limits.max_request_bytes {} is over the transport's cap of {MAX_MESSAGE_BYTES}",
+                l.max_request_bytes
+            ));
         }
         let members = parse_initial_cluster(&self.initial_cluster)?;
         if !members.is_empty() && !members.contains_key(&self.id) {
@@ -370,5 +421,32 @@ mod tests {
         assert!(cfg.validate().is_ok());
         cfg.raft.election_timeout_min_ms = Some(500);
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn limits_are_optional_positive_and_named() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n";
+        let cfg: NodeConfig = toml::from_str(base).expect("valid config");
+        assert_eq!(cfg.limits, Limits::default());
+        let cfg: NodeConfig =
+            toml::from_str(&format!("{base}[limits]\nmax_instances = 7\n")).expect("valid config");
+        assert_eq!(cfg.limits.max_instances, 7);
+        assert_eq!(
+            cfg.limits.max_health_checks,
+            Limits::default().max_health_checks
+        );
+        assert!(cfg.validate().is_ok());
+        assert!(
+            toml::from_str::<NodeConfig>(&format!("{base}[limits]\nmax_watchers = 1\n")).is_err()
+        );
+        let zero: NodeConfig =
+            toml::from_str(&format!("{base}[limits]\nmax_watch_streams = 0\n")).expect("parses");
+        assert!(zero.validate().is_err());
+        let huge: NodeConfig = toml::from_str(&format!(
+            "{base}[limits]\nmax_request_bytes = {}\n",
+            MAX_MESSAGE_BYTES + 1
+        ))
+        .expect("parses");
+        assert!(huge.validate().is_err());
     }
 }

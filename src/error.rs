@@ -41,6 +41,9 @@ pub enum Error {
     /// of another cluster, a membership change openraft refuses.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A configured limit (`[limits]`) is reached; the message names it.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     #[error("storage: {0}")]
     Storage(String),
     #[error("internal: {0}")]
@@ -59,6 +62,7 @@ impl Error {
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Interrupted(_) => Code::Aborted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
         }
     }

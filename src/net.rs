@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::ConnectionLimits;
 
@@ -342,6 +342,8 @@ pub struct Conn {
 #[derive(Clone)]
 pub struct ConnInfo {
     activity: Arc<Activity>,
+    /// The addresses, which `TrackRequests` passes on for `Request::remote_addr`.
+    tcp: TcpConnectInfo,
 }
 
 impl Connected for Conn {
@@ -350,6 +352,7 @@ impl Connected for Conn {
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
             activity: self.slot.activity.clone(),
+            tcp: self.io.connect_info(),
         }
     }
 }
@@ -451,6 +454,8 @@ impl AsyncWrite for Conn {
 
 /// Counts each request as in flight on its connection until its response
 /// body has been sent (or dropped), which is what the idle timer watches.
+/// Also gives each request its connection's addresses (`TcpConnectInfo`), as
+/// tonic does for a plain `TcpStream`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrackRequestsLayer;
 
@@ -482,11 +487,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<Req>) -> Self::Future {
-        let in_flight = req
-            .extensions()
-            .get::<ConnInfo>()
-            .map(|c| InFlight::start(c.activity.clone()));
+    fn call(&mut self, mut req: http::Request<Req>) -> Self::Future {
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let in_flight = conn.map(|c| {
+            req.extensions_mut().insert(c.tcp);
+            InFlight::start(c.activity)
+        });
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;

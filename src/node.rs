@@ -16,6 +16,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::api::cluster::ClusterApi;
 use crate::api::forward::Forward;
+use crate::api::limits::RequestLimit;
 use crate::api::registry::RegistryApi;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -503,9 +504,13 @@ fn serve(
         core.proposer.clone(),
         core.peers.clone(),
         leases,
+        cfg.limits.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Every service of the client port but Raft's, whose messages are large.
+    let max_request = cfg.limits.max_request_bytes;
+    let registry = RequestLimit::new(registry, max_request);
     let cluster = ClusterServer::new(ClusterApi::new(
         core.raft.clone(),
         core.me.clone(),
@@ -515,6 +520,7 @@ fn serve(
         core.peers.clone(),
         core.contact.clone(),
     ));
+    let cluster = RequestLimit::new(cluster, max_request);
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),
@@ -537,9 +543,9 @@ fn serve(
         .add_service(raft_transport)
         .add_service(Forward::new(registry, core.peers.clone(), timeout))
         .add_service(Forward::new(cluster, core.peers.clone(), timeout))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(RequestLimit::new(health, max_request))
+        .add_service(RequestLimit::new(reflection_v1, max_request))
+        .add_service(RequestLimit::new(reflection_v1alpha, max_request))
         .serve_with_incoming_shutdown(net::incoming(listener, limits, max_connections), async {
             let _ = stopped.await;
         });

@@ -1,7 +1,9 @@
 //! The public gRPC API: the `Registry` and `Cluster` services, the conversions
-//! between protobuf and registry types, and forwarding to the leader.
+//! between protobuf and registry types, forwarding to the leader, and the
+//! `[limits]` on what one client may take.
 
 pub mod cluster;
 pub mod convert;
 pub mod forward;
+pub mod limits;
 pub mod registry;

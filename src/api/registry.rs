@@ -9,6 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, instance_to_pb, status_to_pb};
 use super::forward::{self, Leader};
+use super::limits::{Admission, WatchSlots};
+use crate::config::Limits;
 use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_server::Registry;
@@ -27,6 +29,8 @@ pub struct RegistryApi {
     proposer: Arc<Proposer>,
     peers: Peers,
     leases: Arc<Leases>,
+    admission: Admission,
+    watch_slots: Arc<WatchSlots>,
 }
 
 /// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
@@ -47,12 +51,15 @@ impl RegistryApi {
         proposer: Arc<Proposer>,
         peers: Peers,
         leases: Arc<Leases>,
+        limits: Limits,
     ) -> Self {
         RegistryApi {
             state,
             proposer,
             peers,
             leases,
+            watch_slots: WatchSlots::new(&limits),
+            admission: Admission::new(limits),
         }
     }
 
@@ -116,6 +123,12 @@ impl Registry for RegistryApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let cmd = convert::register_command(req.into_inner())?;
+        // Limits are the leader's to judge: a follower forwards the request.
+        self.proposer.here()?;
+        let _admitted = match &cmd {
+            Command::Register(i) => Some(self.read(|st| self.admission.admit(&st.catalog, i))??),
+            _ => None,
+        };
         let r = self.proposer.propose(cmd).await?;
         let Outcome::Registered(i) = r.outcome else {
             return Err(Error::Internal(format!("register applied as {:?}", r.outcome)).into());
@@ -258,6 +271,7 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let slot = self.watch_slots.acquire(req.remote_addr())?;
         let msg = req.into_inner();
         let service = if msg.service.is_empty() {
             None
@@ -268,8 +282,11 @@ impl Registry for RegistryApi {
         self.catch_up(msg.since_revision).await?;
         // Watch streams never end by themselves; a stopping node ends them so
         // that clients resume elsewhere and the server can finish.
-        let stream = watch_stream(self.state.clone(), service, msg.since_revision)
-            .map(|m| Ok(convert::watch_message_to_pb(&m)));
+        // The slot is held for as long as the stream lives.
+        let stream = watch_stream(self.state.clone(), service, msg.since_revision).map(move |m| {
+            let _held = &slot;
+            Ok(convert::watch_message_to_pb(&m))
+        });
         let stream = futures::StreamExt::take_until(stream, self.proposer.closing());
         Ok(Response::new(Box::pin(stream)))
     }

@@ -14,6 +14,10 @@ pub struct Catalog {
     configs: BTreeMap<String, ServiceConfig>,
     /// Log index of the last applied entry.
     revision: u64,
+    /// Instances, and those with a health check: kept as they change, so
+    /// that limits are checked without a scan.
+    instances: usize,
+    checked: usize,
 }
 
 /// The instances a query returns, and whether protection overrode `healthy_only`.
@@ -227,11 +231,31 @@ impl Catalog {
             .collect()
     }
 
+    /// Instances in the catalogue.
+    pub fn instance_count(&self) -> usize {
+        self.instances
+    }
+
+    /// Instances of `service`.
+    pub fn instance_count_of(&self, service: &str) -> usize {
+        self.services.get(service).map_or(0, BTreeMap::len)
+    }
+
+    /// Instances with a health check (probe or TTL).
+    pub fn checked_count(&self) -> usize {
+        self.checked
+    }
+
     fn insert(&mut self, inst: Instance) {
-        self.services
+        let checked = inst.check.is_some();
+        let old = self
+            .services
             .entry(inst.service.clone())
             .or_default()
             .insert(inst.id.clone(), inst);
+        self.uncount(old.as_ref());
+        self.instances += 1;
+        self.checked += usize::from(checked);
     }
 
     fn remove(&mut self, service: &str, id: &str) -> Option<Instance> {
@@ -240,7 +264,15 @@ impl Catalog {
         if m.is_empty() {
             self.services.remove(service);
         }
+        self.uncount(old.as_ref());
         old
+    }
+
+    fn uncount(&mut self, old: Option<&Instance>) {
+        if let Some(old) = old {
+            self.instances -= 1;
+            self.checked -= usize::from(old.check.is_some());
+        }
     }
 }
 
@@ -297,6 +329,53 @@ mod tests {
         assert!(v.protection_active);
         assert_eq!(v.instances.len(), 4);
         assert!(!c.view("a", false, &[]).protection_active);
+    }
+
+    #[test]
+    fn counts_follow_registrations_updates_and_removals() {
+        use crate::registry::model::{CheckKind, CheckSpec};
+        let checked = |service: &str, id: &str| Instance {
+            check: Some(CheckSpec {
+                kind: CheckKind::Ttl { ttl_ms: 1_000 },
+                interval_ms: 1_000,
+                timeout_ms: 1_000,
+                failures_before_critical: 1,
+                successes_before_passing: 1,
+                deregister_after_ms: 0,
+            }),
+            ..inst(service, id)
+        };
+        let counts = |c: &Catalog| {
+            (
+                c.instance_count(),
+                c.instance_count_of("a"),
+                c.instance_count_of("b"),
+                c.checked_count(),
+            )
+        };
+        let mut c = Catalog::default();
+        c.apply(1, &Command::Register(inst("a", "1")));
+        c.apply(2, &Command::Register(checked("a", "2")));
+        c.apply(3, &Command::Register(checked("b", "1")));
+        assert_eq!(counts(&c), (3, 2, 1, 2));
+        // Updates count once; adding or dropping a check moves only that count.
+        c.apply(4, &Command::Register(checked("a", "1")));
+        c.apply(5, &Command::Register(inst("a", "2")));
+        assert_eq!(counts(&c), (3, 2, 1, 2));
+        c.apply(6, &Command::Register(inst("b", "1")));
+        assert_eq!(counts(&c), (3, 2, 1, 1));
+        let gone = |service: &str, id: &str| Command::Deregister {
+            service: service.into(),
+            id: id.into(),
+        };
+        c.apply(7, &gone("a", "1"));
+        c.apply(8, &gone("a", "1"));
+        assert_eq!(counts(&c), (2, 1, 1, 0));
+        let rebuilt = Catalog::from_parts(8, c.all_instances().cloned().collect::<Vec<_>>(), []);
+        assert_eq!(counts(&rebuilt), counts(&c));
+        c.apply(9, &gone("a", "2"));
+        c.apply(10, &gone("b", "1"));
+        assert_eq!(counts(&c), (0, 0, 0, 0));
     }
 
     #[test]
