@@ -537,16 +537,6 @@ mod tests {
             ..Limits::default()
         };
         let inst = |service: &str, id: &str, checked: bool| Instance {
-            service: service.into(),
-            id: id.into(),
-            address: "10.0.0.1".into(),
-            port: 80,
-            tags: vec![],
-            metadata: Default::default(),
-            weight: 1,
-            status: Default::default(),
-            create_revision: 0,
-            mod_revision: 0,
             check: checked.then_some(CheckSpec {
                 kind: CheckKind::Ttl { ttl_ms: 1_000 },
                 interval_ms: 1_000,
@@ -555,8 +545,7 @@ mod tests {
                 successes_before_passing: 1,
                 deregister_after_ms: 0,
             }),
-            check_output: String::new(),
-            status_since_ms: 0,
+            ..Instance::example(service, id)
         };
         let c = Catalog::from_parts(
             1,

@@ -343,7 +343,7 @@ mod tests {
                 successes_before_passing: 1,
                 deregister_after_ms: 0,
             }),
-            ..inst(service, id)
+            ..Instance::example(service, id)
         };
         let counts = |c: &Catalog| {
             (
@@ -354,15 +354,15 @@ mod tests {
             )
         };
         let mut c = Catalog::default();
-        c.apply(1, &Command::Register(inst("a", "1")));
+        c.apply(1, &Command::Register(Instance::example("a", "1")));
         c.apply(2, &Command::Register(checked("a", "2")));
         c.apply(3, &Command::Register(checked("b", "1")));
         assert_eq!(counts(&c), (3, 2, 1, 2));
         // Updates count once; adding or dropping a check moves only that count.
         c.apply(4, &Command::Register(checked("a", "1")));
-        c.apply(5, &Command::Register(inst("a", "2")));
+        c.apply(5, &Command::Register(Instance::example("a", "2")));
         assert_eq!(counts(&c), (3, 2, 1, 2));
-        c.apply(6, &Command::Register(inst("b", "1")));
+        c.apply(6, &Command::Register(Instance::example("b", "1")));
         assert_eq!(counts(&c), (3, 2, 1, 1));
         let gone = |service: &str, id: &str| Command::Deregister {
             service: service.into(),
