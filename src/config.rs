@@ -155,7 +155,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_request_bytes: 64 * 1024,
-            max_instances_per_service: 5_000,
+            max_instances_per_service: 100_000,
             max_instances: 1_000_000,
             max_watch_streams: 10_000,
             max_watch_streams_per_connection: 1_000,
