@@ -873,6 +873,12 @@ async fn main() -> Result<()> {
         list_mib(&rc.rss()),
         list_mib(&ec.rss())
     )];
+    if opts.runs("watch") {
+        extra.push(format!(
+            "Roster watch opens answered UNAVAILABLE (retried after 20 ms, as clients are told to) in the watch rows: {}.",
+            roster.watch_retries.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
     drop((roster, etcd, rc, ec));
     if opts.runs("health") {
         let n = if opts.quick { 1_000 } else { 10_000 };

@@ -72,6 +72,8 @@ pub struct Roster {
     endpoints: Vec<String>,
     pool: Vec<Channel>,
     any: RosterClient,
+    /// Watch opens answered UNAVAILABLE and retried, as the README tells clients to.
+    pub watch_retries: std::sync::atomic::AtomicU64,
 }
 
 impl Roster {
@@ -89,6 +91,7 @@ impl Roster {
             endpoints: endpoints.to_vec(),
             pool,
             any: RosterClient::new(endpoints)?,
+            watch_retries: Default::default(),
         })
     }
 
@@ -252,14 +255,23 @@ impl System for Roster {
     }
 
     async fn watch(&self, conn: usize, service: &str) -> Result<RosterWatch> {
-        let mut s = self
-            .client(conn)
-            .watch(WatchRequest {
-                service: service.into(),
-                since_revision: 0,
-            })
-            .await?
-            .into_inner();
+        let request = || WatchRequest {
+            service: service.into(),
+            since_revision: 0,
+        };
+        let mut attempts = 0;
+        let mut s = loop {
+            match self.client(conn).watch(request()).await {
+                Ok(s) => break s.into_inner(),
+                Err(e) if e.code() == tonic::Code::Unavailable && attempts < 50 => {
+                    attempts += 1;
+                    self.watch_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         // The initial full state.
         s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
         Ok(RosterWatch(s))
