@@ -295,7 +295,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             // Openraft builds snapshots concurrently with applying and installing:
             // `applied` keeps sled at the copied state, and keeps an installed
             // snapshot from being overwritten by an older one built meanwhile.
-            let applied = self.applied.lock().map_err(read_lock_err)?.clone();
+            let held = self.applied.lock().map_err(read_lock_err)?;
+            let applied = held.clone();
             let payload = {
                 let st = self.state.read().map_err(read_lock_err)?;
                 SnapshotPayload {
@@ -314,6 +315,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 data,
             };
             self.store_snapshot(&stored)?;
+            drop(held);
             stored
         };
         self.flush_snapshot(&stored.meta).await?;
