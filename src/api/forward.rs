@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Uri};
-use http_body::{Frame, SizeHint};
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::Status;
 use tower::{Service, ServiceExt};
 
+use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
 use crate::error::{Error, LEADER_ADDRESS_HEADER, LEADER_ID_HEADER};
 use crate::grpc::MAX_MESSAGE_BYTES;
@@ -118,10 +118,7 @@ where
                 headers: parts.headers.clone(),
                 tape: Arc::default(),
             };
-            let body = Body::new(Recording {
-                body,
-                tape: replay.tape.clone(),
-            });
+            let body = observed(body, Recorder(replay.tape.clone()));
             let answer = inner.call(http::Request::from_parts(parts, body)).await?;
             Ok(match (leader(answer.headers()), replay.body()) {
                 (Some(leader), Some(body)) => relay.forward(leader, replay, body).await,
@@ -183,46 +180,23 @@ struct Tape {
     ended: bool,
 }
 
-struct Recording {
-    body: Body,
-    tape: Arc<Mutex<Tape>>,
-}
+/// Keeps the body in the tape.
+struct Recorder(Arc<Mutex<Tape>>);
 
-impl http_body::Body for Recording {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        let ended = self.body.is_end_stream();
-        let mut tape = self.tape.lock().unwrap_or_else(PoisonError::into_inner);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    tape.len += data.len();
-                    if tape.len <= MAX_MESSAGE_BYTES {
-                        tape.chunks.push(data.clone());
-                    } else {
-                        tape.chunks.clear();
-                    }
-                }
-                tape.ended |= ended;
-            }
-            Poll::Ready(None) => tape.ended = true,
-            _ => {}
+impl Observer for Recorder {
+    fn data(&mut self, data: &Bytes) -> Result<(), Status> {
+        let mut tape = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        tape.len += data.len();
+        if tape.len <= MAX_MESSAGE_BYTES {
+            tape.chunks.push(data.clone());
+        } else {
+            tape.chunks.clear();
         }
-        polled
+        Ok(())
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+    fn ended(&mut self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).ended = true;
     }
 }
 

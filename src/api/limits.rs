@@ -5,17 +5,16 @@
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http_body::{Frame, SizeHint};
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::Status;
 use tower::Service;
 
+use super::body::{observed, Observer};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::registry::{Catalog, Instance};
@@ -305,12 +304,8 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let max = self.max;
-        self.inner.call(req.map(|body| {
-            Body::new(Limited {
-                body,
-                framing: Framing::new(max),
-            })
-        }))
+        self.inner
+            .call(req.map(|body| observed(body, Framing::new(max))))
     }
 }
 
@@ -367,43 +362,15 @@ impl Framing {
     }
 }
 
-struct Limited {
-    body: Body,
-    framing: Framing,
-}
-
-impl http_body::Body for Limited {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                if let Err(e) = self.framing.feed(data) {
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+impl Observer for Framing {
+    fn data(&mut self, data: &Bytes) -> Result<(), Status> {
+        self.feed(data).map_err(Status::from)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::model::{CheckKind, CheckSpec};
 
     fn message(len: usize) -> Vec<u8> {
         let mut m = vec![0];
@@ -554,16 +521,9 @@ mod tests {
             max_health_checks: 1,
             ..Limits::default()
         };
-        let inst = |service: &str, id: &str, checked: bool| Instance {
-            check: checked.then_some(CheckSpec {
-                kind: CheckKind::Ttl { ttl_ms: 1_000 },
-                interval_ms: 1_000,
-                timeout_ms: 1_000,
-                failures_before_critical: 1,
-                successes_before_passing: 1,
-                deregister_after_ms: 0,
-            }),
-            ..Instance::example(service, id)
+        let inst = |service: &str, id: &str, checked: bool| match checked {
+            true => Instance::example_ttl(service, id),
+            false => Instance::example(service, id),
         };
         let c = Catalog::from_parts(
             1,

@@ -2,6 +2,7 @@
 //! between protobuf and registry types, forwarding to the leader, and the
 //! `[limits]` on what one client may take.
 
+mod body;
 pub mod cluster;
 pub mod convert;
 pub mod forward;

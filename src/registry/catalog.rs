@@ -333,18 +333,7 @@ mod tests {
 
     #[test]
     fn counts_follow_registrations_updates_and_removals() {
-        use crate::registry::model::{CheckKind, CheckSpec};
-        let checked = |service: &str, id: &str| Instance {
-            check: Some(CheckSpec {
-                kind: CheckKind::Ttl { ttl_ms: 1_000 },
-                interval_ms: 1_000,
-                timeout_ms: 1_000,
-                failures_before_critical: 1,
-                successes_before_passing: 1,
-                deregister_after_ms: 0,
-            }),
-            ..Instance::example(service, id)
-        };
+        let checked = Instance::example_ttl;
         let counts = |c: &Catalog| {
             (
                 c.instance_count(),

@@ -91,6 +91,22 @@ impl Instance {
             status_since_ms: 0,
         }
     }
+
+    /// `example` with a 1 s TTL check, for tests.
+    #[cfg(test)]
+    pub fn example_ttl(service: &str, id: &str) -> Instance {
+        Instance {
+            check: Some(CheckSpec {
+                kind: CheckKind::Ttl { ttl_ms: 1_000 },
+                interval_ms: 1_000,
+                timeout_ms: 1_000,
+                failures_before_critical: 1,
+                successes_before_passing: 1,
+                deregister_after_ms: 0,
+            }),
+            ..Instance::example(service, id)
+        }
+    }
 }
 
 /// A replicated write: the payload of a Raft log entry.
