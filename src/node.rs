@@ -541,8 +541,18 @@ fn serve(
         .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
         .layer(net::TrackRequestsLayer)
         .add_service(raft_transport)
-        .add_service(Forward::new(registry, core.peers.clone(), timeout))
-        .add_service(Forward::new(cluster, core.peers.clone(), timeout))
+        .add_service(Forward::new(
+            registry,
+            core.proposer.clone(),
+            core.peers.clone(),
+            timeout,
+        ))
+        .add_service(Forward::new(
+            cluster,
+            core.proposer.clone(),
+            core.peers.clone(),
+            timeout,
+        ))
         .add_service(RequestLimit::new(health, max_request))
         .add_service(RequestLimit::new(reflection_v1, max_request))
         .add_service(RequestLimit::new(reflection_v1alpha, max_request))

@@ -7,6 +7,10 @@
 //! marked as forwarded so that the leader never forwards again, and relays the
 //! leader's answer. Handlers hold no forwarding code, and an RPC added later
 //! (or a check in front of the handlers) is forwarded the same way.
+//!
+//! A method only the leader serves (the policy table says which) skips the
+//! detour: a follower that knows the leader streams the request straight on,
+//! without decoding it, recording it or running the handler.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,6 +33,7 @@ use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::raft::network::{error_chain, Peers};
+use crate::raft::proposer::Proposer;
 
 /// Extra time a follower waits for the leader's answer to a forwarded request:
 /// the leader answers within its own deadline, and its answer (which knows
@@ -39,23 +44,40 @@ const FORWARDED_HEADER: &str = "roster-forwarded";
 
 /// Whether a forwarded request changes state: a write whose connection breaks
 /// mid-call has an unknown outcome, a read can simply be retried.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Effect {
     Read,
     Write,
 }
 
-/// How a forwarded call is treated, by its method: what a failure after
-/// sending means, and how long the leader may take. Any method not named here
-/// counts as a write with the request timeout, which is never wrong, only
-/// more cautious.
-fn policy(path: &str, timeout: Duration) -> (Effect, Duration) {
-    match path.rsplit('/').next() {
-        Some("GetService" | "ListServices" | "Heartbeat" | "Watch" | "Status") => {
-            (Effect::Read, timeout)
+/// How a call is forwarded, by its method.
+#[derive(Debug, PartialEq)]
+struct Policy {
+    /// What a failure after sending means.
+    effect: Effect,
+    /// How long the leader may take.
+    timeout: Duration,
+    /// Only the leader serves it, so a follower forwards it without asking its
+    /// own handler first.
+    leader_only: bool,
+}
+
+/// Any method not named here counts as a write with the request timeout that
+/// its handler may serve locally: never wrong, only more cautious and slower.
+fn policy(path: &str, timeout: Duration) -> Policy {
+    let (effect, timeout, leader_only) = match path.rsplit('/').next() {
+        Some("GetService" | "ListServices" | "Watch" | "Status") => (Effect::Read, timeout, false),
+        Some("Heartbeat") => (Effect::Read, timeout, true),
+        Some("Register" | "Deregister" | "ConfigureService" | "RemoveMember") => {
+            (Effect::Write, timeout, true)
         }
-        Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT),
-        _ => (Effect::Write, timeout),
+        Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT, true),
+        _ => (Effect::Write, timeout, false),
+    };
+    Policy {
+        effect,
+        timeout,
+        leader_only,
     }
 }
 
@@ -67,16 +89,21 @@ pub struct Forward<S> {
 }
 
 struct Relay {
+    proposer: Arc<Proposer>,
     peers: Peers,
     /// How long the leader takes at most for a request (its request timeout).
     timeout: Duration,
 }
 
 impl<S> Forward<S> {
-    pub fn new(inner: S, peers: Peers, timeout: Duration) -> Self {
+    pub fn new(inner: S, proposer: Arc<Proposer>, peers: Peers, timeout: Duration) -> Self {
         Forward {
             inner,
-            relay: Arc::new(Relay { peers, timeout }),
+            relay: Arc::new(Relay {
+                proposer,
+                peers,
+                timeout,
+            }),
         }
     }
 }
@@ -111,6 +138,11 @@ where
             return Box::pin(inner.call(req));
         }
         let relay = self.relay.clone();
+        if policy(req.uri().path(), relay.timeout).leader_only {
+            if let Some(leader) = relay.elsewhere() {
+                return Box::pin(async move { Ok(relay.forward(leader, req).await) });
+            }
+        }
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let replay = Replay {
@@ -121,7 +153,12 @@ where
             let body = observed(body, Recorder(replay.tape.clone()));
             let answer = inner.call(http::Request::from_parts(parts, body)).await?;
             Ok(match (leader(answer.headers()), replay.body()) {
-                (Some(leader), Some(body)) => relay.forward(leader, replay, body).await,
+                (Some(leader), Some(body)) => {
+                    let mut req = http::Request::new(Body::new(http_body_util::Full::new(body)));
+                    *req.uri_mut() = replay.uri;
+                    *req.headers_mut() = replay.headers;
+                    relay.forward(leader, req).await
+                }
                 // Here, or a request stream the handler did not read to its end:
                 // the refusal goes to the client, which retries.
                 _ => answer,
@@ -208,19 +245,29 @@ pub struct Leader {
 }
 
 impl Relay {
+    /// The leader, when this node knows it is another node.
+    fn elsewhere(&self) -> Option<Leader> {
+        let refusal = self.proposer.here().err()?;
+        match Error::from(refusal) {
+            Error::NotLeader {
+                leader: Some((id, addr)),
+            } => Some(Leader { id, addr }),
+            _ => None,
+        }
+    }
+
     /// Sends the request to the leader and relays its answer; transport
     /// failures are said as such, naming the leader.
-    async fn forward(&self, leader: Leader, replay: Replay, body: Bytes) -> http::Response<Body> {
-        let (effect, timeout) = policy(replay.uri.path(), self.timeout);
+    async fn forward(&self, leader: Leader, mut req: http::Request<Body>) -> http::Response<Body> {
+        let Policy {
+            effect, timeout, ..
+        } = policy(req.uri().path(), self.timeout);
+        mark_forwarded(req.headers_mut(), timeout);
         let sent = async {
             let channel = self
                 .peers
                 .channel(&leader.addr)
                 .map_err(Error::Unavailable)?;
-            let mut req = http::Request::new(Body::new(http_body_util::Full::new(body)));
-            *req.uri_mut() = replay.uri;
-            *req.headers_mut() = replay.headers;
-            mark_forwarded(req.headers_mut(), timeout);
             channel
                 .oneshot(req)
                 .await
@@ -327,12 +374,24 @@ mod tests {
     #[test]
     fn reads_and_membership_changes_have_their_own_policy() {
         let t = Duration::from_secs(3);
-        let of = |m| policy(&format!("/roster.v1.Registry/{m}"), t);
-        assert!(of("GetService") == (Effect::Read, t));
-        assert!(of("Watch") == (Effect::Read, t));
-        assert!(of("Register") == (Effect::Write, t));
-        assert!(of("SomethingNew") == (Effect::Write, t));
-        assert!(policy("/roster.v1.Cluster/AddMember", t) == (Effect::Write, CATCH_UP_TIMEOUT));
+        let of = |m| {
+            let p = policy(&format!("/roster.v1.Registry/{m}"), t);
+            (p.effect, p.timeout, p.leader_only)
+        };
+        assert_eq!(of("GetService"), (Effect::Read, t, false));
+        assert_eq!(of("Watch"), (Effect::Read, t, false));
+        assert_eq!(of("Heartbeat"), (Effect::Read, t, true));
+        assert_eq!(of("Register"), (Effect::Write, t, true));
+        // Unknown: the handler decides, and a failure is an unknown outcome.
+        assert_eq!(of("SomethingNew"), (Effect::Write, t, false));
+        assert_eq!(
+            policy("/roster.v1.Cluster/AddMember", t),
+            Policy {
+                effect: Effect::Write,
+                timeout: CATCH_UP_TIMEOUT,
+                leader_only: true
+            }
+        );
     }
 
     #[test]
