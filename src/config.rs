@@ -171,14 +171,20 @@ pub struct NodeConfig {
     /// Every node of one cluster carries the same id; peers of another cluster are refused.
     #[serde(default = "default_cluster_id")]
     pub cluster_id: String,
-    /// Address the gRPC server binds.
+    /// Address the client port binds: the public gRPC services.
     pub listen: SocketAddr,
-    /// Address peers and clients use to reach this node; defaults to `listen`.
+    /// Address clients use to reach this node; defaults to `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Address the peer port binds: Raft between the nodes, and requests a
+    /// follower forwards to the leader. Not served on the client port.
+    pub peer_listen: SocketAddr,
+    /// Address peers use to reach this node's peer port; defaults to `peer_listen`.
+    #[serde(default)]
+    pub peer_advertise: Option<String>,
     pub data_dir: PathBuf,
-    /// `1=host:port,2=host:port,...`: the voters a new cluster starts with.
-    /// Used once, when the data directory is empty.
+    /// `1=host:port,2=host:port,...`: the voters a new cluster starts with, at
+    /// their peer addresses. Used once, when the data directory is empty.
     #[serde(default)]
     pub initial_cluster: String,
     /// Deadline for a write or linearizable read to be confirmed by a quorum.
@@ -221,12 +227,14 @@ fn default_max_concurrent_probes() -> usize {
 }
 
 impl NodeConfig {
-    pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf) -> Self {
+    pub fn new(id: NodeId, listen: SocketAddr, peer_listen: SocketAddr, data_dir: PathBuf) -> Self {
         NodeConfig {
             id,
             cluster_id: default_cluster_id(),
             listen,
             advertise: None,
+            peer_listen,
+            peer_advertise: None,
             data_dir,
             initial_cluster: String::new(),
             request_timeout_ms: default_request_timeout_ms(),
@@ -255,6 +263,12 @@ impl NodeConfig {
         self.advertise
             .clone()
             .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn peer_advertise_addr(&self) -> String {
+        self.peer_advertise
+            .clone()
+            .unwrap_or_else(|| self.peer_listen.to_string())
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -319,12 +333,18 @@ impl NodeConfig {
                 self.initial_cluster, self.id
             ));
         }
+        if self.listen == self.peer_listen {
+            return invalid(format!(
+                "listen and peer_listen are both {}: the client and peer ports must differ",
+                self.listen
+            ));
+        }
         // Peers dial what the initial cluster says: it must be what this node advertises.
-        if let (Some(listed), Some(advertised)) = (members.get(&self.id), &self.advertise) {
+        if let (Some(listed), Some(advertised)) = (members.get(&self.id), &self.peer_advertise) {
             if listed != advertised {
                 return invalid(format!(
-                    "the initial cluster lists node {} at {listed}, but it advertises {advertised}; \
-                     make them the same address",
+                    "the initial cluster lists node {} at {listed}, but its peer port is \
+                     advertised as {advertised}; make them the same address",
                     self.id
                 ));
             }
@@ -381,51 +401,70 @@ mod tests {
     }
 
     #[test]
-    fn the_initial_cluster_must_list_this_node_at_its_advertised_address() {
+    fn the_initial_cluster_must_list_this_node_at_its_advertised_peer_address() {
         let cfg = |advertise: &str| -> NodeConfig {
             let text = format!(
-                "id = 1\nlisten = \"0.0.0.0:7001\"\n{advertise}data_dir = \"/tmp/x\"\n\
-                 initial_cluster = \"1=node-1:7001,2=node-2:7001\"\n"
+                "id = 1\nlisten = \"0.0.0.0:7001\"\npeer_listen = \"0.0.0.0:7002\"\n{advertise}\
+                 data_dir = \"/tmp/x\"\ninitial_cluster = \"1=node-1:7002,2=node-2:7002\"\n"
             );
             toml::from_str(&text).expect("valid config")
         };
-        assert!(cfg("advertise = \"node-1:7001\"\n").validate().is_ok());
+        assert!(cfg("peer_advertise = \"node-1:7002\"\n").validate().is_ok());
         assert!(cfg("").validate().is_ok());
-        let e = cfg("advertise = \"10.0.0.1:7001\"\n")
+        // The client address is not what peers dial.
+        assert!(cfg("advertise = \"node-1:7001\"\n").validate().is_ok());
+        let e = cfg("peer_advertise = \"10.0.0.1:7002\"\n")
             .validate()
             .expect_err("another address");
-        assert!(e.to_string().contains("lists node 1 at node-1:7001"), "{e}");
+        assert!(e.to_string().contains("lists node 1 at node-1:7002"), "{e}");
     }
 
     #[test]
     fn toml_rejects_unknown_fields() {
-        let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 40\n";
+        let ok = "id = 1\nlisten = \"127.0.0.1:7001\"\npeer_listen = \"127.0.0.1:7002\"\n\
+                  data_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 40\n";
         let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
         assert_eq!(cfg.raft.timing().heartbeat, Duration::from_millis(40));
         assert_eq!(cfg.raft.timing().election_min, Duration::from_millis(600));
-        let wan = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n[raft]\nnetwork = \"wan\"\n";
+        let wan = "id = 1\nlisten = \"127.0.0.1:7001\"\npeer_listen = \"127.0.0.1:7002\"\n\
+                   data_dir = \"/tmp/x\"\n[raft]\nnetwork = \"wan\"\n";
         let cfg: NodeConfig = toml::from_str(wan).expect("valid config");
         assert_eq!(cfg.raft.timing().rpc_timeout, Duration::from_millis(1_500));
         assert!(
             toml::from_str::<NodeConfig>("id = 1\nlisten = \"x\"\ndata_dir = \"/tmp\"").is_err()
         );
         assert!(toml::from_str::<NodeConfig>(&format!("{ok}\nbogus = 1")).is_err());
+        // The peer port is not optional: Raft is not served on the client port.
+        let no_peer = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n";
+        let e = toml::from_str::<NodeConfig>(no_peer).expect_err("no peer_listen");
+        assert!(e.to_string().contains("peer_listen"), "{e}");
     }
 
     #[test]
     fn validation() {
-        let mut cfg = NodeConfig::new(1, "127.0.0.1:7001".parse().expect("addr"), "/tmp/x".into());
-        cfg.initial_cluster = "2=127.0.0.1:7002".into();
+        let addr = |a: &str| a.parse().expect("addr");
+        let mut cfg = NodeConfig::new(
+            1,
+            addr("127.0.0.1:7001"),
+            addr("127.0.0.1:7002"),
+            "/tmp/x".into(),
+        );
+        cfg.initial_cluster = "2=127.0.0.1:7012".into();
         assert!(cfg.validate().is_err());
-        cfg.initial_cluster = "1=127.0.0.1:7001".into();
+        cfg.initial_cluster = "1=127.0.0.1:7002".into();
         assert!(cfg.validate().is_ok());
+        cfg.peer_listen = cfg.listen;
+        let e = cfg.validate().expect_err("one port for both");
+        assert!(e.to_string().contains("must differ"), "{e}");
+        cfg.peer_listen = addr("127.0.0.1:7002");
         cfg.raft.election_timeout_min_ms = Some(500);
         assert!(cfg.validate().is_err());
     }
 
     #[test]
     fn limits_are_optional_positive_and_named() {
-        let base = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n";
+        let base = "id = 1\nlisten = \"127.0.0.1:7001\"\npeer_listen = \"127.0.0.1:7002\"\n\
+                    data_dir = \"/tmp/x\"\n";
         let cfg: NodeConfig = toml::from_str(base).expect("valid config");
         assert_eq!(cfg.limits, Limits::default());
         let cfg: NodeConfig =

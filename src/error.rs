@@ -27,7 +27,8 @@ pub enum Error {
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// This node does not lead; nothing was applied. `leader` is the leader it
-    /// knows (id and client address), which the status carries for forwarding.
+    /// knows (id and client address, empty while not recorded yet), which the
+    /// status carries for forwarding and for clients.
     #[error("unavailable: {}", not_leader(leader))]
     NotLeader { leader: Option<(u64, String)> },
     /// Proposed, but no answer before the deadline: the outcome is unknown.
@@ -75,6 +76,9 @@ pub const LEADER_ADDRESS_HEADER: &str = "roster-leader-address";
 
 fn not_leader(leader: &Option<(u64, String)>) -> String {
     match leader {
+        Some((id, addr)) if addr.is_empty() => {
+            format!("this node does not lead, node {id} does; not applied, retry")
+        }
         Some((id, addr)) => {
             format!("this node does not lead, node {id} at {addr} does; not applied, retry")
         }
@@ -90,8 +94,9 @@ impl From<Error> for Status {
         } = &e
         {
             meta.insert(LEADER_ID_HEADER, (*id).into());
-            // An address that is no valid header value is simply not given.
-            if let Ok(v) = addr.parse() {
+            // An address not known yet, or no valid header value, is not given.
+            let value = Some(addr).filter(|a| !a.is_empty());
+            if let Some(v) = value.and_then(|a| a.parse().ok()) {
                 meta.insert(LEADER_ADDRESS_HEADER, v);
             }
         }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use openraft::error::{InitializeError, RaftError};
 use openraft::storage::RaftLogStorage;
 use openraft::{ServerState, SnapshotPolicy};
@@ -14,7 +15,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
-use crate::api::cluster::ClusterApi;
+use crate::api::cluster::{Advertised, ClusterApi};
 use crate::api::forward::Forward;
 use crate::api::limits::RequestLimit;
 use crate::api::registry::RegistryApi;
@@ -30,7 +31,7 @@ use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
 use crate::raft::election::{self, Contact, Timing};
-use crate::raft::incarnation::{self, Learned};
+use crate::raft::incarnation::{self, Learned, Stated};
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
@@ -47,8 +48,10 @@ const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 
 pub struct NodeHandle {
     pub id: NodeId,
-    /// The address the server is bound to (useful when `listen` had port 0).
+    /// The address the client port is bound to (useful when `listen` had port 0).
     pub addr: SocketAddr,
+    /// The address the peer port is bound to.
+    pub peer_addr: SocketAddr,
     pub raft: Raft,
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
@@ -59,7 +62,7 @@ pub struct NodeHandle {
     metrics: Option<JoinHandle<()>>,
 }
 
-/// The gRPC server, until it stops.
+/// The gRPC servers (client and peer port), until they stop.
 type ServerTask = JoinHandle<std::result::Result<(), tonic::transport::Error>>;
 
 /// How long a stopping leader waits for a follower to take over.
@@ -241,12 +244,15 @@ async fn check_not_known(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -
         if status.cluster_id != cfg.cluster_id {
             continue;
         }
-        let leader = if status.leader_id == status.node_id {
-            Some(status)
-        } else if status.leader_id != 0 {
-            peer_status(&status.leader_address).await
-        } else {
-            None
+        let leader_peer = status
+            .members
+            .iter()
+            .find(|m| m.id == status.leader_id)
+            .map(|m| m.peer_address.clone());
+        let leader = match leader_peer {
+            _ if status.leader_id == status.node_id => Some(status),
+            Some(addr) => peer_status(&addr).await,
+            None => None,
         };
         let acked = leader
             .iter()
@@ -325,15 +331,20 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let (core, pristine) = start_raft(&cfg, &members).await?;
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| Error::Unavailable(format!("bind {}: {e}", cfg.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let (listener, addr) = bind(cfg.listen).await?;
+    let (peer_listener, peer_addr) = bind(cfg.peer_listen).await?;
     let leases = Arc::new(Leases::default());
     let health_service = spawn_tasks(&core, &cfg, leases.clone());
-    let (stop, server) = serve(&core, &cfg, listener, leases, health_service)?;
+    let (stop, server) = serve(
+        &core,
+        &cfg,
+        Listeners {
+            client: listener,
+            peer: peer_listener,
+        },
+        leases,
+        health_service,
+    )?;
     let metrics = match cfg.metrics_listen {
         Some(addr) => Some(
             crate::metrics::serve(
@@ -350,10 +361,11 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     if !members.is_empty() && pristine {
         bootstrap(&core.raft, members).await?;
     }
-    tracing::info!(id = cfg.id, %addr, cluster = %cfg.cluster_id, "node started");
+    tracing::info!(id = cfg.id, %addr, %peer_addr, cluster = %cfg.cluster_id, "node started");
     Ok(NodeHandle {
         id: cfg.id,
         addr,
+        peer_addr,
         raft: core.raft,
         me: core.me,
         peers: core.peers,
@@ -362,6 +374,16 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         server,
         metrics,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Unavailable(format!("bind {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((listener, bound))
 }
 
 /// Opens and checks the data directory and starts the Raft core on it; also
@@ -416,10 +438,14 @@ async fn start_raft(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Res
     ));
     // A leader counts as alive for the shortest election timeout after a
     // quorum last answered it; the binding task polls at heartbeat pace.
+    let mine = Stated {
+        incarnation: me.incarnation,
+        addr: cfg.advertise_addr(),
+    };
     tokio::spawn(incarnation::bind(
         raft.clone(),
         cfg.id,
-        me.incarnation,
+        mine,
         learned,
         timing.election_min,
         timing.heartbeat,
@@ -479,11 +505,17 @@ fn spawn_tasks(core: &Core, cfg: &NodeConfig, leases: Arc<Leases>) -> HealthServ
     health
 }
 
-/// Serves the gRPC services on `listener` until the returned sender fires.
+struct Listeners {
+    client: TcpListener,
+    peer: TcpListener,
+}
+
+/// Serves the public services on the client port, and Raft and forwarded
+/// requests on the peer port, until the returned sender fires.
 fn serve(
     core: &Core,
     cfg: &NodeConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     leases: Arc<Leases>,
     health: HealthServer<impl Health>,
 ) -> Result<(oneshot::Sender<()>, ServerTask)> {
@@ -514,7 +546,10 @@ fn serve(
     let cluster = ClusterServer::new(ClusterApi::new(
         core.raft.clone(),
         core.me.clone(),
-        cfg.advertise.clone(),
+        Advertised {
+            client: cfg.advertise.clone(),
+            peer: cfg.peer_advertise_addr(),
+        },
         core.state.clone(),
         core.proposer.clone(),
         core.peers.clone(),
@@ -524,6 +559,7 @@ fn serve(
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),
+        &cfg.advertise_addr(),
         core.contact.clone(),
         core.timing.election_min,
         recovery(cfg),
@@ -535,20 +571,23 @@ fn serve(
     let max_connections =
         net::max_connections(limits, net::raise_fd_limit(), cfg.max_concurrent_probes);
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = Server::builder()
+    let stopped = futures::FutureExt::shared(stopped);
+    let keepalive = || {
         // Pings find dead peers and clients; the listener closes idle and silent ones.
-        .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
-        .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
-        .layer(net::TrackRequestsLayer)
-        .add_service(raft_transport)
+        Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
+            .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
+            .layer(net::TrackRequestsLayer)
+    };
+    let client_port = keepalive()
         .add_service(Forward::new(
-            registry,
+            registry.clone(),
             core.proposer.clone(),
             core.peers.clone(),
             timeout,
         ))
         .add_service(Forward::new(
-            cluster,
+            cluster.clone(),
             core.proposer.clone(),
             core.peers.clone(),
             timeout,
@@ -556,9 +595,24 @@ fn serve(
         .add_service(RequestLimit::new(health, max_request))
         .add_service(RequestLimit::new(reflection_v1, max_request))
         .add_service(RequestLimit::new(reflection_v1alpha, max_request))
-        .serve_with_incoming_shutdown(net::incoming(listener, limits, max_connections), async {
-            let _ = stopped.await;
-        });
+        .serve_with_incoming_shutdown(
+            net::incoming(listeners.client, limits, max_connections),
+            stopped.clone().map(drop),
+        );
+    // What a follower forwards is served here as on the leader's client
+    // port, minus forwarding: it is never forwarded a second time.
+    let peer_port = keepalive()
+        .add_service(raft_transport)
+        .add_service(registry)
+        .add_service(cluster)
+        .serve_with_incoming_shutdown(
+            net::incoming(listeners.peer, limits, max_connections),
+            stopped.map(drop),
+        );
+    let server = async move {
+        let (client, peer) = tokio::join!(client_port, peer_port);
+        client.and(peer)
+    };
     Ok((stop, tokio::spawn(server)))
 }
 
@@ -611,6 +665,7 @@ fn storage(e: openraft::StorageError<NodeId>) -> Error {
 /// So no incarnation is in it (each node knows only its own): the leader binds
 /// them once it has heard from the members.
 async fn bootstrap(raft: &Raft, members: BTreeMap<NodeId, String>) -> Result<()> {
+    // Known by their peer addresses; the leader learns the client addresses.
     let nodes: BTreeMap<NodeId, Node> = members
         .into_iter()
         .map(|(id, addr)| (id, Node::unbound(addr)))

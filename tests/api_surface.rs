@@ -212,13 +212,68 @@ async fn without_a_quorum_requests_fail_with_unavailable_instead_of_hanging() {
     );
 }
 
+/// Raft is spoken on the peer port only: the client port does not know the
+/// service, so a forged Raft message sent there reaches nothing; the peer
+/// port serves Raft and the public services (what followers forward), and no
+/// health or reflection.
+#[tokio::test]
+async fn raft_is_served_on_the_peer_port_and_not_on_the_client_port() {
+    use roster::proto::raft_v1::raft_transport_client::RaftTransportClient;
+    use roster::proto::raft_v1::RaftPayload;
+    let c = TestCluster::start(3).await;
+    let vote = || RaftPayload { data: vec![0; 8] };
+    let on = |addr: String| async move {
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    };
+    let client_port = on(c.endpoint(1)).await;
+    let e = RaftTransportClient::new(client_port.clone())
+        .vote(vote())
+        .await
+        .expect_err("no Raft on the client port");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+
+    let peer_port = on(c.node(1).peer.clone()).await;
+    // Reaches the Raft service, which refuses a message without the cluster id.
+    let e = RaftTransportClient::new(peer_port.clone())
+        .vote(vote())
+        .await
+        .expect_err("a vote from no member");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("cluster"), "{e:?}");
+    let status = cluster_client::ClusterClient::new(peer_port.clone())
+        .status(StatusRequest {})
+        .await
+        .expect("the public services on the peer port")
+        .into_inner();
+    assert_eq!(status.node_id, 1);
+    assert_eq!(status.peer_advertise_address, c.node(1).peer);
+    let e = HealthClient::new(peer_port)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("no health service on the peer port");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    // The client port still serves clients.
+    let s = cluster_client::ClusterClient::new(client_port)
+        .status(StatusRequest {})
+        .await
+        .expect("status on the client port")
+        .into_inner();
+    assert_eq!(s.advertise_address, c.endpoint(1));
+}
+
 #[tokio::test]
 async fn dev_command_runs_a_working_three_node_cluster() {
     // Three consecutive free ports for `roster dev --base-port`.
     let base = loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let p = l.local_addr().expect("addr").port();
-        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+        // The dev cluster's peer ports are 100 above its client ports.
+        let free = |i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok();
+        if p < 65000 && (1..3).all(free) && (100..103).all(free) {
             break p;
         }
     };

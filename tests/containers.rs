@@ -79,7 +79,7 @@ impl DockerCluster {
         docker(&["network", "create", &network]).expect("network");
         let c = DockerCluster { tag, network };
         let initial = (1..=3)
-            .map(|i| format!("{i}={}:7001", c.host(i)))
+            .map(|i| format!("{i}={}:7002", c.host(i)))
             .collect::<Vec<_>>()
             .join(",");
         for i in 1..=3 {
@@ -107,6 +107,10 @@ impl DockerCluster {
                 "0.0.0.0:7001",
                 "--advertise",
                 &format!("{alias}:7001"),
+                "--peer-listen",
+                "0.0.0.0:7002",
+                "--peer-advertise",
+                &format!("{alias}:7002"),
                 "--data-dir",
                 "/data",
                 "--initial-cluster",
@@ -258,14 +262,28 @@ async fn container_killed_node_restarts_from_its_volume_and_catches_up() {
     }
     let c = DockerCluster::start();
     let leader = c.leader(&[1, 2, 3]).await;
-    // Each node gives its peers the name it advertises (its alias on the
-    // container network, not its 0.0.0.0 listen address), and the membership
-    // the cluster replicates records those names.
-    let members = c.status(leader).await.expect("status").members;
+    // Each node gives its peers the names it advertises (its alias on the
+    // container network, not its 0.0.0.0 listen addresses), and the membership
+    // the cluster replicates records those names: the peer addresses from the
+    // initial cluster, the client addresses once the leader has heard them.
+    let members = c
+        .wait("the leader to learn every client address", || async {
+            let members = c.status(leader).await?.members;
+            members
+                .iter()
+                .all(|m| !m.address.is_empty())
+                .then_some(members)
+        })
+        .await;
     assert_eq!(members.len(), 3, "{members:?}");
     for m in &members {
         let advertised = format!("{}:7001", c.host(m.id));
         assert_eq!(m.address, advertised, "{members:?}");
+        assert_eq!(
+            m.peer_address,
+            format!("{}:7002", c.host(m.id)),
+            "{members:?}"
+        );
         let s = c.status(m.id).await.expect("status");
         assert_eq!(s.advertise_address, advertised);
     }

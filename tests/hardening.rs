@@ -427,7 +427,7 @@ async fn a_follower_says_which_leader_it_could_not_reach() {
     // Until the follower notices, it still forwards to the dead leader. A
     // request in flight on the old connection may have an unknown outcome
     // (ABORTED); once the connection is refused, the request was never sent.
-    let expected = format!("forwarding to leader {leader} at {}", c.endpoint(leader));
+    let expected = format!("forwarding to leader {leader} at {}", c.node(leader).peer);
     let seen = c
         .wait_for(
             "a refused forward naming the leader",
@@ -549,6 +549,17 @@ async fn a_follower_forwards_every_rpc_and_a_forwarded_one_names_the_leader() {
     let c = TestCluster::start(3).await;
     let leader = c.leader().await;
     let follower = followers(&c, leader)[0];
+    // The leader learns its members' client addresses from their first answers.
+    c.wait_for(
+        "the follower to know the leader's client address",
+        Duration::from_secs(10),
+        || async {
+            c.status(follower)
+                .await
+                .filter(|s| s.leader_id == leader && s.leader_address == c.endpoint(leader))
+        },
+    )
+    .await;
     let mut api = raw(&c, follower).await;
     // Writes and linearizable reads sent to a follower are done by the leader.
     let rev = api
@@ -568,12 +579,16 @@ async fn a_follower_forwards_every_rpc_and_a_forwarded_one_names_the_leader() {
         .into_inner();
     assert!(got.revision >= rev, "{got:?}");
     assert_eq!(got.instances.len(), 1);
-    // A request that was already forwarded once is never forwarded again:
-    // the follower refuses, naming the leader in the message and in metadata.
-    let mut req = tonic::Request::new(register_req("fwd", "b"));
-    req.metadata_mut()
-        .insert("roster-forwarded", "1".parse().expect("ascii"));
-    let err = api.register(req).await.expect_err("a follower refuses");
+    // What comes in on the peer port, as forwarded requests do, is never
+    // forwarded again: the follower refuses, naming the leader (by its client
+    // address) in the message and in metadata.
+    let mut peer_port = RegistryClient::connect(format!("http://{}", c.node(follower).peer))
+        .await
+        .expect("connect to the follower's peer port");
+    let err = peer_port
+        .register(register_req("fwd", "b"))
+        .await
+        .expect_err("a follower refuses");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let named = |k| err.metadata().get(k).and_then(|v| v.to_str().ok());
     assert_eq!(named("roster-leader-id"), Some(leader.to_string().as_str()));

@@ -54,10 +54,18 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         let own = own.incarnation;
         let member = r.members.iter().find(|m| m.id == id).expect("member");
         assert!(own != 0 && member.incarnation == own, "{r:?}");
+        // Its peer address, asked of the node itself.
+        assert_eq!(member.peer_address, c.node(id).peer, "{r:?}");
     }
     let all = c.client();
     let m = c.status(c.leader().await).await.expect("status");
     assert_eq!(m.members.iter().filter(|m| m.voter).count(), 5, "{m:?}");
+    // The initial members were known by their peer addresses only; the leader
+    // has learned where each serves clients.
+    for member in &m.members {
+        assert_eq!(member.address, c.endpoint(member.id), "{m:?}");
+        assert_eq!(member.peer_address, c.node(member.id).peer, "{m:?}");
+    }
     for n in 20..30 {
         register(&all, "grow", &format!("g-{n}"), 80).await;
         expected.push(format!("g-{n}"));

@@ -221,7 +221,7 @@ async fn peers_and_data_of_another_cluster_are_refused() {
     let before = everything(&client).await;
 
     // A Raft message from another cluster is refused before it reaches the log.
-    let mut raft = RaftTransportClient::connect(format!("http://{}", c.endpoint(1)))
+    let mut raft = RaftTransportClient::connect(format!("http://{}", c.node(1).peer))
         .await
         .expect("connect");
     let mut req = tonic::Request::new(RaftPayload {

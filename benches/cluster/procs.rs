@@ -168,7 +168,8 @@ impl Peers<'_> {
 
 pub fn roster(dir: &Path, n: usize, mut peers: Peers) -> Result<Cluster> {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let advertise = peers.advertise(&ports)?;
+    let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let advertise = peers.advertise(&peer)?;
     let initial: Vec<String> = (0..n)
         .map(|i| format!("{}={}", i + 1, advertise[i]))
         .collect();
@@ -179,9 +180,11 @@ pub fn roster(dir: &Path, n: usize, mut peers: Peers) -> Result<Cluster> {
         std::fs::write(
             &config,
             format!(
-                "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{}\"\nadvertise = \"{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
+                "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
+                 peer_listen = \"127.0.0.1:{}\"\npeer_advertise = \"{}\"\n\
+                 data_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
                 i + 1,
-                port,
+                peer[i],
                 advertise[i],
                 data.display(),
                 initial.join(",")

@@ -27,12 +27,19 @@ pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node being added may take to answer its first Status.
 const STARTING_NODE_WAIT: Duration = Duration::from_secs(10);
 
+/// What this node tells others to dial.
+pub struct Advertised {
+    /// Its client address (`--advertise`), if set.
+    pub client: Option<String>,
+    /// Its peer address (`--peer-advertise`, else `--peer-listen`).
+    pub peer: String,
+}
+
 pub struct ClusterApi {
     raft: Raft,
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
-    /// What this node gives peers and clients (`--advertise`), if set.
-    advertise: Option<String>,
+    advertised: Advertised,
     state: SharedState,
     proposer: Arc<Proposer>,
     peers: Peers,
@@ -43,7 +50,7 @@ impl ClusterApi {
     pub fn new(
         raft: Raft,
         me: Identity,
-        advertise: Option<String>,
+        advertised: Advertised,
         state: SharedState,
         proposer: Arc<Proposer>,
         peers: Peers,
@@ -52,7 +59,7 @@ impl ClusterApi {
         ClusterApi {
             raft,
             me,
-            advertise,
+            advertised,
             state,
             proposer,
             peers,
@@ -70,6 +77,7 @@ impl ClusterApi {
             .map(|(id, node)| pb::Member {
                 id: *id,
                 address: node.addr.clone(),
+                peer_address: node.peer_addr.clone(),
                 voter: membership.voter_ids().any(|v| v == *id),
                 acknowledged_index: m
                     .replication
@@ -85,10 +93,11 @@ impl ClusterApi {
             .collect()
     }
 
-    /// The data-directory incarnation of the node serving at `addr`, which
-    /// must be node `id` of this cluster. A node just started may not listen
-    /// yet: it is asked again for a while.
-    async fn incarnation_of(&self, id: NodeId, addr: &str) -> Result<u64, Error> {
+    /// The member record of the node serving clients at `addr`, which must be
+    /// node `id` of this cluster: its peer address and data-directory
+    /// incarnation, as it states them. A node just started may not listen yet:
+    /// it is asked again for a while.
+    async fn joining(&self, id: NodeId, addr: &str) -> Result<Node, Error> {
         let timeout = self.proposer.timeout();
         let ch = channel(addr, timeout)
             .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?;
@@ -136,7 +145,21 @@ impl ClusterApi {
                 s.incarnation
             )));
         }
-        Ok(s.incarnation)
+        let peer_addr = s.peer_advertise_address;
+        let dialable = peer_addr
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| !matches!(host, "0.0.0.0" | "[::]" | "::" | ""));
+        if !dialable {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} gives {peer_addr:?} as its peer address, which peers cannot dial: \
+                 restart it with --peer-advertise host:port"
+            )));
+        }
+        Ok(Node {
+            addr: addr.to_string(),
+            peer_addr,
+            incarnation: s.incarnation,
+        })
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
@@ -219,7 +242,8 @@ impl Cluster for ClusterApi {
             revision,
             purged_index: m.purged.map_or(0, |l| l.index),
             incarnation: self.me.incarnation,
-            advertise_address: self.advertise.clone().unwrap_or_default(),
+            advertise_address: self.advertised.client.clone().unwrap_or_default(),
+            peer_advertise_address: self.advertised.peer.clone(),
         }))
     }
 
@@ -234,8 +258,7 @@ impl Cluster for ClusterApi {
         parse_initial_cluster(&format!("{id}={addr}"))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.proposer.here()?;
-        let incarnation = self.incarnation_of(id, &addr).await?;
-        let node = Node { addr, incarnation };
+        let node = self.joining(id, &addr).await?;
         let learner = self.raft.add_learner(id, node, true);
         tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
             .await

@@ -1,12 +1,13 @@
 //! Forwarding to the Raft leader, once for every RPC of the public services.
 //!
 //! A handler does its work on this node or refuses with `Error::NotLeader`,
-//! whose status names the leader (`LEADER_ADDRESS_HEADER`). `Forward`, in
-//! front of the `Registry` and `Cluster` services, keeps the request's bytes
-//! as the handler reads them; on such a refusal it replays them to the leader,
-//! marked as forwarded so that the leader never forwards again, and relays the
-//! leader's answer. Handlers hold no forwarding code, and an RPC added later
-//! (or a check in front of the handlers) is forwarded the same way.
+//! whose status names the leader (`LEADER_ID_HEADER`). `Forward`, in front of
+//! the `Registry` and `Cluster` services on the client port, keeps the
+//! request's bytes as the handler reads them; on such a refusal it replays
+//! them to the leader's peer port, and relays the leader's answer. The peer
+//! port serves the same services without this layer, so a forwarded request
+//! is never forwarded again. Handlers hold no forwarding code, and an RPC
+//! added later (or a check in front of the handlers) is forwarded the same way.
 //!
 //! A method only the leader serves (the policy table says which) skips the
 //! detour: a follower that knows the leader streams the request straight on,
@@ -28,19 +29,18 @@ use tower::{Service, ServiceExt};
 
 use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
-use crate::error::{Error, LEADER_ADDRESS_HEADER, LEADER_ID_HEADER};
+use crate::error::{Error, LEADER_ID_HEADER};
 use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::proto::v1 as pb;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::raft::network::{error_chain, Peers};
-use crate::raft::proposer::Proposer;
+use crate::raft::proposer::{Proposer, Refusal};
+use crate::raft::NodeId;
 
 /// Extra time a follower waits for the leader's answer to a forwarded request:
 /// the leader answers within its own deadline, and its answer (which knows
 /// whether the write was applied) must still travel back.
 const FORWARD_MARGIN: Duration = Duration::from_secs(1);
-/// Set on a forwarded request, so it is never forwarded a second time.
-const FORWARDED_HEADER: &str = "roster-forwarded";
 
 /// Whether a forwarded request changes state: a write whose connection breaks
 /// mid-call has an unknown outcome, a read can simply be retried.
@@ -134,9 +134,6 @@ where
         // The service made ready serves this call; its clone waits for the next.
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
-        if req.headers().contains_key(FORWARDED_HEADER) {
-            return Box::pin(inner.call(req));
-        }
         let relay = self.relay.clone();
         if policy(req.uri().path(), relay.timeout).leader_only {
             if let Some(leader) = relay.elsewhere() {
@@ -152,7 +149,10 @@ where
             };
             let body = observed(body, Recorder(replay.tape.clone()));
             let answer = inner.call(http::Request::from_parts(parts, body)).await?;
-            Ok(match (leader(answer.headers()), replay.body()) {
+            if !answer.headers().contains_key(LEADER_ID_HEADER) {
+                return Ok(answer);
+            }
+            Ok(match (relay.elsewhere(), replay.body()) {
                 (Some(leader), Some(body)) => {
                     let mut req = http::Request::new(Body::new(http_body_util::Full::new(body)));
                     *req.uri_mut() = replay.uri;
@@ -165,19 +165,6 @@ where
             })
         })
     }
-}
-
-/// The leader a refusal names, if it names one.
-fn leader(headers: &HeaderMap) -> Option<Leader> {
-    let text = |name| {
-        headers
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-    };
-    Some(Leader {
-        addr: text(LEADER_ADDRESS_HEADER)?.to_string(),
-        id: text(LEADER_ID_HEADER)?.parse().ok()?,
-    })
 }
 
 /// What it takes to send a request again.
@@ -237,23 +224,30 @@ impl Observer for Recorder {
     }
 }
 
-/// The leader as a follower sees it.
+/// The leader as a follower sees it: its id and peer address.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Leader {
-    pub id: u64,
-    pub addr: String,
+    id: NodeId,
+    addr: String,
+}
+
+impl Leader {
+    /// The leader a refusal names, if it names one this node can reach.
+    pub fn named_by(refusal: &Refusal) -> Option<Leader> {
+        match refusal {
+            Refusal::NotLeader(f) => Some(Leader {
+                id: f.leader_id?,
+                addr: f.leader_node.as_ref()?.peer_addr.clone(),
+            }),
+            Refusal::Failed(_) => None,
+        }
+    }
 }
 
 impl Relay {
     /// The leader, when this node knows it is another node.
     fn elsewhere(&self) -> Option<Leader> {
-        let refusal = self.proposer.here().err()?;
-        match Error::from(refusal) {
-            Error::NotLeader {
-                leader: Some((id, addr)),
-            } => Some(Leader { id, addr }),
-            _ => None,
-        }
+        Leader::named_by(&self.proposer.here().err()?)
     }
 
     /// Sends the request to the leader and relays its answer; transport
@@ -280,9 +274,8 @@ impl Relay {
     }
 }
 
-/// Marks a request as forwarded, with the time the leader gets to answer.
+/// Gives a forwarded request the time the leader gets to answer.
 fn mark_forwarded(headers: &mut HeaderMap, timeout: Duration) {
-    headers.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
     // gRPC's timeout header: at most 8 digits and a unit.
     let ms = (timeout + FORWARD_MARGIN).as_millis().min(99_999_999);
     if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
@@ -392,23 +385,5 @@ mod tests {
                 leader_only: true
             }
         );
-    }
-
-    #[test]
-    fn a_refusal_names_the_leader_a_follower_forwards_to() {
-        let s: Status = Error::NotLeader {
-            leader: Some((3, "10.0.0.3:7000".into())),
-        }
-        .into();
-        let http = s.into_http::<Body>();
-        assert_eq!(
-            leader(http.headers()),
-            Some(Leader {
-                id: 3,
-                addr: "10.0.0.3:7000".into()
-            })
-        );
-        let none: Status = Error::NotLeader { leader: None }.into();
-        assert_eq!(leader(none.into_http::<Body>().headers()), None);
     }
 }

@@ -82,15 +82,14 @@ impl RegistryApi {
         if since != 0 && since <= local {
             return Ok(());
         }
-        let cluster = match self.proposer.read_index().await.map_err(Error::from) {
+        let cluster = match self.proposer.read_index().await {
             Ok(()) => self.read(|st| st.catalog.revision())?,
-            Err(Error::NotLeader {
-                leader: Some((id, addr)),
-            }) => {
-                let leader = Leader { id, addr };
-                forward::leader_revision(&self.peers, leader, self.proposer.timeout()).await?
-            }
-            Err(e) => return Err(e.into()),
+            Err(refusal) => match Leader::named_by(&refusal) {
+                Some(leader) => {
+                    forward::leader_revision(&self.peers, leader, self.proposer.timeout()).await?
+                }
+                None => return Err(refusal.into()),
+            },
         };
         if since > cluster {
             return Err(Error::OutOfRange(format!(

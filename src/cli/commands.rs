@@ -235,6 +235,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "" => String::new(),
                     a => format!(" advertise={a}"),
                 };
+                let advertise = format!("{advertise} peer={}", s.peer_advertise_address);
                 println!(
                     "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}{advertise}",
                     s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id, s.incarnation
@@ -251,9 +252,10 @@ fn members(ms: &[Member]) -> String {
     ms.iter()
         .map(|m| {
             format!(
-                "{}={}{}{}",
+                "{}={}(peer {}){}{}",
                 m.id,
                 m.address,
+                m.peer_address,
                 if m.voter { "" } else { "(learner)" },
                 m.rtt_ms
                     .map(|r| format!("(rtt {r:.1}ms)"))

@@ -67,15 +67,22 @@ pub struct ServerArgs {
     id_from_hostname: bool,
     #[arg(long)]
     cluster_id: Option<String>,
-    /// Address to bind, e.g. 0.0.0.0:7001.
+    /// Client port to bind, e.g. 0.0.0.0:7001.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Address others reach this node at (defaults to --listen).
+    /// Address clients reach this node at (defaults to --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// Peer port to bind (Raft and forwarded requests), e.g. 0.0.0.0:7002.
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// Address peers reach the peer port at (defaults to --peer-listen).
+    #[arg(long)]
+    peer_advertise: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Voters of a new cluster: 1=host:port,2=host:port,3=host:port. Used once, on an empty data dir.
+    /// Voters of a new cluster at their peer addresses: 1=host:port,2=host:port,3=host:port.
+    /// Used once, on an empty data dir.
     #[arg(long)]
     initial_cluster: Option<String>,
     /// Serve Prometheus metrics on this address (GET /metrics).
@@ -85,7 +92,8 @@ pub struct ServerArgs {
 
 #[derive(Args)]
 pub struct DevArgs {
-    /// Port of node 1; nodes 2 and 3 take the next ones.
+    /// Client port of node 1; nodes 2 and 3 take the next ones, and the peer
+    /// ports are 100 above.
     #[arg(long, default_value_t = 7001)]
     base_port: u16,
     #[arg(long, default_value_t = 3)]

@@ -28,6 +28,7 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
             NodeConfig::new(
                 a.id.ok_or_else(|| missing("id"))?,
                 a.listen.ok_or_else(|| missing("listen"))?,
+                a.peer_listen.ok_or_else(|| missing("peer-listen"))?,
                 a.data_dir.clone().ok_or_else(|| missing("data-dir"))?,
             )
         }
@@ -46,6 +47,12 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = a.advertise {
         cfg.advertise = Some(v);
+    }
+    if let Some(v) = a.peer_listen {
+        cfg.peer_listen = v;
+    }
+    if let Some(v) = a.peer_advertise {
+        cfg.peer_advertise = Some(v);
     }
     if let Some(v) = a.initial_cluster {
         cfg.initial_cluster = v;
@@ -94,17 +101,23 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How far above its client port `roster dev` puts a node's peer port.
+const DEV_PEER_OFFSET: u16 = 100;
+
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("roster-dev-").tempdir()?;
     let addr = |i: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + i));
+    let peer_addr =
+        |i: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + DEV_PEER_OFFSET + i));
     let initial: Vec<String> = (0..a.nodes)
-        .map(|i| format!("{}={}", i + 1, addr(i)))
+        .map(|i| format!("{}={}", i + 1, peer_addr(i)))
         .collect();
     let mut handles = Vec::new();
     for i in 0..a.nodes {
         let mut cfg = NodeConfig::new(
             u64::from(i) + 1,
             addr(i),
+            peer_addr(i),
             dir.path().join(format!("node-{}", i + 1)),
         );
         cfg.cluster_id = "roster-dev".into();
@@ -113,7 +126,10 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
     for h in &handles {
-        println!("node {} listening on {}", h.id, h.addr);
+        println!(
+            "node {} listening on {} (peer port {})",
+            h.id, h.addr, h.peer_addr
+        );
     }
     println!("data in {}", dir.path().display());
     println!("try: roster status --endpoints {}", endpoints.join(","));

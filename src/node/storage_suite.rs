@@ -19,7 +19,8 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = TempDir::new().map_err(|e| StorageIOError::read(&e))?;
-        let cfg = NodeConfig::new(1, ([127, 0, 0, 1], 0).into(), dir.path().to_path_buf());
+        let any = ([127, 0, 0, 1], 0).into();
+        let cfg = NodeConfig::new(1, any, any, dir.path().to_path_buf());
         let Storage {
             db,
             marker,

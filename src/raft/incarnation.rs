@@ -25,7 +25,7 @@ use tonic::metadata::MetadataMap;
 
 use futures::StreamExt;
 
-use super::{metrics_every, Node, NodeId, Raft};
+use super::{metrics_every, Node, NodeId, Raft, CLIENT_ADDRESS_HEADER, INCARNATION_HEADER};
 
 /// A Raft request meant for another incarnation of this node.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -57,19 +57,39 @@ pub fn header(meta: &MetadataMap, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The incarnations peers last stated in their replies, by node id.
+/// What a Raft reply's metadata states about the peer that sent it.
+pub fn stated(meta: &MetadataMap) -> Stated {
+    Stated {
+        incarnation: header(meta, INCARNATION_HEADER),
+        addr: meta
+            .get(CLIENT_ADDRESS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+/// What a node states about itself in its Raft replies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stated {
+    pub incarnation: u64,
+    /// Its client address.
+    pub addr: String,
+}
+
+/// What peers last stated in their replies, by node id.
 #[derive(Clone, Default)]
-pub struct Learned(Arc<Mutex<BTreeMap<NodeId, u64>>>);
+pub struct Learned(Arc<Mutex<BTreeMap<NodeId, Stated>>>);
 
 impl Learned {
-    pub fn record(&self, id: NodeId, incarnation: u64) {
-        if incarnation != 0 {
-            lock(&self.0).insert(id, incarnation);
+    pub fn record(&self, id: NodeId, stated: Stated) {
+        if stated.incarnation != 0 {
+            lock(&self.0).insert(id, stated);
         }
     }
 
-    fn get(&self, id: NodeId) -> Option<u64> {
-        lock(&self.0).get(&id).copied()
+    fn get(&self, id: NodeId) -> Option<Stated> {
+        lock(&self.0).get(&id).cloned()
     }
 }
 
@@ -77,38 +97,50 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The members whose incarnation the membership lacks but that are now known:
-/// this node's own, and those its peers stated.
+/// The members whose incarnation or client address the membership lacks but
+/// that are now known: this node's own, and those its peers stated. A peer of
+/// another incarnation than the one recorded is not the member: nothing of it
+/// is taken.
 fn learnable(
     membership: &Membership<NodeId, Node>,
     me: NodeId,
-    mine: u64,
+    mine: &Stated,
     learned: &Learned,
 ) -> BTreeMap<NodeId, Node> {
     membership
         .nodes()
-        .filter(|(_, n)| n.incarnation == 0)
+        .filter(|(_, n)| n.incarnation == 0 || n.addr.is_empty())
         .filter_map(|(id, n)| {
-            let incarnation = if *id == me { mine } else { learned.get(*id)? };
-            Some((
-                *id,
-                Node {
-                    addr: n.addr.clone(),
-                    incarnation,
+            let stated = if *id == me {
+                mine.clone()
+            } else {
+                learned.get(*id)?
+            };
+            if n.incarnation != 0 && n.incarnation != stated.incarnation {
+                return None;
+            }
+            let node = Node {
+                addr: if n.addr.is_empty() {
+                    stated.addr
+                } else {
+                    n.addr.clone()
                 },
-            ))
+                peer_addr: n.peer_addr.clone(),
+                incarnation: stated.incarnation,
+            };
+            (node != *n).then_some((*id, node))
         })
         .collect()
 }
 
-/// On the leader: records in the membership every member incarnation that has
-/// become known. Only changes node data, never the voters. A new leader waits
+/// On the leader: records in the membership every member incarnation and
+/// client address that has become known. Only changes node data, never the voters. A new leader waits
 /// `settle` first, so that every live member has replied and one change binds
 /// them all. Ends with Raft.
 pub async fn bind(
     raft: Raft,
     me: NodeId,
-    mine: u64,
+    mine: Stated,
     learned: Learned,
     settle: Duration,
     poll: Duration,
@@ -123,13 +155,13 @@ pub async fn bind(
         if leading_since.get_or_insert_with(Instant::now).elapsed() < settle {
             continue;
         }
-        let nodes = learnable(m.membership_config.membership(), me, mine, &learned);
+        let nodes = learnable(m.membership_config.membership(), me, &mine, &learned);
         if nodes.is_empty() {
             continue;
         }
         let bound: Vec<String> = nodes
             .iter()
-            .map(|(id, n)| format!("node {id}: {}", n.incarnation))
+            .map(|(id, n)| format!("node {id}: {n}"))
             .collect();
         // Fails while another membership change is under way: retried next tick.
         match raft
@@ -137,7 +169,7 @@ pub async fn bind(
             .await
         {
             Ok(_) => tracing::info!(
-                "bound members to their data directories (incarnations): {}",
+                "bound members to their data directories and client addresses: {}",
                 bound.join(", ")
             ),
             Err(e) => tracing::debug!("binding incarnations: {e}"),
@@ -160,6 +192,7 @@ mod tests {
                     *id,
                     Node {
                         addr: format!("n{id}:1"),
+                        peer_addr: format!("n{id}:2"),
                         incarnation: *inc,
                     },
                 )
@@ -184,17 +217,57 @@ mod tests {
 
     #[test]
     fn learns_only_unbound_members_it_knows() {
+        let stated = |incarnation, addr: &str| Stated {
+            incarnation,
+            addr: addr.into(),
+        };
         let m = membership(&[(1, 0), (2, 0), (3, 33)]);
         let learned = Learned::default();
-        learned.record(3, 34);
-        let nodes = learnable(&m, 1, 11, &learned);
+        learned.record(3, stated(34, "n3:1"));
+        let mine = stated(11, "n1:1");
+        let nodes = learnable(&m, 1, &mine, &learned);
         assert_eq!(nodes.keys().copied().collect::<Vec<_>>(), vec![1]);
         assert_eq!(nodes[&1].incarnation, 11);
-        learned.record(2, 22);
-        learned.record(2, 0);
-        let nodes = learnable(&m, 1, 11, &learned);
+        learned.record(2, stated(22, "n2:1"));
+        learned.record(2, stated(0, ""));
+        let nodes = learnable(&m, 1, &mine, &learned);
         assert_eq!(nodes[&2].incarnation, 22);
-        assert_eq!(nodes[&2].addr, "n2:1");
+        assert_eq!(nodes[&2].peer_addr, "n2:2");
+        assert!(!nodes.contains_key(&3));
+    }
+
+    #[test]
+    fn learns_an_initial_members_client_address_from_that_member_only() {
+        let mut m = membership(&[(1, 0), (2, 7), (3, 8)]);
+        let mut nodes: BTreeMap<NodeId, Node> = m.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        for n in nodes.values_mut() {
+            n.addr.clear();
+        }
+        m = Membership::new(vec![[1, 2, 3].into()], nodes);
+        let learned = Learned::default();
+        learned.record(
+            2,
+            Stated {
+                incarnation: 7,
+                addr: "c2:1".into(),
+            },
+        );
+        // Another incarnation answering as node 3: not the member.
+        learned.record(
+            3,
+            Stated {
+                incarnation: 9,
+                addr: "c3:1".into(),
+            },
+        );
+        let mine = Stated {
+            incarnation: 11,
+            addr: "c1:1".into(),
+        };
+        let nodes = learnable(&m, 1, &mine, &learned);
+        assert_eq!(nodes[&1].addr, "c1:1");
+        assert_eq!(nodes[&2].addr, "c2:1");
+        assert_eq!(nodes[&2].incarnation, 7);
         assert!(!nodes.contains_key(&3));
     }
 }

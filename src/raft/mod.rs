@@ -28,24 +28,29 @@ openraft::declare_raft_types!(
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// A member as the Raft membership records it: where it serves and which data
-/// directory it runs on. A node whose directory was wiped comes back with
-/// another incarnation, and its peers refuse it as the old member (see
-/// [`transport`]), since it lost the votes and entries that member acknowledged.
+/// A member as the Raft membership records it: where it serves clients, where
+/// its peers reach it, and which data directory it runs on. A node whose
+/// directory was wiped comes back with another incarnation, and its peers
+/// refuse it as the old member (see [`transport`]), since it lost the votes and
+/// entries that member acknowledged.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Node {
-    /// `host:port` the node serves on.
+    /// `host:port` the node serves clients on (what a follower names as the
+    /// leader); empty until the leader has learned it ([`incarnation::bind`]).
     pub addr: String,
+    /// `host:port` of its peer port: Raft, and requests forwarded to it.
+    pub peer_addr: String,
     /// The member's data-directory incarnation ([`marker::Identity`]); 0 until
     /// the leader has learned it ([`incarnation::bind`]).
     pub incarnation: u64,
 }
 
 impl Node {
-    /// A member whose incarnation is not known yet.
-    pub fn unbound(addr: String) -> Self {
+    /// An initial member, known by its peer address only.
+    pub fn unbound(peer_addr: String) -> Self {
         Node {
-            addr,
+            addr: String::new(),
+            peer_addr,
             incarnation: 0,
         }
     }
@@ -53,7 +58,11 @@ impl Node {
 
 impl std::fmt::Display for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (incarnation {})", self.addr, self.incarnation)
+        write!(
+            f,
+            "{} (peer port {}, incarnation {})",
+            self.addr, self.peer_addr, self.incarnation
+        )
     }
 }
 
@@ -62,6 +71,9 @@ pub const CLUSTER_ID_HEADER: &str = "roster-cluster-id";
 /// Metadata header with the responder's data-directory incarnation on every
 /// node-to-node reply, from which the leader learns it.
 pub const INCARNATION_HEADER: &str = "roster-incarnation";
+/// Metadata header with the responder's client address on every node-to-node
+/// reply, from which the leader learns it.
+pub const CLIENT_ADDRESS_HEADER: &str = "roster-client-address";
 /// Metadata header with the incarnation the sender's membership records for
 /// the node it sends to (0: not known yet).
 pub const TARGET_INCARNATION_HEADER: &str = "roster-target-incarnation";

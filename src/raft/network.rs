@@ -22,8 +22,7 @@ use tonic::Code;
 use super::incarnation::{self, Learned};
 use super::marker::Identity;
 use super::{
-    decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, INCARNATION_HEADER,
-    TARGET_INCARNATION_HEADER,
+    decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, TARGET_INCARNATION_HEADER,
 };
 use crate::grpc::{endpoint, MAX_MESSAGE_BYTES};
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
@@ -239,14 +238,14 @@ pub async fn extra_call<Req: Serialize, Resp: DeserializeOwned>(
     msg: &Req,
     timeout: Duration,
 ) -> Result<Resp, String> {
-    let mut client = peers.client(&target.addr)?;
+    let mut client = peers.client(&target.peer_addr)?;
     let data = encode(msg).map_err(|e| e.to_string())?;
     let req = peer_request(RaftPayload { data }, me, target, timeout).map_err(|e| e.to_string())?;
     let reply = match rpc {
         Extra::TimeoutNow => client.timeout_now(req).await,
         Extra::PreVote => client.pre_vote(req).await,
     }
-    .map_err(|s| format!("{rpc:?} to {}: {}", target.addr, error_chain(&s)))?;
+    .map_err(|s| format!("{rpc:?} to {}: {}", target.peer_addr, error_chain(&s)))?;
     decode(&reply.into_inner().data).map_err(|e| e.to_string())
 }
 
@@ -361,7 +360,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             me: self.me.clone(),
-            client: self.peers.client(&node.addr),
+            client: self.peers.client(&node.peer_addr),
             peers: self.peers.clone(),
             learned: self.learned.clone(),
             max_entries: None,
@@ -430,8 +429,11 @@ impl PeerClient {
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
-        self.peers
-            .logged(self.target, &self.node.addr, &reply.as_ref().map(|_| ()));
+        self.peers.logged(
+            self.target,
+            &self.node.peer_addr,
+            &reply.as_ref().map(|_| ()),
+        );
         let reply = reply.map_err(|status| match status.code() {
             // Openraft backs off from an unreachable peer instead of retrying hot;
             // a peer that refuses this node (another cluster, another
@@ -443,10 +445,8 @@ impl PeerClient {
             }
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
-        self.learned.record(
-            self.target,
-            incarnation::header(reply.metadata(), INCARNATION_HEADER),
-        );
+        self.learned
+            .record(self.target, incarnation::stated(reply.metadata()));
         let result: Result<Resp, RaftError<NodeId, E>> = decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -35,7 +35,9 @@ impl From<Refusal> for Error {
     fn from(r: Refusal) -> Self {
         match r {
             Refusal::NotLeader(f) => Error::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                leader: f
+                    .leader_id
+                    .map(|id| (id, f.leader_node.map(|n| n.addr).unwrap_or_default())),
             },
             Refusal::Failed(e) => e,
         }

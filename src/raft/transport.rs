@@ -9,7 +9,7 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use openraft::Vote;
@@ -19,8 +19,8 @@ use super::incarnation;
 use super::marker::Identity;
 use super::network::REMIND;
 use super::{
-    decode, encode, NodeId, Raft, TypeConfig, CLUSTER_ID_HEADER, INCARNATION_HEADER,
-    TARGET_INCARNATION_HEADER,
+    decode, encode, NodeId, Raft, TypeConfig, CLIENT_ADDRESS_HEADER, CLUSTER_ID_HEADER,
+    INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
 };
 use crate::error::Error;
 use crate::proto::raft_v1::raft_transport_server::RaftTransport;
@@ -29,6 +29,9 @@ use crate::proto::raft_v1::RaftPayload;
 pub struct RaftService {
     raft: Raft,
     me: Identity,
+    /// This node's client address, stated in every reply (None if it cannot
+    /// be a header value, which a valid `host:port` always can).
+    client_addr: Option<MetadataValue<Ascii>>,
     /// Refreshed by every message from a leader this node accepts.
     contact: Contact,
     /// Minimum election timeout: how long a leader heard from is presumed alive.
@@ -85,6 +88,7 @@ impl RaftService {
     pub fn new(
         raft: Raft,
         me: Identity,
+        client_addr: &str,
         contact: Contact,
         lease: Duration,
         recovery: String,
@@ -92,6 +96,7 @@ impl RaftService {
         RaftService {
             raft,
             me,
+            client_addr: MetadataValue::try_from(client_addr).ok(),
             contact,
             lease,
             recovery,
@@ -141,12 +146,16 @@ impl RaftService {
         }
     }
 
-    /// Replies state this node's incarnation, from which the leader learns it.
+    /// Replies state this node's incarnation and client address, from which
+    /// the leader learns them.
     fn reply<T: Serialize>(&self, v: &T) -> Result<Response<RaftPayload>, Status> {
         let data = encode(v).map_err(|e| Error::Internal(format!("encode raft reply: {e}")))?;
         let mut r = Response::new(RaftPayload { data });
-        r.metadata_mut()
-            .insert(INCARNATION_HEADER, MetadataValue::from(self.me.incarnation));
+        let meta = r.metadata_mut();
+        meta.insert(INCARNATION_HEADER, MetadataValue::from(self.me.incarnation));
+        if let Some(addr) = &self.client_addr {
+            meta.insert(CLIENT_ADDRESS_HEADER, addr.clone());
+        }
         Ok(r)
     }
 }

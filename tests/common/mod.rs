@@ -25,8 +25,11 @@ pub struct TestNode {
     pub id: u64,
     /// Address the node listens on: 127.0.0.1, or its namespace's address.
     pub host: String,
+    /// Its client port.
     pub port: u16,
-    /// `host:port` peers dial: the listen address, or its proxy's (`Setup::proxies`).
+    /// Its peer port (Raft and forwarded requests).
+    pub peer_port: u16,
+    /// `host:port` peers dial: the peer port, or its proxy's (`Setup::proxies`).
     pub peer: String,
     /// Where the node serves Prometheus metrics.
     pub metrics_port: u16,
@@ -59,8 +62,8 @@ pub struct Setup {
     pub netns: bool,
     /// Each node's data directory on a tmpfs of this many MiB.
     pub tmpfs_mb: Option<u32>,
-    /// Each node behind a `proxy::Proxy` that every peer dials (its advertised
-    /// address), so the test can inject faults into node-to-node traffic;
+    /// Each node's peer port behind a `proxy::Proxy` that every peer dials (its
+    /// advertised peer address), so the test can inject faults into node-to-node traffic;
     /// clients still dial the nodes directly. Needs a multi-threaded runtime:
     /// the proxies run on the test's. With `netns` the proxies listen on the
     /// lab's `root_ip` and see each peer by its namespace address, so faults
@@ -142,14 +145,16 @@ impl TestCluster {
                 disks.push(faults::Tmpfs::mount(&data, mb).ok_or("mounting a tmpfs needs root")?);
             }
         }
-        let addrs: Vec<(String, u16)> = (1..=n)
+        let addrs: Vec<(String, u16, u16)> = (1..=n)
             .map(|id| match &net {
                 Some(lab) => {
                     let a = lab.addr(id);
                     let (h, p) = a.rsplit_once(':').expect("host:port");
-                    (h.to_string(), p.parse().expect("port"))
+                    let port: u16 = p.parse().expect("port");
+                    // Every node has the namespace's address to itself.
+                    (h.to_string(), port, port + 1)
                 }
-                None => ("127.0.0.1".to_string(), free_port()),
+                None => ("127.0.0.1".to_string(), free_port(), free_port()),
             })
             .collect();
         let mut c = TestCluster {
@@ -162,8 +167,8 @@ impl TestCluster {
             proxies: Vec::new(),
             proxied: setup.proxies,
         };
-        for (host, port) in addrs {
-            c.add_node(&host, port);
+        for (host, port, peer_port) in addrs {
+            c.add_node(&host, port, peer_port);
         }
         let initial: Vec<String> = c
             .nodes
@@ -179,13 +184,14 @@ impl TestCluster {
         Ok(c)
     }
 
-    /// Adds the next node id, listening on `host:port`, behind a proxy of
-    /// its own when the cluster has proxies; returns that id.
-    fn add_node(&mut self, host: &str, port: u16) -> u64 {
+    /// Adds the next node id, listening on `host:port` and `host:peer_port`,
+    /// its peer port behind a proxy of its own when the cluster has proxies;
+    /// returns that id.
+    fn add_node(&mut self, host: &str, port: u16, peer_port: u16) -> u64 {
         let id = self.nodes.len() as u64 + 1;
-        let mut peer = format!("{host}:{port}");
+        let mut peer = format!("{host}:{peer_port}");
         if self.proxied {
-            let target = peer.parse().expect("a node's listen address");
+            let target = peer.parse().expect("a node's peer address");
             // Where the nodes can dial it: in a lab, the test's own address there.
             let at = match &self.net {
                 Some(lab) => lab.root_ip(),
@@ -200,6 +206,7 @@ impl TestCluster {
             id,
             host: host.to_string(),
             port,
+            peer_port,
             peer,
             metrics_port: free_port(),
             config: self.dir.path().join(format!("node-{id}.toml")),
@@ -210,10 +217,14 @@ impl TestCluster {
 
     fn write_config(&self, id: u64, initial_cluster: &str) {
         let n = self.node(id);
+        let host = &n.host;
         let text = format!(
-            "id = {id}\ncluster_id = \"test\"\nlisten = \"{}:{}\"\nadvertise = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
-            n.host,
+            "id = {id}\ncluster_id = \"test\"\nlisten = \"{host}:{}\"\nadvertise = \"{host}:{}\"\n\
+             peer_listen = \"{host}:{}\"\npeer_advertise = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
+             data_dir = \"{}\"\ninitial_cluster = \"{initial_cluster}\"\nrequest_timeout_ms = 3000\n{}\n",
             n.port,
+            n.port,
+            n.peer_port,
             n.peer,
             n.metrics_port,
             self.data_dir(id).display(),
@@ -261,7 +272,7 @@ impl TestCluster {
     /// Starts one more node that belongs to no cluster until it is added as a
     /// member, at its `peer` address.
     pub fn start_spare(&mut self) -> u64 {
-        let id = self.add_node("127.0.0.1", free_port());
+        let id = self.add_node("127.0.0.1", free_port(), free_port());
         self.write_config(id, "");
         self.start_node(id);
         id
