@@ -113,6 +113,11 @@ impl NodeHandle {
 }
 
 const IDENTITY_KEY: &[u8] = b"identity";
+/// The storage format a data directory was written in, beside its identity.
+const FORMAT_KEY: &[u8] = b"format";
+/// Format 2 records the members' peer addresses. Format 1 (no format key)
+/// is what Roster wrote before; it cannot be read as format 2.
+const STORAGE_FORMAT: u32 = 2;
 
 /// The storage of a node, checked to be what it last wrote.
 struct Storage {
@@ -166,6 +171,9 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
             )));
         }
     }
+    if stored.is_some() {
+        check_format(cfg, &meta)?;
+    }
     let recorded = Marker::read(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
     let (last_log, vote_term) = log_store::inspect(&db)?;
     let mut has_data = false;
@@ -191,6 +199,9 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
     if fresh {
         let b = stored::encode(marker.identity())
             .map_err(|e| Error::Storage(format!("node identity: {e}")))?;
+        let format = stored::encode(&STORAGE_FORMAT)
+            .map_err(|e| Error::Storage(format!("storage format: {e}")))?;
+        meta.insert(FORMAT_KEY, format)?;
         meta.insert(IDENTITY_KEY, b)?;
         db.flush()?;
         marker
@@ -203,6 +214,34 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
         state_machine,
         fresh,
     })
+}
+
+/// Refuses a data directory written in another storage format than this
+/// binary's, before anything in it is decoded as this format.
+fn check_format(cfg: &NodeConfig, meta: &sled::Tree) -> Result<()> {
+    let found: u32 = match meta.get(FORMAT_KEY)? {
+        Some(b) => {
+            stored::decode(&b).map_err(|e| Error::Storage(format!("storage format: {e}")))?
+        }
+        None => 1,
+    };
+    let dir = cfg.data_dir.display();
+    let why = match found {
+        f if f == STORAGE_FORMAT => return Ok(()),
+        f if f > STORAGE_FORMAT => format!(
+            "it was written by a newer Roster (storage format {f}); this binary reads \
+             format {STORAGE_FORMAT}: run the newer version"
+        ),
+        f => format!(
+            "it was written by an older Roster (storage format {f}); this binary reads \
+             format {STORAGE_FORMAT} (members with peer addresses) and has no migration from it: \
+             keep running the older version, or start this node on an empty directory and add it \
+             as a new member (roster member remove, then roster member add)"
+        ),
+    };
+    Err(Error::FailedPrecondition(format!(
+        "data directory {dir} cannot be opened: {why}"
+    )))
 }
 
 /// The refusal to start on a damaged or replaced data directory, with the way back.
@@ -678,3 +717,38 @@ async fn bootstrap(raft: &Raft, members: BTreeMap<NodeId, String>) -> Result<()>
 
 #[cfg(test)]
 mod storage_suite;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_data_directory_of_another_storage_format_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let any = ([127, 0, 0, 1], 0).into();
+        let cfg = NodeConfig::new(1, any, any, dir.path().to_path_buf());
+        let set_format = |format: Option<u32>| {
+            let db = sled::open(dir.path()).expect("reopen");
+            let meta = db.open_tree(trees::NODE_META).expect("meta");
+            match format {
+                Some(f) => meta.insert(FORMAT_KEY, stored::encode(&f).expect("encode")),
+                None => meta.remove(FORMAT_KEY),
+            }
+            .expect("write");
+            db.flush().expect("flush");
+        };
+        drop(open_checked(&cfg).expect("a new directory"));
+        drop(open_checked(&cfg).expect("its own format"));
+        set_format(None);
+        let e = open_checked(&cfg).err().expect("an older format");
+        assert!(
+            e.to_string().contains("older Roster (storage format 1)"),
+            "{e}"
+        );
+        set_format(Some(STORAGE_FORMAT + 1));
+        let e = open_checked(&cfg).err().expect("a newer format");
+        assert!(e.to_string().contains("run the newer version"), "{e}");
+        set_format(Some(STORAGE_FORMAT));
+        assert!(open_checked(&cfg).is_ok());
+    }
+}
