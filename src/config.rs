@@ -164,6 +164,23 @@ impl Default for Limits {
     }
 }
 
+/// `[tls]`: PEM files for both ports, read again when they change (or on SIGHUP).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// This node's certificate chain, served on both ports and presented to
+    /// peers as its client certificate; it must name the advertised hosts.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The cluster CA: the peer port accepts only certificates it issued,
+    /// and peers' certificates are checked against it.
+    pub ca: PathBuf,
+    /// When set, the client port accepts only clients with a certificate
+    /// from this CA.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -208,6 +225,9 @@ pub struct NodeConfig {
     pub connections: ConnectionLimits,
     #[serde(default)]
     pub limits: Limits,
+    /// TLS on both ports when set; plaintext otherwise.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 fn default_cluster_id() -> String {
@@ -245,6 +265,7 @@ impl NodeConfig {
             raft: RaftTuning::default(),
             connections: ConnectionLimits::default(),
             limits: Limits::default(),
+            tls: None,
         }
     }
 

@@ -2,22 +2,34 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Snapshot chunks and entry batches can be several MiB; tonic's default cap is 4 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// An endpoint for `addr` ("host:port") with the settings every connection uses.
+/// An endpoint for `addr` ("host:port") with the settings every connection
+/// uses; TLS when `tls` is given (the host is the name the server's
+/// certificate must carry).
 pub fn endpoint(
     addr: &str,
     connect_timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
 ) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()),
+        None => Ok(endpoint),
+    }
 }
 
 /// A lazily connecting channel to `addr` ("host:port").
-pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr, connect_timeout)?.connect_lazy())
+pub fn channel(
+    addr: &str,
+    connect_timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr, connect_timeout, tls)?.connect_lazy())
 }

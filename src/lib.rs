@@ -34,6 +34,8 @@ mod node;
 mod raft;
 #[cfg(feature = "server")]
 mod registry;
+#[cfg(feature = "server")]
+mod tls;
 
 #[cfg(feature = "server")]
 pub use cli::main;

@@ -1,5 +1,6 @@
-//! The gRPC port's listener. It accepts continuously and hands the server only
-//! connections that open with the HTTP/2 preface in time; it closes connections
+//! The gRPC ports' listener. It accepts continuously and hands the server only
+//! connections that complete the TLS handshake (when the port serves TLS) and
+//! open with the HTTP/2 preface in time; it closes connections
 //! that carry no request for `idle_timeout`; and it keeps open connections
 //! within a cap derived from the file-descriptor limit. At the cap a new
 //! connection pushes out an idle one — one that never carried a request first,
@@ -18,10 +19,13 @@ use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -222,11 +226,17 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts on `listener` until the returned stream is dropped (the server stopped).
+/// Where a TLS port takes its configuration for each new connection (it
+/// changes when certificates are reloaded).
+pub type TlsSource = Arc<dyn Fn() -> Arc<ServerConfig> + Send + Sync>;
+
+/// Accepts on `listener` until the returned stream is dropped (the server
+/// stopped); with `tls`, each connection is a TLS one.
 pub fn incoming(
     listener: TcpListener,
     limits: &ConnectionLimits,
     max: usize,
+    tls: Option<TlsSource>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let tracker = Arc::new(Tracker {
@@ -294,31 +304,61 @@ pub fn incoming(
                 tracing::debug!("TCP_NODELAY: {e}");
             }
             // Per connection, so a slow or silent client holds up no one.
-            tokio::spawn(await_preface(stream, slot, handshake, idle, tx.clone()));
+            let tls = tls.as_ref().map(|source| TlsAcceptor::from(source()));
+            tokio::spawn(await_preface(
+                stream,
+                tls,
+                slot,
+                handshake,
+                idle,
+                tx.clone(),
+            ));
         }
     });
     ReceiverStream::new(rx)
 }
 
-/// Hands the connection to the server once it has sent the HTTP/2 preface
-/// within `within`; otherwise drops (closes) it.
+/// Hands the connection to the server once it has completed the TLS
+/// handshake (with `tls`) and sent the HTTP/2 preface, both within `within`;
+/// otherwise drops (closes) it.
 async fn await_preface(
-    mut stream: TcpStream,
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     slot: Slot,
     within: Duration,
     idle: Duration,
     server: mpsc::Sender<io::Result<Conn>>,
 ) {
-    let mut preface = [0u8; PREFACE.len()];
-    let read = tokio::select! {
-        r = tokio::time::timeout(within, stream.read_exact(&mut preface)) => r,
+    let tcp = stream.connect_info();
+    let opened = async {
+        let mut io = match tls {
+            Some(_) if sends_plaintext_http2(&stream).await => {
+                tell_to_use_tls(stream).await;
+                return None;
+            }
+            Some(acceptor) => match acceptor.accept(stream).await {
+                Ok(s) => Io::Tls(Box::new(s)),
+                Err(e) => {
+                    tracing::debug!(remote = ?tcp.remote_addr(), "TLS handshake: {e}");
+                    return None;
+                }
+            },
+            None => Io::Plain(stream),
+        };
+        let mut preface = [0u8; PREFACE.len()];
+        io.read_exact(&mut preface).await.ok()?;
+        (&preface == PREFACE).then_some(io)
+    };
+    let opened = tokio::select! {
+        r = tokio::time::timeout(within, opened) => r,
         () = slot.activity.evicted() => return,
     };
-    if !matches!(read, Ok(Ok(_))) || &preface != PREFACE {
+    let Ok(Some(io)) = opened else {
         return;
-    }
+    };
     let conn = Conn {
-        io: stream,
+        io,
+        tcp,
         replayed: 0,
         slot,
         idle_timeout: idle,
@@ -328,9 +368,41 @@ async fn await_preface(
     let _ = server.send(Ok(conn)).await;
 }
 
+/// Whether a client opened with HTTP/2's preface, not a TLS handshake.
+async fn sends_plaintext_http2(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0] == PREFACE[0])
+}
+
+/// Answers a plaintext HTTP/2 client on a TLS port with a GOAWAY that says
+/// why, which gRPC clients show, instead of a bare protocol error.
+async fn tell_to_use_tls(mut stream: TcpStream) {
+    const WHY: &[u8] = b"this port serves TLS: connect with TLS (roster --cacert, https://)";
+    let mut frames = Vec::with_capacity(9 + 9 + 8 + WHY.len());
+    // An empty SETTINGS frame: the server's connection preface.
+    frames.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    // GOAWAY, no stream processed, PROTOCOL_ERROR, the reason as debug data.
+    let len = u32::try_from(8 + WHY.len()).unwrap_or(0).to_be_bytes();
+    frames.extend_from_slice(&[len[1], len[2], len[3], 0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1]);
+    frames.extend_from_slice(WHY);
+    let mut preface = [0u8; PREFACE.len()];
+    if stream.read_exact(&mut preface).await.is_ok() {
+        let _ = stream.write_all(&frames).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// A connection's bytes: as they come, or through TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 /// An accepted connection that sent the HTTP/2 preface.
 pub struct Conn {
-    io: TcpStream,
+    io: Io,
+    tcp: TcpConnectInfo,
     /// Bytes of the preface (read for the check) already passed on to the server.
     replayed: usize,
     slot: Slot,
@@ -352,7 +424,7 @@ impl Connected for Conn {
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
             activity: self.slot.activity.clone(),
-            tcp: self.io.connect_info(),
+            tcp: self.tcp.clone(),
         }
     }
 }
@@ -449,6 +521,56 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// One stream or the other, to `Conn`.
+macro_rules! either_io {
+    ($io:expr, $s:ident => $e:expr) => {
+        match $io {
+            Io::Plain($s) => $e,
+            Io::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        either_io!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        either_io!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        either_io!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        either_io!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either_io!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either_io!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }
 

@@ -12,7 +12,7 @@ use openraft::{ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
+use tonic::transport::{ClientTlsConfig, Server};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::api::cluster::{Advertised, ClusterApi};
@@ -42,6 +42,7 @@ use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
 use crate::registry::watch::SharedState;
+use crate::tls::{Port, Tls};
 
 /// How long a new node waits for each initial member's status before bootstrapping.
 const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -60,6 +61,8 @@ pub struct NodeHandle {
     stop: oneshot::Sender<()>,
     server: ServerTask,
     metrics: Option<JoinHandle<()>>,
+    /// Reloads the TLS files when they change.
+    tls_watch: Option<JoinHandle<()>>,
 }
 
 /// The gRPC servers (client and peer port), until they stop.
@@ -96,8 +99,8 @@ impl NodeHandle {
             None => tracing::debug!("no leadership to hand over"),
         }
         let _ = self.stop.send(());
-        if let Some(m) = &self.metrics {
-            m.abort();
+        for task in self.metrics.iter().chain(&self.tls_watch) {
+            task.abort();
         }
         let served = self.server.await;
         self.raft
@@ -271,13 +274,17 @@ fn recovery(cfg: &NodeConfig) -> String {
 /// this node's earlier state is gone: it must not vote again as that member.
 /// Only a leader knows which members acknowledged entries; unreachable peers
 /// are skipped (all initial members starting together reach none).
-async fn check_not_known(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Result<()> {
+async fn check_not_known(
+    cfg: &NodeConfig,
+    members: &BTreeMap<NodeId, String>,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<()> {
     for addr in members
         .iter()
         .filter(|(id, _)| **id != cfg.id)
         .map(|(_, a)| a)
     {
-        let Some(status) = peer_status(addr).await else {
+        let Some(status) = peer_status(addr, tls).await else {
             continue;
         };
         if status.cluster_id != cfg.cluster_id {
@@ -290,7 +297,7 @@ async fn check_not_known(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -
             .map(|m| m.peer_address.clone());
         let leader = match leader_peer {
             _ if status.leader_id == status.node_id => Some(status),
-            Some(addr) => peer_status(&addr).await,
+            Some(addr) => peer_status(&addr, tls).await,
             None => None,
         };
         let acked = leader
@@ -311,8 +318,8 @@ async fn check_not_known(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -
     Ok(())
 }
 
-async fn peer_status(addr: &str) -> Option<pb::StatusResponse> {
-    let ch = crate::grpc::channel(addr, PEER_CHECK_TIMEOUT).ok()?;
+async fn peer_status(addr: &str, tls: Option<&ClientTlsConfig>) -> Option<pb::StatusResponse> {
+    let ch = crate::grpc::channel(addr, PEER_CHECK_TIMEOUT, tls).ok()?;
     let mut req = tonic::Request::new(pb::StatusRequest {});
     req.set_timeout(PEER_CHECK_TIMEOUT);
     ClusterClient::new(ch)
@@ -369,7 +376,8 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let members = cfg
         .validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    let (core, pristine) = start_raft(&cfg, &members).await?;
+    let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
+    let (core, pristine) = start_raft(&cfg, &members, tls.as_deref()).await?;
     let (listener, addr) = bind(cfg.listen).await?;
     let (peer_listener, peer_addr) = bind(cfg.peer_listen).await?;
     let leases = Arc::new(Leases::default());
@@ -381,9 +389,17 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             client: listener,
             peer: peer_listener,
         },
+        tls.clone(),
         leases,
         health_service,
     )?;
+    let tls_watch = tls.map(|tls| {
+        let peers = core.peers.clone();
+        let reloaded = tls.clone();
+        tokio::spawn(crate::tls::watch(tls, move || {
+            peers.set_tls(reloaded.dial_peers())
+        }))
+    });
     let metrics = match cfg.metrics_listen {
         Some(addr) => Some(
             crate::metrics::serve(
@@ -412,6 +428,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         stop,
         server,
         metrics,
+        tls_watch,
     })
 }
 
@@ -428,7 +445,11 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
 /// Opens and checks the data directory and starts the Raft core on it; also
 /// says whether this node has never voted nor logged anything (it may
 /// bootstrap).
-async fn start_raft(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Result<(Core, bool)> {
+async fn start_raft(
+    cfg: &NodeConfig,
+    members: &BTreeMap<NodeId, String>,
+    tls: Option<&Tls>,
+) -> Result<(Core, bool)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Storage(format!("create {}: {e}", cfg.data_dir.display())))?;
     let Storage {
@@ -443,8 +464,9 @@ async fn start_raft(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Res
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
     let durable = log_store.durable();
+    let dial_peers = tls.map(Tls::dial_peers);
     if fresh && !members.is_empty() {
-        check_not_known(cfg, members).await?;
+        check_not_known(cfg, members, dial_peers.as_ref()).await?;
     }
     let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
         && log_store
@@ -456,7 +478,7 @@ async fn start_raft(cfg: &NodeConfig, members: &BTreeMap<NodeId, String>) -> Res
     let state = state_machine.state();
     let learned = Learned::default();
     let timing = cfg.raft.timing();
-    let peers = Peers::new(timing.rpc_timeout);
+    let peers = Peers::new(timing.rpc_timeout, dial_peers);
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(cfg)?),
@@ -555,6 +577,7 @@ fn serve(
     core: &Core,
     cfg: &NodeConfig,
     listeners: Listeners,
+    tls: Option<Arc<Tls>>,
     leases: Arc<Leases>,
     health: HealthServer<impl Health>,
 ) -> Result<(oneshot::Sender<()>, ServerTask)> {
@@ -610,7 +633,11 @@ fn serve(
     let max_connections =
         net::max_connections(limits, net::raise_fd_limit(), cfg.max_concurrent_probes);
     let (stop, stopped) = oneshot::channel::<()>();
-    let stopped = futures::FutureExt::shared(stopped);
+    let stopped = stopped.shared();
+    let on = |port| -> Option<net::TlsSource> {
+        let tls = tls.clone()?;
+        Some(Arc::new(move || tls.server(port)))
+    };
     let keepalive = || {
         // Pings find dead peers and clients; the listener closes idle and silent ones.
         Server::builder()
@@ -635,7 +662,7 @@ fn serve(
         .add_service(RequestLimit::new(reflection_v1, max_request))
         .add_service(RequestLimit::new(reflection_v1alpha, max_request))
         .serve_with_incoming_shutdown(
-            net::incoming(listeners.client, limits, max_connections),
+            net::incoming(listeners.client, limits, max_connections, on(Port::Client)),
             stopped.clone().map(drop),
         );
     // What a follower forwards is served here as on the leader's client
@@ -645,7 +672,7 @@ fn serve(
         .add_service(registry)
         .add_service(cluster)
         .serve_with_incoming_shutdown(
-            net::incoming(listeners.peer, limits, max_connections),
+            net::incoming(listeners.peer, limits, max_connections, on(Port::Peer)),
             stopped.map(drop),
         );
     let server = async move {

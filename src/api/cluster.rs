@@ -10,7 +10,6 @@ use tonic::{Request, Response, Status};
 
 use crate::config::parse_initial_cluster;
 use crate::error::Error;
-use crate::grpc::channel;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
@@ -99,7 +98,10 @@ impl ClusterApi {
     /// it is asked again for a while.
     async fn joining(&self, id: NodeId, addr: &str) -> Result<Node, Error> {
         let timeout = self.proposer.timeout();
-        let ch = channel(addr, timeout)
+        // With TLS, the node's own certificate is its client certificate.
+        let ch = self
+            .peers
+            .channel(addr)
             .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?;
         let deadline = tokio::time::Instant::now() + STARTING_NODE_WAIT;
         let s = loop {

@@ -1,6 +1,6 @@
 //! Client subcommands: one call each, printed for people.
 
-use crate::client::RosterClient;
+use crate::client::{tls_from_files, RosterClient};
 use crate::proto::v1::*;
 
 use super::{
@@ -9,7 +9,14 @@ use super::{
 };
 
 fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
-    Ok(RosterClient::new(&e.endpoints)?)
+    let identity = e.cert.as_deref().zip(e.key.as_deref());
+    Ok(match &e.cacert {
+        Some(ca) => RosterClient::with_tls(&e.endpoints, tls_from_files(ca, identity)?)?,
+        None if identity.is_some() => {
+            anyhow::bail!("--cert and --key are for TLS: give the nodes' CA with --cacert too")
+        }
+        None => RosterClient::new(&e.endpoints)?,
+    })
 }
 
 fn consistency(stale: bool) -> i32 {

@@ -1,6 +1,7 @@
 //! The `roster` command line: server, local dev cluster and client subcommands.
 
 mod commands;
+mod dev_tls;
 mod server;
 
 use std::net::SocketAddr;
@@ -26,6 +27,15 @@ pub struct Endpoints {
         global = true
     )]
     endpoints: Vec<String>,
+    /// CA certificate (PEM) of nodes that serve TLS; dial them with TLS.
+    #[arg(long, env = "ROSTER_CACERT", global = true)]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM), for nodes that ask for one; needs --key.
+    #[arg(long, env = "ROSTER_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(long, env = "ROSTER_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +98,17 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// This node's certificate (PEM) for TLS on both ports; with --tls-key and --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers must present a certificate it issued.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Clients must present a certificate this CA (PEM) issued.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -98,6 +119,10 @@ pub struct DevArgs {
     base_port: u16,
     #[arg(long, default_value_t = 3)]
     nodes: u16,
+    /// Serve TLS on both ports with a throwaway CA and certificates made in
+    /// the temporary directory; prints how to connect.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Args)]

@@ -2,7 +2,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, TlsFiles};
 use crate::node;
 use anyhow::Context;
 
@@ -60,6 +60,14 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = a.metrics_listen {
         cfg.metrics_listen = Some(v);
     }
+    if let (Some(cert), Some(key), Some(ca)) = (a.tls_cert, a.tls_key, a.tls_ca) {
+        cfg.tls = Some(TlsFiles {
+            cert,
+            key,
+            ca,
+            client_ca: a.tls_client_ca,
+        });
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -112,6 +120,10 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let initial: Vec<String> = (0..a.nodes)
         .map(|i| format!("{}={}", i + 1, peer_addr(i)))
         .collect();
+    let certs = match a.tls {
+        true => Some(super::dev_tls::make(&dir.path().join("tls"))?),
+        false => None,
+    };
     let mut handles = Vec::new();
     for i in 0..a.nodes {
         let mut cfg = NodeConfig::new(
@@ -122,6 +134,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         );
         cfg.cluster_id = "roster-dev".into();
         cfg.initial_cluster = initial.join(",");
+        cfg.tls = certs.as_ref().map(|c| c.node.clone());
         handles.push(node::start(cfg).await?);
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
@@ -132,7 +145,19 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!("data in {}", dir.path().display());
-    println!("try: roster status --endpoints {}", endpoints.join(","));
+    let tls_flags = match &certs {
+        Some(c) => format!(
+            " --cacert {} (and, for nodes that ask for a client certificate, --cert {} --key {})",
+            c.node.ca.display(),
+            c.client_cert.display(),
+            c.client_key.display()
+        ),
+        None => String::new(),
+    };
+    println!(
+        "try: roster status --endpoints {}{tls_flags}",
+        endpoints.join(",")
+    );
     println!("Ctrl-C stops the cluster and deletes its data.");
     exit_on_panic();
     stop_signal().await?;

@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::Channel;
+use std::path::Path;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Response, Status, Streaming};
 
 use crate::grpc::{channel, MAX_MESSAGE_BYTES};
@@ -49,6 +51,39 @@ pub enum ClientError {
     NoEndpoints,
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
+    #[error("TLS file {0}: {1}")]
+    Tls(String, std::io::Error),
+}
+
+/// TLS for a cluster whose client ports serve it: the CA that issued the
+/// nodes' certificates (`ca`, PEM) and, for nodes that ask clients for a
+/// certificate, this client's certificate and key (PEM). Endpoints are then
+/// dialled as `https://host:port`, and each node's certificate must name the
+/// host it is dialled by.
+pub fn tls_from_pem(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> ClientTlsConfig {
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    match identity {
+        Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+        None => tls,
+    }
+}
+
+/// [`tls_from_pem`] with the PEM read from files.
+pub fn tls_from_files(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientTlsConfig, ClientError> {
+    let read =
+        |p: &Path| std::fs::read(p).map_err(|e| ClientError::Tls(p.display().to_string(), e));
+    let ca = read(ca)?;
+    let identity = match identity {
+        Some((cert, key)) => Some((read(cert)?, read(key)?)),
+        None => None,
+    };
+    Ok(tls_from_pem(
+        &ca,
+        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+    ))
 }
 
 pub struct RosterClient {
@@ -75,8 +110,23 @@ fn outcome_unknown(s: &Status) -> bool {
 }
 
 impl RosterClient {
-    /// Endpoints are `host:port`; connections are made lazily.
+    /// Endpoints are `host:port`; connections are made lazily, in plaintext.
     pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, ClientError> {
+        Self::connect(endpoints, None)
+    }
+
+    /// Like [`RosterClient::new`], to nodes serving TLS ([`tls_from_files`]).
+    pub fn with_tls<S: AsRef<str>>(
+        endpoints: &[S],
+        tls: ClientTlsConfig,
+    ) -> Result<Self, ClientError> {
+        Self::connect(endpoints, Some(tls))
+    }
+
+    fn connect<S: AsRef<str>>(
+        endpoints: &[S],
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Self, ClientError> {
         let endpoints: Vec<String> = endpoints
             .iter()
             .map(|e| e.as_ref().trim().to_string())
@@ -88,7 +138,7 @@ impl RosterClient {
         let channels = endpoints
             .iter()
             .map(|e| {
-                channel(e, Duration::from_millis(500))
+                channel(e, Duration::from_millis(500), tls.as_ref())
                     .map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string()))
             })
             .collect::<Result<_, _>>()?;

@@ -16,7 +16,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::Code;
 
 use super::incarnation::{self, Learned};
@@ -50,8 +50,12 @@ const PEER_KEEPALIVE: Duration = Duration::from_secs(2);
 const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A long-lived channel to a peer: one HTTP/2 connection, reconnected when it breaks.
-fn peer_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr, connect_timeout)?
+fn peer_channel(
+    addr: &str,
+    connect_timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr, connect_timeout, tls)?
         .http2_keep_alive_interval(PEER_KEEPALIVE)
         .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
@@ -65,7 +69,8 @@ fn peer_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic:
 
 /// What this node shares across its connections to peers: one channel per
 /// peer address, used by every Raft RPC and by forwarded client requests
-/// (never a connection per request), and the measured round-trip times.
+/// (never a connection per request), the TLS they are made with, and the
+/// measured round-trip times.
 #[derive(Clone)]
 pub struct Peers {
     inner: Arc<PeersInner>,
@@ -74,6 +79,8 @@ pub struct Peers {
 struct PeersInner {
     /// Deadline of one peer request, and of making a connection.
     rpc_timeout: Duration,
+    /// Mutual TLS with the cluster's CA, when the cluster uses TLS.
+    tls: Mutex<Option<ClientTlsConfig>>,
     channels: Mutex<HashMap<String, Channel>>,
     rtt: Mutex<HashMap<NodeId, Rtt>>,
     log: Mutex<PeerLog>,
@@ -92,10 +99,11 @@ struct Rtt {
 }
 
 impl Peers {
-    pub fn new(rpc_timeout: Duration) -> Self {
+    pub fn new(rpc_timeout: Duration, tls: Option<ClientTlsConfig>) -> Self {
         Peers {
             inner: Arc::new(PeersInner {
                 rpc_timeout,
+                tls: Mutex::new(tls),
                 channels: Mutex::default(),
                 rtt: Mutex::default(),
                 log: Mutex::default(),
@@ -113,10 +121,24 @@ impl Peers {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = peer_channel(addr, self.inner.rpc_timeout)
+        let tls = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner());
+        let c = peer_channel(addr, self.inner.rpc_timeout, tls.as_ref())
             .map_err(|e| format!("peer address {addr:?}: {e}"))?;
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// New certificates: connections made from now on use them. Channels in
+    /// use keep their connection until it breaks; calls take a channel anew
+    /// each time, so none lives on with the old certificates.
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+        channels.clear();
     }
 
     fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
@@ -360,7 +382,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             me: self.me.clone(),
-            client: self.peers.client(&node.peer_addr),
             peers: self.peers.clone(),
             learned: self.learned.clone(),
             max_entries: None,
@@ -379,8 +400,6 @@ pub struct PeerClient {
     me: Arc<Identity>,
     peers: Peers,
     learned: Learned,
-    /// An unparsable peer address is reported on every call, not at construction.
-    client: Result<RaftTransportClient<Channel>, String>,
     /// Entries per AppendEntries this link has carried in time, once a batch
     /// did not: halved on each such timeout, doubled on each success within
     /// half the deadline.
@@ -413,9 +432,11 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = self.client.as_mut().map_err(|e| {
-            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.clone())))
-        })?;
+        // Taken anew each call: after a certificate reload it is a new channel.
+        let mut client = self
+            .peers
+            .client(&self.node.peer_addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
         let data = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = peer_request(
             RaftPayload { data },

@@ -16,10 +16,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use roster::client::RosterClient;
+use roster::client::{ClientError, RosterClient};
 use roster::proto::v1::cluster_client::ClusterClient;
 use roster::proto::v1::*;
 use tempfile::TempDir;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 pub struct TestNode {
     pub id: u64,
@@ -51,11 +52,16 @@ pub struct TestCluster {
     /// One in front of each node, indexed like `nodes`, when `Setup::proxies`.
     pub proxies: Vec<proxy::Proxy>,
     proxied: bool,
+    /// TLS of the harness's clients (`Setup::client_tls`).
+    pub client_tls: Option<ClientTlsConfig>,
 }
 
 /// How the nodes of a test cluster run, beyond their configuration.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct Setup {
+    /// What the harness's own clients dial the nodes with, when the config
+    /// (`extra`) gives them a `[tls]` section.
+    pub client_tls: Option<ClientTlsConfig>,
     /// Hard and soft `RLIMIT_NOFILE` of each node process.
     pub fd_limit: Option<u64>,
     /// Each node in a network namespace of its own, so the test can partition them.
@@ -104,7 +110,7 @@ impl TestCluster {
     /// root and iproute2.
     pub async fn start_setup(n: u64, extra: &str, setup: Setup) -> Result<TestCluster, String> {
         for _ in 0..3 {
-            let c = Self::spawn_setup(n, extra, setup)?;
+            let c = Self::spawn_setup(n, extra, setup.clone())?;
             if c.started().await {
                 return Ok(c);
             }
@@ -166,6 +172,7 @@ impl TestCluster {
             disks,
             proxies: Vec::new(),
             proxied: setup.proxies,
+            client_tls: setup.client_tls,
         };
         for (host, port, peer_port) in addrs {
             c.add_node(&host, port, peer_port);
@@ -328,18 +335,35 @@ impl TestCluster {
 
     /// A client that fails over across every node.
     pub fn client(&self) -> RosterClient {
-        RosterClient::new(&self.endpoints()).expect("client")
+        self.client_to(&self.endpoints()).expect("client")
     }
 
     /// A client bound to one node only.
     pub fn node_client(&self, id: u64) -> RosterClient {
-        RosterClient::new(&[self.endpoint(id)]).expect("client")
+        self.client_to(&[self.endpoint(id)]).expect("client")
     }
 
-    pub async fn cluster_client(&self, id: u64) -> ClusterClient<tonic::transport::Channel> {
-        ClusterClient::connect(format!("http://{}", self.endpoint(id)))
-            .await
-            .expect("connect")
+    fn client_to(&self, endpoints: &[String]) -> Result<RosterClient, ClientError> {
+        match &self.client_tls {
+            Some(tls) => RosterClient::with_tls(endpoints, tls.clone()),
+            None => RosterClient::new(endpoints),
+        }
+    }
+
+    /// A channel to `addr` ("host:port") as the harness's clients dial it.
+    pub async fn channel(&self, addr: &str) -> Channel {
+        let mut endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("uri");
+        if let Some(tls) = &self.client_tls {
+            endpoint = Endpoint::from_shared(format!("https://{addr}"))
+                .expect("uri")
+                .tls_config(tls.clone())
+                .expect("tls");
+        }
+        endpoint.connect().await.expect("connect")
+    }
+
+    pub async fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel(&self.endpoint(id)).await)
     }
 
     pub fn start_node(&mut self, id: u64) {
@@ -474,7 +498,7 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        let ch = roster::client::RosterClient::new(&[self.endpoint(id)]).ok()?;
+        let ch = self.client_to(&[self.endpoint(id)]).ok()?;
         tokio::time::timeout(Duration::from_millis(500), async {
             ch.status_all().await.pop().and_then(|(_, r)| r.ok())
         })
