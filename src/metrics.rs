@@ -1,9 +1,12 @@
 //! Prometheus metrics over HTTP (`GET /metrics`): Raft progress and the size
-//! and health of the catalogue, read from the node at scrape time.
+//! and health of the catalogue, read from the node at scrape time. Also
+//! `GET /ready`, the readiness the gRPC health service reports, for probes
+//! that cannot speak gRPC over TLS (Kubernetes' gRPC probe cannot).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,18 +24,22 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::raft::election::Contact;
+use crate::raft::leadership::can_serve;
 use crate::raft::network::Peers;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;
 
-/// Serves `/metrics` on `addr` until the returned task is aborted.
+/// Serves `/metrics` and `/ready` on `addr` until the returned task is
+/// aborted; `lease` is how long a leader counts as such after a quorum last
+/// answered it.
 pub async fn serve(
     addr: SocketAddr,
     raft: Raft,
     state: SharedState,
     peers: Peers,
     contact: Contact,
+    lease: Duration,
 ) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
@@ -43,16 +50,29 @@ pub async fn serve(
             let (peers, contact) = (peers.clone(), contact.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let reply = if req.uri().path() == "/metrics" {
-                        Response::builder()
+                    let reply = match req.uri().path() {
+                        "/metrics" => Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
                             .body(Full::new(Bytes::from(render(
                                 &raft, &state, &peers, &contact,
-                            ))))
-                    } else {
-                        Response::builder()
+                            )))),
+                        "/ready" => {
+                            let m = raft.metrics().borrow().clone();
+                            match can_serve(&m, m.id, lease, &contact) {
+                                true => Response::builder()
+                                    .body(Full::new(Bytes::from_static(b"ready\n"))),
+                                false => Response::builder()
+                                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                                    .body(Full::new(Bytes::from_static(
+                                        b"not ready: no leader with a quorum known\n",
+                                    ))),
+                            }
+                        }
+                        _ => Response::builder()
                             .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from_static(b"only /metrics here\n")))
+                            .body(Full::new(Bytes::from_static(
+                                b"only /metrics and /ready here\n",
+                            ))),
                     };
                     async move { Ok::<_, Infallible>(reply.unwrap_or_default()) }
                 });

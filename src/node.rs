@@ -408,6 +408,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
                 core.state.clone(),
                 core.peers.clone(),
                 core.contact.clone(),
+                core.timing.election_min,
             )
             .await?,
         ),

@@ -166,6 +166,11 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
             .filter(|l| l.starts_with("roster_raft_peer_rtt_seconds{peer="))
             .count();
         assert_eq!(rtts, if n.id == leader { 2 } else { 0 }, "{body}");
+        // Readiness over plain HTTP, for probes that cannot speak gRPC over TLS.
+        let ready = reqwest::get(format!("http://127.0.0.1:{}/ready", n.metrics_port))
+            .await
+            .expect("readiness");
+        assert_eq!(ready.status(), reqwest::StatusCode::OK, "node {}", n.id);
     }
     let missing = reqwest::get(format!("http://127.0.0.1:{}/other", c.node(1).metrics_port))
         .await
@@ -210,6 +215,19 @@ async fn without_a_quorum_requests_fail_with_unavailable_instead_of_hanging() {
         ids(&alone, "payments", Consistency::Stale).await,
         vec!["p-1"]
     );
+    // And the node says it is not ready once it has stepped down.
+    let url = format!("http://127.0.0.1:{}/ready", c.node(leader).metrics_port);
+    let status = c
+        .wait_for(
+            "the lone node to report not ready",
+            Duration::from_secs(10),
+            || async {
+                let s = reqwest::get(&url).await.ok()?.status();
+                (s == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(s)
+            },
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
 }
 
 /// Raft is spoken on the peer port only: the client port does not know the
