@@ -164,6 +164,16 @@ impl Default for Limits {
     }
 }
 
+/// `[auth]`: tokens with roles and service scopes (see `api::auth`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// Every call but gRPC health then needs a token; create the first with
+    /// `roster acl bootstrap`. Every node of a cluster should agree.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
 /// `[tls]`: PEM files for both ports, read again when they change (or on SIGHUP).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +238,8 @@ pub struct NodeConfig {
     /// TLS on both ports when set; plaintext otherwise.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub auth: Auth,
 }
 
 fn default_cluster_id() -> String {
@@ -266,6 +278,7 @@ impl NodeConfig {
             connections: ConnectionLimits::default(),
             limits: Limits::default(),
             tls: None,
+            auth: Auth::default(),
         }
     }
 

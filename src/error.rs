@@ -42,6 +42,12 @@ pub enum Error {
     /// of another cluster, a membership change openraft refuses.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// No token, or one the cluster does not know (`[auth]`).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token's role or service scope does not cover the request.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// A configured limit (`[limits]`) is reached; the message names it.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
@@ -64,6 +70,8 @@ impl Error {
             Error::Interrupted(_) => Code::Aborted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
         }
     }

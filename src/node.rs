@@ -15,6 +15,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::{ClientTlsConfig, Server};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::api::acl::AclApi;
+use crate::api::auth::Authorize;
 use crate::api::cluster::{Advertised, ClusterApi};
 use crate::api::forward::Forward;
 use crate::api::limits::RequestLimit;
@@ -26,6 +28,7 @@ use crate::health::{self, CheckContext};
 use crate::net;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1 as pb;
+use crate::proto::v1::acl_server::AclServer;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
@@ -619,6 +622,10 @@ fn serve(
         core.contact.clone(),
     ));
     let cluster = RequestLimit::new(cluster, max_request);
+    let acl = RequestLimit::new(
+        AclServer::new(AclApi::new(core.state.clone(), core.proposer.clone())),
+        max_request,
+    );
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),
@@ -646,22 +653,19 @@ fn serve(
             .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
             .layer(net::TrackRequestsLayer)
     };
+    let front = Front {
+        core,
+        timeout,
+        auth: cfg.auth.enabled,
+    };
     let client_port = keepalive()
-        .add_service(Forward::new(
-            registry.clone(),
-            core.proposer.clone(),
-            core.peers.clone(),
-            timeout,
-        ))
-        .add_service(Forward::new(
-            cluster.clone(),
-            core.proposer.clone(),
-            core.peers.clone(),
-            timeout,
-        ))
+        .add_service(front.forwarded(registry.clone()))
+        .add_service(front.forwarded(cluster.clone()))
+        .add_service(front.forwarded(acl.clone()))
+        // Health needs no token: probes and load balancers call it.
         .add_service(RequestLimit::new(health, max_request))
-        .add_service(RequestLimit::new(reflection_v1, max_request))
-        .add_service(RequestLimit::new(reflection_v1alpha, max_request))
+        .add_service(front.authorized(RequestLimit::new(reflection_v1, max_request)))
+        .add_service(front.authorized(RequestLimit::new(reflection_v1alpha, max_request)))
         .serve_with_incoming_shutdown(
             net::incoming(listeners.client, limits, max_connections, on(Port::Client)),
             stopped.clone().map(drop),
@@ -670,8 +674,9 @@ fn serve(
     // port, minus forwarding: it is never forwarded a second time.
     let peer_port = keepalive()
         .add_service(raft_transport)
-        .add_service(registry)
-        .add_service(cluster)
+        .add_service(front.authorized(registry))
+        .add_service(front.authorized(cluster))
+        .add_service(front.authorized(acl))
         .serve_with_incoming_shutdown(
             net::incoming(listeners.peer, limits, max_connections, on(Port::Peer)),
             stopped.map(drop),
@@ -681,6 +686,29 @@ fn serve(
         client.and(peer)
     };
     Ok((stop, tokio::spawn(server)))
+}
+
+/// How the public services are put on a port: behind authorization (a no-op
+/// without `[auth]`), and on the client port behind forwarding too.
+struct Front<'a> {
+    core: &'a Core,
+    timeout: Duration,
+    auth: bool,
+}
+
+impl Front<'_> {
+    fn authorized<S>(&self, service: S) -> Authorize<S> {
+        Authorize::new(service, self.core.state.clone(), self.auth)
+    }
+
+    fn forwarded<S>(&self, service: S) -> Authorize<Forward<S>> {
+        self.authorized(Forward::new(
+            service,
+            self.core.proposer.clone(),
+            self.core.peers.clone(),
+            self.timeout,
+        ))
+    }
 }
 
 /// The gRPC health service answers per service: `roster.v1.Registry` and

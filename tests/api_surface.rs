@@ -113,6 +113,7 @@ async fn health_and_reflection_are_served() {
             [
                 "grpc.health.v1.Health".into(),
                 format!("grpc.reflection.{version}.ServerReflection"),
+                "roster.v1.Acl".into(),
                 "roster.v1.Cluster".into(),
                 "roster.v1.Registry".into(),
             ],

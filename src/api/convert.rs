@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::auth::Grant;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto::v1 as pb;
@@ -38,6 +39,7 @@ pub fn instance_to_pb(i: &Instance) -> pb::Instance {
         check: i.check.as_ref().map(check_to_pb),
         check_output: i.check_output.clone(),
         status_since_ms: i.status_since_ms,
+        registered_by: i.registered_by.clone(),
     }
 }
 
@@ -144,7 +146,9 @@ fn check_from_pb(c: pb::HealthCheck, instance_port: u16) -> Result<CheckSpec> {
 }
 
 /// Validates a registration and turns it into the command to replicate.
-pub fn register_command(req: pb::RegisterRequest) -> Result<Command> {
+/// The command a Register asks for; the registry records `grant`'s accessor
+/// as who registered it, whatever the request says.
+pub fn register_command(req: pb::RegisterRequest, grant: Option<&Grant>) -> Result<Command> {
     let i = req
         .instance
         .ok_or_else(|| Error::InvalidArgument("instance is missing".into()))?;
@@ -171,6 +175,7 @@ pub fn register_command(req: pb::RegisterRequest) -> Result<Command> {
         check,
         check_output: String::new(),
         status_since_ms: crate::registry::leases::now_ms(),
+        registered_by: grant.map(|g| g.accessor().to_string()).unwrap_or_default(),
     }))
 }
 

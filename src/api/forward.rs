@@ -27,6 +27,7 @@ use tonic::server::NamedService;
 use tonic::Status;
 use tower::{Service, ServiceExt};
 
+use super::auth::AUTHORIZATION;
 use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
 use crate::error::{Error, LEADER_ID_HEADER};
@@ -66,11 +67,14 @@ struct Policy {
 /// its handler may serve locally: never wrong, only more cautious and slower.
 fn policy(path: &str, timeout: Duration) -> Policy {
     let (effect, timeout, leader_only) = match path.rsplit('/').next() {
-        Some("GetService" | "ListServices" | "Watch" | "Status") => (Effect::Read, timeout, false),
-        Some("Heartbeat") => (Effect::Read, timeout, true),
-        Some("Register" | "Deregister" | "ConfigureService" | "RemoveMember") => {
-            (Effect::Write, timeout, true)
+        Some("GetService" | "ListServices" | "Watch" | "Status" | "ListTokens") => {
+            (Effect::Read, timeout, false)
         }
+        Some("Heartbeat") => (Effect::Read, timeout, true),
+        Some(
+            "Register" | "Deregister" | "ConfigureService" | "RemoveMember" | "Bootstrap"
+            | "CreateToken" | "RevokeToken",
+        ) => (Effect::Write, timeout, true),
         Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT, true),
         _ => (Effect::Write, timeout, false),
     };
@@ -283,16 +287,21 @@ fn mark_forwarded(headers: &mut HeaderMap, timeout: Duration) {
     }
 }
 
-/// The cluster's revision, asked of the leader with a linearizable read.
+/// The cluster's revision, asked of the leader with a linearizable read, on
+/// behalf of a caller with `credentials` (which the leader checks again).
 pub async fn leader_revision(
     peers: &Peers,
     leader: Leader,
     timeout: Duration,
+    credentials: Option<HeaderValue>,
 ) -> Result<u64, Status> {
     let asked = async {
         let channel = peers.channel(&leader.addr).map_err(Error::Unavailable)?;
         let mut headers = HeaderMap::new();
         mark_forwarded(&mut headers, timeout);
+        if let Some(c) = credentials {
+            headers.insert(AUTHORIZATION, c);
+        }
         let req = tonic::Request::from_parts(
             tonic::metadata::MetadataMap::from_headers(headers),
             tonic::Extensions::default(),

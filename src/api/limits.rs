@@ -446,7 +446,10 @@ mod tests {
         let req = pb::RegisterRequest {
             instance: Some(instance.clone()),
         };
-        assert!(convert::register_command(req.clone()).is_ok(), "valid");
+        assert!(
+            convert::register_command(req.clone(), None).is_ok(),
+            "valid"
+        );
         let d = Limits::default();
         assert!(
             req.encoded_len() * 4 < d.max_request_bytes,

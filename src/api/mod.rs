@@ -1,7 +1,9 @@
-//! The public gRPC API: the `Registry` and `Cluster` services, the conversions
-//! between protobuf and registry types, forwarding to the leader, and the
-//! `[limits]` on what one client may take.
+//! The public gRPC API: the `Registry`, `Cluster` and `Acl` services, the
+//! conversions between protobuf and registry types, authorization by token,
+//! forwarding to the leader, and the `[limits]` on what one client may take.
 
+pub mod acl;
+pub mod auth;
 mod body;
 pub mod cluster;
 pub mod convert;

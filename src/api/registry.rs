@@ -4,9 +4,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use http::HeaderValue;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use super::convert::{self, instance_to_pb, status_to_pb};
 use super::forward::{self, Leader};
 use super::limits::{Admission, WatchSlots};
@@ -77,7 +79,7 @@ impl RegistryApi {
     /// revision this node has not applied yet (the client saw it on a node
     /// further ahead), but not from one the cluster has not reached: that would
     /// silently skip the changes up to it.
-    async fn catch_up(&self, since: u64) -> Result<(), Status> {
+    async fn catch_up(&self, since: u64, credentials: Option<HeaderValue>) -> Result<(), Status> {
         let local = self.read(|st| st.catalog.revision())?;
         if since != 0 && since <= local {
             return Ok(());
@@ -86,7 +88,8 @@ impl RegistryApi {
             Ok(()) => self.read(|st| st.catalog.revision())?,
             Err(refusal) => match Leader::named_by(&refusal) {
                 Some(leader) => {
-                    forward::leader_revision(&self.peers, leader, self.proposer.timeout()).await?
+                    let timeout = self.proposer.timeout();
+                    forward::leader_revision(&self.peers, leader, timeout, credentials).await?
                 }
                 None => return Err(refusal.into()),
             },
@@ -121,11 +124,15 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let cmd = convert::register_command(req.into_inner())?;
+        let grant = auth::grant(&req);
+        let cmd = convert::register_command(req.into_inner(), grant.as_ref())?;
         // Limits are the leader's to judge: a follower forwards the request.
         self.proposer.here()?;
         let _admitted = match &cmd {
-            Command::Register(i) => Some(self.read(|st| self.admission.admit(&st.catalog, i))??),
+            Command::Register(i) => {
+                auth::may_use(grant.as_ref(), &i.service)?;
+                Some(self.read(|st| self.admission.admit(&st.catalog, i))??)
+            }
             _ => None,
         };
         let r = self.proposer.propose(cmd).await?;
@@ -145,8 +152,10 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let grant = auth::grant(&req);
         let pb::DeregisterRequest { service, id } = req.into_inner();
         convert::instance_ref(&service, &id)?;
+        auth::may_use(grant.as_ref(), &service)?;
         // An unknown instance is answered NOT_FOUND without a Raft entry: once
         // the read index confirms this node is current, absence is the truth.
         let held = |st: &RegistryState| st.catalog.get(&service, &id).is_some();
@@ -176,8 +185,10 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let grant = auth::grant(&req);
         let msg = req.into_inner();
         convert::instance_ref(&msg.service, &msg.id)?;
+        auth::may_use(grant.as_ref(), &msg.service)?;
         self.proposer.here()?;
         let found = self.read(|st| {
             st.catalog
@@ -209,8 +220,10 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::GetServiceResponse>, Status> {
+        let grant = auth::grant(&req);
         let msg = req.into_inner();
         validate::service_name(&msg.service)?;
+        auth::may_use(grant.as_ref(), &msg.service)?;
         self.consistent(msg.consistency).await?;
         self.read(|st| {
             let view = st.catalog.view(&msg.service, msg.healthy_only, &msg.tags);
@@ -226,12 +239,15 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let grant = auth::grant(&req);
         self.consistent(req.into_inner().consistency).await?;
         self.read(|st| {
+            // A scoped token sees only its services.
             let services = st
                 .catalog
                 .summaries()
                 .into_iter()
+                .filter(|s| grant.as_ref().is_none_or(|g| g.covers(&s.name)))
                 .map(|s| pb::ServiceSummary {
                     name: s.name,
                     instances: s.instances,
@@ -249,8 +265,10 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::ConfigureServiceRequest>,
     ) -> Result<Response<pb::ConfigureServiceResponse>, Status> {
+        let grant = auth::grant(&req);
         let msg = req.into_inner();
         validate::service_name(&msg.service)?;
+        auth::may_use(grant.as_ref(), &msg.service)?;
         let cmd = Command::ConfigureService {
             service: msg.service,
             protect_threshold_pct: validate::percent(
@@ -270,22 +288,37 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let grant = auth::grant(&req);
+        let credentials = auth::credentials(&req);
         let slot = self.watch_slots.acquire(req.remote_addr())?;
         let msg = req.into_inner();
         let service = if msg.service.is_empty() {
             None
         } else {
             validate::service_name(&msg.service)?;
+            auth::may_use(grant.as_ref(), &msg.service)?;
             Some(msg.service)
         };
-        self.catch_up(msg.since_revision).await?;
+        self.catch_up(msg.since_revision, credentials).await?;
         // Watch streams never end by themselves; a stopping node ends them so
         // that clients resume elsewhere and the server can finish.
         // The slot is held for as long as the stream lives.
-        let stream = watch_stream(self.state.clone(), service, msg.since_revision).map(move |m| {
-            let _held = &slot;
-            Ok(convert::watch_message_to_pb(&m))
-        });
+        let stream =
+            watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |m| {
+                let _held = &slot;
+                let mut m = convert::watch_message_to_pb(&m);
+                // A scoped token watching every service sees only its own;
+                // a revision with nothing of them in it is not sent.
+                if let Some(g) = &grant {
+                    m.instances.retain(|i| g.covers(&i.service));
+                    m.events
+                        .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
+                    if m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty() {
+                        return None;
+                    }
+                }
+                Some(Ok(m))
+            });
         let stream = futures::StreamExt::take_until(stream, self.proposer.closing());
         Ok(Response::new(Box::pin(stream)))
     }

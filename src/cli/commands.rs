@@ -4,18 +4,22 @@ use crate::client::{tls_from_files, RosterClient};
 use crate::proto::v1::*;
 
 use super::{
-    CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,
-    ProtectArgs, RegisterArgs, StatusArgs, WatchArgs,
+    AclCommand, CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,
+    ProtectArgs, RegisterArgs, StatusArgs, TokenCommand, WatchArgs,
 };
 
 fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
     let identity = e.cert.as_deref().zip(e.key.as_deref());
-    Ok(match &e.cacert {
+    let c = match &e.cacert {
         Some(ca) => RosterClient::with_tls(&e.endpoints, tls_from_files(ca, identity)?)?,
         None if identity.is_some() => {
             anyhow::bail!("--cert and --key are for TLS: give the nodes' CA with --cacert too")
         }
         None => RosterClient::new(&e.endpoints)?,
+    };
+    Ok(match &e.token {
+        Some(t) => c.with_token(t)?,
+        None => c,
     })
 }
 
@@ -54,6 +58,9 @@ fn show(i: &Instance) -> String {
     md.sort();
     for (k, v) in md {
         s.push_str(&format!(" {k}={v}"));
+    }
+    if !i.registered_by.is_empty() {
+        s.push_str(&format!(" registered_by={}", i.registered_by));
     }
     if !i.check_output.is_empty() {
         s.push_str(&format!(" check: {}", i.check_output));
@@ -291,5 +298,89 @@ pub async fn member(m: MemberCommand) -> anyhow::Result<()> {
         }
     };
     println!("members: {}", members(&r.members));
+    Ok(())
+}
+
+fn role_name(r: i32) -> &'static str {
+    match Role::try_from(r) {
+        Ok(Role::Read) => "read",
+        Ok(Role::Write) => "write",
+        Ok(Role::Admin) => "admin",
+        _ => "unknown",
+    }
+}
+
+fn print_created(t: &CreatedToken) {
+    if let Some(info) = &t.token {
+        println!("accessor: {}", info.accessor);
+        println!("role: {}", role_name(info.role));
+        if !info.services.is_empty() {
+            println!("services: {}", info.services.join(","));
+        }
+    }
+    println!("secret: {}", t.secret);
+    println!("(the secret is shown only now; send it as --token or ROSTER_TOKEN)");
+}
+
+pub async fn acl(a: AclCommand) -> anyhow::Result<()> {
+    let AclCommand::Bootstrap {
+        endpoints,
+        description,
+    } = a;
+    let t = client(&endpoints)?
+        .acl_bootstrap(BootstrapRequest { description })
+        .await?;
+    print_created(&t);
+    Ok(())
+}
+
+pub async fn token(t: TokenCommand) -> anyhow::Result<()> {
+    match t {
+        TokenCommand::Create {
+            endpoints,
+            role,
+            services,
+            description,
+        } => {
+            let role = match role.as_str() {
+                "read" => Role::Read,
+                "write" => Role::Write,
+                "admin" => Role::Admin,
+                other => anyhow::bail!("--role {other:?}: use read, write or admin"),
+            };
+            let created = client(&endpoints)?
+                .create_token(CreateTokenRequest {
+                    role: role as i32,
+                    services,
+                    description,
+                })
+                .await?;
+            print_created(&created);
+        }
+        TokenCommand::List { endpoints } => {
+            for t in client(&endpoints)?.list_tokens().await?.tokens {
+                let scope = match t.services.is_empty() {
+                    true => "every service".to_string(),
+                    false => t.services.join(","),
+                };
+                println!(
+                    "{} {} {} {}",
+                    t.accessor,
+                    role_name(t.role),
+                    scope,
+                    t.description
+                );
+            }
+        }
+        TokenCommand::Revoke {
+            endpoints,
+            accessor,
+        } => {
+            let r = client(&endpoints)?
+                .revoke_token(RevokeTokenRequest { accessor })
+                .await?;
+            println!("revoked at revision {}", r.revision);
+        }
+    }
     Ok(())
 }

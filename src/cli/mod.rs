@@ -36,6 +36,9 @@ pub struct Endpoints {
     /// Client certificate's private key (PEM).
     #[arg(long, env = "ROSTER_KEY", global = true, requires = "cert")]
     key: Option<PathBuf>,
+    /// Token secret, for clusters with [auth] enabled.
+    #[arg(long, env = "ROSTER_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +66,52 @@ enum Command {
     /// Grow or shrink the cluster online.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Access control: the first admin token.
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Create, list and revoke tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub enum AclCommand {
+    /// Create the cluster's first admin token; works once per cluster.
+    Bootstrap {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; prints its accessor and, once, its secret.
+    Create {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        /// read (queries, watches, status), write (also registrations) or admin (everything).
+        #[arg(long)]
+        role: String,
+        /// A service name or `prefix*` the token is limited to (repeatable; none: every service).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (accessors, never secrets).
+    List {
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+    /// Revoke a token by its accessor; refused on every node once applied.
+    Revoke {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        accessor: String,
+    },
 }
 
 #[derive(Args)]
@@ -109,6 +158,9 @@ pub struct ServerArgs {
     /// Clients must present a certificate this CA (PEM) issued.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Require a token on every call (`[auth] enabled`); make the first with `roster acl bootstrap`.
+    #[arg(long)]
+    auth: bool,
 }
 
 #[derive(Args)]
@@ -306,5 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(a) => commands::watch(a).await,
         Command::Status(a) => commands::status(a).await,
         Command::Member(m) => commands::member(m).await,
+        Command::Acl(a) => commands::acl(a).await,
+        Command::Token(t) => commands::token(t).await,
     }
 }

@@ -60,6 +60,9 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = a.metrics_listen {
         cfg.metrics_listen = Some(v);
     }
+    if a.auth {
+        cfg.auth.enabled = true;
+    }
     if let (Some(cert), Some(key), Some(ca)) = (a.tls_cert, a.tls_key, a.tls_ca) {
         cfg.tls = Some(TlsFiles {
             cert,

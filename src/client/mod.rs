@@ -37,10 +37,12 @@ use std::time::Duration;
 
 use std::path::Path;
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Response, Status, Streaming};
 
 use crate::grpc::{channel, MAX_MESSAGE_BYTES};
+use crate::proto::v1::acl_client::AclClient;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::*;
@@ -53,6 +55,8 @@ pub enum ClientError {
     BadEndpoint(String, String),
     #[error("TLS file {0}: {1}")]
     Tls(String, std::io::Error),
+    #[error("a token is printable ASCII (as roster token create prints it)")]
+    BadToken,
 }
 
 /// TLS for a cluster whose client ports serve it: the CA that issued the
@@ -93,6 +97,8 @@ pub struct RosterClient {
     preferred: AtomicUsize,
     /// How long a call keeps trying other nodes while the cluster is unavailable.
     retry_for: Duration,
+    /// `Bearer <secret>`, sent with every call when the cluster requires tokens.
+    token: Option<MetadataValue<Ascii>>,
 }
 
 /// Errors after which another node may succeed. Every Roster write is safe
@@ -147,7 +153,26 @@ impl RosterClient {
             channels,
             preferred: AtomicUsize::new(0),
             retry_for: Duration::from_secs(5),
+            token: None,
         })
+    }
+
+    /// Sends `secret` (from `roster acl bootstrap` or `roster token create`)
+    /// with every call, for clusters with `[auth]` enabled.
+    pub fn with_token(mut self, secret: &str) -> Result<Self, ClientError> {
+        let value = MetadataValue::try_from(format!("Bearer {}", secret.trim()))
+            .map_err(|_| ClientError::BadToken)?;
+        self.token = Some(value);
+        Ok(self)
+    }
+
+    /// `msg` as a request, with the token.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        r
     }
 
     /// The endpoint that answered last.
@@ -161,7 +186,7 @@ impl RosterClient {
     async fn call<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Status>
     where
         Req: Clone,
-        F: FnMut(Channel, Req) -> Fut,
+        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let n = self.channels.len();
@@ -172,7 +197,7 @@ impl RosterClient {
         while tokio::time::Instant::now() < deadline {
             for step in 0..n {
                 let i = (self.preferred.load(Ordering::Relaxed) + step) % n;
-                match send(self.channels[i].clone(), req.clone()).await {
+                match send(self.channels[i].clone(), self.request(req.clone())).await {
                     Ok(v) => {
                         self.preferred.store(i, Ordering::Relaxed);
                         return Ok(v.into_inner());
@@ -352,12 +377,45 @@ impl RosterClient {
         .await
     }
 
+    /// Creates the cluster's first admin token; works once per cluster.
+    pub async fn acl_bootstrap(&self, req: BootstrapRequest) -> Result<CreatedToken, Status> {
+        self.call(
+            req,
+            |ch, r| async move { AclClient::new(ch).bootstrap(r).await },
+        )
+        .await
+    }
+
+    pub async fn create_token(&self, req: CreateTokenRequest) -> Result<CreatedToken, Status> {
+        self.call(req, |ch, r| async move {
+            AclClient::new(ch).create_token(r).await
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<ListTokensResponse, Status> {
+        self.call(ListTokensRequest {}, |ch, r| async move {
+            AclClient::new(ch).list_tokens(r).await
+        })
+        .await
+    }
+
+    pub async fn revoke_token(
+        &self,
+        req: RevokeTokenRequest,
+    ) -> Result<RevokeTokenResponse, Status> {
+        self.call(req, |ch, r| async move {
+            AclClient::new(ch).revoke_token(r).await
+        })
+        .await
+    }
+
     /// Status of every endpoint, in order; a node that does not answer gives its error.
     pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
         let mut out = Vec::new();
         for (e, ch) in self.endpoints.iter().zip(&self.channels) {
             let r = ClusterClient::new(ch.clone())
-                .status(StatusRequest {})
+                .status(self.request(StatusRequest {}))
                 .await;
             out.push((e.clone(), r.map(|r| r.into_inner())));
         }

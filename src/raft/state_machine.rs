@@ -19,9 +19,12 @@ use super::marker::Marker;
 use super::stored::{decode, encode, CodecError};
 use super::{trees, Node, NodeId, TypeConfig};
 use crate::error::Error;
+use crate::registry::acl::{Acl, Token};
 use crate::registry::model::ServiceConfig;
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
-use crate::registry::{Catalog, Command, CommandResponse, Event, EventKind, Instance, Proposal};
+use crate::registry::{
+    Catalog, Command, CommandResponse, Event, EventKind, Instance, Outcome, Proposal,
+};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -29,6 +32,9 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 /// state machine metadata keys start with `m:`.
 const INSTANCE_PREFIX: &[u8] = b"i:";
 const SERVICE_PREFIX: &[u8] = b"s:";
+/// Tokens are `t:<accessor>`; whether the ACL was bootstrapped, `m:acl_bootstrapped`.
+const TOKEN_PREFIX: &[u8] = b"t:";
+const ACL_BOOTSTRAPPED: &[u8] = b"m:acl_bootstrapped";
 const LAST_APPLIED: &[u8] = b"m:last_applied";
 const MEMBERSHIP: &[u8] = b"m:membership";
 const CURRENT_SNAPSHOT: &[u8] = b"m:snapshot";
@@ -46,18 +52,33 @@ fn service_key(service: &str) -> Vec<u8> {
     [SERVICE_PREFIX, service.as_bytes()].concat()
 }
 
+fn token_key(accessor: &str) -> Vec<u8> {
+    [TOKEN_PREFIX, accessor.as_bytes()].concat()
+}
+
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct Applied {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Node>,
 }
 
-/// What a snapshot holds: the whole catalogue plus the Raft position it reflects.
+/// What a snapshot holds: the whole catalogue and the tokens, plus the Raft
+/// position it reflects.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
     applied: Applied,
     instances: Vec<Instance>,
     services: Vec<(String, ServiceConfig)>,
+    tokens: Vec<Token>,
+    acl_bootstrapped: bool,
+}
+
+impl SnapshotPayload {
+    /// The catalogue the payload describes, as of `revision`.
+    fn catalog(self, revision: u64) -> Catalog {
+        Catalog::from_parts(revision, self.instances, self.services)
+            .with_acl(Acl::restore(self.tokens, self.acl_bootstrapped))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -128,6 +149,16 @@ impl StateMachine {
             let config = decode(&v).map_err(damaged(format!("service {name}")))?;
             services.push((name, config));
         }
+        let mut tokens = Vec::new();
+        for kv in sm.scan_prefix(TOKEN_PREFIX) {
+            let (k, v) = kv?;
+            let accessor = String::from_utf8_lossy(&k[TOKEN_PREFIX.len()..]).into_owned();
+            tokens.push(decode(&v).map_err(damaged(format!("token {accessor}")))?);
+        }
+        let acl_bootstrapped = match sm.get(ACL_BOOTSTRAPPED)? {
+            Some(b) => decode(&b).map_err(damaged("ACL bootstrap flag"))?,
+            None => false,
+        };
         if let Some(b) = sm.get(CURRENT_SNAPSHOT)? {
             let snap: StoredSnapshot = decode(&b).map_err(damaged("snapshot"))?;
             if snap.meta.last_log_id > applied.last_applied {
@@ -139,7 +170,8 @@ impl StateMachine {
         }
         let revision = applied.last_applied.map_or(0, |l| l.index);
         let state = Arc::new(RwLock::new(RegistryState {
-            catalog: Catalog::from_parts(revision, instances, services),
+            catalog: Catalog::from_parts(revision, instances, services)
+                .with_acl(Acl::restore(tokens, acl_bootstrapped)),
             hub: WatchHub::new(revision, watch_history),
         }));
         Ok(StateMachine {
@@ -226,11 +258,19 @@ impl StateMachine {
         let mut responses = Vec::with_capacity(proposal.0.len());
         for cmd in &proposal.0 {
             let (resp, evs) = catalog.apply(rev, cmd);
-            responses.push(resp);
             events.extend(evs);
-            if let Command::ConfigureService { service, .. } = cmd {
-                batch.insert(service_key(service), encode(&catalog.config(service))?);
+            match cmd {
+                Command::ConfigureService { service, .. } => {
+                    batch.insert(service_key(service), encode(&catalog.config(service))?);
+                }
+                Command::CreateToken { token, .. } if resp.outcome == Outcome::TokenCreated => {
+                    batch.insert(token_key(&token.accessor), encode(token)?);
+                    batch.insert(ACL_BOOTSTRAPPED, encode(&catalog.acl().bootstrapped())?);
+                }
+                Command::RevokeToken { accessor } => batch.remove(token_key(accessor)),
+                _ => {}
             }
+            responses.push(resp);
         }
         for e in &events {
             let k = instance_key(&e.instance.service, &e.instance.id);
@@ -257,9 +297,17 @@ impl StateMachine {
             .sm
             .scan_prefix(INSTANCE_PREFIX)
             .chain(self.sm.scan_prefix(SERVICE_PREFIX))
+            .chain(self.sm.scan_prefix(TOKEN_PREFIX))
         {
             batch.remove(kv.map_err(|e| werr(&e))?.0);
         }
+        for t in &payload.tokens {
+            batch.insert(token_key(&t.accessor), encode(t).map_err(|e| werr(&e))?);
+        }
+        batch.insert(
+            ACL_BOOTSTRAPPED,
+            encode(&payload.acl_bootstrapped).map_err(|e| werr(&e))?,
+        );
         for (name, config) in &payload.services {
             batch.insert(service_key(name), encode(config).map_err(|e| werr(&e))?);
         }
@@ -307,6 +355,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                         .configs()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
+                    tokens: st.catalog.acl().tokens().cloned().collect(),
+                    acl_bootstrapped: st.catalog.acl().bootstrapped(),
                 }
             };
             let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -410,7 +460,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
         };
         let batch = self.snapshot_batch(&payload, &installed, &sig)?;
-        let catalog = Catalog::from_parts(revision, payload.instances, payload.services);
+        let catalog = payload.catalog(revision);
         let replaced = {
             let mut applied = self.applied.lock().map_err(write_lock_err)?;
             self.sm

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::acl::Acl;
 use super::model::{
     Command, CommandResponse, Event, EventKind, HealthStatus, HealthUpdate, Instance, Outcome,
     ServiceConfig,
@@ -14,6 +15,7 @@ pub struct Catalog {
     configs: BTreeMap<String, ServiceConfig>,
     /// Log index of the last applied entry.
     revision: u64,
+    acl: Acl,
     /// Instances, and those with a health check: kept as they change, so
     /// that limits are checked without a scan.
     instances: usize,
@@ -51,8 +53,17 @@ impl Catalog {
         c
     }
 
+    /// The catalogue with the tokens `acl` holds.
+    pub fn with_acl(self, acl: Acl) -> Self {
+        Catalog { acl, ..self }
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    pub fn acl(&self) -> &Acl {
+        &self.acl
     }
 
     /// Records that the entry at `revision` was applied without changing instances.
@@ -82,6 +93,21 @@ impl Catalog {
                 );
                 Outcome::Configured
             }
+            Command::CreateToken { token, bootstrap } => {
+                if *bootstrap && self.acl.bootstrapped() {
+                    Outcome::AlreadyBootstrapped
+                } else {
+                    if *bootstrap {
+                        self.acl.set_bootstrapped();
+                    }
+                    self.acl.insert(token.clone());
+                    Outcome::TokenCreated
+                }
+            }
+            Command::RevokeToken { accessor } => match self.acl.revoke(accessor) {
+                true => Outcome::TokenRevoked,
+                false => Outcome::NotFound,
+            },
         };
         (CommandResponse { revision, outcome }, events)
     }

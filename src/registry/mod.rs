@@ -2,6 +2,7 @@
 //! catalogue every node holds, and the watch hub that streams its changes.
 //! Nothing here knows about Raft, sled or gRPC.
 
+pub mod acl;
 pub mod catalog;
 pub mod leases;
 pub mod model;

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::acl::Token;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum HealthStatus {
     #[default]
@@ -65,6 +67,8 @@ pub struct Instance {
     pub check_output: String,
     /// The leader's wall clock (ms since the epoch) at the last status change.
     pub status_since_ms: u64,
+    /// Accessor of the token that registered it (empty without auth).
+    pub registered_by: String,
 }
 
 impl Instance {
@@ -89,6 +93,7 @@ impl Instance {
             check: None,
             check_output: String::new(),
             status_since_ms: 0,
+            registered_by: String::new(),
         }
     }
 
@@ -125,6 +130,14 @@ pub enum Command {
     ConfigureService {
         service: String,
         protect_threshold_pct: u32,
+    },
+    /// Adds a token; `bootstrap` makes the first admin token, once per cluster.
+    CreateToken {
+        token: Token,
+        bootstrap: bool,
+    },
+    RevokeToken {
+        accessor: String,
     },
 }
 
@@ -163,6 +176,10 @@ pub enum Outcome {
     /// How many health updates applied (stale ones are skipped).
     HealthUpdated(usize),
     Configured,
+    TokenCreated,
+    TokenRevoked,
+    /// A bootstrap after the first one: nothing changed.
+    AlreadyBootstrapped,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,37 @@ pub fn service_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A token's service scope: a service name, or `prefix*` where the prefix is
+/// the start of one (possibly empty: every service).
+pub fn service_pattern(pattern: &str) -> Result<()> {
+    let Some(prefix) = pattern.strip_suffix('*') else {
+        return service_name(pattern);
+    };
+    let fits = prefix.len() < MAX_NAME_LEN
+        && !prefix.starts_with('-')
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if !fits {
+        return Err(invalid(format!(
+            "service pattern {pattern:?} must be a service name or the start of one followed by '*'"
+        )));
+    }
+    Ok(())
+}
+
+/// A token's description: free text, bounded.
+pub fn description(text: &str) -> Result<()> {
+    const MAX: usize = 256;
+    if text.len() > MAX {
+        return Err(invalid(format!(
+            "description is {} bytes, the limit is {MAX}",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Instance ids are freer than service names: they often embed host:port.
 pub fn instance_id(id: &str) -> Result<()> {
     if id.is_empty() {

@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod targets;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 use ports::free_port;
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ pub struct TestCluster {
     proxied: bool,
     /// TLS of the harness's clients (`Setup::client_tls`).
     pub client_tls: Option<ClientTlsConfig>,
+    auth: bool,
+    /// The bootstrap (admin) token the harness's clients send (`Setup::auth`).
+    token: OnceLock<String>,
 }
 
 /// How the nodes of a test cluster run, beyond their configuration.
@@ -62,6 +66,9 @@ pub struct Setup {
     /// What the harness's own clients dial the nodes with, when the config
     /// (`extra`) gives them a `[tls]` section.
     pub client_tls: Option<ClientTlsConfig>,
+    /// The config (`extra`) enables `[auth]`: the harness bootstraps the
+    /// ACL as the cluster starts and uses that admin token (`TestCluster::token`).
+    pub auth: bool,
     /// Hard and soft `RLIMIT_NOFILE` of each node process.
     pub fd_limit: Option<u64>,
     /// Each node in a network namespace of its own, so the test can partition them.
@@ -119,12 +126,31 @@ impl TestCluster {
         Err("three attempts to start a cluster each lost a port to another process".into())
     }
 
-    /// Waits until the nodes agree on a leader; false if a node lost its port.
+    /// Waits until the nodes agree on a leader (with `[auth]`, having made
+    /// the first admin token); false if a node lost its port.
     async fn started(&self) -> bool {
         let log_says = |n: &TestNode| {
             std::fs::read_to_string(n.config.with_extension("log"))
                 .is_ok_and(|l| l.contains(PORT_TAKEN))
         };
+        if self.auth {
+            let bootstrapped = self
+                .wait_for("the ACL bootstrap", Duration::from_secs(20), || async {
+                    if self.nodes.iter().any(log_says) {
+                        return Some(None);
+                    }
+                    let req = BootstrapRequest {
+                        description: "test harness".into(),
+                    };
+                    let created = self.client().acl_bootstrap(req).await.ok()?;
+                    Some(Some(created.secret))
+                })
+                .await;
+            let Some(secret) = bootstrapped else {
+                return false;
+            };
+            let _ = self.token.set(secret);
+        }
         self.wait_for(
             "a leader all running nodes agree on",
             Duration::from_secs(20),
@@ -173,6 +199,8 @@ impl TestCluster {
             proxies: Vec::new(),
             proxied: setup.proxies,
             client_tls: setup.client_tls,
+            auth: setup.auth,
+            token: OnceLock::new(),
         };
         for (host, port, peer_port) in addrs {
             c.add_node(&host, port, peer_port);
@@ -344,9 +372,31 @@ impl TestCluster {
     }
 
     fn client_to(&self, endpoints: &[String]) -> Result<RosterClient, ClientError> {
-        match &self.client_tls {
-            Some(tls) => RosterClient::with_tls(endpoints, tls.clone()),
-            None => RosterClient::new(endpoints),
+        let c = match &self.client_tls {
+            Some(tls) => RosterClient::with_tls(endpoints, tls.clone())?,
+            None => RosterClient::new(endpoints)?,
+        };
+        match self.token.get() {
+            Some(t) => c.with_token(t),
+            None => Ok(c),
+        }
+    }
+
+    /// The admin token the harness made (`Setup::auth`).
+    pub fn token(&self) -> &str {
+        self.token.get().map_or("", String::as_str)
+    }
+
+    /// A client of one node, sending `token` (or none).
+    pub fn client_with(&self, id: u64, token: Option<&str>) -> RosterClient {
+        let c = match &self.client_tls {
+            Some(tls) => RosterClient::with_tls(&[self.endpoint(id)], tls.clone()),
+            None => RosterClient::new(&[self.endpoint(id)]),
+        }
+        .expect("client");
+        match token {
+            Some(t) => c.with_token(t).expect("token"),
+            None => c,
         }
     }
 

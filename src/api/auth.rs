@@ -1,0 +1,237 @@
+//! Who may call what. With `[auth] enabled`, `Authorize`, in front of every
+//! service but gRPC health, admits a call only with `authorization: Bearer
+//! <secret>` naming a token whose role covers the method, and hands the
+//! handlers its `Grant`, by which they check the service scope. Tokens are
+//! read from the node's own replicated state, so a token created or revoked
+//! counts on a node as soon as that node has applied the change. A follower
+//! authorizes before it forwards; the leader, receiving the same header,
+//! authorizes again.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::HeaderMap;
+use ring::digest::{digest, SHA256};
+use ring::rand::{SecureRandom, SystemRandom};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::{Request, Status};
+use tower::Service;
+
+use crate::error::Error;
+use crate::registry::acl::{Role, SecretHash, Token};
+use crate::registry::watch::SharedState;
+
+pub const AUTHORIZATION: &str = "authorization";
+
+/// The token a call was admitted with: a request extension.
+#[derive(Clone, Debug)]
+pub struct Grant(Arc<Token>);
+
+impl Grant {
+    pub fn accessor(&self) -> &str {
+        &self.0.accessor
+    }
+
+    pub fn covers(&self, service: &str) -> bool {
+        self.0.covers(service)
+    }
+}
+
+/// The grant a call was admitted with; `None` when auth is off.
+pub fn grant<T>(req: &Request<T>) -> Option<Grant> {
+    req.extensions().get::<Grant>().cloned()
+}
+
+/// The caller's `authorization` header, to pass on to the leader.
+pub fn credentials<T>(req: &Request<T>) -> Option<http::HeaderValue> {
+    req.metadata()
+        .get(AUTHORIZATION)
+        .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
+}
+
+/// Refuses a call on `service` that the grant's scope does not cover.
+pub fn may_use(grant: Option<&Grant>, service: &str) -> Result<(), Status> {
+    match grant {
+        Some(g) if !g.covers(service) => Err(Error::PermissionDenied(format!(
+            "token {} is limited to services {:?}, not {service:?}",
+            g.accessor(),
+            g.0.services
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// The role a method needs; `None`: no token at all (the bootstrap, which
+/// makes the first one).
+fn required(path: &str) -> Option<Role> {
+    if path.starts_with("/grpc.reflection.") {
+        return Some(Role::Read);
+    }
+    match path.rsplit('/').next() {
+        Some("Bootstrap") => None,
+        Some("GetService" | "ListServices" | "Watch" | "Status") => Some(Role::Read),
+        Some("Register" | "Deregister" | "Heartbeat" | "ConfigureService") => Some(Role::Write),
+        // Membership, snapshots, tokens, and anything added later.
+        _ => Some(Role::Admin),
+    }
+}
+
+pub fn hash_secret(secret: &str) -> SecretHash {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, secret.as_bytes()).as_ref());
+    out
+}
+
+/// `n` random bytes from the system's secure generator, as hex.
+pub fn random_hex(n: usize) -> Result<String, Error> {
+    let mut bytes = vec![0u8; n];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Internal("the system's random generator failed".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What `Authorize` checks against.
+struct Gate {
+    state: SharedState,
+}
+
+impl Gate {
+    fn admit(&self, path: &str, headers: &HeaderMap) -> Result<Option<Grant>, Error> {
+        let Some(role) = required(path) else {
+            return Ok(None);
+        };
+        let secret = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Error::Unauthenticated(
+                    "this cluster requires a token: send `authorization: Bearer <secret>` \
+                     (roster --token, ROSTER_TOKEN)"
+                        .into(),
+                )
+            })?;
+        let hash = hash_secret(secret.trim());
+        let token = {
+            let st = self
+                .state
+                .read()
+                .map_err(|_| Error::Internal("state lock poisoned".into()))?;
+            st.catalog.acl().find(&hash).cloned()
+        };
+        let token = token.ok_or_else(|| {
+            Error::Unauthenticated(
+                "unknown token (revoked, or never created on this cluster)".into(),
+            )
+        })?;
+        if token.role < role {
+            return Err(Error::PermissionDenied(format!(
+                "token {} has role {:?}; {} needs {role:?}",
+                token.accessor,
+                token.role,
+                path.rsplit('/').next().unwrap_or(path)
+            )));
+        }
+        Ok(Some(Grant(Arc::new(token))))
+    }
+}
+
+/// Wraps a gRPC service so that only authorized calls reach it.
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    gate: Option<Arc<Gate>>,
+}
+
+impl<S> Authorize<S> {
+    /// With `enabled` false every call passes, without a grant.
+    pub fn new(inner: S, state: SharedState, enabled: bool) -> Self {
+        Authorize {
+            inner,
+            gate: enabled.then(|| Arc::new(Gate { state })),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Authorize<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Authorize<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let Some(gate) = &self.gate else {
+            return Box::pin(inner.call(req));
+        };
+        match gate.admit(req.uri().path(), req.headers()) {
+            Ok(grant) => {
+                if let Some(g) = grant {
+                    req.extensions_mut().insert(g);
+                }
+                Box::pin(inner.call(req))
+            }
+            Err(e) => {
+                let refused = Status::from(e).into_http();
+                Box::pin(async move { Ok(refused) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_method_needs_its_role() {
+        let of = |m: &str| required(&format!("/roster.v1.Registry/{m}"));
+        assert_eq!(of("GetService"), Some(Role::Read));
+        assert_eq!(of("Watch"), Some(Role::Read));
+        assert_eq!(of("Register"), Some(Role::Write));
+        assert_eq!(of("Heartbeat"), Some(Role::Write));
+        assert_eq!(required("/roster.v1.Cluster/AddMember"), Some(Role::Admin));
+        assert_eq!(required("/roster.v1.Acl/CreateToken"), Some(Role::Admin));
+        assert_eq!(required("/roster.v1.Acl/Bootstrap"), None);
+        assert_eq!(
+            required("/roster.v1.Registry/SomethingNew"),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            required("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some(Role::Read)
+        );
+    }
+
+    #[test]
+    fn secrets_are_kept_as_their_hash() {
+        let a = random_hex(32).expect("random");
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, random_hex(32).expect("random"));
+        assert_eq!(hash_secret(&a), hash_secret(&a));
+        assert_ne!(hash_secret(&a), hash_secret("other"));
+    }
+}

@@ -1,0 +1,255 @@
+//! Tokens with roles and service scopes (`[auth] enabled`): who may call
+//! what, on every node, and how fast a revocation counts.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use roster::client::RosterClient;
+use roster::proto::v1::*;
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn start() -> TestCluster {
+    let setup = Setup {
+        auth: true,
+        ..Setup::default()
+    };
+    TestCluster::start_setup(3, "[auth]\nenabled = true\n", setup)
+        .await
+        .expect("an auth cluster")
+}
+
+async fn create(c: &TestCluster, role: Role, services: &[&str]) -> CreatedToken {
+    c.client()
+        .create_token(CreateTokenRequest {
+            role: role as i32,
+            services: services.iter().map(|s| s.to_string()).collect(),
+            description: format!("{role:?} {services:?}"),
+        })
+        .await
+        .expect("create token")
+}
+
+fn reg(service: &str, id: &str) -> RegisterRequest {
+    RegisterRequest {
+        instance: Some(instance(service, id, 80)),
+    }
+}
+
+fn get(service: &str) -> GetServiceRequest {
+    GetServiceRequest {
+        service: service.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn calls_need_a_token_whose_role_and_scope_cover_them() {
+    let c = start().await;
+    let anonymous = c.client_with(1, None);
+    let e = anonymous
+        .get_service(get("payments"))
+        .await
+        .expect_err("anonymous");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("requires a token"), "{e:?}");
+    let e = c
+        .client_with(1, Some("not-a-token"))
+        .status()
+        .await
+        .expect_err("unknown token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("unknown token"), "{e:?}");
+    // The gRPC health service needs none: probes call it.
+    let health = HealthClient::new(c.channel(&c.endpoint(1)).await)
+        .check(HealthCheckRequest::default())
+        .await;
+    assert!(health.is_ok(), "{health:?}");
+
+    // A read token reads, and may not write.
+    let read = create(&c, Role::Read, &[]).await;
+    let reader = c.client_with(2, Some(&read.secret));
+    // A token counts on a node once the node has applied its creation.
+    c.wait_for("the token on node 2", Duration::from_secs(5), || async {
+        reader.status().await.ok()
+    })
+    .await;
+    reader.get_service(get("payments")).await.expect("read");
+    let e = reader
+        .register(reg("payments", "p-1"))
+        .await
+        .expect_err("read token registers");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("Register needs Write"), "{e:?}");
+
+    // A write token scoped to pay*: payments yes, billing no.
+    let write = create(&c, Role::Write, &["pay*"]).await;
+    let accessor = write.token.as_ref().expect("info").accessor.clone();
+    let writer = c.client_with(3, Some(&write.secret));
+    c.wait_for("the token on node 3", Duration::from_secs(5), || async {
+        writer.get_service(get("payments")).await.ok()
+    })
+    .await;
+    let r = writer
+        .register(reg("payments", "p-1"))
+        .await
+        .expect("in scope");
+    let stored = r.instance.expect("instance");
+    // Writes record the token's accessor, never its secret.
+    assert_eq!(stored.registered_by, accessor);
+    let admin = c.client();
+    register(&admin, "billing", "b-1", 80).await;
+    let e = writer
+        .deregister(DeregisterRequest {
+            service: "billing".into(),
+            id: "b-1".into(),
+        })
+        .await
+        .expect_err("out of scope");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("\"billing\""), "{e:?}");
+    let e = writer
+        .get_service(get("billing"))
+        .await
+        .expect_err("read out of scope");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Listings show only what the token covers.
+    let listed = writer
+        .list_services(ListServicesRequest::default())
+        .await
+        .expect("list");
+    let names: Vec<&str> = listed.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["payments"]);
+    // Membership, snapshots and tokens are for admins.
+    let e = writer
+        .add_member(AddMemberRequest {
+            id: 9,
+            address: "127.0.0.1:1".into(),
+        })
+        .await
+        .expect_err("write token changes membership");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = writer
+        .list_tokens()
+        .await
+        .expect_err("write token lists tokens");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // `roster get` shows who registered an instance.
+    let out = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["get", "payments", "--endpoints", &c.endpoint(1)])
+        .env("ROSTER_TOKEN", &read.secret)
+        .output()
+        .expect("roster get");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("registered_by={accessor}")),
+        "{out:?}"
+    );
+
+    // The first admin token is made once per cluster.
+    let e = anonymous
+        .acl_bootstrap(BootstrapRequest::default())
+        .await
+        .expect_err("a second bootstrap");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+}
+
+#[tokio::test]
+async fn a_scoped_watch_never_shows_other_services() {
+    let c = start().await;
+    let scoped = create(&c, Role::Read, &["pay*"]).await;
+    let watcher = c.client_with(2, Some(&scoped.secret));
+    // A token counts on a node once the node has applied its creation.
+    c.wait_for("the token on node 2", Duration::from_secs(5), || async {
+        watcher.status().await.ok()
+    })
+    .await;
+    let e = watcher
+        .watch(WatchRequest {
+            service: "billing".into(),
+            since_revision: 0,
+        })
+        .await
+        .expect_err("a watch out of scope");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let admin = c.client();
+    register(&admin, "billing", "b-0", 80).await;
+    // Watching every service: the initial state and the changes hold only its own.
+    let mut stream = watcher
+        .watch(WatchRequest {
+            service: String::new(),
+            since_revision: 0,
+        })
+        .await
+        .expect("watch all");
+    let initial = stream.message().await.expect("stream").expect("initial");
+    assert!(initial.instances.is_empty(), "{initial:?}");
+    register(&admin, "billing", "b-1", 80).await;
+    register(&admin, "payments", "p-1", 80).await;
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event in time")
+        .expect("stream")
+        .expect("message");
+    let services: Vec<String> = next
+        .events
+        .iter()
+        .filter_map(|e| e.instance.as_ref().map(|i| i.service.clone()))
+        .collect();
+    assert_eq!(services, vec!["payments"], "{next:?}");
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
+    let c = start().await;
+    let t = create(&c, Role::Read, &[]).await;
+    let accessor = t.token.as_ref().expect("info").accessor.clone();
+    let per_node: Vec<RosterClient> = (1..=3)
+        .map(|id| c.client_with(id, Some(&t.secret)))
+        .collect();
+    for (i, client) in per_node.iter().enumerate() {
+        // Applied everywhere before it is used: a follower may lag the leader.
+        c.wait_for(
+            "the token on every node",
+            Duration::from_secs(5),
+            || async { client.status().await.ok() },
+        )
+        .await;
+        assert!(client.status().await.is_ok(), "node {}", i + 1);
+    }
+    let listed = c.client().list_tokens().await.expect("list");
+    assert!(listed.tokens.iter().any(|k| k.accessor == accessor));
+    c.client()
+        .revoke_token(RevokeTokenRequest {
+            accessor: accessor.clone(),
+        })
+        .await
+        .expect("revoke");
+    let revoked = Instant::now();
+    for (i, client) in per_node.iter().enumerate() {
+        let e = c
+            .wait_for(
+                "the revocation to count",
+                Duration::from_secs(5),
+                || async { client.status().await.err() },
+            )
+            .await;
+        assert_eq!(e.code(), Code::Unauthenticated, "node {}: {e:?}", i + 1);
+    }
+    let took = revoked.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "revocation took {took:?} to reach every node"
+    );
+    let e = c
+        .client()
+        .revoke_token(RevokeTokenRequest { accessor })
+        .await
+        .expect_err("revoked twice");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+}
