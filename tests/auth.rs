@@ -253,3 +253,59 @@ async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
         .expect_err("revoked twice");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }
+
+#[tokio::test]
+async fn tokens_survive_restarts_and_reach_a_node_by_snapshot() {
+    let mut c = start().await;
+    let leader = c.leader().await;
+    let lagging = (1..=3).find(|&i| i != leader).expect("a follower");
+    c.kill(lagging);
+    let kept = create(&c, Role::Read, &[]).await;
+    let gone = create(&c, Role::Read, &[]).await;
+    c.client()
+        .revoke_token(RevokeTokenRequest {
+            accessor: gone.token.as_ref().expect("info").accessor.clone(),
+        })
+        .await
+        .expect("revoke");
+    // The log is purged past the token changes: the node that missed them
+    // gets them in a snapshot.
+    c.snapshot_and_purge(leader).await;
+    c.start_node(lagging);
+    let on_lagging = c.client_with(lagging, Some(&kept.secret));
+    c.wait_for(
+        "the snapshot's token on the node that missed it",
+        Duration::from_secs(20),
+        || async { on_lagging.status().await.ok() },
+    )
+    .await;
+    let e = c
+        .client_with(lagging, Some(&gone.secret))
+        .status()
+        .await
+        .expect_err("a token revoked before the snapshot");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // Every node restarts from its data directory with the same tokens.
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.start_node(id);
+    }
+    for id in 1..=3 {
+        let client = c.client_with(id, Some(&kept.secret));
+        c.wait_for(
+            "the token after a restart",
+            Duration::from_secs(20),
+            || async { client.status().await.ok() },
+        )
+        .await;
+    }
+    let e = c
+        .client_with(1, None)
+        .acl_bootstrap(BootstrapRequest::default())
+        .await
+        .expect_err("bootstrap after a restart");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+}

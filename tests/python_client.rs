@@ -1,17 +1,18 @@
 //! A client in another language, written from `proto/` alone: the README's
-//! Python snippet (grpcio), run as written against a TLS cluster that asks
-//! for client certificates, with certificates made by `deploy/tls/make-certs.sh`
-//! (openssl). `.ci/run` installs grpcio into a venv and sets `ROSTER_PYTHON`;
+//! Python snippet (grpcio), run as written against a cluster with TLS that
+//! asks for client certificates and with auth, with certificates made by
+//! `deploy/tls/make-certs.sh` (openssl) and a token made with the Rust client. `.ci/run` installs grpcio into a venv and sets `ROSTER_PYTHON`;
 //! without it the test says so and skips.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use roster::client::tls_from_files;
-use roster::proto::v1::Consistency;
+use roster::proto::v1::{CreateTokenRequest, GetServiceRequest, Role};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -55,7 +56,8 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
             .arg("node=127.0.0.1,localhost"),
     );
     let extra = format!(
-        "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\nclient_ca = \"{0}/ca.crt\"\n",
+        "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\nclient_ca = \"{0}/ca.crt\"\n\
+         [auth]\nenabled = true\n",
         certs.display()
     );
     let client_tls = tls_from_files(
@@ -65,6 +67,7 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
     .expect("client TLS files");
     let setup = Setup {
         client_tls: Some(client_tls),
+        auth: true,
         ..Setup::default()
     };
     let c = TestCluster::start_setup(3, &extra, setup)
@@ -72,6 +75,27 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
         .expect("a TLS cluster");
     let leader = c.leader().await;
     let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let token = c
+        .client()
+        .create_token(CreateTokenRequest {
+            role: Role::Write as i32,
+            services: vec!["pay*".into()],
+            description: "python".into(),
+        })
+        .await
+        .expect("a write token");
+    let accessor = token.token.as_ref().expect("info").accessor.clone();
+    c.wait_for(
+        "the token on the follower",
+        Duration::from_secs(5),
+        || async {
+            c.client_with(follower, Some(&token.secret))
+                .status()
+                .await
+                .ok()
+        },
+    )
+    .await;
 
     let gen = dir.path().join("gen");
     std::fs::create_dir_all(&gen).expect("gen dir");
@@ -81,30 +105,47 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
         .arg(format!("--python_out={}", gen.display()))
         .arg(format!("--grpc_python_out={}", gen.display()))
         .arg(Path::new(REPO).join("proto/roster/v1/registry.proto")));
-    let script = dir.path().join("snippet.py");
-    std::fs::write(&script, readme_snippet()).expect("write snippet");
     // Through a follower: the write is forwarded to the leader over mutual TLS.
-    let printed = run(Command::new(&python)
-        .arg(&script)
-        .current_dir(dir.path())
-        .env("ROSTER_ENDPOINT", c.endpoint(follower)));
-    assert!(printed.contains("10.0.0.7:8080"), "{printed}");
-    assert_eq!(
-        ids(&c.client(), "payments", Consistency::Linearizable).await,
-        vec!["payments-1"]
+    let python_run = |script: &str, token: &str| {
+        let path = dir.path().join("snippet.py");
+        std::fs::write(&path, script).expect("write snippet");
+        Command::new(&python)
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("ROSTER_ENDPOINT", c.endpoint(follower))
+            .env("ROSTER_TOKEN", token)
+            .output()
+            .expect("run python")
+    };
+    let out = python_run(&readme_snippet(), &token.secret);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("10.0.0.7:8080"),
+        "{out:?}"
     );
+    let got = c
+        .client()
+        .get_service(GetServiceRequest {
+            service: "payments".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("read back");
+    assert_eq!(got.instances.len(), 1, "{got:?}");
+    assert_eq!(got.instances[0].registered_by, accessor);
 
-    // The same snippet without a client certificate is refused by the node.
+    // With an unknown token the node refuses the call...
+    let out = python_run(&readme_snippet(), "not-a-token");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"),
+        "{out:?}"
+    );
+    // ...and without a client certificate the connection itself.
     let anonymous = readme_snippet()
         .replace("private_key=read(\"certs/client.key\"),", "")
         .replace("certificate_chain=read(\"certs/client.crt\"),", "");
-    std::fs::write(&script, anonymous).expect("write snippet");
-    let out = Command::new(&python)
-        .arg(&script)
-        .current_dir(dir.path())
-        .env("ROSTER_ENDPOINT", c.endpoint(follower))
-        .output()
-        .expect("run python");
+    let out = python_run(&anonymous, &token.secret);
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("UNAVAILABLE"),

@@ -284,10 +284,15 @@ impl TestCluster {
     /// Has `leader` build a snapshot, waits until it has purged its log up to
     /// it, and returns it.
     pub async fn snapshot_and_purge(&self, leader: u64) -> SnapshotResponse {
+        let mut req = tonic::Request::new(SnapshotRequest {});
+        if let Some(t) = self.token.get() {
+            let bearer = format!("Bearer {t}").parse().expect("a token is ASCII");
+            req.metadata_mut().insert("authorization", bearer);
+        }
         let snap = self
             .cluster_client(leader)
             .await
-            .snapshot(SnapshotRequest {})
+            .snapshot(req)
             .await
             .expect("snapshot")
             .into_inner();
