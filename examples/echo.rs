@@ -13,12 +13,18 @@
 //!
 //! Stop a server (Ctrl-C, or kill -9: its TTL then runs out) and its share
 //! moves to the other two; start it again and it comes back.
+//!
+//! Against a cluster with TLS and tokens (`cargo run -- dev --tls`, or one with
+//! `[auth]`), set what the CLI reads: `ROSTER_ENDPOINTS`, `ROSTER_CACERT`
+//! (with `ROSTER_CERT` and `ROSTER_KEY` for a client certificate) and
+//! `ROSTER_TOKEN`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use roster::client::RosterClient;
+use roster::client::{tls_from_files, RosterClient};
 use roster::proto::echo::echo_client::EchoClient;
 use roster::proto::echo::echo_server::{Echo, EchoServer};
 use roster::proto::echo::{EchoReply, EchoRequest};
@@ -37,16 +43,33 @@ impl Echo for Named {
     }
 }
 
-fn endpoints() -> Vec<String> {
-    std::env::var("ROSTER_ENDPOINTS")
-        .unwrap_or_else(|_| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into())
+/// A client as the environment says, like the CLI's.
+fn roster() -> Result<Arc<RosterClient>, Box<dyn std::error::Error>> {
+    let var = |name| std::env::var(name).ok();
+    let endpoints: Vec<String> = var("ROSTER_ENDPOINTS")
+        .unwrap_or_else(|| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into())
         .split(',')
         .map(str::to_string)
-        .collect()
+        .collect();
+    let client = match var("ROSTER_CACERT") {
+        Some(ca) => {
+            let (cert, key) = (var("ROSTER_CERT"), var("ROSTER_KEY"));
+            let identity = cert
+                .as_deref()
+                .map(Path::new)
+                .zip(key.as_deref().map(Path::new));
+            RosterClient::with_tls(&endpoints, tls_from_files(Path::new(&ca), identity)?)?
+        }
+        None => RosterClient::new(&endpoints)?,
+    };
+    Ok(Arc::new(match var("ROSTER_TOKEN") {
+        Some(token) => client.with_token(&token)?,
+        None => client,
+    }))
 }
 
 async fn serve(name: String, port: u16) -> Result<(), Box<dyn std::error::Error>> {
-    let client = Arc::new(RosterClient::new(&endpoints())?);
+    let client = roster()?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let server = tonic::transport::Server::builder()
         .add_service(EchoServer::new(Named(name.clone())))
@@ -72,7 +95,7 @@ async fn serve(name: String, port: u16) -> Result<(), Box<dyn std::error::Error>
 }
 
 async fn call() -> Result<(), Box<dyn std::error::Error>> {
-    let client = Arc::new(RosterClient::new(&endpoints())?);
+    let client = roster()?;
     let mut echo = client.resolve("echo");
     echo.ready(Duration::from_secs(5)).await;
     let mut rpc = EchoClient::new(echo.balanced_channel());

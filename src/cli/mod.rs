@@ -175,6 +175,9 @@ pub struct DevArgs {
     /// the temporary directory; prints how to connect.
     #[arg(long)]
     tls: bool,
+    /// Require tokens ([auth]); bootstraps the ACL and prints the admin token.
+    #[arg(long)]
+    auth: bool,
 }
 
 #[derive(Args)]

@@ -2,8 +2,10 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use crate::client::{tls_from_files, RosterClient};
 use crate::config::{NodeConfig, TlsFiles};
 use crate::node;
+use crate::proto::v1::BootstrapRequest;
 use anyhow::Context;
 
 use super::{DevArgs, ServerArgs};
@@ -138,6 +140,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.cluster_id = "roster-dev".into();
         cfg.initial_cluster = initial.join(",");
         cfg.tls = certs.as_ref().map(|c| c.node.clone());
+        cfg.auth.enabled = a.auth;
         handles.push(node::start(cfg).await?);
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
@@ -157,8 +160,23 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         ),
         None => String::new(),
     };
+    let token = match a.auth {
+        true => {
+            let client = match &certs {
+                Some(c) => RosterClient::with_tls(&endpoints, tls_from_files(&c.node.ca, None)?)?,
+                None => RosterClient::new(&endpoints)?,
+            };
+            let created = client
+                .acl_bootstrap(BootstrapRequest {
+                    description: "roster dev".into(),
+                })
+                .await?;
+            format!(" --token {}", created.secret)
+        }
+        false => String::new(),
+    };
     println!(
-        "try: roster status --endpoints {}{tls_flags}",
+        "try: roster status --endpoints {}{token}{tls_flags}",
         endpoints.join(",")
     );
     println!("Ctrl-C stops the cluster and deletes its data.");
