@@ -11,9 +11,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::certs::Ca;
 use common::*;
-use roster::client::RosterClient;
+use roster::client::{tls_from_pem, RosterClient};
 use roster::proto::v1::*;
+use tonic::transport::ClientTlsConfig;
 
 const IMAGE: &str = "roster:test";
 
@@ -69,22 +71,86 @@ fn image() {
 struct DockerCluster {
     tag: String,
     network: String,
+    secure: Option<Secure>,
+}
+
+/// TLS on both ports and tokens: the certificates (mounted into every
+/// container), how the test's clients dial, and the bootstrap token.
+struct Secure {
+    _certs: tempfile::TempDir,
+    tls: ClientTlsConfig,
+    token: OnceLock<String>,
 }
 
 impl DockerCluster {
     fn start() -> DockerCluster {
+        Self::launch(None)
+    }
+
+    /// With TLS on both ports (mutual between the nodes) and `--auth`; the
+    /// test's clients bootstrap the ACL and use that token.
+    async fn start_secure() -> DockerCluster {
+        let dir = tempfile::tempdir().expect("cert dir");
+        let ca = Ca::new("containers");
+        // Peers dial each other by alias; the test dials the published ports.
+        let node = ca.issue("node", &["roster-1", "roster-2", "roster-3", "127.0.0.1"]);
+        for (name, pem) in [
+            ("ca.crt", ca.pem()),
+            ("node.crt", node.cert),
+            ("node.key", node.key),
+        ] {
+            std::fs::write(dir.path().join(name), pem).expect("write cert");
+        }
+        let secure = Secure {
+            tls: tls_from_pem(ca.pem().as_bytes(), None),
+            _certs: dir,
+            token: OnceLock::new(),
+        };
+        let c = Self::launch(Some(secure));
+        let created = c
+            .wait("the ACL bootstrap", || async {
+                c.client(&[1, 2, 3])
+                    .acl_bootstrap(BootstrapRequest::default())
+                    .await
+                    .ok()
+            })
+            .await;
+        if let Some(s) = &c.secure {
+            let _ = s.token.set(created.secret);
+        }
+        c
+    }
+
+    fn launch(secure: Option<Secure>) -> DockerCluster {
         image();
         let tag = format!("rt{}-{}", std::process::id(), fastrand::u32(..));
         let network = format!("{tag}-net");
         docker(&["network", "create", &network]).expect("network");
-        let c = DockerCluster { tag, network };
+        let c = DockerCluster {
+            tag,
+            network,
+            secure,
+        };
+        let certs = c
+            .secure
+            .as_ref()
+            .map(|s| format!("{}:/certs:ro", s._certs.path().display()));
+        let secure_args: &[&str] = match c.secure {
+            Some(_) => &[
+                "--tls-cert=/certs/node.crt",
+                "--tls-key=/certs/node.key",
+                "--tls-ca=/certs/ca.crt",
+                "--auth",
+            ],
+            None => &[],
+        };
         let initial = (1..=3)
             .map(|i| format!("{i}={}:7002", c.host(i)))
             .collect::<Vec<_>>()
             .join(",");
         for i in 1..=3 {
             let (name, alias) = (c.name(i), c.host(i));
-            docker(&[
+            let mut args = vec![
                 "run",
                 "-d",
                 "--name",
@@ -97,26 +163,34 @@ impl DockerCluster {
                 "127.0.0.1::7001",
                 "-e",
                 "RUST_LOG=warn,openraft=error",
+            ];
+            if let Some(volume) = &certs {
+                args.extend(["-v", volume.as_str()]);
+            }
+            let (peer_advertise, advertise) = (format!("{alias}:7002"), format!("{alias}:7001"));
+            let id = i.to_string();
+            args.extend([
                 IMAGE,
                 "server",
                 "--id",
-                &i.to_string(),
+                &id,
                 "--cluster-id",
                 "containers",
                 "--listen",
                 "0.0.0.0:7001",
                 "--advertise",
-                &format!("{alias}:7001"),
+                &advertise,
                 "--peer-listen",
                 "0.0.0.0:7002",
                 "--peer-advertise",
-                &format!("{alias}:7002"),
+                &peer_advertise,
                 "--data-dir",
                 "/data",
                 "--initial-cluster",
                 &initial,
-            ])
-            .expect("run container");
+            ]);
+            args.extend(secure_args);
+            docker(&args).expect("run container");
         }
         c
     }
@@ -137,7 +211,14 @@ impl DockerCluster {
 
     fn client(&self, nodes: &[u64]) -> RosterClient {
         let eps: Vec<String> = nodes.iter().map(|i| self.endpoint(*i)).collect();
-        RosterClient::new(&eps).expect("client")
+        let Some(secure) = &self.secure else {
+            return RosterClient::new(&eps).expect("client");
+        };
+        let c = RosterClient::with_tls(&eps, secure.tls.clone()).expect("client");
+        match secure.token.get() {
+            Some(t) => c.with_token(t).expect("token"),
+            None => c,
+        }
     }
 
     fn disconnect(&self, i: u64) {
@@ -157,7 +238,7 @@ impl DockerCluster {
     }
 
     async fn status(&self, i: u64) -> Option<StatusResponse> {
-        let c = RosterClient::new(&[self.endpoint(i)]).ok()?;
+        let c = self.client(&[i]);
         tokio::time::timeout(Duration::from_secs(1), async {
             c.status_all().await.pop().and_then(|(_, r)| r.ok())
         })
@@ -216,7 +297,8 @@ async fn container_partitioned_leader_is_replaced_and_rejoins_without_losing_wri
     if !engine_ready() {
         return;
     }
-    let c = DockerCluster::start();
+    // With TLS on both ports and tokens: partitions and rejoins work the same.
+    let c = DockerCluster::start_secure().await;
     let old = c.leader(&[1, 2, 3]).await;
     let all = c.client(&[1, 2, 3]);
     for n in 0..20 {
@@ -246,13 +328,23 @@ async fn container_partitioned_leader_is_replaced_and_rejoins_without_losing_wri
         })
         .await;
     assert_eq!(rejoined.role, "follower");
-    let theirs = ids(
-        &RosterClient::new(&[c.endpoint(old)]).expect("client"),
-        "orders",
-        Consistency::Stale,
-    )
-    .await;
+    let theirs = ids(&c.client(&[old]), "orders", Consistency::Stale).await;
     assert_eq!(theirs, during);
+    // Without the token, or in plaintext, the cluster answers no one.
+    let stranger = tls_from_pem(Ca::new("someone else").pem().as_bytes(), None);
+    let e = RosterClient::with_tls(&[c.endpoint(new)], stranger)
+        .expect("client")
+        .status()
+        .await
+        .expect_err("no trust in the cluster's CA");
+    assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+    let secure = c.secure.as_ref().expect("secure");
+    let e = RosterClient::with_tls(&[c.endpoint(new)], secure.tls.clone())
+        .expect("client")
+        .status()
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 }
 
 #[tokio::test]

@@ -7,62 +7,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::certs::{Ca, Issued};
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use roster::client::{tls_from_pem, RosterClient};
 use roster::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use roster::proto::raft_v1::RaftPayload;
 use roster::proto::v1::*;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
-
-/// A certificate authority made for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A certificate and its key, PEM.
-struct Issued {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).expect("self-signed");
-        Ca { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// A certificate for servers and clients, valid for `sans`.
-    fn issue(&self, name: &str, sans: &[&str]) -> Issued {
-        let key = KeyPair::generate().expect("key");
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign");
-        Issued {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
 
 fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
     let path = dir.join(name);
