@@ -5,6 +5,9 @@
 //! (`benches/run.sh` installs etcd and protoc first, then runs this.)
 //! Writes the results table into BENCHMARKS.md between its result markers.
 
+/// The tests' CA, for the TLS phase.
+#[path = "../../tests/common/certs.rs"]
+mod certs;
 /// The tests' port picker: below the ephemeral range, never one port twice.
 #[path = "../../tests/common/ports.rs"]
 mod ports;
@@ -686,6 +689,194 @@ async fn scale_rows(
     Ok(())
 }
 
+/// What the `secure` phase measures on each cluster.
+struct Secured {
+    register_64: Summary,
+    register_1000: Summary,
+    query: Summary,
+    watch: Summary,
+}
+
+async fn secured_workloads<S: System>(sys: &Arc<S>, dur: Duration) -> Result<Secured> {
+    Ok(Secured {
+        register_64: register(sys, 64, dur).await,
+        register_1000: register(sys, 1000, dur).await,
+        query: query(sys, 64, dur, true).await?,
+        watch: watch_delay(sys, 100, WATCH_EVENTS).await?,
+    })
+}
+
+/// Until `f` answers, for at most 30 s.
+async fn first_answer<T, F, Fut>(what: &str, f: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e.context(what.to_string())),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Register, linearizable query and watch with TLS and auth: Roster with TLS
+/// on both ports (mutual between nodes) and a write token, etcd with TLS for
+/// clients and peers (mutual between members) and a user whose role may read
+/// and write the registry's prefix. All on fresh clusters, Roster also in
+/// plaintext beside them, so the cost of TLS and auth is measured in one run.
+async fn secure_rows(
+    dir: &Path,
+    dur: Duration,
+    rows: &mut Vec<Row>,
+    extra: &mut Vec<String>,
+) -> Result<()> {
+    use etcd_client::{ConnectOptions, Permission};
+    use roster::proto::v1::{BootstrapRequest, CreateTokenRequest, Role};
+    std::fs::create_dir_all(dir)?;
+    let ca = certs::Ca::new("bench");
+    let node = ca.issue("node", &["127.0.0.1", "localhost"]);
+    let files = procs::Certs {
+        cert: dir.join("node.crt"),
+        key: dir.join("node.key"),
+        ca: dir.join("ca.crt"),
+    };
+    std::fs::write(&files.cert, &node.cert)?;
+    std::fs::write(&files.key, &node.key)?;
+    std::fs::write(&files.ca, ca.pem())?;
+    let tls = roster::client::tls_from_pem(ca.pem().as_bytes(), None);
+
+    eprintln!("secure: Roster in plaintext");
+    let rc = procs::roster(&dir.join("plain"), NODES, Peers::Direct)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    wait_leader(&roster).await?;
+    let plain = secured_workloads(&roster, dur).await?;
+    drop((roster, rc));
+
+    eprintln!("secure: Roster with TLS and a token");
+    let config = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n[auth]\nenabled = true\n",
+        files.cert.display(),
+        files.key.display(),
+        files.ca.display()
+    );
+    let rc = procs::roster_with(&dir.join("roster"), NODES, Peers::Direct, &config)?;
+    let admin = roster::client::RosterClient::with_tls(&rc.endpoints(), tls.clone())?;
+    let bootstrap = first_answer("the ACL bootstrap", || async {
+        Ok(admin.acl_bootstrap(BootstrapRequest::default()).await?)
+    })
+    .await?;
+    let admin = admin.with_token(&bootstrap.secret)?;
+    let write = admin
+        .create_token(CreateTokenRequest {
+            role: Role::Write as i32,
+            services: Vec::new(),
+            description: "bench".into(),
+        })
+        .await?;
+    let roster = Arc::new(Roster::connect(
+        &rc.endpoints(),
+        POOL,
+        Some(sut::Access {
+            tls: tls.clone(),
+            token: write.secret,
+        }),
+    )?);
+    // The token counts on a node once the node has applied its creation.
+    first_answer("the token on every node", || async {
+        anyhow::ensure!(roster.statuses_answered().await? == NODES, "not yet");
+        Ok(())
+    })
+    .await?;
+    wait_leader(&roster).await?;
+    let secure = secured_workloads(&roster, dur).await?;
+    drop((roster, admin, rc));
+
+    eprintln!("secure: etcd with TLS and a user");
+    let ec = procs::etcd_with(&dir.join("etcd"), NODES, Peers::Direct, &[], Some(&files))?;
+    let root = ConnectOptions::new().with_tls(tls.clone());
+    let mut c = first_answer("etcd over TLS", || async {
+        Ok(etcd_client::Client::connect(ec.endpoints(), Some(root.clone())).await?)
+    })
+    .await?;
+    c.user_add("root", "root-password", None).await?;
+    c.user_grant_role("root", "root").await?;
+    c.role_add("registry").await?;
+    c.role_grant_permission(
+        "registry",
+        Permission::read_write("/services/").with_prefix(),
+    )
+    .await?;
+    c.user_add("bench", "bench-password", None).await?;
+    c.user_grant_role("bench", "registry").await?;
+    c.auth_enable().await?;
+    let access = sut::EtcdAccess {
+        tls,
+        user: "bench".into(),
+        password: "bench-password".into(),
+    };
+    let etcd = Arc::new(Etcd::connect(&ec.endpoints(), POOL, Some(&access)).await?);
+    wait_leader(&etcd).await?;
+    let etcd_figures = secured_workloads(&etcd, dur).await?;
+    drop((etcd, c, ec));
+
+    let with = |name: &str| format!("TLS + auth: {name}");
+    for (name, r, e) in [
+        (
+            "register, 64 clients",
+            &secure.register_64,
+            &etcd_figures.register_64,
+        ),
+        (
+            "register, 1000 clients",
+            &secure.register_1000,
+            &etcd_figures.register_1000,
+        ),
+    ] {
+        rows.push(throughput_row(&with(name), r, e, "≥ 1.5×"));
+        rows.extend(latency_rows(&with(name), r, e, ""));
+    }
+    let query_name = with("query 100 instances, linearizable, 64 clients");
+    rows.push(throughput_row(
+        &query_name,
+        &secure.query,
+        &etcd_figures.query,
+        "",
+    ));
+    rows.extend(latency_rows(
+        &query_name,
+        &secure.query,
+        &etcd_figures.query,
+        "",
+    ));
+    rows.extend(latency_rows(
+        &with("watch delay, 100 watchers"),
+        &secure.watch,
+        &etcd_figures.watch,
+        "",
+    ));
+    let kept = |s: &Summary, p: &Summary| 100.0 * s.throughput / p.throughput.max(1e-9);
+    extra.push(format!(
+        "TLS + auth against plaintext, Roster, fresh clusters in this run: register 64 clients {:.0}/s vs {:.0}/s ({:.0}% kept), \
+         1000 clients {:.0}/s vs {:.0}/s ({:.0}% kept; target ≥ 85%), linearizable query {:.0}/s vs {:.0}/s ({:.0}% kept), \
+         watch delay p99 {} vs {}.",
+        secure.register_64.throughput,
+        plain.register_64.throughput,
+        kept(&secure.register_64, &plain.register_64),
+        secure.register_1000.throughput,
+        plain.register_1000.throughput,
+        kept(&secure.register_1000, &plain.register_1000),
+        secure.query.throughput,
+        plain.query.throughput,
+        kept(&secure.query, &plain.query),
+        ms(secure.watch.p99),
+        ms(plain.watch.p99),
+    ));
+    Ok(())
+}
+
 /// Round trips between nodes the `rtt` phase measures at.
 const RTTS_MS: [u64; 3] = [0, 10, 50];
 /// etcd's defaults, kept at every round trip in `RTTS_MS`: its tuning guide
@@ -886,6 +1077,9 @@ async fn main() -> Result<()> {
     }
     if opts.runs("rtt") {
         rtt_rows(&dir.path().join("rtt"), dur, &mut rows, &mut extra).await?;
+    }
+    if opts.runs("secure") {
+        secure_rows(&dir.path().join("secure"), dur, &mut rows, &mut extra).await?;
     }
     if opts.runs("scale") {
         let instances = if opts.quick { 10_000 } else { 100_000 };

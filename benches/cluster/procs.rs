@@ -166,7 +166,20 @@ impl Peers<'_> {
     }
 }
 
-pub fn roster(dir: &Path, n: usize, mut peers: Peers) -> Result<Cluster> {
+pub fn roster(dir: &Path, n: usize, peers: Peers) -> Result<Cluster> {
+    roster_with(dir, n, peers, "")
+}
+
+/// PEM files of a node certificate (for every node: they all run on
+/// 127.0.0.1) and the CA that issued it.
+pub struct Certs {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// Like `roster`, with `extra` appended to every node's TOML config.
+pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Result<Cluster> {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let advertise = peers.advertise(&peer)?;
@@ -182,7 +195,7 @@ pub fn roster(dir: &Path, n: usize, mut peers: Peers) -> Result<Cluster> {
             format!(
                 "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
                  peer_listen = \"127.0.0.1:{}\"\npeer_advertise = \"{}\"\n\
-                 data_dir = \"{}\"\ninitial_cluster = \"{}\"\n",
+                 data_dir = \"{}\"\ninitial_cluster = \"{}\"\n{extra}\n",
                 i + 1,
                 peer[i],
                 advertise[i],
@@ -208,7 +221,19 @@ pub fn roster(dir: &Path, n: usize, mut peers: Peers) -> Result<Cluster> {
 }
 
 /// `flags` are added to every node's command line.
-pub fn etcd(dir: &Path, n: usize, mut peers: Peers, flags: &[String]) -> Result<Cluster> {
+pub fn etcd(dir: &Path, n: usize, peers: Peers, flags: &[String]) -> Result<Cluster> {
+    etcd_with(dir, n, peers, flags, None)
+}
+
+/// Like `etcd`; with `tls`, clients and peers speak TLS, peers mutual TLS.
+pub fn etcd_with(
+    dir: &Path,
+    n: usize,
+    mut peers: Peers,
+    flags: &[String],
+    tls: Option<&Certs>,
+) -> Result<Cluster> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let program = which("etcd").context(
         "etcd is not installed: run benches/run.sh, which installs Debian's etcd-server",
     )?;
@@ -216,7 +241,7 @@ pub fn etcd(dir: &Path, n: usize, mut peers: Peers, flags: &[String]) -> Result<
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let advertise = peers.advertise(&peer)?;
     let initial: Vec<String> = (0..n)
-        .map(|i| format!("e{}=http://{}", i + 1, advertise[i]))
+        .map(|i| format!("e{}={scheme}://{}", i + 1, advertise[i]))
         .collect();
     let mut procs = Vec::new();
     for i in 0..n {
@@ -224,10 +249,10 @@ pub fn etcd(dir: &Path, n: usize, mut peers: Peers, flags: &[String]) -> Result<
         let mut args = vec![
             format!("--name=e{}", i + 1),
             format!("--data-dir={}", data.display()),
-            format!("--listen-client-urls=http://127.0.0.1:{}", client[i]),
-            format!("--advertise-client-urls=http://127.0.0.1:{}", client[i]),
-            format!("--listen-peer-urls=http://127.0.0.1:{}", peer[i]),
-            format!("--initial-advertise-peer-urls=http://{}", advertise[i]),
+            format!("--listen-client-urls={scheme}://127.0.0.1:{}", client[i]),
+            format!("--advertise-client-urls={scheme}://127.0.0.1:{}", client[i]),
+            format!("--listen-peer-urls={scheme}://127.0.0.1:{}", peer[i]),
+            format!("--initial-advertise-peer-urls={scheme}://{}", advertise[i]),
             format!("--initial-cluster={}", initial.join(",")),
             "--initial-cluster-state=new".into(),
             "--initial-cluster-token=bench".into(),
@@ -235,6 +260,18 @@ pub fn etcd(dir: &Path, n: usize, mut peers: Peers, flags: &[String]) -> Result<
             "--log-level=error".into(),
         ];
         args.extend_from_slice(flags);
+        if let Some(t) = tls {
+            let (cert, key, ca) = (t.cert.display(), t.key.display(), t.ca.display());
+            args.extend([
+                format!("--cert-file={cert}"),
+                format!("--key-file={key}"),
+                format!("--trusted-ca-file={ca}"),
+                format!("--peer-cert-file={cert}"),
+                format!("--peer-key-file={key}"),
+                format!("--peer-trusted-ca-file={ca}"),
+                "--peer-client-cert-auth".into(),
+            ]);
+        }
         procs.push(Proc {
             endpoint: format!("127.0.0.1:{}", client[i]),
             data,

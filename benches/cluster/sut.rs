@@ -11,7 +11,7 @@ use roster::client::RosterClient;
 use roster::proto::v1::cluster_client::ClusterClient;
 use roster::proto::v1::registry_client::RegistryClient;
 use roster::proto::v1::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 pub trait System: Send + Sync + 'static {
     type Beat: Heartbeat;
@@ -61,6 +61,24 @@ pub trait Watch: Send + 'static {
     fn next_puts(&mut self) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
+fn endpoint(addr: &str, access: &Option<Access>) -> Result<Endpoint> {
+    Ok(match access {
+        Some(a) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(a.tls.clone())?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    }
+    .tcp_nodelay(true))
+}
+
+fn with_token<T>(access: &Option<Access>, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(a) = access {
+        if let Ok(v) = format!("Bearer {}", a.token).parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+    }
+    r
+}
+
 /// Metadata of the size a typical instance carries, registered with both systems.
 fn payload(id: &str) -> (String, u32) {
     (format!("10.0.{}.{}", id.len() % 250, id.len()), 8080)
@@ -72,25 +90,37 @@ pub struct Roster {
     endpoints: Vec<String>,
     pool: Vec<Channel>,
     any: RosterClient,
+    access: Option<Access>,
     /// Watch opens answered UNAVAILABLE and retried, as the README tells clients to.
     pub watch_retries: std::sync::atomic::AtomicU64,
 }
 
+/// How a client reaches a cluster with TLS and tokens (users, for etcd).
+#[derive(Clone)]
+pub struct Access {
+    pub tls: ClientTlsConfig,
+    pub token: String,
+}
+
 impl Roster {
     pub fn new(endpoints: &[String], pool: usize) -> Result<Roster> {
+        Self::connect(endpoints, pool, None)
+    }
+
+    /// Like `new`, to a cluster with TLS and tokens when `access` says so.
+    pub fn connect(endpoints: &[String], pool: usize, access: Option<Access>) -> Result<Roster> {
         let pool = (0..pool)
-            .map(|i| {
-                Ok(
-                    Endpoint::from_shared(format!("http://{}", endpoints[i % endpoints.len()]))?
-                        .tcp_nodelay(true)
-                        .connect_lazy(),
-                )
-            })
+            .map(|i| Ok(endpoint(&endpoints[i % endpoints.len()], &access)?.connect_lazy()))
             .collect::<Result<Vec<_>>>()?;
+        let any = match &access {
+            Some(a) => RosterClient::with_tls(endpoints, a.tls.clone())?.with_token(&a.token)?,
+            None => RosterClient::new(endpoints)?,
+        };
         Ok(Roster {
             endpoints: endpoints.to_vec(),
             pool,
-            any: RosterClient::new(endpoints)?,
+            any,
+            access,
             watch_retries: Default::default(),
         })
     }
@@ -99,18 +129,31 @@ impl Roster {
         RegistryClient::new(self.pool[conn % self.pool.len()].clone())
     }
 
+    /// `msg` with the token, if the cluster wants one.
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        with_token(&self.access, msg)
+    }
+
+    /// How many nodes answer a status call (with TLS and the token if any).
+    pub async fn statuses_answered(&self) -> Result<usize> {
+        Ok(self.statuses().await?.len())
+    }
+
     /// The status of every node that answers within 300 ms.
     async fn statuses(&self) -> Result<Vec<StatusResponse>> {
         let mut out = Vec::new();
         for e in &self.endpoints {
-            let Ok(ch) = Endpoint::from_shared(format!("http://{e}"))?
+            let Ok(ch) = endpoint(e, &self.access)?
                 .connect_timeout(Duration::from_millis(300))
                 .connect()
                 .await
             else {
                 continue;
             };
-            if let Ok(s) = ClusterClient::new(ch).status(StatusRequest {}).await {
+            if let Ok(s) = ClusterClient::new(ch)
+                .status(self.req(StatusRequest {}))
+                .await
+            {
                 out.push(s.into_inner());
             }
         }
@@ -150,7 +193,7 @@ impl Roster {
                 ..Default::default()
             });
         }
-        self.client(conn).register(req).await?;
+        self.client(conn).register(self.req(req)).await?;
         Ok(())
     }
 
@@ -167,11 +210,11 @@ impl Roster {
 
     /// Forces a snapshot on `node`; returns its size in bytes.
     pub async fn snapshot(&self, node: usize) -> Result<u64> {
-        let ch = Endpoint::from_shared(format!("http://{}", self.endpoints[node]))?
+        let ch = endpoint(&self.endpoints[node], &self.access)?
             .connect()
             .await?;
         Ok(ClusterClient::new(ch)
-            .snapshot(SnapshotRequest {})
+            .snapshot(self.req(SnapshotRequest {}))
             .await?
             .into_inner()
             .size_bytes)
@@ -181,11 +224,13 @@ impl Roster {
 pub struct RosterBeat {
     client: RegistryClient<Channel>,
     req: HeartbeatRequest,
+    access: Option<Access>,
 }
 
 impl Heartbeat for RosterBeat {
     async fn beat(&mut self) -> Result<()> {
-        self.client.heartbeat(self.req.clone()).await?;
+        let req = with_token(&self.access, self.req.clone());
+        self.client.heartbeat(req).await?;
         Ok(())
     }
 }
@@ -217,7 +262,7 @@ impl System for Roster {
 
     async fn register(&self, conn: usize, service: &str, id: &str) -> Result<()> {
         self.client(conn)
-            .register(Self::instance(service, id))
+            .register(self.req(Self::instance(service, id)))
             .await?;
         Ok(())
     }
@@ -234,6 +279,7 @@ impl System for Roster {
                 service: service.into(),
                 id: id.into(),
             },
+            access: self.access.clone(),
         })
     }
 
@@ -245,11 +291,11 @@ impl System for Roster {
         };
         let r = self
             .client(conn)
-            .get_service(GetServiceRequest {
+            .get_service(self.req(GetServiceRequest {
                 service: service.into(),
                 consistency: consistency as i32,
                 ..Default::default()
-            })
+            }))
             .await?;
         Ok(r.into_inner().instances.len())
     }
@@ -261,7 +307,7 @@ impl System for Roster {
         };
         let mut attempts = 0;
         let mut s = loop {
-            match self.client(conn).watch(request()).await {
+            match self.client(conn).watch(self.req(request())).await {
                 Ok(s) => break s.into_inner(),
                 Err(e) if e.code() == tonic::Code::Unavailable && attempts < 50 => {
                     attempts += 1;
@@ -312,24 +358,49 @@ pub struct Etcd {
     any: etcd_client::Client,
     /// One lease per connection, as one process keeps one lease for its registrations.
     leases: Vec<i64>,
+    options: Option<etcd_client::ConnectOptions>,
+}
+
+/// An etcd user and the TLS a client dials a cluster with TLS and auth with.
+pub struct EtcdAccess {
+    pub tls: ClientTlsConfig,
+    pub user: String,
+    pub password: String,
 }
 
 impl Etcd {
     pub async fn new(endpoints: &[String], pool: usize) -> Result<Etcd> {
+        Self::connect(endpoints, pool, None).await
+    }
+
+    /// Like `new`, to a cluster with TLS and auth when `access` says so.
+    pub async fn connect(
+        endpoints: &[String],
+        pool: usize,
+        access: Option<&EtcdAccess>,
+    ) -> Result<Etcd> {
+        let options = access.map(|a| {
+            etcd_client::ConnectOptions::new()
+                .with_tls(a.tls.clone())
+                .with_user(a.user.clone(), a.password.clone())
+        });
         let mut clients = Vec::new();
         let mut leases = Vec::new();
         for i in 0..pool {
-            let mut c =
-                etcd_client::Client::connect([endpoints[i % endpoints.len()].as_str()], None)
-                    .await?;
+            let mut c = etcd_client::Client::connect(
+                [endpoints[i % endpoints.len()].as_str()],
+                options.clone(),
+            )
+            .await?;
             leases.push(c.lease_grant(600, None).await?.id());
             clients.push(c);
         }
         Ok(Etcd {
             endpoints: endpoints.to_vec(),
             pool: clients,
-            any: etcd_client::Client::connect(endpoints, None).await?,
+            any: etcd_client::Client::connect(endpoints, options.clone()).await?,
             leases,
+            options,
         })
     }
 
@@ -459,13 +530,16 @@ impl System for Etcd {
 
     async fn leader(&self) -> Result<usize> {
         for e in &self.endpoints {
-            let Ok(mut c) = etcd_client::Client::connect([e.as_str()], None).await else {
+            let Ok(mut c) = etcd_client::Client::connect([e.as_str()], self.options.clone()).await
+            else {
                 continue;
             };
             let Ok(s) = c.status().await else { continue };
             let leader = s.leader();
             for (i, e2) in self.endpoints.iter().enumerate() {
-                if let Ok(mut c2) = etcd_client::Client::connect([e2.as_str()], None).await {
+                if let Ok(mut c2) =
+                    etcd_client::Client::connect([e2.as_str()], self.options.clone()).await
+                {
                     if let Ok(s2) = c2.status().await {
                         if s2.header().map(|h| h.member_id()) == Some(leader) {
                             return Ok(i);
@@ -480,7 +554,8 @@ impl System for Etcd {
     async fn term(&self) -> Result<u64> {
         let mut term = None;
         for e in &self.endpoints {
-            let Ok(mut c) = etcd_client::Client::connect([e.as_str()], None).await else {
+            let Ok(mut c) = etcd_client::Client::connect([e.as_str()], self.options.clone()).await
+            else {
                 continue;
             };
             if let Ok(s) = c.status().await {
