@@ -41,6 +41,9 @@ const MIN_CONNECTIONS: usize = 32;
 /// Evicted connections close as soon as their task runs; until then this many
 /// more may be open than the cap.
 const EVICTION_SLACK: usize = 64;
+/// How long a plaintext client on a TLS port gets to read the GOAWAY that
+/// tells it so and hang up.
+const LINGER: Duration = Duration::from_secs(2);
 /// Warnings about the cap or accept errors are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -387,10 +390,17 @@ async fn tell_to_use_tls(mut stream: TcpStream) {
     frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1]);
     frames.extend_from_slice(WHY);
     let mut preface = [0u8; PREFACE.len()];
-    if stream.read_exact(&mut preface).await.is_ok() {
-        let _ = stream.write_all(&frames).await;
-        let _ = stream.shutdown().await;
+    if stream.read_exact(&mut preface).await.is_err() || stream.write_all(&frames).await.is_err() {
+        return;
     }
+    let _ = stream.shutdown().await;
+    // Closing with the client's frames unread would send a reset, which can
+    // reach the client before the GOAWAY does: read until it hangs up.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// A connection's bytes: as they come, or through TLS.
