@@ -180,6 +180,7 @@ pub struct Certs {
 
 /// Like `roster`, with `extra` appended to every node's TOML config.
 pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Result<Cluster> {
+    std::fs::create_dir_all(dir)?;
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let advertise = peers.advertise(&peer)?;
