@@ -234,6 +234,7 @@ pub fn etcd_with(
     flags: &[String],
     tls: Option<&Certs>,
 ) -> Result<Cluster> {
+    std::fs::create_dir_all(dir)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let program = which("etcd").context(
         "etcd is not installed: run benches/run.sh, which installs Debian's etcd-server",
