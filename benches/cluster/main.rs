@@ -797,10 +797,16 @@ async fn secure_rows(
     eprintln!("secure: etcd with TLS and a user");
     let ec = procs::etcd_with(&dir.join("etcd"), NODES, Peers::Direct, &[], Some(&files))?;
     let root = ConnectOptions::new().with_tls(tls.clone());
-    let mut c = first_answer("etcd over TLS", || async {
-        Ok(etcd_client::Client::connect(ec.endpoints(), Some(root.clone())).await?)
-    })
-    .await?;
+    // Every member up before the client balances over them.
+    for e in ec.endpoints() {
+        first_answer("an etcd member over TLS", || async {
+            let mut c = etcd_client::Client::connect([e.as_str()], Some(root.clone())).await?;
+            c.status().await?;
+            Ok(())
+        })
+        .await?;
+    }
+    let mut c = etcd_client::Client::connect(ec.endpoints(), Some(root.clone())).await?;
     c.user_add("root", "root-password", None).await?;
     c.user_grant_role("root", "root").await?;
     c.role_add("registry").await?;
