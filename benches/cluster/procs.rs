@@ -265,9 +265,10 @@ pub fn etcd_with(
         if let Some(t) = tls {
             let (cert, key, ca) = (t.cert.display(), t.key.display(), t.ca.display());
             args.extend([
+                // No --trusted-ca-file for clients: in etcd it means client
+                // certificates are required, which Roster's client port does not ask.
                 format!("--cert-file={cert}"),
                 format!("--key-file={key}"),
-                format!("--trusted-ca-file={ca}"),
                 format!("--peer-cert-file={cert}"),
                 format!("--peer-key-file={key}"),
                 format!("--peer-trusted-ca-file={ca}"),
