@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::*;
 use roster::proto::v1::*;
@@ -132,4 +133,60 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         .await
         .expect_err("bad address");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn the_leader_reports_each_members_lag_and_last_contact() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    let client = c.client();
+    register(&client, "lag", "l-0", 80).await;
+    // Healthy followers: caught up, and heard from within the last second.
+    let healthy =
+        |m: &Member| m.lag_entries == Some(0) && m.last_contact_ms.is_some_and(|t| t < 1_000.0);
+    let s = c
+        .wait_for(
+            "the followers to be caught up",
+            Duration::from_secs(10),
+            || async {
+                let s = c.status(leader).await?;
+                s.members
+                    .iter()
+                    .filter(|m| m.id != leader)
+                    .all(healthy)
+                    .then_some(s)
+            },
+        )
+        .await;
+    let own = s.members.iter().find(|m| m.id == leader).expect("leader");
+    assert_eq!(
+        (own.lag_entries, own.last_contact_ms),
+        (None, None),
+        "{s:?}"
+    );
+    // Followers do not know: only the leader reports health.
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let theirs = c.status(follower).await.expect("follower status");
+    assert!(
+        theirs.members.iter().all(|m| m.lag_entries.is_none()),
+        "{theirs:?}"
+    );
+
+    // A dead follower falls behind and goes silent.
+    c.kill(follower);
+    for n in 1..=5 {
+        register(&client, "lag", &format!("l-{n}"), 80).await;
+    }
+    c.wait_for(
+        "the dead follower's lag and silence",
+        Duration::from_secs(10),
+        || async {
+            let s = c.status(leader).await?;
+            let m = s.members.iter().find(|m| m.id == follower)?;
+            (m.lag_entries.is_some_and(|l| l >= 5)
+                && m.last_contact_ms.is_some_and(|t| t > 1_000.0))
+            .then_some(())
+        },
+    )
+    .await;
 }

@@ -71,6 +71,14 @@ impl ClusterApi {
         let membership = m.membership_config.membership();
         let leading = m.current_leader == Some(self.me.node_id);
         let rtts = self.peers.rtts();
+        let contacts = self.peers.last_contacts();
+        let last_log = m.last_log_index.unwrap_or(0);
+        let acknowledged = |id: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id).copied().flatten())
+                .map(|l| l.index)
+        };
         membership
             .nodes()
             .map(|(id, node)| pb::Member {
@@ -78,16 +86,20 @@ impl ClusterApi {
                 address: node.addr.clone(),
                 peer_address: node.peer_addr.clone(),
                 voter: membership.voter_ids().any(|v| v == *id),
-                acknowledged_index: m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).copied().flatten())
-                    .map(|l| l.index),
+                acknowledged_index: acknowledged(id),
                 incarnation: node.incarnation,
                 rtt_ms: rtts
                     .get(id)
                     .filter(|_| leading)
                     .map(|d| d.as_secs_f64() * 1000.0),
+                last_contact_ms: contacts
+                    .get(id)
+                    .filter(|_| leading && *id != self.me.node_id)
+                    .map(|d| d.as_secs_f64() * 1000.0),
+                // Entries in the leader's log it has not acknowledged; a member
+                // that acknowledged nothing since this leader took office lacks all.
+                lag_entries: (leading && *id != self.me.node_id)
+                    .then(|| last_log.saturating_sub(acknowledged(id).unwrap_or(0))),
             })
             .collect()
     }

@@ -262,18 +262,32 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the leader knows of a follower's health: lag and last contact.
+fn health(m: &Member) -> String {
+    let lag = m.lag_entries.map(|l| format!("lag {l}"));
+    let contact = m.last_contact_ms.map(|c| format!("contact {c:.0}ms ago"));
+    match (lag, contact) {
+        (None, None) => String::new(),
+        (a, b) => format!(
+            "({})",
+            a.into_iter().chain(b).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 fn members(ms: &[Member]) -> String {
     ms.iter()
         .map(|m| {
             format!(
-                "{}={}(peer {}){}{}",
+                "{}={}(peer {}){}{}{}",
                 m.id,
                 m.address,
                 m.peer_address,
                 if m.voter { "" } else { "(learner)" },
                 m.rtt_ms
                     .map(|r| format!("(rtt {r:.1}ms)"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                health(m)
             )
         })
         .collect::<Vec<_>>()

@@ -207,6 +207,16 @@ impl Peers {
             .collect()
     }
 
+    /// How long ago each peer last answered this node's Raft RPCs (so, on a
+    /// leader: its followers).
+    pub fn last_contacts(&self) -> HashMap<NodeId, Duration> {
+        let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.answered
+            .iter()
+            .map(|(id, at)| (*id, at.elapsed()))
+            .collect()
+    }
+
     fn logged(&self, target: NodeId, addr: &str, reply: &Result<(), &tonic::Status>) {
         let mut log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
         match reply {
@@ -296,6 +306,8 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Default)]
 struct PeerLog {
     down: HashMap<NodeId, Outage>,
+    /// When each peer last answered a Raft RPC of this node.
+    answered: HashMap<NodeId, Instant>,
 }
 
 struct Outage {
@@ -344,6 +356,7 @@ impl PeerLog {
     }
 
     fn succeeded(&mut self, target: NodeId, addr: &str) {
+        self.answered.insert(target, Instant::now());
         if let Some(o) = self.down.remove(&target) {
             tracing::info!(
                 "node {target} at {addr} reachable again after {}s",
