@@ -403,3 +403,38 @@ async fn container_killed_node_restarts_from_its_volume_and_catches_up() {
     let node = RosterClient::new(&[c.endpoint(follower)]).expect("client");
     assert_eq!(ids(&node, "carts", Consistency::Stale).await.len(), 30);
 }
+
+#[tokio::test]
+async fn container_killed_leader_with_tls_and_tokens_is_replaced_and_catches_up() {
+    if !engine_ready() {
+        return;
+    }
+    let c = DockerCluster::start_secure().await;
+    let old = c.leader(&[1, 2, 3]).await;
+    let all = c.client(&[1, 2, 3]);
+    for n in 0..10 {
+        register(&all, "payments", &format!("p-{n}"), 80).await;
+    }
+    // SIGKILL the leader: the others elect one over mutual TLS and go on.
+    docker(&["kill", &c.name(old)]).expect("kill");
+    let rest: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
+    let new = c.leader(&rest).await;
+    assert_ne!(new, old);
+    let side = c.client(&rest);
+    for n in 10..20 {
+        register(&side, "payments", &format!("p-{n}"), 80).await;
+    }
+    // It restarts from its volume, rejoins as a follower and serves the token.
+    docker(&["start", &c.name(old)]).expect("start");
+    let target = c.status(new).await.expect("status").applied_index;
+    let back = c
+        .wait("the old leader to catch up", || async {
+            c.status(old)
+                .await
+                .filter(|s| s.applied_index >= target && s.leader_id != 0)
+        })
+        .await;
+    assert_eq!(back.role, "follower", "{back:?}");
+    let there = ids(&c.client(&[old]), "payments", Consistency::Stale).await;
+    assert_eq!(there.len(), 20, "{there:?}");
+}
