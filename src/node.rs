@@ -293,15 +293,13 @@ async fn check_not_known(
         if status.cluster_id != cfg.cluster_id {
             continue;
         }
-        let leader_peer = status
-            .members
-            .iter()
-            .find(|m| m.id == status.leader_id)
-            .map(|m| m.peer_address.clone());
-        let leader = match leader_peer {
-            _ if status.leader_id == status.node_id => Some(status),
-            Some(addr) => peer_status(&addr, tls).await,
-            None => None,
+        let leader = if status.leader_id == status.node_id {
+            Some(status)
+        } else {
+            match status.members.iter().find(|m| m.id == status.leader_id) {
+                Some(m) => peer_status(&m.peer_address, tls).await,
+                None => None,
+            }
         };
         let acked = leader
             .iter()

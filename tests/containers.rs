@@ -211,14 +211,9 @@ impl DockerCluster {
 
     fn client(&self, nodes: &[u64]) -> RosterClient {
         let eps: Vec<String> = nodes.iter().map(|i| self.endpoint(*i)).collect();
-        let Some(secure) = &self.secure else {
-            return RosterClient::new(&eps).expect("client");
-        };
-        let c = RosterClient::with_tls(&eps, secure.tls.clone()).expect("client");
-        match secure.token.get() {
-            Some(t) => c.with_token(t).expect("token"),
-            None => c,
-        }
+        let tls = self.secure.as_ref().map(|s| &s.tls);
+        let token = self.secure.as_ref().and_then(|s| s.token.get());
+        roster_client(&eps, tls, token.map(String::as_str))
     }
 
     fn disconnect(&self, i: u64) {

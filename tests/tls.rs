@@ -13,7 +13,7 @@ use roster::client::{tls_from_pem, RosterClient};
 use roster::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use roster::proto::raft_v1::RaftPayload;
 use roster::proto::v1::*;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::Code;
 
 fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
@@ -52,14 +52,7 @@ async fn start(extra: &str, client_tls: ClientTlsConfig) -> TestCluster {
 }
 
 fn dial(addr: &str, tls: Option<ClientTlsConfig>) -> Channel {
-    let endpoint = match tls {
-        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls"),
-        None => Endpoint::from_shared(format!("http://{addr}")).expect("uri"),
-    };
-    endpoint
+    endpoint(addr, tls.as_ref())
         .connect_timeout(Duration::from_secs(2))
         .connect_lazy()
 }

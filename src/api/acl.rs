@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::{hash_secret, random_hex};
+use super::read_state;
 use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::acl_server::Acl;
@@ -116,14 +117,7 @@ impl Acl for AclApi {
         req: Request<pb::BootstrapRequest>,
     ) -> Result<Response<pb::CreatedToken>, Status> {
         let description = req.into_inner().description;
-        let done = self
-            .state
-            .read()
-            .map_err(|_| Error::Internal("state lock poisoned".into()))?
-            .catalog
-            .acl()
-            .bootstrapped();
-        if done {
+        if read_state(&self.state, |st| st.catalog.acl().bootstrapped())? {
             return Err(already_bootstrapped());
         }
         let description = match description.is_empty() {
@@ -154,11 +148,9 @@ impl Acl for AclApi {
         &self,
         _req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let st = self
-            .state
-            .read()
-            .map_err(|_| Error::Internal("state lock poisoned".into()))?;
-        let mut tokens: Vec<pb::TokenInfo> = st.catalog.acl().tokens().map(token_to_pb).collect();
+        let mut tokens: Vec<pb::TokenInfo> = read_state(&self.state, |st| {
+            st.catalog.acl().tokens().map(token_to_pb).collect()
+        })?;
         tokens.sort_by(|a, b| (a.created_ms, &a.accessor).cmp(&(b.created_ms, &b.accessor)));
         Ok(Response::new(pb::ListTokensResponse { tokens }))
     }

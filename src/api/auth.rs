@@ -8,8 +8,6 @@
 //! authorizes again.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -21,6 +19,7 @@ use tonic::server::NamedService;
 use tonic::{Request, Status};
 use tower::Service;
 
+use super::BoxFuture;
 use crate::error::Error;
 use crate::registry::acl::{Role, SecretHash, Token};
 use crate::registry::watch::SharedState;
@@ -118,13 +117,7 @@ impl Gate {
                 )
             })?;
         let hash = hash_secret(secret.trim());
-        let token = {
-            let st = self
-                .state
-                .read()
-                .map_err(|_| Error::Internal("state lock poisoned".into()))?;
-            st.catalog.acl().find(&hash).cloned()
-        };
+        let token = super::read_state(&self.state, |st| st.catalog.acl().find(&hash).cloned())?;
         let token = token.ok_or_else(|| {
             Error::Unauthenticated(
                 "unknown token (revoked, or never created on this cluster)".into(),
@@ -138,7 +131,7 @@ impl Gate {
                 path.rsplit('/').next().unwrap_or(path)
             )));
         }
-        Ok(Some(Grant(Arc::new(token))))
+        Ok(Some(Grant(token)))
     }
 }
 
@@ -163,8 +156,6 @@ impl<S: NamedService> NamedService for Authorize<S> {
     const NAME: &'static str = S::NAME;
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S> Service<http::Request<Body>> for Authorize<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
@@ -182,8 +173,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let ready = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let mut inner = super::take_ready(&mut self.inner);
         let Some(gate) = &self.gate else {
             return Box::pin(inner.call(req));
         };

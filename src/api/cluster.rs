@@ -237,11 +237,7 @@ impl Cluster for ClusterApi {
             .and_then(|l| membership.get_node(&l))
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        let revision = self
-            .state
-            .read()
-            .map(|s| s.catalog.revision())
-            .map_err(|_| Status::internal("state lock poisoned"))?;
+        let revision = super::read_state(&self.state, |s| s.catalog.revision())?;
         Ok(Response::new(pb::StatusResponse {
             node_id: m.id,
             cluster_id: self.me.cluster_id.clone(),

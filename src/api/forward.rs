@@ -14,8 +14,6 @@
 //! without decoding it, recording it or running the handler.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +28,7 @@ use tower::{Service, ServiceExt};
 use super::auth::AUTHORIZATION;
 use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
+use super::BoxFuture;
 use crate::error::{Error, LEADER_ID_HEADER};
 use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::proto::v1 as pb;
@@ -116,8 +115,6 @@ impl<S: NamedService> NamedService for Forward<S> {
     const NAME: &'static str = S::NAME;
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S> Service<http::Request<Body>> for Forward<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
@@ -135,9 +132,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // The service made ready serves this call; its clone waits for the next.
-        let ready = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let mut inner = super::take_ready(&mut self.inner);
         let relay = self.relay.clone();
         if policy(req.uri().path(), relay.timeout).leader_only {
             if let Some(leader) = relay.elsewhere() {

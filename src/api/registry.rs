@@ -66,11 +66,7 @@ impl RegistryApi {
     }
 
     fn read<T>(&self, f: impl FnOnce(&RegistryState) -> T) -> Result<T, Status> {
-        let st = self
-            .state
-            .read()
-            .map_err(|_| Error::Internal("state lock poisoned".into()))?;
-        Ok(f(&st))
+        Ok(super::read_state(&self.state, f)?)
     }
 
     /// Prepares this node for a watch. A fresh watch's initial state must hold

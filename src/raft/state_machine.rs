@@ -263,9 +263,13 @@ impl StateMachine {
                 Command::ConfigureService { service, .. } => {
                     batch.insert(service_key(service), encode(&catalog.config(service))?);
                 }
-                Command::CreateToken { token, .. } if resp.outcome == Outcome::TokenCreated => {
+                Command::CreateToken { token, bootstrap }
+                    if resp.outcome == Outcome::TokenCreated =>
+                {
                     batch.insert(token_key(&token.accessor), encode(token)?);
-                    batch.insert(ACL_BOOTSTRAPPED, encode(&catalog.acl().bootstrapped())?);
+                    if *bootstrap {
+                        batch.insert(ACL_BOOTSTRAPPED, encode(&true)?);
+                    }
                 }
                 Command::RevokeToken { accessor } => batch.remove(token_key(accessor)),
                 _ => {}

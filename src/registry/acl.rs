@@ -2,6 +2,7 @@
 //! the hash of their secret (the secret itself is never stored).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,10 +51,10 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// The cluster's tokens.
+/// The cluster's tokens, shared: a call admitted with one holds it without a copy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Acl {
-    by_hash: BTreeMap<SecretHash, Token>,
+    by_hash: BTreeMap<SecretHash, Arc<Token>>,
     /// Accessor to secret hash.
     accessors: BTreeMap<String, SecretHash>,
     /// Whether the first admin token was made (`roster acl bootstrap` works once).
@@ -61,12 +62,12 @@ pub struct Acl {
 }
 
 impl Acl {
-    pub fn find(&self, secret_hash: &SecretHash) -> Option<&Token> {
+    pub fn find(&self, secret_hash: &SecretHash) -> Option<&Arc<Token>> {
         self.by_hash.get(secret_hash)
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = &Token> {
-        self.by_hash.values()
+        self.by_hash.values().map(|t| t.as_ref())
     }
 
     pub fn bootstrapped(&self) -> bool {
@@ -76,7 +77,7 @@ impl Acl {
     pub(super) fn insert(&mut self, token: Token) {
         self.accessors
             .insert(token.accessor.clone(), token.secret_hash);
-        self.by_hash.insert(token.secret_hash, token);
+        self.by_hash.insert(token.secret_hash, Arc::new(token));
     }
 
     /// Removes the token with `accessor`; false if there is none.

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use roster::client::{ClientError, RosterClient};
+use roster::client::RosterClient;
 use roster::proto::v1::cluster_client::ClusterClient;
 use roster::proto::v1::*;
 use tempfile::TempDir;
@@ -369,23 +369,18 @@ impl TestCluster {
 
     /// A client that fails over across every node.
     pub fn client(&self) -> RosterClient {
-        self.client_to(&self.endpoints()).expect("client")
+        self.client_to(&self.endpoints())
     }
 
     /// A client bound to one node only.
     pub fn node_client(&self, id: u64) -> RosterClient {
-        self.client_to(&[self.endpoint(id)]).expect("client")
+        self.client_to(&[self.endpoint(id)])
     }
 
-    fn client_to(&self, endpoints: &[String]) -> Result<RosterClient, ClientError> {
-        let c = match &self.client_tls {
-            Some(tls) => RosterClient::with_tls(endpoints, tls.clone())?,
-            None => RosterClient::new(endpoints)?,
-        };
-        match self.token.get() {
-            Some(t) => c.with_token(t),
-            None => Ok(c),
-        }
+    /// A client as the harness's own: its TLS, and its token.
+    fn client_to(&self, endpoints: &[String]) -> RosterClient {
+        let token = self.token.get().map(String::as_str);
+        roster_client(endpoints, self.client_tls.as_ref(), token)
     }
 
     /// The admin token the harness made (`Setup::auth`).
@@ -395,27 +390,15 @@ impl TestCluster {
 
     /// A client of one node, sending `token` (or none).
     pub fn client_with(&self, id: u64, token: Option<&str>) -> RosterClient {
-        let c = match &self.client_tls {
-            Some(tls) => RosterClient::with_tls(&[self.endpoint(id)], tls.clone()),
-            None => RosterClient::new(&[self.endpoint(id)]),
-        }
-        .expect("client");
-        match token {
-            Some(t) => c.with_token(t).expect("token"),
-            None => c,
-        }
+        roster_client(&[self.endpoint(id)], self.client_tls.as_ref(), token)
     }
 
     /// A channel to `addr` ("host:port") as the harness's clients dial it.
     pub async fn channel(&self, addr: &str) -> Channel {
-        let mut endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("uri");
-        if let Some(tls) = &self.client_tls {
-            endpoint = Endpoint::from_shared(format!("https://{addr}"))
-                .expect("uri")
-                .tls_config(tls.clone())
-                .expect("tls");
-        }
-        endpoint.connect().await.expect("connect")
+        endpoint(addr, self.client_tls.as_ref())
+            .connect()
+            .await
+            .expect("connect")
     }
 
     pub async fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
@@ -554,7 +537,7 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        let ch = self.client_to(&[self.endpoint(id)]).ok()?;
+        let ch = self.client_to(&[self.endpoint(id)]);
         tokio::time::timeout(Duration::from_millis(500), async {
             ch.status_all().await.pop().and_then(|(_, r)| r.ok())
         })
@@ -674,6 +657,34 @@ pub fn instance(service: &str, id: &str, port: u32) -> Instance {
         address: "10.0.0.1".into(),
         port,
         ..Default::default()
+    }
+}
+
+/// A Roster client of `endpoints`, over TLS and with a token when given.
+pub fn roster_client(
+    endpoints: &[String],
+    tls: Option<&ClientTlsConfig>,
+    token: Option<&str>,
+) -> RosterClient {
+    let c = match tls {
+        Some(tls) => RosterClient::with_tls(endpoints, tls.clone()),
+        None => RosterClient::new(endpoints),
+    }
+    .expect("client");
+    match token {
+        Some(t) => c.with_token(t).expect("token"),
+        None => c,
+    }
+}
+
+/// An endpoint for `addr` ("host:port"), over TLS when given.
+pub fn endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> Endpoint {
+    match tls {
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
+            .expect("uri")
+            .tls_config(tls.clone())
+            .expect("tls"),
+        None => Endpoint::from_shared(format!("http://{addr}")).expect("uri"),
     }
 }
 
