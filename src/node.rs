@@ -466,6 +466,7 @@ async fn start_raft(
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
     let durable = log_store.durable();
+    let appends = log_store.appends();
     let dial_peers = tls.map(Tls::dial_peers);
     if fresh && !members.is_empty() {
         check_not_known(cfg, members, dial_peers.as_ref()).await?;
@@ -484,7 +485,13 @@ async fn start_raft(
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(cfg)?),
-        Network::new(me.clone(), peers.clone(), learned.clone(), timing.heartbeat),
+        Network::new(
+            me.clone(),
+            peers.clone(),
+            learned.clone(),
+            timing.heartbeat,
+            appends,
+        ),
         log_store,
         state_machine,
     )

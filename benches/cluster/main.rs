@@ -965,7 +965,12 @@ async fn rtt_rows(
 #[tokio::main]
 async fn main() -> Result<()> {
     let opts = Opts::parse();
-    let dir = tempfile::Builder::new().prefix("roster-bench-").tempdir()?;
+    // BENCH_KEEP=1 keeps the nodes' directories and logs for a look afterwards.
+    let dir = tempfile::Builder::new()
+        .prefix("roster-bench-")
+        .disable_cleanup(std::env::var_os("BENCH_KEEP").is_some())
+        .tempdir()?;
+    eprintln!("data and logs under {}", dir.path().display());
     let mut rc = procs::roster(dir.path(), NODES, Peers::Direct)?;
     let mut ec = procs::etcd(dir.path(), NODES, Peers::Direct, &[])?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);

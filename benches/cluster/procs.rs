@@ -66,7 +66,10 @@ impl Proc {
         let log = std::fs::File::create(self.data.with_extension("log"))?;
         let child = Command::new(&self.program)
             .args(&self.args)
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_ROSTER_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -17,6 +17,7 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageI
 use tokio::sync::{mpsc, watch};
 
 use super::marker::{Marker, Ticket};
+use super::pipeline::Appends;
 use super::stored::{decode, encode};
 use super::{trees, NodeId, TypeConfig};
 use crate::error::Error;
@@ -35,6 +36,7 @@ pub struct LogStore {
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
     marker: Arc<Marker>,
     durable: watch::Receiver<Option<u64>>,
+    appends: Appends,
 }
 
 impl LogStore {
@@ -51,12 +53,18 @@ impl LogStore {
             flusher: tx,
             marker,
             durable,
+            appends: Appends::default(),
         })
     }
 
     /// The last log index known to be on disk, updated after every flush.
     pub fn durable(&self) -> watch::Receiver<Option<u64>> {
         self.durable.clone()
+    }
+
+    /// Every batch of entries as it is appended, before it is on disk.
+    pub fn appends(&self) -> Appends {
+        self.appends.clone()
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
@@ -282,15 +290,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         let mut last = None;
+        let mut published = self.appends.wanted().then(Vec::new);
         for e in entries {
             let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             batch.insert(&key(e.log_id.index), b);
             last = Some(e.log_id.index);
+            if let Some(p) = &mut published {
+                p.push(e);
+            }
         }
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         self.marker.note(|p| p.last_log = p.last_log.max(last));
+        // Far followers get the entries now, while this node fsyncs them.
+        if let Some(p) = published.filter(|p| !p.is_empty()) {
+            self.appends.publish(Arc::new(p));
+        }
         self.flusher.send(callback).map_err(|_| {
             StorageIOError::write_logs(&std::io::Error::other("log flusher stopped"))
         })?;

@@ -7,6 +7,7 @@ pub mod leadership;
 pub mod log_store;
 pub mod marker;
 pub mod network;
+pub mod pipeline;
 pub mod proposer;
 pub mod state_machine;
 pub mod stored;
@@ -77,6 +78,10 @@ pub const CLIENT_ADDRESS_HEADER: &str = "roster-client-address";
 /// Metadata header with the incarnation the sender's membership records for
 /// the node it sends to (0: not known yet).
 pub const TARGET_INCARNATION_HEADER: &str = "roster-target-incarnation";
+
+/// Metadata header marking an AppendEntries a leader's pipeline sent ahead of
+/// the one before it, which may not have been received yet.
+pub const EARLY_HEADER: &str = "roster-early";
 
 /// Sled tree names; one database per node holds all of them.
 pub(crate) mod trees {

@@ -1,7 +1,7 @@
 //! Outbound Raft RPCs: openraft's network traits over the `RaftTransport` gRPC service.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::error::{
@@ -21,8 +21,10 @@ use tonic::Code;
 
 use super::incarnation::{self, Learned};
 use super::marker::Identity;
+use super::pipeline::{self, Answer, Appends, Early, Pipeline};
 use super::{
-    decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, TARGET_INCARNATION_HEADER,
+    decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, EARLY_HEADER,
+    TARGET_INCARNATION_HEADER,
 };
 use crate::grpc::{endpoint, MAX_MESSAGE_BYTES};
 use crate::proto::raft_v1::raft_transport_client::RaftTransportClient;
@@ -372,17 +374,26 @@ pub struct Network {
     peers: Peers,
     learned: Learned,
     heartbeat: Duration,
+    appends: Appends,
 }
 
 impl Network {
     /// `me` is this node; the incarnations peers state in their replies are
     /// recorded in `learned`. `heartbeat`: the leader's heartbeat interval.
-    pub fn new(me: Identity, peers: Peers, learned: Learned, heartbeat: Duration) -> Self {
+    /// `appends`: the log store's, which pipelines to far followers follow.
+    pub fn new(
+        me: Identity,
+        peers: Peers,
+        learned: Learned,
+        heartbeat: Duration,
+        appends: Appends,
+    ) -> Self {
         Network {
             me: Arc::new(me),
             peers,
             learned,
             heartbeat,
+            appends,
         }
     }
 }
@@ -392,27 +403,39 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
         PeerClient {
-            target,
-            node: node.clone(),
-            me: self.me.clone(),
-            peers: self.peers.clone(),
-            learned: self.learned.clone(),
+            link: Link {
+                target,
+                node: node.clone(),
+                me: self.me.clone(),
+                peers: self.peers.clone(),
+                learned: self.learned.clone(),
+            },
             max_entries: None,
             heartbeat: self.heartbeat,
             answered: Arc::default(),
             deferred: Arc::default(),
+            pipeline: Arc::default(),
+            appends: self.appends.clone(),
         }
     }
 }
 
+/// Requests to one peer.
 #[derive(Clone)]
-pub struct PeerClient {
+struct Link {
     target: NodeId,
     /// The target as this node's membership recorded it when the client was made.
     node: Node,
     me: Arc<Identity>,
     peers: Peers,
     learned: Learned,
+}
+
+/// One of openraft's clients of a peer: a replication stream, a snapshot
+/// sender, or a leadership confirmation.
+#[derive(Clone)]
+pub struct PeerClient {
+    link: Link,
     /// Entries per AppendEntries this link has carried in time, once a batch
     /// did not: halved on each such timeout, doubled on each success within
     /// half the deadline.
@@ -424,18 +447,23 @@ pub struct PeerClient {
     /// A higher vote a heartbeat sent in the background came back with: the
     /// next call reports it.
     deferred: Arc<Mutex<Option<AppendEntriesResponse<NodeId>>>>,
+    /// Early sends of appended entries to a far peer (see [`pipeline`]).
+    pipeline: Arc<Pipeline>,
+    appends: Appends,
 }
 
 #[derive(Clone, Copy)]
 enum Rpc {
     AppendEntries,
+    /// An AppendEntries sent ahead of openraft (see [`pipeline`]).
+    EarlyAppend,
     Vote,
     InstallSnapshot,
 }
 
-impl PeerClient {
+impl Link {
     async fn call<Req, Resp, E>(
-        &mut self,
+        &self,
         rpc: Rpc,
         req: &Req,
         option: &RPCOption,
@@ -460,6 +488,13 @@ impl PeerClient {
         .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = match rpc {
             Rpc::AppendEntries => client.append_entries(request).await,
+            Rpc::EarlyAppend => {
+                let mut request = request;
+                request
+                    .metadata_mut()
+                    .insert(EARLY_HEADER, MetadataValue::from_static("1"));
+                client.append_entries(request).await
+            }
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
@@ -486,6 +521,41 @@ impl PeerClient {
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
+    /// Sends an early AppendEntries and passes its answer on; one without
+    /// success breaks the pipeline's chain.
+    async fn send_early(&self, early: Early, pipeline: Weak<Pipeline>) {
+        let option = RPCOption::new(early.deadline);
+        let reply = tokio::time::timeout(
+            early.deadline,
+            self.call::<_, AppendEntriesResponse<NodeId>, openraft::error::Infallible>(
+                Rpc::EarlyAppend,
+                &early.request,
+                &option,
+            ),
+        )
+        .await;
+        tracing::debug!(
+            "early send to {}: {:?} .. {:?}: {:?}",
+            self.target,
+            early.request.prev_log_id,
+            early.request.entries.last().map(|e| e.log_id),
+            reply.as_ref().map(|r| r.as_ref().map(|a| a.to_string()))
+        );
+        let answer = match reply {
+            Ok(Ok(AppendEntriesResponse::Success)) => Answer::Success,
+            Ok(Ok(AppendEntriesResponse::HigherVote(v))) => Answer::Higher(v),
+            _ => {
+                if let Some(p) = pipeline.upgrade() {
+                    p.break_chain();
+                }
+                Answer::Failed
+            }
+        };
+        let _ = early.answer.send(Some(answer));
+    }
+}
+
+impl PeerClient {
     /// Sends an AppendEntries of `n` entries, halving the batch on a link too
     /// slow for it, and samples heartbeat round trips.
     async fn send_append(
@@ -505,13 +575,14 @@ impl PeerClient {
         }
         let sent = Instant::now();
         let mut probe = (n == 0).then(|| RttProbe {
-            peers: self.peers.clone(),
-            target: self.target,
+            peers: self.link.peers.clone(),
+            target: self.link.target,
             sent,
         });
         let deadline = batch_deadline(&option);
         let reply = if n > 1 {
-            match tokio::time::timeout(deadline, self.call(Rpc::AppendEntries, &rpc, &option)).await
+            match tokio::time::timeout(deadline, self.link.call(Rpc::AppendEntries, &rpc, &option))
+                .await
             {
                 Ok(r) => r,
                 Err(_) => {
@@ -523,7 +594,7 @@ impl PeerClient {
                 }
             }
         } else {
-            self.call(Rpc::AppendEntries, &rpc, &option).await
+            self.link.call(Rpc::AppendEntries, &rpc, &option).await
         };
         match &reply {
             // A batch that made it in half the time may double: loss, not
@@ -541,6 +612,29 @@ impl PeerClient {
             *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }
         reply
+    }
+}
+
+impl PeerClient {
+    /// Starts feeding this stream's pipeline with the log store's appends,
+    /// once; the task ends with the stream.
+    fn follow_appends(&self) {
+        if !self.pipeline.start_listening() {
+            return;
+        }
+        let (link, weak, appends) = (
+            self.link.clone(),
+            Arc::downgrade(&self.pipeline),
+            self.appends.clone(),
+        );
+        tokio::spawn(async move {
+            let early_weak = weak.clone();
+            pipeline::follow(weak, &appends, |early| {
+                let (link, weak) = (link.clone(), early_weak.clone());
+                tokio::spawn(async move { link.send_early(early, weak).await });
+            })
+            .await
+        });
     }
 }
 
@@ -598,7 +692,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // that much at most. Answers to a fresh client (a leadership
         // confirmation for a read) are never presumed.
         let answered = *self.answered.lock().unwrap_or_else(|p| p.into_inner());
-        let (rtt, distance) = self.peers.rtt(self.target);
+        let (rtt, distance) = self.link.peers.rtt(self.link.target);
         if n == 0
             && distance >= FAR
             && answered.is_some_and(|t| t.elapsed() < self.heartbeat * 2 + rtt)
@@ -613,7 +707,37 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             });
             return Ok(AppendEntriesResponse::Success);
         }
-        self.send_append(rpc, option, n).await
+        if n == 0 {
+            return self.send_append(rpc, option, n).await;
+        }
+        if let Some(covered) = self.pipeline.covering(&rpc) {
+            let t = Instant::now();
+            if let Some(reply) = self.pipeline.answer(&rpc, covered).await {
+                tracing::debug!("answered from early send in {:?}: {reply}", t.elapsed());
+                if !matches!(reply, AppendEntriesResponse::HigherVote(_)) {
+                    *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                }
+                return Ok(reply);
+            }
+        }
+        let far = distance >= FAR;
+        let (vote, committed, deadline) = (rpc.vote, rpc.leader_commit, option.hard_ttl());
+        let last = rpc.entries.last().map(|e| e.log_id);
+        tracing::debug!("sent as it is: {:?} + {n}", rpc.prev_log_id);
+        let reply = self.send_append(rpc, option, n).await;
+        let matching = match &reply {
+            Ok(AppendEntriesResponse::Success) => last,
+            Ok(AppendEntriesResponse::PartialSuccess(m)) => *m,
+            _ => None,
+        };
+        if let Some(matching) = matching.filter(|_| far) {
+            self.follow_appends();
+            if let Some(early) = self.pipeline.succeeded(vote, committed, matching, deadline) {
+                let (link, weak) = (self.link.clone(), Arc::downgrade(&self.pipeline));
+                tokio::spawn(async move { link.send_early(early, weak).await });
+            }
+        }
+        reply
     }
 
     async fn install_snapshot(
@@ -624,7 +748,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+        self.link.call(Rpc::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -632,7 +756,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(Rpc::Vote, &rpc, &option).await
+        self.link.call(Rpc::Vote, &rpc, &option).await
     }
 
     /// A peer that cannot be reached is tried again after 50 ms, then less and

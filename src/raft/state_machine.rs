@@ -108,6 +108,10 @@ pub struct StateMachine {
     /// `state`, this and sled describing the same entry. Disk writes happen
     /// under this lock only, so readers of `state` never wait for them.
     applied: Arc<Mutex<Applied>>,
+    /// Held while a snapshot is built or installed (taken before `applied`),
+    /// so that a snapshot built from an older copy never replaces one
+    /// installed meanwhile.
+    snapshots: Arc<Mutex<()>>,
     marker: Arc<Marker>,
 }
 
@@ -179,6 +183,7 @@ impl StateMachine {
             sm,
             state,
             applied: Arc::new(Mutex::new(applied)),
+            snapshots: Arc::default(),
             marker,
         })
     }
@@ -344,15 +349,17 @@ fn write_lock_err<T>(_: T) -> StorageError<NodeId> {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let stored = {
-            // Openraft builds snapshots concurrently with applying and installing:
-            // `applied` keeps sled at the copied state, and keeps an installed
-            // snapshot from being overwritten by an older one built meanwhile.
-            let held = self.applied.lock().map_err(read_lock_err)?;
-            let applied = held.clone();
+            // Openraft builds snapshots concurrently with applying and installing.
+            // `applied` is held only while the catalogue is copied, so the copy
+            // and its position agree and applies wait for the copy alone, not
+            // for its encoding and storing; `snapshots` keeps an installed
+            // snapshot from being overwritten by this older one.
+            let _building = self.snapshots.lock().map_err(read_lock_err)?;
             let payload = {
+                let applied = self.applied.lock().map_err(read_lock_err)?.clone();
                 let st = self.state.read().map_err(read_lock_err)?;
                 SnapshotPayload {
-                    applied: applied.clone(),
+                    applied,
                     instances: st.catalog.all_instances().cloned().collect(),
                     services: st
                         .catalog
@@ -365,11 +372,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
             let stored = StoredSnapshot {
-                meta: snapshot_meta(applied),
+                meta: snapshot_meta(payload.applied),
                 data,
             };
             self.store_snapshot(&stored)?;
-            drop(held);
             stored
         };
         self.flush_snapshot(&stored.meta).await?;
@@ -466,6 +472,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let batch = self.snapshot_batch(&payload, &installed, &sig)?;
         let catalog = payload.catalog(revision);
         let replaced = {
+            let _installing = self.snapshots.lock().map_err(write_lock_err)?;
             let mut applied = self.applied.lock().map_err(write_lock_err)?;
             self.sm
                 .apply_batch(batch)

@@ -20,8 +20,12 @@ use super::marker::Identity;
 use super::network::REMIND;
 use super::{
     decode, encode, NodeId, Raft, TypeConfig, CLIENT_ADDRESS_HEADER, CLUSTER_ID_HEADER,
-    INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
+    EARLY_HEADER, INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
 };
+
+/// How long an early AppendEntries waits for the one it follows
+/// ([`RaftService::await_prev`]); then it is refused as out of order.
+const EARLY_WAIT: Duration = Duration::from_millis(200);
 use crate::error::Error;
 use crate::proto::raft_v1::raft_transport_server::RaftTransport;
 use crate::proto::raft_v1::RaftPayload;
@@ -146,6 +150,23 @@ impl RaftService {
         }
     }
 
+    /// A leader sends entries to a far follower without waiting for the
+    /// answer to the ones before ([`super::pipeline`]), and requests that left
+    /// in order may be taken up here out of order. An early request whose
+    /// previous entry is not in the log yet waits a little for the request
+    /// that carries it, instead of being refused at once.
+    async fn await_prev(&self, rpc: &AppendEntriesRequest<TypeConfig>) {
+        let Some(prev) = rpc.prev_log_id.map(|p| p.index) else {
+            return;
+        };
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout(
+            EARLY_WAIT,
+            metrics.wait_for(|m| m.last_log_index >= Some(prev)),
+        )
+        .await;
+    }
+
     /// Replies state this node's incarnation and client address, from which
     /// the leader learns them.
     fn reply<T: Serialize>(&self, v: &T) -> Result<Response<RaftPayload>, Status> {
@@ -166,7 +187,11 @@ impl RaftTransport for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = self.admit(req)?;
+        let early = req.metadata().contains_key(EARLY_HEADER);
+        let rpc: AppendEntriesRequest<TypeConfig> = self.admit(req)?;
+        if early {
+            self.await_prev(&rpc).await;
+        }
         let answer = self.raft.append_entries(rpc).await;
         if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.contact.touch();
