@@ -225,12 +225,12 @@ impl State {
     fn next(&mut self) -> Option<Early> {
         let tail = self.tail?;
         let vote = self.vote?;
-        while self
-            .recent
-            .front()
-            .and_then(|b| b.last())
-            .is_some_and(|e| e.log_id.index <= tail.index)
-        {
+        // Batches the follower has, or of another leader (never to chain).
+        while self.recent.front().is_some_and(|b| {
+            b.last().is_some_and(|e| {
+                e.log_id.index <= tail.index || e.log_id.leader_id != *vote.leader_id()
+            })
+        }) {
             self.recent.pop_front();
         }
         if self.sent.len() >= WINDOW {
@@ -289,5 +289,136 @@ pub(super) async fn follow(pipeline: Weak<Pipeline>, appends: &Appends, send: im
         if let Some(early) = early {
             send(early);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn id(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn batch(term: u64, indexes: std::ops::RangeInclusive<u64>) -> Batch {
+        Arc::new(
+            indexes
+                .map(|i| Entry {
+                    log_id: id(term, i),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+        )
+    }
+
+    /// Openraft's request: `entries` after `prev`.
+    fn rpc(prev: u64, entries: std::ops::RangeInclusive<u64>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: Some(id(2, prev)),
+            leader_commit: Some(id(2, prev)),
+            entries: batch(2, entries).to_vec(),
+        }
+    }
+
+    fn anchored(at: u64) -> Pipeline {
+        let p = Pipeline::default();
+        let vote = Vote::new_committed(2, 1);
+        let early = p.succeeded(vote, Some(id(2, at)), id(2, at), Duration::from_secs(1));
+        assert!(early.is_none(), "nothing was appended yet");
+        p
+    }
+
+    fn range(e: &Early) -> (Option<u64>, u64, u64) {
+        let first = e.request.entries.first().expect("entries").log_id.index;
+        let last = e.request.entries.last().expect("entries").log_id.index;
+        (e.request.prev_log_id.map(|p| p.index), first, last)
+    }
+
+    #[tokio::test]
+    async fn appended_batches_chain_and_answer_openraft_requests() {
+        let p = anchored(5);
+        let first = p.appended(batch(2, 6..=6)).expect("chains to 5");
+        assert_eq!(range(&first), (Some(5), 6, 6));
+        let second = p.appended(batch(2, 7..=8)).expect("chains to 6");
+        assert_eq!(range(&second), (Some(6), 7, 8));
+        assert_eq!(second.request.leader_commit, Some(id(2, 5)));
+
+        // Openraft asks for 6..=8 at once: the first early answer covers 6.
+        let ask = rpc(5, 6..=8);
+        let covered = p.covering(&ask).expect("6 was sent early");
+        first.answer.send_replace(Some(Answer::Success));
+        let reply = p.answer(&ask, covered).await.expect("answered");
+        assert!(matches!(reply, AppendEntriesResponse::PartialSuccess(Some(m)) if m == id(2, 6)));
+
+        let ask = rpc(6, 7..=8);
+        let covered = p.covering(&ask).expect("7..=8 were sent early");
+        second.answer.send_replace(Some(Answer::Success));
+        let reply = p.answer(&ask, covered).await.expect("answered");
+        assert!(matches!(reply, AppendEntriesResponse::Success));
+        assert!(p.lock().sent.is_empty(), "answered sends are forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_failed_early_send_breaks_the_chain_until_openraft_succeeds() {
+        let p = anchored(5);
+        let early = p.appended(batch(2, 6..=6)).expect("chains to 5");
+        let ask = rpc(5, 6..=6);
+        let covered = p.covering(&ask).expect("sent early");
+        early.answer.send_replace(Some(Answer::Failed));
+        assert!(
+            p.answer(&ask, covered).await.is_none(),
+            "openraft must send it itself"
+        );
+        assert!(p.appended(batch(2, 7..=7)).is_none(), "no chain to follow");
+        assert!(p.covering(&rpc(6, 7..=7)).is_none());
+
+        // Openraft's own request for 6..=7 succeeded: the chain starts again.
+        let vote = Vote::new_committed(2, 1);
+        assert!(p
+            .succeeded(vote, Some(id(2, 7)), id(2, 7), Duration::from_secs(1))
+            .is_none());
+        let next = p.appended(batch(2, 8..=8)).expect("chains to 7");
+        assert_eq!(range(&next), (Some(7), 8, 8));
+    }
+
+    #[tokio::test]
+    async fn a_higher_vote_is_passed_on() {
+        let p = anchored(5);
+        let early = p.appended(batch(2, 6..=6)).expect("chains to 5");
+        let ask = rpc(5, 6..=6);
+        let covered = p.covering(&ask).expect("sent early");
+        let higher = Vote::new_committed(3, 2);
+        early.answer.send_replace(Some(Answer::Higher(higher)));
+        let reply = p.answer(&ask, covered).await.expect("answered");
+        assert!(matches!(reply, AppendEntriesResponse::HigherVote(v) if v == higher));
+    }
+
+    #[test]
+    fn batches_appended_before_the_anchor_go_out_with_it() {
+        let p = Pipeline::default();
+        assert!(p.appended(batch(2, 6..=6)).is_none(), "no anchor yet");
+        assert!(p.appended(batch(2, 7..=7)).is_none(), "no anchor yet");
+        let vote = Vote::new_committed(2, 1);
+        let early = p
+            .succeeded(vote, Some(id(2, 5)), id(2, 5), Duration::from_secs(1))
+            .expect("6 and 7 wait for the anchor");
+        assert_eq!(range(&early), (Some(5), 6, 7));
+    }
+
+    #[test]
+    fn entries_of_another_term_or_after_a_gap_are_not_chained() {
+        let p = anchored(5);
+        assert!(p.appended(batch(3, 6..=6)).is_none(), "another leader's");
+        let p = anchored(5);
+        assert!(p.appended(batch(2, 7..=7)).is_none(), "6 is missing");
+        // Another vote in openraft's request resets what was sent.
+        let p = anchored(5);
+        assert!(p.appended(batch(2, 6..=6)).is_some());
+        let other = Vote::new_committed(3, 1);
+        p.succeeded(other, None, id(3, 9), Duration::from_secs(1));
+        assert!(p.lock().sent.is_empty());
     }
 }
