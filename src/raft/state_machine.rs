@@ -202,6 +202,38 @@ impl StateMachine {
             .transpose()
     }
 
+    /// Copies the catalogue and stores the copy as the current snapshot.
+    /// Openraft builds snapshots concurrently with applying and installing.
+    /// `applied` is held only while the catalogue is copied, so the copy and
+    /// its position agree and applies wait for the copy alone, not for its
+    /// encoding and storing; `snapshots` keeps an installed snapshot from
+    /// being overwritten by this older one.
+    fn store_copy(&self) -> StorageResult<StoredSnapshot> {
+        let _building = self.snapshots.lock().map_err(read_lock_err)?;
+        let payload = {
+            let applied = self.applied.lock().map_err(read_lock_err)?.clone();
+            let st = self.state.read().map_err(read_lock_err)?;
+            SnapshotPayload {
+                applied,
+                instances: st.catalog.all_instances().cloned().collect(),
+                services: st
+                    .catalog
+                    .configs()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                tokens: st.catalog.acl().tokens().cloned().collect(),
+                acl_bootstrapped: st.catalog.acl().bootstrapped(),
+            }
+        };
+        let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let stored = StoredSnapshot {
+            meta: snapshot_meta(payload.applied),
+            data,
+        };
+        self.store_snapshot(&stored)?;
+        Ok(stored)
+    }
+
     /// Writes `snap` as the current snapshot; durable after `flush_snapshot`.
     fn store_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
         let sig = Some(snap.meta.signature());
@@ -348,36 +380,13 @@ fn write_lock_err<T>(_: T) -> StorageError<NodeId> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let stored = {
-            // Openraft builds snapshots concurrently with applying and installing.
-            // `applied` is held only while the catalogue is copied, so the copy
-            // and its position agree and applies wait for the copy alone, not
-            // for its encoding and storing; `snapshots` keeps an installed
-            // snapshot from being overwritten by this older one.
-            let _building = self.snapshots.lock().map_err(read_lock_err)?;
-            let payload = {
-                let applied = self.applied.lock().map_err(read_lock_err)?.clone();
-                let st = self.state.read().map_err(read_lock_err)?;
-                SnapshotPayload {
-                    applied,
-                    instances: st.catalog.all_instances().cloned().collect(),
-                    services: st
-                        .catalog
-                        .configs()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    tokens: st.catalog.acl().tokens().cloned().collect(),
-                    acl_bootstrapped: st.catalog.acl().bootstrapped(),
-                }
-            };
-            let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            let stored = StoredSnapshot {
-                meta: snapshot_meta(payload.applied),
-                data,
-            };
-            self.store_snapshot(&stored)?;
-            stored
-        };
+        // Copying, encoding and storing a large catalogue takes a while: on a
+        // blocking thread, so that the runtime's threads go on replicating and
+        // answering meanwhile.
+        let sm = self.clone();
+        let stored = tokio::task::spawn_blocking(move || sm.store_copy())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))??;
         self.flush_snapshot(&stored.meta).await?;
         Ok(Snapshot {
             meta: stored.meta,
