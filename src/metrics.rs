@@ -16,6 +16,7 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use openraft::{RaftMetrics, ServerState};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -162,6 +163,22 @@ fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, 
             "raft_peer_rtt_seconds",
             "Smoothed heartbeat round trip from this leader to each peer",
             rtt,
+        );
+        let early: Family<Vec<(String, String)>, Counter> = Family::default();
+        for (peer, (accepted, broken)) in peers.early_appends() {
+            for (outcome, n) in [("accepted", accepted), ("broken", broken)] {
+                early
+                    .get_or_create(&vec![
+                        ("peer".to_string(), peer.to_string()),
+                        ("outcome".to_string(), outcome.to_string()),
+                    ])
+                    .inc_by(n);
+            }
+        }
+        r.register(
+            "raft_early_appends",
+            "AppendEntries this leader sent to a far peer ahead of the answer to the previous one: accepted, or refused or lost (the pipeline then restarts)",
+            early,
         );
     }
 }

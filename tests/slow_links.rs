@@ -481,3 +481,80 @@ async fn a_leader_behind_a_slow_link_hands_over_and_forwards() {
         read(&mut client, "handover", &id).await.expect("read");
     }
 }
+
+/// The leader's count of early AppendEntries to `peer` with `outcome`.
+async fn early_appends(c: &TestCluster, leader: u64, peer: u64, outcome: &str) -> u64 {
+    let url = format!("http://127.0.0.1:{}/metrics", c.node(leader).metrics_port);
+    let body = reqwest::get(&url)
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    let (peer, outcome) = (format!("peer=\"{peer}\""), format!("outcome=\"{outcome}\""));
+    body.lines()
+        .filter(|l| l.starts_with("roster_raft_early_appends_total"))
+        .find(|l| l.contains(&peer) && l.contains(&outcome))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_far_followers_are_pipelined() {
+    let c = proxied(3).await;
+    let leader = c.leader().await;
+    for p in &c.proxies {
+        p.set(Dir::ToTarget, delay(50));
+    }
+    // Concurrent writers keep entries coming while earlier ones are in
+    // flight; the leader pipelines to a follower once its heartbeats have
+    // shown the follower far (the least round trip of the last 2 s).
+    let mut round = 0;
+    c.wait_for(
+        "the leader to send entries to both followers ahead of openraft",
+        Duration::from_secs(20),
+        || {
+            round += 1;
+            let round = round;
+            let c = &c;
+            async move {
+                let mut writers = Vec::new();
+                for w in 0..8 {
+                    let mut client = raw(c, leader).await;
+                    writers.push(tokio::spawn(async move {
+                        for i in 0..5 {
+                            write(&mut client, "piped", &format!("r{round}-w{w}-{i}")).await?;
+                        }
+                        Ok::<_, String>(())
+                    }));
+                }
+                for w in writers {
+                    w.await.expect("writer task").expect("every write succeeds");
+                }
+                let mut all = true;
+                for f in followers(leader) {
+                    all &= early_appends(c, leader, f, "accepted").await > 0;
+                }
+                all.then_some(())
+            }
+        },
+    )
+    .await;
+    for f in followers(leader) {
+        let accepted = early_appends(&c, leader, f, "accepted").await;
+        let broken = early_appends(&c, leader, f, "broken").await;
+        // Requests taken up out of order wait for the ones before them
+        // instead of breaking the chain (about every other one broke it
+        // before they did).
+        assert!(
+            broken * 10 <= accepted,
+            "follower {f}: {broken} early requests refused against {accepted} accepted"
+        );
+    }
+    // Every write is on every node.
+    let applied = c.status(leader).await.expect("leader status").applied_index;
+    for f in followers(leader) {
+        c.wait_applied(f, applied).await;
+    }
+}

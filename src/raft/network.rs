@@ -85,6 +85,9 @@ struct PeersInner {
     tls: Mutex<Option<ClientTlsConfig>>,
     channels: Mutex<HashMap<String, Channel>>,
     rtt: Mutex<HashMap<NodeId, Rtt>>,
+    /// Early AppendEntries to each peer (see [`pipeline`]): answered with
+    /// success, and not (a broken chain).
+    early: Mutex<HashMap<NodeId, (u64, u64)>>,
     log: Mutex<PeerLog>,
 }
 
@@ -108,6 +111,7 @@ impl Peers {
                 tls: Mutex::new(tls),
                 channels: Mutex::default(),
                 rtt: Mutex::default(),
+                early: Mutex::default(),
                 log: Mutex::default(),
             }),
         }
@@ -207,6 +211,22 @@ impl Peers {
             .iter()
             .map(|(id, r)| (*id, r.smoothed))
             .collect()
+    }
+
+    /// Early AppendEntries this node sent to each peer as a leader: how many
+    /// the peer accepted, and how many broke the chain.
+    pub fn early_appends(&self) -> HashMap<NodeId, (u64, u64)> {
+        self.inner
+            .early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn count_early(&self, target: NodeId, accepted: bool) {
+        let mut early = self.inner.early.lock().unwrap_or_else(|p| p.into_inner());
+        let (ok, broken) = early.entry(target).or_default();
+        *if accepted { ok } else { broken } += 1;
     }
 
     /// How long ago each peer last answered this node's Raft RPCs (so, on a
@@ -534,23 +554,28 @@ impl Link {
             ),
         )
         .await;
-        tracing::debug!(
-            "early send to {}: {:?} .. {:?}: {:?}",
-            self.target,
-            early.request.prev_log_id,
-            early.request.entries.last().map(|e| e.log_id),
-            reply.as_ref().map(|r| r.as_ref().map(|a| a.to_string()))
-        );
         let answer = match reply {
             Ok(Ok(AppendEntriesResponse::Success)) => Answer::Success,
             Ok(Ok(AppendEntriesResponse::HigherVote(v))) => Answer::Higher(v),
-            _ => {
+            other => {
+                let why = match other {
+                    Ok(Ok(r)) => r.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_string(),
+                };
+                tracing::debug!(
+                    "early AppendEntries to node {} after {:?} not accepted: {why}",
+                    self.target,
+                    early.request.prev_log_id,
+                );
                 if let Some(p) = pipeline.upgrade() {
                     p.break_chain();
                 }
                 Answer::Failed
             }
         };
+        self.peers
+            .count_early(self.target, !matches!(answer, Answer::Failed));
         let _ = early.answer.send(Some(answer));
     }
 }
@@ -711,9 +736,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             return self.send_append(rpc, option, n).await;
         }
         if let Some(covered) = self.pipeline.covering(&rpc) {
-            let t = Instant::now();
             if let Some(reply) = self.pipeline.answer(&rpc, covered).await {
-                tracing::debug!("answered from early send in {:?}: {reply}", t.elapsed());
                 if !matches!(reply, AppendEntriesResponse::HigherVote(_)) {
                     *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
@@ -723,7 +746,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let far = distance >= FAR;
         let (vote, committed, deadline) = (rpc.vote, rpc.leader_commit, option.hard_ttl());
         let last = rpc.entries.last().map(|e| e.log_id);
-        tracing::debug!("sent as it is: {:?} + {n}", rpc.prev_log_id);
         let reply = self.send_append(rpc, option, n).await;
         let matching = match &reply {
             Ok(AppendEntriesResponse::Success) => last,
