@@ -140,13 +140,7 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
     let applied = c.status(leader).await.expect("status").applied_index;
     for n in &c.nodes {
         c.wait_applied(n.id, applied).await;
-        let url = format!("http://127.0.0.1:{}/metrics", n.metrics_port);
-        let body = reqwest::get(&url)
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("body");
+        let body = c.scrape(n.id).await;
         let is_leader = if n.id == leader { 1 } else { 0 };
         for want in [
             format!("roster_raft_is_leader {is_leader}"),

@@ -484,13 +484,7 @@ async fn a_leader_behind_a_slow_link_hands_over_and_forwards() {
 
 /// The leader's count of early AppendEntries to `peer` with `outcome`.
 async fn early_appends(c: &TestCluster, leader: u64, peer: u64, outcome: &str) -> u64 {
-    let url = format!("http://127.0.0.1:{}/metrics", c.node(leader).metrics_port);
-    let body = reqwest::get(&url)
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
+    let body = c.scrape(leader).await;
     let (peer, outcome) = (format!("peer=\"{peer}\""), format!("outcome=\"{outcome}\""));
     body.lines()
         .filter(|l| l.starts_with("roster_raft_early_appends_total"))

@@ -323,6 +323,17 @@ impl TestCluster {
         &self.nodes[(id - 1) as usize]
     }
 
+    /// Node `id`'s Prometheus metrics text.
+    pub async fn scrape(&self, id: u64) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.node(id).metrics_port);
+        reqwest::get(&url)
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body")
+    }
+
     /// The proxy in front of node `id` (`Setup::proxies`).
     pub fn proxy(&self, id: u64) -> &proxy::Proxy {
         self.proxies.get((id - 1) as usize).unwrap_or_else(|| {
