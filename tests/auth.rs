@@ -151,12 +151,72 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
         "{out:?}"
     );
 
-    // The first admin token is made once per cluster.
+    // The first admin token is made once per cluster. The harness gave its
+    // own secret: asking again with it (a retry whose answer was lost) gets
+    // the same token; any other secret, or none, is refused.
     let e = anonymous
         .acl_bootstrap(BootstrapRequest::default())
         .await
         .expect_err("a second bootstrap");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("bootstrapped already"), "{e:?}");
+    let secret = c.token();
+    let admins: Vec<_> = c
+        .client()
+        .list_tokens()
+        .await
+        .expect("list tokens")
+        .tokens
+        .into_iter()
+        .filter(|t| t.role == Role::Admin as i32)
+        .collect();
+    assert_eq!(admins.len(), 1, "{admins:?}");
+    for id in 1..=3 {
+        let again = c
+            .client_with(id, None)
+            .acl_bootstrap(BootstrapRequest {
+                secret: secret.to_string(),
+                ..BootstrapRequest::default()
+            })
+            .await
+            .expect("a bootstrap retried with its secret");
+        assert_eq!(again.secret, secret);
+        assert_eq!(again.token.as_ref(), Some(&admins[0]), "node {id}");
+    }
+    // The same from the command line, with the secret in a file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("boot.secret");
+    std::fs::write(&file, format!("{secret}\n")).expect("write the secret");
+    let out = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["acl", "bootstrap", "--endpoints", &c.endpoint(2)])
+        .arg("--secret-file")
+        .arg(&file)
+        .output()
+        .expect("roster acl bootstrap");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains(&format!("accessor: {}", admins[0].accessor)),
+        "{text}"
+    );
+    assert!(text.contains(&format!("secret: {secret}")), "{text}");
+    let e = anonymous
+        .acl_bootstrap(BootstrapRequest {
+            secret: "f".repeat(64),
+            ..BootstrapRequest::default()
+        })
+        .await
+        .expect_err("a bootstrap with another secret");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = anonymous
+        .acl_bootstrap(BootstrapRequest {
+            secret: "short".into(),
+            ..BootstrapRequest::default()
+        })
+        .await
+        .expect_err("a short secret");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("32 to 256"), "{e:?}");
 }
 
 #[tokio::test]

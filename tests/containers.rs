@@ -107,12 +107,22 @@ impl DockerCluster {
             token: OnceLock::new(),
         };
         let c = Self::launch(Some(secure));
+        // A secret of our own: a retry after a lost answer gets the same token.
+        let req = BootstrapRequest {
+            secret: format!("containers-{:032x}", fastrand::u128(..)),
+            ..BootstrapRequest::default()
+        };
         let created = c
             .wait("the ACL bootstrap", || async {
-                c.client(&[1, 2, 3])
-                    .acl_bootstrap(BootstrapRequest::default())
-                    .await
-                    .ok()
+                match c.client(&[1, 2, 3]).acl_bootstrap(req.clone()).await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        if e.code() != tonic::Code::Unavailable {
+                            eprintln!("bootstrap: {e:?}");
+                        }
+                        None
+                    }
+                }
             })
             .await;
         if let Some(s) = &c.secure {

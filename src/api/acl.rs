@@ -28,13 +28,15 @@ impl AclApi {
         AclApi { state, proposer }
     }
 
-    /// Proposes a new token; the answer carries its secret.
+    /// Proposes a new token, with `secret` or one drawn here; the answer
+    /// carries the secret.
     async fn create(
         &self,
         role: Role,
         services: Vec<String>,
         description: String,
         bootstrap: bool,
+        secret: Option<String>,
     ) -> Result<pb::CreatedToken, Status> {
         validate::description(&description)?;
         for s in &services {
@@ -47,7 +49,10 @@ impl AclApi {
             .into());
         }
         self.proposer.here()?;
-        let secret = random_hex(32)?;
+        let secret = match secret {
+            Some(s) => s,
+            None => random_hex(32)?,
+        };
         let token = Token {
             accessor: random_hex(16)?,
             secret_hash: hash_secret(&secret),
@@ -67,8 +72,29 @@ impl AclApi {
                 secret,
                 revision: r.revision,
             }),
-            Outcome::AlreadyBootstrapped => Err(already_bootstrapped()),
+            Outcome::AlreadyBootstrapped => self.bootstrapped_with(secret, r.revision),
             other => Err(Error::Internal(format!("token creation applied as {other:?}")).into()),
+        }
+    }
+
+    /// The answer to a Bootstrap once the ACL was bootstrapped: the same
+    /// token again if `secret` is the bootstrap token's (a retry whose first
+    /// answer was lost), FAILED_PRECONDITION otherwise.
+    fn bootstrapped_with(&self, secret: String, revision: u64) -> Result<pb::CreatedToken, Status> {
+        let token = read_state(&self.state, |st| {
+            st.catalog
+                .acl()
+                .find(&hash_secret(&secret))
+                .filter(|t| t.role == Role::Admin)
+                .map(|t| token_to_pb(t))
+        })?;
+        match token {
+            Some(info) if !secret.is_empty() => Ok(pb::CreatedToken {
+                token: Some(info),
+                secret,
+                revision,
+            }),
+            _ => Err(already_bootstrapped()),
         }
     }
 }
@@ -116,16 +142,31 @@ impl Acl for AclApi {
         &self,
         req: Request<pb::BootstrapRequest>,
     ) -> Result<Response<pb::CreatedToken>, Status> {
-        let description = req.into_inner().description;
-        if read_state(&self.state, |st| st.catalog.acl().bootstrapped())? {
-            return Err(already_bootstrapped());
+        let pb::BootstrapRequest {
+            description,
+            secret,
+        } = req.into_inner();
+        let secret = match secret.is_empty() {
+            true => None,
+            false => {
+                validate::secret(&secret)?;
+                Some(secret)
+            }
+        };
+        let (bootstrapped, revision) = read_state(&self.state, |st| {
+            (st.catalog.acl().bootstrapped(), st.catalog.revision())
+        })?;
+        if bootstrapped {
+            return self
+                .bootstrapped_with(secret.unwrap_or_default(), revision)
+                .map(Response::new);
         }
         let description = match description.is_empty() {
             true => "bootstrap token".to_string(),
             false => description,
         };
         let created = self
-            .create(Role::Admin, Vec::new(), description, true)
+            .create(Role::Admin, Vec::new(), description, true, secret)
             .await?;
         Ok(Response::new(created))
     }
@@ -140,7 +181,9 @@ impl Acl for AclApi {
             description,
         } = req.into_inner();
         let role = role_from_pb(role)?;
-        let created = self.create(role, services, description, false).await?;
+        let created = self
+            .create(role, services, description, false, None)
+            .await?;
         Ok(Response::new(created))
     }
 

@@ -340,9 +340,20 @@ pub async fn acl(a: AclCommand) -> anyhow::Result<()> {
     let AclCommand::Bootstrap {
         endpoints,
         description,
+        secret_file,
     } = a;
+    let secret = match secret_file {
+        Some(f) => std::fs::read_to_string(&f)
+            .map_err(|e| anyhow::anyhow!("cannot read the secret file {}: {e}", f.display()))?
+            .trim()
+            .to_string(),
+        None => String::new(),
+    };
     let t = client(&endpoints)?
-        .acl_bootstrap(BootstrapRequest { description })
+        .acl_bootstrap(BootstrapRequest {
+            description,
+            secret,
+        })
         .await?;
     print_created(&t);
     Ok(())

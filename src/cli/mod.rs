@@ -82,6 +82,11 @@ pub enum AclCommand {
         endpoints: Endpoints,
         #[arg(long, default_value = "")]
         description: String,
+        /// A file holding the token's secret (32-256 characters, e.g. from
+        /// `openssl rand -hex 32`); running the command again with the same
+        /// file answers the same token. Without it the leader draws one.
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
     },
 }
 

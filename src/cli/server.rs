@@ -2,6 +2,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use crate::api::auth::random_hex;
 use crate::client::{tls_from_files, RosterClient};
 use crate::config::{NodeConfig, TlsFiles};
 use crate::node;
@@ -166,9 +167,12 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
                 Some(c) => RosterClient::with_tls(&endpoints, tls_from_files(&c.node.ca, None)?)?,
                 None => RosterClient::new(&endpoints)?,
             };
+            // Drawn here, so the client's retries (the first election may
+            // lose an answer) bootstrap once and get the same token.
             let created = client
                 .acl_bootstrap(BootstrapRequest {
                     description: "roster dev".into(),
+                    secret: random_hex(32)?,
                 })
                 .await?;
             format!(" --token {}", created.secret)

@@ -82,6 +82,25 @@ pub fn description(text: &str) -> Result<()> {
     Ok(())
 }
 
+/// A secret chosen by the caller (the bootstrap token's): long enough not to
+/// be guessed, and sendable as an `authorization` header.
+pub fn secret(secret: &str) -> Result<()> {
+    const MIN: usize = 32;
+    const MAX: usize = 256;
+    if !(MIN..=MAX).contains(&secret.len()) {
+        return Err(invalid(format!(
+            "secret is {} characters; give {MIN} to {MAX} (e.g. `openssl rand -hex 32`)",
+            secret.len()
+        )));
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "secret must be printable ASCII without spaces (it is sent as a header)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Instance ids are freer than service names: they often embed host:port.
 pub fn instance_id(id: &str) -> Result<()> {
     if id.is_empty() {

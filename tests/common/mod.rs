@@ -135,15 +135,17 @@ impl TestCluster {
                 .is_ok_and(|l| l.contains(PORT_TAKEN))
         };
         if self.auth {
+            // Our own secret: a retry after a lost answer gets the same token.
+            let req = BootstrapRequest {
+                description: "test harness".into(),
+                secret: format!("harness-{:032x}", fastrand::u128(..)),
+            };
             let bootstrapped = self
                 .wait_for("the ACL bootstrap", Duration::from_secs(20), || async {
                     if self.nodes.iter().any(log_says) {
                         return Some(None);
                     }
-                    let req = BootstrapRequest {
-                        description: "test harness".into(),
-                    };
-                    let created = self.client().acl_bootstrap(req).await.ok()?;
+                    let created = self.client().acl_bootstrap(req.clone()).await.ok()?;
                     Some(Some(created.secret))
                 })
                 .await;
