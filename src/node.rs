@@ -40,6 +40,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Network, Peers, MAX_ENTRIES};
 use crate::raft::proposer::Proposer;
+use crate::raft::snapshot_file::SnapshotFile;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
@@ -121,9 +122,10 @@ impl NodeHandle {
 const IDENTITY_KEY: &[u8] = b"identity";
 /// The storage format a data directory was written in, beside its identity.
 const FORMAT_KEY: &[u8] = b"format";
-/// Format 2 records the members' peer addresses. Format 1 (no format key)
-/// is what Roster wrote before; it cannot be read as format 2.
-const STORAGE_FORMAT: u32 = 2;
+/// Format 3 keeps the current snapshot in its own file; format 2, in sled
+/// (migrated on start). Format 2 records the members' peer addresses; format 1
+/// (no format key) is what Roster wrote before that and cannot be read.
+const STORAGE_FORMAT: u32 = 3;
 
 /// The storage of a node, checked to be what it last wrote.
 struct Storage {
@@ -178,7 +180,7 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
         }
     }
     if stored.is_some() {
-        check_format(cfg, &meta)?;
+        check_format(cfg, &db, &meta)?;
     }
     let recorded = Marker::read(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
     let (last_log, vote_term) = log_store::inspect(&db)?;
@@ -186,6 +188,7 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
     for name in db.tree_names() {
         has_data |= !db.open_tree(name)?.is_empty();
     }
+    has_data |= SnapshotFile::in_dir(&cfg.data_dir).exists();
     let found = Found {
         identity: stored,
         progress: Progress {
@@ -201,13 +204,11 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
         .identity
         .unwrap_or_else(|| Identity::new(&cfg.cluster_id, cfg.id));
     let marker = Arc::new(Marker::new(&cfg.data_dir, identity, found.progress));
-    let state_machine = StateMachine::open(&db, cfg.watch_history, marker.clone())?;
+    let state_machine = StateMachine::open(&db, &cfg.data_dir, cfg.watch_history, marker.clone())?;
     if fresh {
         let b = stored::encode(marker.identity())
             .map_err(|e| Error::Storage(format!("node identity: {e}")))?;
-        let format = stored::encode(&STORAGE_FORMAT)
-            .map_err(|e| Error::Storage(format!("storage format: {e}")))?;
-        meta.insert(FORMAT_KEY, format)?;
+        meta.insert(FORMAT_KEY, encode_format(STORAGE_FORMAT)?)?;
         meta.insert(IDENTITY_KEY, b)?;
         db.flush()?;
         marker
@@ -222,9 +223,14 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
     })
 }
 
-/// Refuses a data directory written in another storage format than this
-/// binary's, before anything in it is decoded as this format.
-fn check_format(cfg: &NodeConfig, meta: &sled::Tree) -> Result<()> {
+fn encode_format(format: u32) -> Result<Vec<u8>> {
+    stored::encode(&format).map_err(|e| Error::Storage(format!("storage format: {e}")))
+}
+
+/// Migrates a data directory of an older storage format that this binary
+/// knows how to read, and refuses one of any other format, before anything
+/// in it is decoded as this format.
+fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -> Result<()> {
     let found: u32 = match meta.get(FORMAT_KEY)? {
         Some(b) => {
             stored::decode(&b).map_err(|e| Error::Storage(format!("storage format: {e}")))?
@@ -234,13 +240,20 @@ fn check_format(cfg: &NodeConfig, meta: &sled::Tree) -> Result<()> {
     let dir = cfg.data_dir.display();
     let why = match found {
         f if f == STORAGE_FORMAT => return Ok(()),
+        2 => {
+            state_machine::migrate_snapshot(db, &cfg.data_dir)?;
+            meta.insert(FORMAT_KEY, encode_format(STORAGE_FORMAT)?)?;
+            db.flush()?;
+            tracing::info!(data_dir = %dir, "migrated the data directory from storage format 2 to {STORAGE_FORMAT}");
+            return Ok(());
+        }
         f if f > STORAGE_FORMAT => format!(
             "it was written by a newer Roster (storage format {f}); this binary reads \
              format {STORAGE_FORMAT}: run the newer version"
         ),
         f => format!(
             "it was written by an older Roster (storage format {f}); this binary reads \
-             format {STORAGE_FORMAT} (members with peer addresses) and has no migration from it: \
+             format {STORAGE_FORMAT} and migrates format 2, but has no migration from {f}: \
              keep running the older version, or start this node on an empty directory and add it \
              as a new member (roster member remove, then roster member add)"
         ),
@@ -811,5 +824,51 @@ mod tests {
         assert!(e.to_string().contains("run the newer version"), "{e}");
         set_format(Some(STORAGE_FORMAT));
         assert!(open_checked(&cfg).is_ok());
+    }
+
+    /// Format 2 kept the snapshot in sled; opened by this binary, it is moved
+    /// into the snapshot file and the directory becomes format 3.
+    #[tokio::test]
+    async fn a_format_2_directory_is_migrated_on_start() {
+        use openraft::storage::RaftStateMachine;
+        use openraft::RaftSnapshotBuilder;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let any = ([127, 0, 0, 1], 0).into();
+        let cfg = NodeConfig::new(1, any, any, dir.path().to_path_buf());
+        let snap_meta = {
+            let mut st = open_checked(&cfg).expect("a new directory");
+            let snap = st.state_machine.build_snapshot().await.expect("build");
+            snap.meta
+        };
+        // Back to what format 2 wrote: the snapshot (the file's bytes after
+        // its magic are the record format 2 stored) under `m:snapshot`.
+        let file = dir.path().join(crate::raft::snapshot_file::SNAPSHOT_FILE);
+        let bytes = std::fs::read(&file).expect("snapshot file");
+        std::fs::remove_file(&file).expect("remove the snapshot file");
+        {
+            let db = sled::open(dir.path()).expect("reopen");
+            let sm = db.open_tree(trees::STATE_MACHINE).expect("sm tree");
+            sm.insert(b"m:snapshot", &bytes[8..]).expect("insert");
+            let meta = db.open_tree(trees::NODE_META).expect("meta");
+            meta.insert(FORMAT_KEY, stored::encode(&2u32).expect("encode"))
+                .expect("format 2");
+            db.flush().expect("flush");
+        }
+        let mut st = open_checked(&cfg).expect("migrated");
+        assert!(file.exists(), "the snapshot moved into its file");
+        let sm = st.db.open_tree(trees::STATE_MACHINE).expect("sm tree");
+        assert!(sm.get(b"m:snapshot").expect("read").is_none());
+        let meta = st.db.open_tree(trees::NODE_META).expect("meta");
+        let format: u32 = stored::decode(&meta.get(FORMAT_KEY).expect("read").expect("a format"))
+            .expect("decode");
+        assert_eq!(format, STORAGE_FORMAT);
+        let current = st
+            .state_machine
+            .get_current_snapshot()
+            .await
+            .expect("read snapshot")
+            .expect("the migrated snapshot");
+        assert_eq!(current.meta, snap_meta);
     }
 }

@@ -9,6 +9,7 @@ pub mod marker;
 pub mod network;
 pub mod pipeline;
 pub mod proposer;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod stored;
 pub mod transport;

@@ -1,11 +1,14 @@
 //! The registry state machine: applies committed entries to the in-memory
 //! catalogue and persists the result in sled, so a restart resumes from the
-//! last applied entry instead of replaying the log.
+//! last applied entry instead of replaying the log. The current snapshot is
+//! a file of its own ([`SnapshotFile`]), durable before openraft may purge the
+//! log it covers; a restart finding it ahead of sled's state starts from it.
 
 // Openraft's storage traits fix the error type to its (large) StorageError.
 #![allow(clippy::result_large_err)]
 
 use std::io::Cursor;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, SnapshotSignature};
@@ -16,6 +19,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::marker::Marker;
+use super::snapshot_file::SnapshotFile;
 use super::stored::{decode, encode, CodecError};
 use super::{trees, Node, NodeId, TypeConfig};
 use crate::error::Error;
@@ -37,7 +41,8 @@ const TOKEN_PREFIX: &[u8] = b"t:";
 const ACL_BOOTSTRAPPED: &[u8] = b"m:acl_bootstrapped";
 const LAST_APPLIED: &[u8] = b"m:last_applied";
 const MEMBERSHIP: &[u8] = b"m:membership";
-const CURRENT_SNAPSHOT: &[u8] = b"m:snapshot";
+/// Where storage format 2 kept the current snapshot (see [`migrate_snapshot`]).
+const SLED_SNAPSHOT: &[u8] = b"m:snapshot";
 
 fn instance_key(service: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(INSTANCE_PREFIX.len() + service.len() + 1 + id.len());
@@ -87,6 +92,21 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Storage format 2 to 3: moves the current snapshot out of sled into its
+/// file. The file is durable before the key is removed, so a crash in between
+/// only repeats the move at the next start.
+pub fn migrate_snapshot(db: &sled::Db, dir: &Path) -> crate::error::Result<()> {
+    let sm = db.open_tree(trees::STATE_MACHINE)?;
+    if let Some(b) = sm.get(SLED_SNAPSHOT)? {
+        let snap: StoredSnapshot = decode(&b).map_err(damaged("snapshot"))?;
+        SnapshotFile::in_dir(dir)
+            .write(&snap)
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        sm.remove(SLED_SNAPSHOT)?;
+    }
+    Ok(())
+}
+
 /// The last applied log index on disk, read at start before the state is loaded.
 pub fn applied_index(db: &sled::Db) -> crate::error::Result<Option<u64>> {
     let sm = db.open_tree(trees::STATE_MACHINE)?;
@@ -100,7 +120,6 @@ pub fn applied_index(db: &sled::Db) -> crate::error::Result<Option<u64>> {
 
 #[derive(Clone)]
 pub struct StateMachine {
-    db: sled::Db,
     sm: sled::Tree,
     state: SharedState,
     /// Held from a change of `state` until sled holds that change too (taken
@@ -112,6 +131,7 @@ pub struct StateMachine {
     /// so that a snapshot built from an older copy never replaces one
     /// installed meanwhile.
     snapshots: Arc<Mutex<()>>,
+    file: Arc<SnapshotFile>,
     marker: Arc<Marker>,
 }
 
@@ -121,9 +141,11 @@ fn damaged(what: impl std::fmt::Display) -> impl FnOnce(CodecError) -> Error {
 }
 
 impl StateMachine {
-    /// Loads the whole state, verifying every record's checksum.
+    /// Loads the whole state, verifying every record's checksum, from sled or
+    /// from the snapshot file in `dir` if that reaches further.
     pub fn open(
         db: &sled::Db,
+        dir: &Path,
         watch_history: usize,
         marker: Arc<Marker>,
     ) -> crate::error::Result<Self> {
@@ -163,29 +185,32 @@ impl StateMachine {
             Some(b) => decode(&b).map_err(damaged("ACL bootstrap flag"))?,
             None => false,
         };
-        if let Some(b) = sm.get(CURRENT_SNAPSHOT)? {
-            let snap: StoredSnapshot = decode(&b).map_err(damaged("snapshot"))?;
-            if snap.meta.last_log_id > applied.last_applied {
-                return Err(Error::Storage(format!(
-                    "state machine has applied up to {:?} but its snapshot reaches {:?}",
-                    applied.last_applied, snap.meta.last_log_id
-                )));
-            }
-        }
+        let file = Arc::new(SnapshotFile::in_dir(dir));
+        let snapshot: Option<StoredSnapshot> =
+            file.read().map_err(|e| Error::Storage(e.to_string()))?;
         let revision = applied.last_applied.map_or(0, |l| l.index);
         let state = Arc::new(RwLock::new(RegistryState {
             catalog: Catalog::from_parts(revision, instances, services)
                 .with_acl(Acl::restore(tokens, acl_bootstrapped)),
             hub: WatchHub::new(revision, watch_history),
         }));
-        Ok(StateMachine {
-            db: db.clone(),
+        let last_applied = applied.last_applied;
+        let sm = StateMachine {
             sm,
             state,
             applied: Arc::new(Mutex::new(applied)),
             snapshots: Arc::default(),
+            file,
             marker,
-        })
+        };
+        // The snapshot was installed or built, the log it covers maybe purged,
+        // but sled's copy of the state had not reached the disk.
+        if let Some(snap) = snapshot.filter(|s| s.meta.last_log_id > last_applied) {
+            tracing::info!(snapshot = %snap.meta.snapshot_id, "starting from the snapshot file");
+            sm.install(&snap.meta, &snap.data)
+                .map_err(|e| Error::Storage(format!("snapshot file: {e}")))?;
+        }
+        Ok(sm)
     }
 
     /// The catalogue and watch hub, shared with the API.
@@ -194,12 +219,9 @@ impl StateMachine {
     }
 
     fn read_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
-        let b = self
-            .sm
-            .get(CURRENT_SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        b.map(|b| decode(&b).map_err(|e| StorageIOError::read_snapshot(None, &e).into()))
-            .transpose()
+        self.file
+            .read()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
     }
 
     /// Copies the catalogue and stores the copy as the current snapshot.
@@ -234,27 +256,42 @@ impl StateMachine {
         Ok(stored)
     }
 
-    /// Writes `snap` as the current snapshot; durable after `flush_snapshot`.
+    /// Writes `snap` as the current snapshot, durably: openraft may purge the
+    /// log up to a snapshot as soon as it is built or installed.
     fn store_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
-        let sig = Some(snap.meta.signature());
-        let b = encode(snap).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.sm
-            .insert(CURRENT_SNAPSHOT, b)
-            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-        Ok(())
+        self.file
+            .write(snap)
+            .map_err(|e| StorageIOError::write_snapshot(Some(snap.meta.signature()), &e).into())
     }
 
-    /// Makes everything written so far durable. Openraft may purge the log up to
-    /// a snapshot once it is built or installed, so the snapshot and the state
-    /// machine it describes are flushed before either returns; on a blocking
-    /// thread, holding no lock, as the fsync may take a while.
-    async fn flush_snapshot(&self, meta: &SnapshotMeta<NodeId, Node>) -> StorageResult<()> {
+    /// Replaces the state in memory and in sled with the snapshot's (sled's
+    /// copy is made durable by the log's next flush; until then a restart
+    /// starts from the snapshot file again).
+    fn install(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StorageResult<()> {
         let sig = Some(meta.signature());
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?
-            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        let payload: SnapshotPayload =
+            decode(data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let revision = meta.last_log_id.map_or(0, |l| l.index);
+        let installed = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        let batch = self.snapshot_batch(&payload, &installed, &sig)?;
+        let catalog = payload.catalog(revision);
+        let replaced = {
+            let mut applied = self.applied.lock().map_err(write_lock_err)?;
+            self.sm
+                .apply_batch(batch)
+                .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+            self.marker
+                .note(|p| p.applied = p.applied.max(meta.last_log_id.map(|l| l.index)));
+            let mut st = self.state.write().map_err(write_lock_err)?;
+            st.hub.reset(revision);
+            *applied = installed;
+            std::mem::replace(&mut st.catalog, catalog)
+        };
+        // Dropped outside the locks: freeing a large catalogue takes a while.
+        drop(replaced);
         Ok(())
     }
 
@@ -387,7 +424,6 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let stored = tokio::task::spawn_blocking(move || sm.store_copy())
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, &e))??;
-        self.flush_snapshot(&stored.meta).await?;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -469,37 +505,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, Node>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let sig = Some(meta.signature());
-        let data = snapshot.into_inner();
-        let payload: SnapshotPayload =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        let revision = meta.last_log_id.map_or(0, |l| l.index);
-        let installed = Applied {
-            last_applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
+        // The file first: once it is durable, a crash at any later point
+        // restarts from it. On a blocking thread, as writing and fsyncing a
+        // large snapshot takes a while.
+        let sm = self.clone();
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
         };
-        let batch = self.snapshot_batch(&payload, &installed, &sig)?;
-        let catalog = payload.catalog(revision);
-        let replaced = {
-            let _installing = self.snapshots.lock().map_err(write_lock_err)?;
-            let mut applied = self.applied.lock().map_err(write_lock_err)?;
-            self.sm
-                .apply_batch(batch)
-                .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-            self.store_snapshot(&StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            })?;
-            self.marker
-                .note(|p| p.applied = p.applied.max(meta.last_log_id.map(|l| l.index)));
-            let mut st = self.state.write().map_err(write_lock_err)?;
-            st.hub.reset(revision);
-            *applied = installed;
-            std::mem::replace(&mut st.catalog, catalog)
-        };
-        // Dropped outside the locks: freeing a large catalogue takes a while.
-        drop(replaced);
-        self.flush_snapshot(meta).await
+        tokio::task::spawn_blocking(move || {
+            let _installing = sm.snapshots.lock().map_err(write_lock_err)?;
+            sm.store_snapshot(&snap)?;
+            sm.install(&snap.meta, &snap.data)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
@@ -519,10 +539,15 @@ mod tests {
     use super::*;
     use crate::raft::marker::{Identity, Progress};
 
-    fn open(dir: &Path) -> StateMachine {
+    fn open_db(dir: &Path) -> (sled::Db, StateMachine) {
         let db = sled::open(dir).expect("open sled");
         let marker = Arc::new(Marker::new(dir, Identity::new("c", 1), Progress::default()));
-        StateMachine::open(&db, 16, marker).expect("open state machine")
+        let sm = StateMachine::open(&db, dir, 16, marker).expect("open state machine");
+        (db, sm)
+    }
+
+    fn open(dir: &Path) -> StateMachine {
+        open_db(dir).1
     }
 
     fn register(index: u64, id: &str) -> Entry<TypeConfig> {
@@ -561,7 +586,7 @@ mod tests {
                 .expect("install");
             assert_eq!(ids(&sm), ["a", "b"]);
         }
-        let mut sm = open(dir.path());
+        let (db, mut sm) = open_db(dir.path());
         assert_eq!(ids(&sm), ["a", "b"]);
         let (last, _) = sm.applied_state().await.expect("applied state");
         assert_eq!(last, snap.meta.last_log_id);
@@ -571,6 +596,38 @@ mod tests {
             .expect("read snapshot")
             .expect("a current snapshot");
         assert_eq!(current.meta, snap.meta);
-        assert_eq!(applied_index(&sm.db).expect("applied index"), Some(2));
+        assert_eq!(applied_index(&db).expect("applied index"), Some(2));
+    }
+
+    /// A snapshot file ahead of sled (the crash came after the file was
+    /// durable, before sled's copy of the state was): the state starts from it.
+    #[tokio::test]
+    async fn a_snapshot_file_ahead_of_sled_is_where_the_state_starts() {
+        let src_dir = tempfile::tempdir().expect("temp dir");
+        let mut src = open(src_dir.path());
+        src.apply(vec![register(1, "a"), register(2, "b"), register(3, "c")])
+            .await
+            .expect("apply");
+        src.build_snapshot().await.expect("build");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut sm = open(dir.path());
+            sm.apply(vec![register(1, "a")]).await.expect("apply");
+        }
+        std::fs::copy(
+            src_dir
+                .path()
+                .join(crate::raft::snapshot_file::SNAPSHOT_FILE),
+            dir.path().join(crate::raft::snapshot_file::SNAPSHOT_FILE),
+        )
+        .expect("copy the snapshot file");
+        let (db, mut sm) = open_db(dir.path());
+        assert_eq!(ids(&sm), ["a", "b", "c"]);
+        let (last, _) = sm.applied_state().await.expect("applied state");
+        assert_eq!(last.map(|l| l.index), Some(3));
+        assert_eq!(applied_index(&db).expect("applied index"), Some(3));
+        sm.apply(vec![register(4, "d")]).await.expect("apply after");
+        assert_eq!(ids(&sm), ["a", "b", "c", "d"]);
     }
 }

@@ -1,0 +1,124 @@
+//! The current snapshot, in its own file beside sled
+//! (`<data_dir>/roster.snapshot`): a magic string, then the snapshot encoded
+//! with its checksum ([`stored`](super::stored)). Written whole to a
+//! temporary file, fsynced and renamed over the old one, so a crash leaves
+//! the old snapshot or the new one, never a mix. Outside sled, so that
+//! writing a multi-megabyte snapshot does not hold up the log's group commit,
+//! which flushes the same sled database.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::stored::{self, CodecError};
+
+pub const SNAPSHOT_FILE: &str = "roster.snapshot";
+/// Names the file's format; a later format gets another.
+const MAGIC: &[u8; 8] = b"RSTRSNP1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a Roster snapshot (it does not start with the snapshot file's magic)")]
+    NotASnapshot(PathBuf),
+    #[error("{path} is damaged: {source}")]
+    Damaged { path: PathBuf, source: CodecError },
+}
+
+pub struct SnapshotFile {
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    pub fn in_dir(dir: &Path) -> Self {
+        SnapshotFile {
+            path: dir.join(SNAPSHOT_FILE),
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// Replaces the file with `v`, durably: written, fsynced, renamed, and the
+    /// directory fsynced so the rename survives a crash.
+    pub fn write<T: Serialize>(&self, v: &T) -> Result<(), SnapshotFileError> {
+        let body = stored::encode(v).map_err(|source| SnapshotFileError::Damaged {
+            path: self.path.clone(),
+            source,
+        })?;
+        let tmp = self.path.with_extension("snapshot.tmp");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotFileError::Io { path, source }
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(MAGIC).map_err(io(&tmp))?;
+        f.write_all(&body).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+        }
+        Ok(())
+    }
+
+    /// The snapshot, verified against its checksum; `None` if there is none.
+    pub fn read<T: DeserializeOwned>(&self) -> Result<Option<T>, SnapshotFileError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(SnapshotFileError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let body = bytes
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| SnapshotFileError::NotASnapshot(self.path.clone()))?;
+        stored::decode(body)
+            .map(Some)
+            .map_err(|source| SnapshotFileError::Damaged {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_snapshot_reads_back_and_damage_is_reported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = SnapshotFile::in_dir(dir.path());
+        assert!(file.read::<Vec<u32>>().expect("no file yet").is_none());
+        file.write(&vec![1u32, 2, 3]).expect("write");
+        file.write(&vec![4u32, 5]).expect("replace");
+        assert_eq!(file.read::<Vec<u32>>().expect("read"), Some(vec![4, 5]));
+        assert!(!dir.path().join("roster.snapshot.tmp").exists());
+
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let mut bytes = std::fs::read(&path).expect("bytes");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).expect("flip a bit");
+        let e = file.read::<Vec<u32>>().expect_err("damaged");
+        assert!(e.to_string().contains("damaged: checksum mismatch"), "{e}");
+
+        std::fs::write(&path, b"something else").expect("overwrite");
+        let e = file.read::<Vec<u32>>().expect_err("not a snapshot");
+        assert!(e.to_string().contains("not a Roster snapshot"), "{e}");
+    }
+}
