@@ -41,7 +41,7 @@ use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Network, Peers, MAX_ENTRIES};
 use crate::raft::proposer::Proposer;
 use crate::raft::snapshot_file::SnapshotFile;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::state_machine::{SnapshotSummary, StateMachine};
 use crate::raft::transport::RaftService;
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
@@ -223,6 +223,107 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
     })
 }
 
+/// Seeds the empty data directory of a node of a new cluster with a
+/// backup's state (`roster snapshot restore`): its identity, the state at the
+/// backup's revision, a log that starts after it, and `members` (id to peer
+/// address) as the membership. Every member is seeded from the same backup;
+/// started, they elect a leader and serve that state at that revision.
+pub async fn restore(
+    cfg: &NodeConfig,
+    backup: &SnapshotSummary,
+    members: BTreeMap<NodeId, String>,
+) -> Result<()> {
+    if !members.contains_key(&cfg.id) {
+        return Err(Error::InvalidArgument(format!(
+            "node {} is not among the members given ({:?}): give its own id and address too",
+            cfg.id,
+            members.keys().collect::<Vec<_>>()
+        )));
+    }
+    let dir = &cfg.data_dir;
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Error::FailedPrecondition(format!(
+            "data directory {} is not empty: a restore seeds a new node's directory; \
+             give an empty or missing one",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Storage(format!("create {}: {e}", dir.display())))?;
+    let Storage {
+        db,
+        marker,
+        mut state_machine,
+        ..
+    } = open_storage(cfg)?;
+    let voters = members.keys().copied().collect();
+    let nodes: BTreeMap<NodeId, Node> = members
+        .into_iter()
+        .map(|(id, addr)| (id, Node::unbound(addr)))
+        .collect();
+    let at = state_machine
+        .seed(backup, openraft::Membership::new(vec![voters], nodes))
+        .await?;
+    let mut log_store = LogStore::open(&db, marker)?;
+    log_store.start_after(at).await.map_err(storage)?;
+    Ok(())
+}
+
+/// Recovery from a lost quorum (`roster recover`): makes a stopped node's
+/// data directory that of a cluster with itself as the only voter, at
+/// `peer_addr`. Every entry in its log is applied first and kept (all it
+/// has: those a majority acknowledged are among them); the members are then
+/// added back with `roster member add`, from empty data directories.
+/// Returns the log index it now starts after.
+pub async fn recover(cfg: &NodeConfig, peer_addr: String) -> Result<u64> {
+    use openraft::storage::RaftStateMachine;
+    use openraft::RaftLogReader;
+
+    let Storage {
+        db,
+        marker,
+        mut state_machine,
+        fresh,
+    } = open_storage(cfg).map_err(|e| match e {
+        Error::Storage(what) if what.contains("sled cannot open it") => {
+            Error::FailedPrecondition(format!("{what}: is the node still running? Stop it first"))
+        }
+        Error::Storage(what) => damaged(cfg, &what),
+        e => e,
+    })?;
+    if fresh {
+        return Err(Error::FailedPrecondition(format!(
+            "data directory {} holds no node's data: nothing to recover",
+            cfg.data_dir.display()
+        )));
+    }
+    let mut log_store = LogStore::open(&db, marker)?;
+    let (applied, _) = state_machine.applied_state().await.map_err(storage)?;
+    let last = log_store
+        .get_log_state()
+        .await
+        .map_err(storage)?
+        .last_log_id;
+    let from = applied.map_or(0, |l| l.index + 1);
+    let entries = log_store
+        .try_get_log_entries(from..)
+        .await
+        .map_err(storage)?;
+    if !entries.is_empty() {
+        state_machine.apply(entries).await.map_err(storage)?;
+    }
+    let Some(at) = last.max(applied) else {
+        return Err(Error::FailedPrecondition(
+            "the node has neither log entries nor state: nothing to recover".into(),
+        ));
+    };
+    let me = BTreeMap::from([(cfg.id, Node::unbound(peer_addr))]);
+    let membership = openraft::Membership::new(vec![me.keys().copied().collect()], me);
+    state_machine.reseat(at, membership).await?;
+    log_store.start_after(at).await.map_err(storage)?;
+    Ok(at.index)
+}
+
 fn encode_format(format: u32) -> Result<Vec<u8>> {
     stored::encode(&format).map_err(|e| Error::Storage(format!("storage format: {e}")))
 }
@@ -378,6 +479,8 @@ struct Core {
     raft: Raft,
     me: Identity,
     state: SharedState,
+    /// Openraft's own copy drives applies; this one takes backups.
+    state_machine: StateMachine,
     peers: Peers,
     contact: Contact,
     proposer: Arc<Proposer>,
@@ -492,6 +595,7 @@ async fn start_raft(
             .last_log_id
             .is_none();
     let state = state_machine.state();
+    let backups = state_machine.clone();
     let learned = Learned::default();
     let timing = cfg.raft.timing();
     let peers = Peers::new(timing.rpc_timeout, dial_peers);
@@ -537,6 +641,7 @@ async fn start_raft(
         raft,
         me,
         state,
+        state_machine: backups,
         peers,
         contact,
         proposer,
@@ -634,10 +739,10 @@ fn serve(
             client: cfg.advertise.clone(),
             peer: cfg.peer_advertise_addr(),
         },
-        core.state.clone(),
         core.proposer.clone(),
         core.peers.clone(),
         core.contact.clone(),
+        core.state_machine.clone(),
     ));
     let cluster = RequestLimit::new(cluster, max_request);
     let acl = RequestLimit::new(

@@ -204,6 +204,11 @@ mod tests {
         assert_eq!(of("Register"), Some(Role::Write));
         assert_eq!(of("Heartbeat"), Some(Role::Write));
         assert_eq!(required("/roster.v1.Cluster/AddMember"), Some(Role::Admin));
+        // A backup holds every token's hash.
+        assert_eq!(
+            required("/roster.v1.Cluster/SaveSnapshot"),
+            Some(Role::Admin)
+        );
         assert_eq!(required("/roster.v1.Acl/CreateToken"), Some(Role::Admin));
         assert_eq!(required("/roster.v1.Acl/Bootstrap"), None);
         assert_eq!(

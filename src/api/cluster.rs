@@ -17,10 +17,13 @@ use crate::raft::election::Contact;
 use crate::raft::marker::Identity;
 use crate::raft::network::Peers;
 use crate::raft::proposer::Proposer;
+use crate::raft::state_machine::StateMachine;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A backup goes out in pieces of this size.
+const BACKUP_CHUNK: usize = 1 << 20;
 /// A new member must catch up with the log (or take a snapshot) within this.
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node being added may take to answer its first Status.
@@ -43,6 +46,7 @@ pub struct ClusterApi {
     proposer: Arc<Proposer>,
     peers: Peers,
     contact: Contact,
+    state_machine: StateMachine,
 }
 
 impl ClusterApi {
@@ -50,19 +54,20 @@ impl ClusterApi {
         raft: Raft,
         me: Identity,
         advertised: Advertised,
-        state: SharedState,
         proposer: Arc<Proposer>,
         peers: Peers,
         contact: Contact,
+        state_machine: StateMachine,
     ) -> Self {
         ClusterApi {
             raft,
             me,
             advertised,
-            state,
+            state: state_machine.state(),
             proposer,
             peers,
             contact,
+            state_machine,
         }
     }
 
@@ -223,8 +228,31 @@ fn role(s: ServerState) -> &'static str {
     }
 }
 
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
+    type SaveSnapshotStream = BackupStream;
+
+    /// On the leader after a read index, so the copy holds every write
+    /// acknowledged before the call; a follower's refusal is forwarded.
+    async fn save_snapshot(
+        &self,
+        _req: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        self.proposer.read_index().await?;
+        let sm = self.state_machine.clone();
+        let bytes = tokio::task::spawn_blocking(move || sm.backup())
+            .await
+            .map_err(|e| Error::Internal(format!("backup task: {e}")))??;
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> = bytes
+            .chunks(BACKUP_CHUNK)
+            .map(|c| Ok(pb::SnapshotChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,

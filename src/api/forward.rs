@@ -75,6 +75,8 @@ fn policy(path: &str, timeout: Duration) -> Policy {
             | "CreateToken" | "RevokeToken",
         ) => (Effect::Write, timeout, true),
         Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT, true),
+        // A large catalogue takes a while to stream.
+        Some("SaveSnapshot") => (Effect::Read, CATCH_UP_TIMEOUT, false),
         _ => (Effect::Write, timeout, false),
     };
     Policy {

@@ -8,7 +8,7 @@ use super::{
     ProtectArgs, RegisterArgs, StatusArgs, TokenCommand, WatchArgs,
 };
 
-fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
+pub(super) fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
     let identity = e.cert.as_deref().zip(e.key.as_deref());
     let c = match &e.cacert {
         Some(ca) => RosterClient::with_tls(&e.endpoints, tls_from_files(ca, identity)?)?,

@@ -3,6 +3,7 @@
 mod commands;
 mod dev_tls;
 mod server;
+mod snapshot;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,6 +73,57 @@ enum Command {
     /// Create, list and revoke tokens (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Back up a cluster, inspect a backup, restore one into a new cluster.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Lost quorum: make a stopped survivor the only voter of its cluster,
+    /// keeping everything in its log; then add the others back.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args)]
+pub struct RecoverArgs {
+    /// The stopped node's data directory.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The node's id.
+    #[arg(long)]
+    pub id: u64,
+    /// The node's cluster id, as it was started with.
+    #[arg(long, default_value = "roster")]
+    pub cluster_id: String,
+    /// The address peers reach the node's peer port at (its --peer-advertise).
+    #[arg(long)]
+    pub peer_address: String,
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Save the whole state (instances, settings, tokens), as of now, from the
+    /// leader to FILE (written atomically; admin token with auth).
+    Save {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        file: PathBuf,
+    },
+    /// Verify a backup's checksum and print its revision, counts and SHA-256.
+    Inspect { file: PathBuf },
+    /// Seed the empty data directory of one node of a new cluster from a
+    /// backup: run it for each node, with the same --initial-cluster.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        id: u64,
+        /// The new cluster's voters at their peer addresses: 1=host:port,2=host:port,3=host:port.
+        #[arg(long)]
+        initial_cluster: String,
+        /// The new cluster's id; default `restored-` and the first 8 hex
+        /// digits of the file's SHA-256, alike for every node restored from it.
+        #[arg(long)]
+        cluster_id: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -368,5 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Member(m) => commands::member(m).await,
         Command::Acl(a) => commands::acl(a).await,
         Command::Token(t) => commands::token(t).await,
+        Command::Snapshot(s) => snapshot::snapshot(s).await,
+        Command::Recover(r) => snapshot::recover(r).await,
     }
 }

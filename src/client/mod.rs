@@ -377,6 +377,21 @@ impl RosterClient {
         .await
     }
 
+    /// A backup (admin): the bytes of a snapshot file with the whole state
+    /// as of now, streamed from the leader; retried whole on another node if
+    /// the stream breaks.
+    pub async fn save_snapshot(&self) -> Result<Vec<u8>, Status> {
+        self.call(SaveSnapshotRequest {}, |ch, r| async move {
+            let mut stream = ClusterClient::new(ch).save_snapshot(r).await?.into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                bytes.extend_from_slice(&chunk.data);
+            }
+            Ok(Response::new(bytes))
+        })
+        .await
+    }
+
     /// Creates the cluster's first admin token; works once per cluster.
     pub async fn acl_bootstrap(&self, req: BootstrapRequest) -> Result<CreatedToken, Status> {
         self.call(

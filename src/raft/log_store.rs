@@ -332,6 +332,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl LogStore {
+    /// Makes an empty log start after `at` (a restored snapshot's position),
+    /// committed up to it, durably.
+    pub async fn start_after(&mut self, at: LogId<NodeId>) -> StorageResult<()> {
+        self.purge(at).await?;
+        self.save_committed(Some(at)).await?;
+        let (db, marker) = (self.db.clone(), self.marker.clone());
+        tokio::task::spawn_blocking(move || flush_and_mark(&db, &marker))
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?
+            .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e)))?;
+        Ok(())
+    }
+
     fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
         let mut batch = sled::Batch::default();
         for kv in self.log.range(range) {

@@ -4,7 +4,8 @@
 //! temporary file, fsynced and renamed over the old one, so a crash leaves
 //! the old snapshot or the new one, never a mix. Outside sled, so that
 //! writing a multi-megabyte snapshot does not hold up the log's group commit,
-//! which flushes the same sled database.
+//! which flushes the same sled database. A backup (`Cluster.SaveSnapshot`,
+//! `roster snapshot save`) is a file of the same format.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,9 +38,32 @@ pub struct SnapshotFile {
 
 impl SnapshotFile {
     pub fn in_dir(dir: &Path) -> Self {
+        Self::at(&dir.join(SNAPSHOT_FILE))
+    }
+
+    /// A snapshot file anywhere, such as a backup.
+    pub fn at(path: &Path) -> Self {
         SnapshotFile {
-            path: dir.join(SNAPSHOT_FILE),
+            path: path.to_path_buf(),
         }
+    }
+
+    /// The file's bytes for `v`.
+    pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
+        let body = stored::encode(v)?;
+        Ok([MAGIC.as_slice(), &body].concat())
+    }
+
+    /// `bytes` (the file's, or a backup's as received), verified against the
+    /// checksum; `path` names them in errors.
+    pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, SnapshotFileError> {
+        let body = bytes
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| SnapshotFileError::NotASnapshot(path.to_path_buf()))?;
+        stored::decode(body).map_err(|source| SnapshotFileError::Damaged {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     pub fn exists(&self) -> bool {
@@ -49,18 +73,24 @@ impl SnapshotFile {
     /// Replaces the file with `v`, durably: written, fsynced, renamed, and the
     /// directory fsynced so the rename survives a crash.
     pub fn write<T: Serialize>(&self, v: &T) -> Result<(), SnapshotFileError> {
-        let body = stored::encode(v).map_err(|source| SnapshotFileError::Damaged {
+        let bytes = Self::encode(v).map_err(|source| SnapshotFileError::Damaged {
             path: self.path.clone(),
             source,
         })?;
-        let tmp = self.path.with_extension("snapshot.tmp");
+        self.write_bytes(&bytes)
+    }
+
+    /// Replaces the file with `bytes` (already in the file's format), durably.
+    pub fn write_bytes(&self, bytes: &[u8]) -> Result<(), SnapshotFileError> {
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SnapshotFileError::Io { path, source }
         };
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(MAGIC).map_err(io(&tmp))?;
-        f.write_all(&body).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
         if let Some(dir) = self.path.parent() {
@@ -83,15 +113,7 @@ impl SnapshotFile {
                 })
             }
         };
-        let body = bytes
-            .strip_prefix(MAGIC)
-            .ok_or_else(|| SnapshotFileError::NotASnapshot(self.path.clone()))?;
-        stored::decode(body)
-            .map(Some)
-            .map_err(|source| SnapshotFileError::Damaged {
-                path: self.path.clone(),
-                source,
-            })
+        Self::decode(&bytes, &self.path).map(Some)
     }
 }
 

@@ -92,6 +92,46 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// A snapshot file's content (a backup's), verified: what `roster snapshot
+/// inspect` shows and what a restore seeds.
+pub struct SnapshotSummary {
+    /// The revision (last applied log index) the state is as of.
+    pub revision: u64,
+    pub instances: usize,
+    /// Names with instances or settings.
+    pub services: usize,
+    pub tokens: usize,
+    /// The encoded state, as a snapshot carries it.
+    data: Vec<u8>,
+}
+
+impl SnapshotSummary {
+    /// Reads and verifies the bytes of a snapshot file; `path` names them in errors.
+    pub fn read(bytes: &[u8], path: &Path) -> crate::error::Result<Self> {
+        let bad = |e: &dyn std::fmt::Display| Error::InvalidArgument(e.to_string());
+        let snap: StoredSnapshot = SnapshotFile::decode(bytes, path).map_err(|e| bad(&e))?;
+        let payload: SnapshotPayload = decode(&snap.data).map_err(|e| {
+            bad(&format!(
+                "{}: the state inside is damaged: {e}",
+                path.display()
+            ))
+        })?;
+        let names: std::collections::BTreeSet<&str> = payload
+            .instances
+            .iter()
+            .map(|i| i.service.as_str())
+            .chain(payload.services.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        Ok(SnapshotSummary {
+            revision: snap.meta.last_log_id.map_or(0, |l| l.index),
+            instances: payload.instances.len(),
+            services: names.len(),
+            tokens: payload.tokens.len(),
+            data: snap.data,
+        })
+    }
+}
+
 /// Storage format 2 to 3: moves the current snapshot out of sled into its
 /// file. The file is durable before the key is removed, so a crash in between
 /// only repeats the move at the next start.
@@ -232,6 +272,13 @@ impl StateMachine {
     /// being overwritten by this older one.
     fn store_copy(&self) -> StorageResult<StoredSnapshot> {
         let _building = self.snapshots.lock().map_err(read_lock_err)?;
+        let stored = self.copy()?;
+        self.store_snapshot(&stored)?;
+        Ok(stored)
+    }
+
+    /// The catalogue and tokens as of the last applied entry, encoded.
+    fn copy(&self) -> StorageResult<StoredSnapshot> {
         let payload = {
             let applied = self.applied.lock().map_err(read_lock_err)?.clone();
             let st = self.state.read().map_err(read_lock_err)?;
@@ -248,12 +295,66 @@ impl StateMachine {
             }
         };
         let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let stored = StoredSnapshot {
+        Ok(StoredSnapshot {
             meta: snapshot_meta(payload.applied),
             data,
+        })
+    }
+
+    /// A copy of the whole state as of the last applied entry, as the bytes
+    /// of a snapshot file: a backup.
+    pub fn backup(&self) -> crate::error::Result<Vec<u8>> {
+        let snap = self
+            .copy()
+            .map_err(|e| Error::Storage(format!("backup: {e}")))?;
+        SnapshotFile::encode(&snap).map_err(|e| Error::Storage(format!("backup: {e}")))
+    }
+
+    /// Makes this (new, empty) state machine hold a backup's state at the
+    /// backup's revision, as the first state of a cluster of `membership`.
+    /// The log position gets term 0, below any term the new cluster elects
+    /// in. Returns that position.
+    pub async fn seed(
+        &mut self,
+        backup: &SnapshotSummary,
+        membership: openraft::Membership<NodeId, Node>,
+    ) -> crate::error::Result<LogId<NodeId>> {
+        let at = LogId::new(openraft::CommittedLeaderId::new(0, 0), backup.revision);
+        self.install_at(at, membership, backup.data.clone()).await?;
+        Ok(at)
+    }
+
+    /// Keeps the state as it is but makes `membership` the one it was
+    /// reached with, at log position `at` (a lost quorum's recovery: the
+    /// survivor alone, at its last entry).
+    pub async fn reseat(
+        &mut self,
+        at: LogId<NodeId>,
+        membership: openraft::Membership<NodeId, Node>,
+    ) -> crate::error::Result<()> {
+        let data = self
+            .copy()
+            .map_err(|e| Error::Storage(format!("copying the state: {e}")))?
+            .data;
+        self.install_at(at, membership, data).await
+    }
+
+    /// Installs `data` as a snapshot at `at` with `membership`: the state in
+    /// memory and in sled, and the snapshot file a lagging member is sent.
+    async fn install_at(
+        &mut self,
+        at: LogId<NodeId>,
+        membership: openraft::Membership<NodeId, Node>,
+        data: Vec<u8>,
+    ) -> crate::error::Result<()> {
+        let meta = SnapshotMeta {
+            last_log_id: Some(at),
+            last_membership: StoredMembership::new(Some(at), membership),
+            snapshot_id: format!("seeded-{}-{}", at.leader_id.term, at.index),
         };
-        self.store_snapshot(&stored)?;
-        Ok(stored)
+        self.install_snapshot(&meta, Box::new(Cursor::new(data)))
+            .await
+            .map_err(|e| Error::Storage(format!("installing the state: {e}")))
     }
 
     /// Writes `snap` as the current snapshot, durably: openraft may purge the

@@ -57,6 +57,7 @@ pub struct TestCluster {
     /// TLS of the harness's clients (`Setup::client_tls`).
     pub client_tls: Option<ClientTlsConfig>,
     auth: bool,
+    auth_secret: Option<String>,
     /// The bootstrap (admin) token the harness's clients send (`Setup::auth`).
     token: OnceLock<String>,
 }
@@ -70,6 +71,9 @@ pub struct Setup {
     /// The config (`extra`) enables `[auth]`: the harness bootstraps the
     /// ACL as the cluster starts and uses that admin token (`TestCluster::token`).
     pub auth: bool,
+    /// The secret the harness bootstraps with (default: one of its own); a
+    /// restored cluster's bootstrap secret gets its admin token back.
+    pub auth_secret: Option<String>,
     /// Hard and soft `RLIMIT_NOFILE` of each node process.
     pub fd_limit: Option<u64>,
     /// Each node in a network namespace of its own, so the test can partition them.
@@ -83,6 +87,9 @@ pub struct Setup {
     /// lab's `root_ip` and see each peer by its namespace address, so faults
     /// can be set per link (`TestCluster::link`).
     pub proxies: bool,
+    /// Seed every node's data directory from this backup first, with
+    /// `roster snapshot restore` (cluster id `test`, as the configs say).
+    pub restore_from: Option<PathBuf>,
 }
 
 /// What a node logs when its listen or metrics port was taken before it bound it.
@@ -138,7 +145,10 @@ impl TestCluster {
             // Our own secret: a retry after a lost answer gets the same token.
             let req = BootstrapRequest {
                 description: "test harness".into(),
-                secret: format!("harness-{:032x}", fastrand::u128(..)),
+                secret: self
+                    .auth_secret
+                    .clone()
+                    .unwrap_or_else(|| format!("harness-{:032x}", fastrand::u128(..))),
             };
             let bootstrapped = self
                 .wait_for("the ACL bootstrap", Duration::from_secs(20), || async {
@@ -203,6 +213,7 @@ impl TestCluster {
             proxied: setup.proxies,
             client_tls: setup.client_tls,
             auth: setup.auth,
+            auth_secret: setup.auth_secret,
             token: OnceLock::new(),
         };
         for (host, port, peer_port) in addrs {
@@ -215,6 +226,22 @@ impl TestCluster {
             .collect();
         for id in 1..=n {
             c.write_config(id, &initial.join(","));
+        }
+        if let Some(backup) = &setup.restore_from {
+            for id in 1..=n {
+                let out = Command::new(env!("CARGO_BIN_EXE_roster"))
+                    .args(["snapshot", "restore"])
+                    .arg(backup)
+                    .arg("--data-dir")
+                    .arg(c.data_dir(id))
+                    .args(["--id", &id.to_string(), "--cluster-id", "test"])
+                    .args(["--initial-cluster", &initial.join(",")])
+                    .output()
+                    .expect("run roster snapshot restore");
+                if !out.status.success() {
+                    return Err(format!("restore of node {id} failed: {out:?}"));
+                }
+            }
         }
         for id in 1..=n {
             c.start_node(id);
