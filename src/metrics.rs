@@ -19,47 +19,49 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::raft::election::Contact;
-use crate::raft::leadership::can_serve;
+use crate::raft::leadership::{can_serve, lag_entries};
 use crate::raft::network::Peers;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;
 
+/// What the metrics are read from.
+#[derive(Clone)]
+pub struct Sources {
+    pub raft: Raft,
+    pub state: SharedState,
+    pub peers: Peers,
+    pub contact: Contact,
+    /// The log's flush durations, kept by the log store.
+    pub fsync: Histogram,
+}
+
 /// Serves `/metrics` and `/ready` on `addr` until the returned task is
 /// aborted; `lease` is how long a leader counts as such after a quorum last
 /// answered it.
-pub async fn serve(
-    addr: SocketAddr,
-    raft: Raft,
-    state: SharedState,
-    peers: Peers,
-    contact: Contact,
-    lease: Duration,
-) -> Result<JoinHandle<()>> {
+pub async fn serve(addr: SocketAddr, sources: Sources, lease: Duration) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Unavailable(format!("bind metrics listener {addr}: {e}")))?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let (raft, state) = (raft.clone(), state.clone());
-            let (peers, contact) = (peers.clone(), contact.clone());
+            let sources = sources.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let reply = match req.uri().path() {
                         "/metrics" => Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(render(
-                                &raft, &state, &peers, &contact,
-                            )))),
+                            .body(Full::new(Bytes::from(render(&sources)))),
                         "/ready" => {
-                            let m = raft.metrics().borrow().clone();
-                            match can_serve(&m, m.id, lease, &contact) {
+                            let m = sources.raft.metrics().borrow().clone();
+                            match can_serve(&m, m.id, lease, &sources.contact) {
                                 true => Response::builder()
                                     .body(Full::new(Bytes::from_static(b"ready\n"))),
                                 false => Response::builder()
@@ -92,11 +94,16 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
 }
 
 /// The metrics text; built per scrape, so nothing else in the node keeps counters.
-pub fn render(raft: &Raft, state: &SharedState, peers: &Peers, contact: &Contact) -> String {
-    let m = raft.metrics().borrow().clone();
+pub fn render(s: &Sources) -> String {
+    let m = s.raft.metrics().borrow().clone();
     let mut r = Registry::with_prefix("roster");
-    raft_metrics(&mut r, &m, peers, contact);
-    if let Ok(st) = state.read() {
+    raft_metrics(&mut r, &m, &s.peers, &s.contact);
+    r.register(
+        "log_fsync_seconds",
+        "Duration of each group-commit flush (fsync) of the Raft log",
+        s.fsync.clone(),
+    );
+    if let Ok(st) = s.state.read() {
         registry_metrics(&mut r, &st);
     }
     let mut out = String::new();
@@ -163,6 +170,18 @@ fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, 
             "raft_peer_rtt_seconds",
             "Smoothed heartbeat round trip from this leader to each peer",
             rtt,
+        );
+        let lag: Family<Vec<(String, String)>, Gauge> = Family::default();
+        for peer in m.membership_config.membership().nodes().map(|(id, _)| *id) {
+            if let Some(behind) = lag_entries(m, peer) {
+                lag.get_or_create(&vec![("peer".to_string(), peer.to_string())])
+                    .set(i64::try_from(behind).unwrap_or(i64::MAX));
+            }
+        }
+        r.register(
+            "raft_peer_lag_entries",
+            "Log entries each peer lacks, as this leader last knew",
+            lag,
         );
         let early: Family<Vec<(String, String)>, Counter> = Family::default();
         for (peer, (accepted, broken)) in peers.early_appends() {

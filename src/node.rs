@@ -9,6 +9,7 @@ use futures::FutureExt;
 use openraft::error::{InitializeError, RaftError};
 use openraft::storage::RaftLogStorage;
 use openraft::{ServerState, SnapshotPolicy};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -481,6 +482,8 @@ struct Core {
     state: SharedState,
     /// Openraft's own copy drives applies; this one takes backups.
     state_machine: StateMachine,
+    /// The log's flush durations.
+    fsync: Histogram,
     peers: Peers,
     contact: Contact,
     proposer: Arc<Proposer>,
@@ -521,10 +524,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         Some(addr) => Some(
             crate::metrics::serve(
                 addr,
-                core.raft.clone(),
-                core.state.clone(),
-                core.peers.clone(),
-                core.contact.clone(),
+                crate::metrics::Sources {
+                    raft: core.raft.clone(),
+                    state: core.state.clone(),
+                    peers: core.peers.clone(),
+                    contact: core.contact.clone(),
+                    fsync: core.fsync.clone(),
+                },
                 core.timing.election_min,
             )
             .await?,
@@ -582,6 +588,7 @@ async fn start_raft(
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
     let durable = log_store.durable();
+    let fsync = log_store.fsync_seconds();
     let appends = log_store.appends();
     let dial_peers = tls.map(Tls::dial_peers);
     if fresh && !members.is_empty() {
@@ -642,6 +649,7 @@ async fn start_raft(
         me,
         state,
         state_machine: backups,
+        fsync,
         peers,
         contact,
         proposer,

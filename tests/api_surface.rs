@@ -132,6 +132,24 @@ async fn health_and_reflection_are_served() {
     }
 }
 
+/// The metric names the shipped alert rules and dashboard refer to.
+fn shipped_metrics() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/monitoring/");
+    let text: String = ["roster-alerts.yml", "roster-dashboard.json"]
+        .iter()
+        .map(|f| std::fs::read_to_string(format!("{dir}{f}")).expect("a monitoring file"))
+        .collect();
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("roster_") && w.len() > "roster_".len())
+        .map(|w| w.strip_suffix("_bucket").unwrap_or(w).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    names
+}
+
 #[tokio::test]
 async fn prometheus_metrics_show_raft_and_catalogue_state() {
     let c = TestCluster::start(3).await;
@@ -161,6 +179,34 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
             .filter(|l| l.starts_with("roster_raft_peer_rtt_seconds{peer="))
             .count();
         assert_eq!(rtts, if n.id == leader { 2 } else { 0 }, "{body}");
+        // And how many entries each lacks: caught up, none.
+        let lags: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("roster_raft_peer_lag_entries{peer="))
+            .collect();
+        match n.id == leader {
+            true => assert!(
+                lags.len() == 2 && lags.iter().all(|l| l.ends_with(" 0")),
+                "{body}"
+            ),
+            false => assert!(lags.is_empty(), "{body}"),
+        }
+        // Each flush of the log is timed; the write above needed at least one.
+        let flushes: u64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("roster_log_fsync_seconds_count "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no fsync count in\n{body}"));
+        assert!(flushes > 0, "{body}");
+        // The leader exports every metric the shipped alerts and dashboard use.
+        if n.id == leader {
+            for name in shipped_metrics() {
+                assert!(
+                    body.lines().any(|l| l.starts_with(&name)),
+                    "deploy/monitoring uses {name}, not in\n{body}"
+                );
+            }
+        }
         // Readiness over plain HTTP, for probes that cannot speak gRPC over TLS.
         let ready = reqwest::get(format!("http://127.0.0.1:{}/ready", n.metrics_port))
             .await

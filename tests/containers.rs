@@ -67,11 +67,26 @@ fn image() {
     });
 }
 
-/// Three containers on their own network; removed (with the network) on drop.
+/// Node i's name on the container network.
+fn alias(i: u64) -> String {
+    format!("roster-{i}")
+}
+
+/// `n` voters at their peer addresses, as `--initial-cluster` takes them.
+fn initial_cluster(n: u64) -> String {
+    (1..=n)
+        .map(|i| format!("{i}={}:7002", alias(i)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Containers on their own network; removed (with the network) on drop.
 struct DockerCluster {
     tag: String,
     network: String,
     secure: Option<Secure>,
+    /// How many nodes.
+    n: u64,
 }
 
 /// TLS on both ports and tokens: the certificates (mounted into every
@@ -84,7 +99,7 @@ struct Secure {
 
 impl DockerCluster {
     fn start() -> DockerCluster {
-        Self::launch(None)
+        Self::launch(3, None, None)
     }
 
     /// With TLS on both ports (mutual between the nodes) and `--auth`; the
@@ -106,7 +121,7 @@ impl DockerCluster {
             _certs: dir,
             token: OnceLock::new(),
         };
-        let c = Self::launch(Some(secure));
+        let c = Self::launch(3, Some(secure), None);
         // A secret of our own: a retry after a lost answer gets the same token.
         let req = BootstrapRequest {
             secret: format!("containers-{:032x}", fastrand::u128(..)),
@@ -131,7 +146,9 @@ impl DockerCluster {
         c
     }
 
-    fn launch(secure: Option<Secure>) -> DockerCluster {
+    /// `n` nodes; with `data`, node i's data directory is `data/node-i` on
+    /// the host (bind-mounted), so the host can seed or recover it.
+    fn launch(n: u64, secure: Option<Secure>, data: Option<&std::path::Path>) -> DockerCluster {
         image();
         let tag = format!("rt{}-{}", std::process::id(), fastrand::u32(..));
         let network = format!("{tag}-net");
@@ -140,6 +157,7 @@ impl DockerCluster {
             tag,
             network,
             secure,
+            n,
         };
         let certs = c
             .secure
@@ -154,11 +172,8 @@ impl DockerCluster {
             ],
             None => &[],
         };
-        let initial = (1..=3)
-            .map(|i| format!("{i}={}:7002", c.host(i)))
-            .collect::<Vec<_>>()
-            .join(",");
-        for i in 1..=3 {
+        let initial = initial_cluster(n);
+        for i in 1..=n {
             let (name, alias) = (c.name(i), c.host(i));
             let mut args = vec![
                 "run",
@@ -176,6 +191,10 @@ impl DockerCluster {
             ];
             if let Some(volume) = &certs {
                 args.extend(["-v", volume.as_str()]);
+            }
+            let mount = data.map(|d| format!("{}:/data", d.join(format!("node-{i}")).display()));
+            if let Some(mount) = &mount {
+                args.extend(["-v", mount.as_str()]);
             }
             let (peer_advertise, advertise) = (format!("{alias}:7002"), format!("{alias}:7001"));
             let id = i.to_string();
@@ -210,7 +229,7 @@ impl DockerCluster {
     }
 
     fn host(&self, i: u64) -> String {
-        format!("roster-{i}")
+        alias(i)
     }
 
     /// The loopback address the container's port 7001 is published on.
@@ -285,7 +304,7 @@ impl DockerCluster {
 
 impl Drop for DockerCluster {
     fn drop(&mut self) {
-        for i in 1..=3 {
+        for i in 1..=self.n {
             if std::thread::panicking() {
                 if let Ok(logs) = docker(&["logs", "--tail", "30", &self.name(i)]) {
                     eprintln!("--- {} ---\n{logs}", self.name(i));
@@ -442,4 +461,171 @@ async fn container_killed_leader_with_tls_and_tokens_is_replaced_and_catches_up(
     assert_eq!(back.role, "follower", "{back:?}");
     let there = ids(&c.client(&[old]), "payments", Consistency::Stale).await;
     assert_eq!(there.len(), 20, "{there:?}");
+}
+
+/// The 5-node cluster: serves writes and linearizable reads with two nodes
+/// stopped, refuses writes with three (UNAVAILABLE, without hanging), and
+/// comes back whole when every node is started again from its data.
+#[tokio::test]
+async fn container_five_nodes_lose_two_serve_lose_three_refuse_then_restart_from_their_data() {
+    if !engine_ready() {
+        return;
+    }
+    let c = DockerCluster::launch(5, None, None);
+    let all: Vec<u64> = (1..=5).collect();
+    let leader = c.leader(&all).await;
+    let client = c.client(&all);
+    for n in 0..20 {
+        register(&client, "orders", &format!("o-{n}"), 9000 + n).await;
+    }
+    // Two stopped, the leader among them.
+    let first_two = [leader, (1..=5).find(|&i| i != leader).expect("another")];
+    for i in first_two {
+        docker(&["stop", "-t", "10", &c.name(i)]).expect("stop");
+    }
+    let up: Vec<u64> = all
+        .iter()
+        .copied()
+        .filter(|i| !first_two.contains(i))
+        .collect();
+    let three = c.client(&up);
+    for n in 20..30 {
+        register(&three, "orders", &format!("o-{n}"), 9000 + n).await;
+    }
+    assert_eq!(
+        ids(&three, "orders", Consistency::Linearizable).await.len(),
+        30
+    );
+    // A third stopped: two of five are no majority. Once they know it (no
+    // leader), a write is refused at once, not left to time out.
+    docker(&["stop", "-t", "10", &c.name(up[0])]).expect("stop");
+    let stopped = Instant::now();
+    c.wait("the two left to know they have no leader", || async {
+        for &i in &up[1..] {
+            if c.status(i).await?.leader_id != 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let leaderless = stopped.elapsed();
+    let channel = endpoint(&c.endpoint(up[1]), None)
+        .connect()
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let e = roster::proto::v1::registry_client::RegistryClient::new(channel)
+        .register(RegisterRequest {
+            instance: Some(instance("orders", "refused", 1)),
+        })
+        .await
+        .expect_err("a write without a majority");
+    let took = started.elapsed();
+    eprintln!(
+        "no leader {leaderless:?} after the third stop; a write then refused in {took:?}: {e}"
+    );
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+
+    // The whole cluster stopped, then started from its data.
+    for &i in &up[1..] {
+        docker(&["stop", "-t", "10", &c.name(i)]).expect("stop");
+    }
+    for &i in &all {
+        docker(&["start", &c.name(i)]).expect("start");
+    }
+    c.leader(&all).await;
+    let back = c.client(&all);
+    let ids_back = c
+        .wait("the restarted cluster to serve", || async {
+            let got = ids(&back, "orders", Consistency::Linearizable).await;
+            (got.len() >= 30).then_some(got)
+        })
+        .await;
+    assert_eq!(ids_back.len(), 30, "{ids_back:?}");
+    assert!(!ids_back.contains(&"refused".to_string()));
+}
+
+/// A backup of one cluster of containers restored into a fresh one; then, in
+/// that one, a lost quorum recovered from a single survivor.
+#[tokio::test]
+async fn container_backup_restores_into_a_fresh_cluster_and_a_lost_quorum_is_recovered() {
+    if !engine_ready() {
+        return;
+    }
+    let roster = env!("CARGO_BIN_EXE_roster");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backup = dir.path().join("containers.backup");
+    {
+        let old = DockerCluster::start();
+        old.leader(&[1, 2, 3]).await;
+        let client = old.client(&[1, 2, 3]);
+        for n in 0..40 {
+            register(&client, "carts", &format!("c-{n}"), 7000 + n).await;
+        }
+        let out = Command::new(roster)
+            .args(["snapshot", "save", "--endpoints", &old.endpoint(2)])
+            .arg(&backup)
+            .output()
+            .expect("roster snapshot save");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    let data = dir.path().join("data");
+    let initial = initial_cluster(3);
+    for i in 1..=3u64 {
+        let out = Command::new(roster)
+            .args(["snapshot", "restore"])
+            .arg(&backup)
+            .arg("--data-dir")
+            .arg(data.join(format!("node-{i}")))
+            .args(["--id", &i.to_string(), "--cluster-id", "containers"])
+            .args(["--initial-cluster", &initial])
+            .output()
+            .expect("roster snapshot restore");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let c = DockerCluster::launch(3, None, Some(&data));
+    let leader = c.leader(&[1, 2, 3]).await;
+    for i in 1..=3 {
+        let node = RosterClient::new(&[c.endpoint(i)]).expect("client");
+        let got = c
+            .wait("every node to serve the restored state", || async {
+                let got = ids(&node, "carts", Consistency::Stale).await;
+                (got.len() == 40).then_some(got)
+            })
+            .await;
+        assert_eq!(got.len(), 40);
+    }
+
+    // Two nodes lost for good, the leader among them; the survivor stopped,
+    // recovered from the host, started alone.
+    let survivor = (1..=3).find(|&i| i != leader).expect("a follower");
+    for i in (1..=3).filter(|&i| i != survivor) {
+        docker(&["kill", &c.name(i)]).expect("kill");
+    }
+    docker(&["stop", "-t", "10", &c.name(survivor)]).expect("stop");
+    let started = Instant::now();
+    let out = Command::new(roster)
+        .arg("recover")
+        .arg("--data-dir")
+        .arg(data.join(format!("node-{survivor}")))
+        .args(["--id", &survivor.to_string(), "--cluster-id", "containers"])
+        .args(["--peer-address", &format!("{}:7002", c.host(survivor))])
+        .output()
+        .expect("roster recover");
+    assert!(out.status.success(), "{out:?}");
+    docker(&["start", &c.name(survivor)]).expect("start");
+    assert_eq!(c.leader(&[survivor]).await, survivor);
+    let alone = RosterClient::new(&[c.endpoint(survivor)]).expect("client");
+    register(&alone, "carts", "after", 1).await;
+    eprintln!(
+        "recovered survivor took its first write {:?} after recover began",
+        started.elapsed()
+    );
+    assert_eq!(
+        ids(&alone, "carts", Consistency::Linearizable).await.len(),
+        41
+    );
 }

@@ -14,6 +14,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
 use crate::raft::election::Contact;
+use crate::raft::leadership::lag_entries;
 use crate::raft::marker::Identity;
 use crate::raft::network::Peers;
 use crate::raft::proposer::Proposer;
@@ -77,7 +78,6 @@ impl ClusterApi {
         let leading = m.current_leader == Some(self.me.node_id);
         let rtts = self.peers.rtts();
         let contacts = self.peers.last_contacts();
-        let last_log = m.last_log_index.unwrap_or(0);
         let acknowledged = |id: &NodeId| {
             m.replication
                 .as_ref()
@@ -101,10 +101,7 @@ impl ClusterApi {
                     .get(id)
                     .filter(|_| leading && *id != self.me.node_id)
                     .map(|d| d.as_secs_f64() * 1000.0),
-                // Entries in the leader's log it has not acknowledged; a member
-                // that acknowledged nothing since this leader took office lacks all.
-                lag_entries: (leading && *id != self.me.node_id)
-                    .then(|| last_log.saturating_sub(acknowledged(id).unwrap_or(0))),
+                lag_entries: lag_entries(&m, *id),
             })
             .collect()
     }

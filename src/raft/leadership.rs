@@ -176,3 +176,17 @@ pub async fn transfer(
         .await;
     took_over.ok().and_then(|m| m.current_leader)
 }
+
+/// Log entries member `id` lacks as this leader last knew (its last log
+/// index minus what the member acknowledged; one that acknowledged nothing
+/// since this leader took office lacks all); `None` off the leader or for the
+/// leader itself.
+pub fn lag_entries(m: &RaftMetrics<NodeId, Node>, id: NodeId) -> Option<u64> {
+    let acknowledged = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&id).copied().flatten())
+        .map_or(0, |l| l.index);
+    (m.current_leader == Some(m.id) && id != m.id)
+        .then(|| m.last_log_index.unwrap_or(0).saturating_sub(acknowledged))
+}

@@ -21,6 +21,7 @@ use super::pipeline::Appends;
 use super::stored::{decode, encode};
 use super::{trees, NodeId, TypeConfig};
 use crate::error::Error;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -37,6 +38,12 @@ pub struct LogStore {
     marker: Arc<Marker>,
     durable: watch::Receiver<Option<u64>>,
     appends: Appends,
+    fsync: Histogram,
+}
+
+/// Seconds each group-commit flush of the log took: 0.25 ms to ~8 s.
+fn fsync_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
 impl LogStore {
@@ -45,7 +52,14 @@ impl LogStore {
     pub fn open(db: &sled::Db, marker: Arc<Marker>) -> Result<Self, sled::Error> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(None);
-        tokio::spawn(run_flusher(db.clone(), marker.clone(), rx, durable_tx));
+        let fsync = fsync_histogram();
+        tokio::spawn(run_flusher(
+            db.clone(),
+            marker.clone(),
+            rx,
+            durable_tx,
+            fsync.clone(),
+        ));
         Ok(LogStore {
             db: db.clone(),
             log: db.open_tree(trees::LOG)?,
@@ -54,7 +68,13 @@ impl LogStore {
             marker,
             durable,
             appends: Appends::default(),
+            fsync,
         })
+    }
+
+    /// How long the log's flushes take (`roster_log_fsync_seconds`).
+    pub fn fsync_seconds(&self) -> Histogram {
+        self.fsync.clone()
     }
 
     /// The last log index known to be on disk, updated after every flush.
@@ -154,6 +174,7 @@ async fn run_flusher(
     marker: Arc<Marker>,
     mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
     durable: watch::Sender<Option<u64>>,
+    fsync: Histogram,
 ) {
     let (flushed, latest) = watch::channel(None);
     tokio::spawn(run_marker_writer(marker.clone(), latest));
@@ -165,9 +186,13 @@ async fn run_flusher(
         }
         let db = db.clone();
         let marker = marker.clone();
+        let fsync = fsync.clone();
         let flush = move || {
             let ticket = marker.sample();
-            db.flush().map(|_| ticket)
+            let started = std::time::Instant::now();
+            let flushed = db.flush();
+            fsync.observe(started.elapsed().as_secs_f64());
+            flushed.map(|_| ticket)
         };
         let res = match tokio::task::spawn_blocking(flush).await {
             Ok(Ok(ticket)) => {
