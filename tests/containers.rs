@@ -153,75 +153,81 @@ impl DockerCluster {
         let tag = format!("rt{}-{}", std::process::id(), fastrand::u32(..));
         let network = format!("{tag}-net");
         docker(&["network", "create", &network]).expect("network");
-        let c = DockerCluster {
+        let mut c = DockerCluster {
             tag,
             network,
             secure,
-            n,
+            n: 0,
         };
-        let certs = c
+        let initial = initial_cluster(n);
+        for i in 1..=n {
+            c.run_node(i, Some(&initial), data);
+        }
+        c
+    }
+
+    /// Starts container `i`: an initial member, or (no `initial`) a node
+    /// that waits to be added. The cluster's containers are 1..=`n`.
+    fn run_node(&mut self, i: u64, initial: Option<&str>, data: Option<&std::path::Path>) {
+        self.n = self.n.max(i);
+        let certs = self
             .secure
             .as_ref()
             .map(|s| format!("{}:/certs:ro", s._certs.path().display()));
-        let secure_args: &[&str] = match c.secure {
-            Some(_) => &[
+        let (name, alias) = (self.name(i), self.host(i));
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &self.network,
+            "--network-alias",
+            &alias,
+            "-p",
+            "127.0.0.1::7001",
+            "-e",
+            "RUST_LOG=warn,openraft=error",
+        ];
+        if let Some(volume) = &certs {
+            args.extend(["-v", volume.as_str()]);
+        }
+        let mount = data.map(|d| format!("{}:/data", d.join(format!("node-{i}")).display()));
+        if let Some(mount) = &mount {
+            args.extend(["-v", mount.as_str()]);
+        }
+        let (peer_advertise, advertise) = (format!("{alias}:7002"), format!("{alias}:7001"));
+        let id = i.to_string();
+        args.extend([
+            IMAGE,
+            "server",
+            "--id",
+            &id,
+            "--cluster-id",
+            "containers",
+            "--listen",
+            "0.0.0.0:7001",
+            "--advertise",
+            &advertise,
+            "--peer-listen",
+            "0.0.0.0:7002",
+            "--peer-advertise",
+            &peer_advertise,
+            "--data-dir",
+            "/data",
+        ]);
+        if let Some(initial) = initial {
+            args.extend(["--initial-cluster", initial]);
+        }
+        if self.secure.is_some() {
+            args.extend([
                 "--tls-cert=/certs/node.crt",
                 "--tls-key=/certs/node.key",
                 "--tls-ca=/certs/ca.crt",
                 "--auth",
-            ],
-            None => &[],
-        };
-        let initial = initial_cluster(n);
-        for i in 1..=n {
-            let (name, alias) = (c.name(i), c.host(i));
-            let mut args = vec![
-                "run",
-                "-d",
-                "--name",
-                &name,
-                "--network",
-                &c.network,
-                "--network-alias",
-                &alias,
-                "-p",
-                "127.0.0.1::7001",
-                "-e",
-                "RUST_LOG=warn,openraft=error",
-            ];
-            if let Some(volume) = &certs {
-                args.extend(["-v", volume.as_str()]);
-            }
-            let mount = data.map(|d| format!("{}:/data", d.join(format!("node-{i}")).display()));
-            if let Some(mount) = &mount {
-                args.extend(["-v", mount.as_str()]);
-            }
-            let (peer_advertise, advertise) = (format!("{alias}:7002"), format!("{alias}:7001"));
-            let id = i.to_string();
-            args.extend([
-                IMAGE,
-                "server",
-                "--id",
-                &id,
-                "--cluster-id",
-                "containers",
-                "--listen",
-                "0.0.0.0:7001",
-                "--advertise",
-                &advertise,
-                "--peer-listen",
-                "0.0.0.0:7002",
-                "--peer-advertise",
-                &peer_advertise,
-                "--data-dir",
-                "/data",
-                "--initial-cluster",
-                &initial,
             ]);
-            args.extend(secure_args);
-            docker(&args).expect("run container");
         }
-        c
+        docker(&args).expect("run container");
     }
 
     fn name(&self, i: u64) -> String {
@@ -628,4 +634,89 @@ async fn container_backup_restores_into_a_fresh_cluster_and_a_lost_quorum_is_rec
         ids(&alone, "carts", Consistency::Linearizable).await.len(),
         41
     );
+}
+
+/// The cluster grows 3 → 5 → 3 with membership changes while a client keeps
+/// writing: no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_cluster_grows_to_five_and_shrinks_to_three_under_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    if !engine_ready() {
+        return;
+    }
+    let mut c = DockerCluster::launch(3, None, None);
+    c.leader(&[1, 2, 3]).await;
+    let client = Arc::new(c.client(&[1, 2, 3]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(Mutex::new(0u32));
+    let writer = {
+        let (client, stop, acked, failed) =
+            (client.clone(), stop.clone(), acked.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("g-{n}");
+                let req = RegisterRequest {
+                    instance: Some(instance("growing", &id, 8000)),
+                };
+                match client.register(req).await {
+                    Ok(_) => acked.lock().expect("acked").push(id),
+                    Err(_) => *failed.lock().expect("failed") += 1,
+                }
+                n += 1;
+            }
+        })
+    };
+    let voters = |s: &StatusResponse| -> Vec<u64> {
+        let mut v: Vec<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+        v.sort();
+        v
+    };
+    for id in [4, 5] {
+        c.run_node(id, None, None);
+        client
+            .add_member(AddMemberRequest {
+                id,
+                address: format!("{}:7001", c.host(id)),
+            })
+            .await
+            .expect("add a member");
+    }
+    let all: Vec<u64> = (1..=5).collect();
+    let leader = c.leader(&all).await;
+    let s = c.status(leader).await.expect("status");
+    assert_eq!(voters(&s), all);
+    for id in [5, 4] {
+        client
+            .remove_member(RemoveMemberRequest { id })
+            .await
+            .expect("remove a member");
+        docker(&["stop", "-t", "10", &c.name(id)]).expect("stop");
+    }
+    let leader = c.leader(&[1, 2, 3]).await;
+    assert_eq!(voters(&c.status(leader).await.expect("status")), [1, 2, 3]);
+    let before = acked.lock().expect("acked").len();
+    c.wait("writes after the shrink", || async {
+        (acked.lock().expect("acked").len() > before + 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    let acked = acked.lock().expect("acked").clone();
+    let mut stored = ids(&client, "growing", Consistency::Linearizable).await;
+    stored.sort();
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|id| stored.binary_search(id).is_err())
+        .collect();
+    eprintln!(
+        "3 -> 5 -> 3: {} writes acknowledged, {} failed, {} lost",
+        acked.len(),
+        failed.lock().expect("failed"),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
 }
