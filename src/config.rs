@@ -164,6 +164,43 @@ impl Default for Limits {
     }
 }
 
+/// `[autopilot]`: the leader looks after the membership (Consul's
+/// autopilot); off by default.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Autopilot {
+    pub enabled: bool,
+    /// A voter that has not answered the leader for this long is removed,
+    /// if at least `min_quorum` voters remain.
+    pub dead_server_after_ms: u64,
+    pub min_quorum: usize,
+    /// A node added with `member add` becomes a voter only once it has stayed
+    /// caught up with the leader for this long.
+    pub server_stabilization_time_ms: u64,
+}
+
+impl Autopilot {
+    /// The policy the leader follows, when enabled.
+    pub fn policy(&self) -> Option<crate::raft::autopilot::Policy> {
+        self.enabled.then(|| crate::raft::autopilot::Policy {
+            dead_after: Duration::from_millis(self.dead_server_after_ms),
+            min_quorum: self.min_quorum,
+            stabilization: Duration::from_millis(self.server_stabilization_time_ms),
+        })
+    }
+}
+
+impl Default for Autopilot {
+    fn default() -> Self {
+        Autopilot {
+            enabled: false,
+            dead_server_after_ms: 30_000,
+            min_quorum: 3,
+            server_stabilization_time_ms: 10_000,
+        }
+    }
+}
+
 /// `[auth]`: tokens with roles and service scopes (see `api::auth`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +277,8 @@ pub struct NodeConfig {
     pub tls: Option<TlsFiles>,
     #[serde(default)]
     pub auth: Auth,
+    #[serde(default)]
+    pub autopilot: Autopilot,
 }
 
 fn default_cluster_id() -> String {
@@ -279,6 +318,7 @@ impl NodeConfig {
             limits: Limits::default(),
             tls: None,
             auth: Auth::default(),
+            autopilot: Autopilot::default(),
         }
     }
 
@@ -422,6 +462,15 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<NodeId, String>, Config
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The commented example operators copy parses, every section included.
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../deploy/config/node-1.toml");
+        let cfg: NodeConfig = toml::from_str(text).expect("deploy/config/node-1.toml");
+        assert_eq!(cfg.autopilot, Autopilot::default());
+        assert!(cfg.autopilot.policy().is_none());
+    }
 
     #[test]
     fn initial_cluster() {

@@ -681,6 +681,15 @@ fn spawn_tasks(core: &Core, cfg: &NodeConfig, leases: Arc<Leases>) -> HealthServ
         core.contact.clone(),
         timing,
     ));
+    if let Some(policy) = cfg.autopilot.policy() {
+        tokio::spawn(crate::raft::autopilot::run(
+            raft.clone(),
+            cfg.id,
+            core.peers.clone(),
+            policy,
+            timing.heartbeat,
+        ));
+    }
     // With no answer from a quorum for the longest election timeout, followers
     // will have elected another: the leader steps down.
     tokio::spawn(leadership::check_quorum(
@@ -740,18 +749,21 @@ fn serve(
     // Every service of the client port but Raft's, whose messages are large.
     let max_request = cfg.limits.max_request_bytes;
     let registry = RequestLimit::new(registry, max_request);
-    let cluster = ClusterServer::new(ClusterApi::new(
-        core.raft.clone(),
-        core.me.clone(),
-        Advertised {
-            client: cfg.advertise.clone(),
-            peer: cfg.peer_advertise_addr(),
-        },
-        core.proposer.clone(),
-        core.peers.clone(),
-        core.contact.clone(),
-        core.state_machine.clone(),
-    ));
+    let cluster = ClusterServer::new(
+        ClusterApi::new(
+            core.raft.clone(),
+            core.me.clone(),
+            Advertised {
+                client: cfg.advertise.clone(),
+                peer: cfg.peer_advertise_addr(),
+            },
+            core.proposer.clone(),
+            core.peers.clone(),
+            core.contact.clone(),
+            core.state_machine.clone(),
+        )
+        .with_autopilot(cfg.autopilot.policy()),
+    );
     let cluster = RequestLimit::new(cluster, max_request);
     let acl = RequestLimit::new(
         AclServer::new(AclApi::new(core.state.clone(), core.proposer.clone())),

@@ -190,3 +190,68 @@ async fn the_leader_reports_each_members_lag_and_last_contact() {
     )
     .await;
 }
+
+/// `[autopilot]`: a dead voter is removed while `min_quorum` voters remain,
+/// kept (and said so) when removing it would leave fewer, and a node added
+/// becomes a voter only after it has stayed caught up for the stabilization time.
+#[tokio::test]
+async fn autopilot_removes_dead_voters_down_to_min_quorum_and_promotes_stable_nodes() {
+    let extra = "[autopilot]\nenabled = true\ndead_server_after_ms = 1500\nmin_quorum = 3\n\
+                 server_stabilization_time_ms = 1000\n";
+    let mut c = TestCluster::start_with(4, extra).await;
+    let leader = c.leader().await;
+    let voters = |s: &StatusResponse| -> BTreeSet<u64> {
+        s.members.iter().filter(|m| m.voter).map(|m| m.id).collect()
+    };
+    let mut followers = (1..=4).filter(|&i| i != leader);
+    let (a, b) = (followers.next().expect("a"), followers.next().expect("b"));
+
+    c.kill(a);
+    c.wait_for(
+        "autopilot to remove the dead voter",
+        Duration::from_secs(20),
+        || async {
+            let s = c.status(leader).await?;
+            (!voters(&s).contains(&a)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(voters(&c.status(leader).await.expect("status")).len(), 3);
+    register(&c.client(), "payments", "p-1", 80).await;
+
+    // Three voters left: removing another would leave two, below min_quorum.
+    c.kill(b);
+    c.wait_for(
+        "autopilot to keep the second dead voter",
+        Duration::from_secs(20),
+        || async {
+            c.log(leader)
+                .contains("autopilot keeps a dead voter")
+                .then_some(())
+        },
+    )
+    .await;
+    let s = c.status(leader).await.expect("status");
+    assert!(voters(&s).contains(&b), "{s:?}");
+    register(&c.client(), "payments", "p-2", 80).await;
+
+    let spare = c.start_spare();
+    let started = std::time::Instant::now();
+    c.client()
+        .add_member(AddMemberRequest {
+            id: spare,
+            address: c.endpoint(spare),
+        })
+        .await
+        .expect("add a member");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "promoted after {:?}, before the stabilization time",
+        started.elapsed()
+    );
+    assert!(c
+        .log(leader)
+        .contains("autopilot: member caught up and stable"));
+    let s = c.status(leader).await.expect("status");
+    assert!(voters(&s).contains(&spare), "{s:?}");
+}

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
+use crate::raft::autopilot::{wait_stable, Policy};
 use crate::raft::election::Contact;
 use crate::raft::leadership::lag_entries;
 use crate::raft::marker::Identity;
@@ -27,6 +28,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKUP_CHUNK: usize = 1 << 20;
 /// A new member must catch up with the log (or take a snapshot) within this.
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often autopilot looks whether a node being added is still caught up.
+const STABLE_POLL: Duration = Duration::from_millis(100);
 /// How long a node being added may take to answer its first Status.
 const STARTING_NODE_WAIT: Duration = Duration::from_secs(10);
 
@@ -48,6 +51,8 @@ pub struct ClusterApi {
     peers: Peers,
     contact: Contact,
     state_machine: StateMachine,
+    /// `[autopilot]`: a node added becomes a voter once stable.
+    autopilot: Option<Policy>,
 }
 
 impl ClusterApi {
@@ -69,7 +74,13 @@ impl ClusterApi {
             peers,
             contact,
             state_machine,
+            autopilot: None,
         }
+    }
+
+    pub fn with_autopilot(mut self, policy: Option<Policy>) -> Self {
+        self.autopilot = policy;
+        self
     }
 
     fn members(&self) -> Vec<pb::Member> {
@@ -303,6 +314,17 @@ impl Cluster for ClusterApi {
                 ))
             })?
             .map_err(membership_error)?;
+        if let Some(policy) = self.autopilot {
+            let limit = CATCH_UP_TIMEOUT + policy.stabilization;
+            let stable = wait_stable(&self.raft, &self.peers, id, policy, STABLE_POLL);
+            tokio::time::timeout(limit, stable).await.map_err(|_| {
+                Error::Unavailable(format!(
+                    "node {id} caught up but did not stay caught up for {:?} within {limit:?}; \
+                     it stays a learner: check its link and disk, then add it again",
+                    policy.stabilization
+                ))
+            })?;
+        }
         let mut voters = self.voters();
         voters.insert(id);
         self.change(voters).await

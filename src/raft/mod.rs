@@ -1,5 +1,6 @@
 //! Consensus: openraft wired to sled storage and a gRPC transport.
 
+pub mod autopilot;
 pub mod coalesce;
 pub mod election;
 pub mod incarnation;
