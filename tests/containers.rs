@@ -87,6 +87,8 @@ struct DockerCluster {
     secure: Option<Secure>,
     /// How many nodes.
     n: u64,
+    /// Started by docker-compose from this file (project `tag`), not by `launch`.
+    compose: Option<&'static str>,
 }
 
 /// TLS on both ports and tokens: the certificates (mounted into every
@@ -158,6 +160,7 @@ impl DockerCluster {
             network,
             secure,
             n: 0,
+            compose: None,
         };
         let initial = initial_cluster(n);
         for i in 1..=n {
@@ -230,8 +233,32 @@ impl DockerCluster {
         docker(&args).expect("run container");
     }
 
+    /// A shipped compose file's cluster, as an operator starts it, from the
+    /// test's image.
+    fn compose(file: &'static str, n: u64) -> DockerCluster {
+        image();
+        let tag = format!("rt{}c{}", std::process::id(), fastrand::u32(..));
+        let c = DockerCluster {
+            network: format!("{tag}_roster"),
+            tag,
+            secure: None,
+            n,
+            compose: Some(file),
+        };
+        let out = Command::new("docker-compose")
+            .args(["-p", &c.tag, "-f", file, "up", "-d"])
+            .env("ROSTER_IMAGE", IMAGE)
+            .output()
+            .expect("run docker-compose");
+        assert!(out.status.success(), "docker-compose up: {out:?}");
+        c
+    }
+
     fn name(&self, i: u64) -> String {
-        format!("{}-n{i}", self.tag)
+        match self.compose {
+            Some(_) => format!("{}_roster-{i}_1", self.tag),
+            None => format!("{}-n{i}", self.tag),
+        }
     }
 
     fn host(&self, i: u64) -> String {
@@ -241,7 +268,9 @@ impl DockerCluster {
     /// The loopback address the container's port 7001 is published on.
     fn endpoint(&self, i: u64) -> String {
         let out = docker(&["port", &self.name(i), "7001/tcp"]).expect("port");
-        out.lines().next().unwrap_or_default().to_string()
+        // Compose publishes on every address; the test dials loopback.
+        let first = out.lines().next().unwrap_or_default();
+        first.replace("0.0.0.0:", "127.0.0.1:")
     }
 
     fn client(&self, nodes: &[u64]) -> RosterClient {
@@ -316,9 +345,21 @@ impl Drop for DockerCluster {
                     eprintln!("--- {} ---\n{logs}", self.name(i));
                 }
             }
-            let _ = docker(&["rm", "-f", &self.name(i)]);
+            if self.compose.is_none() {
+                let _ = docker(&["rm", "-f", &self.name(i)]);
+            }
         }
-        let _ = docker(&["network", "rm", &self.network]);
+        match self.compose {
+            Some(file) => {
+                let _ = Command::new("docker-compose")
+                    .args(["-p", &self.tag, "-f", file, "down", "-v"])
+                    .env("ROSTER_IMAGE", IMAGE)
+                    .output();
+            }
+            None => {
+                let _ = docker(&["network", "rm", &self.network]);
+            }
+        }
     }
 }
 
@@ -469,15 +510,22 @@ async fn container_killed_leader_with_tls_and_tokens_is_replaced_and_catches_up(
     assert_eq!(there.len(), 20, "{there:?}");
 }
 
-/// The 5-node cluster: serves writes and linearizable reads with two nodes
-/// stopped, refuses writes with three (UNAVAILABLE, without hanging), and
-/// comes back whole when every node is started again from its data.
+/// The 5-node compose cluster (deploy/compose/docker-compose.5.yml): serves
+/// writes and linearizable reads with two nodes stopped, refuses writes with
+/// three (UNAVAILABLE, at once), and comes back whole when every node is
+/// started again from its volume.
 #[tokio::test]
 async fn container_five_nodes_lose_two_serve_lose_three_refuse_then_restart_from_their_data() {
     if !engine_ready() {
         return;
     }
-    let c = DockerCluster::launch(5, None, None);
+    let c = DockerCluster::compose(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/compose/docker-compose.5.yml"
+        ),
+        5,
+    );
     let all: Vec<u64> = (1..=5).collect();
     let leader = c.leader(&all).await;
     let client = c.client(&all);
