@@ -216,6 +216,12 @@ fn registry_metrics(r: &mut Registry, st: &RegistryState) {
         "Services with instances",
         st.catalog.service_count() as i64,
     );
+    gauge(
+        r,
+        "registry_sessions",
+        "Open sessions",
+        st.catalog.session_count() as i64,
+    );
     // One pass over the catalogue: it is read under the lock writes need.
     let mut counts = [0i64; 3];
     for i in st.catalog.all_instances() {

@@ -123,10 +123,12 @@ impl NodeHandle {
 const IDENTITY_KEY: &[u8] = b"identity";
 /// The storage format a data directory was written in, beside its identity.
 const FORMAT_KEY: &[u8] = b"format";
-/// Format 3 keeps the current snapshot in its own file; format 2, in sled
-/// (migrated on start). Format 2 records the members' peer addresses; format 1
-/// (no format key) is what Roster wrote before that and cannot be read.
-const STORAGE_FORMAT: u32 = 3;
+/// Format 4 adds sessions (log entries and snapshots an older binary cannot
+/// read; format 3 data reads as it is). Format 3 keeps the current snapshot in
+/// its own file; format 2, in sled (migrated on start). Format 2 records the
+/// members' peer addresses; format 1 (no format key) is what Roster wrote
+/// before that and cannot be read.
+const STORAGE_FORMAT: u32 = 4;
 
 /// The storage of a node, checked to be what it last wrote.
 struct Storage {
@@ -342,11 +344,13 @@ fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -> Result<()
     let dir = cfg.data_dir.display();
     let why = match found {
         f if f == STORAGE_FORMAT => return Ok(()),
-        2 => {
-            state_machine::migrate_snapshot(db, &cfg.data_dir)?;
+        f @ (2 | 3) => {
+            if f == 2 {
+                state_machine::migrate_snapshot(db, &cfg.data_dir)?;
+            }
             meta.insert(FORMAT_KEY, encode_format(STORAGE_FORMAT)?)?;
             db.flush()?;
-            tracing::info!(data_dir = %dir, "migrated the data directory from storage format 2 to {STORAGE_FORMAT}");
+            tracing::info!(data_dir = %dir, "migrated the data directory from storage format {f} to {STORAGE_FORMAT}");
             return Ok(());
         }
         f if f > STORAGE_FORMAT => format!(
@@ -355,7 +359,7 @@ fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -> Result<()
         ),
         f => format!(
             "it was written by an older Roster (storage format {f}); this binary reads \
-             format {STORAGE_FORMAT} and migrates format 2, but has no migration from {f}: \
+             format {STORAGE_FORMAT} and migrates formats 2 and 3, but has no migration from {f}: \
              keep running the older version, or start this node on an empty directory and add it \
              as a new member (roster member remove, then roster member add)"
         ),
@@ -949,10 +953,18 @@ mod tests {
         assert!(e.to_string().contains("run the newer version"), "{e}");
         set_format(Some(STORAGE_FORMAT));
         assert!(open_checked(&cfg).is_ok());
+        // Format 3 reads as it is: only its format key changes.
+        set_format(Some(3));
+        drop(open_checked(&cfg).expect("format 3"));
+        let db = sled::open(dir.path()).expect("reopen");
+        let meta = db.open_tree(trees::NODE_META).expect("meta");
+        let format: u32 = stored::decode(&meta.get(FORMAT_KEY).expect("read").expect("a format"))
+            .expect("decode");
+        assert_eq!(format, STORAGE_FORMAT);
     }
 
     /// Format 2 kept the snapshot in sled; opened by this binary, it is moved
-    /// into the snapshot file and the directory becomes format 3.
+    /// into the snapshot file and the directory becomes the current format.
     #[tokio::test]
     async fn a_format_2_directory_is_migrated_on_start() {
         use openraft::storage::RaftStateMachine;

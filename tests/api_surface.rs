@@ -166,6 +166,7 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
             "roster_raft_voters 3".to_string(),
             "roster_registry_instances{status=\"passing\"} 1".to_string(),
             "roster_registry_services 1".to_string(),
+            "roster_registry_sessions 0".to_string(),
         ] {
             assert!(
                 body.lines().any(|l| l == want),
@@ -235,6 +236,7 @@ async fn without_a_quorum_requests_fail_with_unavailable_instead_of_hanging() {
             alone
                 .register(roster::proto::v1::RegisterRequest {
                     instance: Some(instance("payments", "p-2", 80)),
+                    ..Default::default()
                 })
                 .await
                 .expect_err("write without quorum")

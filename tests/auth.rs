@@ -37,6 +37,7 @@ async fn create(c: &TestCluster, role: Role, services: &[&str]) -> CreatedToken 
 fn reg(service: &str, id: &str) -> RegisterRequest {
     RegisterRequest {
         instance: Some(instance(service, id, 80)),
+        ..Default::default()
     }
 }
 

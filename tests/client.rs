@@ -68,6 +68,7 @@ async fn balanced_channel_follows_health_and_deregistration() {
         client
             .register(RegisterRequest {
                 instance: Some(echo_instance(&n, Some(check))),
+                ..Default::default()
             })
             .await
             .expect("register");

@@ -154,6 +154,7 @@ async fn thousands_of_idle_connections_do_not_stop_writes() {
             let r = client
                 .register(RegisterRequest {
                     instance: Some(instance("payments", &format!("n{}-{i}", n.id), 80)),
+                    ..Default::default()
                 })
                 .await;
             assert!(

@@ -572,6 +572,7 @@ async fn container_five_nodes_lose_two_serve_lose_three_refuse_then_restart_from
     let e = roster::proto::v1::registry_client::RegistryClient::new(channel)
         .register(RegisterRequest {
             instance: Some(instance("orders", "refused", 1)),
+            ..Default::default()
         })
         .await
         .expect_err("a write without a majority");
@@ -709,6 +710,7 @@ async fn container_cluster_grows_to_five_and_shrinks_to_three_under_writes() {
                 let id = format!("g-{n}");
                 let req = RegisterRequest {
                     instance: Some(instance("growing", &id, 8000)),
+                    ..Default::default()
                 };
                 match client.register(req).await {
                     Ok(_) => acked.lock().expect("acked").push(id),

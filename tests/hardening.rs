@@ -25,6 +25,7 @@ async fn raw(c: &TestCluster, id: u64) -> RegistryClient<Channel> {
 fn register_req(service: &str, id: &str) -> RegisterRequest {
     RegisterRequest {
         instance: Some(instance(service, id, 80)),
+        ..Default::default()
     }
 }
 
@@ -512,6 +513,7 @@ async fn a_full_disk_stops_the_node_and_loses_nothing_acknowledged() {
         if client
             .register(RegisterRequest {
                 instance: Some(inst),
+                ..Default::default()
             })
             .await
             .is_ok()

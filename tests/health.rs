@@ -86,6 +86,7 @@ async fn register_checked(
             check: Some(hc),
             ..Default::default()
         }),
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("register {id}: {e}"))

@@ -32,7 +32,11 @@ fn with_ttl(mut i: Instance) -> Instance {
 }
 
 async fn put(c: &RosterClient, i: Instance) -> Result<RegisterResponse, Status> {
-    c.register(RegisterRequest { instance: Some(i) }).await
+    c.register(RegisterRequest {
+        instance: Some(i),
+        ..Default::default()
+    })
+    .await
 }
 
 #[tokio::test]

@@ -378,6 +378,7 @@ async fn a_leader_behind_a_slow_link() {
         c.node_client(node)
             .register(RegisterRequest {
                 instance: Some(instance("links", &id, 80)),
+                ..Default::default()
             })
             .await
             .ok()

@@ -113,6 +113,7 @@ async fn a_rolling_restart_under_writes_loses_no_acknowledged_write() {
                 let id = format!("w-{n}");
                 let req = RegisterRequest {
                     instance: Some(instance("rolling", &id, 8000)),
+                    ..Default::default()
                 };
                 match client.register(req).await {
                     Ok(_) => acked.lock().expect("acked").push(id),

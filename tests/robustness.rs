@@ -150,6 +150,7 @@ async fn robustness_short() {
     let fence = pool
         .register(RegisterRequest {
             instance: Some(workload::instance("fence", "f", fence_value)),
+            ..Default::default()
         })
         .await
         .expect("fence write");

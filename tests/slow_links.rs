@@ -48,6 +48,7 @@ async fn write(
     client
         .register(RegisterRequest {
             instance: Some(instance(service, id, 80)),
+            ..Default::default()
         })
         .await
         .map(|_| ())
@@ -312,6 +313,7 @@ async fn a_forwarded_write_that_times_out_says_its_outcome_is_unknown() {
     let err = client
         .register(RegisterRequest {
             instance: Some(instance("held", "h-1", 80)),
+            ..Default::default()
         })
         .await
         .expect_err("no answer can come back");
@@ -395,6 +397,7 @@ async fn a_snapshot_crosses_a_slow_narrow_link() {
                 client
                     .register(RegisterRequest {
                         instance: Some(inst),
+                        ..Default::default()
                     })
                     .await
                     .expect("register");

@@ -34,6 +34,7 @@ async fn cluster_with_data() -> (TestCluster, Vec<String>, u64) {
                 client
                     .register(RegisterRequest {
                         instance: Some(inst),
+                        ..Default::default()
                     })
                     .await
                     .unwrap_or_else(|e| panic!("register {id}: {e}"));
@@ -281,6 +282,7 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
         .node_client(2)
         .register(RegisterRequest {
             instance: Some(instance(SERVICE, unacked, 80)),
+            ..Default::default()
         })
         .await
         .expect_err("a write without a quorum");

@@ -154,6 +154,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
                 .node_client(id)
                 .register(RegisterRequest {
                     instance: inst.clone(),
+                    ..Default::default()
                 })
                 .await
                 .expect_err(what);

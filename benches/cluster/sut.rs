@@ -171,6 +171,7 @@ impl Roster {
                 tags: vec!["bench".into()],
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 

@@ -38,6 +38,10 @@ impl Grant {
     pub fn covers(&self, service: &str) -> bool {
         self.0.covers(service)
     }
+
+    pub fn is_admin(&self) -> bool {
+        self.0.role == Role::Admin
+    }
 }
 
 /// The grant a call was admitted with; `None` when auth is off.
@@ -73,8 +77,13 @@ fn required(path: &str) -> Option<Role> {
     }
     match path.rsplit('/').next() {
         Some("Bootstrap") => None,
-        Some("GetService" | "ListServices" | "Watch" | "Status") => Some(Role::Read),
-        Some("Register" | "Deregister" | "Heartbeat" | "ConfigureService") => Some(Role::Write),
+        Some("GetService" | "ListServices" | "Watch" | "Status" | "ListSessions") => {
+            Some(Role::Read)
+        }
+        Some(
+            "Register" | "Deregister" | "Heartbeat" | "ConfigureService" | "CreateSession"
+            | "RenewSessions" | "CloseSession",
+        ) => Some(Role::Write),
         // Membership, snapshots, tokens, and anything added later.
         _ => Some(Role::Admin),
     }
@@ -203,6 +212,10 @@ mod tests {
         assert_eq!(of("Watch"), Some(Role::Read));
         assert_eq!(of("Register"), Some(Role::Write));
         assert_eq!(of("Heartbeat"), Some(Role::Write));
+        assert_eq!(of("ListSessions"), Some(Role::Read));
+        for m in ["CreateSession", "RenewSessions", "CloseSession"] {
+            assert_eq!(of(m), Some(Role::Write), "{m}");
+        }
         assert_eq!(required("/roster.v1.Cluster/AddMember"), Some(Role::Admin));
         // A backup holds every token's hash.
         assert_eq!(

@@ -7,7 +7,7 @@ use super::auth::Grant;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto::v1 as pb;
-use crate::registry::model::{CheckKind, CheckSpec};
+use crate::registry::model::{CheckKind, CheckSpec, SESSION_KEY};
 use crate::registry::validate;
 use crate::registry::watch::{ResetReason, WatchMessage};
 use crate::registry::{Command, Event, EventKind, HealthStatus, Instance};
@@ -158,8 +158,12 @@ pub fn register_command(req: pb::RegisterRequest, grant: Option<&Grant>) -> Resu
     let port = validate::port(i.port)?;
     let weight = validate::weight(i.weight)?;
     validate::tags(&i.tags)?;
-    let metadata: BTreeMap<String, String> = i.metadata.into_iter().collect();
+    let mut metadata: BTreeMap<String, String> = i.metadata.into_iter().collect();
     validate::metadata(&metadata)?;
+    if !req.session.is_empty() {
+        validate::session_id(&req.session)?;
+        metadata.insert(SESSION_KEY.into(), req.session);
+    }
     let check = i.check.map(|c| check_from_pb(c, port)).transpose()?;
     Ok(Command::Register(Instance {
         service: i.service,

@@ -66,13 +66,15 @@ struct Policy {
 /// its handler may serve locally: never wrong, only more cautious and slower.
 fn policy(path: &str, timeout: Duration) -> Policy {
     let (effect, timeout, leader_only) = match path.rsplit('/').next() {
-        Some("GetService" | "ListServices" | "Watch" | "Status" | "ListTokens") => {
-            (Effect::Read, timeout, false)
-        }
+        // A follower batches renewals to the leader itself (api::sessions).
+        Some(
+            "GetService" | "ListServices" | "Watch" | "Status" | "ListTokens" | "ListSessions"
+            | "RenewSessions",
+        ) => (Effect::Read, timeout, false),
         Some("Heartbeat") => (Effect::Read, timeout, true),
         Some(
             "Register" | "Deregister" | "ConfigureService" | "RemoveMember" | "Bootstrap"
-            | "CreateToken" | "RevokeToken",
+            | "CreateToken" | "RevokeToken" | "CreateSession" | "CloseSession",
         ) => (Effect::Write, timeout, true),
         Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT, true),
         // A large catalogue takes a while to stream.
@@ -284,37 +286,62 @@ fn mark_forwarded(headers: &mut HeaderMap, timeout: Duration) {
     }
 }
 
-/// The cluster's revision, asked of the leader with a linearizable read, on
-/// behalf of a caller with `credentials` (which the leader checks again).
+/// Calls the leader's `Registry` on behalf of a caller with `credentials`
+/// (which the leader checks again): for what a follower asks of the leader
+/// itself rather than forwarding a request as it came.
+pub async fn ask_leader<M, T, F, Fut>(
+    peers: &Peers,
+    leader: Leader,
+    timeout: Duration,
+    credentials: Option<HeaderValue>,
+    msg: M,
+    call: F,
+) -> Result<T, Status>
+where
+    F: FnOnce(RegistryClient<tonic::transport::Channel>, tonic::Request<M>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let channel = peers
+        .channel(&leader.addr)
+        .map_err(|e| Status::from(Error::Unavailable(e)))?;
+    let mut headers = HeaderMap::new();
+    mark_forwarded(&mut headers, timeout);
+    if let Some(c) = credentials {
+        headers.insert(AUTHORIZATION, c);
+    }
+    let req = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::from_headers(headers),
+        tonic::Extensions::default(),
+        msg,
+    );
+    let client = RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    match call(client, req).await {
+        Ok(r) => Ok(r.into_inner()),
+        // Both callers only read or renew: safe to retry.
+        Err(s) => Err(leader.transport_failure(s, Effect::Read)),
+    }
+}
+
+/// The cluster's revision, asked of the leader with a linearizable read.
 pub async fn leader_revision(
     peers: &Peers,
     leader: Leader,
     timeout: Duration,
     credentials: Option<HeaderValue>,
 ) -> Result<u64, Status> {
-    let asked = async {
-        let channel = peers.channel(&leader.addr).map_err(Error::Unavailable)?;
-        let mut headers = HeaderMap::new();
-        mark_forwarded(&mut headers, timeout);
-        if let Some(c) = credentials {
-            headers.insert(AUTHORIZATION, c);
-        }
-        let req = tonic::Request::from_parts(
-            tonic::metadata::MetadataMap::from_headers(headers),
-            tonic::Extensions::default(),
-            pb::ListServicesRequest {
-                consistency: pb::Consistency::Linearizable as i32,
-            },
-        );
-        RegistryClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .list_services(req)
-            .await
+    let msg = pb::ListServicesRequest {
+        consistency: pb::Consistency::Linearizable as i32,
     };
-    match asked.await {
-        Ok(r) => Ok(r.into_inner().revision),
-        Err(s) => Err(leader.transport_failure(s, Effect::Read)),
-    }
+    let r = ask_leader(
+        peers,
+        leader,
+        timeout,
+        credentials,
+        msg,
+        |mut c, r| async move { c.list_services(r).await },
+    )
+    .await?;
+    Ok(r.revision)
 }
 
 impl Leader {
@@ -381,6 +408,10 @@ mod tests {
         assert_eq!(of("Watch"), (Effect::Read, t, false));
         assert_eq!(of("Heartbeat"), (Effect::Read, t, true));
         assert_eq!(of("Register"), (Effect::Write, t, true));
+        // A follower answers renewals itself, batching them to the leader.
+        assert_eq!(of("RenewSessions"), (Effect::Read, t, false));
+        assert_eq!(of("CreateSession"), (Effect::Write, t, true));
+        assert_eq!(of("CloseSession"), (Effect::Write, t, true));
         // Unknown: the handler decides, and a failure is an unknown outcome.
         assert_eq!(of("SomethingNew"), (Effect::Write, t, false));
         assert_eq!(

@@ -445,6 +445,7 @@ mod tests {
         };
         let req = pb::RegisterRequest {
             instance: Some(instance.clone()),
+            ..Default::default()
         };
         assert!(
             convert::register_command(req.clone(), None).is_ok(),

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod forward;
 pub mod limits;
 pub mod registry;
+mod sessions;
 
 /// Runs `f` on the node's state under its read lock.
 pub(crate) fn read_state<T>(

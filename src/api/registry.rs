@@ -12,6 +12,7 @@ use super::auth;
 use super::convert::{self, instance_to_pb, status_to_pb};
 use super::forward::{self, Leader};
 use super::limits::{Admission, WatchSlots};
+use super::sessions::Sessions;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -33,6 +34,7 @@ pub struct RegistryApi {
     leases: Arc<Leases>,
     admission: Admission,
     watch_slots: Arc<WatchSlots>,
+    sessions: Sessions,
 }
 
 /// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
@@ -56,6 +58,12 @@ impl RegistryApi {
         limits: Limits,
     ) -> Self {
         RegistryApi {
+            sessions: Sessions::new(
+                state.clone(),
+                proposer.clone(),
+                peers.clone(),
+                leases.clone(),
+            ),
             state,
             proposer,
             peers,
@@ -127,13 +135,24 @@ impl Registry for RegistryApi {
         let _admitted = match &cmd {
             Command::Register(i) => {
                 auth::may_use(grant.as_ref(), &i.service)?;
+                if let Some(session) = i.session() {
+                    self.sessions.check_open(session).await?;
+                }
                 Some(self.read(|st| self.admission.admit(&st.catalog, i))??)
             }
             _ => None,
         };
         let r = self.proposer.propose(cmd).await?;
-        let Outcome::Registered(i) = r.outcome else {
-            return Err(Error::Internal(format!("register applied as {:?}", r.outcome)).into());
+        let i = match r.outcome {
+            Outcome::Registered(i) => i,
+            Outcome::SessionNotFound => {
+                return Err(Error::NotFound(
+                    "the session ended before the registration applied; create a new session"
+                        .into(),
+                )
+                .into())
+            }
+            o => return Err(Error::Internal(format!("register applied as {o:?}")).into()),
         };
         if renews_lease(&i) {
             self.leases.renew(&i.service, &i.id);
@@ -276,6 +295,35 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::ConfigureServiceResponse {
             revision: r.revision,
         }))
+    }
+
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        self.sessions.create(req).await.map(Response::new)
+    }
+
+    async fn renew_sessions(
+        &self,
+        req: Request<pb::RenewSessionsRequest>,
+    ) -> Result<Response<pb::RenewSessionsResponse>, Status> {
+        self.sessions.renew(req).await.map(Response::new)
+    }
+
+    async fn close_session(
+        &self,
+        req: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        self.sessions.close(req).await.map(Response::new)
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        self.consistent(req.into_inner().consistency).await?;
+        self.sessions.list().map(Response::new)
     }
 
     type WatchStream = WatchStream;

@@ -5,7 +5,7 @@ use crate::proto::v1::*;
 
 use super::{
     AclCommand, CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,
-    ProtectArgs, RegisterArgs, StatusArgs, TokenCommand, WatchArgs,
+    ProtectArgs, RegisterArgs, SessionCommand, StatusArgs, TokenCommand, WatchArgs,
 };
 
 pub(super) fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
@@ -115,6 +115,7 @@ pub async fn register(a: RegisterArgs) -> anyhow::Result<()> {
                 check: check(a.check),
                 ..Default::default()
             }),
+            session: a.session,
         })
         .await?;
     if let Some(i) = &r.instance {
@@ -356,6 +357,39 @@ pub async fn acl(a: AclCommand) -> anyhow::Result<()> {
         })
         .await?;
     print_created(&t);
+    Ok(())
+}
+
+pub async fn session(c: SessionCommand) -> anyhow::Result<()> {
+    match c {
+        SessionCommand::List { endpoints, stale } => {
+            let r = client(&endpoints)?
+                .list_sessions(ListSessionsRequest {
+                    consistency: consistency(stale),
+                })
+                .await?;
+            println!("revision {}", r.revision);
+            for s in &r.sessions {
+                let on_end = match SessionEnd::try_from(s.on_end) {
+                    Ok(SessionEnd::Deregister) => "deregister",
+                    _ => "critical",
+                };
+                println!(
+                    "{} ttl={}ms on_end={} instances={} name={:?} created_by={}",
+                    s.id, s.ttl_ms, on_end, s.instances, s.name, s.created_by
+                );
+            }
+        }
+        SessionCommand::Close { endpoints, id } => {
+            let r = client(&endpoints)?
+                .close_session(CloseSessionRequest { id: id.clone() })
+                .await?;
+            println!(
+                "closed session {id} at revision {}: {} instances ended",
+                r.revision, r.instances
+            );
+        }
+    }
     Ok(())
 }
 

@@ -73,6 +73,9 @@ enum Command {
     /// Create, list and revoke tokens (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// List sessions and close one (its instances turn critical or go).
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Back up a cluster, inspect a backup, restore one into a new cluster.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -139,6 +142,25 @@ pub enum AclCommand {
         /// file answers the same token. Without it the leader draws one.
         #[arg(long)]
         secret_file: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SessionCommand {
+    /// Open sessions: id, TTL, what happens at their end, instances held, holder.
+    List {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        /// Answer from the node asked, without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// End a session now (its creator's token or an admin token).
+    Close {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -263,6 +285,9 @@ pub struct RegisterArgs {
     metadata: Vec<String>,
     #[arg(long, default_value_t = 0)]
     weight: u32,
+    /// Hold the instance under this open session (see `roster session list`).
+    #[arg(long, default_value = "")]
+    session: String,
     #[command(flatten)]
     check: CheckArgs,
 }
@@ -420,6 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Member(m) => commands::member(m).await,
         Command::Acl(a) => commands::acl(a).await,
         Command::Token(t) => commands::token(t).await,
+        Command::Session(c) => commands::session(c).await,
         Command::Snapshot(s) => snapshot::snapshot(s).await,
         Command::Recover(r) => snapshot::recover(r).await,
     }

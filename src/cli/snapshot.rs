@@ -96,11 +96,12 @@ fn sha256(bytes: &[u8]) -> String {
 /// What `inspect` and `save` print: one `name: value` per line.
 fn describe(s: &SnapshotSummary, bytes: &[u8]) -> String {
     format!(
-        "revision: {}\ninstances: {}\nservices: {}\ntokens: {}\nsize: {} bytes\nsha256: {}\nchecksum: ok\n",
+        "revision: {}\ninstances: {}\nservices: {}\ntokens: {}\nsessions: {}\nsize: {} bytes\nsha256: {}\nchecksum: ok\n",
         s.revision,
         s.instances,
         s.services,
         s.tokens,
+        s.sessions,
         bytes.len(),
         sha256(bytes)
     )

@@ -1,6 +1,8 @@
-//! A registration kept alive by heartbeats until it is dropped or shut down.
+//! What the client keeps alive in the background until it is dropped or
+//! shut down: a registration (heartbeats) or a session (renewals, holding
+//! any number of registrations).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -10,15 +12,71 @@ use tonic::{Code, Status};
 use super::RosterClient;
 use crate::proto::v1::*;
 
-/// Heartbeats per TTL: one lost or slow heartbeat (a failover) still leaves two.
+/// Heartbeats or renewals per TTL: one lost or slow (a failover) still leaves two.
 const BEATS_PER_TTL: u32 = 3;
+
+/// A loop run every `period` in a task, until stopped or dropped.
+struct Background {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn every<F, Fut>(period: Duration, mut step: F) -> Background
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tick.tick() => step().await,
+                }
+            }
+        });
+        Background {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the loop after the step under way, if any.
+    async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Aborts the loop; false if it was already stopped.
+    fn abort(&mut self) -> bool {
+        self.stop = None;
+        self.task.take().map(|t| t.abort()).is_some()
+    }
+}
+
+/// Runs `f` on the current runtime, if any: for the cleanup of a drop.
+fn spawn_cleanup<Fut>(f: Fut)
+where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(f);
+    }
+}
 
 pub struct Registration {
     client: Arc<RosterClient>,
     service: String,
     id: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    beats: Background,
 }
 
 impl Registration {
@@ -35,27 +93,22 @@ impl Registration {
         });
         let req = RegisterRequest {
             instance: Some(instance.clone()),
+            ..Default::default()
         };
         client.register(req.clone()).await?;
-        let (stop, mut stopped) = oneshot::channel();
         let beat = HeartbeatRequest {
             service: instance.service.clone(),
             id: instance.id.clone(),
         };
         let c = client.clone();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ttl / BEATS_PER_TTL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tick.tick() => {}
-                }
+        let beats = Background::every(ttl / BEATS_PER_TTL, move || {
+            let (c, beat, req) = (c.clone(), beat.clone(), req.clone());
+            async move {
                 match c.heartbeat(beat.clone()).await {
                     Ok(_) => {}
                     // Removed behind our back (deregister_after, an operator): register again.
                     Err(s) if s.code() == Code::NotFound => {
-                        if let Err(e) = c.register(req.clone()).await {
+                        if let Err(e) = c.register(req).await {
                             tracing::warn!("re-registering {}/{}: {e}", beat.service, beat.id);
                         }
                     }
@@ -68,14 +121,13 @@ impl Registration {
             client,
             service: instance.service,
             id: instance.id,
-            stop: Some(stop),
-            task: Some(task),
+            beats,
         })
     }
 
     /// Stops heartbeating and deregisters the instance.
     pub async fn shutdown(mut self) -> Result<(), Status> {
-        self.stop_heartbeats().await;
+        self.beats.stop().await;
         let req = DeregisterRequest {
             service: self.service.clone(),
             id: self.id.clone(),
@@ -86,31 +138,171 @@ impl Registration {
             Err(s) => Err(s),
         }
     }
-
-    async fn stop_heartbeats(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
 }
 
 impl Drop for Registration {
     /// Dropped without `shutdown`: stop beating and deregister in the background.
     fn drop(&mut self) {
-        let Some(task) = self.task.take() else { return };
-        task.abort();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let client = self.client.clone();
-            let req = DeregisterRequest {
-                service: self.service.clone(),
-                id: self.id.clone(),
-            };
-            rt.spawn(async move {
-                let _ = client.deregister(req).await;
+        if !self.beats.abort() {
+            return;
+        }
+        let client = self.client.clone();
+        let req = DeregisterRequest {
+            service: self.service.clone(),
+            id: self.id.clone(),
+        };
+        spawn_cleanup(async move {
+            let _ = client.deregister(req).await;
+        });
+    }
+}
+
+/// A session renewed in the background. If the cluster ends it anyway (the
+/// client was cut off for longer than its TTL), the next renewal opens a new
+/// session and registers the instances held again, as Nacos and Consul
+/// clients do after a lost connection or session.
+pub struct KeptSession {
+    held: Arc<Held>,
+    renewals: Background,
+}
+
+struct Held {
+    client: Arc<RosterClient>,
+    create: CreateSessionRequest,
+    id: Mutex<String>,
+    instances: Mutex<Vec<Instance>>,
+}
+
+impl KeptSession {
+    pub(super) async fn open(
+        client: Arc<RosterClient>,
+        name: &str,
+        ttl: Duration,
+        on_end: SessionEnd,
+    ) -> Result<KeptSession, Status> {
+        let create = CreateSessionRequest {
+            name: name.to_string(),
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            on_end: on_end as i32,
+        };
+        let id = Held::create(&client, &create).await?;
+        let held = Arc::new(Held {
+            client,
+            create,
+            id: Mutex::new(id),
+            instances: Mutex::default(),
+        });
+        let h = held.clone();
+        let renewals = Background::every(ttl / BEATS_PER_TTL, move || {
+            let h = h.clone();
+            async move { h.renew().await }
+        });
+        Ok(KeptSession { held, renewals })
+    }
+
+    /// The id of the session now held (a new one after the cluster ended the first).
+    pub fn id(&self) -> String {
+        self.held.id()
+    }
+
+    /// Registers `instance` under the session; it is registered again under
+    /// any session that replaces this one.
+    pub async fn register(&self, instance: Instance) -> Result<RegisterResponse, Status> {
+        let r = self.held.register(instance.clone()).await?;
+        let mut held = lock(&self.held.instances);
+        held.retain(|i| !(i.service == instance.service && i.id == instance.id));
+        held.push(instance);
+        Ok(r)
+    }
+
+    /// Deregisters an instance registered under the session.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<DeregisterResponse, Status> {
+        lock(&self.held.instances).retain(|i| !(i.service == service && i.id == id));
+        self.held
+            .client
+            .deregister(DeregisterRequest {
+                service: service.to_string(),
+                id: id.to_string(),
+            })
+            .await
+    }
+
+    /// Stops renewing and closes the session: what it holds turns critical
+    /// or is deregistered at once, as the session's `on_end` says.
+    pub async fn close(mut self) -> Result<CloseSessionResponse, Status> {
+        self.renewals.stop().await;
+        self.held.close().await
+    }
+}
+
+impl Drop for KeptSession {
+    /// Dropped without `close`: stop renewing and close in the background.
+    fn drop(&mut self) {
+        if self.renewals.abort() {
+            let held = self.held.clone();
+            spawn_cleanup(async move {
+                let _ = held.close().await;
             });
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data stays consistent whatever panicked while holding it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Held {
+    async fn create(client: &RosterClient, req: &CreateSessionRequest) -> Result<String, Status> {
+        let r = client.create_session(req.clone()).await?;
+        r.session
+            .map(|s| s.id)
+            .ok_or_else(|| Status::internal("CreateSession answered without a session"))
+    }
+
+    fn id(&self) -> String {
+        lock(&self.id).clone()
+    }
+
+    async fn register(&self, instance: Instance) -> Result<RegisterResponse, Status> {
+        let req = RegisterRequest {
+            instance: Some(instance),
+            session: self.id(),
+        };
+        self.client.register(req).await
+    }
+
+    async fn renew(&self) {
+        let id = self.id();
+        let req = RenewSessionsRequest {
+            ids: vec![id.clone()],
+        };
+        match self.client.renew_sessions(req).await {
+            Ok(r) if r.unknown.is_empty() => {}
+            Ok(_) => self.replace(&id).await,
+            // The client already tried every node; keep renewing.
+            Err(e) => tracing::warn!("renewing session {id}: {e}"),
+        }
+    }
+
+    /// The cluster ended session `old`: open another, register all again.
+    async fn replace(&self, old: &str) {
+        let id = match Self::create(&self.client, &self.create).await {
+            Ok(id) => id,
+            Err(e) => return tracing::warn!("session {old} ended; opening another: {e}"),
+        };
+        tracing::warn!("session {old} ended; registering its instances under {id}");
+        *lock(&self.id) = id;
+        let instances = lock(&self.instances).clone();
+        for i in instances {
+            if let Err(e) = self.register(i.clone()).await {
+                tracing::warn!("re-registering {}/{}: {e}", i.service, i.id);
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<CloseSessionResponse, Status> {
+        let req = CloseSessionRequest { id: self.id() };
+        self.client.close_session(req).await
     }
 }

@@ -16,6 +16,7 @@
 //!             port: 8080,
 //!             ..Default::default()
 //!         }),
+//!         ..Default::default()
 //!     })
 //!     .await?;
 //! let found = client
@@ -262,6 +263,46 @@ impl RosterClient {
         .await
     }
 
+    pub async fn create_session(
+        &self,
+        req: CreateSessionRequest,
+    ) -> Result<CreateSessionResponse, Status> {
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).create_session(r).await
+        })
+        .await
+    }
+
+    pub async fn renew_sessions(
+        &self,
+        req: RenewSessionsRequest,
+    ) -> Result<RenewSessionsResponse, Status> {
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).renew_sessions(r).await
+        })
+        .await
+    }
+
+    pub async fn close_session(
+        &self,
+        req: CloseSessionRequest,
+    ) -> Result<CloseSessionResponse, Status> {
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).close_session(r).await
+        })
+        .await
+    }
+
+    pub async fn list_sessions(
+        &self,
+        req: ListSessionsRequest,
+    ) -> Result<ListSessionsResponse, Status> {
+        self.call(req, |ch, r| async move {
+            Self::registry(ch).list_sessions(r).await
+        })
+        .await
+    }
+
     pub async fn get_service(&self, req: GetServiceRequest) -> Result<GetServiceResponse, Status> {
         self.call(req, |ch, r| async move {
             Self::registry(ch).get_service(r).await
@@ -346,6 +387,18 @@ impl RosterClient {
     /// # Ok(())
     /// # }
     /// ```
+    /// Opens a session renewed in the background until it is closed or
+    /// dropped: register instances through it and one renewal per interval
+    /// keeps all of them.
+    pub async fn open_session(
+        self: &Arc<Self>,
+        name: &str,
+        ttl: Duration,
+        on_end: SessionEnd,
+    ) -> Result<keepalive::KeptSession, Status> {
+        keepalive::KeptSession::open(self.clone(), name, ttl, on_end).await
+    }
+
     pub fn resolve(self: &Arc<Self>, service: &str) -> resolver::Resolver {
         resolver::Resolver::new(self.clone(), service)
     }

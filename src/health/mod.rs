@@ -5,6 +5,7 @@
 pub mod checks;
 pub mod probe;
 pub mod runner;
+pub mod sessions;
 pub mod tracker;
 
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::checks::{Checks, Key, ProbeChange};
 use super::probe::Prober;
+use super::sessions::Expiry;
 use super::CheckContext;
 use crate::raft::proposer::Refusal;
 use crate::registry::leases::now_ms;
@@ -33,6 +34,7 @@ struct ProbeResult {
 struct Runner {
     ctx: Arc<CheckContext>,
     checks: Checks,
+    sessions: Expiry,
     probes: JoinSet<()>,
     running: HashMap<Key, AbortHandle>,
     slots: Arc<Semaphore>,
@@ -46,6 +48,7 @@ pub async fn run(ctx: Arc<CheckContext>) {
     let mut r = Runner {
         slots: Arc::new(Semaphore::new(ctx.max_concurrent_probes.max(1))),
         checks: Checks::new(ctx.leases.clone(), Instant::now()),
+        sessions: Expiry::new(ctx.leases.clone(), Instant::now()),
         ctx,
         probes: JoinSet::new(),
         running: HashMap::new(),
@@ -87,7 +90,15 @@ impl Runner {
 
     fn tick(&mut self) {
         while self.probes.try_join_next().is_some() {}
-        for cmd in self.checks.due(Instant::now(), now_ms()) {
+        let (now, wall) = (Instant::now(), now_ms());
+        for cmd in self.checks.due(now, wall) {
+            self.submit(cmd);
+        }
+        let ending = self.ctx.state.read().ok().and_then(|st| {
+            let open = st.catalog.sessions().map(|s| (s.id.as_str(), s.ttl_ms));
+            self.sessions.due(open, now, wall)
+        });
+        if let Some(cmd) = ending {
             self.submit(cmd);
         }
     }

@@ -24,7 +24,7 @@ use super::stored::{decode, encode, CodecError};
 use super::{trees, Node, NodeId, TypeConfig};
 use crate::error::Error;
 use crate::registry::acl::{Acl, Token};
-use crate::registry::model::ServiceConfig;
+use crate::registry::model::{ServiceConfig, Session};
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
 use crate::registry::{
     Catalog, Command, CommandResponse, Event, EventKind, Instance, Outcome, Proposal,
@@ -38,6 +38,8 @@ const INSTANCE_PREFIX: &[u8] = b"i:";
 const SERVICE_PREFIX: &[u8] = b"s:";
 /// Tokens are `t:<accessor>`; whether the ACL was bootstrapped, `m:acl_bootstrapped`.
 const TOKEN_PREFIX: &[u8] = b"t:";
+/// Open sessions are `x:<id>` (their instances name them in their metadata).
+const SESSION_PREFIX: &[u8] = b"x:";
 const ACL_BOOTSTRAPPED: &[u8] = b"m:acl_bootstrapped";
 const LAST_APPLIED: &[u8] = b"m:last_applied";
 const MEMBERSHIP: &[u8] = b"m:membership";
@@ -61,6 +63,10 @@ fn token_key(accessor: &str) -> Vec<u8> {
     [TOKEN_PREFIX, accessor.as_bytes()].concat()
 }
 
+fn session_key(id: &str) -> Vec<u8> {
+    [SESSION_PREFIX, id.as_bytes()].concat()
+}
+
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct Applied {
     last_applied: Option<LogId<NodeId>>,
@@ -76,6 +82,18 @@ struct SnapshotPayload {
     services: Vec<(String, ServiceConfig)>,
     tokens: Vec<Token>,
     acl_bootstrapped: bool,
+    sessions: Vec<Session>,
+}
+
+/// A snapshot as storage format 3 wrote it: before sessions.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SnapshotPayloadV3 {
+    applied: Applied,
+    instances: Vec<Instance>,
+    services: Vec<(String, ServiceConfig)>,
+    tokens: Vec<Token>,
+    acl_bootstrapped: bool,
 }
 
 impl SnapshotPayload {
@@ -83,6 +101,24 @@ impl SnapshotPayload {
     fn catalog(self, revision: u64) -> Catalog {
         Catalog::from_parts(revision, self.instances, self.services)
             .with_acl(Acl::restore(self.tokens, self.acl_bootstrapped))
+            .with_sessions(self.sessions)
+    }
+
+    /// Decodes a payload of this format or of format 3 (a backup taken, or a
+    /// snapshot sent by a leader, before the upgrade). The checksum rules out
+    /// damage, so a record too short for this layout is the older one.
+    fn decode(data: &[u8]) -> Result<Self, CodecError> {
+        decode(data).or_else(|e| {
+            let old: SnapshotPayloadV3 = decode(data).map_err(|_| e)?;
+            Ok(SnapshotPayload {
+                applied: old.applied,
+                instances: old.instances,
+                services: old.services,
+                tokens: old.tokens,
+                acl_bootstrapped: old.acl_bootstrapped,
+                sessions: Vec::new(),
+            })
+        })
     }
 }
 
@@ -101,6 +137,7 @@ pub struct SnapshotSummary {
     /// Names with instances or settings.
     pub services: usize,
     pub tokens: usize,
+    pub sessions: usize,
     /// The encoded state, as a snapshot carries it.
     data: Vec<u8>,
 }
@@ -110,7 +147,7 @@ impl SnapshotSummary {
     pub fn read(bytes: &[u8], path: &Path) -> crate::error::Result<Self> {
         let bad = |e: &dyn std::fmt::Display| Error::InvalidArgument(e.to_string());
         let snap: StoredSnapshot = SnapshotFile::decode(bytes, path).map_err(|e| bad(&e))?;
-        let payload: SnapshotPayload = decode(&snap.data).map_err(|e| {
+        let payload = SnapshotPayload::decode(&snap.data).map_err(|e| {
             bad(&format!(
                 "{}: the state inside is damaged: {e}",
                 path.display()
@@ -127,6 +164,7 @@ impl SnapshotSummary {
             instances: payload.instances.len(),
             services: names.len(),
             tokens: payload.tokens.len(),
+            sessions: payload.sessions.len(),
             data: snap.data,
         })
     }
@@ -225,13 +263,20 @@ impl StateMachine {
             Some(b) => decode(&b).map_err(damaged("ACL bootstrap flag"))?,
             None => false,
         };
+        let mut sessions = Vec::new();
+        for kv in sm.scan_prefix(SESSION_PREFIX) {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[SESSION_PREFIX.len()..]).into_owned();
+            sessions.push(decode(&v).map_err(damaged(format!("session {id}")))?);
+        }
         let file = Arc::new(SnapshotFile::in_dir(dir));
         let snapshot: Option<StoredSnapshot> =
             file.read().map_err(|e| Error::Storage(e.to_string()))?;
         let revision = applied.last_applied.map_or(0, |l| l.index);
         let state = Arc::new(RwLock::new(RegistryState {
             catalog: Catalog::from_parts(revision, instances, services)
-                .with_acl(Acl::restore(tokens, acl_bootstrapped)),
+                .with_acl(Acl::restore(tokens, acl_bootstrapped))
+                .with_sessions(sessions),
             hub: WatchHub::new(revision, watch_history),
         }));
         let last_applied = applied.last_applied;
@@ -292,6 +337,7 @@ impl StateMachine {
                     .collect(),
                 tokens: st.catalog.acl().tokens().cloned().collect(),
                 acl_bootstrapped: st.catalog.acl().bootstrapped(),
+                sessions: st.catalog.sessions().cloned().collect(),
             }
         };
         let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -370,8 +416,8 @@ impl StateMachine {
     /// starts from the snapshot file again).
     fn install(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StorageResult<()> {
         let sig = Some(meta.signature());
-        let payload: SnapshotPayload =
-            decode(data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let payload = SnapshotPayload::decode(data)
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let revision = meta.last_log_id.map_or(0, |l| l.index);
         let installed = Applied {
             last_applied: meta.last_log_id,
@@ -447,6 +493,16 @@ impl StateMachine {
                     }
                 }
                 Command::RevokeToken { accessor } => batch.remove(token_key(accessor)),
+                Command::CreateSession(spec) => {
+                    if let Some(session) = catalog.session(&spec.id) {
+                        batch.insert(session_key(&spec.id), encode(session)?);
+                    }
+                }
+                Command::EndSessions { ids, .. } => {
+                    for id in ids {
+                        batch.remove(session_key(id));
+                    }
+                }
                 _ => {}
             }
             responses.push(resp);
@@ -477,6 +533,7 @@ impl StateMachine {
             .scan_prefix(INSTANCE_PREFIX)
             .chain(self.sm.scan_prefix(SERVICE_PREFIX))
             .chain(self.sm.scan_prefix(TOKEN_PREFIX))
+            .chain(self.sm.scan_prefix(SESSION_PREFIX))
         {
             batch.remove(kv.map_err(|e| werr(&e))?.0);
         }
@@ -487,6 +544,10 @@ impl StateMachine {
             ACL_BOOTSTRAPPED,
             encode(&payload.acl_bootstrapped).map_err(|e| werr(&e))?,
         );
+        for session in &payload.sessions {
+            let v = encode(session).map_err(|e| werr(&e))?;
+            batch.insert(session_key(&session.id), v);
+        }
         for (name, config) in &payload.services {
             batch.insert(service_key(name), encode(config).map_err(|e| werr(&e))?);
         }
@@ -730,5 +791,51 @@ mod tests {
         assert_eq!(applied_index(&db).expect("applied index"), Some(3));
         sm.apply(vec![register(4, "d")]).await.expect("apply after");
         assert_eq!(ids(&sm), ["a", "b", "c", "d"]);
+    }
+
+    /// A snapshot or backup from before sessions (format 3) still installs;
+    /// a snapshot carries open sessions, and a reopened node finds them.
+    #[tokio::test]
+    async fn snapshots_carry_sessions_and_format_3_payloads_still_decode() {
+        let old = SnapshotPayloadV3 {
+            applied: Applied::default(),
+            instances: vec![Instance::example("s", "a")],
+            services: Vec::new(),
+            tokens: Vec::new(),
+            acl_bootstrapped: true,
+        };
+        let p =
+            SnapshotPayload::decode(&encode(&old).expect("encode")).expect("a format 3 payload");
+        assert_eq!(p.instances.len(), 1);
+        assert!(p.acl_bootstrapped && p.sessions.is_empty());
+
+        let src_dir = tempfile::tempdir().expect("temp dir");
+        let mut src = open(src_dir.path());
+        let session = Session {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            name: "n".into(),
+            ttl_ms: 5_000,
+            on_end: crate::registry::model::OnSessionEnd::Deregister,
+            create_revision: 0,
+            created_by: String::new(),
+        };
+        let create = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Proposal(vec![Command::CreateSession(session.clone())])),
+        };
+        src.apply(vec![create]).await.expect("apply");
+        let snap = src.build_snapshot().await.expect("build");
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut sm = open(dir.path());
+            sm.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .expect("install");
+        }
+        for sm in [open(dir.path()), src] {
+            let st = sm.state.read().expect("state lock");
+            let found = st.catalog.session(&session.id).expect("the session");
+            assert_eq!((found.create_revision, found.ttl_ms), (1, 5_000));
+        }
     }
 }

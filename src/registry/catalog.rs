@@ -1,12 +1,12 @@
 //! The catalogue of instances held by every node, and the deterministic
 //! application of commands to it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::acl::Acl;
 use super::model::{
-    Command, CommandResponse, Event, EventKind, HealthStatus, HealthUpdate, Instance, Outcome,
-    ServiceConfig,
+    Command, CommandResponse, Event, EventKind, HealthStatus, HealthUpdate, Instance, OnSessionEnd,
+    Outcome, ServiceConfig, Session, SESSION_KEY,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -20,6 +20,10 @@ pub struct Catalog {
     /// that limits are checked without a scan.
     instances: usize,
     checked: usize,
+    sessions: BTreeMap<String, Session>,
+    /// Session id → the (service, id) of the instances registered under it,
+    /// derived from their metadata as they come and go.
+    held: BTreeMap<String, BTreeSet<(String, String)>>,
 }
 
 /// The instances a query returns, and whether protection overrode `healthy_only`.
@@ -56,6 +60,14 @@ impl Catalog {
     /// The catalogue with the tokens `acl` holds.
     pub fn with_acl(self, acl: Acl) -> Self {
         Catalog { acl, ..self }
+    }
+
+    /// The catalogue with these open sessions.
+    pub fn with_sessions(self, sessions: impl IntoIterator<Item = Session>) -> Self {
+        Catalog {
+            sessions: sessions.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            ..self
+        }
     }
 
     pub fn revision(&self) -> u64 {
@@ -108,12 +120,32 @@ impl Catalog {
                 true => Outcome::TokenRevoked,
                 false => Outcome::NotFound,
             },
+            Command::CreateSession(spec) => {
+                let session = Session {
+                    create_revision: revision,
+                    ..spec.clone()
+                };
+                self.sessions.insert(session.id.clone(), session.clone());
+                Outcome::SessionCreated(Box::new(session))
+            }
+            Command::EndSessions {
+                ids,
+                expired,
+                at_ms,
+            } => self.end_sessions(revision, ids, *expired, *at_ms, &mut events),
         };
         (CommandResponse { revision, outcome }, events)
     }
 
     /// Stores `spec` at `revision`, keeping the create revision of the instance it replaces.
     fn register(&mut self, revision: u64, spec: &Instance, events: &mut Vec<Event>) -> Outcome {
+        // The session may have ended between the request's check and this entry.
+        if spec
+            .session()
+            .is_some_and(|s| !self.sessions.contains_key(s))
+        {
+            return Outcome::SessionNotFound;
+        }
         let mut inst = spec.clone();
         inst.mod_revision = revision;
         inst.create_revision = self
@@ -182,6 +214,76 @@ impl Catalog {
             });
         }
         Outcome::HealthUpdated(applied)
+    }
+
+    /// Ends each named session that is open and applies its `on_end` to the
+    /// instances it holds; an instance that stays turns critical and leaves
+    /// the session, saying why in its check output.
+    fn end_sessions(
+        &mut self,
+        revision: u64,
+        ids: &[String],
+        expired: bool,
+        at_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let (mut sessions, mut instances) = (0, 0);
+        for id in ids {
+            let Some(session) = self.sessions.remove(id) else {
+                continue;
+            };
+            sessions += 1;
+            let why = if expired {
+                format!(
+                    "session {id} expired: no renewal within {} ms",
+                    session.ttl_ms
+                )
+            } else {
+                format!("session {id} closed")
+            };
+            for (service, iid) in self.held.remove(id).unwrap_or_default() {
+                instances += 1;
+                if session.on_end == OnSessionEnd::Deregister {
+                    self.deregister(revision, &service, &iid, events);
+                    continue;
+                }
+                let Some(mut inst) = self.get(&service, &iid).cloned() else {
+                    continue;
+                };
+                inst.metadata.remove(SESSION_KEY);
+                inst.status = HealthStatus::Critical;
+                inst.check_output = why.clone();
+                inst.status_since_ms = at_ms;
+                inst.mod_revision = revision;
+                self.insert(inst.clone());
+                events.push(Event {
+                    kind: EventKind::Put,
+                    revision,
+                    instance: inst,
+                });
+            }
+        }
+        Outcome::SessionsEnded {
+            sessions,
+            instances,
+        }
+    }
+
+    pub fn session(&self, id: &str) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Instances registered under session `id`.
+    pub fn session_size(&self, id: &str) -> usize {
+        self.held.get(id).map_or(0, BTreeSet::len)
     }
 
     pub fn get(&self, service: &str, id: &str) -> Option<&Instance> {
@@ -274,6 +376,10 @@ impl Catalog {
 
     fn insert(&mut self, inst: Instance) {
         let checked = inst.check.is_some();
+        let holder = inst.session().map(str::to_string);
+        let key = holder
+            .as_ref()
+            .map(|_| (inst.service.clone(), inst.id.clone()));
         let old = self
             .services
             .entry(inst.service.clone())
@@ -282,6 +388,9 @@ impl Catalog {
         self.uncount(old.as_ref());
         self.instances += 1;
         self.checked += usize::from(checked);
+        if let (Some(session), Some(key)) = (holder, key) {
+            self.held.entry(session).or_default().insert(key);
+        }
     }
 
     fn remove(&mut self, service: &str, id: &str) -> Option<Instance> {
@@ -298,6 +407,12 @@ impl Catalog {
         if let Some(old) = old {
             self.instances -= 1;
             self.checked -= usize::from(old.check.is_some());
+            if let Some(held) = old.session().and_then(|s| self.held.get_mut(s)) {
+                held.remove(&(old.service.clone(), old.id.clone()));
+                if held.is_empty() {
+                    self.held.remove(old.session().unwrap_or_default());
+                }
+            }
         }
     }
 }
@@ -305,6 +420,94 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session(id: &str, on_end: OnSessionEnd) -> Command {
+        Command::CreateSession(Session {
+            id: id.into(),
+            name: "test".into(),
+            ttl_ms: 1_000,
+            on_end,
+            create_revision: 0,
+            created_by: String::new(),
+        })
+    }
+
+    fn held_by(service: &str, id: &str, session: &str) -> Command {
+        let mut i = Instance::example(service, id);
+        i.metadata.insert(SESSION_KEY.into(), session.into());
+        Command::Register(i)
+    }
+
+    #[test]
+    fn a_session_ends_all_its_instances_in_one_entry() {
+        let mut c = Catalog::default();
+        c.apply(1, &session("s1", OnSessionEnd::Critical));
+        c.apply(2, &session("s2", OnSessionEnd::Deregister));
+        for id in ["1", "2", "3"] {
+            c.apply(3, &held_by("a", id, "s1"));
+            c.apply(3, &held_by("b", id, "s2"));
+        }
+        c.apply(4, &Command::Register(Instance::example("a", "free")));
+        // Re-registered without the session: it leaves it.
+        c.apply(5, &Command::Register(Instance::example("a", "3")));
+        assert_eq!((c.session_size("s1"), c.session_size("s2")), (2, 3));
+        let (resp, ev) = c.apply(
+            6,
+            &Command::EndSessions {
+                ids: vec!["s1".into(), "s2".into(), "gone".into()],
+                expired: true,
+                at_ms: 9,
+            },
+        );
+        assert_eq!(
+            resp.outcome,
+            Outcome::SessionsEnded {
+                sessions: 2,
+                instances: 5
+            }
+        );
+        assert_eq!(ev.len(), 5);
+        assert!(ev.iter().all(|e| e.revision == 6));
+        let one = c.get("a", "1").expect("kept");
+        assert_eq!(one.status, HealthStatus::Critical);
+        assert_eq!(one.session(), None);
+        assert!(one.check_output.contains("expired"), "{}", one.check_output);
+        assert_eq!(c.instances_of("b").count(), 0, "deregistered");
+        assert_eq!(
+            c.get("a", "3").map(|i| i.status),
+            Some(HealthStatus::Passing)
+        );
+        assert_eq!(
+            c.get("a", "free").map(|i| i.status),
+            Some(HealthStatus::Passing)
+        );
+        assert_eq!(c.session_count(), 0);
+        assert_eq!(c.session_size("s1"), 0);
+    }
+
+    #[test]
+    fn registering_under_an_unknown_session_changes_nothing() {
+        let mut c = Catalog::default();
+        let (resp, ev) = c.apply(1, &held_by("a", "1", "nope"));
+        assert_eq!(resp.outcome, Outcome::SessionNotFound);
+        assert!(ev.is_empty());
+        assert_eq!(c.instance_count(), 0);
+        c.apply(2, &session("s", OnSessionEnd::Critical));
+        c.apply(3, &held_by("a", "1", "s"));
+        c.apply(
+            4,
+            &Command::Deregister {
+                service: "a".into(),
+                id: "1".into(),
+            },
+        );
+        assert_eq!(
+            c.session_size("s"),
+            0,
+            "a deregistered instance leaves its session"
+        );
+        assert_eq!(c.session("s").map(|s| s.create_revision), Some(2));
+    }
 
     #[test]
     fn register_keeps_create_revision() {

@@ -1,5 +1,5 @@
-//! TTL renewals, kept in memory on the leader only: a heartbeat is not
-//! replicated, only the status change it may cause. Here, below the API and
+//! TTL and session renewals, kept in memory on the leader only: a heartbeat
+//! or renewal is not replicated, only the status change it may cause. Here, below the API and
 //! the health checker, because both use them: the API records heartbeats, the
 //! checker reads them.
 
@@ -12,6 +12,8 @@ use std::time::Instant;
 #[derive(Default)]
 pub struct Leases {
     renewed: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    /// Session id → last renewal.
+    sessions: Mutex<HashMap<String, Instant>>,
 }
 
 impl Leases {
@@ -48,6 +50,34 @@ impl Leases {
             if ids.is_empty() {
                 m.remove(service);
             }
+        }
+    }
+}
+
+impl Leases {
+    /// Renews every session in `ids` at `now`.
+    pub fn renew_sessions<'a>(&self, ids: impl IntoIterator<Item = &'a str>, now: Instant) {
+        let Ok(mut m) = self.sessions.lock() else {
+            return;
+        };
+        for id in ids {
+            match m.get_mut(id) {
+                Some(at) => *at = now,
+                None => {
+                    m.insert(id.to_string(), now);
+                }
+            }
+        }
+    }
+
+    pub fn session_renewed(&self, id: &str) -> Option<Instant> {
+        self.sessions.lock().ok()?.get(id).copied()
+    }
+
+    /// Drops the renewals of sessions that `open` says ended.
+    pub fn retain_sessions(&self, open: impl Fn(&str) -> bool) {
+        if let Ok(mut m) = self.sessions.lock() {
+            m.retain(|id, _| open(id));
         }
     }
 }

@@ -76,6 +76,11 @@ impl Instance {
         tags.iter().all(|t| self.tags.contains(t))
     }
 
+    /// The session holding the instance, if any (see [`SESSION_KEY`]).
+    pub fn session(&self) -> Option<&str> {
+        self.metadata.get(SESSION_KEY).map(String::as_str)
+    }
+
     /// A passing instance at 127.0.0.1:80 with no check, for tests.
     #[cfg(test)]
     pub fn example(service: &str, id: &str) -> Instance {
@@ -114,6 +119,36 @@ impl Instance {
     }
 }
 
+/// The metadata key naming the session an instance was registered under.
+/// Reserved: set by the registry from `RegisterRequest.session`, so every
+/// reader of an instance (queries, watches, snapshots) sees its session
+/// without a second record, as Nacos reserves `preserved.*` keys.
+pub const SESSION_KEY: &str = "roster.session";
+
+/// What happens to a session's instances when it expires or is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum OnSessionEnd {
+    /// They turn critical (and leave the session).
+    #[default]
+    Critical,
+    /// They are deregistered.
+    Deregister,
+}
+
+/// A client's lease on any number of instances: one renewal keeps them all;
+/// without one for `ttl_ms` the leader ends the session in one Raft entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    /// Free text naming the holder, for operators.
+    pub name: String,
+    pub ttl_ms: u64,
+    pub on_end: OnSessionEnd,
+    pub create_revision: u64,
+    /// Accessor of the token that created it (empty without auth).
+    pub created_by: String,
+}
+
 /// A replicated write: the payload of a Raft log entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -138,6 +173,15 @@ pub enum Command {
     },
     RevokeToken {
         accessor: String,
+    },
+    /// Opens a session (its id chosen by the leader).
+    CreateSession(Session),
+    /// Ends sessions, expired (no renewal in time) or closed, and applies
+    /// each one's `on_end` to its instances, in this one entry.
+    EndSessions {
+        ids: Vec<String>,
+        expired: bool,
+        at_ms: u64,
     },
 }
 
@@ -180,6 +224,14 @@ pub enum Outcome {
     TokenRevoked,
     /// A bootstrap after the first one: nothing changed.
     AlreadyBootstrapped,
+    SessionCreated(Box<Session>),
+    /// A registration named a session that does not exist (any more).
+    SessionNotFound,
+    /// How many of the named sessions ended, and how many instances they held.
+    SessionsEnded {
+        sessions: usize,
+        instances: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,6 +28,14 @@ pub const MIN_CHECK_MS: u64 = 100;
 pub const MAX_CHECK_MS: u64 = 3_600_000;
 pub const MAX_THRESHOLD: u32 = 100;
 
+/// Session TTL bounds and default (milliseconds). The floor leaves room for
+/// a renewal to be batched, forwarded, and to survive an election.
+pub const DEFAULT_SESSION_TTL_MS: u64 = 10_000;
+pub const MIN_SESSION_TTL_MS: u64 = 1_000;
+pub const MAX_SESSION_NAME_LEN: usize = 128;
+/// A session id is 32 hex digits (128 random bits).
+pub const SESSION_ID_LEN: usize = 32;
+
 fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
@@ -174,7 +182,42 @@ pub fn tags(tags: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// A session's TTL; 0 means the default.
+pub fn session_ttl(ttl_ms: u32) -> Result<u64> {
+    match u64::from(ttl_ms) {
+        0 => Ok(DEFAULT_SESSION_TTL_MS),
+        t if (MIN_SESSION_TTL_MS..=MAX_CHECK_MS).contains(&t) => Ok(t),
+        t => Err(invalid(format!(
+            "session ttl_ms {t} is out of range: {MIN_SESSION_TTL_MS} to {MAX_CHECK_MS} (0: {DEFAULT_SESSION_TTL_MS})"
+        ))),
+    }
+}
+
+pub fn session_name(name: &str) -> Result<()> {
+    if name.len() > MAX_SESSION_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "session name must be at most {MAX_SESSION_NAME_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+pub fn session_id(id: &str) -> Result<()> {
+    if id.len() != SESSION_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(format!(
+            "session id {id:?} is not one: ids are {SESSION_ID_LEN} hex digits, as CreateSession returns them"
+        )));
+    }
+    Ok(())
+}
+
 pub fn metadata(md: &BTreeMap<String, String>) -> Result<()> {
+    if md.contains_key(super::model::SESSION_KEY) {
+        return Err(invalid(format!(
+            "metadata key {:?} is reserved: register under a session with RegisterRequest.session",
+            super::model::SESSION_KEY
+        )));
+    }
     if md.len() > MAX_METADATA_KEYS {
         return Err(invalid(format!(
             "{} metadata keys, the limit is {MAX_METADATA_KEYS}",
@@ -271,6 +314,20 @@ mod tests {
         assert!(port(65536).is_err());
         assert_eq!(weight(0).ok(), Some(DEFAULT_WEIGHT));
         assert!(weight(MAX_WEIGHT + 1).is_err());
+    }
+
+    #[test]
+    fn session_inputs() {
+        assert_eq!(session_ttl(0).ok(), Some(DEFAULT_SESSION_TTL_MS));
+        assert!(session_ttl(999).is_err());
+        assert_eq!(session_ttl(1_000).ok(), Some(1_000));
+        assert!(session_id("0123456789abcdef0123456789abcdef").is_ok());
+        assert!(session_id("xyz").is_err());
+        assert!(session_name("host-1 pid 42").is_ok());
+        assert!(session_name("a\nb").is_err());
+        let md = BTreeMap::from([(super::super::model::SESSION_KEY.to_string(), "x".into())]);
+        let e = metadata(&md).expect_err("reserved");
+        assert!(e.to_string().contains("reserved"), "{e}");
     }
 
     #[test]

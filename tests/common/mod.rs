@@ -731,6 +731,7 @@ pub fn endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> Endpoint {
 pub async fn register(c: &RosterClient, service: &str, id: &str, port: u32) -> RegisterResponse {
     c.register(RegisterRequest {
         instance: Some(instance(service, id, port)),
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("register {service}/{id}: {e}"))

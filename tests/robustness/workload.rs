@@ -134,6 +134,7 @@ pub async fn client(id: usize, rec: Arc<Recorder>, endpoints: Vec<String>, roami
                 let v = rec.value();
                 let req = RegisterRequest {
                     instance: Some(instance(&svc, iid, v)),
+                    ..Default::default()
                 };
                 let r = tokio::time::timeout(OP_DEADLINE, raw.register(req)).await;
                 let (output, revision) = match r {
