@@ -132,25 +132,25 @@ impl Registry for RegistryApi {
         let cmd = convert::register_command(req.into_inner(), grant.as_ref())?;
         // Limits are the leader's to judge: a follower forwards the request.
         self.proposer.here()?;
-        let _admitted = match &cmd {
+        let (_admitted, session) = match &cmd {
             Command::Register(i) => {
                 auth::may_use(grant.as_ref(), &i.service)?;
                 if let Some(session) = i.session() {
                     self.sessions.check_open(session).await?;
                 }
-                Some(self.read(|st| self.admission.admit(&st.catalog, i))??)
+                let admitted = self.read(|st| self.admission.admit(&st.catalog, i))??;
+                (Some(admitted), i.session().map(str::to_string))
             }
-            _ => None,
+            _ => (None, None),
         };
         let r = self.proposer.propose(cmd).await?;
         let i = match r.outcome {
             Outcome::Registered(i) => i,
+            // The session ended between the check and the entry.
             Outcome::SessionNotFound => {
-                return Err(Error::NotFound(
-                    "the session ended before the registration applied; create a new session"
-                        .into(),
-                )
-                .into())
+                return Err(super::sessions::unknown_session(
+                    session.as_deref().unwrap_or_default(),
+                ))
             }
             o => return Err(Error::Internal(format!("register applied as {o:?}")).into()),
         };

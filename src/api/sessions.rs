@@ -81,7 +81,7 @@ fn on_end_from_pb(v: i32) -> Result<OnSessionEnd, Status> {
     }
 }
 
-fn unknown_session(id: &str) -> Status {
+pub(super) fn unknown_session(id: &str) -> Status {
     Error::NotFound(format!(
         "session {id:?}: expired or closed; create a new session and register its instances again"
     ))
@@ -213,12 +213,8 @@ impl Sessions {
         let grant = auth::grant(&req);
         let id = req.into_inner().id;
         validate::session_id(&id)?;
-        let found = self.read(|st| {
-            st.catalog
-                .session(&id)
-                .map(|s| (s.created_by.clone(), st.catalog.session_size(&id)))
-        })?;
-        let (creator, _) = found.ok_or_else(|| unknown_session(&id))?;
+        let creator = self.read(|st| st.catalog.session(&id).map(|s| s.created_by.clone()))?;
+        let creator = creator.ok_or_else(|| unknown_session(&id))?;
         may_close(grant.as_ref(), &creator, &id)?;
         let cmd = Command::EndSessions {
             ids: vec![id.clone()],

@@ -376,10 +376,9 @@ impl Catalog {
 
     fn insert(&mut self, inst: Instance) {
         let checked = inst.check.is_some();
-        let holder = inst.session().map(str::to_string);
-        let key = holder
-            .as_ref()
-            .map(|_| (inst.service.clone(), inst.id.clone()));
+        let held = inst
+            .session()
+            .map(|s| (s.to_string(), (inst.service.clone(), inst.id.clone())));
         let old = self
             .services
             .entry(inst.service.clone())
@@ -388,7 +387,8 @@ impl Catalog {
         self.uncount(old.as_ref());
         self.instances += 1;
         self.checked += usize::from(checked);
-        if let (Some(session), Some(key)) = (holder, key) {
+        // After `uncount`, which takes the replaced instance out of its session.
+        if let Some((session, key)) = held {
             self.held.entry(session).or_default().insert(key);
         }
     }
@@ -407,10 +407,11 @@ impl Catalog {
         if let Some(old) = old {
             self.instances -= 1;
             self.checked -= usize::from(old.check.is_some());
-            if let Some(held) = old.session().and_then(|s| self.held.get_mut(s)) {
+            let Some(session) = old.session() else { return };
+            if let Some(held) = self.held.get_mut(session) {
                 held.remove(&(old.service.clone(), old.id.clone()));
                 if held.is_empty() {
-                    self.held.remove(old.session().unwrap_or_default());
+                    self.held.remove(session);
                 }
             }
         }

@@ -52,9 +52,7 @@ impl Leases {
             }
         }
     }
-}
 
-impl Leases {
     /// Renews every session in `ids` at `now`.
     pub fn renew_sessions<'a>(&self, ids: impl IntoIterator<Item = &'a str>, now: Instant) {
         let Ok(mut m) = self.sessions.lock() else {
