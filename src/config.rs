@@ -147,6 +147,8 @@ pub struct Limits {
     /// Open watch streams on this node, and on one client connection to it.
     pub max_watch_streams: usize,
     pub max_watch_streams_per_connection: usize,
+    /// Services one WatchServices stream follows.
+    pub max_watched_services_per_stream: usize,
     /// Instances with a health check (probe or TTL), cluster-wide: the leader runs them all.
     pub max_health_checks: usize,
 }
@@ -159,6 +161,7 @@ impl Default for Limits {
             max_instances: 1_000_000,
             max_watch_streams: 10_000,
             max_watch_streams_per_connection: 1_000,
+            max_watched_services_per_stream: 10_000,
             max_health_checks: 50_000,
         }
     }
@@ -390,6 +393,7 @@ impl NodeConfig {
             || l.max_instances == 0
             || l.max_watch_streams == 0
             || l.max_watch_streams_per_connection == 0
+            || l.max_watched_services_per_stream == 0
             || l.max_health_checks == 0
         {
             return invalid(format!("limits must all be positive: {l:?}"));

@@ -263,6 +263,42 @@ async fn a_scoped_watch_never_shows_other_services() {
         .filter_map(|e| e.instance.as_ref().map(|i| i.service.clone()))
         .collect();
     assert_eq!(services, vec!["payments"], "{next:?}");
+
+    // On one stream of many services, each add is judged alone.
+    let add = |service: &str| WatchServicesRequest {
+        action: Some(watch_services_request::Action::Add(WatchRequest {
+            service: service.into(),
+            since_revision: 0,
+        })),
+    };
+    let (_tx, mut mux) = watcher
+        .watch_services(vec![add("billing"), add("payments")])
+        .await
+        .expect("watch_services");
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let m = mux.message().await.expect("stream").expect("message");
+        let outcome = match m.result.expect("result") {
+            watch_services_response::Result::Ended(e) => Err(Code::from_i32(e.code)),
+            watch_services_response::Result::Update(u) => Ok(u.instances.len()),
+        };
+        answers.push((m.service, outcome));
+    }
+    answers.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        answers,
+        [
+            ("billing".to_string(), Err(Code::PermissionDenied)),
+            ("payments".to_string(), Ok(1)),
+        ]
+    );
+    // Without a token the stream is refused before it opens.
+    let e = c
+        .client_with(2, None)
+        .watch_services(vec![add("payments")])
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 }
 
 #[tokio::test]

@@ -243,3 +243,58 @@ async fn a_burst_of_concurrent_registrations_fills_a_limit_exactly() {
     let held = ids(&clients[0], "burst", Consistency::Linearizable).await;
     assert_eq!(held.len(), 4, "{held:?}");
 }
+
+#[tokio::test]
+async fn services_on_one_watch_stream_are_limited() {
+    let c = TestCluster::start_with(3, "[limits]\nmax_watched_services_per_stream = 3\n").await;
+    let action = |a: watch_services_request::Action| WatchServicesRequest { action: Some(a) };
+    let add = |s: &str| {
+        action(watch_services_request::Action::Add(WatchRequest {
+            service: s.into(),
+            since_revision: 0,
+        }))
+    };
+    let (tx, mut s) = c
+        .client()
+        .watch_services(["a", "b", "c", "d"].map(add).to_vec())
+        .await
+        .expect("watch_services");
+    async fn next(
+        s: &mut tonic::Streaming<WatchServicesResponse>,
+    ) -> (String, watch_services_response::Result) {
+        let m = s.message().await.expect("stream").expect("message");
+        (m.service, m.result.expect("result"))
+    }
+    let mut started = Vec::new();
+    for _ in 0..4 {
+        match next(&mut s).await {
+            (service, watch_services_response::Result::Update(_)) => started.push(service),
+            (service, watch_services_response::Result::Ended(e)) => {
+                assert_eq!(service, "d");
+                assert_exhausted::<()>(
+                    Err(Status::new(Code::from_i32(e.code), e.message)),
+                    "max_watched_services_per_stream",
+                );
+            }
+        }
+    }
+    started.sort();
+    assert_eq!(started, ["a", "b", "c"]);
+    // Adding a followed service again is no new place; removing one frees one.
+    tx.unbounded_send(add("a")).expect("send");
+    tx.unbounded_send(action(watch_services_request::Action::Remove("b".into())))
+        .expect("send");
+    tx.unbounded_send(add("d")).expect("send");
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let (service, r) = next(&mut s).await;
+        let kind = match r {
+            watch_services_response::Result::Update(u) => format!("update {}", u.reset),
+            watch_services_response::Result::Ended(e) => format!("ended {}", e.code),
+        };
+        answers.push(format!("{service}: {kind}"));
+    }
+    // Answers to requests may overtake updates of other services.
+    answers.sort();
+    assert_eq!(answers, ["a: update 1", "b: ended 0", "d: update 1"]);
+}

@@ -183,3 +183,198 @@ async fn compacted_revision_gets_a_resync_with_full_state() {
     assert_eq!(m.reset, ResetReason::Compacted as i32);
     assert_eq!(m.instances.len(), 10);
 }
+
+/// The `roster_watch_streams` gauge of node `id`.
+async fn watch_streams(c: &TestCluster, id: u64) -> u64 {
+    let body = c.scrape(id).await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("roster_watch_streams "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("roster_watch_streams in the metrics")
+}
+
+fn add(service: &str, since: u64) -> WatchServicesRequest {
+    WatchServicesRequest {
+        action: Some(watch_services_request::Action::Add(WatchRequest {
+            service: service.into(),
+            since_revision: since,
+        })),
+    }
+}
+
+async fn next_mux(
+    s: &mut Streaming<WatchServicesResponse>,
+) -> (String, watch_services_response::Result) {
+    let m = tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("message within 10 s")
+        .expect("stream healthy")
+        .expect("stream open");
+    (m.service, m.result.expect("a result"))
+}
+
+fn update(r: watch_services_response::Result) -> WatchResponse {
+    match r {
+        watch_services_response::Result::Update(u) => u,
+        other => panic!("expected an update, got {other:?}"),
+    }
+}
+
+fn ended(r: watch_services_response::Result) -> WatchEnded {
+    match r {
+        watch_services_response::Result::Ended(e) => e,
+        other => panic!("expected an end, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_stream_follows_500_services_added_and_removed_while_open() {
+    use futures::StreamExt;
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    let names: Vec<String> = (0..500).map(|i| format!("svc-{i}")).collect();
+    futures::stream::iter(&names)
+        .for_each_concurrent(32, |s| {
+            let client = &client;
+            async move {
+                register(client, s, &format!("{s}-0"), 80).await;
+            }
+        })
+        .await;
+
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let before = watch_streams(&c, follower).await;
+    let (tx, mut s) = c
+        .node_client(follower)
+        .watch_services(names.iter().map(|n| add(n, 0)).collect())
+        .await
+        .expect("watch_services");
+    // Each service's full state, holding every write acknowledged before.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..names.len() {
+        let (service, r) = next_mux(&mut s).await;
+        let u = update(r);
+        assert_eq!(u.reset, ResetReason::Initial as i32, "{service}");
+        let ids: Vec<&str> = u.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, [format!("{service}-0")]);
+        assert!(seen.insert(service), "one initial state per service");
+    }
+    assert_eq!(seen.len(), 500);
+    assert_eq!(
+        watch_streams(&c, follower).await,
+        before + 1,
+        "500 services, one stream"
+    );
+
+    // Changes reach exactly the services they touch, in revision order.
+    let r1 = register(&client, "svc-7", "svc-7-1", 81).await.revision;
+    register(&client, "unwatched", "u", 80).await;
+    let r2 = deregister(&client, "svc-321", "svc-321-0").await;
+    let (service, r) = next_mux(&mut s).await;
+    let u = update(r);
+    assert_eq!((service.as_str(), u.revision), ("svc-7", r1));
+    assert_eq!(u.events[0].r#type, PUT);
+    let (service, r) = next_mux(&mut s).await;
+    let u = update(r);
+    assert_eq!((service.as_str(), u.revision), ("svc-321", r2));
+    assert_eq!(u.events[0].r#type, DELETE);
+
+    // Removed: acknowledged, and its later changes are not sent.
+    tx.unbounded_send(WatchServicesRequest {
+        action: Some(watch_services_request::Action::Remove("svc-7".into())),
+    })
+    .expect("send");
+    let (service, r) = next_mux(&mut s).await;
+    assert_eq!((service.as_str(), ended(r).code), ("svc-7", 0));
+    register(&client, "svc-7", "svc-7-2", 82).await;
+    let r3 = register(&client, "svc-8", "svc-8-1", 81).await.revision;
+    let (service, r) = next_mux(&mut s).await;
+    assert_eq!((service.as_str(), update(r).revision), ("svc-8", r3));
+
+    // Added again later, resuming from a revision it saw: exactly what it missed.
+    tx.unbounded_send(add("svc-7", r1)).expect("send");
+    let (service, r) = next_mux(&mut s).await;
+    let u = update(r);
+    assert_eq!(service, "svc-7");
+    assert_eq!(u.reset, ResetReason::Unspecified as i32);
+    let ids: Vec<String> = u
+        .events
+        .iter()
+        .map(|e| e.instance.clone().expect("instance").id)
+        .collect();
+    assert_eq!(ids, ["svc-7-2"]);
+
+    // Refused adds are answered for that service alone; the stream goes on.
+    for bad in [
+        add("", 0),
+        add("Not A Name!", 0),
+        add("svc-9", r3 + 1_000_000),
+    ] {
+        tx.unbounded_send(bad).expect("send");
+    }
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let (service, r) = next_mux(&mut s).await;
+        let e = ended(r);
+        assert!(!e.message.is_empty(), "a refusal says why");
+        codes.push((service, tonic::Code::from_i32(e.code)));
+    }
+    assert_eq!(
+        codes,
+        [
+            (String::new(), tonic::Code::InvalidArgument),
+            ("Not A Name!".to_string(), tonic::Code::InvalidArgument),
+            ("svc-9".to_string(), tonic::Code::OutOfRange),
+        ]
+    );
+    // svc-9 was followed before its refused re-add; the refusal ended it.
+    register(&client, "svc-9", "svc-9-1", 81).await;
+    let r4 = register(&client, "svc-10", "svc-10-1", 81).await.revision;
+    let (service, r) = next_mux(&mut s).await;
+    assert_eq!((service.as_str(), update(r).revision), ("svc-10", r4));
+}
+
+#[tokio::test]
+async fn resolvers_of_one_client_share_one_stream() {
+    let c = TestCluster::start(3).await;
+    let writer = c.client();
+    for i in 0..20 {
+        register(&writer, &format!("api-{i}"), "a-0", 80).await;
+    }
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let before = watch_streams(&c, follower).await;
+    let client = std::sync::Arc::new(c.node_client(follower));
+    let mut resolvers = Vec::new();
+    for i in 0..20 {
+        let mut r = client.resolve(&format!("api-{i}"));
+        assert!(r.ready(Duration::from_secs(10)).await, "api-{i} resolved");
+        assert_eq!(r.current().instances.len(), 1);
+        resolvers.push(r);
+    }
+    assert_eq!(watch_streams(&c, follower).await, before + 1);
+
+    // Two resolvers of one service share its entry; dropping one keeps the other.
+    let mut twin = client.resolve("api-0");
+    assert!(twin.ready(Duration::from_secs(10)).await);
+    let kept = resolvers.remove(0);
+    drop(resolvers.drain(..10).collect::<Vec<_>>());
+    register(&writer, "api-0", "a-1", 81).await;
+    register(&writer, "api-15", "a-1", 81).await;
+    for r in [&mut twin, &mut resolvers[4]] {
+        let set = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let set = r.changed().await;
+                if set.instances.len() == 2 {
+                    return set;
+                }
+            }
+        })
+        .await
+        .expect("the change arrives");
+        assert_eq!(set.instances[1].id, "a-1");
+    }
+    assert_eq!(kept.current().instances.len(), 2);
+    assert_eq!(watch_streams(&c, follower).await, before + 1);
+}

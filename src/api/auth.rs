@@ -77,9 +77,9 @@ fn required(path: &str) -> Option<Role> {
     }
     match path.rsplit('/').next() {
         Some("Bootstrap") => None,
-        Some("GetService" | "ListServices" | "Watch" | "Status" | "ListSessions") => {
-            Some(Role::Read)
-        }
+        Some(
+            "GetService" | "ListServices" | "Watch" | "WatchServices" | "Status" | "ListSessions",
+        ) => Some(Role::Read),
         Some(
             "Register" | "Deregister" | "Heartbeat" | "ConfigureService" | "CreateSession"
             | "RenewSessions" | "CloseSession",
@@ -210,6 +210,7 @@ mod tests {
         let of = |m: &str| required(&format!("/roster.v1.Registry/{m}"));
         assert_eq!(of("GetService"), Some(Role::Read));
         assert_eq!(of("Watch"), Some(Role::Read));
+        assert_eq!(of("WatchServices"), Some(Role::Read));
         assert_eq!(of("Register"), Some(Role::Write));
         assert_eq!(of("Heartbeat"), Some(Role::Write));
         assert_eq!(of("ListSessions"), Some(Role::Read));

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod limits;
 pub mod registry;
 mod sessions;
+mod watch;
 
 /// Runs `f` on the node's state under its read lock.
 pub(crate) fn read_state<T>(

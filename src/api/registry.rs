@@ -1,18 +1,14 @@
 //! The `Registry` gRPC service.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
-use http::HeaderValue;
-use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::auth;
 use super::convert::{self, instance_to_pb, status_to_pb};
-use super::forward::{self, Leader};
-use super::limits::{Admission, WatchSlots};
+use super::limits::Admission;
 use super::sessions::Sessions;
+use super::watch::{WatchServicesStream, WatchStream, Watches};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -22,7 +18,7 @@ use crate::raft::proposer::Proposer;
 use crate::registry::leases::{now_ms, Leases, TTL_RENEWED};
 use crate::registry::model::{CheckKind, HealthUpdate};
 use crate::registry::validate;
-use crate::registry::watch::{watch_stream, RegistryState, SharedState};
+use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::{Command, HealthStatus, Instance, Outcome};
 
 /// Handlers validate, then do the work here; on a follower, the proposer's
@@ -30,10 +26,9 @@ use crate::registry::{Command, HealthStatus, Instance, Outcome};
 pub struct RegistryApi {
     state: SharedState,
     proposer: Arc<Proposer>,
-    peers: Peers,
     leases: Arc<Leases>,
     admission: Admission,
-    watch_slots: Arc<WatchSlots>,
+    watches: Watches,
     sessions: Sessions,
 }
 
@@ -58,6 +53,7 @@ impl RegistryApi {
         limits: Limits,
     ) -> Self {
         RegistryApi {
+            watches: Watches::new(state.clone(), proposer.clone(), peers.clone(), &limits),
             sessions: Sessions::new(
                 state.clone(),
                 proposer.clone(),
@@ -66,49 +62,13 @@ impl RegistryApi {
             ),
             state,
             proposer,
-            peers,
             leases,
-            watch_slots: WatchSlots::new(&limits),
             admission: Admission::new(limits),
         }
     }
 
     fn read<T>(&self, f: impl FnOnce(&RegistryState) -> T) -> Result<T, Status> {
         Ok(super::read_state(&self.state, f)?)
-    }
-
-    /// Prepares this node for a watch. A fresh watch's initial state must hold
-    /// every write acknowledged before the call, so the node first catches up
-    /// with the cluster's revision (read index). A watch may resume from a
-    /// revision this node has not applied yet (the client saw it on a node
-    /// further ahead), but not from one the cluster has not reached: that would
-    /// silently skip the changes up to it.
-    async fn catch_up(&self, since: u64, credentials: Option<HeaderValue>) -> Result<(), Status> {
-        let local = self.read(|st| st.catalog.revision())?;
-        if since != 0 && since <= local {
-            return Ok(());
-        }
-        let cluster = match self.proposer.read_index().await {
-            Ok(()) => self.read(|st| st.catalog.revision())?,
-            Err(refusal) => match Leader::named_by(&refusal) {
-                Some(leader) => {
-                    let timeout = self.proposer.timeout();
-                    forward::leader_revision(&self.peers, leader, timeout, credentials).await?
-                }
-                None => return Err(refusal.into()),
-            },
-        };
-        if since > cluster {
-            return Err(Error::OutOfRange(format!(
-                "since_revision {since} is ahead of the cluster's revision {cluster}; \
-                 resume from a revision you received, or watch without since_revision"
-            ))
-            .into());
-        }
-        if since == 0 {
-            self.proposer.wait_applied(cluster).await?;
-        }
-        Ok(())
     }
 
     /// Waits, for a read of the given consistency, until local state may be read.
@@ -119,8 +79,6 @@ impl RegistryApi {
         Ok(())
     }
 }
-
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Registry for RegistryApi {
@@ -332,38 +290,15 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let grant = auth::grant(&req);
-        let credentials = auth::credentials(&req);
-        let slot = self.watch_slots.acquire(req.remote_addr())?;
-        let msg = req.into_inner();
-        let service = if msg.service.is_empty() {
-            None
-        } else {
-            validate::service_name(&msg.service)?;
-            auth::may_use(grant.as_ref(), &msg.service)?;
-            Some(msg.service)
-        };
-        self.catch_up(msg.since_revision, credentials).await?;
-        // Watch streams never end by themselves; a stopping node ends them so
-        // that clients resume elsewhere and the server can finish.
-        // The slot is held for as long as the stream lives.
-        let stream =
-            watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |m| {
-                let _held = &slot;
-                let mut m = convert::watch_message_to_pb(&m);
-                // A scoped token watching every service sees only its own;
-                // a revision with nothing of them in it is not sent.
-                if let Some(g) = &grant {
-                    m.instances.retain(|i| g.covers(&i.service));
-                    m.events
-                        .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
-                    if m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty() {
-                        return None;
-                    }
-                }
-                Some(Ok(m))
-            });
-        let stream = futures::StreamExt::take_until(stream, self.proposer.closing());
-        Ok(Response::new(Box::pin(stream)))
+        self.watches.watch(req).await.map(Response::new)
+    }
+
+    type WatchServicesStream = WatchServicesStream;
+
+    async fn watch_services(
+        &self,
+        req: Request<Streaming<pb::WatchServicesRequest>>,
+    ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        self.watches.watch_services(req).await.map(Response::new)
     }
 }

@@ -27,13 +27,14 @@
 //! # }
 //! ```
 
+mod feed;
 pub mod keepalive;
 pub mod picker;
 pub mod resolver;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::Duration;
 
 use std::path::Path;
@@ -100,6 +101,8 @@ pub struct RosterClient {
     retry_for: Duration,
     /// `Bearer <secret>`, sent with every call when the cluster requires tokens.
     token: Option<MetadataValue<Ascii>>,
+    /// The watch stream this client's resolvers share, opened by the first.
+    feed: OnceLock<feed::Feed>,
 }
 
 /// Errors after which another node may succeed. Every Roster write is safe
@@ -155,6 +158,7 @@ impl RosterClient {
             preferred: AtomicUsize::new(0),
             retry_for: Duration::from_secs(5),
             token: None,
+            feed: OnceLock::new(),
         })
     }
 
@@ -339,6 +343,41 @@ impl RosterClient {
         .await
     }
 
+    /// The watch stream shared by this client's resolvers.
+    fn feed(self: &Arc<Self>) -> &feed::Feed {
+        self.feed.get_or_init(|| feed::Feed::start(self))
+    }
+
+    /// Opens a WatchServices stream on the first node that accepts it, sending
+    /// `initial` first; later adds and removes go through the returned sender.
+    pub async fn watch_services(
+        &self,
+        initial: Vec<WatchServicesRequest>,
+    ) -> Result<
+        (
+            futures::channel::mpsc::UnboundedSender<WatchServicesRequest>,
+            Streaming<WatchServicesResponse>,
+        ),
+        Status,
+    > {
+        // Each attempt gets its own request stream; the one that opened is kept.
+        let opened = std::sync::Mutex::new(None);
+        let responses = self
+            .call(initial, |ch, r| {
+                let (tx, rx) = futures::channel::mpsc::unbounded();
+                *opened.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+                let r =
+                    r.map(|initial| futures::StreamExt::chain(futures::stream::iter(initial), rx));
+                async move { Self::registry(ch).watch_services(r).await }
+            })
+            .await?;
+        let tx = opened
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ok_or_else(|| Status::internal("watch_services opened without a request stream"))?;
+        Ok((tx, responses))
+    }
+
     /// Registers `instance` with a TTL check and keeps it alive: a background
     /// task heartbeats three times per TTL (through any node, across leader
     /// changes) until the handle is shut down or dropped, which deregisters it.
@@ -399,6 +438,8 @@ impl RosterClient {
         keepalive::KeptSession::open(self.clone(), name, ttl, on_end).await
     }
 
+    /// Follows `service`'s healthy instances. All of a client's resolvers
+    /// share one watch stream.
     pub fn resolve(self: &Arc<Self>, service: &str) -> resolver::Resolver {
         resolver::Resolver::new(self.clone(), service)
     }

@@ -1,8 +1,10 @@
-//! A live set of a service's healthy instances, kept current by a watch stream
-//! that resumes from its last revision after a disconnect.
+//! A live set of a service's healthy instances, kept current by the client's
+//! shared watch stream (`feed`), which resumes from its last revision after a
+//! disconnect.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +14,10 @@ use tonic::transport::channel::Change as ChannelChange;
 use tonic::transport::{Channel, Endpoint};
 use tower::discover::Change;
 
+use super::feed::Command;
 use super::picker::{Picked, Picker};
 use super::RosterClient;
-use crate::proto::v1::{
-    EventType, HealthStatus, Instance, ResetReason, WatchRequest, WatchResponse,
-};
+use crate::proto::v1::{EventType, HealthStatus, Instance, ResetReason, WatchResponse};
 
 /// The healthy instances at a revision, ordered by id.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -25,30 +26,38 @@ pub struct ResolvedSet {
     pub instances: Vec<Instance>,
 }
 
-/// Stops the background watch when the last handle is dropped.
-struct Task(tokio::task::JoinHandle<()>);
+/// Tells the feed to stop following when the last handle is dropped; keeps
+/// the client (and so the feed) alive until then.
+struct Following {
+    client: Arc<RosterClient>,
+    service: String,
+    id: u64,
+}
 
-impl Drop for Task {
+impl Drop for Following {
     fn drop(&mut self) {
-        self.0.abort();
+        self.client.feed().send(Command::Unfollow {
+            service: std::mem::take(&mut self.service),
+            id: self.id,
+        });
     }
 }
 
 #[derive(Clone)]
 pub struct Resolver {
     rx: watch::Receiver<Arc<ResolvedSet>>,
-    _task: Arc<Task>,
+    _following: Arc<Following>,
 }
 
 /// Applies watch messages to the full set of instances (all statuses).
 #[derive(Default)]
-struct Tracked {
-    revision: u64,
+pub(crate) struct Tracked {
+    pub revision: u64,
     all: BTreeMap<String, Instance>,
 }
 
 impl Tracked {
-    fn apply(&mut self, m: WatchResponse) {
+    pub fn apply(&mut self, m: WatchResponse) {
         if m.reset != ResetReason::Unspecified as i32 {
             self.all = m.instances.into_iter().map(|i| (i.id.clone(), i)).collect();
         }
@@ -63,7 +72,7 @@ impl Tracked {
         self.revision = self.revision.max(m.revision);
     }
 
-    fn healthy(&self) -> ResolvedSet {
+    pub fn healthy(&self) -> ResolvedSet {
         ResolvedSet {
             revision: self.revision,
             instances: self
@@ -78,12 +87,22 @@ impl Tracked {
 
 impl Resolver {
     /// Starts following `service`; the set is empty until the first answer.
-    pub fn new(client: Arc<RosterClient>, service: &str) -> Resolver {
+    pub(crate) fn new(client: Arc<RosterClient>, service: &str) -> Resolver {
+        static IDS: AtomicU64 = AtomicU64::new(0);
         let (tx, rx) = watch::channel(Arc::new(ResolvedSet::default()));
-        let task = tokio::spawn(follow(client, service.to_string(), tx));
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        client.feed().send(Command::Follow {
+            service: service.to_string(),
+            id,
+            tx,
+        });
         Resolver {
             rx,
-            _task: Arc::new(Task(task)),
+            _following: Arc::new(Following {
+                client,
+                service: service.to_string(),
+                id,
+            }),
         }
     }
 
@@ -115,7 +134,7 @@ impl Resolver {
         &self,
     ) -> impl Stream<Item = Result<Change<String, Instance>, Infallible>> + Send + 'static {
         let rx = self.rx.clone();
-        let keep = self._task.clone();
+        let keep = self._following.clone();
         futures::stream::unfold(
             (rx, BTreeMap::<String, Instance>::new(), Vec::new(), keep),
             |(mut rx, mut known, mut pending, keep)| async move {
@@ -179,37 +198,5 @@ pub fn authority(i: &Instance) -> String {
         format!("[{}]:{}", i.address, i.port)
     } else {
         format!("{}:{}", i.address, i.port)
-    }
-}
-
-/// Follows the watch stream, reconnecting (to whichever node answers) and
-/// resuming from the last revision seen; a reset from the server replaces the set.
-async fn follow(client: Arc<RosterClient>, service: String, tx: watch::Sender<Arc<ResolvedSet>>) {
-    let mut tracked = Tracked::default();
-    let mut pause = Duration::from_millis(50);
-    loop {
-        let req = WatchRequest {
-            service: service.clone(),
-            since_revision: tracked.revision,
-        };
-        if let Ok(mut stream) = client.watch(req).await {
-            pause = Duration::from_millis(50);
-            while let Ok(Some(m)) = stream.message().await {
-                tracked.apply(m);
-                let set = tracked.healthy();
-                tx.send_if_modified(|cur| {
-                    let publish = cur.revision == 0 || cur.instances != set.instances;
-                    if publish {
-                        *cur = Arc::new(set);
-                    }
-                    publish
-                });
-            }
-        }
-        if tx.is_closed() {
-            return;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }

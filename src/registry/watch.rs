@@ -1,7 +1,7 @@
 //! Watch: one broadcast per applied change, fanned out to every watcher, with a
 //! bounded history so a reconnecting watcher can resume where it left off.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use futures::Stream;
@@ -101,73 +101,229 @@ pub struct WatchMessage {
     pub compact_revision: u64,
 }
 
-impl RegistryState {
-    /// Messages that bring a watcher at `since` (0: nothing) up to date, and the
-    /// subscription that carries on from there.
-    fn resume(
-        &self,
-        service: Option<&str>,
-        since: u64,
-    ) -> (Vec<WatchMessage>, broadcast::Receiver<Notice>) {
-        let rx = self.hub.tx.subscribe();
-        let floor = self.hub.floor;
-        let reset = if since == 0 {
-            Some(ResetReason::Initial)
-        } else if since < floor {
-            Some(ResetReason::Compacted)
-        } else {
-            None
-        };
-        let msgs = match reset {
-            Some(reason) => {
-                let instances = match service {
-                    Some(s) => self.catalog.instances_of(s).cloned().collect(),
-                    None => self.catalog.all_instances().cloned().collect(),
-                };
-                vec![WatchMessage {
-                    revision: self.catalog.revision(),
-                    reset: Some(reason),
-                    instances,
-                    events: vec![],
-                    compact_revision: floor,
-                }]
+/// A message for one of a watcher's keys: a service, or every service (`None`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    pub service: Option<String>,
+    pub message: WatchMessage,
+}
+
+/// The keys a watcher follows, each with a revision: the key has every change
+/// up to it, and only later changes are routed to it.
+#[derive(Default)]
+struct Keys {
+    all: Option<u64>,
+    services: HashMap<String, u64>,
+}
+
+impl Keys {
+    fn is_empty(&self) -> bool {
+        self.all.is_none() && self.services.is_empty()
+    }
+
+    fn insert(&mut self, key: Option<String>, at: u64) {
+        match key {
+            None => self.all = Some(at),
+            Some(s) => {
+                self.services.insert(s, at);
             }
-            None => self
-                .hub
-                .history
-                .iter()
-                .filter(|c| c.revision > since)
-                .filter_map(|c| events_message(c, service))
-                .collect(),
+        }
+    }
+
+    /// Queues `change`'s events for each key that does not have them yet.
+    fn route(&self, change: &Change, out: &mut VecDeque<Update>) {
+        let message = |events: Vec<Event>| WatchMessage {
+            revision: change.revision,
+            reset: None,
+            instances: vec![],
+            events,
+            compact_revision: change.compact_revision,
         };
-        (msgs, rx)
+        if self.all.is_some_and(|at| change.revision > at) && !change.events.is_empty() {
+            out.push_back(Update {
+                service: None,
+                message: message(change.events.clone()),
+            });
+        }
+        if self.services.is_empty() {
+            return;
+        }
+        // An entry usually touches one service; ordered so output is deterministic.
+        let mut by_service: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
+        for e in &change.events {
+            let s = e.instance.service.as_str();
+            if self.services.get(s).is_some_and(|&at| change.revision > at) {
+                by_service.entry(s).or_default().push(e.clone());
+            }
+        }
+        out.extend(by_service.into_iter().map(|(s, events)| Update {
+            service: Some(s.to_string()),
+            message: message(events),
+        }));
     }
 }
 
-fn events_message(change: &Change, service: Option<&str>) -> Option<WatchMessage> {
-    let events: Vec<Event> = change
-        .events
-        .iter()
-        .filter(|e| service.is_none_or(|s| e.instance.service == s))
-        .cloned()
-        .collect();
-    (!events.is_empty()).then(|| WatchMessage {
-        revision: change.revision,
-        reset: None,
-        instances: vec![],
-        events,
-        compact_revision: change.compact_revision,
-    })
+impl RegistryState {
+    /// Queues what brings each of `keys` from its revision up to the
+    /// catalogue's, and records them in `into` at that revision. History is
+    /// read once for all of them. Revision 0 asks for the full state when
+    /// `added`; when resyncing a key it means the key has seen nothing yet.
+    fn catch_up(&self, keys: Keys, added: bool, into: &mut Keys, out: &mut VecDeque<Update>) {
+        let floor = self.hub.floor;
+        let now = self.catalog.revision();
+        let mut from_history = Keys::default();
+        let wanted = keys
+            .all
+            .map(|at| (None, at))
+            .into_iter()
+            .chain(keys.services.into_iter().map(|(s, at)| (Some(s), at)));
+        for (key, at) in wanted {
+            let reset = if at == 0 && added {
+                Some(ResetReason::Initial)
+            } else if at < floor {
+                Some(ResetReason::Compacted)
+            } else {
+                None
+            };
+            match reset {
+                Some(reason) => out.push_back(Update {
+                    message: WatchMessage {
+                        revision: now,
+                        reset: Some(reason),
+                        instances: match &key {
+                            Some(s) => self.catalog.instances_of(s).cloned().collect(),
+                            None => self.catalog.all_instances().cloned().collect(),
+                        },
+                        events: vec![],
+                        compact_revision: floor,
+                    },
+                    service: key.clone(),
+                }),
+                None => from_history.insert(key.clone(), at),
+            }
+            // A key resuming from a revision this node has not reached yet
+            // (seen on a node further ahead) skips the changes up to it.
+            into.insert(key, at.max(now));
+        }
+        if !from_history.is_empty() {
+            for change in &self.hub.history {
+                from_history.route(change, out);
+            }
+        }
+    }
 }
 
-/// A watcher: where it is and what it still has to send.
-struct Watcher {
+/// A watch stream's state: the keys it follows, and what it still has to send.
+/// Many keys share one broadcast subscription.
+pub struct Watcher {
     state: SharedState,
-    service: Option<String>,
-    last: u64,
-    pending: VecDeque<WatchMessage>,
-    /// `None` until (re)subscribed: at start, after a reset or after lagging.
+    keys: Keys,
+    /// Revision of the last change taken from `rx`: every key has it.
+    seen: u64,
+    pending: VecDeque<Update>,
+    /// `None` until (re)subscribed: before the first key, after a reset or after lagging.
     rx: Option<broadcast::Receiver<Notice>>,
+}
+
+/// The registry's state could not be read (a writer panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("the registry state is unavailable")]
+pub struct StateUnavailable;
+
+impl Watcher {
+    pub fn new(state: SharedState) -> Self {
+        Watcher {
+            state,
+            keys: Keys::default(),
+            seen: 0,
+            pending: VecDeque::new(),
+            rx: None,
+        }
+    }
+
+    /// Number of keys followed.
+    pub fn followed(&self) -> usize {
+        usize::from(self.keys.all.is_some()) + self.keys.services.len()
+    }
+
+    pub fn follows(&self, service: &str) -> bool {
+        self.keys.services.contains_key(service)
+    }
+
+    /// Starts following each key after its revision (0: from its full state);
+    /// a key already followed starts again. One lock for all of them.
+    pub fn add(
+        &mut self,
+        keys: impl IntoIterator<Item = (Option<String>, u64)>,
+    ) -> Result<(), StateUnavailable> {
+        let mut added = Keys::default();
+        for (key, since) in keys {
+            self.drop_pending(key.as_deref());
+            added.insert(key, since);
+        }
+        let st = self.state.read().map_err(|_| StateUnavailable)?;
+        if self.rx.is_none() {
+            // Subscribe under the same lock as the catch-up: nothing falls between.
+            self.rx = Some(st.hub.tx.subscribe());
+        }
+        st.catch_up(added, true, &mut self.keys, &mut self.pending);
+        Ok(())
+    }
+
+    /// Stops following `key`, dropping what was queued for it.
+    pub fn remove(&mut self, key: Option<&str>) {
+        match key {
+            None => self.keys.all = None,
+            Some(s) => {
+                self.keys.services.remove(s);
+            }
+        }
+        self.drop_pending(key);
+        if self.keys.is_empty() {
+            // Nothing to follow: stop taking every change.
+            self.rx = None;
+        }
+    }
+
+    fn drop_pending(&mut self, key: Option<&str>) {
+        self.pending.retain(|u| u.service.as_deref() != key);
+    }
+
+    /// The next message for any key; `None` once the registry is gone. Cancel
+    /// safe: a message is taken from the broadcast only where it is then returned.
+    pub async fn next(&mut self) -> Option<Update> {
+        loop {
+            if let Some(u) = self.pending.pop_front() {
+                return Some(u);
+            }
+            let Some(rx) = self.rx.as_mut() else {
+                if self.keys.is_empty() {
+                    return std::future::pending().await;
+                }
+                // Catch every key up from where it stands, under the lock,
+                // then follow the broadcast again.
+                let seen = self.seen;
+                let mut stale = std::mem::take(&mut self.keys);
+                stale.all = stale.all.map(|at| at.max(seen));
+                stale
+                    .services
+                    .values_mut()
+                    .for_each(|at| *at = (*at).max(seen));
+                let st = self.state.read().ok()?;
+                self.rx = Some(st.hub.tx.subscribe());
+                st.catch_up(stale, false, &mut self.keys, &mut self.pending);
+                continue;
+            };
+            match rx.recv().await {
+                Ok(Notice::Change(c)) => {
+                    self.seen = self.seen.max(c.revision);
+                    self.keys.route(&c, &mut self.pending);
+                }
+                Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => self.rx = None,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
 }
 
 /// `service`'s changes (every service's when `None`) after `since` (0: from the
@@ -178,38 +334,14 @@ pub fn watch_stream(
     service: Option<String>,
     since: u64,
 ) -> impl Stream<Item = WatchMessage> + Send {
-    let w = Watcher {
-        state,
-        service,
-        last: since,
-        pending: VecDeque::new(),
-        rx: None,
-    };
-    futures::stream::unfold(w, |mut w| async move {
-        loop {
-            if let Some(m) = w.pending.pop_front() {
-                w.last = m.revision;
-                return Some((m, w));
-            }
-            let Some(rx) = w.rx.as_mut() else {
-                let (msgs, rx) = w.state.read().ok()?.resume(w.service.as_deref(), w.last);
-                w.pending.extend(msgs);
-                w.rx = Some(rx);
-                continue;
-            };
-            match rx.recv().await {
-                Ok(Notice::Change(c)) if c.revision > w.last => {
-                    w.last = c.revision;
-                    if let Some(m) = events_message(&c, w.service.as_deref()) {
-                        return Some((m, w));
-                    }
-                }
-                Ok(Notice::Change(_)) => {}
-                // Catch up from history under the lock, then follow the broadcast again.
-                Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => w.rx = None,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+    let mut w = Watcher::new(state);
+    let started = w.add([(service, since)]).is_ok();
+    futures::stream::unfold(w, move |mut w| async move {
+        if !started {
+            return None;
         }
+        let u = w.next().await?;
+        Some((u.message, w))
     })
 }
 
@@ -431,6 +563,134 @@ mod tests {
             let m = next(w);
             assert_eq!((m.reset, m.revision), (None, 21));
             assert_eq!(m.events[0].instance.id, "new3");
+        }
+    }
+
+    /// Drains the updates that are ready now, as (service, revision, instance ids).
+    fn ready(w: &mut Watcher) -> Vec<(String, u64, Vec<String>)> {
+        let mut out = Vec::new();
+        while let Some(Some(u)) = w.next().now_or_never() {
+            let ids = if u.message.reset.is_some() {
+                ids(&u.message.instances)
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            } else {
+                u.message
+                    .events
+                    .iter()
+                    .map(|e| e.instance.id.clone())
+                    .collect()
+            };
+            out.push((u.service.unwrap_or_default(), u.message.revision, ids));
+        }
+        out
+    }
+
+    fn key(s: &str, since: u64) -> (Option<String>, u64) {
+        (Some(s.to_string()), since)
+    }
+
+    fn row(s: &str, rev: u64, ids: &[&str]) -> (String, u64, Vec<String>) {
+        (
+            s.to_string(),
+            rev,
+            ids.iter().map(|i| i.to_string()).collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn one_watcher_follows_many_services_each_from_its_own_start() {
+        let state = shared(100);
+        register(&state, 1, "a", "a1");
+        register(&state, 2, "b", "b1");
+        register(&state, 3, "c", "c1");
+        let mut w = Watcher::new(state.clone());
+        // a from its full state, b resumed after revision 1 (so b1 comes as an event).
+        w.add([key("a", 0), key("b", 1)]).expect("add");
+        let mut first = ready(&mut w);
+        first.sort();
+        assert_eq!(first, [row("a", 3, &["a1"]), row("b", 2, &["b1"])]);
+        // Published before c is added but not yet taken from the broadcast:
+        // c's full state covers it, so c is not sent it again.
+        register(&state, 4, "c", "c2");
+        w.add([key("c", 0)]).expect("add c");
+        register(&state, 5, "c", "c3");
+        register(&state, 6, "other", "x");
+        assert_eq!(
+            ready(&mut w),
+            [row("c", 4, &["c1", "c2"]), row("c", 5, &["c3"])]
+        );
+        // One entry touching two watched services reaches each at that revision.
+        let status = crate::registry::model::HealthStatus::Critical;
+        let update = |service: &str, id: &str| crate::registry::model::HealthUpdate {
+            service: service.into(),
+            id: id.into(),
+            status,
+            output: String::new(),
+            at_ms: 1,
+        };
+        apply(
+            &state,
+            7,
+            Command::SetHealth(vec![
+                update("a", "a1"),
+                update("c", "c1"),
+                update("other", "x"),
+            ]),
+        );
+        assert_eq!(ready(&mut w), [row("a", 7, &["a1"]), row("c", 7, &["c1"])]);
+        assert_eq!(w.followed(), 3);
+    }
+
+    #[tokio::test]
+    async fn removing_a_service_drops_its_queued_messages_and_readding_restarts_it() {
+        let state = shared(100);
+        register(&state, 1, "a", "a1");
+        let mut w = Watcher::new(state.clone());
+        w.add([key("a", 0), key("b", 0)]).expect("add");
+        register(&state, 2, "a", "a2");
+        w.remove(Some("a"));
+        register(&state, 3, "a", "a3");
+        register(&state, 4, "b", "b1");
+        assert_eq!(ready(&mut w), [row("b", 1, &[]), row("b", 4, &["b1"])]);
+        w.add([key("a", 2)]).expect("re-add");
+        assert_eq!(ready(&mut w), [row("a", 3, &["a3"])]);
+        // With nothing followed the watcher waits, and takes up again on an add.
+        w.remove(Some("a"));
+        w.remove(Some("b"));
+        assert_eq!(w.followed(), 0);
+        register(&state, 5, "b", "b2");
+        assert_idle_watcher(&mut w);
+        w.add([key("b", 4)]).expect("add b");
+        assert_eq!(ready(&mut w), [row("b", 5, &["b2"])]);
+    }
+
+    fn assert_idle_watcher(w: &mut Watcher) {
+        assert!(w.next().now_or_never().is_none(), "no update expected");
+    }
+
+    #[tokio::test]
+    async fn a_lagging_watcher_resumes_every_service_from_where_it_stood() {
+        let total = BROADCAST_CAPACITY as u64 + 100;
+        let state = shared(total as usize + 10);
+        let mut w = Watcher::new(state.clone());
+        w.add([key("a", 0), key("b", 0)]).expect("add");
+        assert_eq!(ready(&mut w).len(), 2);
+        for rev in 1..=total {
+            let service = if rev % 2 == 0 { "a" } else { "b" };
+            register(&state, rev, service, &rev.to_string());
+        }
+        let got = ready(&mut w);
+        assert_eq!(
+            got.len() as u64,
+            total,
+            "every change once, none as a reset"
+        );
+        for (i, (service, rev, ids)) in got.into_iter().enumerate() {
+            assert_eq!(rev, i as u64 + 1);
+            assert_eq!(service, if rev % 2 == 0 { "a" } else { "b" });
+            assert_eq!(ids, [rev.to_string()]);
         }
     }
 }

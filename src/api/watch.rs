@@ -1,0 +1,343 @@
+//! Watch streams: `Watch` follows one service (or all), `WatchServices` many
+//! on one stream, added and removed while it is open. Both are served from
+//! this node's state; only their start may need the leader's revision.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{FutureExt, Stream, StreamExt};
+use http::HeaderValue;
+use tonic::{Request, Status, Streaming};
+
+use super::auth::{self, Grant};
+use super::convert;
+use super::forward::{self, Leader};
+use super::limits::{exhausted, WatchSlot, WatchSlots};
+use crate::config::Limits;
+use crate::error::Error;
+use crate::proto::v1 as pb;
+use crate::proto::v1::watch_services_request::Action;
+use crate::proto::v1::watch_services_response::Result as Outcome;
+use crate::raft::network::Peers;
+use crate::raft::proposer::Proposer;
+use crate::registry::validate;
+use crate::registry::watch::{watch_stream, SharedState, Update, Watcher};
+
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+pub type WatchServicesStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchServicesResponse, Status>> + Send>>;
+
+/// Requests a stream takes in one go: their starts share one read index and one lock.
+const ADD_BATCH: usize = 1024;
+
+#[derive(Clone)]
+pub struct Watches {
+    state: SharedState,
+    proposer: Arc<Proposer>,
+    peers: Peers,
+    slots: Arc<WatchSlots>,
+    max_per_stream: usize,
+}
+
+impl Watches {
+    pub fn new(state: SharedState, proposer: Arc<Proposer>, peers: Peers, limits: &Limits) -> Self {
+        Watches {
+            state,
+            proposer,
+            peers,
+            slots: WatchSlots::new(limits),
+            max_per_stream: limits.max_watched_services_per_stream,
+        }
+    }
+
+    pub async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<WatchStream, Status> {
+        let grant = auth::grant(&req);
+        let credentials = auth::credentials(&req);
+        let slot = self.slots.acquire(req.remote_addr())?;
+        let msg = req.into_inner();
+        let service = if msg.service.is_empty() {
+            None
+        } else {
+            validate::service_name(&msg.service)?;
+            auth::may_use(grant.as_ref(), &msg.service)?;
+            Some(msg.service)
+        };
+        let ceiling = self.catch_up([msg.since_revision], credentials).await?;
+        within(msg.since_revision, ceiling)?;
+        // The slot is held for as long as the stream lives.
+        let stream =
+            watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |m| {
+                let _held = &slot;
+                let mut m = convert::watch_message_to_pb(&m);
+                // A scoped token watching every service sees only its own;
+                // a revision with nothing of them in it is not sent.
+                if let Some(g) = &grant {
+                    m.instances.retain(|i| g.covers(&i.service));
+                    m.events
+                        .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
+                    if m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty() {
+                        return futures::future::ready(None);
+                    }
+                }
+                futures::future::ready(Some(Ok(m)))
+            });
+        Ok(self.until_closing(stream))
+    }
+
+    pub async fn watch_services(
+        &self,
+        req: Request<Streaming<pb::WatchServicesRequest>>,
+    ) -> Result<WatchServicesStream, Status> {
+        let mux = Mux {
+            grant: auth::grant(&req),
+            credentials: auth::credentials(&req),
+            _slot: self.slots.acquire(req.remote_addr())?,
+            watches: self.clone(),
+            watcher: Watcher::new(self.state.clone()),
+            inbound: Some(req.into_inner()),
+            out: VecDeque::new(),
+            failed: false,
+        };
+        let stream = futures::stream::unfold(mux, |mut mux| async move {
+            let item = mux.next().await?;
+            Some((item, mux))
+        });
+        Ok(self.until_closing(stream))
+    }
+
+    /// Watch streams never end by themselves; a stopping node ends them so
+    /// that clients resume elsewhere and the server can finish.
+    fn until_closing<T: Send + 'static>(
+        &self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+        Box::pin(stream.take_until(self.proposer.closing()))
+    }
+
+    /// Prepares this node for watches starting after these revisions, and
+    /// returns the highest revision they may start from. A watch from the
+    /// full state (0) must hold every write acknowledged before the call, so
+    /// the node first catches up with the cluster's revision (read index). A
+    /// watch may resume from a revision this node has not applied yet (the
+    /// client saw it on a node further ahead), but not from one the cluster
+    /// has not reached: that would silently skip the changes up to it.
+    async fn catch_up(
+        &self,
+        sinces: impl IntoIterator<Item = u64>,
+        credentials: Option<HeaderValue>,
+    ) -> Result<u64, Status> {
+        let local = super::read_state(&self.state, |st| st.catalog.revision())?;
+        let (mut fresh, mut ahead) = (false, false);
+        for since in sinces {
+            fresh |= since == 0;
+            ahead |= since > local;
+        }
+        if !fresh && !ahead {
+            return Ok(local);
+        }
+        let cluster = match self.proposer.read_index().await {
+            Ok(()) => super::read_state(&self.state, |st| st.catalog.revision())?,
+            Err(refusal) => match Leader::named_by(&refusal) {
+                Some(leader) => {
+                    let timeout = self.proposer.timeout();
+                    forward::leader_revision(&self.peers, leader, timeout, credentials).await?
+                }
+                None => return Err(refusal.into()),
+            },
+        };
+        if fresh {
+            self.proposer.wait_applied(cluster).await?;
+        }
+        Ok(cluster)
+    }
+}
+
+fn within(since: u64, ceiling: u64) -> Result<(), Status> {
+    if since > ceiling {
+        return Err(Error::OutOfRange(format!(
+            "since_revision {since} is ahead of the cluster's revision {ceiling}; \
+             resume from a revision you received, or watch without since_revision"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+enum Event {
+    Request(Option<Result<pb::WatchServicesRequest, Status>>),
+    Update(Option<Update>),
+}
+
+/// One WatchServices stream.
+struct Mux {
+    grant: Option<Grant>,
+    credentials: Option<HeaderValue>,
+    _slot: WatchSlot,
+    watches: Watches,
+    watcher: Watcher,
+    /// `None` once the client has sent all its requests: the stream goes on.
+    inbound: Option<Streaming<pb::WatchServicesRequest>>,
+    /// Answers to requests, sent before further updates.
+    out: VecDeque<pb::WatchServicesResponse>,
+    failed: bool,
+}
+
+impl Mux {
+    async fn next(&mut self) -> Option<Result<pb::WatchServicesResponse, Status>> {
+        loop {
+            if let Some(r) = self.out.pop_front() {
+                return Some(Ok(r));
+            }
+            if self.failed {
+                return None;
+            }
+            let inbound = &mut self.inbound;
+            let next_req = async {
+                match inbound.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                biased;
+                req = next_req => Event::Request(req),
+                update = self.watcher.next() => Event::Update(update),
+            };
+            match event {
+                Event::Request(Some(Ok(first))) => {
+                    if let Err(status) = self.take(first).await {
+                        self.failed = true;
+                        return Some(Err(status));
+                    }
+                }
+                // The client broke the stream off: nobody reads the rest.
+                Event::Request(Some(Err(_))) => return None,
+                Event::Request(None) => self.inbound = None,
+                Event::Update(update) => return update.map(|u| Ok(update_to_pb(u))),
+            }
+        }
+    }
+
+    /// Handles `first` and the requests that arrived with it, in order;
+    /// consecutive adds start together.
+    async fn take(&mut self, first: pb::WatchServicesRequest) -> Result<(), Status> {
+        let mut batch = vec![first];
+        while batch.len() < ADD_BATCH {
+            let Some(inbound) = self.inbound.as_mut() else {
+                break;
+            };
+            match inbound.next().now_or_never() {
+                Some(Some(Ok(r))) => batch.push(r),
+                Some(Some(Err(_))) | Some(None) => {
+                    self.inbound = None;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let mut adds = Vec::new();
+        for req in batch {
+            match req.action {
+                Some(Action::Add(w)) => match self.admit(&w, &adds) {
+                    Ok(()) => adds.push(w),
+                    Err(status) => self.refuse(w.service, &status),
+                },
+                Some(Action::Remove(service)) => {
+                    self.start(std::mem::take(&mut adds)).await?;
+                    self.watcher.remove(Some(&service));
+                    self.out.push_back(ended(service, &Status::ok("removed")));
+                }
+                None => {
+                    let status = Status::invalid_argument(
+                        "a WatchServicesRequest sets add (a service and since_revision) or remove",
+                    );
+                    self.refuse(String::new(), &status);
+                }
+            }
+        }
+        self.start(adds).await
+    }
+
+    /// Answers a refused add. The service is no longer followed, even if it
+    /// was before: the answer says nothing more comes for it.
+    fn refuse(&mut self, service: String, status: &Status) {
+        self.watcher.remove(Some(&service));
+        self.out.push_back(ended(service, status));
+    }
+
+    fn admit(&self, w: &pb::WatchRequest, queued: &[pb::WatchRequest]) -> Result<(), Status> {
+        if w.service.is_empty() {
+            return Err(Status::invalid_argument(
+                "add needs a service; to watch every service, use Watch",
+            ));
+        }
+        validate::service_name(&w.service)?;
+        auth::may_use(self.grant.as_ref(), &w.service)?;
+        let max = self.watches.max_per_stream;
+        if self.watcher.followed() + queued.len() >= max
+            && !self.watcher.follows(&w.service)
+            && !queued.iter().any(|q| q.service == w.service)
+        {
+            return Err(exhausted(
+                format!(
+                    "this stream follows {} services",
+                    self.watcher.followed() + queued.len()
+                ),
+                "max_watched_services_per_stream",
+                max,
+                "remove services you no longer need, or open another stream",
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Starts the watches of `adds` together: one catch-up, one lock.
+    async fn start(&mut self, adds: Vec<pb::WatchRequest>) -> Result<(), Status> {
+        if adds.is_empty() {
+            return Ok(());
+        }
+        let sinces = adds.iter().map(|w| w.since_revision);
+        let ceiling = match self
+            .watches
+            .catch_up(sinces, self.credentials.clone())
+            .await
+        {
+            Ok(c) => c,
+            Err(status) => {
+                for w in adds {
+                    self.refuse(w.service, &status);
+                }
+                return Ok(());
+            }
+        };
+        let mut keys = Vec::with_capacity(adds.len());
+        for w in adds {
+            match within(w.since_revision, ceiling) {
+                Ok(()) => keys.push((Some(w.service), w.since_revision)),
+                Err(status) => self.refuse(w.service, &status),
+            }
+        }
+        self.watcher
+            .add(keys)
+            .map_err(|e| Status::from(Error::Internal(e.to_string())))
+    }
+}
+
+fn ended(service: String, status: &Status) -> pb::WatchServicesResponse {
+    pb::WatchServicesResponse {
+        service,
+        result: Some(Outcome::Ended(pb::WatchEnded {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        })),
+    }
+}
+
+fn update_to_pb(u: Update) -> pb::WatchServicesResponse {
+    pb::WatchServicesResponse {
+        service: u.service.unwrap_or_default(),
+        result: Some(Outcome::Update(convert::watch_message_to_pb(&u.message))),
+    }
+}
