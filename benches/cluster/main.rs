@@ -11,6 +11,7 @@ mod certs;
 /// The tests' port picker: below the ephemeral range, never one port twice.
 #[path = "../../tests/common/ports.rs"]
 mod ports;
+mod mux;
 mod procs;
 // Written for the tests; the benchmark uses only part of it.
 #[allow(dead_code)]
@@ -341,8 +342,9 @@ struct Scale {
     disk: u64,
 }
 
-/// Loads `instances` registrations (100 per service), then measures memory and a full restart.
-async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -> Result<Scale> {
+/// Registers `instances` instances, `per_service` per service (`svc-N`,
+/// ids `i-N`), from 256 clients; returns registrations per second.
+async fn load<S: System>(sys: &Arc<S>, instances: u64, per_service: u64) -> Result<f64> {
     let clients = 256u64;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -351,8 +353,17 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
         tasks.push(tokio::spawn(async move {
             let mut i = c;
             while i < instances {
-                sys.register(c as usize, &format!("svc-{}", i / 100), &format!("i-{i}"))
-                    .await?;
+                let service = format!("svc-{}", i / per_service);
+                let id = format!("i-{i}");
+                // A node may not know the new cluster's leader yet: retry a while.
+                let mut attempts = 0;
+                while let Err(e) = sys.register(c as usize, &service, &id).await {
+                    attempts += 1;
+                    if attempts == 50 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 i += clients;
             }
             anyhow::Ok(())
@@ -361,7 +372,12 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
     for t in tasks {
         t.await??;
     }
-    let load_rate = instances as f64 / start.elapsed().as_secs_f64();
+    Ok(instances as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Loads `instances` registrations (100 per service), then measures memory and a full restart.
+async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -> Result<Scale> {
+    let load_rate = load(sys, instances, 100).await?;
     anyhow::ensure!(
         sys.count().await? >= instances,
         "not every instance was stored"
@@ -685,6 +701,65 @@ async fn scale_rows(
         list_mib(&rs.rss),
         list_mib(&rs.rss_after_restart),
         list_mib(&es.rss)
+    ));
+    Ok(())
+}
+
+/// Multiplexed watches on one node of a fresh cluster of each system:
+/// `streams` streams following `per_stream` services each, one instance per service.
+async fn mux_rows(
+    dir: &Path,
+    streams: usize,
+    per_stream: usize,
+    rows: &mut Vec<Row>,
+    extra: &mut Vec<String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let services = (streams * per_stream) as u64;
+    let rc = procs::roster(dir, 3, Peers::Direct)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    wait_leader(&roster).await?;
+    eprintln!("multiplexed watch: {services} services over {streams} streams");
+    load(&roster, services, 1).await?;
+    let pid = rc.procs[0].pid().context("roster node 1 is running")?;
+    let r = mux::roster(&rc.endpoints()[0], pid, streams, per_stream).await?;
+    // Delivery still works: a change to the last stream's last service reaches it.
+    let last = &r.received[streams - 1];
+    let seen = last.load(std::sync::atomic::Ordering::Relaxed);
+    roster
+        .register(0, &mux::service(streams - 1, per_stream - 1, per_stream), "late")
+        .await?;
+    procs::wait_until("the late change on its stream", Duration::from_secs(10), || async {
+        last.load(std::sync::atomic::Ordering::Relaxed) > seen
+    })
+    .await?;
+    drop((r.received.clone(), roster, rc));
+
+    let ec = procs::etcd(dir, 3, Peers::Direct, &[])?;
+    let etcd = etcd_client(&ec).await?;
+    wait_leader(&etcd).await?;
+    load(&etcd, services, 1).await?;
+    let pid = ec.procs[0].pid().context("etcd node 1 is running")?;
+    let e = mux::etcd(&ec.endpoints()[0], pid, streams, per_stream).await?;
+    let bytes = |b: f64| format!("{b:.0} B");
+    rows.push(Row {
+        name: format!("multiplexed watch: memory per watched service ({services} over {streams} streams, one node)"),
+        roster: bytes(r.per_watch()),
+        etcd: bytes(e.per_watch()),
+        ratio: format!("{:.2}×", r.per_watch() / e.per_watch().max(1.0)),
+        target: "Roster ≤ 350 B",
+    });
+    rows.push(Row {
+        name: "multiplexed watch: memory per stream".to_string(),
+        roster: bytes(r.per_stream_cost()),
+        etcd: bytes(e.per_stream_cost()),
+        ratio: format!("{:.2}×", r.per_stream_cost() / e.per_stream_cost().max(1.0)),
+        target: "",
+    });
+    extra.push(format!(
+        "Multiplexed watch, RSS of the node the {streams} streams go to (before any, one service each, {per_stream} each): Roster {}; etcd {}.",
+        list_mib(&r.rss),
+        list_mib(&e.rss)
     ));
     Ok(())
 }
@@ -1091,6 +1166,10 @@ async fn main() -> Result<()> {
     }
     if opts.runs("secure") {
         secure_rows(&dir.path().join("secure"), dur, &mut rows, &mut extra).await?;
+    }
+    if opts.runs("mux") {
+        let (streams, per_stream) = if opts.quick { (100, 100) } else { (1000, 100) };
+        mux_rows(&dir.path().join("mux"), streams, per_stream, &mut rows, &mut extra).await?;
     }
     if opts.runs("scale") {
         let instances = if opts.quick { 10_000 } else { 100_000 };

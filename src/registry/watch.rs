@@ -296,6 +296,11 @@ impl Watcher {
             if let Some(u) = self.pending.pop_front() {
                 return Some(u);
             }
+            // A burst (many adds, a resync) leaves a large queue behind; a
+            // watcher lives long, so give the room back.
+            if self.pending.capacity() > 64 {
+                self.pending.shrink_to_fit();
+            }
             let Some(rx) = self.rx.as_mut() else {
                 if self.keys.is_empty() {
                     return std::future::pending().await;
