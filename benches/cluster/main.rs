@@ -8,10 +8,10 @@
 /// The tests' CA, for the TLS phase.
 #[path = "../../tests/common/certs.rs"]
 mod certs;
+mod mux;
 /// The tests' port picker: below the ephemeral range, never one port twice.
 #[path = "../../tests/common/ports.rs"]
 mod ports;
-mod mux;
 mod procs;
 // Written for the tests; the benchmark uses only part of it.
 #[allow(dead_code)]
@@ -727,11 +727,17 @@ async fn mux_rows(
     let last = &r.received[streams - 1];
     let seen = last.load(std::sync::atomic::Ordering::Relaxed);
     roster
-        .register(0, &mux::service(streams - 1, per_stream - 1, per_stream), "late")
+        .register(
+            0,
+            &mux::service(streams - 1, per_stream - 1, per_stream),
+            "late",
+        )
         .await?;
-    procs::wait_until("the late change on its stream", Duration::from_secs(10), || async {
-        last.load(std::sync::atomic::Ordering::Relaxed) > seen
-    })
+    procs::wait_until(
+        "the late change on its stream",
+        Duration::from_secs(10),
+        || async { last.load(std::sync::atomic::Ordering::Relaxed) > seen },
+    )
     .await?;
     drop((r.received.clone(), roster, rc));
 
@@ -1169,7 +1175,14 @@ async fn main() -> Result<()> {
     }
     if opts.runs("mux") {
         let (streams, per_stream) = if opts.quick { (100, 100) } else { (1000, 100) };
-        mux_rows(&dir.path().join("mux"), streams, per_stream, &mut rows, &mut extra).await?;
+        mux_rows(
+            &dir.path().join("mux"),
+            streams,
+            per_stream,
+            &mut rows,
+            &mut extra,
+        )
+        .await?;
     }
     if opts.runs("scale") {
         let instances = if opts.quick { 10_000 } else { 100_000 };
