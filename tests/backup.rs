@@ -99,6 +99,30 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     );
     assert!(!dir.path().join("roster.backup.tmp").exists());
 
+    // A bare file name lands in the current directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["snapshot", "save", "--endpoints", &old.endpoint(follower)])
+        .arg("bare.backup")
+        .current_dir(dir.path())
+        .output()
+        .expect("run roster");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.path().join("bare.backup").is_file());
+    // A missing directory is not made, and the error names the cause once.
+    let missing = dir.path().join("missing").join("roster.backup");
+    let out = roster(
+        &["snapshot", "save", "--endpoints", &old.endpoint(follower)],
+        &missing,
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        text(&out).matches("No such file or directory").count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("missing").exists());
+
     let out = roster(&["snapshot", "inspect"], &file);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(field(&out, "revision"), revision.to_string());
@@ -163,7 +187,8 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     assert_eq!(catalogue(&new).await, before);
     let status = new.status(new.leader().await).await.expect("status");
-    // The new leader's first entry is the only one after the backup's.
+    // After the backup's entries: the new leader's blank entry (and soon the
+    // one binding the members to their data directories).
     assert!(
         status.revision > revision,
         "{} vs {revision}",

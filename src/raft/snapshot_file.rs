@@ -19,17 +19,19 @@ pub const SNAPSHOT_FILE: &str = "roster.snapshot";
 /// Names the file's format; a later format gets another.
 const MAGIC: &[u8; 8] = b"RSTRSNP1";
 
+/// The cause is part of the message and not a `source`: callers print the
+/// message alone, and an error chain would repeat the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotFileError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0} is not a Roster snapshot (it does not start with the snapshot file's magic)")]
     NotASnapshot(PathBuf),
-    #[error("{path} is damaged: {source}")]
-    Damaged { path: PathBuf, source: CodecError },
+    #[error("{path} is damaged: {error}")]
+    Damaged { path: PathBuf, error: CodecError },
 }
 
 pub struct SnapshotFile {
@@ -60,9 +62,9 @@ impl SnapshotFile {
         let body = bytes
             .strip_prefix(MAGIC)
             .ok_or_else(|| SnapshotFileError::NotASnapshot(path.to_path_buf()))?;
-        stored::decode(body).map_err(|source| SnapshotFileError::Damaged {
+        stored::decode(body).map_err(|error| SnapshotFileError::Damaged {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 
@@ -73,9 +75,9 @@ impl SnapshotFile {
     /// Replaces the file with `v`, durably: written, fsynced, renamed, and the
     /// directory fsynced so the rename survives a crash.
     pub fn write<T: Serialize>(&self, v: &T) -> Result<(), SnapshotFileError> {
-        let bytes = Self::encode(v).map_err(|source| SnapshotFileError::Damaged {
+        let bytes = Self::encode(v).map_err(|error| SnapshotFileError::Damaged {
             path: self.path.clone(),
-            source,
+            error,
         })?;
         self.write_bytes(&bytes)
     }
@@ -87,13 +89,19 @@ impl SnapshotFile {
         let tmp = PathBuf::from(tmp);
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| SnapshotFileError::Io { path, source }
+            move |error| SnapshotFileError::Io { path, error }
         };
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
         if let Some(dir) = self.path.parent() {
+            // A bare file name's parent is empty: the current directory.
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io(dir))?;
@@ -106,10 +114,10 @@ impl SnapshotFile {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
+            Err(error) => {
                 return Err(SnapshotFileError::Io {
                     path: self.path.clone(),
-                    source,
+                    error,
                 })
             }
         };
