@@ -161,8 +161,10 @@ fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, 
         gauge(r, name, help, value);
     }
     if leading {
+        // Peers keeps the measurements of removed peers; only members get series.
+        let member = |id: &NodeId| m.membership_config.membership().get_node(id).is_some();
         let rtt: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>> = Family::default();
-        for (peer, d) in peers.rtts() {
+        for (peer, d) in peers.rtts().into_iter().filter(|(p, _)| member(p)) {
             rtt.get_or_create(&vec![("peer".to_string(), peer.to_string())])
                 .set(d.as_secs_f64());
         }
@@ -184,7 +186,9 @@ fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, 
             lag,
         );
         let early: Family<Vec<(String, String)>, Counter> = Family::default();
-        for (peer, (accepted, broken)) in peers.early_appends() {
+        for (peer, (accepted, broken)) in
+            peers.early_appends().into_iter().filter(|(p, _)| member(p))
+        {
             for (outcome, n) in [("accepted", accepted), ("broken", broken)] {
                 early
                     .get_or_create(&vec![

@@ -242,8 +242,16 @@ pub async fn watch(a: WatchArgs) -> anyhow::Result<()> {
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let c = client(&a.endpoints)?;
-    for (endpoint, r) in c.status_all().await {
+    let replies = client(&a.endpoints)?.status_all().await;
+    // Membership as the newest leader that answered knows it: a removed node
+    // may never learn of its removal, and goes on naming its old leader.
+    let leader_members = replies
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term)
+        .map(|s| &s.members);
+    for (endpoint, r) in &replies {
         match r {
             Ok(s) => {
                 let advertise = match s.advertise_address.as_str() {
@@ -251,8 +259,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     a => format!(" advertise={a}"),
                 };
                 let advertise = format!("{advertise} peer={}", s.peer_advertise_address);
+                let known = leader_members.unwrap_or(&s.members);
+                let outside = if known.iter().any(|m| m.id == s.node_id) {
+                    ""
+                } else {
+                    " (not a member: not added yet, or removed)"
+                };
                 println!(
-                    "{endpoint}: node {} {} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}{advertise}",
+                    "{endpoint}: node {} {}{outside} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}{advertise}",
                     s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id, s.incarnation
                 );
                 println!("  members: {}", members(&s.members));
