@@ -201,6 +201,8 @@ pub struct ServerArgs {
     #[arg(long, conflicts_with = "id_from_hostname")]
     id: Option<u64>,
     /// Derive the node id from a StatefulSet-style host name: `name-N` is node N+1.
+    /// A node whose id the initial cluster does not list starts without it
+    /// (a pod scaled up later, to be added with `roster member add`).
     #[arg(long)]
     id_from_hostname: bool,
     #[arg(long)]

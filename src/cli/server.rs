@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::api::auth::random_hex;
 use crate::client::{tls_from_files, RosterClient};
-use crate::config::{NodeConfig, TlsFiles};
+use crate::config::{parse_initial_cluster, NodeConfig, TlsFiles};
 use crate::node;
 use crate::proto::v1::BootstrapRequest;
 use anyhow::Context;
@@ -74,8 +74,27 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
             client_ca: a.tls_client_ca,
         });
     }
+    if a.id_from_hostname {
+        beyond_the_initial_members(&mut cfg)?;
+    }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Every pod of a StatefulSet gets the same initial cluster: a pod scaled up
+/// beyond the initial members starts without one, to be added with `roster
+/// member add`.
+fn beyond_the_initial_members(cfg: &mut NodeConfig) -> anyhow::Result<()> {
+    let members = parse_initial_cluster(&cfg.initial_cluster)?;
+    if !members.is_empty() && !members.contains_key(&cfg.id) {
+        tracing::info!(
+            "node {} is not an initial member: starting without the initial cluster, \
+             to be added with `roster member add`",
+            cfg.id
+        );
+        cfg.initial_cluster.clear();
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM (how Docker and Kubernetes stop a container).
@@ -199,5 +218,19 @@ mod tests {
         assert_eq!(super::id_from_hostname("roster-0").ok(), Some(1));
         assert_eq!(super::id_from_hostname("my-roster-4").ok(), Some(5));
         assert!(super::id_from_hostname("roster").is_err());
+    }
+
+    #[test]
+    fn a_pod_beyond_the_initial_members_starts_without_them() {
+        let port = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
+        let initial = "1=roster-0:7002,2=roster-1:7002,3=roster-2:7002";
+        for (id, kept) in [(3, initial), (4, "")] {
+            let mut cfg = super::NodeConfig::new(id, port(7001), port(7002), "/data".into());
+            cfg.peer_advertise = Some(format!("roster-{}:7002", id - 1));
+            cfg.initial_cluster = initial.into();
+            assert!(super::beyond_the_initial_members(&mut cfg).is_ok());
+            assert_eq!(cfg.initial_cluster, kept);
+            assert!(cfg.validate().is_ok(), "node {id}");
+        }
     }
 }
