@@ -11,7 +11,9 @@ use super::model::{
 
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
-    services: BTreeMap<String, BTreeMap<String, Instance>>,
+    /// Instances boxed: a B-tree node holds room for 11 values, so a service
+    /// with one inline instance would cost some 4 KiB.
+    services: BTreeMap<String, BTreeMap<String, Box<Instance>>>,
     configs: BTreeMap<String, ServiceConfig>,
     /// Log index of the last applied entry.
     revision: u64,
@@ -210,7 +212,7 @@ impl Catalog {
             events.push(Event {
                 kind: EventKind::Put,
                 revision,
-                instance: inst.clone(),
+                instance: Instance::clone(inst),
             });
         }
         Outcome::HealthUpdated(applied)
@@ -287,7 +289,7 @@ impl Catalog {
     }
 
     pub fn get(&self, service: &str, id: &str) -> Option<&Instance> {
-        self.services.get(service)?.get(id)
+        self.services.get(service)?.get(id).map(|i| &**i)
     }
 
     pub fn config(&self, service: &str) -> ServiceConfig {
@@ -334,11 +336,13 @@ impl Catalog {
         self.services
             .get(service)
             .into_iter()
-            .flat_map(|m| m.values())
+            .flat_map(|m| m.values().map(|i| &**i))
     }
 
     pub fn all_instances(&self) -> impl Iterator<Item = &Instance> {
-        self.services.values().flat_map(|m| m.values())
+        self.services
+            .values()
+            .flat_map(|m| m.values().map(|i| &**i))
     }
 
     pub fn service_count(&self) -> usize {
@@ -383,8 +387,8 @@ impl Catalog {
             .services
             .entry(inst.service.clone())
             .or_default()
-            .insert(inst.id.clone(), inst);
-        self.uncount(old.as_ref());
+            .insert(inst.id.clone(), Box::new(inst));
+        self.uncount(old.as_deref());
         self.instances += 1;
         self.checked += usize::from(checked);
         // After `uncount`, which takes the replaced instance out of its session.
@@ -395,7 +399,7 @@ impl Catalog {
 
     fn remove(&mut self, service: &str, id: &str) -> Option<Instance> {
         let m = self.services.get_mut(service)?;
-        let old = m.remove(id);
+        let old = m.remove(id).map(|i| *i);
         if m.is_empty() {
             self.services.remove(service);
         }
