@@ -44,6 +44,8 @@ const WATCH_EVENTS: usize = 50;
 
 struct Opts {
     quick: bool,
+    /// The scale phase with 1,000,000 instances (10,000 services × 100).
+    million: bool,
     out: PathBuf,
     /// Run only workloads whose name contains one of these (`--only watch,query`).
     only: Vec<String>,
@@ -68,6 +70,7 @@ impl Opts {
             .unwrap_or_default();
         Opts {
             quick: args.iter().any(|a| a == "--quick"),
+            million: args.iter().any(|a| a == "--million"),
             out,
             only,
         }
@@ -340,19 +343,26 @@ struct Scale {
     restart: Duration,
     rss_after_restart: Vec<u64>,
     disk: u64,
+    /// Query latencies by catalogue size.
+    queries: Vec<(u64, Queries)>,
 }
 
-/// Registers `instances` instances, `per_service` per service (`svc-N`,
-/// ids `i-N`), from 256 clients; returns registrations per second.
-async fn load<S: System>(sys: &Arc<S>, instances: u64, per_service: u64) -> Result<f64> {
+/// Registers instances `range`, `per_service` per service (`svc-N`, ids
+/// `i-N`), from 256 clients; returns the time it took.
+async fn load<S: System>(
+    sys: &Arc<S>,
+    range: std::ops::Range<u64>,
+    per_service: u64,
+) -> Result<Duration> {
     let clients = 256u64;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let sys = sys.clone();
+        let range = range.clone();
         tasks.push(tokio::spawn(async move {
-            let mut i = c;
-            while i < instances {
+            let mut i = range.start + c;
+            while i < range.end {
                 let service = format!("svc-{}", i / per_service);
                 let id = format!("i-{i}");
                 // A node may not know the new cluster's leader yet: retry a while.
@@ -372,12 +382,55 @@ async fn load<S: System>(sys: &Arc<S>, instances: u64, per_service: u64) -> Resu
     for t in tasks {
         t.await??;
     }
-    Ok(instances as f64 / start.elapsed().as_secs_f64())
+    Ok(start.elapsed())
 }
 
-/// Loads `instances` registrations (100 per service), then measures memory and a full restart.
-async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -> Result<Scale> {
-    let load_rate = load(sys, instances, 100).await?;
+/// Query latency is compared at this size and at the full one.
+const QUERY_AT: u64 = 100_000;
+
+/// GetService of a 100-instance service (64 clients, linearizable) and, where
+/// the system has it, ListServices (8 clients).
+async fn scale_queries<S: System>(sys: &Arc<S>, dur: Duration) -> Result<Queries> {
+    let get = closed_loop(sys, 64, dur, |s, c, _| async move {
+        let n = s.query(c, "svc-0", true).await?;
+        anyhow::ensure!(n == 100, "GetService returned {n} instances");
+        Ok(())
+    })
+    .await;
+    let list = match sys.list_services(0).await? {
+        None => None,
+        Some(_) => Some(
+            closed_loop(sys, 8, dur, |s, c, _| async move {
+                s.list_services(c).await.map(|_| ())
+            })
+            .await,
+        ),
+    };
+    Ok(Queries { get, list })
+}
+
+struct Queries {
+    get: Summary,
+    list: Option<Summary>,
+}
+
+/// Loads `instances` registrations (100 per service), timing queries at
+/// `QUERY_AT` and at the full size, then measures memory and a full restart.
+async fn scale<S: System>(
+    sys: &Arc<S>,
+    cluster: &mut Cluster,
+    instances: u64,
+    dur: Duration,
+) -> Result<Scale> {
+    let mut sizes = vec![QUERY_AT.min(instances), instances];
+    sizes.dedup();
+    let (mut loaded, mut loading, mut queries) = (0, Duration::ZERO, Vec::new());
+    for size in sizes {
+        loading += load(sys, loaded..size, 100).await?;
+        loaded = size;
+        queries.push((size, scale_queries(sys, dur).await?));
+    }
+    let load_rate = instances as f64 / loading.as_secs_f64();
     anyhow::ensure!(
         sys.count().await? >= instances,
         "not every instance was stored"
@@ -408,6 +461,7 @@ async fn scale<S: System>(sys: &Arc<S>, cluster: &mut Cluster, instances: u64) -
         restart,
         rss_after_restart: cluster.rss(),
         disk,
+        queries,
     })
 }
 
@@ -641,10 +695,67 @@ async fn health_rows(dir: &Path, instances: u64, extra: &mut Vec<String>) -> Res
     Ok(())
 }
 
+/// What a snapshot build costs the writes going on meanwhile.
+struct Stall {
+    writes: Summary,
+    took: Duration,
+    bytes: u64,
+}
+
+/// 16 clients register for `dur`; a second in, the leader builds a snapshot
+/// (and purges its log, so a new member needs that snapshot).
+async fn snapshot_stall(roster: &Arc<Roster>, dur: Duration) -> Result<Stall> {
+    let leader = roster.leader().await?;
+    let writes = {
+        let roster = roster.clone();
+        tokio::spawn(async move {
+            closed_loop(&roster, 16, dur, |s, c, n| async move {
+                s.register(c, "stall", &format!("s{c}-{n}")).await
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = Instant::now();
+    let bytes = roster.snapshot(leader).await?;
+    let took = start.elapsed();
+    Ok(Stall {
+        writes: writes.await?,
+        took,
+        bytes,
+    })
+}
+
+/// Starts a fourth node, adds it, and times until it serves every instance.
+async fn join_by_snapshot(roster: &Arc<Roster>, dir: &Path, instances: u64) -> Result<Duration> {
+    let joiner = procs::roster_joiner(dir, 4)?;
+    procs::wait_until(
+        "the new node to answer",
+        Duration::from_secs(30),
+        || async { roster.count_on(&joiner.endpoint).await.is_ok() },
+    )
+    .await?;
+    let start = Instant::now();
+    roster.add_member(4, &joiner.endpoint).await?;
+    procs::wait_until(
+        "the new member to serve every instance",
+        Duration::from_secs(120),
+        || async {
+            roster
+                .count_on(&joiner.endpoint)
+                .await
+                .is_ok_and(|n| n >= instances)
+        },
+    )
+    .await?;
+    Ok(start.elapsed())
+}
+
 /// Scale on fresh clusters, so that earlier phases do not count.
 async fn scale_rows(
     dir: &Path,
     instances: u64,
+    dur: Duration,
     rows: &mut Vec<Row>,
     extra: &mut Vec<String>,
 ) -> Result<()> {
@@ -653,13 +764,62 @@ async fn scale_rows(
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     wait_leader(&roster).await?;
     eprintln!("scale: {instances} instances");
-    let rs = scale(&roster, &mut rc, instances).await?;
-    let snapshot = roster.snapshot(roster.leader().await?).await?;
+    let rs = scale(&roster, &mut rc, instances, dur).await?;
+    let stall = snapshot_stall(&roster, dur).await?;
+    let joined = join_by_snapshot(&roster, dir, instances).await?;
     drop((roster, rc));
     let mut ec = procs::etcd(dir, 3, Peers::Direct, &[])?;
     let etcd = etcd_client(&ec).await?;
     wait_leader(&etcd).await?;
-    let es = scale(&etcd, &mut ec, instances).await?;
+    let es = scale(&etcd, &mut ec, instances, dur).await?;
+    let big = instances >= 1_000_000;
+    for ((size, r), (_, e)) in rs.queries.iter().zip(&es.queries) {
+        let name =
+            format!("{size} instances: GetService of 100 instances, linearizable, 64 clients");
+        rows.extend(latency_rows(&name, &r.get, &e.get, ""));
+        if let Some(list) = &r.list {
+            rows.push(Row {
+                name: format!("{size} instances: ListServices, 8 clients: p50 / p99"),
+                roster: format!("{} / {}", ms(list.p50), ms(list.p99)),
+                etcd: "—".into(),
+                ratio: String::new(),
+                target: "",
+            });
+        }
+    }
+    if let [(small, r0), (large, r1)] = &rs.queries[..] {
+        let growth = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64().max(1e-9);
+        extra.push(format!(
+            "Roster query p99 at {large} instances against {small}: GetService {:.2}×{}.",
+            growth(r0.get.p99, r1.get.p99),
+            match (&r0.list, &r1.list) {
+                (Some(a), Some(b)) => format!(
+                    ", ListServices {:.2}× (target: within 1.5× for both)",
+                    growth(a.p99, b.p99)
+                ),
+                _ => String::new(),
+            }
+        ));
+    }
+    rows.push(Row {
+        name: format!("{instances} instances: writes (16 clients) while the leader builds a snapshot: p99 / max"),
+        roster: format!("{} / {}", ms(stall.writes.p99), ms(stall.writes.max)),
+        etcd: "—".into(),
+        ratio: String::new(),
+        target: "Roster max ≤ 100 ms",
+    });
+    rows.push(Row {
+        name: format!("{instances} instances: a new member caught up by snapshot → serving all"),
+        roster: ms(joined),
+        etcd: "—".into(),
+        ratio: String::new(),
+        target: if big { "Roster ≤ 15 s" } else { "" },
+    });
+    let snapshot = stall.bytes;
+    extra.push(format!(
+        "Roster snapshot with {instances} instances built in {} while 16 clients kept registering.",
+        ms(stall.took)
+    ));
     let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
     rows.push(Row {
         name: format!("{instances} instances: load rate (256 clients)"),
@@ -673,7 +833,11 @@ async fn scale_rows(
         roster: mib(max(&rs.rss)),
         etcd: mib(max(&es.rss)),
         ratio: format!("{:.2}×", max(&rs.rss) as f64 / max(&es.rss).max(1) as f64),
-        target: "Roster < 300 MB",
+        target: if big {
+            "Roster ≤ 1 GiB"
+        } else {
+            "Roster < 300 MB"
+        },
     });
     rows.push(Row {
         name: format!("{instances} instances: full restart → all served"),
@@ -720,7 +884,7 @@ async fn mux_rows(
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     wait_leader(&roster).await?;
     eprintln!("multiplexed watch: {services} services over {streams} streams");
-    load(&roster, services, 1).await?;
+    load(&roster, 0..services, 1).await?;
     let pid = rc.procs[0].pid().context("roster node 1 is running")?;
     let r = mux::roster(&rc.endpoints()[0], pid, streams, per_stream).await?;
     // Delivery still works: a change to the last stream's last service reaches it.
@@ -744,7 +908,7 @@ async fn mux_rows(
     let ec = procs::etcd(dir, 3, Peers::Direct, &[])?;
     let etcd = etcd_client(&ec).await?;
     wait_leader(&etcd).await?;
-    load(&etcd, services, 1).await?;
+    load(&etcd, 0..services, 1).await?;
     let pid = ec.procs[0].pid().context("etcd node 1 is running")?;
     let e = mux::etcd(&ec.endpoints()[0], pid, streams, per_stream).await?;
     let bytes = |b: f64| format!("{b:.0} B");
@@ -1174,7 +1338,13 @@ async fn main() -> Result<()> {
         secure_rows(&dir.path().join("secure"), dur, &mut rows, &mut extra).await?;
     }
     if opts.runs("mux") {
-        let (streams, per_stream) = if opts.quick { (100, 100) } else { (1000, 100) };
+        // BENCH_MUX=STREAMS,PER_STREAM overrides the shape.
+        let shape = std::env::var("BENCH_MUX").ok().and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        });
+        let (streams, per_stream) =
+            shape.unwrap_or(if opts.quick { (100, 100) } else { (1000, 100) });
         mux_rows(
             &dir.path().join("mux"),
             streams,
@@ -1185,8 +1355,19 @@ async fn main() -> Result<()> {
         .await?;
     }
     if opts.runs("scale") {
-        let instances = if opts.quick { 10_000 } else { 100_000 };
-        scale_rows(&dir.path().join("scale"), instances, &mut rows, &mut extra).await?;
+        let instances = match (opts.quick, opts.million) {
+            (_, true) => 1_000_000,
+            (true, false) => 10_000,
+            (false, false) => 100_000,
+        };
+        scale_rows(
+            &dir.path().join("scale"),
+            instances,
+            dur,
+            &mut rows,
+            &mut extra,
+        )
+        .await?;
     }
     write_report(&opts, &rows, &extra)
 }

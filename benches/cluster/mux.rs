@@ -46,13 +46,21 @@ impl Figures {
 
     /// Waits until every stream has received `n` messages.
     async fn all_received(&self, n: usize) -> Result<()> {
-        procs::wait_until(
+        let done = || {
+            self.received
+                .iter()
+                .filter(|r| r.load(Ordering::Relaxed) >= n)
+                .count()
+        };
+        let waited = procs::wait_until(
             &format!("{n} answers on each of {} streams", self.streams),
             Duration::from_secs(120),
-            || async { self.received.iter().all(|r| r.load(Ordering::Relaxed) >= n) },
+            || async { done() == self.streams },
         )
-        .await
-        .map(|_| ())
+        .await;
+        waited
+            .map(|_| ())
+            .map_err(|e| e.context(format!("{} of {} streams have them", done(), self.streams)))
     }
 }
 

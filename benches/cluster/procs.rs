@@ -190,38 +190,55 @@ pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Resul
     let initial: Vec<String> = (0..n)
         .map(|i| format!("{}={}", i + 1, advertise[i]))
         .collect();
-    let mut procs = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let data = dir.join(format!("roster-{}", i + 1));
-        let config = dir.join(format!("roster-{}.toml", i + 1));
-        std::fs::write(
-            &config,
-            format!(
-                "id = {}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
-                 peer_listen = \"127.0.0.1:{}\"\npeer_advertise = \"{}\"\n\
-                 data_dir = \"{}\"\ninitial_cluster = \"{}\"\n{extra}\n",
-                i + 1,
-                peer[i],
-                advertise[i],
-                data.display(),
-                initial.join(",")
-            ),
-        )?;
-        procs.push(Proc {
-            endpoint: format!("127.0.0.1:{port}"),
-            data,
-            args: vec![
-                "server".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            program: PathBuf::from(env!("CARGO_BIN_EXE_roster")),
-            child: None,
-        });
-    }
+    let initial = format!("initial_cluster = \"{}\"\n{extra}", initial.join(","));
+    let procs = (0..n)
+        .map(|i| roster_node(dir, i as u64 + 1, ports[i], peer[i], advertise[i], &initial))
+        .collect::<Result<Vec<_>>>()?;
     let mut c = Cluster { procs };
     c.start_all()?;
     Ok(c)
+}
+
+/// A node `id` to be added to a running cluster (no initial cluster), started.
+pub fn roster_joiner(dir: &Path, id: u64) -> Result<Proc> {
+    let (port, peer) = (free_port(), free_port());
+    let advertise = SocketAddr::from(([127, 0, 0, 1], peer));
+    let mut p = roster_node(dir, id, port, peer, advertise, "")?;
+    p.start()?;
+    Ok(p)
+}
+
+/// Node `id`'s config file and process; `extra` ends its TOML config.
+fn roster_node(
+    dir: &Path,
+    id: u64,
+    port: u16,
+    peer: u16,
+    advertise: SocketAddr,
+    extra: &str,
+) -> Result<Proc> {
+    let data = dir.join(format!("roster-{id}"));
+    let config = dir.join(format!("roster-{id}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "id = {id}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
+             peer_listen = \"127.0.0.1:{peer}\"\npeer_advertise = \"{advertise}\"\n\
+             data_dir = \"{}\"\n{extra}\n",
+            data.display(),
+        ),
+    )?;
+    Ok(Proc {
+        endpoint: format!("127.0.0.1:{port}"),
+        data,
+        args: vec![
+            "server".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        program: PathBuf::from(env!("CARGO_BIN_EXE_roster")),
+        child: None,
+    })
 }
 
 /// `flags` are added to every node's command line.

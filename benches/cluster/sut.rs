@@ -46,6 +46,11 @@ pub trait System: Send + Sync + 'static {
         -> impl Future<Output = Result<Self::Watch>> + Send;
     /// All registered instances, read linearizably.
     fn count(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// The service list with counts, read linearizably; how many services.
+    /// `None` where the system has no such call (etcd).
+    fn list_services(&self, _conn: usize) -> impl Future<Output = Result<Option<usize>>> + Send {
+        async { Ok(None) }
+    }
     /// Index (into the endpoint list) of the current leader.
     fn leader(&self) -> impl Future<Output = Result<usize>> + Send;
     /// The highest Raft term any reachable node is in: it grows with every election.
@@ -210,6 +215,32 @@ impl Roster {
     }
 
     /// Forces a snapshot on `node`; returns its size in bytes.
+    /// Adds a running node as a voter; returns once the cluster has it.
+    pub async fn add_member(&self, id: u64, address: &str) -> Result<()> {
+        self.any
+            .add_member(AddMemberRequest {
+                id,
+                address: address.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Instances the node at `addr` holds in its own state (a stale read there).
+    pub async fn count_on(&self, addr: &str) -> Result<u64> {
+        let ch = endpoint(addr, &self.access)?.connect().await?;
+        let r = RegistryClient::new(ch)
+            .list_services(self.req(ListServicesRequest {
+                consistency: Consistency::Stale as i32,
+            }))
+            .await?;
+        Ok(r.into_inner()
+            .services
+            .iter()
+            .map(|s| u64::from(s.instances))
+            .sum())
+    }
+
     pub async fn snapshot(&self, node: usize) -> Result<u64> {
         let ch = endpoint(&self.endpoints[node], &self.access)?
             .connect()
@@ -322,6 +353,14 @@ impl System for Roster {
         // The initial full state.
         s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
         Ok(RosterWatch(s))
+    }
+
+    async fn list_services(&self, conn: usize) -> Result<Option<usize>> {
+        let r = self
+            .client(conn)
+            .list_services(self.req(ListServicesRequest::default()))
+            .await?;
+        Ok(Some(r.into_inner().services.len()))
     }
 
     async fn count(&self) -> Result<u64> {
