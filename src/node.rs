@@ -440,7 +440,7 @@ async fn check_not_known(
 
 async fn peer_status(addr: &str, tls: Option<&ClientTlsConfig>) -> Option<pb::StatusResponse> {
     let ch = crate::grpc::channel(addr, PEER_CHECK_TIMEOUT, tls).ok()?;
-    let mut req = tonic::Request::new(pb::StatusRequest {});
+    let mut req = tonic::Request::new(pb::StatusRequest::default());
     req.set_timeout(PEER_CHECK_TIMEOUT);
     ClusterClient::new(ch)
         .status(req)

@@ -306,7 +306,7 @@ async fn raft_is_served_on_the_peer_port_and_not_on_the_client_port() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("cluster"), "{e:?}");
     let status = cluster_client::ClusterClient::new(peer_port.clone())
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .expect("the public services on the peer port")
         .into_inner();
@@ -319,7 +319,7 @@ async fn raft_is_served_on_the_peer_port_and_not_on_the_client_port() {
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     // The client port still serves clients.
     let s = cluster_client::ClusterClient::new(client_port)
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .expect("status on the client port")
         .into_inner();
@@ -378,4 +378,39 @@ async fn dev_command_runs_a_working_three_node_cluster() {
             i + 1
         );
     }
+}
+
+#[tokio::test]
+async fn a_linearizable_status_is_the_leaders_after_a_read_index() {
+    let c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    let written = register(&c.client(), "web", "w-1", 80).await.revision;
+    let asked = StatusRequest { linearizable: true };
+    let s = c
+        .cluster_client(leader)
+        .await
+        .status(asked)
+        .await
+        .expect("the leader answers")
+        .into_inner();
+    assert!(s.revision >= written, "{} < {written}", s.revision);
+    // A follower hands the call to the leader, like every call the leader must serve.
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let s = c
+        .cluster_client(follower)
+        .await
+        .status(asked)
+        .await
+        .expect("answered through the follower")
+        .into_inner();
+    assert_eq!(s.node_id, leader);
+    assert!(s.revision >= written, "{} < {written}", s.revision);
+    // Without the flag every node answers from its own state.
+    let own = c
+        .cluster_client(follower)
+        .await
+        .status(StatusRequest::default())
+        .await
+        .expect("plain status");
+    assert_eq!(own.into_inner().node_id, follower);
 }

@@ -67,7 +67,7 @@ async fn vote(addr: &str, tls: Option<ClientTlsConfig>) -> tonic::Status {
 
 async fn status(addr: &str, tls: Option<ClientTlsConfig>) -> Result<StatusResponse, tonic::Status> {
     cluster_client::ClusterClient::new(dial(addr, tls))
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .map(|r| r.into_inner())
 }

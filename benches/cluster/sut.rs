@@ -156,7 +156,7 @@ impl Roster {
                 continue;
             };
             if let Ok(s) = ClusterClient::new(ch)
-                .status(self.req(StatusRequest {}))
+                .status(self.req(StatusRequest::default()))
                 .await
             {
                 out.push(s.into_inner());

@@ -130,7 +130,7 @@ impl ClusterApi {
             .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?;
         let deadline = tokio::time::Instant::now() + STARTING_NODE_WAIT;
         let s = loop {
-            let mut req = Request::new(pb::StatusRequest {});
+            let mut req = Request::new(pb::StatusRequest::default());
             req.set_timeout(timeout);
             match ClusterClient::new(ch.clone()).status(req).await {
                 Ok(s) => break s.into_inner(),
@@ -263,8 +263,11 @@ impl Cluster for ClusterApi {
 
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        if req.into_inner().linearizable {
+            self.proposer.read_index().await?;
+        }
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let members = self.members();

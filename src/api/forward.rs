@@ -32,6 +32,7 @@ use super::BoxFuture;
 use crate::error::{Error, LEADER_ID_HEADER};
 use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::proto::v1 as pb;
+use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::raft::network::{error_chain, Peers};
 use crate::raft::proposer::{Proposer, Refusal};
@@ -298,7 +299,7 @@ pub async fn ask_leader<M, T, F, Fut>(
     call: F,
 ) -> Result<T, Status>
 where
-    F: FnOnce(RegistryClient<tonic::transport::Channel>, tonic::Request<M>) -> Fut,
+    F: FnOnce(tonic::transport::Channel, tonic::Request<M>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 {
     let channel = peers
@@ -314,34 +315,37 @@ where
         tonic::Extensions::default(),
         msg,
     );
-    let client = RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    match call(client, req).await {
+    match call(channel, req).await {
         Ok(r) => Ok(r.into_inner()),
         // Both callers only read or renew: safe to retry.
         Err(s) => Err(leader.transport_failure(s, Effect::Read)),
     }
 }
 
-/// The cluster's revision, asked of the leader with a linearizable read.
+/// The cluster's revision, asked of the leader after a read index there
+/// (a status call: its cost does not grow with the catalogue).
 pub async fn leader_revision(
     peers: &Peers,
     leader: Leader,
     timeout: Duration,
     credentials: Option<HeaderValue>,
 ) -> Result<u64, Status> {
-    let msg = pb::ListServicesRequest {
-        consistency: pb::Consistency::Linearizable as i32,
-    };
+    let msg = pb::StatusRequest { linearizable: true };
     let r = ask_leader(
         peers,
         leader,
         timeout,
         credentials,
         msg,
-        |mut c, r| async move { c.list_services(r).await },
+        |ch, r| async move { ClusterClient::new(ch).status(r).await },
     )
     .await?;
     Ok(r.revision)
+}
+
+/// A Registry client on a peer channel, for calls asked of the leader.
+pub fn registry_client(ch: tonic::transport::Channel) -> RegistryClient<tonic::transport::Channel> {
+    RegistryClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl Leader {

@@ -321,7 +321,7 @@ impl Batches {
             timeout,
             credentials,
             msg,
-            |mut c, r| async move { c.renew_sessions(r).await },
+            |ch, r| async move { forward::registry_client(ch).renew_sessions(r).await },
         )
         .await?;
         Ok(Arc::new(r.unknown.into_iter().collect()))

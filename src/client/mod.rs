@@ -465,7 +465,7 @@ impl RosterClient {
 
     /// Status of the first node that answers.
     pub async fn status(&self) -> Result<StatusResponse, Status> {
-        self.call(StatusRequest {}, |ch, r| async move {
+        self.call(StatusRequest::default(), |ch, r| async move {
             ClusterClient::new(ch).status(r).await
         })
         .await
@@ -524,7 +524,7 @@ impl RosterClient {
         let mut out = Vec::new();
         for (e, ch) in self.endpoints.iter().zip(&self.channels) {
             let r = ClusterClient::new(ch.clone())
-                .status(self.request(StatusRequest {}))
+                .status(self.request(StatusRequest::default()))
                 .await;
             out.push((e.clone(), r.map(|r| r.into_inner())));
         }
