@@ -695,6 +695,98 @@ async fn health_rows(dir: &Path, instances: u64, extra: &mut Vec<String>) -> Res
     Ok(())
 }
 
+/// Sessions (Roster only): `sessions` client processes, each holding
+/// `instances / sessions` instances under one session with a 10 s TTL and
+/// renewing it three times per TTL through its own connection (two thirds
+/// land on followers, which batch them to the leader). CPU per node while
+/// only renewals run.
+async fn sessions_rows(
+    dir: &Path,
+    sessions: usize,
+    instances: u64,
+    extra: &mut Vec<String>,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TTL_MS: u32 = 10_000;
+    std::fs::create_dir_all(dir)?;
+    let rc = procs::roster(dir, 3, Peers::Direct)?;
+    let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
+    wait_leader(&roster).await?;
+    eprintln!("sessions: {instances} instances held by {sessions} sessions");
+    let mut ids = Vec::with_capacity(sessions);
+    for c in 0..sessions {
+        ids.push(first_answer("a session", || roster.create_session(c, TTL_MS)).await?);
+    }
+    let ids = Arc::new(ids);
+    let unknown = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut renewers = Vec::new();
+    for c in 0..sessions {
+        let (roster, ids, unknown, stop) =
+            (roster.clone(), ids.clone(), unknown.clone(), stop.clone());
+        renewers.push(tokio::spawn(async move {
+            // Spread over the interval, as independent processes would be.
+            let every = Duration::from_millis(u64::from(TTL_MS) / 3);
+            tokio::time::sleep(every * c as u32 / sessions as u32).await;
+            let mut tick = tokio::time::interval(every);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                match roster.renew(c, vec![ids[c].clone()]).await {
+                    Ok(n) => unknown.fetch_add(n as u64, Ordering::Relaxed),
+                    Err(_) => unknown.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let per = instances / sessions as u64;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..sessions {
+        let (roster, ids) = (roster.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in 0..per {
+                let i = c as u64 * per + k;
+                roster
+                    .register_held(c, &format!("svc-{}", i / 100), &format!("i-{i}"), &ids[c])
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let loaded = start.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = roster.leader().await?;
+    let pids: Vec<u32> = rc.procs.iter().filter_map(|p| p.pid()).collect();
+    let cpu0: Vec<Duration> = pids.iter().map(|p| procs::cpu_time(*p)).collect();
+    let window = Duration::from_secs(20);
+    tokio::time::sleep(window).await;
+    let cores: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| (procs::cpu_time(*p) - *c0).as_secs_f64() / window.as_secs_f64())
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let passing = roster.passing().await?;
+    anyhow::ensure!(
+        passing >= instances,
+        "{passing} of {instances} instances passing"
+    );
+    extra.push(format!(
+        "Sessions: {instances} instances held by {sessions} sessions (TTL 10 s, each renewed three times per TTL through its own connection; loaded in {:.1} s):          CPU in cores per node over 20 s of renewals only (leader is node {}): {}; {passing} passing at the end; renewals answered unknown or failed: {}.",
+        loaded.as_secs_f64(),
+        leader + 1,
+        cores.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(", "),
+        unknown.load(Ordering::Relaxed)
+    ));
+    for r in renewers {
+        r.abort();
+    }
+    Ok(())
+}
+
 /// What a snapshot build costs the writes going on meanwhile.
 struct Stall {
     writes: Summary,
@@ -1353,6 +1445,16 @@ async fn main() -> Result<()> {
             &mut extra,
         )
         .await?;
+    }
+    if opts.runs("sessions") {
+        let instances = if opts.million {
+            1_000_000
+        } else if opts.quick {
+            10_000
+        } else {
+            100_000
+        };
+        sessions_rows(&dir.path().join("sessions"), 1000, instances, &mut extra).await?;
     }
     if opts.runs("scale") {
         let instances = match (opts.quick, opts.million) {

@@ -180,6 +180,45 @@ impl Roster {
         }
     }
 
+    /// Opens a session with `ttl_ms`; returns its id.
+    pub async fn create_session(&self, conn: usize, ttl_ms: u32) -> Result<String> {
+        let r = self
+            .client(conn)
+            .create_session(self.req(CreateSessionRequest {
+                name: format!("bench-{conn}"),
+                ttl_ms,
+                ..Default::default()
+            }))
+            .await?;
+        r.into_inner()
+            .session
+            .map(|s| s.id)
+            .ok_or_else(|| anyhow!("CreateSession answered without a session"))
+    }
+
+    /// Registers an instance held by `session`.
+    pub async fn register_held(
+        &self,
+        conn: usize,
+        service: &str,
+        id: &str,
+        session: &str,
+    ) -> Result<()> {
+        let mut r = Self::instance(service, id);
+        r.session = session.into();
+        self.client(conn).register(self.req(r)).await?;
+        Ok(())
+    }
+
+    /// Renews `ids`; returns how many the cluster did not know.
+    pub async fn renew(&self, conn: usize, ids: Vec<String>) -> Result<usize> {
+        let r = self
+            .client(conn)
+            .renew_sessions(self.req(RenewSessionsRequest { ids }))
+            .await?;
+        Ok(r.into_inner().unknown.len())
+    }
+
     /// Registers an instance at 127.0.0.1:`port` that the leader probes over TCP every `interval_ms`.
     pub async fn register_tcp_checked(
         &self,
@@ -214,7 +253,6 @@ impl Roster {
         Ok(r.services.iter().map(|s| u64::from(s.passing)).sum())
     }
 
-    /// Forces a snapshot on `node`; returns its size in bytes.
     /// Adds a running node as a voter; returns once the cluster has it.
     pub async fn add_member(&self, id: u64, address: &str) -> Result<()> {
         self.any
@@ -241,6 +279,7 @@ impl Roster {
             .sum())
     }
 
+    /// Forces a snapshot on `node`; returns its size in bytes.
     pub async fn snapshot(&self, node: usize) -> Result<u64> {
         let ch = endpoint(&self.endpoints[node], &self.access)?
             .connect()
