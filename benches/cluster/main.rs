@@ -775,7 +775,7 @@ async fn sessions_rows(
         "{passing} of {instances} instances passing"
     );
     extra.push(format!(
-        "Sessions: {instances} instances held by {sessions} sessions (TTL 10 s, each renewed three times per TTL through its own connection; loaded in {:.1} s):          CPU in cores per node over 20 s of renewals only (leader is node {}): {}; {passing} passing at the end; renewals answered unknown or failed: {}.",
+        "Sessions: {instances} instances held by {sessions} sessions (TTL 10 s, each renewed three times per TTL through its own connection; loaded in {:.1} s): CPU in cores per node over 20 s of renewals only (leader is node {}): {}; {passing} passing at the end; renewals answered unknown or failed: {}.",
         loaded.as_secs_f64(),
         leader + 1,
         cores.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(", "),
