@@ -73,9 +73,6 @@ pub struct NodeHandle {
 /// The gRPC servers (client and peer port), until they stop.
 type ServerTask = JoinHandle<std::result::Result<(), tonic::transport::Error>>;
 
-/// How long a stopping leader waits for a follower to take over.
-const TRANSFER_LIMIT: Duration = Duration::from_secs(2);
-
 impl NodeHandle {
     /// Resolves if the Raft core stops on its own (a storage or internal error):
     /// the node can no longer serve correctly and the process should exit, so
@@ -99,7 +96,14 @@ impl NodeHandle {
     /// serving and shuts Raft down; the data directory can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
         self.proposer.close();
-        match leadership::transfer(&self.raft, &self.me, &self.peers, TRANSFER_LIMIT).await {
+        match leadership::transfer(
+            &self.raft,
+            &self.me,
+            &self.peers,
+            leadership::TRANSFER_LIMIT,
+        )
+        .await
+        {
             Some(to) => tracing::info!("handed leadership to node {to}"),
             None => tracing::debug!("no leadership to hand over"),
         }

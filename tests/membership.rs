@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
+use roster::client::RosterClient;
 use roster::proto::v1::*;
 
 fn voters(m: &MembershipResponse) -> BTreeSet<u64> {
@@ -95,12 +96,23 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
     c.start_node(other);
     c.leader().await;
 
-    // Back to three.
+    // Back to three, once the restarted nodes have caught up (a leader that
+    // is removed hands leadership to one of them).
+    let applied = c.leader_applied().await;
+    for id in 1..=5 {
+        c.wait_applied(id, applied).await;
+    }
     for id in [n4, n5] {
-        let r = all
-            .remove_member(RemoveMemberRequest { id })
-            .await
-            .unwrap_or_else(|e| panic!("remove node {id}: {e}"));
+        // UNAVAILABLE (no hand-over in time) is to be retried, as it says.
+        let r = c
+            .wait_for("the removal", Duration::from_secs(20), || async {
+                match all.remove_member(RemoveMemberRequest { id }).await {
+                    Ok(r) => Some(r),
+                    Err(e) if e.code() == tonic::Code::Unavailable => None,
+                    Err(e) => panic!("remove node {id}: {e}"),
+                }
+            })
+            .await;
         assert!(!voters(&r).contains(&id), "{r:?}");
     }
     // Removed, still running: no series of theirs on the leader, and
@@ -138,14 +150,8 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         assert!(line(id).contains(&format!("node {id} ")), "{status}");
         assert!(!line(id).contains("(not a member"), "{status}");
     }
-    // A leader that removed itself may have exited: openraft 0.9's debug
-    // assertion on its next membership entry.
-    let answered: Vec<u64> = [n4, n5]
-        .into_iter()
-        .filter(|&id| !line(id).contains("unreachable"))
-        .collect();
-    assert!(!answered.is_empty(), "{status}");
-    for id in answered {
+    // Both still run: a leader asked to remove itself hands leadership on first.
+    for id in [n4, n5] {
         assert!(line(id).contains("(not a member"), "{status}");
     }
     c.kill(n4);
@@ -299,4 +305,38 @@ async fn autopilot_removes_dead_voters_down_to_min_quorum_and_promotes_stable_no
         .contains("autopilot: member caught up and stable"));
     let s = c.status(leader).await.expect("status");
     assert!(voters(&s).contains(&spare), "{s:?}");
+}
+
+#[tokio::test]
+async fn a_leader_asked_to_remove_itself_hands_over_first_and_keeps_running() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    register(&c.client(), "web", "w-0", 80).await;
+    // Asked through itself, the node that is removed.
+    let r = c
+        .node_client(leader)
+        .remove_member(RemoveMemberRequest { id: leader })
+        .await
+        .expect("remove the leader");
+    assert!(!voters(&r).contains(&leader), "{r:?}");
+    assert_eq!(voters(&r).len(), 2, "{r:?}");
+    let others: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    let new_leader = c
+        .wait_for(
+            "a leader among the other two",
+            Duration::from_secs(20),
+            || async {
+                let l = c.status(others[0]).await?.leader_id;
+                others.contains(&l).then_some(l)
+            },
+        )
+        .await;
+    assert_ne!(new_leader, leader);
+    assert!(
+        c.exited(leader).is_none(),
+        "the removed leader is still running"
+    );
+    let two = RosterClient::new(&others.iter().map(|&i| c.endpoint(i)).collect::<Vec<_>>())
+        .expect("client");
+    register(&two, "web", "w-1", 81).await;
 }

@@ -347,6 +347,25 @@ struct Scale {
     queries: Vec<(u64, Queries)>,
 }
 
+/// Runs `write` until it succeeds, up to 50 times 20 ms apart: a node of a
+/// fresh cluster may not know the leader yet, and a loaded 2-core machine
+/// sees an election now and then (registrations are safe to repeat).
+async fn retried<F, Fut>(mut write: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut attempts = 0;
+    while let Err(e) = write().await {
+        attempts += 1;
+        if attempts == 50 {
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Registers instances `range`, `per_service` per service (`svc-N`, ids
 /// `i-N`), from 256 clients; returns the time it took.
 async fn load<S: System>(
@@ -365,15 +384,7 @@ async fn load<S: System>(
             while i < range.end {
                 let service = format!("svc-{}", i / per_service);
                 let id = format!("i-{i}");
-                // A node may not know the new cluster's leader yet: retry a while.
-                let mut attempts = 0;
-                while let Err(e) = sys.register(c as usize, &service, &id).await {
-                    attempts += 1;
-                    if attempts == 50 {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                retried(|| sys.register(c as usize, &service, &id)).await?;
                 i += clients;
             }
             anyhow::Ok(())
@@ -746,9 +757,8 @@ async fn sessions_rows(
         tasks.push(tokio::spawn(async move {
             for k in 0..per {
                 let i = c as u64 * per + k;
-                roster
-                    .register_held(c, &format!("svc-{}", i / 100), &format!("i-{i}"), &ids[c])
-                    .await?;
+                let (service, id) = (format!("svc-{}", i / 100), format!("i-{i}"));
+                retried(|| roster.register_held(c, &service, &id, &ids[c])).await?;
             }
             anyhow::Ok(())
         }));

@@ -15,7 +15,7 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
 use crate::raft::autopilot::{wait_stable, Policy};
 use crate::raft::election::Contact;
-use crate::raft::leadership::lag_entries;
+use crate::raft::leadership::{lag_entries, transfer, TRANSFER_LIMIT};
 use crate::raft::marker::Identity;
 use crate::raft::network::Peers;
 use crate::raft::proposer::Proposer;
@@ -345,6 +345,19 @@ impl Cluster for ClusterApi {
         }
         if voters.is_empty() {
             return Err(Error::InvalidArgument("cannot remove the last voter".into()).into());
+        }
+        if id == self.me.node_id {
+            // Openraft 0.9 asserts when a leader commits its own removal: hand
+            // leadership on first, and the new leader (to which the refusal
+            // below sends this request) removes this node.
+            let handed = transfer(&self.raft, &self.me, &self.peers, TRANSFER_LIMIT).await;
+            self.proposer.here()?;
+            return Err(Error::Unavailable(format!(
+                "node {id} leads and could not hand leadership to another voter{}; \
+                 retry once another node leads",
+                if handed.is_none() { " in time" } else { "" }
+            ))
+            .into());
         }
         self.change(voters).await
     }

@@ -21,6 +21,10 @@ use super::metrics_every;
 use super::network::{extra_call, Extra, Peers};
 use super::{Node, NodeId, Raft};
 
+/// How long a leader waits for a follower to take over when it hands
+/// leadership on (stopping, or removing itself).
+pub const TRANSFER_LIMIT: Duration = Duration::from_secs(2);
+
 /// A vote for this id is a vote for nobody: node ids start at 1.
 const NOBODY: NodeId = 0;
 

@@ -117,7 +117,7 @@ async fn propose(
         },
         () = deposed => vec![
             Err(Refusal::Failed(Error::Interrupted(format!(
-                "node {id} stopped leading while the write was in flight; it may or may not be applied"
+                "node {id} stopped leading while the write was in flight"
             ))));
             n
         ],
