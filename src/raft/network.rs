@@ -191,12 +191,17 @@ impl Peers {
     }
 
     /// The distance within which a quorum of `voters` (this node among them)
-    /// answers: the one to the follower that completes the majority.
-    pub fn quorum_distance(&self, voters: usize) -> Duration {
+    /// answers: the one to the follower that completes the majority. Only
+    /// voters count: the measurements of removed peers are kept, but stale.
+    pub fn quorum_distance(&self, voters: &[NodeId]) -> Duration {
         let rtt = self.inner.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<Duration> = rtt.values().map(|r| r.floor).collect();
+        let mut all: Vec<Duration> = voters
+            .iter()
+            .filter_map(|v| rtt.get(v))
+            .map(|r| r.floor)
+            .collect();
         all.sort();
-        match voters / 2 {
+        match voters.len() / 2 {
             0 => Duration::ZERO,
             k => all.get(k - 1).copied().unwrap_or_default(),
         }
@@ -785,5 +790,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     /// less often, up to once a second.
     fn backoff(&self) -> Backoff {
         Backoff::new((0..).map(|i| Duration::from_millis(50 << u32::min(i, 4)).min(MAX_BACKOFF)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_distance_counts_only_the_voters() {
+        let peers = Peers::new(Duration::from_secs(1), None);
+        let ms = Duration::from_millis;
+        peers.sample_rtt(2, ms(1));
+        peers.sample_rtt(3, ms(50));
+        // Removed: still measured, no longer part of any quorum.
+        peers.sample_rtt(9, ms(2));
+        // Three voters: this node and the nearer follower make the majority.
+        assert_eq!(peers.quorum_distance(&[1, 2, 3]), ms(1));
+        // Two voters: the majority needs node 3, however near node 9 is.
+        assert_eq!(peers.quorum_distance(&[1, 3]), ms(50));
+        assert_eq!(peers.quorum_distance(&[1]), Duration::ZERO);
     }
 }

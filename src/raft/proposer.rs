@@ -83,8 +83,8 @@ async fn propose(
     let (appended, far) = {
         let rx = raft.metrics();
         let m = rx.borrow();
-        let voters = m.membership_config.membership().voter_ids().count();
-        (m.last_log_index, peers.quorum_distance(voters) >= FAR)
+        let voters: Vec<_> = m.membership_config.membership().voter_ids().collect();
+        (m.last_log_index, peers.quorum_distance(&voters) >= FAR)
     };
     let released = async move {
         if far {
