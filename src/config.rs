@@ -257,7 +257,8 @@ pub struct NodeConfig {
     /// Deadline for a write or linearizable read to be confirmed by a quorum.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
-    /// Changes kept in memory for watchers resuming with `since_revision`.
+    /// Instance changes (watch events) kept in memory for watchers resuming
+    /// with `since_revision`; whole entries are dropped, oldest first.
     #[serde(default = "default_watch_history")]
     pub watch_history: usize,
     /// sled page cache, in MiB.

@@ -32,6 +32,9 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub struct WatchHub {
     tx: broadcast::Sender<Notice>,
     history: VecDeque<Arc<Change>>,
+    /// Events in `history`, bounded by `capacity`: an entry may carry
+    /// hundreds (writes committed together), each a whole instance.
+    held: usize,
     /// Every change after this revision is in `history`.
     floor: u64,
     capacity: usize,
@@ -43,17 +46,22 @@ impl WatchHub {
         WatchHub {
             tx,
             history: VecDeque::new(),
+            held: 0,
             floor,
             capacity: capacity.max(1),
         }
     }
 
     pub fn publish(&mut self, revision: u64, events: Vec<Event>) {
-        if self.history.len() == self.capacity {
-            if let Some(old) = self.history.pop_front() {
-                self.floor = old.revision;
-            }
+        // The newest change stays, however large.
+        while self.held + events.len() > self.capacity {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.held -= old.events.len();
+            self.floor = old.revision;
         }
+        self.held += events.len();
         let change = Arc::new(Change {
             revision,
             events,
@@ -66,6 +74,7 @@ impl WatchHub {
 
     pub fn reset(&mut self, revision: u64) {
         self.history.clear();
+        self.held = 0;
         self.floor = revision;
         let _ = self.tx.send(Notice::Reset);
     }
@@ -697,5 +706,50 @@ mod tests {
             assert_eq!(service, if rev % 2 == 0 { "a" } else { "b" });
             assert_eq!(ids, [rev.to_string()]);
         }
+    }
+
+    #[tokio::test]
+    async fn history_is_bounded_by_events_not_entries() {
+        let state = shared(5);
+        use crate::registry::model::HealthStatus;
+        let batch = |ids: &[&str], status: HealthStatus| {
+            Command::SetHealth(
+                ids.iter()
+                    .map(|id| crate::registry::model::HealthUpdate {
+                        service: "a".into(),
+                        id: id.to_string(),
+                        status,
+                        output: String::new(),
+                        at_ms: 1,
+                    })
+                    .collect(),
+            )
+        };
+        for (rev, id) in (1..=3).zip(["1", "2", "3"]) {
+            register(&state, rev, "a", id);
+        }
+        // Three events in one entry: with the three before, over the five
+        // kept, so the oldest entry goes.
+        apply(&state, 4, batch(&["1", "2", "3"], HealthStatus::Critical));
+        let mut w = watch(&state, Some("a"), 1);
+        let got: Vec<(u64, u64)> = (0..3)
+            .map(|_| next(&mut w))
+            .map(|m| (m.revision, m.compact_revision))
+            .collect();
+        assert_eq!(got, [(2, 0), (3, 0), (4, 1)]);
+        // An entry larger than the whole history is kept alone.
+        apply(&state, 5, batch(&["1", "2", "3"], HealthStatus::Passing));
+        register(&state, 6, "a", "4");
+        register(&state, 7, "a", "5");
+        register(&state, 8, "a", "6");
+        let mut w = watch(&state, Some("a"), 5);
+        let revs: Vec<u64> = (0..3).map(|_| next(&mut w).revision).collect();
+        assert_eq!(revs, [6, 7, 8]);
+        let mut w = watch(&state, Some("a"), 4);
+        let m = next(&mut w);
+        assert_eq!(
+            (m.reset, m.compact_revision),
+            (Some(ResetReason::Compacted), 5)
+        );
     }
 }
