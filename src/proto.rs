@@ -4,6 +4,25 @@
 
 pub mod v1 {
     tonic::include_proto!("roster.v1");
+
+    impl WatchServicesRequest {
+        /// Follow `service` after `since_revision` (0: from its full state).
+        pub fn add(service: impl Into<String>, since_revision: u64) -> Self {
+            WatchServicesRequest {
+                action: Some(watch_services_request::Action::Add(WatchRequest {
+                    service: service.into(),
+                    since_revision,
+                })),
+            }
+        }
+
+        /// Stop following `service`.
+        pub fn remove(service: impl Into<String>) -> Self {
+            WatchServicesRequest {
+                action: Some(watch_services_request::Action::Remove(service.into())),
+            }
+        }
+    }
 }
 
 /// The node-to-node transport.

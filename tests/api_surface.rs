@@ -385,32 +385,24 @@ async fn a_linearizable_status_is_the_leaders_after_a_read_index() {
     let c = TestCluster::start(3).await;
     let leader = c.leader().await;
     let written = register(&c.client(), "web", "w-1", 80).await.revision;
-    let asked = StatusRequest { linearizable: true };
-    let s = c
-        .cluster_client(leader)
-        .await
-        .status(asked)
-        .await
-        .expect("the leader answers")
-        .into_inner();
+    let status = |id: u64, linearizable: bool| {
+        let c = &c;
+        async move {
+            c.cluster_client(id)
+                .await
+                .status(StatusRequest { linearizable })
+                .await
+                .unwrap_or_else(|e| panic!("status of node {id}: {e}"))
+                .into_inner()
+        }
+    };
+    let s = status(leader, true).await;
     assert!(s.revision >= written, "{} < {written}", s.revision);
     // A follower hands the call to the leader, like every call the leader must serve.
     let follower = (1..=3).find(|&i| i != leader).expect("a follower");
-    let s = c
-        .cluster_client(follower)
-        .await
-        .status(asked)
-        .await
-        .expect("answered through the follower")
-        .into_inner();
+    let s = status(follower, true).await;
     assert_eq!(s.node_id, leader);
     assert!(s.revision >= written, "{} < {written}", s.revision);
     // Without the flag every node answers from its own state.
-    let own = c
-        .cluster_client(follower)
-        .await
-        .status(StatusRequest::default())
-        .await
-        .expect("plain status");
-    assert_eq!(own.into_inner().node_id, follower);
+    assert_eq!(status(follower, false).await.node_id, follower);
 }

@@ -265,14 +265,11 @@ async fn a_scoped_watch_never_shows_other_services() {
     assert_eq!(services, vec!["payments"], "{next:?}");
 
     // On one stream of many services, each add is judged alone.
-    let add = |service: &str| WatchServicesRequest {
-        action: Some(watch_services_request::Action::Add(WatchRequest {
-            service: service.into(),
-            since_revision: 0,
-        })),
-    };
     let (_tx, mut mux) = watcher
-        .watch_services(vec![add("billing"), add("payments")])
+        .watch_services(vec![
+            WatchServicesRequest::add("billing", 0),
+            WatchServicesRequest::add("payments", 0),
+        ])
         .await
         .expect("watch_services");
     let mut answers = Vec::new();
@@ -295,7 +292,7 @@ async fn a_scoped_watch_never_shows_other_services() {
     // Without a token the stream is refused before it opens.
     let e = c
         .client_with(2, None)
-        .watch_services(vec![add("payments")])
+        .watch_services(vec![WatchServicesRequest::add("payments", 0)])
         .await
         .expect_err("no token");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");

@@ -247,13 +247,7 @@ async fn a_burst_of_concurrent_registrations_fills_a_limit_exactly() {
 #[tokio::test]
 async fn services_on_one_watch_stream_are_limited() {
     let c = TestCluster::start_with(3, "[limits]\nmax_watched_services_per_stream = 3\n").await;
-    let action = |a: watch_services_request::Action| WatchServicesRequest { action: Some(a) };
-    let add = |s: &str| {
-        action(watch_services_request::Action::Add(WatchRequest {
-            service: s.into(),
-            since_revision: 0,
-        }))
-    };
+    let add = |s: &str| WatchServicesRequest::add(s, 0);
     let (tx, mut s) = c
         .client()
         .watch_services(["a", "b", "c", "d"].map(add).to_vec())
@@ -282,7 +276,7 @@ async fn services_on_one_watch_stream_are_limited() {
     assert_eq!(started, ["a", "b", "c"]);
     // Adding a followed service again is no new place; removing one frees one.
     tx.unbounded_send(add("a")).expect("send");
-    tx.unbounded_send(action(watch_services_request::Action::Remove("b".into())))
+    tx.unbounded_send(WatchServicesRequest::remove("b"))
         .expect("send");
     tx.unbounded_send(add("d")).expect("send");
     let mut answers = Vec::new();

@@ -193,15 +193,6 @@ async fn watch_streams(c: &TestCluster, id: u64) -> u64 {
         .expect("roster_watch_streams in the metrics")
 }
 
-fn add(service: &str, since: u64) -> WatchServicesRequest {
-    WatchServicesRequest {
-        action: Some(watch_services_request::Action::Add(WatchRequest {
-            service: service.into(),
-            since_revision: since,
-        })),
-    }
-}
-
 async fn next_mux(
     s: &mut Streaming<WatchServicesResponse>,
 ) -> (String, watch_services_response::Result) {
@@ -247,7 +238,12 @@ async fn one_stream_follows_500_services_added_and_removed_while_open() {
     let before = watch_streams(&c, follower).await;
     let (tx, mut s) = c
         .node_client(follower)
-        .watch_services(names.iter().map(|n| add(n, 0)).collect())
+        .watch_services(
+            names
+                .iter()
+                .map(|n| WatchServicesRequest::add(n, 0))
+                .collect(),
+        )
         .await
         .expect("watch_services");
     // Each service's full state, holding every write acknowledged before.
@@ -281,10 +277,8 @@ async fn one_stream_follows_500_services_added_and_removed_while_open() {
     assert_eq!(u.events[0].r#type, DELETE);
 
     // Removed: acknowledged, and its later changes are not sent.
-    tx.unbounded_send(WatchServicesRequest {
-        action: Some(watch_services_request::Action::Remove("svc-7".into())),
-    })
-    .expect("send");
+    tx.unbounded_send(WatchServicesRequest::remove("svc-7"))
+        .expect("send");
     let (service, r) = next_mux(&mut s).await;
     assert_eq!((service.as_str(), ended(r).code), ("svc-7", 0));
     register(&client, "svc-7", "svc-7-2", 82).await;
@@ -293,7 +287,8 @@ async fn one_stream_follows_500_services_added_and_removed_while_open() {
     assert_eq!((service.as_str(), update(r).revision), ("svc-8", r3));
 
     // Added again later, resuming from a revision it saw: exactly what it missed.
-    tx.unbounded_send(add("svc-7", r1)).expect("send");
+    tx.unbounded_send(WatchServicesRequest::add("svc-7", r1))
+        .expect("send");
     let (service, r) = next_mux(&mut s).await;
     let u = update(r);
     assert_eq!(service, "svc-7");
@@ -307,9 +302,9 @@ async fn one_stream_follows_500_services_added_and_removed_while_open() {
 
     // Refused adds are answered for that service alone; the stream goes on.
     for bad in [
-        add("", 0),
-        add("Not A Name!", 0),
-        add("svc-9", r3 + 1_000_000),
+        WatchServicesRequest::add("", 0),
+        WatchServicesRequest::add("Not A Name!", 0),
+        WatchServicesRequest::add("svc-9", r3 + 1_000_000),
     ] {
         tx.unbounded_send(bad).expect("send");
     }

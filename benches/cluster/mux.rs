@@ -12,9 +12,8 @@ use std::time::Duration;
 use anyhow::Result;
 use etcd_client::WatchOptions;
 use roster::client::RosterClient;
-use roster::proto::v1::watch_services_request::Action;
 use roster::proto::v1::watch_services_response::Result as Outcome;
-use roster::proto::v1::{WatchRequest, WatchServicesRequest};
+use roster::proto::v1::WatchServicesRequest;
 
 use crate::procs;
 
@@ -124,15 +123,6 @@ where
     Ok(f)
 }
 
-fn add(service: String) -> WatchServicesRequest {
-    WatchServicesRequest {
-        action: Some(Action::Add(WatchRequest {
-            service,
-            since_revision: 0,
-        })),
-    }
-}
-
 /// `streams` WatchServices streams to `endpoint`, `per_stream` services each;
 /// `pid` is that node's process. Updates (initial states, then changes) count.
 pub async fn roster(
@@ -146,7 +136,9 @@ pub async fn roster(
         .collect::<Result<Vec<_>, _>>()?;
     let clients = &clients;
     measure(pid, streams, per_stream, |s, first| async move {
-        let (tx, mut rx) = clients[s % CONNS].watch_services(vec![add(first)]).await?;
+        let (tx, mut rx) = clients[s % CONNS]
+            .watch_services(vec![WatchServicesRequest::add(first, 0)])
+            .await?;
         let n = count(|n| async move {
             while let Ok(Some(m)) = rx.message().await {
                 if matches!(m.result, Some(Outcome::Update(_))) {
@@ -154,7 +146,7 @@ pub async fn roster(
                 }
             }
         });
-        let adder = move |service| Ok(tx.unbounded_send(add(service))?);
+        let adder = move |service| Ok(tx.unbounded_send(WatchServicesRequest::add(service, 0))?);
         Ok((adder, n))
     })
     .await

@@ -14,9 +14,8 @@ use tonic::{Code, Streaming};
 
 use super::resolver::{ResolvedSet, Tracked};
 use super::RosterClient;
-use crate::proto::v1::watch_services_request::Action;
 use crate::proto::v1::watch_services_response::Result as Outcome;
-use crate::proto::v1::{WatchRequest, WatchServicesRequest, WatchServicesResponse};
+use crate::proto::v1::{WatchServicesRequest, WatchServicesResponse};
 
 /// How long a service whose add was refused waits before it is added again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -73,12 +72,7 @@ impl Followed {
     }
 
     fn add(&self, service: &str) -> WatchServicesRequest {
-        WatchServicesRequest {
-            action: Some(Action::Add(WatchRequest {
-                service: service.to_string(),
-                since_revision: self.tracked.revision,
-            })),
-        }
+        WatchServicesRequest::add(service, self.tracked.revision)
     }
 }
 
@@ -215,9 +209,7 @@ fn apply(
                 return;
             }
             followed.remove(&service);
-            WatchServicesRequest {
-                action: Some(Action::Remove(service)),
-            }
+            WatchServicesRequest::remove(service)
         }
     };
     if let Some(tx) = stream {
