@@ -506,6 +506,12 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
     let (core, pristine) = start_raft(&cfg, &members, tls.as_deref()).await?;
+    // Before the peer port answers: a vote granted to a member that
+    // initialized first would make this node's own initialize fail (openraft
+    // logs that as an ERROR although nothing is wrong).
+    if !members.is_empty() && pristine {
+        bootstrap(&core.raft, members).await?;
+    }
     let (listener, addr) = bind(cfg.listen).await?;
     let (peer_listener, peer_addr) = bind(cfg.peer_listen).await?;
     let leases = Arc::new(Leases::default());
@@ -545,9 +551,6 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         ),
         None => None,
     };
-    if !members.is_empty() && pristine {
-        bootstrap(&core.raft, members).await?;
-    }
     tracing::info!(id = cfg.id, %addr, %peer_addr, cluster = %cfg.cluster_id, "node started");
     Ok(NodeHandle {
         id: cfg.id,
