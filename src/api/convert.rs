@@ -1,13 +1,11 @@
 //! Protobuf <-> registry types. Validation of incoming requests happens here,
 //! on the way in, so nothing invalid is ever proposed to Raft.
 
-use std::collections::BTreeMap;
-
 use super::auth::Grant;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto::v1 as pb;
-use crate::registry::model::{CheckKind, CheckSpec, SESSION_KEY};
+use crate::registry::model::{CheckKind, CheckSpec, Metadata, SESSION_KEY};
 use crate::registry::validate;
 use crate::registry::watch::{ResetReason, WatchMessage};
 use crate::registry::{Command, Event, EventKind, HealthStatus, Instance};
@@ -158,7 +156,7 @@ pub fn register_command(req: pb::RegisterRequest, grant: Option<&Grant>) -> Resu
     let port = validate::port(i.port)?;
     let weight = validate::weight(i.weight)?;
     validate::tags(&i.tags)?;
-    let mut metadata: BTreeMap<String, String> = i.metadata.into_iter().collect();
+    let mut metadata: Metadata = i.metadata.into_iter().collect();
     validate::metadata(&metadata)?;
     if !req.session.is_empty() {
         validate::session_id(&req.session)?;

@@ -1,7 +1,7 @@
 //! The catalogue of instances held by every node, and the deterministic
 //! application of commands to it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::acl::Acl;
 use super::model::{
@@ -23,9 +23,11 @@ pub struct Catalog {
     instances: usize,
     checked: usize,
     sessions: BTreeMap<String, Session>,
-    /// Session id → the (service, id) of the instances registered under it,
-    /// derived from their metadata as they come and go.
-    held: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// Session id → the services it holds instances in, with how many:
+    /// derived from their metadata as they come and go. Per service rather
+    /// than per instance, which would copy every held instance's names; an
+    /// ending session finds its instances among those services' instances.
+    held: BTreeMap<String, BTreeMap<String, usize>>,
 }
 
 /// The instances a query returns, and whether protection overrode `healthy_only`.
@@ -243,7 +245,15 @@ impl Catalog {
             } else {
                 format!("session {id} closed")
             };
-            for (service, iid) in self.held.remove(id).unwrap_or_default() {
+            let services = self.held.remove(id).unwrap_or_default();
+            let held: Vec<(String, String)> = services
+                .keys()
+                .filter_map(|service| self.services.get(service))
+                .flat_map(|m| m.values())
+                .filter(|i| i.session() == Some(id))
+                .map(|i| (i.service.clone(), i.id.clone()))
+                .collect();
+            for (service, iid) in held {
                 instances += 1;
                 if session.on_end == OnSessionEnd::Deregister {
                     self.deregister(revision, &service, &iid, events);
@@ -285,7 +295,9 @@ impl Catalog {
 
     /// Instances registered under session `id`.
     pub fn session_size(&self, id: &str) -> usize {
-        self.held.get(id).map_or(0, BTreeSet::len)
+        self.held
+            .get(id)
+            .map_or(0, |services| services.values().sum())
     }
 
     pub fn get(&self, service: &str, id: &str) -> Option<&Instance> {
@@ -382,7 +394,7 @@ impl Catalog {
         let checked = inst.check.is_some();
         let held = inst
             .session()
-            .map(|s| (s.to_string(), (inst.service.clone(), inst.id.clone())));
+            .map(|s| (s.to_string(), inst.service.clone()));
         let old = self
             .services
             .entry(inst.service.clone())
@@ -392,8 +404,13 @@ impl Catalog {
         self.instances += 1;
         self.checked += usize::from(checked);
         // After `uncount`, which takes the replaced instance out of its session.
-        if let Some((session, key)) = held {
-            self.held.entry(session).or_default().insert(key);
+        if let Some((session, service)) = held {
+            *self
+                .held
+                .entry(session)
+                .or_default()
+                .entry(service)
+                .or_default() += 1;
         }
     }
 
@@ -412,11 +429,17 @@ impl Catalog {
             self.instances -= 1;
             self.checked -= usize::from(old.check.is_some());
             let Some(session) = old.session() else { return };
-            if let Some(held) = self.held.get_mut(session) {
-                held.remove(&(old.service.clone(), old.id.clone()));
-                if held.is_empty() {
-                    self.held.remove(session);
+            let Some(services) = self.held.get_mut(session) else {
+                return;
+            };
+            if let Some(n) = services.get_mut(&old.service) {
+                *n -= 1;
+                if *n == 0 {
+                    services.remove(&old.service);
                 }
+            }
+            if services.is_empty() {
+                self.held.remove(session);
             }
         }
     }

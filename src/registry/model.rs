@@ -1,7 +1,5 @@
 //! Registry data as it is replicated and stored.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use super::acl::Token;
@@ -50,6 +48,96 @@ impl CheckSpec {
     }
 }
 
+/// An instance's metadata: a map kept as a sorted vector. Most instances
+/// carry none or a few keys, and a `BTreeMap` with one entry allocates a
+/// whole node (~540 bytes); at a million instances that was half the
+/// catalogue. Stored and replicated as a map, like the `BTreeMap` it replaced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metadata(Vec<(String, String)>);
+
+impl Metadata {
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.find(key).is_ok()
+    }
+
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                // No spare room: stored instances are rarely changed.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let i = self.find(key).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl FromIterator<(String, String)> for Metadata {
+    /// A later value for the same key wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut pairs: Vec<_> = iter.into_iter().collect();
+        // Reversed, so that the stable sort puts the last value first and
+        // `dedup_by` keeps it.
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|later, kept| later.0 == kept.0);
+        pairs.shrink_to_fit();
+        Metadata(pairs)
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut pairs = Vec::with_capacity(a.size_hint().unwrap_or(0));
+                while let Some(pair) = a.next_entry()? {
+                    pairs.push(pair);
+                }
+                Ok(pairs.into_iter().collect())
+            }
+        }
+        d.deserialize_map(Pairs)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub service: String,
@@ -57,7 +145,7 @@ pub struct Instance {
     pub address: String,
     pub port: u16,
     pub tags: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     pub weight: u32,
     pub status: HealthStatus,
     pub create_revision: u64,
@@ -246,4 +334,29 @@ pub struct Event {
     pub kind: EventKind,
     pub revision: u64,
     pub instance: Instance,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn metadata_is_stored_as_the_map_it_replaced() {
+        let pairs = [("zone", "b"), ("a", "1"), ("zone", "c")].map(|(k, v)| (k.into(), v.into()));
+        let md: Metadata = pairs.clone().into_iter().collect();
+        let map: BTreeMap<String, String> = pairs.into_iter().collect();
+        // Later values win, keys come out in order, as in the map.
+        assert_eq!(md.get("zone").map(String::as_str), Some("c"));
+        assert_eq!(md.len(), 2);
+        assert!(md.iter().eq(map.iter()));
+        let bytes = bincode::serialize(&map).expect("encode");
+        assert_eq!(bincode::serialize(&md).expect("encode"), bytes);
+        let back: Metadata = bincode::deserialize(&bytes).expect("decode");
+        assert_eq!(back, md);
+        let mut md = back;
+        assert_eq!(md.insert("a".into(), "2".into()).as_deref(), Some("1"));
+        assert_eq!(md.remove("zone").as_deref(), Some("c"));
+        assert!(!md.contains_key("zone"));
+    }
 }

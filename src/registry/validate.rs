@@ -1,7 +1,6 @@
 //! Input limits. Every write is checked here before it is proposed to Raft, so
 //! a rejected request never reaches the log.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::error::{Error, Result};
@@ -211,7 +210,7 @@ pub fn session_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn metadata(md: &BTreeMap<String, String>) -> Result<()> {
+pub fn metadata(md: &super::model::Metadata) -> Result<()> {
     if md.contains_key(super::model::SESSION_KEY) {
         return Err(invalid(format!(
             "metadata key {:?} is reserved: register under a session with RegisterRequest.session",
@@ -225,7 +224,7 @@ pub fn metadata(md: &BTreeMap<String, String>) -> Result<()> {
         )));
     }
     let mut total = 0;
-    for (k, v) in md {
+    for (k, v) in md.iter() {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
             return Err(invalid(format!(
                 "metadata key {k:?} must be 1 to {MAX_METADATA_KEY_LEN} bytes"
@@ -325,14 +324,16 @@ mod tests {
         assert!(session_id("xyz").is_err());
         assert!(session_name("host-1 pid 42").is_ok());
         assert!(session_name("a\nb").is_err());
-        let md = BTreeMap::from([(super::super::model::SESSION_KEY.to_string(), "x".into())]);
+        let md = [(super::super::model::SESSION_KEY.to_string(), "x".into())]
+            .into_iter()
+            .collect();
         let e = metadata(&md).expect_err("reserved");
         assert!(e.to_string().contains("reserved"), "{e}");
     }
 
     #[test]
     fn metadata_limits() {
-        let mut md = BTreeMap::new();
+        let mut md = super::super::model::Metadata::default();
         md.insert("k".to_string(), "v".repeat(MAX_METADATA_BYTES));
         assert!(metadata(&md).is_err());
         md.insert("k".to_string(), "v".into());
