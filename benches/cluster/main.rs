@@ -874,6 +874,17 @@ async fn scale_rows(
     let stall = snapshot_stall(&roster, dur).await?;
     let joined = join_by_snapshot(&roster, dir, instances).await?;
     drop((roster, rc));
+    // Printed before etcd's turn, so that a failure there keeps them.
+    eprintln!(
+        "roster, {instances} instances: loaded at {:.0}/s; RSS per node {} ({} after the restart); full restart {}; writes during a snapshot p99 / max {} / {}; new member caught up {}",
+        rs.load_rate,
+        list_mib(&rs.rss),
+        list_mib(&rs.rss_after_restart),
+        ms(rs.restart),
+        ms(stall.writes.p99),
+        ms(stall.writes.max),
+        ms(joined)
+    );
     let mut ec = procs::etcd(dir, 3, Peers::Direct, &[])?;
     let etcd = etcd_client(&ec).await?;
     wait_leader(&etcd).await?;
