@@ -56,6 +56,17 @@ impl CheckSpec {
 pub struct Metadata(Vec<(String, String)>);
 
 impl Metadata {
+    /// Sorts and deduplicates `pairs` in place.
+    fn from_pairs(mut pairs: Vec<(String, String)>) -> Self {
+        // Reversed, so that the stable sort puts the last value first and
+        // `dedup_by` keeps it.
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|later, kept| later.0 == kept.0);
+        pairs.shrink_to_fit();
+        Metadata(pairs)
+    }
+
     fn find(&self, key: &str) -> Result<usize, usize> {
         self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
     }
@@ -98,14 +109,7 @@ impl Metadata {
 impl FromIterator<(String, String)> for Metadata {
     /// A later value for the same key wins, as in a map.
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        let mut pairs: Vec<_> = iter.into_iter().collect();
-        // Reversed, so that the stable sort puts the last value first and
-        // `dedup_by` keeps it.
-        pairs.reverse();
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        pairs.dedup_by(|later, kept| later.0 == kept.0);
-        pairs.shrink_to_fit();
-        Metadata(pairs)
+        Metadata::from_pairs(iter.into_iter().collect())
     }
 }
 
@@ -131,7 +135,7 @@ impl<'de> Deserialize<'de> for Metadata {
                 while let Some(pair) = a.next_entry()? {
                     pairs.push(pair);
                 }
-                Ok(pairs.into_iter().collect())
+                Ok(Metadata::from_pairs(pairs))
             }
         }
         d.deserialize_map(Pairs)

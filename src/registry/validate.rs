@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use super::model::{Metadata, SESSION_KEY};
 use crate::error::{Error, Result};
 
 pub const MAX_NAME_LEN: usize = 63;
@@ -210,11 +211,11 @@ pub fn session_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn metadata(md: &super::model::Metadata) -> Result<()> {
-    if md.contains_key(super::model::SESSION_KEY) {
+pub fn metadata(md: &Metadata) -> Result<()> {
+    if md.contains_key(SESSION_KEY) {
         return Err(invalid(format!(
             "metadata key {:?} is reserved: register under a session with RegisterRequest.session",
-            super::model::SESSION_KEY
+            SESSION_KEY
         )));
     }
     if md.len() > MAX_METADATA_KEYS {
@@ -324,7 +325,7 @@ mod tests {
         assert!(session_id("xyz").is_err());
         assert!(session_name("host-1 pid 42").is_ok());
         assert!(session_name("a\nb").is_err());
-        let md = [(super::super::model::SESSION_KEY.to_string(), "x".into())]
+        let md = [(SESSION_KEY.to_string(), "x".into())]
             .into_iter()
             .collect();
         let e = metadata(&md).expect_err("reserved");
@@ -333,7 +334,7 @@ mod tests {
 
     #[test]
     fn metadata_limits() {
-        let mut md = super::super::model::Metadata::default();
+        let mut md = Metadata::default();
         md.insert("k".to_string(), "v".repeat(MAX_METADATA_BYTES));
         assert!(metadata(&md).is_err());
         md.insert("k".to_string(), "v".into());
