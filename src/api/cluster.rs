@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
@@ -17,6 +17,7 @@ use crate::raft::autopilot::{wait_stable, Policy};
 use crate::raft::election::Contact;
 use crate::raft::leadership::{lag_entries, transfer, TRANSFER_LIMIT};
 use crate::raft::marker::Identity;
+use crate::raft::membership::{when_settled, ChangeError};
 use crate::raft::network::Peers;
 use crate::raft::proposer::Proposer;
 use crate::raft::state_machine::StateMachine;
@@ -30,6 +31,8 @@ const BACKUP_CHUNK: usize = 1 << 20;
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often autopilot looks whether a node being added is still caught up.
 const STABLE_POLL: Duration = Duration::from_millis(100);
+/// How long a membership change waits for another one under way.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(10);
 /// How long a node being added may take to answer its first Status.
 const STARTING_NODE_WAIT: Duration = Duration::from_secs(10);
 
@@ -199,26 +202,36 @@ impl ClusterApi {
             .collect()
     }
 
-    /// Commits `voters` as the new voter set; the answer is the resulting membership.
+    /// Commits the voter set `edit` makes of the current one, once no other
+    /// change is under way; the answer is the resulting membership.
     async fn change(
         &self,
-        voters: BTreeSet<NodeId>,
+        edit: impl Fn(&mut BTreeSet<NodeId>),
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        self.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(membership_error)?;
+        when_settled(&self.raft, MEMBERSHIP_WAIT, || {
+            let mut voters = self.voters();
+            edit(&mut voters);
+            self.raft.change_membership(voters, false)
+        })
+        .await
+        .map_err(membership_error)?;
         Ok(Response::new(pb::MembershipResponse {
             members: self.members(),
         }))
     }
 }
 
-fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Error {
+fn membership_error(e: ChangeError) -> Error {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
             Error::Unavailable("leadership moved during the membership change; retry".into())
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(e),
+        )) => Error::Unavailable(format!(
+            "another membership change did not commit within {MEMBERSHIP_WAIT:?} ({e}): \
+             check that a majority of the voters is up, then retry"
+        )),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Error::FailedPrecondition(e.to_string())
         }
@@ -308,7 +321,9 @@ impl Cluster for ClusterApi {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.proposer.here()?;
         let node = self.joining(id, &addr).await?;
-        let learner = self.raft.add_learner(id, node, true);
+        let learner = when_settled(&self.raft, MEMBERSHIP_WAIT, || {
+            self.raft.add_learner(id, node.clone(), true)
+        });
         tokio::time::timeout(CATCH_UP_TIMEOUT, learner)
             .await
             .map_err(|_| {
@@ -328,9 +343,10 @@ impl Cluster for ClusterApi {
                 ))
             })?;
         }
-        let mut voters = self.voters();
-        voters.insert(id);
-        self.change(voters).await
+        self.change(|voters| {
+            voters.insert(id);
+        })
+        .await
     }
 
     async fn remove_member(
@@ -359,7 +375,10 @@ impl Cluster for ClusterApi {
             ))
             .into());
         }
-        self.change(voters).await
+        self.change(|voters| {
+            voters.remove(&id);
+        })
+        .await
     }
 
     async fn snapshot(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 
 use super::leadership::lag_entries;
+use super::membership::settled;
 use super::network::Peers;
 use super::{NodeId, Raft};
 
@@ -96,6 +97,9 @@ pub async fn run(raft: Raft, me: NodeId, peers: Peers, policy: Policy, tick: Dur
                     "autopilot keeps a dead voter: removing it would leave fewer voters than min_quorum"
                 );
             }
+            continue;
+        }
+        if !settled(&m) {
             continue;
         }
         tracing::warn!(node = dead, silent = ?silent(&dead), "autopilot removes a dead voter");

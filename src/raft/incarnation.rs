@@ -25,6 +25,7 @@ use tonic::metadata::MetadataMap;
 
 use futures::StreamExt;
 
+use super::membership::settled;
 use super::{metrics_every, Node, NodeId, Raft, CLIENT_ADDRESS_HEADER, INCARNATION_HEADER};
 
 /// A Raft request meant for another incarnation of this node.
@@ -156,14 +157,14 @@ pub async fn bind(
             continue;
         }
         let nodes = learnable(m.membership_config.membership(), me, &mine, &learned);
-        if nodes.is_empty() {
+        if nodes.is_empty() || !settled(&m) {
             continue;
         }
         let bound: Vec<String> = nodes
             .iter()
             .map(|(id, n)| format!("node {id}: {n}"))
             .collect();
-        // Fails while another membership change is under way: retried next tick.
+        // Fails if another change began since `settled`: retried next tick.
         match raft
             .change_membership(ChangeMembers::SetNodes(nodes), false)
             .await

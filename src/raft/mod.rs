@@ -7,6 +7,7 @@ pub mod incarnation;
 pub mod leadership;
 pub mod log_store;
 pub mod marker;
+pub mod membership;
 pub mod network;
 pub mod pipeline;
 pub mod proposer;
