@@ -55,7 +55,8 @@ pub async fn snapshot(c: SnapshotCommand) -> anyhow::Result<()> {
             );
             println!(
                 "start it with: roster server --id {id} --cluster-id {cluster_id} --data-dir {} \
-                 (and its usual --listen, --peer-listen, TLS and auth flags)",
+                 (and its usual --listen, --advertise, --peer-listen, --peer-advertise, TLS and \
+                 auth flags)",
                 data_dir.display()
             );
         }
