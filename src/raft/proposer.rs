@@ -149,6 +149,28 @@ fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refus
     }
 }
 
+/// Confirms leadership with a quorum, then waits (up to `timeout`) until this
+/// node has applied the read index and the log it `started_with`.
+async fn read_index(
+    raft: &Raft,
+    started_with: Option<u64>,
+    timeout: Duration,
+) -> Result<(), Refusal> {
+    let (read, applied) = raft.get_read_log_id().await.map_err(read_refusal)?;
+    let index = read.map(|l| l.index).max(started_with);
+    if index > applied.map(|l| l.index) {
+        raft.wait(Some(timeout))
+            .applied_index_at_least(index, "read index")
+            .await
+            .map_err(|e| {
+                Refusal::Failed(Error::Unavailable(format!(
+                    "this node leads but has not applied the read index {index:?}: {e}; retry"
+                )))
+            })?;
+    }
+    Ok(())
+}
+
 impl Proposer {
     /// Must be called inside a tokio runtime: it starts the coalescing tasks.
     pub fn new(
@@ -168,6 +190,12 @@ impl Proposer {
             },
         );
         let r = raft.clone();
+        // Openraft 0.9 restores a node that led before a restart as leader in
+        // the same term, with no new entry, and its read index is then the
+        // commit index it had saved, which may lag writes it acknowledged
+        // before the crash. Every acknowledged write is in the log the node
+        // started with: a read waits until the node has applied all of it.
+        let started_with = raft.metrics().borrow().last_log_index;
         // A read may share a check only if it arrived before the check began,
         // which is what coalescing gives: it joins the next round.
         let reads = Coalescer::spawn(
@@ -177,11 +205,7 @@ impl Proposer {
                 let raft = r.clone();
                 async move {
                     let _slot = slot;
-                    let answer = raft
-                        .ensure_linearizable()
-                        .await
-                        .map(|_| ())
-                        .map_err(read_refusal);
+                    let answer = read_index(&raft, started_with, timeout).await;
                     vec![answer; waiting.len()]
                 }
             },
