@@ -825,8 +825,16 @@ async fn snapshot_stall(roster: &Arc<Roster>, dur: Duration) -> Result<Stall> {
     let start = Instant::now();
     let bytes = roster.snapshot(leader).await?;
     let took = start.elapsed();
+    let writes = writes.await?;
+    // A stall figure from refused writes would measure nothing.
+    anyhow::ensure!(
+        writes.errors == 0 && writes.throughput > 0.0,
+        "{} of the writes during the snapshot failed, {:.0}/s succeeded",
+        writes.errors,
+        writes.throughput
+    );
     Ok(Stall {
-        writes: writes.await?,
+        writes,
         took,
         bytes,
     })
@@ -834,7 +842,7 @@ async fn snapshot_stall(roster: &Arc<Roster>, dur: Duration) -> Result<Stall> {
 
 /// Starts a fourth node, adds it, and times until it serves every instance.
 async fn join_by_snapshot(roster: &Arc<Roster>, dir: &Path, instances: u64) -> Result<Duration> {
-    let joiner = procs::roster_joiner(dir, 4)?;
+    let joiner = procs::roster_joiner(dir, 4, SCALE_CONFIG)?;
     procs::wait_until(
         "the new node to answer",
         Duration::from_secs(30),
@@ -857,6 +865,10 @@ async fn join_by_snapshot(roster: &Arc<Roster>, dir: &Path, instances: u64) -> R
     Ok(start.elapsed())
 }
 
+/// The scale phase's nodes hold more than the default `max_instances`
+/// (1,000,000): the loaded instances plus those the later phases register.
+const SCALE_CONFIG: &str = "[limits]\nmax_instances = 2000000\n";
+
 /// Scale on fresh clusters, so that earlier phases do not count.
 async fn scale_rows(
     dir: &Path,
@@ -866,7 +878,7 @@ async fn scale_rows(
     extra: &mut Vec<String>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut rc = procs::roster(dir, 3, Peers::Direct)?;
+    let mut rc = procs::roster_with(dir, 3, Peers::Direct, SCALE_CONFIG)?;
     let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
     wait_leader(&roster).await?;
     eprintln!("scale: {instances} instances");

@@ -199,11 +199,12 @@ pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Resul
     Ok(c)
 }
 
-/// A node `id` to be added to a running cluster (no initial cluster), started.
-pub fn roster_joiner(dir: &Path, id: u64) -> Result<Proc> {
+/// A node `id` to be added to a running cluster (no initial cluster),
+/// started; `extra` ends its TOML config.
+pub fn roster_joiner(dir: &Path, id: u64, extra: &str) -> Result<Proc> {
     let (port, peer) = (free_port(), free_port());
     let advertise = SocketAddr::from(([127, 0, 0, 1], peer));
-    let mut p = roster_node(dir, id, port, peer, advertise, "")?;
+    let mut p = roster_node(dir, id, port, peer, advertise, extra)?;
     p.start()?;
     Ok(p)
 }
