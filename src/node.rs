@@ -127,12 +127,14 @@ impl NodeHandle {
 const IDENTITY_KEY: &[u8] = b"identity";
 /// The storage format a data directory was written in, beside its identity.
 const FORMAT_KEY: &[u8] = b"format";
+/// Format 5 keeps the applied state only in the snapshot file, no longer also
+/// in sled (migrated on start: the state sled held becomes the snapshot).
 /// Format 4 adds sessions (log entries and snapshots an older binary cannot
 /// read; format 3 data reads as it is). Format 3 keeps the current snapshot in
 /// its own file; format 2, in sled (migrated on start). Format 2 records the
 /// members' peer addresses; format 1 (no format key) is what Roster wrote
 /// before that and cannot be read.
-const STORAGE_FORMAT: u32 = 4;
+const STORAGE_FORMAT: u32 = 5;
 
 /// The storage of a node, checked to be what it last wrote.
 struct Storage {
@@ -190,6 +192,7 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
         check_format(cfg, &db, &meta)?;
     }
     let recorded = Marker::read(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
+    let current = state_machine::Current::read(&cfg.data_dir)?;
     let (last_log, vote_term) = log_store::inspect(&db)?;
     let mut has_data = false;
     for name in db.tree_names() {
@@ -201,7 +204,7 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
         progress: Progress {
             last_log,
             vote_term,
-            applied: state_machine::applied_index(&db)?,
+            applied: current.applied_index(),
         },
         has_data,
     };
@@ -211,7 +214,8 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
         .identity
         .unwrap_or_else(|| Identity::new(&cfg.cluster_id, cfg.id));
     let marker = Arc::new(Marker::new(&cfg.data_dir, identity, found.progress));
-    let state_machine = StateMachine::open(&db, &cfg.data_dir, cfg.watch_history, marker.clone())?;
+    let state_machine =
+        StateMachine::open(&cfg.data_dir, current, cfg.watch_history, marker.clone())?;
     if fresh {
         let b = stored::encode(marker.identity())
             .map_err(|e| Error::Storage(format!("node identity: {e}")))?;
@@ -348,10 +352,11 @@ fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -> Result<()
     let dir = cfg.data_dir.display();
     let why = match found {
         f if f == STORAGE_FORMAT => return Ok(()),
-        f @ (2 | 3) => {
+        f @ 2..=4 => {
             if f == 2 {
                 state_machine::migrate_snapshot(db, &cfg.data_dir)?;
             }
+            state_machine::migrate_tree(db, &cfg.data_dir)?;
             meta.insert(FORMAT_KEY, encode_format(STORAGE_FORMAT)?)?;
             db.flush()?;
             tracing::info!(data_dir = %dir, "migrated the data directory from storage format {f} to {STORAGE_FORMAT}");
@@ -363,7 +368,7 @@ fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -> Result<()
         ),
         f => format!(
             "it was written by an older Roster (storage format {f}); this binary reads \
-             format {STORAGE_FORMAT} and migrates formats 2 and 3, but has no migration from {f}: \
+             format {STORAGE_FORMAT} and migrates formats 2 to 4, but has no migration from {f}: \
              keep running the older version, or start this node on an empty directory and add it \
              as a new member (roster member remove, then roster member add)"
         ),
@@ -932,13 +937,32 @@ mod storage_suite;
 mod tests {
     use super::*;
 
+    /// Sled lets go of a database's file lock a moment after its last handle
+    /// is dropped (its flusher thread lets go last): open again until it has.
+    fn unlocked<T, E: std::fmt::Display>(
+        open: impl Fn() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match open() {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                r => return r,
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_data_directory_of_another_storage_format_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         let any = ([127, 0, 0, 1], 0).into();
         let cfg = NodeConfig::new(1, any, any, dir.path().to_path_buf());
         let set_format = |format: Option<u32>| {
-            let db = sled::open(dir.path()).expect("reopen");
+            let db = unlocked(|| sled::open(dir.path())).expect("reopen");
             let meta = db.open_tree(trees::NODE_META).expect("meta");
             match format {
                 Some(f) => meta.insert(FORMAT_KEY, stored::encode(&f).expect("encode")),
@@ -947,23 +971,27 @@ mod tests {
             .expect("write");
             db.flush().expect("flush");
         };
-        drop(open_checked(&cfg).expect("a new directory"));
-        drop(open_checked(&cfg).expect("its own format"));
+        drop(unlocked(|| open_checked(&cfg)).expect("a new directory"));
+        drop(unlocked(|| open_checked(&cfg)).expect("its own format"));
         set_format(None);
-        let e = open_checked(&cfg).err().expect("an older format");
+        let e = unlocked(|| open_checked(&cfg))
+            .err()
+            .expect("an older format");
         assert!(
             e.to_string().contains("older Roster (storage format 1)"),
             "{e}"
         );
         set_format(Some(STORAGE_FORMAT + 1));
-        let e = open_checked(&cfg).err().expect("a newer format");
+        let e = unlocked(|| open_checked(&cfg))
+            .err()
+            .expect("a newer format");
         assert!(e.to_string().contains("run the newer version"), "{e}");
         set_format(Some(STORAGE_FORMAT));
-        assert!(open_checked(&cfg).is_ok());
+        assert!(unlocked(|| open_checked(&cfg)).is_ok());
         // Format 3 reads as it is: only its format key changes.
         set_format(Some(3));
-        drop(open_checked(&cfg).expect("format 3"));
-        let db = sled::open(dir.path()).expect("reopen");
+        drop(unlocked(|| open_checked(&cfg)).expect("format 3"));
+        let db = unlocked(|| sled::open(dir.path())).expect("reopen");
         let meta = db.open_tree(trees::NODE_META).expect("meta");
         let format: u32 = stored::decode(&meta.get(FORMAT_KEY).expect("read").expect("a format"))
             .expect("decode");
@@ -981,7 +1009,7 @@ mod tests {
         let any = ([127, 0, 0, 1], 0).into();
         let cfg = NodeConfig::new(1, any, any, dir.path().to_path_buf());
         let snap_meta = {
-            let mut st = open_checked(&cfg).expect("a new directory");
+            let mut st = unlocked(|| open_checked(&cfg)).expect("a new directory");
             let snap = st.state_machine.build_snapshot().await.expect("build");
             snap.meta
         };
@@ -991,7 +1019,7 @@ mod tests {
         let bytes = std::fs::read(&file).expect("snapshot file");
         std::fs::remove_file(&file).expect("remove the snapshot file");
         {
-            let db = sled::open(dir.path()).expect("reopen");
+            let db = unlocked(|| sled::open(dir.path())).expect("reopen");
             let sm = db.open_tree(trees::STATE_MACHINE).expect("sm tree");
             sm.insert(b"m:snapshot", &bytes[8..]).expect("insert");
             let meta = db.open_tree(trees::NODE_META).expect("meta");
@@ -999,7 +1027,7 @@ mod tests {
                 .expect("format 2");
             db.flush().expect("flush");
         }
-        let mut st = open_checked(&cfg).expect("migrated");
+        let mut st = unlocked(|| open_checked(&cfg)).expect("migrated");
         assert!(file.exists(), "the snapshot moved into its file");
         let sm = st.db.open_tree(trees::STATE_MACHINE).expect("sm tree");
         assert!(sm.get(b"m:snapshot").expect("read").is_none());

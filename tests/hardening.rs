@@ -280,7 +280,8 @@ async fn deregistering_an_unknown_instance_changes_nothing_stored() {
 
 #[tokio::test]
 async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() {
-    let mut c = TestCluster::start(3).await;
+    // Snapshots every few entries, so that the restart below starts from one.
+    let mut c = TestCluster::start_with(3, "[raft]\nsnapshot_after_entries = 4\n").await;
     let client = c.client();
     let rev = register(&client, "api", "a-1", 80).await.revision;
     let leader = c.leader().await;
@@ -314,7 +315,13 @@ async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() 
         Some("a-2")
     );
 
-    // A restarted node keeps no history from before its restart, and says so.
+    for n in 3..10 {
+        register(&client, "api", &format!("a-{n}"), 80).await;
+    }
+    let next = register(&client, "api", "a-10", 80).await.revision;
+
+    // A restarted node starts from its snapshot and replays the log after it:
+    // its history begins at the snapshot, and it says so to an older watch.
     c.signal(follower, "TERM");
     c.wait_exit(follower, Duration::from_secs(10)).await;
     c.start_node(follower);
@@ -335,6 +342,7 @@ async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() 
         "compact_revision {} should be where the restarted node's history begins",
         m.compact_revision
     );
+    assert!(m.compact_revision <= s.snapshot_index, "{m:?} {s:?}");
 }
 
 /// Sends raw bytes as a gRPC request body.

@@ -44,6 +44,7 @@ pub struct Progress {
     /// Last log index: the last entry, or the last purged one if the log is empty.
     pub last_log: Option<u64>,
     pub vote_term: u64,
+    /// The last index the snapshot file covers: the state applied durably.
     pub applied: Option<u64>,
 }
 
@@ -67,7 +68,7 @@ impl Progress {
         }
         if found.applied < self.applied {
             lacks.push(format!(
-                "state machine has applied up to {} but had applied up to {}",
+                "snapshot covers entries up to {} but covered up to {}",
                 show(found.applied),
                 show(self.applied)
             ));
@@ -268,7 +269,10 @@ mod tests {
             .expect("shortfall found");
         assert!(s.contains("log ends at index 9 but reached 10"), "{s}");
         assert!(s.contains("term 2 but was for term 3"), "{s}");
-        assert!(s.contains("applied up to 7"), "{s}");
+        assert!(
+            s.contains("covers entries up to 7 but covered up to 8"),
+            "{s}"
+        );
         assert!(marker.shortfall(&Progress::default()).is_some());
     }
 

@@ -90,6 +90,7 @@ pub const EARLY_HEADER: &str = "roster-early";
 pub(crate) mod trees {
     pub const LOG: &str = "raft_log";
     pub const RAFT_META: &str = "raft_meta";
+    /// The applied state, up to storage format 4.
     pub const STATE_MACHINE: &str = "state_machine";
     pub const NODE_META: &str = "node_meta";
 }

@@ -1,8 +1,10 @@
 //! The registry state machine: applies committed entries to the in-memory
-//! catalogue and persists the result in sled, so a restart resumes from the
-//! last applied entry instead of replaying the log. The current snapshot is
-//! a file of its own ([`SnapshotFile`]), durable before openraft may purge the
-//! log it covers; a restart finding it ahead of sled's state starts from it.
+//! catalogue. Like etcd's WAL and snapshot, what is durable is the log (in
+//! sled) and the current snapshot (a file of its own, [`SnapshotFile`],
+//! durable before openraft may purge the log it covers): a restart loads the
+//! snapshot and openraft re-applies the committed entries after it. Applying
+//! writes nothing to disk, so it costs the same at a million instances as at
+//! ten.
 
 // Openraft's storage traits fix the error type to its (large) StorageError.
 #![allow(clippy::result_large_err)]
@@ -11,7 +13,7 @@ use std::io::Cursor;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use openraft::storage::{RaftStateMachine, SnapshotSignature};
+use openraft::storage::RaftStateMachine;
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
@@ -26,46 +28,23 @@ use crate::error::Error;
 use crate::registry::acl::{Acl, Token};
 use crate::registry::model::{ServiceConfig, Session};
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
-use crate::registry::{
-    Catalog, Command, CommandResponse, Event, EventKind, Instance, Outcome, Proposal,
-};
+use crate::registry::{Catalog, CommandResponse, Event, Instance};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-/// Instance keys are `i:<service>\0<id>`, service settings `s:<service>`;
-/// state machine metadata keys start with `m:`.
+/// Storage formats 2 to 4 also kept the applied state in sled's state
+/// machine tree (see [`migrate_tree`]): instances as `i:<service>\0<id>`,
+/// service settings `s:<service>`, tokens `t:<accessor>`, sessions `x:<id>`,
+/// and metadata under `m:`.
 const INSTANCE_PREFIX: &[u8] = b"i:";
 const SERVICE_PREFIX: &[u8] = b"s:";
-/// Tokens are `t:<accessor>`; whether the ACL was bootstrapped, `m:acl_bootstrapped`.
 const TOKEN_PREFIX: &[u8] = b"t:";
-/// Open sessions are `x:<id>` (their instances name them in their metadata).
 const SESSION_PREFIX: &[u8] = b"x:";
 const ACL_BOOTSTRAPPED: &[u8] = b"m:acl_bootstrapped";
 const LAST_APPLIED: &[u8] = b"m:last_applied";
 const MEMBERSHIP: &[u8] = b"m:membership";
 /// Where storage format 2 kept the current snapshot (see [`migrate_snapshot`]).
 const SLED_SNAPSHOT: &[u8] = b"m:snapshot";
-
-fn instance_key(service: &str, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(INSTANCE_PREFIX.len() + service.len() + 1 + id.len());
-    k.extend_from_slice(INSTANCE_PREFIX);
-    k.extend_from_slice(service.as_bytes());
-    k.push(0);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn service_key(service: &str) -> Vec<u8> {
-    [SERVICE_PREFIX, service.as_bytes()].concat()
-}
-
-fn token_key(accessor: &str) -> Vec<u8> {
-    [TOKEN_PREFIX, accessor.as_bytes()].concat()
-}
-
-fn session_key(id: &str) -> Vec<u8> {
-    [SESSION_PREFIX, id.as_bytes()].concat()
-}
 
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct Applied {
@@ -185,25 +164,104 @@ pub fn migrate_snapshot(db: &sled::Db, dir: &Path) -> crate::error::Result<()> {
     Ok(())
 }
 
-/// The last applied log index on disk, read at start before the state is loaded.
-pub fn applied_index(db: &sled::Db) -> crate::error::Result<Option<u64>> {
+/// Storage formats 2 to 4 to 5: the applied state that sled's state machine
+/// tree held, every record verified, becomes the snapshot file where it
+/// reaches further than that file; then the tree goes. The file is durable
+/// before the tree is dropped, so a crash in between only repeats this.
+pub fn migrate_tree(db: &sled::Db, dir: &Path) -> crate::error::Result<()> {
     let sm = db.open_tree(trees::STATE_MACHINE)?;
-    let last: Option<Option<LogId<NodeId>>> = sm
-        .get(LAST_APPLIED)?
-        .map(|b| decode(&b))
-        .transpose()
-        .map_err(damaged("last applied id"))?;
-    Ok(last.flatten().map(|l| l.index))
+    if let Some(payload) = read_tree(&sm)? {
+        let file = SnapshotFile::in_dir(dir);
+        let current: Option<StoredSnapshot> =
+            file.read().map_err(|e| Error::Storage(e.to_string()))?;
+        let behind = current.is_none_or(|s| s.meta.last_log_id < payload.applied.last_applied);
+        if behind {
+            let data = encode(&payload).map_err(damaged("state"))?;
+            let snap = StoredSnapshot {
+                meta: snapshot_meta(payload.applied),
+                data,
+            };
+            file.write(&snap)
+                .map_err(|e| Error::Storage(e.to_string()))?;
+        }
+    }
+    drop(sm);
+    db.drop_tree(trees::STATE_MACHINE)?;
+    Ok(())
+}
+
+/// The state sled's state machine tree holds (formats 2 to 4), if any.
+fn read_tree(sm: &sled::Tree) -> crate::error::Result<Option<SnapshotPayload>> {
+    let Some(last) = sm.get(LAST_APPLIED)? else {
+        return Ok(None);
+    };
+    let applied = Applied {
+        last_applied: decode(&last).map_err(damaged("last applied id"))?,
+        membership: sm
+            .get(MEMBERSHIP)?
+            .map(|b| decode(&b))
+            .transpose()
+            .map_err(damaged("membership"))?
+            .unwrap_or_default(),
+    };
+    // Each record under `prefix` with the key after the prefix, decoded.
+    fn records<T: serde::de::DeserializeOwned>(
+        sm: &sled::Tree,
+        prefix: &[u8],
+        what: &str,
+    ) -> crate::error::Result<Vec<(String, T)>> {
+        sm.scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let shown = name.replace('\0', "/");
+                Ok((
+                    name,
+                    decode(&v).map_err(damaged(format!("{what} {shown}")))?,
+                ))
+            })
+            .collect()
+    }
+    fn values<T>(records: Vec<(String, T)>) -> Vec<T> {
+        records.into_iter().map(|(_, v)| v).collect()
+    }
+    Ok(Some(SnapshotPayload {
+        applied,
+        instances: values(records(sm, INSTANCE_PREFIX, "instance")?),
+        services: records(sm, SERVICE_PREFIX, "service")?,
+        tokens: values(records(sm, TOKEN_PREFIX, "token")?),
+        acl_bootstrapped: match sm.get(ACL_BOOTSTRAPPED)? {
+            Some(b) => decode(&b).map_err(damaged("ACL bootstrap flag"))?,
+            None => false,
+        },
+        sessions: values(records(sm, SESSION_PREFIX, "session")?),
+    }))
+}
+
+/// The current snapshot of a data directory, verified, read before the node
+/// starts: the state machine starts from it.
+pub struct Current(Option<StoredSnapshot>);
+
+impl Current {
+    pub fn read(dir: &Path) -> crate::error::Result<Self> {
+        SnapshotFile::in_dir(dir)
+            .read()
+            .map(Current)
+            .map_err(|e| Error::Storage(e.to_string()))
+    }
+
+    /// The last log index the snapshot covers: what the node has durably applied.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.0.as_ref()?.meta.last_log_id.map(|l| l.index)
+    }
 }
 
 #[derive(Clone)]
 pub struct StateMachine {
-    sm: sled::Tree,
     state: SharedState,
-    /// Held from a change of `state` until sled holds that change too (taken
-    /// before `state`'s lock, released after it): whoever holds it finds
-    /// `state`, this and sled describing the same entry. Disk writes happen
-    /// under this lock only, so readers of `state` never wait for them.
+    /// The last applied entry and the membership of `state`: held while
+    /// `state` changes and while it is copied, so that a copy and its
+    /// position agree.
     applied: Arc<Mutex<Applied>>,
     /// Held while a snapshot is built or installed (taken before `applied`),
     /// so that a snapshot built from an older copy never replaces one
@@ -219,79 +277,25 @@ fn damaged(what: impl std::fmt::Display) -> impl FnOnce(CodecError) -> Error {
 }
 
 impl StateMachine {
-    /// Loads the whole state, verifying every record's checksum, from sled or
-    /// from the snapshot file in `dir` if that reaches further.
+    /// Starts from the current snapshot of `dir` (an empty state without one);
+    /// openraft re-applies the committed entries after it.
     pub fn open(
-        db: &sled::Db,
         dir: &Path,
+        current: Current,
         watch_history: usize,
         marker: Arc<Marker>,
     ) -> crate::error::Result<Self> {
-        let sm = db.open_tree(trees::STATE_MACHINE)?;
-        let applied: Applied = match sm.get(LAST_APPLIED)? {
-            Some(b) => Applied {
-                last_applied: decode(&b).map_err(damaged("last applied id"))?,
-                membership: sm
-                    .get(MEMBERSHIP)?
-                    .map(|b| decode(&b))
-                    .transpose()
-                    .map_err(damaged("membership"))?
-                    .unwrap_or_default(),
-            },
-            None => Applied::default(),
-        };
-        let mut instances = Vec::new();
-        for kv in sm.scan_prefix(INSTANCE_PREFIX) {
-            let (k, v) = kv?;
-            let key = String::from_utf8_lossy(&k).replace('\0', "/");
-            instances.push(decode(&v).map_err(damaged(format!("instance {key}")))?);
-        }
-        let mut services = Vec::new();
-        for kv in sm.scan_prefix(SERVICE_PREFIX) {
-            let (k, v) = kv?;
-            let name = String::from_utf8_lossy(&k[SERVICE_PREFIX.len()..]).into_owned();
-            let config = decode(&v).map_err(damaged(format!("service {name}")))?;
-            services.push((name, config));
-        }
-        let mut tokens = Vec::new();
-        for kv in sm.scan_prefix(TOKEN_PREFIX) {
-            let (k, v) = kv?;
-            let accessor = String::from_utf8_lossy(&k[TOKEN_PREFIX.len()..]).into_owned();
-            tokens.push(decode(&v).map_err(damaged(format!("token {accessor}")))?);
-        }
-        let acl_bootstrapped = match sm.get(ACL_BOOTSTRAPPED)? {
-            Some(b) => decode(&b).map_err(damaged("ACL bootstrap flag"))?,
-            None => false,
-        };
-        let mut sessions = Vec::new();
-        for kv in sm.scan_prefix(SESSION_PREFIX) {
-            let (k, v) = kv?;
-            let id = String::from_utf8_lossy(&k[SESSION_PREFIX.len()..]).into_owned();
-            sessions.push(decode(&v).map_err(damaged(format!("session {id}")))?);
-        }
-        let file = Arc::new(SnapshotFile::in_dir(dir));
-        let snapshot: Option<StoredSnapshot> =
-            file.read().map_err(|e| Error::Storage(e.to_string()))?;
-        let revision = applied.last_applied.map_or(0, |l| l.index);
-        let state = Arc::new(RwLock::new(RegistryState {
-            catalog: Catalog::from_parts(revision, instances, services)
-                .with_acl(Acl::restore(tokens, acl_bootstrapped))
-                .with_sessions(sessions),
-            hub: WatchHub::new(revision, watch_history),
-        }));
-        let last_applied = applied.last_applied;
         let sm = StateMachine {
-            sm,
-            state,
-            applied: Arc::new(Mutex::new(applied)),
+            state: Arc::new(RwLock::new(RegistryState {
+                catalog: Catalog::default(),
+                hub: WatchHub::new(0, watch_history),
+            })),
+            applied: Arc::default(),
             snapshots: Arc::default(),
-            file,
+            file: Arc::new(SnapshotFile::in_dir(dir)),
             marker,
         };
-        // The snapshot was installed or built, the log it covers maybe purged,
-        // but sled's copy of the state had not reached the disk.
-        if let Some(snap) = snapshot.filter(|s| s.meta.last_log_id > last_applied) {
-            tracing::info!(snapshot = %snap.meta.snapshot_id, "starting from the snapshot file");
+        if let Some(snap) = current.0 {
             sm.install(&snap.meta, &snap.data)
                 .map_err(|e| Error::Storage(format!("snapshot file: {e}")))?;
         }
@@ -386,7 +390,8 @@ impl StateMachine {
     }
 
     /// Installs `data` as a snapshot at `at` with `membership`: the state in
-    /// memory and in sled, and the snapshot file a lagging member is sent.
+    /// memory and the snapshot file, which a restart starts from and a
+    /// lagging member is sent.
     async fn install_at(
         &mut self,
         at: LogId<NodeId>,
@@ -404,16 +409,18 @@ impl StateMachine {
     }
 
     /// Writes `snap` as the current snapshot, durably: openraft may purge the
-    /// log up to a snapshot as soon as it is built or installed.
+    /// log up to a snapshot as soon as it is built or installed, and a
+    /// restart starts from it.
     fn store_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
         self.file
             .write(snap)
-            .map_err(|e| StorageIOError::write_snapshot(Some(snap.meta.signature()), &e).into())
+            .map_err(|e| StorageIOError::write_snapshot(Some(snap.meta.signature()), &e))?;
+        let index = snap.meta.last_log_id.map(|l| l.index);
+        self.marker.note(|p| p.applied = p.applied.max(index));
+        Ok(())
     }
 
-    /// Replaces the state in memory and in sled with the snapshot's (sled's
-    /// copy is made durable by the log's next flush; until then a restart
-    /// starts from the snapshot file again).
+    /// Replaces the state with the snapshot's.
     fn install(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StorageResult<()> {
         let sig = Some(meta.signature());
         let payload = SnapshotPayload::decode(data)
@@ -423,15 +430,9 @@ impl StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let batch = self.snapshot_batch(&payload, &installed, &sig)?;
         let catalog = payload.catalog(revision);
         let replaced = {
             let mut applied = self.applied.lock().map_err(write_lock_err)?;
-            self.sm
-                .apply_batch(batch)
-                .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-            self.marker
-                .note(|p| p.applied = p.applied.max(meta.last_log_id.map(|l| l.index)));
             let mut st = self.state.write().map_err(write_lock_err)?;
             st.hub.reset(revision);
             *applied = installed;
@@ -442,21 +443,26 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Applies one entry to the catalogue and `applied`, staging in `batch` what
-    /// it changed; returns its responses and its events (none for an entry that
-    /// changed no instance).
+    /// Applies one entry to the catalogue and `applied`; returns its
+    /// responses and its events (none for an entry that changed no instance).
     fn apply_entry(
         st: &mut RegistryState,
         applied: &mut Applied,
-        batch: &mut sled::Batch,
         entry: Entry<TypeConfig>,
-    ) -> StorageResult<(Vec<CommandResponse>, Vec<Event>)> {
+    ) -> (Vec<CommandResponse>, Vec<Event>) {
         let rev = entry.log_id.index;
         applied.last_applied = Some(entry.log_id);
         match entry.payload {
             EntryPayload::Normal(proposal) => {
-                return Self::apply_proposal(&mut st.catalog, rev, &proposal, batch)
-                    .map_err(|e| StorageIOError::apply(entry.log_id, &e).into());
+                let mut events = Vec::new();
+                let responses = (proposal.0.iter())
+                    .map(|cmd| {
+                        let (resp, evs) = st.catalog.apply(rev, cmd);
+                        events.extend(evs);
+                        resp
+                    })
+                    .collect();
+                return (responses, events);
             }
             EntryPayload::Membership(m) => {
                 applied.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -464,107 +470,8 @@ impl StateMachine {
             EntryPayload::Blank => {}
         }
         st.catalog.advance(rev);
-        Ok((Vec::new(), Vec::new()))
+        (Vec::new(), Vec::new())
     }
-
-    /// Runs a proposal's commands as the entry at `rev`, staging the service
-    /// settings and instances they changed.
-    fn apply_proposal(
-        catalog: &mut Catalog,
-        rev: u64,
-        proposal: &Proposal,
-        batch: &mut sled::Batch,
-    ) -> Result<(Vec<CommandResponse>, Vec<Event>), CodecError> {
-        let mut events = Vec::new();
-        let mut responses = Vec::with_capacity(proposal.0.len());
-        for cmd in &proposal.0 {
-            let (resp, evs) = catalog.apply(rev, cmd);
-            events.extend(evs);
-            match cmd {
-                Command::ConfigureService { service, .. } => {
-                    batch.insert(service_key(service), encode(&catalog.config(service))?);
-                }
-                Command::CreateToken { token, bootstrap }
-                    if resp.outcome == Outcome::TokenCreated =>
-                {
-                    batch.insert(token_key(&token.accessor), encode(token)?);
-                    if *bootstrap {
-                        batch.insert(ACL_BOOTSTRAPPED, encode(&true)?);
-                    }
-                }
-                Command::RevokeToken { accessor } => batch.remove(token_key(accessor)),
-                Command::CreateSession(spec) => {
-                    if let Some(session) = catalog.session(&spec.id) {
-                        batch.insert(session_key(&spec.id), encode(session)?);
-                    }
-                }
-                Command::EndSessions { ids, .. } => {
-                    for id in ids {
-                        batch.remove(session_key(id));
-                    }
-                }
-                _ => {}
-            }
-            responses.push(resp);
-        }
-        for e in &events {
-            let k = instance_key(&e.instance.service, &e.instance.id);
-            match e.kind {
-                EventKind::Put => batch.insert(k, encode(&e.instance)?),
-                EventKind::Delete => batch.remove(k),
-            }
-        }
-        Ok((responses, events))
-    }
-
-    /// A batch replacing every instance and service setting with a snapshot's.
-    fn snapshot_batch(
-        &self,
-        payload: &SnapshotPayload,
-        applied: &Applied,
-        sig: &Option<SnapshotSignature<NodeId>>,
-    ) -> StorageResult<sled::Batch> {
-        let werr = |e: &(dyn std::error::Error + 'static)| {
-            StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e.to_string()))
-        };
-        let mut batch = sled::Batch::default();
-        for kv in self
-            .sm
-            .scan_prefix(INSTANCE_PREFIX)
-            .chain(self.sm.scan_prefix(SERVICE_PREFIX))
-            .chain(self.sm.scan_prefix(TOKEN_PREFIX))
-            .chain(self.sm.scan_prefix(SESSION_PREFIX))
-        {
-            batch.remove(kv.map_err(|e| werr(&e))?.0);
-        }
-        for t in &payload.tokens {
-            batch.insert(token_key(&t.accessor), encode(t).map_err(|e| werr(&e))?);
-        }
-        batch.insert(
-            ACL_BOOTSTRAPPED,
-            encode(&payload.acl_bootstrapped).map_err(|e| werr(&e))?,
-        );
-        for session in &payload.sessions {
-            let v = encode(session).map_err(|e| werr(&e))?;
-            batch.insert(session_key(&session.id), v);
-        }
-        for (name, config) in &payload.services {
-            batch.insert(service_key(name), encode(config).map_err(|e| werr(&e))?);
-        }
-        for i in &payload.instances {
-            let v = encode(i).map_err(|e| werr(&e))?;
-            batch.insert(instance_key(&i.service, &i.id), v);
-        }
-        stage_applied(&mut batch, applied).map_err(|e| werr(&e))?;
-        Ok(batch)
-    }
-}
-
-/// Stages the last applied id and membership, written with the changes they cover.
-fn stage_applied(batch: &mut sled::Batch, applied: &Applied) -> Result<(), CodecError> {
-    batch.insert(LAST_APPLIED, encode(&applied.last_applied)?);
-    batch.insert(MEMBERSHIP, encode(&applied.membership)?);
-    Ok(())
 }
 
 /// A poisoned lock (a panic while it was held) met while reading the state.
@@ -617,40 +524,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     /// The catalogue changes and the watch events are published under the
-    /// state's write lock, the sled batch is written after it is released;
-    /// `applied` stays held until sled has the batch.
+    /// state's write lock.
     async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<CommandResponse>>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut applied = self.applied.lock().map_err(write_lock_err)?;
-        let mut batch = sled::Batch::default();
+        let mut st = self.state.write().map_err(write_lock_err)?;
         let mut responses = Vec::new();
-        {
-            let mut st = self.state.write().map_err(write_lock_err)?;
-            let mut changes = Vec::new();
-            for entry in entries {
-                let rev = entry.log_id.index;
-                let (resps, events) = Self::apply_entry(&mut st, &mut applied, &mut batch, entry)?;
-                responses.push(resps);
-                if !events.is_empty() {
-                    changes.push((rev, events));
-                }
-            }
-            // Under the same lock as the catalogue changes: a watch starting in
-            // between would otherwise get a change both in its state and as an event.
-            for (rev, events) in changes {
-                st.hub.publish(rev, events);
+        let mut changes = Vec::new();
+        for entry in entries {
+            let rev = entry.log_id.index;
+            let (resps, events) = Self::apply_entry(&mut st, &mut applied, entry);
+            responses.push(resps);
+            if !events.is_empty() {
+                changes.push((rev, events));
             }
         }
-        let werr = |e: &(dyn std::error::Error + 'static)| {
-            StorageIOError::write_state_machine(&std::io::Error::other(e.to_string()))
-        };
-        stage_applied(&mut batch, &applied).map_err(|e| werr(&e))?;
-        self.sm.apply_batch(batch).map_err(|e| werr(&e))?;
-        let index = applied.last_applied.map(|l| l.index);
-        self.marker.note(|p| p.applied = p.applied.max(index));
+        // Under the same lock as the catalogue changes: a watch starting in
+        // between would otherwise get a change both in its state and as an event.
+        for (rev, events) in changes {
+            st.hub.publish(rev, events);
+        }
         Ok(responses)
     }
 
@@ -700,16 +596,12 @@ mod tests {
 
     use super::*;
     use crate::raft::marker::{Identity, Progress};
-
-    fn open_db(dir: &Path) -> (sled::Db, StateMachine) {
-        let db = sled::open(dir).expect("open sled");
-        let marker = Arc::new(Marker::new(dir, Identity::new("c", 1), Progress::default()));
-        let sm = StateMachine::open(&db, dir, 16, marker).expect("open state machine");
-        (db, sm)
-    }
+    use crate::registry::{Command, Proposal};
 
     fn open(dir: &Path) -> StateMachine {
-        open_db(dir).1
+        let marker = Arc::new(Marker::new(dir, Identity::new("c", 1), Progress::default()));
+        let current = Current::read(dir).expect("read the snapshot file");
+        StateMachine::open(dir, current, 16, marker).expect("open state machine")
     }
 
     fn register(index: u64, id: &str) -> Entry<TypeConfig> {
@@ -726,8 +618,8 @@ mod tests {
         st.catalog.all_instances().map(|i| i.id.clone()).collect()
     }
 
-    /// Install writes sled before it swaps the catalogue and fsyncs after:
-    /// what a reopened node finds is the snapshot, not a mix with what it replaced.
+    /// An installed snapshot replaces the state, and a reopened node starts
+    /// from it, not from a mix with what it replaced.
     #[tokio::test]
     async fn an_installed_snapshot_replaces_the_state_in_memory_and_on_disk() {
         let src_dir = tempfile::tempdir().expect("temp dir");
@@ -748,7 +640,7 @@ mod tests {
                 .expect("install");
             assert_eq!(ids(&sm), ["a", "b"]);
         }
-        let (db, mut sm) = open_db(dir.path());
+        let mut sm = open(dir.path());
         assert_eq!(ids(&sm), ["a", "b"]);
         let (last, _) = sm.applied_state().await.expect("applied state");
         assert_eq!(last, snap.meta.last_log_id);
@@ -758,39 +650,54 @@ mod tests {
             .expect("read snapshot")
             .expect("a current snapshot");
         assert_eq!(current.meta, snap.meta);
-        assert_eq!(applied_index(&db).expect("applied index"), Some(2));
+        let on_disk = Current::read(dir.path()).expect("read");
+        assert_eq!(on_disk.applied_index(), Some(2));
     }
 
-    /// A snapshot file ahead of sled (the crash came after the file was
-    /// durable, before sled's copy of the state was): the state starts from it.
+    /// Formats 2 to 4 kept the applied state in sled too: where it reaches
+    /// further than the snapshot file it becomes that file, the tree goes,
+    /// and the state starts from the file.
     #[tokio::test]
-    async fn a_snapshot_file_ahead_of_sled_is_where_the_state_starts() {
-        let src_dir = tempfile::tempdir().expect("temp dir");
-        let mut src = open(src_dir.path());
-        src.apply(vec![register(1, "a"), register(2, "b"), register(3, "c")])
-            .await
-            .expect("apply");
-        src.build_snapshot().await.expect("build");
-
+    async fn a_state_machine_tree_ahead_of_the_snapshot_file_becomes_it() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let mut sm = open(dir.path());
-            sm.apply(vec![register(1, "a")]).await.expect("apply");
+            sm.apply(vec![register(1, "old")]).await.expect("apply");
+            sm.build_snapshot().await.expect("build");
         }
-        std::fs::copy(
-            src_dir
-                .path()
-                .join(crate::raft::snapshot_file::SNAPSHOT_FILE),
-            dir.path().join(crate::raft::snapshot_file::SNAPSHOT_FILE),
-        )
-        .expect("copy the snapshot file");
-        let (db, mut sm) = open_db(dir.path());
-        assert_eq!(ids(&sm), ["a", "b", "c"]);
+        let db = sled::open(dir.path()).expect("open sled");
+        let tree = db.open_tree(trees::STATE_MACHINE).expect("sm tree");
+        let at = Some(LogId::new(CommittedLeaderId::new(1, 1), 3));
+        let put = |k: &[u8], v: Vec<u8>| {
+            tree.insert(k, v).expect("insert");
+        };
+        put(LAST_APPLIED, encode(&at).expect("encode"));
+        put(
+            b"i:s\0a",
+            encode(&Instance::example("s", "a")).expect("encode"),
+        );
+        put(
+            b"i:s\0b",
+            encode(&Instance::example("s", "b")).expect("encode"),
+        );
+        put(b"s:s", encode(&ServiceConfig::default()).expect("encode"));
+        put(ACL_BOOTSTRAPPED, encode(&true).expect("encode"));
+        drop(tree);
+
+        for _ in 0..2 {
+            migrate_tree(&db, dir.path()).expect("migrate");
+        }
+        assert!(!db
+            .tree_names()
+            .iter()
+            .any(|n| n == trees::STATE_MACHINE.as_bytes()));
+        let mut sm = open(dir.path());
+        assert_eq!(ids(&sm), ["a", "b"]);
         let (last, _) = sm.applied_state().await.expect("applied state");
-        assert_eq!(last.map(|l| l.index), Some(3));
-        assert_eq!(applied_index(&db).expect("applied index"), Some(3));
-        sm.apply(vec![register(4, "d")]).await.expect("apply after");
-        assert_eq!(ids(&sm), ["a", "b", "c", "d"]);
+        assert_eq!(last, at);
+        let st = sm.state.read().expect("state lock");
+        assert!(st.catalog.acl().bootstrapped());
+        assert_eq!(st.catalog.configs().count(), 1);
     }
 
     /// A snapshot or backup from before sessions (format 3) still installs;
