@@ -610,13 +610,13 @@ async fn start_raft(
     if fresh && !members.is_empty() {
         check_not_known(cfg, members, dial_peers.as_ref()).await?;
     }
-    let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
-        && log_store
-            .get_log_state()
-            .await
-            .map_err(storage)?
-            .last_log_id
-            .is_none();
+    let started_with = log_store
+        .get_log_state()
+        .await
+        .map_err(storage)?
+        .last_log_id
+        .map(|l| l.index);
+    let pristine = log_store.read_vote().await.map_err(storage)?.is_none() && started_with.is_none();
     let state = state_machine.state();
     let backups = state_machine.clone();
     let learned = Learned::default();
@@ -641,6 +641,7 @@ async fn start_raft(
     let proposer = Arc::new(Proposer::new(
         raft.clone(),
         cfg.id,
+        started_with,
         durable,
         peers.clone(),
         contact.clone(),

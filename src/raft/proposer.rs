@@ -173,9 +173,11 @@ async fn read_index(
 
 impl Proposer {
     /// Must be called inside a tokio runtime: it starts the coalescing tasks.
+    /// `started_with`: the last index of the log as the node opened it.
     pub fn new(
         raft: Raft,
         id: NodeId,
+        started_with: Option<u64>,
         durable: watch::Receiver<Option<u64>>,
         peers: Peers,
         contact: Contact,
@@ -195,7 +197,8 @@ impl Proposer {
         // commit index it had saved, which may lag writes it acknowledged
         // before the crash. Every acknowledged write is in the log the node
         // started with: a read waits until the node has applied all of it.
-        let started_with = raft.metrics().borrow().last_log_index;
+        // That index comes from the log store, not from openraft's metrics,
+        // which hold nothing until its core has started.
         // A read may share a check only if it arrived before the check began,
         // which is what coalescing gives: it joins the next round.
         let reads = Coalescer::spawn(
