@@ -616,7 +616,8 @@ async fn start_raft(
         .map_err(storage)?
         .last_log_id
         .map(|l| l.index);
-    let pristine = log_store.read_vote().await.map_err(storage)?.is_none() && started_with.is_none();
+    let pristine =
+        log_store.read_vote().await.map_err(storage)?.is_none() && started_with.is_none();
     let state = state_machine.state();
     let backups = state_machine.clone();
     let learned = Learned::default();

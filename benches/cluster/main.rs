@@ -1434,15 +1434,18 @@ async fn main() -> Result<()> {
     }
     if opts.runs("failover") {
         eprintln!("failover");
-        let rounds = if opts.quick { 2 } else { 5 };
+        // Crashes 20 rounds (issue 13's measure: one slow round in five hid in 5);
+        // graceful stops are steadier.
+        let rounds = if opts.quick { 2 } else { 20 };
         let r = failover(&roster, &mut rc, rounds, Stop::Kill).await?;
         let e = failover(&etcd, &mut ec, rounds, Stop::Kill).await?;
         rows.extend(latency_rows(
             &format!("failover: leader SIGKILL → first accepted write ({rounds} rounds)"),
             &r,
             &e,
-            "Roster < 1 s",
+            "p50 ≤ 600 ms, max < 1 s",
         ));
+        let rounds = if opts.quick { 2 } else { 5 };
         let r = failover(&roster, &mut rc, rounds, Stop::Term).await?;
         let e = failover(&etcd, &mut ec, rounds, Stop::Term).await?;
         rows.extend(latency_rows(

@@ -198,7 +198,8 @@ impl RosterClient {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut pause = Duration::from_millis(20);
         let mut last = Status::unavailable("no endpoint tried");
-        // An election takes a few hundred milliseconds: short pauses find the new leader quickly.
+        // An election takes a few hundred milliseconds: short pauses find the
+        // new leader quickly (a longer cap adds up to the cap to every failover).
         while tokio::time::Instant::now() < deadline {
             for step in 0..n {
                 let i = (self.preferred.load(Ordering::Relaxed) + step) % n;
@@ -212,7 +213,7 @@ impl RosterClient {
                 }
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(160));
+            pause = (pause * 2).min(Duration::from_millis(80));
         }
         Err(last)
     }

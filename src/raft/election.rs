@@ -44,6 +44,8 @@ pub struct Timing {
 #[derive(Clone)]
 pub struct Contact {
     last: Arc<Mutex<Instant>>,
+    /// The last candidate this node granted a pre-vote, and when.
+    pre_voted: Arc<Mutex<Option<(NodeId, Instant)>>>,
     /// Silence after which the leader followed is no longer taken as known.
     stale: Duration,
 }
@@ -53,7 +55,24 @@ impl Contact {
     pub fn new(stale: Duration) -> Self {
         Contact {
             last: Arc::new(Mutex::new(Instant::now())),
+            pre_voted: Arc::new(Mutex::new(None)),
             stale,
+        }
+    }
+
+    fn pre_vote_granted(&self, candidate: NodeId) {
+        *self.pre_voted.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((candidate, Instant::now()));
+    }
+
+    /// A candidate with a higher id than `me` that this node granted a
+    /// pre-vote within `within`: two voters whose timers ran out together
+    /// would split the vote if both campaigned, so the lower id lets the
+    /// higher go first (the grant means its log is at least as recent).
+    fn yields_to(&self, me: NodeId, within: Duration) -> Option<NodeId> {
+        match *self.pre_voted.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((c, at)) if c > me && at.elapsed() < within => Some(c),
+            _ => None,
         }
     }
 
@@ -104,6 +123,9 @@ pub fn answer_pre_vote(
     let leading = raft.metrics().borrow().state == ServerState::Leader;
     let mine = raft.data_metrics().borrow().last_log;
     let granted = !leading && contact.age() >= lease && req.last_log_id >= mine;
+    if granted {
+        contact.pre_vote_granted(req.candidate);
+    }
     tracing::debug!(
         candidate = req.candidate,
         granted,
@@ -137,8 +159,18 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
     let metrics = raft.metrics();
     // The last pre-vote round: the next waits a whole timeout after it too.
     let mut attempted = Instant::now();
+    // Whether the last round campaigned. Two voters that campaign at the same
+    // moment split the vote and neither wins; waiting a whole election
+    // timeout again would double the time without a leader, so the next try
+    // comes after a short random pause, unless a leader was heard since.
+    let mut campaigned = false;
     loop {
-        let timeout = random_between(timing.election_min, timing.election_max);
+        campaigned &= contact.age() >= attempted.elapsed();
+        let timeout = if campaigned {
+            retry_pause(timing)
+        } else {
+            random_between(timing.election_min, timing.election_max)
+        };
         loop {
             let wait = timeout
                 .saturating_sub(contact.age())
@@ -163,10 +195,16 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
                 m.current_term,
             )
         };
-        if may_campaign && pre_vote(&raft, &me, &peers, timing.rpc_timeout).await {
+        campaigned = may_campaign && pre_vote(&raft, &me, &peers, timing.rpc_timeout).await;
+        let yielded = campaigned
+            .then(|| contact.yields_to(me.node_id, timing.rpc_timeout))
+            .flatten();
+        if let Some(other) = yielded {
+            tracing::debug!("node {other} is campaigning too: letting it go first");
+        } else if campaigned {
             tracing::info!(
                 "no leader heard from for {} ms and a quorum would elect this node: campaigning after term {term}",
-                timeout.as_millis()
+                contact.age().as_millis()
             );
             if raft.trigger().elect().await.is_err() {
                 return;
@@ -174,6 +212,15 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
         }
         attempted = Instant::now();
     }
+}
+
+/// The pause before campaigning again after an election that made no leader:
+/// at least two heartbeat intervals, so that an election still collecting
+/// votes over a slow link is not cut short, spread over the width of the
+/// election timeout range so that two candidates drift apart.
+fn retry_pause(t: Timing) -> Duration {
+    let min = t.heartbeat * 2;
+    random_between(min, min + t.election_max.saturating_sub(t.election_min))
 }
 
 fn random_between(min: Duration, max: Duration) -> Duration {
@@ -232,4 +279,39 @@ async fn pre_vote(raft: &Raft, me: &Identity, peers: &Peers, timeout: Duration) 
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_voter_yields_only_to_a_recent_candidate_with_a_higher_id() {
+        let c = Contact::new(Duration::from_millis(700));
+        assert_eq!(c.yields_to(2, Duration::from_secs(1)), None);
+        c.pre_vote_granted(3);
+        assert_eq!(c.yields_to(2, Duration::from_secs(1)), Some(3));
+        // The higher id goes ahead: exactly one of two campaigns proceeds.
+        assert_eq!(c.yields_to(3, Duration::from_secs(1)), None);
+        assert_eq!(c.yields_to(4, Duration::from_secs(1)), None);
+        // A grant older than the window no longer holds this node back.
+        assert_eq!(c.yields_to(2, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn the_retry_after_a_split_vote_is_shorter_than_an_election_timeout() {
+        let t = Timing {
+            heartbeat: Duration::from_millis(50),
+            rpc_timeout: Duration::from_millis(400),
+            election_min: Duration::from_millis(450),
+            election_max: Duration::from_millis(700),
+        };
+        for _ in 0..1000 {
+            let p = retry_pause(t);
+            assert!(
+                p >= Duration::from_millis(100) && p <= Duration::from_millis(350),
+                "{p:?}"
+            );
+        }
+    }
 }
