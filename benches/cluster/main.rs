@@ -103,7 +103,13 @@ where
                 let t = Instant::now();
                 match op(sys.clone(), c, seq).await {
                     Ok(()) => lat.push(t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        // The first failure of each client says what the errors were.
+                        if errors == 0 {
+                            eprintln!("{}: client {c}: {e:#}", sys.name());
+                        }
+                        errors += 1
+                    }
                 }
                 seq += 1;
             }
@@ -121,12 +127,25 @@ where
 }
 
 async fn register<S: System>(sys: &Arc<S>, clients: usize, dur: Duration) -> Summary {
-    let tag = format!("reg{clients}");
-    closed_loop(sys, clients, dur, move |s, c, n| {
-        let tag = tag.clone();
-        async move { s.register(c, &tag, &format!("c{c}-{n}")).await }
+    closed_loop(sys, clients, dur, move |s, c, n| async move {
+        // Over 16 services: one would reach Roster's limit of 100,000
+        // instances per service within a phase (12,500/s for 8 s), and every
+        // write after it would be refused.
+        let service = format!("reg{clients}-{}", c % 16);
+        s.register(c, &service, &format!("c{c}-{n}")).await
     })
     .await
+}
+
+/// One client writing to the leader, one registration at a time: the latency
+/// of a single write, with no group commit to hide the fsyncs.
+async fn register_alone<S: System>(sys: &Arc<S>, dur: Duration) -> Result<Summary> {
+    // Connection `i` goes to node `i`: the leader's own.
+    let leader = sys.leader().await?;
+    Ok(closed_loop(sys, 1, dur, move |s, _, n| async move {
+        s.register(leader, "alone", &format!("a-{n}")).await
+    })
+    .await)
 }
 
 async fn heartbeat<S: System>(sys: &Arc<S>, clients: usize, dur: Duration) -> Result<Summary> {
@@ -1363,6 +1382,15 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
 
     if opts.runs("register") {
+        eprintln!("register, 1 client");
+        let r = register_alone(&roster, dur).await?;
+        let e = register_alone(&etcd, dur).await?;
+        rows.extend(latency_rows(
+            "register, 1 client on the leader",
+            &r,
+            &e,
+            "p99 ≤ 1×",
+        ));
         for clients in [64, 1000] {
             eprintln!("register, {clients} clients");
             let r = register(&roster, clients, dur).await;

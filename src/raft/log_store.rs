@@ -328,7 +328,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         self.marker.note(|p| p.last_log = p.last_log.max(last));
-        // Far followers get the entries now, while this node fsyncs them.
+        // Followers get the entries now, while this node fsyncs them.
         if let Some(p) = published.filter(|p| !p.is_empty()) {
             self.appends.publish(Arc::new(p));
         }

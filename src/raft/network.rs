@@ -405,7 +405,7 @@ pub struct Network {
 impl Network {
     /// `me` is this node; the incarnations peers state in their replies are
     /// recorded in `learned`. `heartbeat`: the leader's heartbeat interval.
-    /// `appends`: the log store's, which pipelines to far followers follow.
+    /// `appends`: the log store's, which the pipelines follow.
     pub fn new(
         me: Identity,
         peers: Peers,
@@ -472,7 +472,7 @@ pub struct PeerClient {
     /// A higher vote a heartbeat sent in the background came back with: the
     /// next call reports it.
     deferred: Arc<Mutex<Option<AppendEntriesResponse<NodeId>>>>,
-    /// Early sends of appended entries to a far peer (see [`pipeline`]).
+    /// Early sends of appended entries to the peer (see [`pipeline`]).
     pipeline: Arc<Pipeline>,
     appends: Appends,
 }
@@ -748,7 +748,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 return Ok(reply);
             }
         }
-        let far = distance >= FAR;
         let (vote, committed, deadline) = (rpc.vote, rpc.leader_commit, option.hard_ttl());
         let last = rpc.entries.last().map(|e| e.log_id);
         let reply = self.send_append(rpc, option, n).await;
@@ -757,7 +756,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(AppendEntriesResponse::PartialSuccess(m)) => *m,
             _ => None,
         };
-        if let Some(matching) = matching.filter(|_| far) {
+        // Every follower gets appended entries at once, so that the leader's
+        // fsync and the followers' run side by side: a far one as many as
+        // come, a near one one request at a time.
+        if let Some(matching) = matching {
+            self.pipeline.set_near(distance < FAR);
             self.follow_appends();
             if let Some(early) = self.pipeline.succeeded(vote, committed, matching, deadline) {
                 let (link, weak) = (self.link.clone(), Arc::downgrade(&self.pipeline));

@@ -1,4 +1,5 @@
-//! Pipelined replication to far followers.
+//! Pipelined replication: every appended batch goes to far followers at
+//! once, and to near ones one request at a time (see `State::near`).
 //!
 //! Openraft 0.9 keeps one AppendEntries in flight per follower, and hands an
 //! entry to replication only after the leader's own fsync. On a long link a
@@ -6,7 +7,7 @@
 //! out: 1.5 round trips on average, where etcd sends entries to followers as
 //! soon as it appends them (one round trip, its fsync alongside).
 //!
-//! A [`Pipeline`] sends every batch the leader appends to a far follower at
+//! A [`Pipeline`] sends every batch the leader appends to a follower at
 //! once ("early"), chained after what was sent before, while openraft's own
 //! request is still in flight. When openraft then asks to send those entries,
 //! the follower's answer to the early send is the answer. That answer is the
@@ -39,7 +40,7 @@ pub type Batch = Arc<Vec<Entry<TypeConfig>>>;
 const WINDOW: usize = 64;
 
 /// The log store's appends as they happen, for pipelines that follow them.
-/// Costs nothing while no pipeline listens (no far follower).
+/// Costs nothing while no pipeline listens.
 #[derive(Clone)]
 pub struct Appends {
     tx: broadcast::Sender<Batch>,
@@ -102,6 +103,11 @@ struct State {
     recent: VecDeque<Batch>,
     /// Early sends by the index of their first entry.
     sent: BTreeMap<u64, Sent>,
+    /// A near follower (under `network::FAR`) gets one early send at a time:
+    /// enough for its fsync to run beside the leader's, while under load
+    /// openraft's requests carry the larger batches that keep messages and
+    /// fsyncs few.
+    near: bool,
 }
 
 struct Sent {
@@ -202,6 +208,11 @@ impl Pipeline {
         st.next()
     }
 
+    /// Whether the follower is near (see `State::near`).
+    pub(super) fn set_near(&self, near: bool) {
+        self.lock().near = near;
+    }
+
     /// A batch the leader appended. Returns what to send early now.
     fn appended(&self, batch: Batch) -> Option<Early> {
         let mut st = self.lock();
@@ -233,7 +244,7 @@ impl State {
         }) {
             self.recent.pop_front();
         }
-        if self.sent.len() >= WINDOW {
+        if self.sent.len() >= if self.near { 1 } else { WINDOW } {
             return None;
         }
         let mut entries = Vec::new();
@@ -394,6 +405,32 @@ mod tests {
         early.answer.send_replace(Some(Answer::Higher(higher)));
         let reply = p.answer(&ask, covered).await.expect("answered");
         assert!(matches!(reply, AppendEntriesResponse::HigherVote(v) if v == higher));
+    }
+
+    #[tokio::test]
+    async fn a_near_follower_gets_one_early_send_at_a_time() {
+        let p = anchored(5);
+        p.set_near(true);
+        let first = p.appended(batch(2, 6..=6)).expect("chains to 5");
+        assert!(
+            p.appended(batch(2, 7..=7)).is_none(),
+            "one in flight is the most"
+        );
+        // Openraft's request for 6..=7 is answered for 6 from the early send,
+        // and it sends 7 itself, as it would without a pipeline.
+        let ask = rpc(5, 6..=7);
+        let covered = p.covering(&ask).expect("6 was sent early");
+        first.answer.send_replace(Some(Answer::Success));
+        let reply = p.answer(&ask, covered).await.expect("answered");
+        assert!(matches!(reply, AppendEntriesResponse::PartialSuccess(Some(m)) if m == id(2, 6)));
+        let vote = Vote::new_committed(2, 1);
+        assert!(p
+            .succeeded(vote, Some(id(2, 7)), id(2, 7), Duration::from_secs(1))
+            .is_none());
+        let next = p
+            .appended(batch(2, 8..=8))
+            .expect("the window is free again");
+        assert_eq!(range(&next), (Some(7), 8, 8));
     }
 
     #[test]
