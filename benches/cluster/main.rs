@@ -340,7 +340,18 @@ async fn failover<S: System>(
                 "no write accepted 60 s after the kill"
             );
         }
-        samples.push(killed.elapsed());
+        let took = killed.elapsed();
+        samples.push(took);
+        // With the wall-clock time of the stop, to read beside the nodes' logs.
+        let at = std::time::SystemTime::now() - took;
+        eprintln!(
+            "{} round {r}: node {} stopped at {:.3} (Unix s), a write accepted after {took:?}",
+            sys.name(),
+            leader + 1,
+            at.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        );
         cluster.procs[leader].wait()?;
         cluster.procs[leader].start()?;
         // Let the restarted node rejoin and catch up before the next round.
@@ -1353,7 +1364,7 @@ async fn rtt_rows(
     extra.push(format!(
         "RTT rows: a proxy in front of each node's peer port delays every byte between nodes by half the round trip \
          each way; clients reach the nodes directly. Roster with its default timing (`[raft] network = \"lan\"`: \
-         heartbeat 50 ms, RPC timeout 500 ms, elections after 600-900 ms); etcd with {} (its defaults).",
+         heartbeat 50 ms, RPC timeout 400 ms, elections after 450-700 ms); etcd with {} (its defaults).",
         ETCD_RTT_FLAGS.join(" ")
     ));
     extra.push(format!(

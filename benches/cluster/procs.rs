@@ -63,7 +63,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.data.with_extension("log"))?;
+        // Appended to: a node restarted by the failover rounds keeps the
+        // log of its earlier runs.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))?;
         let child = Command::new(&self.program)
             .args(&self.args)
             .env(

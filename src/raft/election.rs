@@ -164,21 +164,32 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
     // timeout again would double the time without a leader, so the next try
     // comes after a short random pause, unless a leader was heard since.
     let mut campaigned = false;
-    loop {
-        campaigned &= contact.age() >= attempted.elapsed();
-        let timeout = if campaigned {
+    let draw = |campaigned: bool| {
+        if campaigned {
             retry_pause(timing)
         } else {
             random_between(timing.election_min, timing.election_max)
-        };
+        }
+    };
+    loop {
+        campaigned &= contact.age() >= attempted.elapsed();
+        let mut timeout = draw(campaigned);
         loop {
+            let heard = contact.age();
             let wait = timeout
-                .saturating_sub(contact.age())
+                .saturating_sub(heard)
                 .max(timeout.saturating_sub(attempted.elapsed()));
             if wait.is_zero() {
                 break;
             }
             tokio::time::sleep(wait).await;
+            // A leader was heard from meanwhile: the silence that follows gets
+            // a timeout drawn afresh, as Raft resets its timer. Kept for the
+            // whole leadership, one short draw would make this voter the
+            // first to campaign after every crash, a long one the last.
+            if contact.age() < heard + wait {
+                timeout = draw(false);
+            }
         }
         if metrics.has_changed().is_err() {
             return;

@@ -441,6 +441,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             deferred: Arc::default(),
             pipeline: Arc::default(),
             appends: self.appends.clone(),
+            behind: false,
         }
     }
 }
@@ -475,6 +476,9 @@ pub struct PeerClient {
     /// Early sends of appended entries to the peer (see [`pipeline`]).
     pipeline: Arc<Pipeline>,
     appends: Appends,
+    /// The peer was found to lack entries of an earlier term (see
+    /// `PeerClient::holds`): it gets them from then on without being asked.
+    behind: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -691,12 +695,72 @@ fn batch_deadline(option: &RPCOption) -> Duration {
     option.soft_ttl()
 }
 
+impl PeerClient {
+    /// A new leader does not know where a follower's log ends: openraft 0.9
+    /// searches for it by sending entries from the middle of its log on,
+    /// thousands the follower most likely holds already, and its first entry
+    /// of the new term commits only after them (a failover with 100,000
+    /// instances took 100-200 ms longer than one with none). The last entry
+    /// of an earlier term in a request is first asked about with an empty
+    /// request: a follower that holds it holds every entry before it (Raft's
+    /// log matching), and gets only the entries of this leader's term after
+    /// it, or none. `Err`: the answer; `Ok`: the request to send.
+    async fn holds(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesRequest<TypeConfig>, AppendEntriesResponse<NodeId>> {
+        let term = rpc.vote.leader_id().term;
+        let Some(k) = rpc
+            .entries
+            .iter()
+            .rposition(|e| e.log_id.leader_id.term < term)
+        else {
+            return Ok(rpc);
+        };
+        if self.behind {
+            return Ok(rpc);
+        }
+        let last = rpc.entries[k].log_id;
+        let ask = AppendEntriesRequest {
+            vote: rpc.vote,
+            prev_log_id: Some(last),
+            // Nothing past what the answer vouches for.
+            leader_commit: rpc.leader_commit.min(Some(last)),
+            entries: Vec::new(),
+        };
+        match self.send_append(ask, option.clone(), 0).await {
+            Ok(AppendEntriesResponse::Success) if k + 1 == rpc.entries.len() => {
+                Err(AppendEntriesResponse::Success)
+            }
+            // The follower's success for the rest answers the whole request.
+            Ok(AppendEntriesResponse::Success) => {
+                rpc.entries.drain(..=k);
+                rpc.prev_log_id = Some(last);
+                Ok(rpc)
+            }
+            Ok(higher @ AppendEntriesResponse::HigherVote(_)) => Err(higher),
+            // Behind: it is sent what it lacks from now on.
+            Ok(_) => {
+                self.behind = true;
+                Ok(rpc)
+            }
+            // Unreachable: the request fails the same way, and openraft retries.
+            Err(_) => Ok(rpc),
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let rpc = match self.holds(rpc, &option).await {
+            Ok(rpc) => rpc,
+            Err(answer) => return Ok(answer),
+        };
         let n = rpc.entries.len() as u64;
         if let Some(max) = self.max_entries.filter(|max| n > *max) {
             return Err(RPCError::PayloadTooLarge(
