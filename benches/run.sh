@@ -4,7 +4,7 @@
 # (the etcd under test) and protobuf-compiler (the etcd client crate's build
 # needs protoc; Roster's own build does not).
 #
-#   benches/run.sh            # full run, about 8 minutes on 2 cores
+#   benches/run.sh            # full run, about 15 minutes on 2 cores
 #   benches/run.sh --quick    # shorter phases, 10k instances; for a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
