@@ -206,7 +206,12 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
                 m.current_term,
             )
         };
-        campaigned = may_campaign && pre_vote(&raft, &me, &peers, timing.rpc_timeout).await;
+        campaigned = may_campaign
+            && pre_vote(&raft, &me, &peers, timing.rpc_timeout).await
+            // A vote granted (or a leader heard) while the pre-vote was out
+            // means an election is under way: campaigning now would depose
+            // the leader it makes (seen: 1.65 s without one).
+            && contact.age() >= timing.election_min;
         let yielded = campaigned
             .then(|| contact.yields_to(me.node_id, timing.rpc_timeout))
             .flatten();
