@@ -32,11 +32,11 @@ pub enum ConfigError {
 #[serde(rename_all = "lowercase")]
 pub enum NetworkProfile {
     /// Nodes in one data centre or region: round trips up to 100 ms, with
-    /// room for a retransmission (an RPC may take 400 ms).
+    /// room for a retransmission (an RPC may take 500 ms).
     #[default]
     Lan,
     /// Nodes in different regions: round trips up to 500 ms, at the cost of
-    /// slower failure detection (elections after 2-3 s instead of 0.45-0.7 s).
+    /// slower failure detection (elections after 2-3 s instead of 0.6-0.9 s).
     Wan,
 }
 
@@ -66,9 +66,9 @@ impl NetworkProfile {
         match self {
             NetworkProfile::Lan => Timing {
                 heartbeat: ms(50),
-                rpc_timeout: ms(400),
-                election_min: ms(450),
-                election_max: ms(700),
+                rpc_timeout: ms(500),
+                election_min: ms(600),
+                election_max: ms(900),
             },
             NetworkProfile::Wan => Timing {
                 heartbeat: ms(150),
@@ -513,7 +513,7 @@ mod tests {
                   data_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 40\n";
         let cfg: NodeConfig = toml::from_str(ok).expect("valid config");
         assert_eq!(cfg.raft.timing().heartbeat, Duration::from_millis(40));
-        assert_eq!(cfg.raft.timing().election_min, Duration::from_millis(450));
+        assert_eq!(cfg.raft.timing().election_min, Duration::from_millis(600));
         let wan = "id = 1\nlisten = \"127.0.0.1:7001\"\npeer_listen = \"127.0.0.1:7002\"\n\
                    data_dir = \"/tmp/x\"\n[raft]\nnetwork = \"wan\"\n";
         let cfg: NodeConfig = toml::from_str(wan).expect("valid config");
@@ -545,7 +545,7 @@ mod tests {
         let e = cfg.validate().expect_err("one port for both");
         assert!(e.to_string().contains("must differ"), "{e}");
         cfg.peer_listen = addr("127.0.0.1:7002");
-        cfg.raft.election_timeout_min_ms = Some(400);
+        cfg.raft.election_timeout_min_ms = Some(500);
         assert!(cfg.validate().is_err());
     }
 

@@ -127,7 +127,7 @@ async fn the_wan_profile_works_with_400_ms_round_trips() {
         .expect("a proxied cluster");
     let leader = c.leader().await;
     let term = c.status(leader).await.expect("leader status").term;
-    // 200 ms each way: beyond the lan profile's deadline of 400 ms once a
+    // 200 ms each way: beyond the lan profile's deadline of 500 ms once a
     // retransmission is added, within the wan profile's.
     for p in &c.proxies {
         p.set_both(delay(200));
@@ -434,7 +434,7 @@ async fn a_leader_behind_a_slow_link_hands_over_and_forwards() {
     let slow = c.leader().await;
     let term = c.status(slow).await.expect("leader status").term;
     // 600 ms each way between the leader and both followers: beyond the lan
-    // profile's 400 ms deadline, while the followers talk to each other freely.
+    // profile's 500 ms deadline, while the followers talk to each other freely.
     for f in followers(slow) {
         c.link(slow, f, delay(600));
         c.link(f, slow, delay(600));
@@ -447,7 +447,7 @@ async fn a_leader_behind_a_slow_link_hands_over_and_forwards() {
     )
     .await;
     let stepped_down = cut.elapsed();
-    // The longest election timeout (700 ms) after its last acknowledged
+    // The longest election timeout (900 ms) after its last acknowledged
     // heartbeat, plus this test's polling.
     assert!(
         stepped_down < Duration::from_millis(1_600),

@@ -1364,7 +1364,7 @@ async fn rtt_rows(
     extra.push(format!(
         "RTT rows: a proxy in front of each node's peer port delays every byte between nodes by half the round trip \
          each way; clients reach the nodes directly. Roster with its default timing (`[raft] network = \"lan\"`: \
-         heartbeat 50 ms, RPC timeout 400 ms, elections after 450-700 ms); etcd with {} (its defaults).",
+         heartbeat 50 ms, RPC timeout 500 ms, elections after 600-900 ms); etcd with {} (its defaults).",
         ETCD_RTT_FLAGS.join(" ")
     ));
     extra.push(format!(

@@ -670,32 +670,7 @@ impl PeerClient {
             .await
         });
     }
-}
 
-/// Samples a heartbeat's round trip when it ends: answered, timed out, or
-/// dropped by openraft at its deadline. The last two give the time waited, a
-/// lower bound, so the RTT shown does not keep its value from before a link
-/// slowed down.
-struct RttProbe {
-    peers: Peers,
-    target: NodeId,
-    sent: Instant,
-}
-
-impl Drop for RttProbe {
-    fn drop(&mut self) {
-        self.peers.sample_rtt(self.target, self.sent.elapsed());
-    }
-}
-
-/// Openraft gives an AppendEntries as long as a heartbeat round trip may take;
-/// a batch that needs longer on a slow link would time out forever. A batch
-/// that misses this share of the deadline is cut in half instead.
-fn batch_deadline(option: &RPCOption) -> Duration {
-    option.soft_ttl()
-}
-
-impl PeerClient {
     /// A new leader does not know where a follower's log ends: openraft 0.9
     /// searches for it by sending entries from the middle of its log on,
     /// thousands the follower most likely holds already, and its first entry
@@ -711,16 +686,15 @@ impl PeerClient {
         option: &RPCOption,
     ) -> Result<AppendEntriesRequest<TypeConfig>, AppendEntriesResponse<NodeId>> {
         let term = rpc.vote.leader_id().term;
-        let Some(k) = rpc
-            .entries
-            .iter()
-            .rposition(|e| e.log_id.leader_id.term < term)
-        else {
-            return Ok(rpc);
-        };
-        if self.behind {
+        // Terms never fall along a log: when the first entry is of this term,
+        // so are all (the steady state, checked in O(1)).
+        let older = |e: &openraft::Entry<TypeConfig>| e.log_id.leader_id.term < term;
+        if self.behind || !rpc.entries.first().is_some_and(older) {
             return Ok(rpc);
         }
+        let Some(k) = rpc.entries.iter().rposition(older) else {
+            return Ok(rpc);
+        };
         let last = rpc.entries[k].log_id;
         let ask = AppendEntriesRequest {
             vote: rpc.vote,
@@ -749,6 +723,29 @@ impl PeerClient {
             Err(_) => Ok(rpc),
         }
     }
+}
+
+/// Samples a heartbeat's round trip when it ends: answered, timed out, or
+/// dropped by openraft at its deadline. The last two give the time waited, a
+/// lower bound, so the RTT shown does not keep its value from before a link
+/// slowed down.
+struct RttProbe {
+    peers: Peers,
+    target: NodeId,
+    sent: Instant,
+}
+
+impl Drop for RttProbe {
+    fn drop(&mut self) {
+        self.peers.sample_rtt(self.target, self.sent.elapsed());
+    }
+}
+
+/// Openraft gives an AppendEntries as long as a heartbeat round trip may take;
+/// a batch that needs longer on a slow link would time out forever. A batch
+/// that misses this share of the deadline is cut in half instead.
+fn batch_deadline(option: &RPCOption) -> Duration {
+    option.soft_ttl()
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {

@@ -244,7 +244,8 @@ impl State {
         }) {
             self.recent.pop_front();
         }
-        if self.sent.len() >= if self.near { 1 } else { WINDOW } {
+        let window = if self.near { 1 } else { WINDOW };
+        if self.sent.len() >= window {
             return None;
         }
         let mut entries = Vec::new();
