@@ -217,6 +217,10 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
             .flatten();
         if let Some(other) = yielded {
             tracing::debug!("node {other} is campaigning too: letting it go first");
+        } else if campaigned && metrics.has_changed().is_err() {
+            // Raft stopped while the pre-vote was out (a node shutting down):
+            // calling into it now only logs openraft's "core stopped" ERROR.
+            return;
         } else if campaigned {
             tracing::info!(
                 "no leader heard from for {} ms and a quorum would elect this node: campaigning after term {term}",
