@@ -33,3 +33,7 @@ pub fn channel(
 ) -> Result<Channel, tonic::transport::Error> {
     Ok(endpoint(addr, connect_timeout, tls)?.connect_lazy())
 }
+
+/// Response header a follower adds to an answer it forwarded from the leader:
+/// the client then sends its next write to another node.
+pub const FORWARDED_HEADER: &str = "roster-forwarded";

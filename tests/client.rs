@@ -153,6 +153,34 @@ async fn balanced_channel_follows_health_and_deregistration() {
 }
 
 #[tokio::test]
+async fn writes_go_to_the_leader_and_follow_it_after_a_kill() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    // Followers first: the first write lands on one and is forwarded.
+    let mut order: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    order.push(leader);
+    let client = c.client_to(&order.iter().map(|&i| c.endpoint(i)).collect::<Vec<_>>());
+    for i in 0..3 {
+        register(&client, "w", &format!("w{i}"), 1000 + i).await;
+    }
+    assert_eq!(client.write_endpoint(), c.endpoint(leader));
+    // Reads stay on the node they started on.
+    client
+        .get_service(get_req("w", Consistency::Stale))
+        .await
+        .expect("read");
+    assert_eq!(client.current_endpoint(), c.endpoint(order[0]));
+
+    c.kill(leader);
+    let new = c.leader().await;
+    for i in 3..6 {
+        register(&client, "w", &format!("w{i}"), 1000 + i).await;
+    }
+    assert_eq!(client.write_endpoint(), c.endpoint(new));
+    assert_eq!(ids(&client, "w", Consistency::Linearizable).await.len(), 6);
+}
+
+#[tokio::test]
 async fn keepalive_registration_stays_passing_through_a_leader_kill() {
     let mut c = TestCluster::start(3).await;
     let client = Arc::new(c.client());

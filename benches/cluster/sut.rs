@@ -94,6 +94,9 @@ fn payload(id: &str) -> (String, u32) {
 pub struct Roster {
     endpoints: Vec<String>,
     pool: Vec<Channel>,
+    /// Roster's own client for writes, one per pool slot, each starting at
+    /// another node: it finds the leader and sends its writes there.
+    writers: Vec<RosterClient>,
     any: RosterClient,
     access: Option<Access>,
     /// Watch opens answered UNAVAILABLE and retried, as the README tells clients to.
@@ -117,13 +120,26 @@ impl Roster {
         let pool = (0..pool)
             .map(|i| Ok(endpoint(&endpoints[i % endpoints.len()], &access)?.connect_lazy()))
             .collect::<Result<Vec<_>>>()?;
-        let any = match &access {
-            Some(a) => RosterClient::with_tls(endpoints, a.tls.clone())?.with_token(&a.token)?,
-            None => RosterClient::new(endpoints)?,
+        let client = |endpoints: &[String]| -> Result<RosterClient> {
+            Ok(match &access {
+                Some(a) => {
+                    RosterClient::with_tls(endpoints, a.tls.clone())?.with_token(&a.token)?
+                }
+                None => RosterClient::new(endpoints)?,
+            })
         };
+        let writers = (0..pool.len())
+            .map(|i| {
+                let mut rotated = endpoints.to_vec();
+                rotated.rotate_left(i % endpoints.len());
+                client(&rotated)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let any = client(endpoints)?;
         Ok(Roster {
             endpoints: endpoints.to_vec(),
             pool,
+            writers,
             any,
             access,
             watch_retries: Default::default(),
@@ -132,6 +148,10 @@ impl Roster {
 
     fn client(&self, conn: usize) -> RegistryClient<Channel> {
         RegistryClient::new(self.pool[conn % self.pool.len()].clone())
+    }
+
+    fn writer(&self, conn: usize) -> &RosterClient {
+        &self.writers[conn % self.writers.len()]
     }
 
     /// `msg` with the token, if the cluster wants one.
@@ -206,7 +226,7 @@ impl Roster {
     ) -> Result<()> {
         let mut r = Self::instance(service, id);
         r.session = session.into();
-        self.client(conn).register(self.req(r)).await?;
+        self.writer(conn).register(r).await?;
         Ok(())
     }
 
@@ -238,7 +258,7 @@ impl Roster {
                 ..Default::default()
             });
         }
-        self.client(conn).register(self.req(req)).await?;
+        self.writer(conn).register(req).await?;
         Ok(())
     }
 
@@ -332,8 +352,8 @@ impl System for Roster {
     }
 
     async fn register(&self, conn: usize, service: &str, id: &str) -> Result<()> {
-        self.client(conn)
-            .register(self.req(Self::instance(service, id)))
+        self.writer(conn)
+            .register(Self::instance(service, id))
             .await?;
         Ok(())
     }

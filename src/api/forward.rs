@@ -30,7 +30,7 @@ use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
 use super::BoxFuture;
 use crate::error::{Error, LEADER_ID_HEADER};
-use crate::grpc::MAX_MESSAGE_BYTES;
+use crate::grpc::{FORWARDED_HEADER, MAX_MESSAGE_BYTES};
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
@@ -272,7 +272,14 @@ impl Relay {
                 .map_err(|e| Status::from_error(Box::new(e)))
         };
         match sent.await {
-            Ok(answer) => answer,
+            Ok(mut answer) => {
+                // Tells the client to send its writes elsewhere (the leader's
+                // client address may not be one it can reach, so no more).
+                answer
+                    .headers_mut()
+                    .insert(FORWARDED_HEADER, HeaderValue::from(leader.id));
+                answer
+            }
             Err(s) => leader.transport_failure(s, effect).into_http(),
         }
     }

@@ -43,7 +43,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Response, Status, Streaming};
 
-use crate::grpc::{channel, MAX_MESSAGE_BYTES};
+use crate::grpc::{channel, FORWARDED_HEADER, MAX_MESSAGE_BYTES};
 use crate::proto::v1::acl_client::AclClient;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
@@ -97,6 +97,9 @@ pub struct RosterClient {
     channels: Vec<Channel>,
     /// Index of the node tried first; moves on when that node fails.
     preferred: AtomicUsize,
+    /// Index of the node writes are sent to first: the leader once found, so
+    /// a write is not forwarded (one round trip between nodes less).
+    writes_to: AtomicUsize,
     /// How long a call keeps trying other nodes while the cluster is unavailable.
     retry_for: Duration,
     /// `Bearer <secret>`, sent with every call when the cluster requires tokens.
@@ -156,6 +159,7 @@ impl RosterClient {
             endpoints,
             channels,
             preferred: AtomicUsize::new(0),
+            writes_to: AtomicUsize::new(0),
             retry_for: Duration::from_secs(5),
             token: None,
             feed: OnceLock::new(),
@@ -185,10 +189,44 @@ impl RosterClient {
         &self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
     }
 
-    /// Sends `req` with `send` to the preferred node, then the others,
+    /// The endpoint writes are sent to first (the leader, once found).
+    pub fn write_endpoint(&self) -> &str {
+        &self.endpoints[self.writes_to.load(Ordering::Relaxed) % self.endpoints.len()]
+    }
+
+    /// A read or a call any node serves itself: see [`RosterClient::send`].
+    async fn call<Req, T, F, Fut>(&self, req: Req, send: F) -> Result<T, Status>
+    where
+        Req: Clone,
+        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.send(&self.preferred, req, send).await
+    }
+
+    /// A call only the leader serves (a follower forwards it): sent to the
+    /// node that last served one itself. A follower marks the answers it
+    /// forwarded (`FORWARDED_HEADER`), so the next write tries the next node:
+    /// within n − 1 writes they go straight to the leader, with no extra call.
+    async fn write<Req, T, F, Fut>(&self, req: Req, send: F) -> Result<T, Status>
+    where
+        Req: Clone,
+        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.send(&self.writes_to, req, send).await
+    }
+
+    /// Sends `req` with `send` to the node `first` names, then the others,
     /// pausing briefly between rounds while nodes are down or a leader is
-    /// being elected; every method goes through here.
-    async fn call<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Status>
+    /// being elected; every method goes through here. `first` then names the
+    /// node that answered, or the next one if that node forwarded the call.
+    async fn send<Req, T, F, Fut>(
+        &self,
+        first: &AtomicUsize,
+        req: Req,
+        mut send: F,
+    ) -> Result<T, Status>
     where
         Req: Clone,
         F: FnMut(Channel, tonic::Request<Req>) -> Fut,
@@ -201,11 +239,24 @@ impl RosterClient {
         // An election takes a few hundred milliseconds: short pauses find the
         // new leader quickly (a longer cap adds up to the cap to every failover).
         while tokio::time::Instant::now() < deadline {
+            let start = first.load(Ordering::Relaxed);
             for step in 0..n {
-                let i = (self.preferred.load(Ordering::Relaxed) + step) % n;
+                let i = (start + step) % n;
                 match send(self.channels[i].clone(), self.request(req.clone())).await {
                     Ok(v) => {
-                        self.preferred.store(i, Ordering::Relaxed);
+                        let next = if v.metadata().contains_key(FORWARDED_HEADER) {
+                            (i + 1) % n
+                        } else {
+                            i
+                        };
+                        // Only if no concurrent call moved it meanwhile: a late
+                        // answer from a node left behind must not move it back.
+                        let _ = first.compare_exchange(
+                            start,
+                            next,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
                         return Ok(v.into_inner());
                     }
                     Err(s) if retryable(&s) => last = s,
@@ -225,7 +276,7 @@ impl RosterClient {
     }
 
     pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, Status> {
-        self.call(
+        self.write(
             req,
             |ch, r| async move { Self::registry(ch).register(r).await },
         )
@@ -238,7 +289,7 @@ impl RosterClient {
     pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, Status> {
         let uncertain = AtomicBool::new(false);
         let answer = self
-            .call(req, |ch, r| {
+            .write(req, |ch, r| {
                 let uncertain = &uncertain;
                 async move {
                     let answer = Self::registry(ch).deregister(r).await;
@@ -261,7 +312,7 @@ impl RosterClient {
     }
 
     pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {
-        self.call(
+        self.write(
             req,
             |ch, r| async move { Self::registry(ch).heartbeat(r).await },
         )
@@ -272,7 +323,7 @@ impl RosterClient {
         &self,
         req: CreateSessionRequest,
     ) -> Result<CreateSessionResponse, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             Self::registry(ch).create_session(r).await
         })
         .await
@@ -292,7 +343,7 @@ impl RosterClient {
         &self,
         req: CloseSessionRequest,
     ) -> Result<CloseSessionResponse, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             Self::registry(ch).close_session(r).await
         })
         .await
@@ -329,7 +380,7 @@ impl RosterClient {
         &self,
         req: ConfigureServiceRequest,
     ) -> Result<ConfigureServiceResponse, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             Self::registry(ch).configure_service(r).await
         })
         .await
@@ -447,7 +498,7 @@ impl RosterClient {
 
     /// Adds a running node as a voter (the cluster grows online).
     pub async fn add_member(&self, req: AddMemberRequest) -> Result<MembershipResponse, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             ClusterClient::new(ch).add_member(r).await
         })
         .await
@@ -458,7 +509,7 @@ impl RosterClient {
         &self,
         req: RemoveMemberRequest,
     ) -> Result<MembershipResponse, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             ClusterClient::new(ch).remove_member(r).await
         })
         .await
@@ -489,7 +540,7 @@ impl RosterClient {
 
     /// Creates the cluster's first admin token; works once per cluster.
     pub async fn acl_bootstrap(&self, req: BootstrapRequest) -> Result<CreatedToken, Status> {
-        self.call(
+        self.write(
             req,
             |ch, r| async move { AclClient::new(ch).bootstrap(r).await },
         )
@@ -497,7 +548,7 @@ impl RosterClient {
     }
 
     pub async fn create_token(&self, req: CreateTokenRequest) -> Result<CreatedToken, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             AclClient::new(ch).create_token(r).await
         })
         .await
@@ -514,7 +565,7 @@ impl RosterClient {
         &self,
         req: RevokeTokenRequest,
     ) -> Result<RevokeTokenResponse, Status> {
-        self.call(req, |ch, r| async move {
+        self.write(req, |ch, r| async move {
             AclClient::new(ch).revoke_token(r).await
         })
         .await

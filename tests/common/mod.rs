@@ -418,7 +418,7 @@ impl TestCluster {
     }
 
     /// A client as the harness's own: its TLS, and its token.
-    fn client_to(&self, endpoints: &[String]) -> RosterClient {
+    pub fn client_to(&self, endpoints: &[String]) -> RosterClient {
         let token = self.token.get().map(String::as_str);
         roster_client(endpoints, self.client_tls.as_ref(), token)
     }
