@@ -471,10 +471,10 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
         enable_heartbeat: false,
         enable_elect: false,
         // Its lease: a voter that heard from a leader this recently refuses a
-        // vote. No longer than the shortest election timeout, so that a
-        // candidate that passed the pre-vote is not refused.
+        // vote. As short as openraft allows, so that a candidate that passed
+        // the pre-vote is not refused (`Timing::vote_lease`).
         election_timeout_min: ms(t.rpc_timeout) + 1,
-        election_timeout_max: ms(t.election_min),
+        election_timeout_max: ms(t.vote_lease()),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries()),
         max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot(),
         // Each chunk has this long: 10 s covers 512 KiB down to ~50 KiB/s.
@@ -638,7 +638,7 @@ async fn start_raft(
     )
     .await
     .map_err(|e| Error::Internal(format!("start raft: {e}")))?;
-    let contact = Contact::new(timing.election_max);
+    let contact = Contact::new(&timing);
     let proposer = Arc::new(Proposer::new(
         raft.clone(),
         cfg.id,
@@ -792,7 +792,6 @@ fn serve(
         core.me.clone(),
         &cfg.advertise_addr(),
         core.contact.clone(),
-        core.timing.election_min,
         recovery(cfg),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)

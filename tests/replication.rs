@@ -64,6 +64,12 @@ async fn leader_kill_loses_no_acknowledged_write() {
 
     let new = c.leader().await;
     assert_ne!(new, old);
+    // The dead leader's port refused connections: the new leader campaigned
+    // without waiting for its election timeout.
+    assert!(
+        c.log(new).contains("refuses connections"),
+        "node {new} did not find leader {old} gone"
+    );
     for i in 50..80 {
         register(&client, "orders", &format!("o-{i}"), 9000 + i).await;
         acked.push(format!("o-{i}"));

@@ -372,7 +372,7 @@ struct Scale {
     rss: Vec<u64>,
     restart: Duration,
     rss_after_restart: Vec<u64>,
-    disk: u64,
+    disk: Disk,
     /// Query latencies by catalogue size.
     queries: Vec<(u64, Queries)>,
 }
@@ -478,12 +478,7 @@ async fn scale<S: System>(
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = cluster.rss();
-    let disk = cluster
-        .procs
-        .iter()
-        .map(|p| procs::dir_bytes(&p.data))
-        .max()
-        .unwrap_or(0);
+    let disk = disk_cost(sys, cluster).await?;
 
     cluster.kill_all();
     let restarted = Instant::now();
@@ -504,6 +499,59 @@ async fn scale<S: System>(
         disk,
         queries,
     })
+}
+
+/// What writing costs on disk at a catalogue size.
+struct Disk {
+    /// Bytes written to storage per acknowledged registration (the most of
+    /// any node), one client registering one instance after another.
+    per_write: u64,
+    /// The largest data directory afterwards.
+    dir: u64,
+}
+
+/// Measures `Disk` with 500 registrations sent to the leader one at a time.
+async fn disk_cost<S: System>(sys: &Arc<S>, cluster: &Cluster) -> Result<Disk> {
+    const WRITES: u64 = 500;
+    let leader = sys.leader().await?;
+    let before = cluster.written();
+    for n in 0..WRITES {
+        retried(|| sys.register(leader, "disk", &format!("d-{n}"))).await?;
+    }
+    let after = cluster.written();
+    let most = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.saturating_sub(*b))
+        .max()
+        .unwrap_or(0);
+    Ok(Disk {
+        per_write: most / WRITES,
+        dir: cluster.max_dir(),
+    })
+}
+
+/// The two rows of `Disk` at `instances`.
+fn disk_rows(instances: u64, r: &Disk, e: &Disk) -> [Row; 2] {
+    let ratio = |a: u64, b: u64| format!("{:.2}×", a as f64 / b.max(1) as f64);
+    [
+        Row {
+            name: format!(
+                "{instances} instances: bytes written to disk per acknowledged write (1 client, most of any node)"
+            ),
+            roster: format!("{} KiB", r.per_write / 1024),
+            etcd: format!("{} KiB", e.per_write / 1024),
+            ratio: ratio(r.per_write, e.per_write),
+            target: "Roster ≤ etcd",
+        },
+        Row {
+            name: format!("{instances} instances: data dir per node"),
+            roster: mib(r.dir),
+            etcd: mib(e.dir),
+            ratio: ratio(r.dir, e.dir),
+            target: "Roster ≤ etcd",
+        },
+    ]
 }
 
 /// Connects the etcd load generator once the cluster accepts clients.
@@ -1016,13 +1064,7 @@ async fn scale_rows(
         ),
         target: "",
     });
-    rows.push(Row {
-        name: format!("{instances} instances: data dir per node"),
-        roster: mib(rs.disk),
-        etcd: mib(es.disk),
-        ratio: String::new(),
-        target: "",
-    });
+    rows.extend(disk_rows(instances, &rs.disk, &es.disk));
     extra.push(format!(
         "Roster snapshot with {instances} instances: {snapshot} bytes ({}).",
         mib(snapshot)
@@ -1392,6 +1434,14 @@ async fn main() -> Result<()> {
     let dur = opts.phase();
     let mut rows = Vec::new();
 
+    if opts.runs("disk") {
+        eprintln!("disk cost, 100 instances");
+        load(&roster, 0..100, 100).await?;
+        load(&etcd, 0..100, 100).await?;
+        let r = disk_cost(&roster, &rc).await?;
+        let e = disk_cost(&etcd, &ec).await?;
+        rows.extend(disk_rows(100, &r, &e));
+    }
     if opts.runs("register") {
         eprintln!("register, 1 client");
         let r = register_alone(&roster, dur).await?;

@@ -39,6 +39,19 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Bytes a process has caused to be written to storage, from /proc (its
+/// `write_bytes`: what reached the disk, not what it handed the page cache).
+pub fn written_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 pub fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
@@ -135,6 +148,24 @@ impl Cluster {
             .filter_map(|p| p.pid())
             .map(rss_bytes)
             .collect()
+    }
+
+    /// `written_bytes` of each running node.
+    pub fn written(&self) -> Vec<u64> {
+        self.procs
+            .iter()
+            .filter_map(|p| p.pid())
+            .map(written_bytes)
+            .collect()
+    }
+
+    /// The largest data directory.
+    pub fn max_dir(&self) -> u64 {
+        self.procs
+            .iter()
+            .map(|p| dir_bytes(&p.data))
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn start_all(&mut self) -> Result<()> {

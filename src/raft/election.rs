@@ -13,8 +13,16 @@
 //! and leadership confirmation, so it is set to the RPC timeout, which must
 //! cover a long round trip; the leader's heartbeats are sent from here at the
 //! configured, shorter, interval.
+//!
+//! A leader whose process died is found sooner: after a few missed heartbeats
+//! a follower tries to open a TCP connection to the leader's peer port, and a
+//! refusal (nothing listens there) means the leader is gone. The follower
+//! then campaigns as soon as openraft's vote lease allows, and grants
+//! pre-votes likewise. A crashed host or a cut link refuses nothing: those
+//! still wait for the election timeout.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +47,29 @@ pub struct Timing {
     pub election_max: Duration,
 }
 
+impl Timing {
+    /// Openraft's vote lease (its `election_timeout_max`): a voter refuses a
+    /// vote for this long after its leader's last message. The least openraft
+    /// accepts, just over the RPC deadline; the pre-vote, not this lease,
+    /// keeps a live leader in place.
+    pub fn vote_lease(&self) -> Duration {
+        self.rpc_timeout + Duration::from_millis(2)
+    }
+
+    /// Silence after which a follower checks whether its leader's process is
+    /// still there: a few missed heartbeats.
+    fn suspect(&self) -> Duration {
+        (self.heartbeat * 4).min(self.rpc_timeout)
+    }
+
+    /// When a follower whose leader is gone campaigns: just past the vote
+    /// lease, spread over a heartbeat so that two followers rarely collide.
+    fn after_leader_gone(&self) -> Duration {
+        let first = self.vote_lease() + Duration::from_millis(10);
+        random_between(first, first + self.heartbeat)
+    }
+}
+
 /// When this node last heard from a leader it accepts, or granted a vote:
 /// what its election timer and its answers to pre-votes measure from.
 #[derive(Clone)]
@@ -48,15 +79,35 @@ pub struct Contact {
     pre_voted: Arc<Mutex<Option<(NodeId, Instant)>>>,
     /// Silence after which the leader followed is no longer taken as known.
     stale: Duration,
+    /// The leader's peer port refused a connection since it was last heard.
+    gone: Arc<AtomicBool>,
+    /// How long a leader heard from is presumed alive: the shortest election
+    /// timeout, or openraft's vote lease once the leader is known gone.
+    lease: Duration,
+    gone_lease: Duration,
 }
 
 impl Contact {
-    /// `stale`: the longest election timeout.
-    pub fn new(stale: Duration) -> Self {
+    pub fn new(timing: &Timing) -> Self {
         Contact {
             last: Arc::new(Mutex::new(Instant::now())),
             pre_voted: Arc::new(Mutex::new(None)),
-            stale,
+            stale: timing.election_max,
+            gone: Arc::default(),
+            lease: timing.election_min,
+            gone_lease: timing.vote_lease(),
+        }
+    }
+
+    fn gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
+    fn lease(&self) -> Duration {
+        if self.gone() {
+            self.gone_lease
+        } else {
+            self.lease
         }
     }
 
@@ -78,6 +129,7 @@ impl Contact {
 
     pub fn touch(&self) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.gone.store(false, Ordering::Relaxed);
     }
 
     fn age(&self) -> Duration {
@@ -89,13 +141,13 @@ impl Contact {
 
     /// The leader as this node reports it: itself while it leads, the leader
     /// it follows while it hears from it. A follower that has heard from no
-    /// leader for the longest election timeout knows none, even when the
+    /// leader for the longest election timeout, or found it gone, knows none, even when the
     /// pre-vote keeps it from campaigning (openraft would still name the lost
     /// leader until the next election).
     pub fn leader(&self, m: &RaftMetrics<NodeId, Node>) -> Option<NodeId> {
         match m.current_leader {
             Some(l) if l == m.id => Some(l),
-            l if self.age() < self.stale => l,
+            l if self.age() < self.stale && !self.gone() => l,
             _ => None,
         }
     }
@@ -112,17 +164,12 @@ pub struct PreVoteResponse {
     pub granted: bool,
 }
 
-/// Whether this node would vote for the candidate now. `lease`: the minimum
-/// election timeout, within which a leader heard from is presumed alive.
-pub fn answer_pre_vote(
-    raft: &Raft,
-    contact: &Contact,
-    lease: Duration,
-    req: &PreVoteRequest,
-) -> PreVoteResponse {
+/// Whether this node would vote for the candidate now: not while it heard
+/// from a leader within the lease (see [`Contact`]).
+pub fn answer_pre_vote(raft: &Raft, contact: &Contact, req: &PreVoteRequest) -> PreVoteResponse {
     let leading = raft.metrics().borrow().state == ServerState::Leader;
     let mine = raft.data_metrics().borrow().last_log;
-    let granted = !leading && contact.age() >= lease && req.last_log_id >= mine;
+    let granted = !leading && contact.age() >= contact.lease() && req.last_log_id >= mine;
     if granted {
         contact.pre_vote_granted(req.candidate);
     }
@@ -174,7 +221,16 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
     loop {
         campaigned &= contact.age() >= attempted.elapsed();
         let mut timeout = draw(campaigned);
+        // Whether this silence's leader was checked for (see `leader_gone`).
+        let mut checked = false;
         loop {
+            if !checked && contact.age() >= timing.suspect() {
+                checked = true;
+                if leader_gone(&raft, &me, timing.rpc_timeout).await {
+                    contact.gone.store(true, Ordering::Relaxed);
+                    timeout = timeout.min(timing.after_leader_gone());
+                }
+            }
             let heard = contact.age();
             let wait = timeout
                 .saturating_sub(heard)
@@ -182,13 +238,19 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
             if wait.is_zero() {
                 break;
             }
-            tokio::time::sleep(wait).await;
+            let nap = if checked {
+                wait
+            } else {
+                wait.min(timing.suspect().saturating_sub(heard))
+            };
+            tokio::time::sleep(nap).await;
             // A leader was heard from meanwhile: the silence that follows gets
             // a timeout drawn afresh, as Raft resets its timer. Kept for the
             // whole leadership, one short draw would make this voter the
             // first to campaign after every crash, a long one the last.
-            if contact.age() < heard + wait {
+            if contact.age() < heard + nap {
                 timeout = draw(false);
+                checked = false;
             }
         }
         if metrics.has_changed().is_err() {
@@ -211,7 +273,7 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
             // A vote granted (or a leader heard) while the pre-vote was out
             // means an election is under way: campaigning now would depose
             // the leader it makes (seen: 1.65 s without one).
-            && contact.age() >= timing.election_min;
+            && contact.age() >= contact.lease();
         let yielded = campaigned
             .then(|| contact.yields_to(me.node_id, timing.rpc_timeout))
             .flatten();
@@ -241,6 +303,31 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
 fn retry_pause(t: Timing) -> Duration {
     let min = t.heartbeat * 2;
     random_between(min, min + t.election_max.saturating_sub(t.election_min))
+}
+
+/// Whether the leader this node follows is gone: its peer port refuses TCP
+/// connections, so its process is not running there. A crashed host or a cut
+/// link refuses nothing (the attempt times out), and a live leader accepts.
+async fn leader_gone(raft: &Raft, me: &Identity, within: Duration) -> bool {
+    let metrics = raft.metrics();
+    let addr = {
+        let m = metrics.borrow();
+        let Some(leader) = m.current_leader.filter(|l| *l != me.node_id) else {
+            return false;
+        };
+        match m.membership_config.membership().get_node(&leader) {
+            Some(node) => node.peer_addr.clone(),
+            None => return false,
+        }
+    };
+    let refused = matches!(
+        tokio::time::timeout(within, tokio::net::TcpStream::connect(&addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    if refused {
+        tracing::info!("the leader's peer port {addr} refuses connections: campaigning without waiting for the election timeout");
+    }
+    refused
 }
 
 fn random_between(min: Duration, max: Duration) -> Duration {
@@ -307,7 +394,12 @@ mod tests {
 
     #[test]
     fn a_voter_yields_only_to_a_recent_candidate_with_a_higher_id() {
-        let c = Contact::new(Duration::from_millis(700));
+        let c = Contact::new(&Timing {
+            heartbeat: Duration::from_millis(50),
+            rpc_timeout: Duration::from_millis(400),
+            election_min: Duration::from_millis(450),
+            election_max: Duration::from_millis(700),
+        });
         assert_eq!(c.yields_to(2, Duration::from_secs(1)), None);
         c.pre_vote_granted(3);
         assert_eq!(c.yields_to(2, Duration::from_secs(1)), Some(3));

@@ -38,8 +38,6 @@ pub struct RaftService {
     client_addr: Option<MetadataValue<Ascii>>,
     /// Refreshed by every message from a leader this node accepts.
     contact: Contact,
-    /// Minimum election timeout: how long a leader heard from is presumed alive.
-    lease: Duration,
     /// How to bring this node back when the cluster knows another incarnation of it.
     recovery: String,
     /// When a refusal of each peer was last logged.
@@ -94,7 +92,6 @@ impl RaftService {
         me: Identity,
         client_addr: &str,
         contact: Contact,
-        lease: Duration,
         recovery: String,
     ) -> Self {
         RaftService {
@@ -102,7 +99,6 @@ impl RaftService {
             me,
             client_addr: MetadataValue::try_from(client_addr).ok(),
             contact,
-            lease,
             recovery,
             refusals: Mutex::default(),
         }
@@ -210,12 +206,7 @@ impl RaftTransport for RaftService {
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: PreVoteRequest = self.admit(req)?;
-        self.reply(&answer_pre_vote(
-            &self.raft,
-            &self.contact,
-            self.lease,
-            &rpc,
-        ))
+        self.reply(&answer_pre_vote(&self.raft, &self.contact, &rpc))
     }
 
     async fn install_snapshot(
