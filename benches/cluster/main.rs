@@ -516,7 +516,8 @@ async fn disk_cost<S: System>(sys: &Arc<S>, cluster: &Cluster) -> Result<Disk> {
     let leader = sys.leader().await?;
     let before = cluster.written();
     for n in 0..WRITES {
-        retried(|| sys.register(leader, "disk", &format!("d-{n}"))).await?;
+        let id = format!("d-{n}");
+        retried(|| sys.register(leader, "disk", &id)).await?;
     }
     let after = cluster.written();
     let most = before
