@@ -199,7 +199,7 @@ impl RaftTransport for RaftService {
         let rpc = self.admit(req)?;
         let answer = self.raft.vote(rpc).await;
         if matches!(&answer, Ok(r) if r.vote_granted) {
-            self.contact.touch();
+            self.contact.voted();
         }
         self.reply(&answer)
     }
