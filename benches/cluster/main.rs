@@ -540,15 +540,15 @@ fn disk_rows(instances: u64, r: &Disk, e: &Disk) -> [Row; 2] {
             name: format!(
                 "{instances} instances: bytes written to disk per acknowledged write (1 client, most of any node)"
             ),
-            roster: format!("{} KiB", r.per_write / 1024),
-            etcd: format!("{} KiB", e.per_write / 1024),
+            roster: format!("{:.1} KiB", r.per_write as f64 / 1024.0),
+            etcd: format!("{:.1} KiB", e.per_write as f64 / 1024.0),
             ratio: ratio(r.per_write, e.per_write),
             target: "Roster ≤ etcd",
         },
         Row {
             name: format!("{instances} instances: data dir per node"),
-            roster: mib(r.dir),
-            etcd: mib(e.dir),
+            roster: size(r.dir),
+            etcd: size(e.dir),
             ratio: ratio(r.dir, e.dir),
             target: "Roster ≤ etcd",
         },
@@ -631,6 +631,15 @@ fn latency_rows(name: &str, r: &Summary, e: &Summary, target: &'static str) -> V
 
 fn mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// `b` in KiB below a MiB, else in MiB.
+fn size(b: u64) -> String {
+    if b < 1024 * 1024 {
+        format!("{} KiB", b / 1024)
+    } else {
+        mib(b)
+    }
 }
 
 fn list_mib(v: &[u64]) -> String {

@@ -444,7 +444,10 @@ mod tests {
         };
         let first = t.after_leader_gone(0);
         let second = t.after_leader_gone(1);
-        assert!(first > t.vote_lease() && first < t.election_min, "{first:?}");
+        assert!(
+            first > t.vote_lease() && first < t.election_min,
+            "{first:?}"
+        );
         // Far enough apart that the second sees the first's vote request.
         assert!(second >= first + Duration::from_millis(20), "{second:?}");
     }

@@ -313,20 +313,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // One insert per entry, not a sled batch: sled writes a batch's
+        // manifest in an I/O buffer of its own and closes the one before it,
+        // so each batch cost three synced writes of the same disk page (12 KiB
+        // written per acknowledged write at one client, against 4 KiB now).
+        // Atomicity is not needed: sled recovers a prefix of the inserts, and a
+        // prefix of an append is a valid log (none of it was acknowledged).
         let mut last = None;
         let mut published = self.appends.wanted().then(Vec::new);
         for e in entries {
             let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
-            batch.insert(&key(e.log_id.index), b);
+            self.log
+                .insert(key(e.log_id.index), b)
+                .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             last = Some(e.log_id.index);
             if let Some(p) = &mut published {
                 p.push(e);
             }
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
         self.marker.note(|p| p.last_log = p.last_log.max(last));
         // Followers get the entries now, while this node fsyncs them.
         if let Some(p) = published.filter(|p| !p.is_empty()) {
