@@ -149,9 +149,9 @@ impl Contact {
 
     /// The leader as this node reports it: itself while it leads, the leader
     /// it follows while it hears from it. A follower that has heard from no
-    /// leader for the longest election timeout, or found it gone, knows none, even when the
-    /// pre-vote keeps it from campaigning (openraft would still name the lost
-    /// leader until the next election).
+    /// leader for the longest election timeout, or found it gone, knows none,
+    /// even when the pre-vote keeps it from campaigning (openraft would still
+    /// name the lost leader until the next election).
     pub fn leader(&self, m: &RaftMetrics<NodeId, Node>) -> Option<NodeId> {
         match m.current_leader {
             Some(l) if l == m.id => Some(l),
