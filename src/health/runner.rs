@@ -19,7 +19,7 @@ use super::CheckContext;
 use crate::raft::proposer::Refusal;
 use crate::registry::leases::now_ms;
 use crate::registry::model::CheckSpec;
-use crate::registry::watch::{watch_stream, WatchMessage};
+use crate::registry::watch::{watch_stream, ResetReason, WatchMessage};
 use crate::registry::Command;
 
 /// How often transitions are collected and proposed.
@@ -44,7 +44,10 @@ struct Runner {
 /// Runs until aborted (leadership lost) or the catalogue stream ends.
 pub async fn run(ctx: Arc<CheckContext>) {
     let (tx, mut rx) = mpsc::channel(4096);
-    let mut watch = Box::pin(watch_stream(ctx.state.clone(), None, 0));
+    let Some(checked) = checked_instances(&ctx) else {
+        return;
+    };
+    let mut watch = Box::pin(watch_stream(ctx.state.clone(), None, checked.revision));
     let mut r = Runner {
         slots: Arc::new(Semaphore::new(ctx.max_concurrent_probes.max(1))),
         checks: Checks::new(ctx.leases.clone(), Instant::now()),
@@ -54,6 +57,7 @@ pub async fn run(ctx: Arc<CheckContext>) {
         running: HashMap::new(),
         results: tx,
     };
+    r.follow(checked);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -66,6 +70,26 @@ pub async fn run(ctx: Arc<CheckContext>) {
             _ = tick.tick() => r.tick(),
         }
     }
+}
+
+/// The instances with a check, as a full-state watch message; changes after
+/// its revision come from the watch. Only these matter here, and a full-state
+/// watch would copy the whole catalogue under the state lock just as this node
+/// is elected, holding up its first writes (100-200 ms at 150,000 instances).
+fn checked_instances(ctx: &CheckContext) -> Option<WatchMessage> {
+    let st = ctx.state.read().ok()?;
+    Some(WatchMessage {
+        revision: st.catalog.revision(),
+        reset: Some(ResetReason::Initial),
+        instances: st
+            .catalog
+            .all_instances()
+            .filter(|i| i.check.is_some())
+            .cloned()
+            .collect(),
+        events: Vec::new(),
+        compact_revision: 0,
+    })
 }
 
 impl Runner {
