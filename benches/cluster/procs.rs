@@ -26,30 +26,27 @@ pub fn cpu_time(pid: u32) -> std::time::Duration {
     std::time::Duration::from_millis(ticks * 10)
 }
 
-/// Resident set size of a process, from /proc.
-pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// The first number after `key` in `/proc/<pid>/<file>` (0 if unreadable).
+fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
-        .map_or(0, |kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Resident set size of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    proc_field(pid, "status", "VmRSS:") * 1024
 }
 
 /// Bytes a process has caused to be written to storage, from /proc (its
 /// `write_bytes`: what reached the disk, not what it handed the page cache).
 pub fn written_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    proc_field(pid, "io", "write_bytes:")
 }
 
 pub fn dir_bytes(p: &Path) -> u64 {

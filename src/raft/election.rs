@@ -78,14 +78,9 @@ pub struct Contact {
     last: Arc<Mutex<Instant>>,
     /// The last candidate this node granted a pre-vote, and when.
     pre_voted: Arc<Mutex<Option<(NodeId, Instant)>>>,
-    /// Silence after which the leader followed is no longer taken as known.
-    stale: Duration,
     /// The leader's peer port refused a connection since it was last heard.
     gone: Arc<AtomicBool>,
-    /// How long a leader heard from is presumed alive: the shortest election
-    /// timeout, or openraft's vote lease once the leader is known gone.
-    lease: Duration,
-    gone_lease: Duration,
+    timing: Timing,
 }
 
 impl Contact {
@@ -93,10 +88,8 @@ impl Contact {
         Contact {
             last: Arc::new(Mutex::new(Instant::now())),
             pre_voted: Arc::new(Mutex::new(None)),
-            stale: timing.election_max,
             gone: Arc::default(),
-            lease: timing.election_min,
-            gone_lease: timing.vote_lease(),
+            timing: *timing,
         }
     }
 
@@ -104,11 +97,13 @@ impl Contact {
         self.gone.load(Ordering::Relaxed)
     }
 
+    /// How long a leader heard from is presumed alive: the shortest election
+    /// timeout, or openraft's vote lease once the leader is known gone.
     fn lease(&self) -> Duration {
         if self.gone() {
-            self.gone_lease
+            self.timing.vote_lease()
         } else {
-            self.lease
+            self.timing.election_min
         }
     }
 
@@ -155,7 +150,7 @@ impl Contact {
     pub fn leader(&self, m: &RaftMetrics<NodeId, Node>) -> Option<NodeId> {
         match m.current_leader {
             Some(l) if l == m.id => Some(l),
-            l if self.age() < self.stale && !self.gone() => l,
+            l if self.age() < self.timing.election_max && !self.gone() => l,
             _ => None,
         }
     }
