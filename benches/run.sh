@@ -6,6 +6,9 @@
 #
 #   benches/run.sh            # full run, about 15 minutes on 2 cores
 #   benches/run.sh --quick    # shorter phases, 10k instances; for a smoke test
+#   benches/run.sh --scale --out /tmp/scale.md
+#                             # the scale and sessions phases at 1,000,000 instances
+#                             # (20-30 minutes); --out keeps the full run's table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

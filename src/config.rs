@@ -204,6 +204,32 @@ impl Default for Autopilot {
     }
 }
 
+/// `[dns]`: the catalogue served as DNS names (see `dns`); off unless `listen` is set.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dns {
+    /// UDP and TCP address of the DNS server.
+    pub listen: Option<SocketAddr>,
+    /// The zone answered: `<service>.service.<domain>` and so on.
+    pub domain: String,
+    /// TTL of every answer, in seconds.
+    pub ttl_s: u32,
+    /// With `[auth] enabled`: the secret of the token whose scope DNS answers
+    /// for (a read token). DNS carries no credentials of its own.
+    pub token: Option<String>,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            listen: None,
+            domain: "roster.".to_string(),
+            ttl_s: 2,
+            token: None,
+        }
+    }
+}
+
 /// `[auth]`: tokens with roles and service scopes (see `api::auth`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -283,6 +309,8 @@ pub struct NodeConfig {
     pub auth: Auth,
     #[serde(default)]
     pub autopilot: Autopilot,
+    #[serde(default)]
+    pub dns: Dns,
 }
 
 fn default_cluster_id() -> String {
@@ -323,6 +351,7 @@ impl NodeConfig {
             tls: None,
             auth: Auth::default(),
             autopilot: Autopilot::default(),
+            dns: Dns::default(),
         }
     }
 

@@ -21,6 +21,8 @@ mod cli;
 #[cfg(feature = "server")]
 mod config;
 #[cfg(feature = "server")]
+mod dns;
+#[cfg(feature = "server")]
 mod error;
 #[cfg(feature = "server")]
 mod health;

@@ -68,12 +68,18 @@ pub struct NodeHandle {
     metrics: Option<JoinHandle<()>>,
     /// Reloads the TLS files when they change.
     tls_watch: Option<JoinHandle<()>>,
+    dns: Option<crate::dns::DnsServer>,
 }
 
 /// The gRPC servers (client and peer port), until they stop.
 type ServerTask = JoinHandle<std::result::Result<(), tonic::transport::Error>>;
 
 impl NodeHandle {
+    /// The address DNS is served on (UDP and TCP), if it is on.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(|d| d.addr)
+    }
+
     /// Resolves if the Raft core stops on its own (a storage or internal error):
     /// the node can no longer serve correctly and the process should exit, so
     /// that its supervisor restarts it from its data directory.
@@ -110,6 +116,9 @@ impl NodeHandle {
         let _ = self.stop.send(());
         for task in self.metrics.iter().chain(&self.tls_watch) {
             task.abort();
+        }
+        if let Some(dns) = self.dns {
+            dns.stop().await;
         }
         let served = self.server.await;
         self.raft
@@ -475,7 +484,10 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
         // the pre-vote is not refused (`Timing::vote_lease`).
         election_timeout_min: ms(t.rpc_timeout) + 1,
         election_timeout_max: ms(t.vote_lease()),
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries()),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(staggered(
+            r.snapshot_after_entries(),
+            cfg.id,
+        )),
         max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot(),
         // Each chunk has this long: 10 s covers 512 KiB down to ~50 KiB/s.
         install_snapshot_timeout: 10_000,
@@ -486,6 +498,14 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
     };
     c.validate()
         .map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))
+}
+
+/// The snapshot interval of node `id`: the configured one plus an eighth of
+/// it per id step (up to three eighths), so that members do not all build a
+/// snapshot of the same large catalogue at the same entry and starve the
+/// Raft tasks of a small machine together.
+fn staggered(entries: u64, id: NodeId) -> u64 {
+    entries + entries / 8 * (id % 4)
 }
 
 /// What the node's front-ends and background tasks share.
@@ -556,6 +576,12 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         ),
         None => None,
     };
+    let dns = match cfg.dns.listen {
+        Some(at) => {
+            Some(crate::dns::DnsServer::start(at, dns_zone(&cfg)?, core.state.clone()).await?)
+        }
+        None => None,
+    };
     tracing::info!(id = cfg.id, %addr, %peer_addr, cluster = %cfg.cluster_id, "node started");
     Ok(NodeHandle {
         id: cfg.id,
@@ -569,6 +595,35 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         server,
         metrics,
         tls_watch,
+        dns,
+    })
+}
+
+/// What the DNS front-end answers for, from `[dns]`; with auth on, DNS
+/// answers with a token's scope, so it needs one.
+fn dns_zone(cfg: &NodeConfig) -> Result<crate::dns::Zone> {
+    let d = &cfg.dns;
+    let domain = if d.domain.ends_with('.') {
+        d.domain.clone()
+    } else {
+        format!("{}.", d.domain)
+    };
+    let domain = hickory_server::proto::rr::Name::from_ascii(&domain)
+        .map_err(|e| Error::InvalidArgument(format!("[dns] domain {:?}: {e}", d.domain)))?;
+    let token =
+        match (&d.token, cfg.auth.enabled) {
+            (Some(secret), true) => Some(crate::api::auth::hash_secret(secret)),
+            (None, true) => return Err(Error::InvalidArgument(
+                "[dns] is on and [auth] enabled, but DNS queries carry no token: set [dns] token \
+                 to the secret of a read token whose scope DNS may answer for"
+                    .into(),
+            )),
+            (_, false) => None,
+        };
+    Ok(crate::dns::Zone {
+        domain,
+        ttl: d.ttl_s,
+        token,
     })
 }
 

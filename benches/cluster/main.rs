@@ -44,8 +44,9 @@ const WATCH_EVENTS: usize = 50;
 
 struct Opts {
     quick: bool,
-    /// The scale phase with 1,000,000 instances (10,000 services × 100).
-    million: bool,
+    /// `--scale`: the scale and sessions phases with 1,000,000 instances
+    /// (10,000 services × 100), and only those unless `--only` says otherwise.
+    scale: bool,
     out: PathBuf,
     /// Run only workloads whose name contains one of these (`--only watch,query`).
     only: Vec<String>,
@@ -62,15 +63,19 @@ impl Opts {
             .unwrap_or_else(|| {
                 PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md"))
             });
+        let scale = args.iter().any(|a| a == "--scale");
         let only = args
             .iter()
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1))
             .map(|s| s.split(',').map(str::to_string).collect())
-            .unwrap_or_default();
+            .unwrap_or_else(|| match scale {
+                true => vec!["scale".into(), "sessions".into()],
+                false => Vec::new(),
+            });
         Opts {
             quick: args.iter().any(|a| a == "--quick"),
-            million: args.iter().any(|a| a == "--million"),
+            scale,
             out,
             only,
         }
@@ -692,7 +697,11 @@ fn write_report(opts: &Opts, rows: &[Row], extra: &[String]) -> Result<()> {
     let mut t = String::new();
     t.push_str(&format!(
         "Run: {} mode, {}.\n\nMachine: {}.\n\n",
-        if opts.quick { "quick" } else { "full" },
+        match (opts.quick, opts.scale) {
+            (_, true) => "scale (1,000,000 instances)",
+            (true, false) => "quick",
+            (false, false) => "full",
+        },
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine()
     ));
@@ -1594,7 +1603,7 @@ async fn main() -> Result<()> {
         .await?;
     }
     if opts.runs("sessions") {
-        let instances = if opts.million {
+        let instances = if opts.scale {
             1_000_000
         } else if opts.quick {
             10_000
@@ -1604,7 +1613,7 @@ async fn main() -> Result<()> {
         sessions_rows(&dir.path().join("sessions"), 1000, instances, &mut extra).await?;
     }
     if opts.runs("scale") {
-        let instances = match (opts.quick, opts.million) {
+        let instances = match (opts.quick, opts.scale) {
             (_, true) => 1_000_000,
             (true, false) => 10_000,
             (false, false) => 100_000,

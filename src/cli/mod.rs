@@ -228,6 +228,9 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Answer DNS queries (UDP and TCP) on this address: <service>.service.roster.
+    #[arg(long)]
+    dns_listen: Option<SocketAddr>,
     /// This node's certificate (PEM) for TLS on both ports; with --tls-key and --tls-ca.
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,

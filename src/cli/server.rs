@@ -63,6 +63,9 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = a.metrics_listen {
         cfg.metrics_listen = Some(v);
     }
+    if let Some(v) = a.dns_listen {
+        cfg.dns.listen = Some(v);
+    }
     if a.auth {
         cfg.auth.enabled = true;
     }
@@ -136,6 +139,8 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
 
 /// How far above its client port `roster dev` puts a node's peer port.
 const DEV_PEER_OFFSET: u16 = 100;
+/// DNS of `roster dev` node i: UDP and TCP on the base port + 200 + i.
+const DEV_DNS_OFFSET: u16 = 200;
 
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("roster-dev-").tempdir()?;
@@ -149,6 +154,8 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         true => Some(super::dev_tls::make(&dir.path().join("tls"))?),
         false => None,
     };
+    // Drawn before the nodes start: DNS answers with the admin token's scope.
+    let admin_secret = a.auth.then(|| random_hex(32)).transpose()?;
     let mut handles = Vec::new();
     for i in 0..a.nodes {
         let mut cfg = NodeConfig::new(
@@ -161,13 +168,21 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.initial_cluster = initial.join(",");
         cfg.tls = certs.as_ref().map(|c| c.node.clone());
         cfg.auth.enabled = a.auth;
+        cfg.dns.listen = Some(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            a.base_port + DEV_DNS_OFFSET + i,
+        )));
+        cfg.dns.token = admin_secret.clone();
         handles.push(node::start(cfg).await?);
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
     for h in &handles {
         println!(
-            "node {} listening on {} (peer port {})",
-            h.id, h.addr, h.peer_addr
+            "node {} listening on {} (peer port {}, DNS {})",
+            h.id,
+            h.addr,
+            h.peer_addr,
+            h.dns_addr().map_or("off".into(), |a| a.to_string())
         );
     }
     println!("data in {}", dir.path().display());
@@ -180,8 +195,8 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         ),
         None => String::new(),
     };
-    let token = match a.auth {
-        true => {
+    let token = match admin_secret {
+        Some(secret) => {
             let client = match &certs {
                 Some(c) => RosterClient::with_tls(&endpoints, tls_from_files(&c.node.ca, None)?)?,
                 None => RosterClient::new(&endpoints)?,
@@ -191,17 +206,24 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
             let created = client
                 .acl_bootstrap(BootstrapRequest {
                     description: "roster dev".into(),
-                    secret: random_hex(32)?,
+                    secret,
                 })
                 .await?;
             format!(" --token {}", created.secret)
         }
-        false => String::new(),
+        None => String::new(),
     };
     println!(
         "try: roster status --endpoints {}{token}{tls_flags}",
         endpoints.join(",")
     );
+    if let Some(dns) = handles.first().and_then(|h| h.dns_addr()) {
+        println!(
+            "     dig @{} -p {} <service>.service.roster SRV",
+            dns.ip(),
+            dns.port()
+        );
+    }
     println!("Ctrl-C stops the cluster and deletes its data.");
     exit_on_panic();
     stop_signal().await?;

@@ -57,7 +57,7 @@ struct Applied {
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
     applied: Applied,
-    instances: Vec<Instance>,
+    instances: Vec<Arc<Instance>>,
     services: Vec<(String, ServiceConfig)>,
     tokens: Vec<Token>,
     acl_bootstrapped: bool,
@@ -91,7 +91,7 @@ impl SnapshotPayload {
             let old: SnapshotPayloadV3 = decode(data).map_err(|_| e)?;
             Ok(SnapshotPayload {
                 applied: old.applied,
-                instances: old.instances,
+                instances: old.instances.into_iter().map(Arc::new).collect(),
                 services: old.services,
                 tokens: old.tokens,
                 acl_bootstrapped: old.acl_bootstrapped,
@@ -333,7 +333,7 @@ impl StateMachine {
             let st = self.state.read().map_err(read_lock_err)?;
             SnapshotPayload {
                 applied,
-                instances: st.catalog.all_instances().cloned().collect(),
+                instances: st.catalog.shared_instances().collect(),
                 services: st
                     .catalog
                     .configs()

@@ -2,6 +2,7 @@
 //! application of commands to it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::acl::Acl;
 use super::model::{
@@ -11,9 +12,11 @@ use super::model::{
 
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
-    /// Instances boxed: a B-tree node holds room for 11 values, so a service
-    /// with one inline instance would cost some 4 KiB.
-    services: BTreeMap<String, BTreeMap<String, Box<Instance>>>,
+    /// Instances behind a pointer: a B-tree node holds room for 11 values,
+    /// so a service with one inline instance would cost some 4 KiB. Shared
+    /// (`Arc`), so that a snapshot copies pointers under the state lock and
+    /// encodes outside it; an instance changed meanwhile is copied on write.
+    services: BTreeMap<String, BTreeMap<String, Arc<Instance>>>,
     configs: BTreeMap<String, ServiceConfig>,
     /// Log index of the last applied entry.
     revision: u64,
@@ -47,7 +50,7 @@ pub struct ServiceSummary {
 impl Catalog {
     pub fn from_parts(
         revision: u64,
-        instances: impl IntoIterator<Item = Instance>,
+        instances: impl IntoIterator<Item = impl Into<Arc<Instance>>>,
         configs: impl IntoIterator<Item = (String, ServiceConfig)>,
     ) -> Self {
         let mut c = Catalog {
@@ -200,6 +203,7 @@ impl Catalog {
                 .services
                 .get_mut(&u.service)
                 .and_then(|m| m.get_mut(&u.id))
+                .map(Arc::make_mut)
             else {
                 continue;
             };
@@ -308,6 +312,28 @@ impl Catalog {
         self.configs.get(service).cloned().unwrap_or_default()
     }
 
+    /// The catalogue's own copy of the name `service`, if it has instances
+    /// or a configuration.
+    pub fn service_name(&self, service: &str) -> Option<&str> {
+        self.services
+            .get_key_value(service)
+            .map(|(k, _)| k)
+            .or_else(|| self.configs.get_key_value(service).map(|(k, _)| k))
+            .map(String::as_str)
+    }
+
+    /// Names of the services with instances or a configuration.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services
+            .keys()
+            .chain(
+                self.configs
+                    .keys()
+                    .filter(|k| !self.services.contains_key(*k)),
+            )
+            .map(String::as_str)
+    }
+
     pub fn configs(&self) -> impl Iterator<Item = (&String, &ServiceConfig)> {
         self.configs.iter()
     }
@@ -357,6 +383,12 @@ impl Catalog {
             .flat_map(|m| m.values().map(|i| &**i))
     }
 
+    /// Every instance, shared rather than copied: a snapshot takes these
+    /// under the state lock (a pointer each) and encodes them after it.
+    pub fn shared_instances(&self) -> impl Iterator<Item = Arc<Instance>> + '_ {
+        self.services.values().flat_map(|m| m.values().cloned())
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }
@@ -390,7 +422,8 @@ impl Catalog {
         self.checked
     }
 
-    fn insert(&mut self, inst: Instance) {
+    fn insert(&mut self, inst: impl Into<Arc<Instance>>) {
+        let inst = inst.into();
         let checked = inst.check.is_some();
         let held = inst
             .session()
@@ -399,7 +432,7 @@ impl Catalog {
             .services
             .entry(inst.service.clone())
             .or_default()
-            .insert(inst.id.clone(), Box::new(inst));
+            .insert(inst.id.clone(), inst);
         self.uncount(old.as_deref());
         self.instances += 1;
         self.checked += usize::from(checked);
@@ -416,7 +449,7 @@ impl Catalog {
 
     fn remove(&mut self, service: &str, id: &str) -> Option<Instance> {
         let m = self.services.get_mut(service)?;
-        let old = m.remove(id).map(|i| *i);
+        let old = m.remove(id).map(Arc::unwrap_or_clone);
         if m.is_empty() {
             self.services.remove(service);
         }
@@ -563,10 +596,13 @@ mod tests {
             output: "refused".into(),
             at_ms: 7,
         };
+        // A snapshot's shared copy, taken before: changes do not reach it.
+        let before: Vec<_> = c.shared_instances().collect();
         let (resp, ev) = c.apply(
             2,
             &Command::SetHealth(vec![down("1"), down("2"), down("9")]),
         );
+        assert!(before.iter().all(|i| i.status == HealthStatus::Passing));
         assert_eq!(resp.outcome, Outcome::HealthUpdated(2));
         assert_eq!(ev.len(), 2);
         assert_eq!(c.get("a", "1").map(|i| i.mod_revision), Some(2));

@@ -36,6 +36,8 @@ pub struct TestNode {
     pub peer: String,
     /// Where the node serves Prometheus metrics.
     pub metrics_port: u16,
+    /// Where the node answers DNS (UDP and TCP), with `Setup::dns`.
+    pub dns_port: u16,
     pub config: PathBuf,
     child: Option<Child>,
 }
@@ -58,6 +60,7 @@ pub struct TestCluster {
     pub client_tls: Option<ClientTlsConfig>,
     auth: bool,
     auth_secret: Option<String>,
+    dns: Option<String>,
     /// The bootstrap (admin) token the harness's clients send (`Setup::auth`).
     token: OnceLock<String>,
 }
@@ -90,6 +93,9 @@ pub struct Setup {
     /// Seed every node's data directory from this backup first, with
     /// `roster snapshot restore` (cluster id `test`, as the configs say).
     pub restore_from: Option<PathBuf>,
+    /// Each node serves DNS on its `dns_port`, with these further lines of
+    /// its `[dns]` section.
+    pub dns: Option<String>,
 }
 
 /// What a node logs when its listen or metrics port was taken before it bound it.
@@ -214,6 +220,7 @@ impl TestCluster {
             client_tls: setup.client_tls,
             auth: setup.auth,
             auth_secret: setup.auth_secret,
+            dns: setup.dns,
             token: OnceLock::new(),
         };
         for (host, port, peer_port) in addrs {
@@ -274,6 +281,7 @@ impl TestCluster {
             peer_port,
             peer,
             metrics_port: free_port(),
+            dns_port: free_port(),
             config: self.dir.path().join(format!("node-{id}.toml")),
             child: None,
         });
@@ -295,7 +303,11 @@ impl TestCluster {
             self.data_dir(id).display(),
             self.extra
         );
-        std::fs::write(&n.config, text).expect("write config");
+        let dns = match &self.dns {
+            Some(lines) => format!("[dns]\nlisten = \"127.0.0.1:{}\"\n{lines}\n", n.dns_port),
+            None => String::new(),
+        };
+        std::fs::write(&n.config, text + &dns).expect("write config");
     }
 
     /// `n` nodes, each in a network namespace behind a proxy, so that a test

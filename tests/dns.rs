@@ -1,0 +1,423 @@
+//! DNS against a 3-node cluster, asked with a real stub resolver
+//! (hickory-resolver) and with `dig` (`ROSTER_DIG`, which `.ci/run` sets):
+//! answers from a follower, SRV targets that resolve, tags, instance names,
+//! NXDOMAIN against an empty answer, truncation and the retry over TCP, and
+//! the README's `roster dev` + `dig` lines as written.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::ports::free_port;
+use common::*;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::{Resolver, TokioResolver};
+use roster::proto::v1::health_check::Kind as CheckKind;
+use roster::proto::v1::{DeregisterRequest, HealthCheck, Instance, RegisterRequest, TtlCheck};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A stub resolver asking only `addr`, without a cache; `edns` says whether
+/// it offers a buffer larger than 512 bytes.
+fn resolver(addr: SocketAddr, udp: bool, tcp: bool, edns: bool) -> TokioResolver {
+    let mut conns = Vec::new();
+    if udp {
+        conns.push(ConnectionConfig::udp());
+    }
+    if tcp {
+        conns.push(ConnectionConfig::tcp());
+    }
+    for c in &mut conns {
+        c.port = addr.port();
+    }
+    let ns = NameServerConfig::new(addr.ip(), true, conns);
+    let mut b = Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![ns]),
+        TokioRuntimeProvider::default(),
+    );
+    let o = b.options_mut();
+    o.cache_size = 0;
+    o.use_hosts_file = ResolveHosts::Never;
+    o.attempts = 0;
+    o.edns0 = edns;
+    o.timeout = Duration::from_secs(2);
+    b.build().expect("resolver")
+}
+
+/// The records of the answer to `name`, or the resolver's error.
+async fn ask(r: &TokioResolver, name: &str, t: RecordType) -> Result<Vec<RData>, NetError> {
+    let l = r.lookup(name, t).await?;
+    Ok(l.answers().iter().map(|rec| rec.data.clone()).collect())
+}
+
+fn ips(records: &[RData]) -> BTreeSet<IpAddr> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A TTL check nobody renews.
+fn unrenewed() -> HealthCheck {
+    HealthCheck {
+        kind: Some(CheckKind::Ttl(TtlCheck { ttl_ms: 1500 })),
+        ..Default::default()
+    }
+}
+
+fn dns_addr(c: &TestCluster, id: u64) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], c.node(id).dns_port))
+}
+
+async fn put(c: &TestCluster, id: &str, address: &str, port: u32, f: impl FnOnce(&mut Instance)) {
+    let mut inst = instance("web", id, port);
+    inst.address = address.into();
+    f(&mut inst);
+    c.client()
+        .register(RegisterRequest {
+            instance: Some(inst),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("register {id}: {e}"));
+}
+
+async fn follower(c: &TestCluster) -> u64 {
+    let leader = c.leader().await;
+    (1..=3).find(|id| *id != leader).expect("a follower")
+}
+
+#[tokio::test]
+async fn a_follower_answers_srv_a_aaaa_tags_and_instances() {
+    let setup = Setup {
+        dns: Some("ttl_s = 0".into()),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("cluster");
+    put(&c, "web-1", "10.0.0.1", 8080, |i| {
+        i.tags = vec!["v2".into()];
+        i.weight = 5;
+    })
+    .await;
+    put(&c, "web-2", "10.0.0.2", 8081, |_| {}).await;
+    put(&c, "web-3.eu", "::1", 8082, |_| {}).await;
+    // Never renewed: critical once its TTL runs out, and so out of the answers.
+    put(&c, "web-down", "10.0.0.9", 8083, |i| {
+        i.check = Some(unrenewed())
+    })
+    .await;
+    let mut lonely = instance("lonely", "l-1", 9000);
+    lonely.check = Some(unrenewed());
+    c.client()
+        .register(RegisterRequest {
+            instance: Some(lonely),
+            ..Default::default()
+        })
+        .await
+        .expect("register lonely");
+
+    let f = follower(&c).await;
+    let r = resolver(dns_addr(&c, f), true, true, true);
+    // The follower answers once it has applied the writes and web-down's
+    // status change.
+    let srv = c
+        .wait_for("the follower's SRV answer", LIMIT, || async {
+            let got = ask(&r, "web.service.roster.", RecordType::SRV).await.ok()?;
+            (got.len() == 3).then_some(got)
+        })
+        .await;
+    let mut seen = BTreeSet::new();
+    for rec in &srv {
+        let RData::SRV(s) = rec else {
+            panic!("not an SRV record: {rec:?}")
+        };
+        let target = s.target.to_ascii();
+        // Every target resolves to its instance's address.
+        let (want, t) = match s.port {
+            8080 => ("10.0.0.1", RecordType::A),
+            8081 => ("10.0.0.2", RecordType::A),
+            8082 => ("::1", RecordType::AAAA),
+            p => panic!("port {p} of a critical instance or none: {rec:?}"),
+        };
+        assert_eq!(s.weight, if s.port == 8080 { 5 } else { 1 }, "{rec:?}");
+        let got = ask(&r, &target, t).await.expect("the SRV target resolves");
+        assert_eq!(
+            ips(&got),
+            BTreeSet::from([want.parse().expect("ip")]),
+            "{target}"
+        );
+        seen.insert(target);
+    }
+    assert!(
+        seen.contains("web-3.eu.web.instance.roster."),
+        "an id with a dot keeps it: {seen:?}"
+    );
+
+    let a = ask(&r, "web.service.roster.", RecordType::A)
+        .await
+        .expect("A");
+    let want: BTreeSet<IpAddr> = ["10.0.0.1", "10.0.0.2"]
+        .map(|s| s.parse().expect("ip"))
+        .into();
+    assert_eq!(ips(&a), want, "passing instances only");
+    let aaaa = ask(&r, "WEB.Service.roster.", RecordType::AAAA)
+        .await
+        .expect("AAAA, any case");
+    assert_eq!(ips(&aaaa), BTreeSet::from(["::1".parse().expect("ip")]));
+    let tagged = ask(&r, "v2.web.service.roster.", RecordType::A)
+        .await
+        .expect("tag");
+    assert_eq!(
+        ips(&tagged),
+        BTreeSet::from(["10.0.0.1".parse().expect("ip")])
+    );
+    // An instance's own name answers whatever its health.
+    let down = ask(&r, "web-down.web.instance.roster.", RecordType::A)
+        .await
+        .expect("instance");
+    assert_eq!(
+        ips(&down),
+        BTreeSet::from(["10.0.0.9".parse().expect("ip")])
+    );
+
+    let e = ask(&r, "nope.service.roster.", RecordType::A)
+        .await
+        .expect_err("unknown");
+    assert!(e.is_nx_domain(), "an unknown service is NXDOMAIN: {e:?}");
+    let e = c
+        .wait_for("lonely's instance critical", LIMIT, || async {
+            ask(&r, "lonely.service.roster.", RecordType::A).await.err()
+        })
+        .await;
+    assert!(
+        e.is_no_records_found() && !e.is_nx_domain(),
+        "a service with no passing instance is an empty NOERROR: {e:?}"
+    );
+    let e = ask(&r, "v9.web.service.roster.", RecordType::A)
+        .await
+        .expect_err("no tag");
+    assert!(!e.is_nx_domain(), "{e:?}");
+    let e = ask(&r, "x.web.instance.roster.", RecordType::A)
+        .await
+        .expect_err("no such id");
+    assert!(e.is_nx_domain(), "{e:?}");
+
+    // A change reaches the answers as the follower applies it.
+    c.client()
+        .deregister(DeregisterRequest {
+            service: "web".into(),
+            id: "web-2".into(),
+        })
+        .await
+        .expect("deregister");
+    c.wait_for("web-2 gone from the follower's answer", LIMIT, || async {
+        let a = ask(&r, "web.service.roster.", RecordType::A).await.ok()?;
+        (ips(&a) == BTreeSet::from(["10.0.0.1".parse().expect("ip")])).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_large_answer_is_truncated_over_udp_and_whole_over_tcp() {
+    let setup = Setup {
+        dns: Some(String::new()),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("cluster");
+    // 100 A records (16 bytes each) do not fit the 1,232 bytes the resolver offers.
+    let client = c.client();
+    let client = &client;
+    let regs = (0..100u32).map(|n| async move {
+        let mut inst = instance("big", &format!("b-{n}"), 8000 + n);
+        inst.address = format!("10.0.1.{n}");
+        client
+            .register(RegisterRequest {
+                instance: Some(inst),
+                ..Default::default()
+            })
+            .await
+            .expect("register")
+    });
+    futures::future::join_all(regs).await;
+    let node = dns_addr(&c, follower(&c).await);
+    let both = resolver(node, true, true, true);
+    let all = c
+        .wait_for("all 100 answers, retried over TCP", LIMIT, || async {
+            let got = ask(&both, "big.service.roster.", RecordType::A)
+                .await
+                .ok()?;
+            (got.len() == 100).then_some(got)
+        })
+        .await;
+    assert_eq!(ips(&all).len(), 100);
+    let udp = resolver(node, true, false, true);
+    let e = ask(&udp, "big.service.roster.", RecordType::A)
+        .await
+        .expect_err("truncated");
+    assert!(matches!(e, NetError::Truncated), "UDP alone: {e:?}");
+    let tcp = resolver(node, false, true, false);
+    let got = ask(&tcp, "big.service.roster.", RecordType::A)
+        .await
+        .expect("TCP");
+    assert_eq!(got.len(), 100);
+}
+
+#[tokio::test]
+async fn with_auth_dns_answers_with_its_token() {
+    let secret = format!("dns-test-{:032x}", fastrand::u128(..));
+    let setup = Setup {
+        auth: true,
+        auth_secret: Some(secret.clone()),
+        dns: Some(format!("token = \"{secret}\"")),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "[auth]\nenabled = true\n", setup)
+        .await
+        .expect("cluster");
+    let mut inst = instance("web", "web-1", 8080);
+    inst.address = "10.0.0.1".into();
+    c.client()
+        .register(RegisterRequest {
+            instance: Some(inst),
+            ..Default::default()
+        })
+        .await
+        .expect("register");
+    let r = resolver(dns_addr(&c, follower(&c).await), true, true, true);
+    c.wait_for("an answer under the configured token", LIMIT, || async {
+        let a = ask(&r, "web.service.roster.", RecordType::A).await.ok()?;
+        (ips(&a) == BTreeSet::from(["10.0.0.1".parse().expect("ip")])).then_some(())
+    })
+    .await;
+}
+
+/// `dig`, as the README shows it, against a real `roster dev`.
+#[tokio::test]
+async fn outside_dig_against_roster_dev_as_the_readme_shows() {
+    let Ok(dig) = std::env::var("ROSTER_DIG") else {
+        eprintln!("skipped: set ROSTER_DIG to dig's path (.ci/run installs dnsutils and does)");
+        return;
+    };
+    let base = free_block();
+    let dev = Dev::start(base);
+    let endpoints = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let block = readme
+        .split_once("<!-- dns-example -->")
+        .and_then(|(_, rest)| rest.split_once("<!-- /dns-example -->"))
+        .map(|(b, _)| b)
+        .expect("the README's DNS example between its markers");
+    let mut digs: Vec<Vec<String>> = Vec::new();
+    for line in block.lines() {
+        // Without its comment, on this test's ports.
+        let line = line.split('#').next().unwrap_or_default();
+        let line = line.replace("7201", &(base + 200).to_string());
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["cargo", "run", "--", args @ ..] => {
+                let ok = wait_cmd(|| {
+                    Command::new(env!("CARGO_BIN_EXE_roster"))
+                        .args(args)
+                        .env("ROSTER_ENDPOINTS", &endpoints)
+                        .output()
+                        .ok()
+                        .filter(|o| o.status.success())
+                });
+                assert!(ok.is_some(), "{line} failed");
+            }
+            ["dig", args @ ..] => digs.push(args.iter().map(|w| w.to_string()).collect()),
+            _ => {}
+        }
+    }
+    assert!(digs.len() >= 2, "the example has dig lines: {block}");
+    for args in digs {
+        let out = wait_cmd(|| {
+            let o = Command::new(&dig).args(&args).output().ok()?;
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            (o.status.success() && !text.trim().is_empty()).then_some(text)
+        })
+        .unwrap_or_else(|| panic!("dig {args:?} answered nothing"));
+        let wanted = if args.iter().any(|a| a == "SRV") {
+            "8080 web-1.web.instance.roster."
+        } else {
+            "127.0.0.1"
+        };
+        assert!(out.contains(wanted), "dig {args:?}: {out}");
+    }
+    drop(dev);
+}
+
+/// Retries `f` until it gives an answer, for up to `LIMIT`.
+fn wait_cmd<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A base port whose client, peer and DNS ports (base..+3, +100.., +200..)
+/// are free now.
+fn free_block() -> u16 {
+    loop {
+        let base = free_port();
+        let free = [0u16, 100, 200].iter().all(|off| {
+            (0..3).all(|i| {
+                let p = base.checked_add(off + i);
+                p.is_some_and(|p| {
+                    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                        && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+                })
+            })
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+/// `roster dev` as a process, stopped when dropped.
+struct Dev(Child);
+
+impl Dev {
+    fn start(base: u16) -> Dev {
+        let child = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(["dev", "--base-port", &base.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start roster dev");
+        Dev(child)
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
