@@ -18,11 +18,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // protox compiles in pure Rust, so building needs no system protoc.
     if server {
-        let public = protox::compile(PUBLIC, ["proto"])?;
-        std::fs::write(
-            out.join("roster_public_descriptor.bin"),
-            public.encode_to_vec(),
-        )?;
+        let public = protox::compile(PUBLIC, ["proto"])?.encode_to_vec();
+        std::fs::write(out.join("roster_public_descriptor.bin"), &public)?;
+        // The HTTP/JSON API's serde impls: the proto3 JSON mapping
+        // (lowerCamelCase names, enums by name, 64-bit integers as strings).
+        pbjson_build::Builder::new()
+            .register_descriptors(&public)?
+            .out_dir(&out)
+            .build(&[".roster.v1"])?;
     }
     tonic_prost_build::configure()
         .build_server(server)

@@ -230,6 +230,13 @@ impl Default for Dns {
     }
 }
 
+/// `[http]`: the HTTP/JSON API (see `http`); off unless `listen` is set.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpApi {
+    pub listen: Option<SocketAddr>,
+}
+
 /// `[auth]`: tokens with roles and service scopes (see `api::auth`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -311,6 +318,8 @@ pub struct NodeConfig {
     pub autopilot: Autopilot,
     #[serde(default)]
     pub dns: Dns,
+    #[serde(default)]
+    pub http: HttpApi,
 }
 
 fn default_cluster_id() -> String {
@@ -352,6 +361,7 @@ impl NodeConfig {
             auth: Auth::default(),
             autopilot: Autopilot::default(),
             dns: Dns::default(),
+            http: HttpApi::default(),
         }
     }
 

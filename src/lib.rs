@@ -27,6 +27,8 @@ mod error;
 #[cfg(feature = "server")]
 mod health;
 #[cfg(feature = "server")]
+mod http;
+#[cfg(feature = "server")]
 mod metrics;
 #[cfg(feature = "server")]
 mod net;

@@ -26,6 +26,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::health::{self, CheckContext};
+use crate::http;
 use crate::net;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1 as pb;
@@ -69,12 +70,19 @@ pub struct NodeHandle {
     /// Reloads the TLS files when they change.
     tls_watch: Option<JoinHandle<()>>,
     dns: Option<crate::dns::DnsServer>,
+    /// The HTTP/JSON API's address and task.
+    http: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 /// The gRPC servers (client and peer port), until they stop.
 type ServerTask = JoinHandle<std::result::Result<(), tonic::transport::Error>>;
 
 impl NodeHandle {
+    /// The address the HTTP/JSON API is served on, if it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.0)
+    }
+
     /// The address DNS is served on (UDP and TCP), if it is on.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
         self.dns.as_ref().map(|d| d.addr)
@@ -114,7 +122,8 @@ impl NodeHandle {
             None => tracing::debug!("no leadership to hand over"),
         }
         let _ = self.stop.send(());
-        for task in self.metrics.iter().chain(&self.tls_watch) {
+        let http = self.http.as_ref().map(|h| &h.1);
+        for task in self.metrics.iter().chain(&self.tls_watch).chain(http) {
             task.abort();
         }
         if let Some(dns) = self.dns {
@@ -541,7 +550,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let (peer_listener, peer_addr) = bind(cfg.peer_listen).await?;
     let leases = Arc::new(Leases::default());
     let health_service = spawn_tasks(&core, &cfg, leases.clone());
-    let (stop, server) = serve(
+    let (stop, server, http_stacks) = serve(
         &core,
         &cfg,
         Listeners {
@@ -576,6 +585,21 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         ),
         None => None,
     };
+    let http = match (cfg.http.listen, &cfg.tls) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "[http] listen serves plain HTTP, and this node has [tls]: tokens and the \
+                 catalogue would cross the network in the clear. Put the HTTP API behind a \
+                 TLS-terminating proxy on the same host (listen on 127.0.0.1), or leave it off"
+                    .into(),
+            ))
+        }
+        (Some(at), None) => {
+            let (registry, cluster) = http_stacks;
+            Some(crate::http::serve(at, registry, cluster).await?)
+        }
+        (None, _) => None,
+    };
     let dns = match cfg.dns.listen {
         Some(at) => {
             Some(crate::dns::DnsServer::start(at, dns_zone(&cfg)?, core.state.clone()).await?)
@@ -596,6 +620,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         metrics,
         tls_watch,
         dns,
+        http,
     })
 }
 
@@ -797,7 +822,7 @@ fn serve(
     tls: Option<Arc<Tls>>,
     leases: Arc<Leases>,
     health: HealthServer<impl Health>,
-) -> Result<(oneshot::Sender<()>, ServerTask)> {
+) -> Result<(oneshot::Sender<()>, ServerTask, (http::Grpc, http::Grpc))> {
     // Both versions, since many tools still speak v1alpha; the public API only.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -873,6 +898,11 @@ fn serve(
         timeout,
         auth: cfg.auth.enabled,
     };
+    // The HTTP API calls the client port's stacks in-process.
+    let http_stacks = (
+        http::Grpc::new(front.forwarded(registry.clone())),
+        http::Grpc::new(front.forwarded(cluster.clone())),
+    );
     let client_port = keepalive()
         .add_service(front.forwarded(registry.clone()))
         .add_service(front.forwarded(cluster.clone()))
@@ -900,7 +930,7 @@ fn serve(
         let (client, peer) = tokio::join!(client_port, peer_port);
         client.and(peer)
     };
-    Ok((stop, tokio::spawn(server)))
+    Ok((stop, tokio::spawn(server), http_stacks))
 }
 
 /// How the public services are put on a port: behind authorization (a no-op
@@ -992,6 +1022,22 @@ mod storage_suite;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_with_auth_needs_a_token_and_the_domain_is_qualified() {
+        let port = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let mut cfg = NodeConfig::new(1, port(1), port(2), "/data".into());
+        cfg.dns.domain = "sd.example".into();
+        let zone = dns_zone(&cfg).expect("no auth, no token needed");
+        assert_eq!(zone.domain.to_ascii(), "sd.example.");
+        assert!(zone.token.is_none());
+        cfg.auth.enabled = true;
+        let e = dns_zone(&cfg).expect_err("auth without a DNS token");
+        assert!(e.to_string().contains("[dns] token"), "{e}");
+        cfg.dns.token = Some("s3cret".into());
+        let zone = dns_zone(&cfg).expect("with a token");
+        assert_eq!(zone.token, Some(crate::api::auth::hash_secret("s3cret")));
+    }
 
     /// Sled lets go of a database's file lock a moment after its last handle
     /// is dropped (its flusher thread lets go last): open again until it has.

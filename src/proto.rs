@@ -4,6 +4,9 @@
 
 pub mod v1 {
     tonic::include_proto!("roster.v1");
+    // serde for the HTTP/JSON API (proto3 JSON mapping); the node only.
+    #[cfg(feature = "server")]
+    include!(concat!(env!("OUT_DIR"), "/roster.v1.serde.rs"));
 
     impl WatchServicesRequest {
         /// Follow `service` after `since_revision` (0: from its full state).

@@ -1,18 +1,14 @@
 //! DNS against a 3-node cluster, asked with a real stub resolver
-//! (hickory-resolver) and with `dig` (`ROSTER_DIG`, which `.ci/run` sets):
-//! answers from a follower, SRV targets that resolve, tags, instance names,
-//! NXDOMAIN against an empty answer, truncation and the retry over TCP, and
-//! the README's `roster dev` + `dig` lines as written.
+//! (hickory-resolver): answers from a follower, SRV targets that resolve,
+//! tags, instance names, NXDOMAIN against an empty answer, truncation and
+//! the retry over TCP, tokens. `dig` runs in `tests/outside.rs`.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::ports::free_port;
 use common::*;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -304,120 +300,4 @@ async fn with_auth_dns_answers_with_its_token() {
         (ips(&a) == BTreeSet::from(["10.0.0.1".parse().expect("ip")])).then_some(())
     })
     .await;
-}
-
-/// `dig`, as the README shows it, against a real `roster dev`.
-#[tokio::test]
-async fn outside_dig_against_roster_dev_as_the_readme_shows() {
-    let Ok(dig) = std::env::var("ROSTER_DIG") else {
-        eprintln!("skipped: set ROSTER_DIG to dig's path (.ci/run installs dnsutils and does)");
-        return;
-    };
-    let base = free_block();
-    let dev = Dev::start(base);
-    let endpoints = (0..3)
-        .map(|i| format!("127.0.0.1:{}", base + i))
-        .collect::<Vec<_>>()
-        .join(",");
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README");
-    let block = readme
-        .split_once("<!-- dns-example -->")
-        .and_then(|(_, rest)| rest.split_once("<!-- /dns-example -->"))
-        .map(|(b, _)| b)
-        .expect("the README's DNS example between its markers");
-    let mut digs: Vec<Vec<String>> = Vec::new();
-    for line in block.lines() {
-        // Without its comment, on this test's ports.
-        let line = line.split('#').next().unwrap_or_default();
-        let line = line.replace("7201", &(base + 200).to_string());
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["cargo", "run", "--", args @ ..] => {
-                let ok = wait_cmd(|| {
-                    Command::new(env!("CARGO_BIN_EXE_roster"))
-                        .args(args)
-                        .env("ROSTER_ENDPOINTS", &endpoints)
-                        .output()
-                        .ok()
-                        .filter(|o| o.status.success())
-                });
-                assert!(ok.is_some(), "{line} failed");
-            }
-            ["dig", args @ ..] => digs.push(args.iter().map(|w| w.to_string()).collect()),
-            _ => {}
-        }
-    }
-    assert!(digs.len() >= 2, "the example has dig lines: {block}");
-    for args in digs {
-        let out = wait_cmd(|| {
-            let o = Command::new(&dig).args(&args).output().ok()?;
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            (o.status.success() && !text.trim().is_empty()).then_some(text)
-        })
-        .unwrap_or_else(|| panic!("dig {args:?} answered nothing"));
-        let wanted = if args.iter().any(|a| a == "SRV") {
-            "8080 web-1.web.instance.roster."
-        } else {
-            "127.0.0.1"
-        };
-        assert!(out.contains(wanted), "dig {args:?}: {out}");
-    }
-    drop(dev);
-}
-
-/// Retries `f` until it gives an answer, for up to `LIMIT`.
-fn wait_cmd<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + LIMIT;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A base port whose client, peer and DNS ports (base..+3, +100.., +200..)
-/// are free now.
-fn free_block() -> u16 {
-    loop {
-        let base = free_port();
-        let free = [0u16, 100, 200].iter().all(|off| {
-            (0..3).all(|i| {
-                let p = base.checked_add(off + i);
-                p.is_some_and(|p| {
-                    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-                        && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
-                })
-            })
-        });
-        if free {
-            return base;
-        }
-    }
-}
-
-/// `roster dev` as a process, stopped when dropped.
-struct Dev(Child);
-
-impl Dev {
-    fn start(base: u16) -> Dev {
-        let child = Command::new(env!("CARGO_BIN_EXE_roster"))
-            .args(["dev", "--base-port", &base.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start roster dev");
-        Dev(child)
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

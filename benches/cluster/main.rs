@@ -201,6 +201,145 @@ async fn query<S: System>(
     .await)
 }
 
+/// A DNS query for `name`'s A records, as UDP carries it (id 0; set per send).
+fn dns_query(name: &str) -> Vec<u8> {
+    // Header: id, flags 0, one question, no records.
+    let mut q = vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    // The root label, type A, class IN.
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The answer count of the reply to query `id`, skipping late replies to
+/// earlier queries; an error for anything but a whole NOERROR answer.
+async fn dns_answer(sock: &tokio::net::UdpSocket, buf: &mut [u8], id: u16) -> Result<u16> {
+    loop {
+        let n = sock.recv(buf).await?;
+        if n < 12 || buf[0..2] != id.to_be_bytes() {
+            continue;
+        }
+        anyhow::ensure!(buf[3] & 0x0f == 0, "response code {}", buf[3] & 0x0f);
+        anyhow::ensure!(buf[2] & 0x02 == 0, "truncated");
+        return Ok(u16::from_be_bytes([buf[6], buf[7]]));
+    }
+}
+
+/// `clients` UDP clients asking `addr` for `name` back to back for `dur`, a
+/// Rust stand-in for dnsperf; an answer counts only if it holds `want` records.
+async fn dns_load(
+    addr: SocketAddr,
+    name: &str,
+    want: u16,
+    clients: usize,
+    dur: Duration,
+) -> Result<Summary> {
+    let query = dns_query(name);
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut q = query.clone();
+        tasks.push(tokio::spawn(async move {
+            let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+            sock.connect(addr).await?;
+            let mut buf = vec![0u8; 4096];
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let mut id = c as u16;
+            while Instant::now() < deadline {
+                id = id.wrapping_add(clients as u16);
+                q[0..2].copy_from_slice(&id.to_be_bytes());
+                let t = Instant::now();
+                sock.send(&q).await?;
+                let answer = dns_answer(&sock, &mut buf, id);
+                match tokio::time::timeout(Duration::from_secs(1), answer).await {
+                    Ok(Ok(n)) if n == want => lat.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            anyhow::Ok((lat, errors))
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (lat, e) = t.await??;
+        all.extend(lat);
+        errors += e;
+    }
+    Ok(Summary::of(all, start.elapsed(), errors))
+}
+
+/// DNS A queries of a 10-instance service against each node in turn, and
+/// the same service by stale gRPC GetService (etcd: a serializable get).
+async fn dns_rows(
+    roster: &Arc<Roster>,
+    etcd: &Arc<Etcd>,
+    rc: &Cluster,
+    dur: Duration,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    const SERVICE: &str = "dns";
+    for i in 0..10 {
+        roster.register(i, SERVICE, &format!("d-{i}")).await?;
+        etcd.register(i, SERVICE, &format!("d-{i}")).await?;
+    }
+    let leader = roster.leader().await?;
+    let name = format!("{SERVICE}.service.roster.");
+    for (i, p) in rc.procs.iter().enumerate() {
+        let addr = p.dns.context("the bench's Roster nodes serve DNS")?;
+        // Until the node has applied all ten.
+        let whole = || async {
+            dns_load(addr, &name, 10, 1, Duration::from_millis(50))
+                .await
+                .is_ok_and(|s| s.errors == 0 && s.throughput > 0.0)
+        };
+        procs::wait_until(
+            "the node to answer with all 10",
+            Duration::from_secs(10),
+            whole,
+        )
+        .await?;
+        let s = dns_load(addr, &name, 10, 64, dur).await?;
+        let role = if i == leader { "leader" } else { "follower" };
+        let label = format!(
+            "DNS A of a 10-instance service, 64 UDP clients, node {} ({role})",
+            i + 1
+        );
+        rows.push(Row {
+            name: format!("{label}: throughput / p50 / p99 (errors)"),
+            roster: format!(
+                "{:.0}/s / {} / {} ({})",
+                s.throughput,
+                ms(s.p50),
+                ms(s.p99),
+                s.errors
+            ),
+            etcd: "— (no DNS)".into(),
+            ratio: "—".into(),
+            target: "",
+        });
+    }
+    let r = closed_loop(roster, 64, dur, |s, c, _| async move {
+        let n = s.query(c, SERVICE, false).await?;
+        anyhow::ensure!(n == 10, "query returned {n} instances");
+        Ok(())
+    })
+    .await;
+    let e = closed_loop(etcd, 64, dur, |s, c, _| async move {
+        let n = s.query(c, SERVICE, false).await?;
+        anyhow::ensure!(n == 10, "query returned {n} instances");
+        Ok(())
+    })
+    .await;
+    let name = "the same 10 instances by gRPC, stale / serializable, 64 clients over all nodes";
+    rows.push(throughput_row(name, &r, &e, ""));
+    rows.extend(latency_rows(name, &r, &e, ""));
+    Ok(())
+}
+
 /// Connection `k` of those to `node`.
 fn conn_to(node: usize, k: usize) -> usize {
     node + NODES * (k % (POOL / NODES))
@@ -1496,6 +1635,10 @@ async fn main() -> Result<()> {
             rows.push(throughput_row(&name, &r, &e, ""));
             rows.extend(latency_rows(&name, &r, &e, "p99 ≤ 1×"));
         }
+    }
+    if opts.runs("dns") {
+        eprintln!("dns");
+        dns_rows(&roster, &etcd, &rc, dur, &mut rows).await?;
     }
     if opts.runs("stale_under_writes") {
         for (role, on) in [(Role::Leader, "the leader"), (Role::Follower, "a follower")] {

@@ -65,6 +65,8 @@ pub fn dir_bytes(p: &Path) -> u64 {
 
 pub struct Proc {
     pub endpoint: String,
+    /// Where a Roster node answers DNS (UDP).
+    pub dns: Option<SocketAddr>,
     pub data: PathBuf,
     args: Vec<String>,
     program: PathBuf,
@@ -225,7 +227,13 @@ pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Resul
         .collect();
     let initial = format!("initial_cluster = \"{}\"\n{extra}", initial.join(","));
     let procs = (0..n)
-        .map(|i| roster_node(dir, i as u64 + 1, ports[i], peer[i], advertise[i], &initial))
+        .map(|i| {
+            let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let config = format!("{initial}\n[dns]\nlisten = \"{dns}\"\n");
+            let mut p = roster_node(dir, i as u64 + 1, ports[i], peer[i], advertise[i], &config)?;
+            p.dns = Some(dns);
+            Ok(p)
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut c = Cluster { procs };
     c.start_all()?;
@@ -264,6 +272,7 @@ fn roster_node(
     )?;
     Ok(Proc {
         endpoint: format!("127.0.0.1:{port}"),
+        dns: None,
         data,
         args: vec![
             "server".into(),
@@ -331,6 +340,7 @@ pub fn etcd_with(
         }
         procs.push(Proc {
             endpoint: format!("127.0.0.1:{}", client[i]),
+            dns: None,
             data,
             args,
             program: program.clone(),

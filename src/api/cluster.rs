@@ -409,11 +409,13 @@ impl Cluster for ClusterApi {
             .purge_log(snapshot_index)
             .await
             .map_err(stopped)?;
-        let size_bytes = match self.raft.get_snapshot().await {
-            Ok(Some(s)) => s.snapshot.get_ref().len() as u64,
-            Ok(None) => 0,
-            Err(e) => return Err(Error::Unavailable(format!("read snapshot: {e}")).into()),
-        };
+        // The file's size: reading the snapshot back through openraft would
+        // hold its state machine task (and so every apply) for as long as
+        // reading a large file takes.
+        let size_bytes = self
+            .state_machine
+            .snapshot_size()
+            .map_err(|e| Error::Storage(format!("snapshot file: {e}")))?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshot_index,
             size_bytes,

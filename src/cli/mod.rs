@@ -231,6 +231,9 @@ pub struct ServerArgs {
     /// Answer DNS queries (UDP and TCP) on this address: <service>.service.roster.
     #[arg(long)]
     dns_listen: Option<SocketAddr>,
+    /// Serve the HTTP/JSON API on this address (GET /v1/services, ...).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// This node's certificate (PEM) for TLS on both ports; with --tls-key and --tls-ca.
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,

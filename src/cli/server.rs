@@ -66,6 +66,9 @@ fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = a.dns_listen {
         cfg.dns.listen = Some(v);
     }
+    if let Some(v) = a.http_listen {
+        cfg.http.listen = Some(v);
+    }
     if a.auth {
         cfg.auth.enabled = true;
     }
@@ -141,6 +144,8 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
 const DEV_PEER_OFFSET: u16 = 100;
 /// DNS of `roster dev` node i: UDP and TCP on the base port + 200 + i.
 const DEV_DNS_OFFSET: u16 = 200;
+/// The HTTP API of `roster dev` node i: the base port + 300 + i.
+const DEV_HTTP_OFFSET: u16 = 300;
 
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("roster-dev-").tempdir()?;
@@ -173,16 +178,25 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
             a.base_port + DEV_DNS_OFFSET + i,
         )));
         cfg.dns.token = admin_secret.clone();
+        // Plain HTTP: not beside --tls.
+        if !a.tls {
+            cfg.http.listen = Some(SocketAddr::from((
+                Ipv4Addr::LOCALHOST,
+                a.base_port + DEV_HTTP_OFFSET + i,
+            )));
+        }
         handles.push(node::start(cfg).await?);
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
     for h in &handles {
+        let off = |a: Option<SocketAddr>| a.map_or("off".into(), |a| a.to_string());
         println!(
-            "node {} listening on {} (peer port {}, DNS {})",
+            "node {} listening on {} (peer port {}, DNS {}, HTTP {})",
             h.id,
             h.addr,
             h.peer_addr,
-            h.dns_addr().map_or("off".into(), |a| a.to_string())
+            off(h.dns_addr()),
+            off(h.http_addr()),
         );
     }
     println!("data in {}", dir.path().display());
@@ -223,6 +237,9 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
             dns.ip(),
             dns.port()
         );
+    }
+    if let Some(http) = handles.first().and_then(|h| h.http_addr()) {
+        println!("     curl http://{http}/v1/services");
     }
     println!("Ctrl-C stops the cluster and deletes its data.");
     exit_on_panic();

@@ -74,6 +74,18 @@ impl SnapshotFile {
         self.path.exists()
     }
 
+    /// The file's size in bytes; 0 if there is none.
+    pub fn size(&self) -> Result<u64, SnapshotFileError> {
+        match std::fs::metadata(&self.path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(error) => Err(SnapshotFileError::Io {
+                path: self.path.clone(),
+                error,
+            }),
+        }
+    }
+
     /// Replaces the file with `v`, durably: written, fsynced, renamed, and the
     /// directory fsynced so the rename survives a crash.
     pub fn write<T: Serialize>(&self, v: &T) -> Result<(), SnapshotFileError> {

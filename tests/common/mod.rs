@@ -38,6 +38,8 @@ pub struct TestNode {
     pub metrics_port: u16,
     /// Where the node answers DNS (UDP and TCP), with `Setup::dns`.
     pub dns_port: u16,
+    /// Where the node serves the HTTP/JSON API, with `Setup::http`.
+    pub http_port: u16,
     pub config: PathBuf,
     child: Option<Child>,
 }
@@ -61,6 +63,7 @@ pub struct TestCluster {
     auth: bool,
     auth_secret: Option<String>,
     dns: Option<String>,
+    http: bool,
     /// The bootstrap (admin) token the harness's clients send (`Setup::auth`).
     token: OnceLock<String>,
 }
@@ -96,6 +99,8 @@ pub struct Setup {
     /// Each node serves DNS on its `dns_port`, with these further lines of
     /// its `[dns]` section.
     pub dns: Option<String>,
+    /// Each node serves the HTTP/JSON API on its `http_port`.
+    pub http: bool,
 }
 
 /// What a node logs when its listen or metrics port was taken before it bound it.
@@ -221,6 +226,7 @@ impl TestCluster {
             auth: setup.auth,
             auth_secret: setup.auth_secret,
             dns: setup.dns,
+            http: setup.http,
             token: OnceLock::new(),
         };
         for (host, port, peer_port) in addrs {
@@ -282,6 +288,7 @@ impl TestCluster {
             peer,
             metrics_port: free_port(),
             dns_port: free_port(),
+            http_port: free_port(),
             config: self.dir.path().join(format!("node-{id}.toml")),
             child: None,
         });
@@ -307,7 +314,11 @@ impl TestCluster {
             Some(lines) => format!("[dns]\nlisten = \"127.0.0.1:{}\"\n{lines}\n", n.dns_port),
             None => String::new(),
         };
-        std::fs::write(&n.config, text + &dns).expect("write config");
+        let http = match self.http {
+            true => format!("[http]\nlisten = \"127.0.0.1:{}\"\n", n.http_port),
+            false => String::new(),
+        };
+        std::fs::write(&n.config, text + &dns + &http).expect("write config");
     }
 
     /// `n` nodes, each in a network namespace behind a proxy, so that a test

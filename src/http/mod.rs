@@ -1,0 +1,370 @@
+//! HTTP/JSON: the Registry's operations as REST resources, a service's watch
+//! as Server-Sent Events, and the cluster's status.
+//!
+//! Every request becomes the gRPC call the client port serves, made
+//! in-process through that port's own service stack: the same token check,
+//! limits, validation, forwarding to the leader and error codes, so the two
+//! APIs cannot disagree. Bodies are the proto3 JSON mapping of the same
+//! messages (`pbjson`): lowerCamelCase names, enums by name, 64-bit integers
+//! as strings. Errors are `{"code": "<gRPC code name>", "message": ...}` with
+//! an HTTP status that fits the code.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::util::BoxCloneSyncService;
+
+use crate::error::{Error, Result};
+use crate::proto::v1 as pb;
+use crate::proto::v1::cluster_client::ClusterClient;
+use crate::proto::v1::registry_client::RegistryClient;
+
+/// A gRPC service of the client port, as this module calls it.
+pub type Grpc = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
+/// The OpenAPI document of these routes.
+const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+struct Api {
+    registry: RegistryClient<Grpc>,
+    cluster: ClusterClient<Grpc>,
+}
+
+/// Serves the HTTP API on `addr` until the returned task is aborted; returns
+/// the address bound (for port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Grpc,
+    cluster: Grpc,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Unavailable(format!("bind HTTP listener {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let api = Api {
+        registry: RegistryClient::new(registry),
+        cluster: ClusterClient::new(cluster),
+    };
+    let app = Router::new()
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}", get(get_service))
+        .route(
+            "/v1/services/{service}/instances/{id}",
+            put(register).delete(deregister),
+        )
+        .route(
+            "/v1/services/{service}/instances/{id}/heartbeat",
+            post(heartbeat),
+        )
+        .route("/v1/watch/{service}", get(watch))
+        .route("/v1/cluster/status", get(status))
+        .route("/v1/openapi.json", get(openapi))
+        .with_state(api);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("HTTP API stopped: {e}");
+        }
+    });
+    Ok((bound, task))
+}
+
+/// A gRPC status as an HTTP answer.
+struct Failure(Status);
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure(s)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (http_status(self.0.code()), Json(error_json(&self.0))).into_response()
+    }
+}
+
+/// An error's JSON body: `{"code": "NOT_FOUND", "message": "..."}`.
+fn error_json(s: &Status) -> serde_json::Value {
+    serde_json::json!({"code": code_name(s.code()), "message": s.message()})
+}
+
+/// The HTTP status that fits a gRPC code (as grpc-gateway maps them).
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The code's name as gRPC spells it (`NOT_FOUND`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+type Answer<T> = std::result::Result<Json<T>, Failure>;
+
+/// `msg` as a gRPC request carrying the HTTP request's token.
+fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        if let Ok(v) = v.to_str().unwrap_or_default().parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+    }
+    r
+}
+
+fn bad_request(what: String) -> Failure {
+    Failure(Status::invalid_argument(what))
+}
+
+/// The query string's pairs, keys repeated as given.
+fn pairs(query: Option<String>) -> std::result::Result<Vec<(String, String)>, Failure> {
+    serde_urlencoded::from_str(query.as_deref().unwrap_or_default())
+        .map_err(|e| bad_request(format!("query string: {e}")))
+}
+
+fn flag(key: &str, v: &str) -> std::result::Result<bool, Failure> {
+    match v {
+        "" | "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(bad_request(format!("{key}={v:?}: use true or false"))),
+    }
+}
+
+fn consistency(v: &str) -> std::result::Result<pb::Consistency, Failure> {
+    match v {
+        "linearizable" => Ok(pb::Consistency::Linearizable),
+        "stale" => Ok(pb::Consistency::Stale),
+        _ => Err(bad_request(format!(
+            "consistency={v:?}: use linearizable or stale"
+        ))),
+    }
+}
+
+async fn list_services(
+    State(mut api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Answer<pb::ListServicesResponse> {
+    let mut msg = pb::ListServicesRequest::default();
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "consistency" => msg.consistency = consistency(&v)? as i32,
+            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    let r = api.registry.list_services(request(&headers, msg)).await?;
+    Ok(Json(r.into_inner()))
+}
+
+async fn get_service(
+    State(mut api): State<Api>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Answer<pb::GetServiceResponse> {
+    let mut msg = pb::GetServiceRequest {
+        service,
+        ..Default::default()
+    };
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "healthy" => msg.healthy_only = flag(&k, &v)?,
+            "tag" => msg.tags.push(v),
+            "consistency" => msg.consistency = consistency(&v)? as i32,
+            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    let r = api.registry.get_service(request(&headers, msg)).await?;
+    Ok(Json(r.into_inner()))
+}
+
+/// The body is the instance (its `service` and `id` may be left out; given,
+/// they must match the path); `?session=` registers it under a session.
+async fn register(
+    State(mut api): State<Api>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: axum::body::Bytes,
+) -> Answer<pb::RegisterResponse> {
+    let mut inst: pb::Instance = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("body: not an Instance in JSON: {e}")))?;
+    for (field, given, path) in [("service", &inst.service, &service), ("id", &inst.id, &id)] {
+        if !given.is_empty() && given != path {
+            return Err(bad_request(format!(
+                "body's {field} {given:?} differs from the path's {path:?}"
+            )));
+        }
+    }
+    inst.service = service;
+    inst.id = id;
+    let mut msg = pb::RegisterRequest {
+        instance: Some(inst),
+        ..Default::default()
+    };
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "session" => msg.session = v,
+            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    let r = api.registry.register(request(&headers, msg)).await?;
+    Ok(Json(r.into_inner()))
+}
+
+async fn deregister(
+    State(mut api): State<Api>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer<pb::DeregisterResponse> {
+    let msg = pb::DeregisterRequest { service, id };
+    let r = api.registry.deregister(request(&headers, msg)).await?;
+    Ok(Json(r.into_inner()))
+}
+
+async fn heartbeat(
+    State(mut api): State<Api>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer<pb::HeartbeatResponse> {
+    let msg = pb::HeartbeatRequest { service, id };
+    let r = api.registry.heartbeat(request(&headers, msg)).await?;
+    Ok(Json(r.into_inner()))
+}
+
+async fn status(
+    State(mut api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Answer<pb::StatusResponse> {
+    let mut msg = pb::StatusRequest::default();
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "linearizable" => msg.linearizable = flag(&k, &v)?,
+            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    let r = api.cluster.status(request(&headers, msg)).await?;
+    Ok(Json(r.into_inner()))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// A service's watch as Server-Sent Events: each message of the gRPC stream
+/// is one event, its `id` the message's revision, so a client that
+/// reconnects with `Last-Event-ID` (browsers do it by themselves) resumes
+/// after it, on this node or any other. `event: reset` carries a full state
+/// (the initial one, or after compaction), `event: events` changes; an error
+/// ends the stream with `event: error` and the JSON error.
+async fn watch(
+    State(mut api): State<Api>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, Failure> {
+    let mut since = 0;
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "since" => {
+                since = v
+                    .parse()
+                    .map_err(|_| bad_request(format!("since={v:?}: not a revision")))?
+            }
+            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    if let Some(v) = headers.get("last-event-id") {
+        since = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad_request("Last-Event-ID: not a revision".into()))?;
+    }
+    let msg = pb::WatchRequest {
+        service,
+        since_revision: since,
+    };
+    let stream = api
+        .registry
+        .watch(request(&headers, msg))
+        .await?
+        .into_inner();
+    let events = stream
+        .map(|m| match m {
+            Ok(m) => {
+                let kind = match m.reset {
+                    r if r == pb::ResetReason::Unspecified as i32 => "events",
+                    _ => "reset",
+                };
+                let data = serde_json::to_string(&m).unwrap_or_default();
+                (
+                    Event::default()
+                        .id(m.revision.to_string())
+                        .event(kind)
+                        .data(data),
+                    false,
+                )
+            }
+            Err(s) => (
+                Event::default()
+                    .event("error")
+                    .data(error_json(&s).to_string()),
+                true,
+            ),
+        })
+        // Up to and including the first error.
+        .scan(false, |ended, (event, error)| {
+            let item = (!*ended).then_some(Ok(event));
+            *ended |= error;
+            futures::future::ready(item)
+        });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,136 @@
+//! The README's example for clients without a library, run as written
+//! against a real `roster dev`: `dig` (`ROSTER_DIG`) and `curl`
+//! (`ROSTER_CURL`), which `.ci/run` installs and sets; without them the test
+//! says so and skips.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ports::free_port;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn outside_dig_and_curl_as_the_readme_shows() {
+    let (Ok(dig), Ok(curl)) = (std::env::var("ROSTER_DIG"), std::env::var("ROSTER_CURL")) else {
+        eprintln!("skipped: set ROSTER_DIG and ROSTER_CURL (.ci/run installs them and does)");
+        return;
+    };
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let block = readme
+        .split_once("<!-- outside-example -->")
+        .and_then(|(_, rest)| rest.split_once("<!-- /outside-example -->"))
+        .map(|(b, _)| b)
+        .expect("the README's example between its markers");
+    let base = free_block();
+    let _dev = Dev::start(base);
+    let roster = env!("CARGO_BIN_EXE_roster");
+    let mut ran = Vec::new();
+    for line in block.lines() {
+        // The command without its comment, on this test's ports.
+        let Some(cmd) = line.split("  #").next().map(str::trim) else {
+            continue;
+        };
+        let mut cmd = cmd.to_string();
+        for (dev, port) in [
+            (7001, 0),
+            (7201, 200),
+            (7301, 300),
+            (7302, 301),
+            (7303, 302),
+        ] {
+            cmd = cmd.replace(&dev.to_string(), &(base + port).to_string());
+        }
+        let (cmd, wanted): (String, &str) = if let Some(rest) = cmd.strip_prefix("cargo run -- ") {
+            (
+                format!("{roster} {rest} --endpoints 127.0.0.1:{base}"),
+                "registered",
+            )
+        } else if let Some(rest) = cmd.strip_prefix("dig ") {
+            let wanted = match rest.contains(" SRV") {
+                true => "1 1 8080 web-1.web.instance.roster.",
+                false => "127.0.0.1",
+            };
+            (format!("{dig} {rest}"), wanted)
+        } else if let Some(rest) = cmd.strip_prefix("curl ") {
+            // A watch never ends by itself: cut it after a moment.
+            let wanted = match rest.contains("/v1/watch/") {
+                true => "event: reset",
+                false if rest.contains("PUT") => "\"revision\"",
+                false => "\"id\":\"web-2\"",
+            };
+            (format!("{curl} -sS --max-time 2 {rest}"), wanted)
+        } else {
+            continue;
+        };
+        let out = retried(&cmd, wanted)
+            .unwrap_or_else(|o| panic!("{cmd}: no {wanted:?} within {LIMIT:?}: {o:?}"));
+        ran.push((cmd, out));
+    }
+    assert_eq!(ran.len(), 6, "the example's commands: {block}");
+}
+
+/// Runs `cmd` in a shell until its output holds `wanted` (a node may not
+/// have applied the write yet); the last output if it never does.
+fn retried(cmd: &str, wanted: &str) -> Result<String, Output> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let out = Command::new("bash")
+            .args(["-c", cmd])
+            .output()
+            .expect("run bash");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(wanted) {
+            return Ok(text);
+        }
+        if Instant::now() > deadline {
+            return Err(out);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A base port whose client, peer, DNS and HTTP ports (base..+3, +100..,
+/// +200.., +300..) are free now.
+fn free_block() -> u16 {
+    loop {
+        let base = free_port();
+        let free = [0u16, 100, 200, 300].iter().all(|off| {
+            (0..3).all(|i| {
+                base.checked_add(off + i).is_some_and(|p| {
+                    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                        && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+                })
+            })
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+/// `roster dev` as a process, stopped when dropped.
+struct Dev(Child);
+
+impl Dev {
+    fn start(base: u16) -> Dev {
+        let child = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(["dev", "--base-port", &base.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start roster dev");
+        Dev(child)
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
