@@ -247,7 +247,7 @@ async fn dns_load(
             let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
             sock.connect(addr).await?;
             let mut buf = vec![0u8; 4096];
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let (mut lat, mut errors) = (Vec::new(), 0usize);
             let mut id = c as u16;
             while Instant::now() < deadline {
                 id = id.wrapping_add(clients as u16);
@@ -272,8 +272,60 @@ async fn dns_load(
     Ok(Summary::of(all, start.elapsed(), errors))
 }
 
-/// DNS A queries of a 10-instance service against each node in turn, and
-/// the same service by stale gRPC GetService (etcd: a serializable get).
+/// `clients` HTTP/1.1 clients (keep-alive) GETting `url` back to back for
+/// `dur`; an answer counts only if it is a 200.
+async fn http_load(url: String, clients: usize, dur: Duration) -> Result<Summary> {
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0usize);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let ok = match http.get(&url).send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                match ok {
+                    true => lat.push(t.elapsed()),
+                    false => errors += 1,
+                }
+            }
+            anyhow::Ok((lat, errors))
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (lat, e) = t.await??;
+        all.extend(lat);
+        errors += e;
+    }
+    Ok(Summary::of(all, start.elapsed(), errors))
+}
+
+/// A Roster-only row: throughput, p50, p99 and errors in one cell.
+fn load_row(label: &str, s: &Summary, etcd: &str) -> Row {
+    Row {
+        name: format!("{label}: throughput / p50 / p99 (errors)"),
+        roster: format!(
+            "{:.0}/s / {} / {} ({})",
+            s.throughput,
+            ms(s.p50),
+            ms(s.p99),
+            s.errors
+        ),
+        etcd: etcd.into(),
+        ratio: "—".into(),
+        target: "",
+    }
+}
+
+/// DNS A queries and HTTP GETs of a 10-instance service against each node
+/// in turn, and the same service by stale gRPC GetService (etcd: a
+/// serializable get).
 async fn dns_rows(
     roster: &Arc<Roster>,
     etcd: &Arc<Etcd>,
@@ -308,19 +360,15 @@ async fn dns_rows(
             "DNS A of a 10-instance service, 64 UDP clients, node {} ({role})",
             i + 1
         );
-        rows.push(Row {
-            name: format!("{label}: throughput / p50 / p99 (errors)"),
-            roster: format!(
-                "{:.0}/s / {} / {} ({})",
-                s.throughput,
-                ms(s.p50),
-                ms(s.p99),
-                s.errors
-            ),
-            etcd: "— (no DNS)".into(),
-            ratio: "—".into(),
-            target: "",
-        });
+        rows.push(load_row(&label, &s, "— (no DNS)"));
+        let addr = p.http.context("the bench's Roster nodes serve HTTP")?;
+        let url = format!("http://{addr}/v1/services/{SERVICE}?consistency=stale");
+        let h = http_load(url, 64, dur).await?;
+        let label = format!(
+            "HTTP GET of the same service (stale), 64 clients, node {} ({role})",
+            i + 1
+        );
+        rows.push(load_row(&label, &h, "— (no HTTP/JSON API here)"));
     }
     let r = closed_loop(roster, 64, dur, |s, c, _| async move {
         let n = s.query(c, SERVICE, false).await?;

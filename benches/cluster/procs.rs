@@ -67,6 +67,8 @@ pub struct Proc {
     pub endpoint: String,
     /// Where a Roster node answers DNS (UDP).
     pub dns: Option<SocketAddr>,
+    /// Where a Roster node serves the HTTP/JSON API.
+    pub http: Option<SocketAddr>,
     pub data: PathBuf,
     args: Vec<String>,
     program: PathBuf,
@@ -228,10 +230,13 @@ pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Resul
     let initial = format!("initial_cluster = \"{}\"\n{extra}", initial.join(","));
     let procs = (0..n)
         .map(|i| {
-            let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let config = format!("{initial}\n[dns]\nlisten = \"{dns}\"\n");
+            let at = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let (dns, http) = (at(), at());
+            let config =
+                format!("{initial}\n[dns]\nlisten = \"{dns}\"\n[http]\nlisten = \"{http}\"\n");
             let mut p = roster_node(dir, i as u64 + 1, ports[i], peer[i], advertise[i], &config)?;
             p.dns = Some(dns);
+            p.http = Some(http);
             Ok(p)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -273,6 +278,7 @@ fn roster_node(
     Ok(Proc {
         endpoint: format!("127.0.0.1:{port}"),
         dns: None,
+        http: None,
         data,
         args: vec![
             "server".into(),
@@ -341,6 +347,7 @@ pub fn etcd_with(
         procs.push(Proc {
             endpoint: format!("127.0.0.1:{}", client[i]),
             dns: None,
+            http: None,
             data,
             args,
             program: program.clone(),
