@@ -1173,6 +1173,13 @@ async fn scale_rows(
         list_mib(&rs.rss_after_restart),
         ms(rs.restart)
     );
+    for (size, q) in &rs.queries {
+        eprintln!(
+            "roster, {size} instances: GetService p99 {}, ListServices p99 {}",
+            ms(q.get.p99),
+            q.list.as_ref().map_or("—".into(), |l| ms(l.p99))
+        );
+    }
     let stall = snapshot_stall(&roster, dur).await?;
     let joined = join_by_snapshot(&roster, dir, instances).await?;
     drop((roster, rc));
