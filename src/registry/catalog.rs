@@ -25,6 +25,10 @@ pub struct Catalog {
     /// that limits are checked without a scan.
     instances: usize,
     checked: usize,
+    /// Passing instances per service (services with none are left out), so
+    /// that a listing costs a lookup per service, not a scan of every
+    /// instance: with a million instances the scan set ListServices' p99.
+    passing: BTreeMap<String, u32>,
     sessions: BTreeMap<String, Session>,
     /// Session id → the services it holds instances in, with how many:
     /// derived from their metadata as they come and go. Per service rather
@@ -210,15 +214,22 @@ impl Catalog {
             if inst.status == u.status {
                 continue;
             }
+            let was = inst.status == HealthStatus::Passing;
             inst.status = u.status;
             inst.check_output = u.output.clone();
             inst.status_since_ms = u.at_ms;
             inst.mod_revision = revision;
             applied += 1;
+            let instance = Instance::clone(inst);
+            match (was, instance.status == HealthStatus::Passing) {
+                (false, true) => self.count_passing(&instance.service, true),
+                (true, false) => self.count_passing(&instance.service, false),
+                _ => {}
+            }
             events.push(Event {
                 kind: EventKind::Put,
                 revision,
-                instance: Instance::clone(inst),
+                instance,
             });
         }
         Outcome::HealthUpdated(applied)
@@ -399,10 +410,7 @@ impl Catalog {
             .map(|(name, m)| ServiceSummary {
                 name: name.clone(),
                 instances: m.len() as u32,
-                passing: m
-                    .values()
-                    .filter(|i| i.status == HealthStatus::Passing)
-                    .count() as u32,
+                passing: self.passing.get(name).copied().unwrap_or(0),
             })
             .collect()
     }
@@ -425,6 +433,9 @@ impl Catalog {
     fn insert(&mut self, inst: impl Into<Arc<Instance>>) {
         let inst = inst.into();
         let checked = inst.check.is_some();
+        if inst.status == HealthStatus::Passing {
+            self.count_passing(&inst.service, true);
+        }
         let held = inst
             .session()
             .map(|s| (s.to_string(), inst.service.clone()));
@@ -457,10 +468,25 @@ impl Catalog {
         old
     }
 
+    /// One passing instance more (`up`) or fewer in `service`.
+    fn count_passing(&mut self, service: &str, up: bool) {
+        if up {
+            *self.passing.entry(service.to_string()).or_default() += 1;
+        } else if let Some(n) = self.passing.get_mut(service) {
+            *n -= 1;
+            if *n == 0 {
+                self.passing.remove(service);
+            }
+        }
+    }
+
     fn uncount(&mut self, old: Option<&Instance>) {
         if let Some(old) = old {
             self.instances -= 1;
             self.checked -= usize::from(old.check.is_some());
+            if old.status == HealthStatus::Passing {
+                self.count_passing(&old.service, false);
+            }
             let Some(session) = old.session() else { return };
             let Some(services) = self.held.get_mut(session) else {
                 return;
@@ -534,6 +560,7 @@ mod tests {
         assert_eq!(one.session(), None);
         assert!(one.check_output.contains("expired"), "{}", one.check_output);
         assert_eq!(c.instances_of("b").count(), 0, "deregistered");
+        assert_eq!(c.summaries(), scanned(&c), "critical ones no longer pass");
         assert_eq!(
             c.get("a", "3").map(|i| i.status),
             Some(HealthStatus::Passing)
@@ -604,6 +631,8 @@ mod tests {
         );
         assert!(before.iter().all(|i| i.status == HealthStatus::Passing));
         assert_eq!(resp.outcome, Outcome::HealthUpdated(2));
+        assert_eq!(c.summaries(), scanned(&c));
+        assert_eq!(c.summaries()[0].passing, 2);
         assert_eq!(ev.len(), 2);
         assert_eq!(c.get("a", "1").map(|i| i.mod_revision), Some(2));
         // The same status again is no change.
@@ -622,6 +651,23 @@ mod tests {
         assert!(v.protection_active);
         assert_eq!(v.instances.len(), 4);
         assert!(!c.view("a", false, &[]).protection_active);
+    }
+
+    /// The listing as a scan of every instance would count it.
+    fn scanned(c: &Catalog) -> Vec<ServiceSummary> {
+        let mut names: Vec<&str> = c.all_instances().map(|i| i.service.as_str()).collect();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| ServiceSummary {
+                name: name.to_string(),
+                instances: c.instances_of(name).count() as u32,
+                passing: c
+                    .instances_of(name)
+                    .filter(|i| i.status == HealthStatus::Passing)
+                    .count() as u32,
+            })
+            .collect()
     }
 
     #[test]
@@ -653,6 +699,7 @@ mod tests {
         c.apply(7, &gone("a", "1"));
         c.apply(8, &gone("a", "1"));
         assert_eq!(counts(&c), (2, 1, 1, 0));
+        assert_eq!(c.summaries(), scanned(&c));
         let rebuilt = Catalog::from_parts(8, c.all_instances().cloned().collect::<Vec<_>>(), []);
         assert_eq!(counts(&rebuilt), counts(&c));
         c.apply(9, &gone("a", "2"));
