@@ -332,9 +332,19 @@ async fn dev_command_runs_a_working_three_node_cluster() {
     let base = loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let p = l.local_addr().expect("addr").port();
-        // The dev cluster's peer ports are 100 above its client ports.
-        let free = |i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok();
-        if p < 65000 && (1..3).all(free) && (100..103).all(free) {
+        // The dev cluster's peer, DNS and HTTP ports are 100, 200 and 300
+        // above its client ports.
+        let free = |i| {
+            std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok()
+        };
+        if p < 65000
+            && (1..3)
+                .chain(100..103)
+                .chain(200..203)
+                .chain(300..303)
+                .all(free)
+        {
             break p;
         }
     };

@@ -252,8 +252,8 @@ pub struct ServerArgs {
 
 #[derive(Args)]
 pub struct DevArgs {
-    /// Client port of node 1; nodes 2 and 3 take the next ones, and the peer
-    /// ports are 100 above.
+    /// Client port of node 1; nodes 2 and 3 take the next ones. Peer, DNS and
+    /// HTTP ports are 100, 200 and 300 above.
     #[arg(long, default_value_t = 7001)]
     base_port: u16,
     #[arg(long, default_value_t = 3)]

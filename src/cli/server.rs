@@ -149,9 +149,15 @@ const DEV_HTTP_OFFSET: u16 = 300;
 
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("roster-dev-").tempdir()?;
-    let addr = |i: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + i));
-    let peer_addr =
-        |i: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + DEV_PEER_OFFSET + i));
+    anyhow::ensure!(
+        a.base_port.checked_add(DEV_HTTP_OFFSET + a.nodes).is_some(),
+        "--base-port {} is too high: node ports reach {} above it",
+        a.base_port,
+        DEV_HTTP_OFFSET + a.nodes
+    );
+    let at = |offset: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + offset));
+    let addr = |i: u16| at(i);
+    let peer_addr = |i: u16| at(DEV_PEER_OFFSET + i);
     let initial: Vec<String> = (0..a.nodes)
         .map(|i| format!("{}={}", i + 1, peer_addr(i)))
         .collect();
@@ -173,17 +179,11 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.initial_cluster = initial.join(",");
         cfg.tls = certs.as_ref().map(|c| c.node.clone());
         cfg.auth.enabled = a.auth;
-        cfg.dns.listen = Some(SocketAddr::from((
-            Ipv4Addr::LOCALHOST,
-            a.base_port + DEV_DNS_OFFSET + i,
-        )));
+        cfg.dns.listen = Some(at(DEV_DNS_OFFSET + i));
         cfg.dns.token = admin_secret.clone();
         // Plain HTTP: not beside --tls.
         if !a.tls {
-            cfg.http.listen = Some(SocketAddr::from((
-                Ipv4Addr::LOCALHOST,
-                a.base_port + DEV_HTTP_OFFSET + i,
-            )));
+            cfg.http.listen = Some(at(DEV_HTTP_OFFSET + i));
         }
         handles.push(node::start(cfg).await?);
     }

@@ -35,6 +35,9 @@ pub type Grpc = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, I
 
 /// The OpenAPI document of these routes.
 const OPENAPI: &str = include_str!("openapi.json");
+/// The web console: one page, its script and style inline (no CDN, no
+/// build step), fed by this API.
+const CONSOLE: &str = include_str!("console.html");
 
 #[derive(Clone)]
 struct Api {
@@ -70,9 +73,11 @@ pub async fn serve(
             "/v1/services/{service}/instances/{id}/heartbeat",
             post(heartbeat),
         )
+        .route("/v1/watch", get(watch_all))
         .route("/v1/watch/{service}", get(watch))
         .route("/v1/cluster/status", get(status))
         .route("/v1/openapi.json", get(openapi))
+        .route("/ui", get(console))
         .with_state(api);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -296,6 +301,22 @@ async fn status(
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn console() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        CONSOLE,
+    )
+}
+
+/// Every service's changes: what the console follows.
+async fn watch_all(
+    state: State<Api>,
+    headers: HeaderMap,
+    query: RawQuery,
+) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, Failure> {
+    watch(state, Path(String::new()), headers, query).await
 }
 
 /// A service's watch as Server-Sent Events: each message of the gRPC stream
