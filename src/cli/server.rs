@@ -240,6 +240,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     }
     if let Some(http) = handles.first().and_then(|h| h.http_addr()) {
         println!("     curl http://{http}/v1/services");
+        println!("web console: http://{http}/ui");
     }
     println!("Ctrl-C stops the cluster and deletes its data.");
     exit_on_panic();

@@ -389,3 +389,27 @@ async fn watch(
         });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_fitting_statuses_and_their_names() {
+        for (code, status, name) in [
+            (Code::InvalidArgument, 400, "INVALID_ARGUMENT"),
+            (Code::OutOfRange, 400, "OUT_OF_RANGE"),
+            (Code::Unauthenticated, 401, "UNAUTHENTICATED"),
+            (Code::PermissionDenied, 403, "PERMISSION_DENIED"),
+            (Code::NotFound, 404, "NOT_FOUND"),
+            (Code::ResourceExhausted, 429, "RESOURCE_EXHAUSTED"),
+            (Code::Unavailable, 503, "UNAVAILABLE"),
+            (Code::DeadlineExceeded, 504, "DEADLINE_EXCEEDED"),
+        ] {
+            assert_eq!(http_status(code).as_u16(), status, "{code:?}");
+            let body = error_json(&Status::new(code, "why"));
+            assert_eq!(body["code"], name);
+            assert_eq!(body["message"], "why");
+        }
+    }
+}
