@@ -517,6 +517,19 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_config_parses() {
+        let readme = include_str!("../README.md");
+        let text = readme
+            .split("```toml\n")
+            .find(|b| b.starts_with("id = 1"))
+            .and_then(|b| b.split("```").next())
+            .expect("the README's node config");
+        let cfg: NodeConfig = toml::from_str(text).expect("the README's node config");
+        assert_eq!(cfg.dns.domain, "roster.");
+        assert!(cfg.dns.listen.is_some() && cfg.http.listen.is_some());
+    }
+
+    #[test]
     fn initial_cluster() {
         let m = parse_initial_cluster("1=127.0.0.1:7001, 2=node-2:7002").unwrap_or_default();
         assert_eq!(m.len(), 2);
