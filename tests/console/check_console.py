@@ -43,21 +43,28 @@ try:
     driver.get(base + "/ui")
     wait = WebDriverWait(driver, 20, poll_frequency=0.1)
 
+    # Read in one script: the page re-renders its tables on every event, so
+    # an element found by one WebDriver call may be gone by the next.
+    def cell(instance, selector, what):
+        return driver.execute_script(
+            "const c = document.querySelector(arguments[0]); return c ? c[arguments[1]] : null;",
+            f'#instances tr[data-id="{instance}"] {selector}', what)
+
     def status(instance):
-        cells = driver.find_elements(By.CSS_SELECTOR, f'#instances tr[data-id="{instance}"] td[data-status]')
-        return cells[0].get_attribute("data-status") if cells else None
+        return cell(instance, "td[data-status]", "textContent")
 
     wait.until(lambda d: status("web-1") == "passing")
     print("shown: web-1 passing")
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#services tr[data-service="web"]'))
-    wait.until(lambda d: "leader" in d.find_element(By.ID, "cluster-summary").text)
-    print("cluster:", driver.find_element(By.ID, "cluster-summary").text)
+    summary = lambda: driver.execute_script("return document.getElementById('cluster-summary').textContent;")
+    wait.until(lambda d: "leader" in summary())
+    print("cluster:", summary())
     # The page is not reloaded from here on: the change must come by the watch.
     marker = driver.execute_script("window.notReloaded = true; return window.notReloaded;")
     assert marker
     wait.until(lambda d: status("web-ttl") == "critical")
     assert driver.execute_script("return window.notReloaded === true;"), "the page was reloaded"
-    output = driver.find_element(By.CSS_SELECTOR, '#instances tr[data-id="web-ttl"] td.out').text
+    output = cell("web-ttl", "td.out", "textContent")
     print("turned critical live:", output)
     assert status("web-1") == "passing"
     if shot:
