@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures::FutureExt;
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -19,6 +20,20 @@ fn url(c: &TestCluster, id: u64, path: &str) -> String {
 async fn follower(c: &TestCluster) -> u64 {
     let leader = c.leader().await;
     (1..=3).find(|id| *id != leader).expect("a follower")
+}
+
+/// An error answer: its HTTP status and the gRPC code's name in the body.
+fn assert_error(status: u16, body: &Value, want: u16, code: &str) {
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (want, Some(code)),
+        "{body}"
+    );
+}
+
+/// GET `url`: the status and JSON body.
+async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> (u16, Value) {
+    answer(http.get(url).send().await.expect("GET")).await
 }
 
 /// The status and JSON body of a response.
@@ -49,17 +64,14 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
         http.put(url(&c, f, &format!("/v1/services/web/instances/{id}")))
             .body(body.to_string())
             .send()
+            .map(|r| async move { answer(r.expect("PUT")).await })
+            .flatten()
     };
     // A write through a follower: forwarded to the leader, as over gRPC.
-    let (s, body) = answer(
-        put(
+    let (s, body) = put(
             "web-1",
             json!({"address": "10.0.0.1", "port": 8080, "tags": ["v2"], "metadata": {"zone": "eu-1"}, "weight": 5}),
-        )
-        .await
-        .expect("PUT"),
-    )
-    .await;
+        ).await;
     assert_eq!(s, 200, "{body}");
     assert!(
         body["revision"].as_str().is_some(),
@@ -69,28 +81,18 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
         body["instance"]["status"], "HEALTH_STATUS_PASSING",
         "{body}"
     );
-    let (s, _) = answer(
-        put("web-2", json!({"address": "10.0.0.2", "port": 8081}))
-            .await
-            .expect("PUT"),
-    )
-    .await;
+    let (s, _) = put("web-2", json!({"address": "10.0.0.2", "port": 8081})).await;
     assert_eq!(s, 200);
 
-    let get = |q: &'static str| http.get(url(&c, f, &format!("/v1/services/web{q}"))).send();
-    let (s, body) = answer(get("").await.expect("GET")).await;
+    let get = |q: &str| get_json(&http, url(&c, f, &format!("/v1/services/web{q}")));
+    let (s, body) = get("").await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(
         body["instances"].as_array().map(Vec::len),
         Some(2),
         "{body}"
     );
-    let (_, body) = answer(
-        get("?tag=v2&healthy=true&consistency=stale")
-            .await
-            .expect("GET"),
-    )
-    .await;
+    let (_, body) = get("?tag=v2&healthy=true&consistency=stale").await;
     let ids: Vec<&str> = body["instances"]
         .as_array()
         .map(|a| a.iter().filter_map(|i| i["id"].as_str()).collect())
@@ -99,55 +101,26 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
         ids == ["web-1"] || ids.is_empty(),
         "a stale read, tag v2: {body}"
     );
-    let (_, body) = answer(get("?tag=v2").await.expect("GET")).await;
+    let (_, body) = get("?tag=v2").await;
     assert_eq!(body["instances"][0]["metadata"]["zone"], "eu-1", "{body}");
     assert!(
         body["instances"][0]["createRevision"].as_str().is_some(),
         "{body}"
     );
 
-    let (s, body) = answer(
-        http.get(url(&c, f, "/v1/services"))
-            .send()
-            .await
-            .expect("list"),
-    )
-    .await;
+    let (s, body) = get_json(&http, url(&c, f, "/v1/services")).await;
     assert_eq!(s, 200);
     assert_eq!(body["services"][0]["name"], "web", "{body}");
     assert_eq!(body["services"][0]["instances"], 2, "{body}");
 
     // Errors: the gRPC code's name and an HTTP status that fits it.
-    let (s, body) = answer(
-        put("bad id!", json!({"address": "10.0.0.3", "port": 1}))
-            .await
-            .expect("PUT"),
-    )
-    .await;
-    assert_eq!(
-        (s, body["code"].as_str()),
-        (400, Some("INVALID_ARGUMENT")),
-        "{body}"
-    );
-    let (s, body) = answer(
-        put("web-3", json!({"address": "10.0.0.3", "port": "x"}))
-            .await
-            .expect("PUT"),
-    )
-    .await;
-    assert_eq!(
-        (s, body["code"].as_str()),
-        (400, Some("INVALID_ARGUMENT")),
-        "{body}"
-    );
-    let (s, body) = answer(
-        put("web-3", json!({"id": "other", "port": 1}))
-            .await
-            .expect("PUT"),
-    )
-    .await;
+    let (s, body) = put("bad id!", json!({"address": "10.0.0.3", "port": 1})).await;
+    assert_error(s, &body, 400, "INVALID_ARGUMENT");
+    let (s, body) = put("web-3", json!({"address": "10.0.0.3", "port": "x"})).await;
+    assert_error(s, &body, 400, "INVALID_ARGUMENT");
+    let (s, body) = put("web-3", json!({"id": "other", "port": 1})).await;
     assert_eq!(s, 400, "the body's id differs from the path's: {body}");
-    let (s, body) = answer(get("?consistency=sometimes").await.expect("GET")).await;
+    let (s, body) = get("?consistency=sometimes").await;
     assert_eq!(s, 400, "{body}");
     let hb = http
         .post(url(&c, f, "/v1/services/web/instances/nobody/heartbeat"))
@@ -155,11 +128,7 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
         .await
         .expect("heartbeat");
     let (s, body) = answer(hb).await;
-    assert_eq!(
-        (s, body["code"].as_str()),
-        (404, Some("NOT_FOUND")),
-        "{body}"
-    );
+    assert_error(s, &body, 404, "NOT_FOUND");
 
     let del = || {
         http.delete(url(&c, f, "/v1/services/web/instances/web-2"))
@@ -168,28 +137,12 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
     let (s, body) = answer(del().await.expect("DELETE")).await;
     assert_eq!(s, 200, "{body}");
     let (s, body) = answer(del().await.expect("DELETE again")).await;
-    assert_eq!(
-        (s, body["code"].as_str()),
-        (404, Some("NOT_FOUND")),
-        "{body}"
-    );
+    assert_error(s, &body, 404, "NOT_FOUND");
 
-    let (s, body) = answer(
-        http.get(url(&c, f, "/v1/cluster/status"))
-            .send()
-            .await
-            .expect("status"),
-    )
-    .await;
+    let (s, body) = get_json(&http, url(&c, f, "/v1/cluster/status")).await;
     assert_eq!(s, 200);
     assert_eq!(body["members"].as_array().map(Vec::len), Some(3), "{body}");
-    let (s, doc) = answer(
-        http.get(url(&c, f, "/v1/openapi.json"))
-            .send()
-            .await
-            .expect("openapi"),
-    )
-    .await;
+    let (s, doc) = get_json(&http, url(&c, f, "/v1/openapi.json")).await;
     assert_eq!(s, 200);
     assert_eq!(doc["openapi"], "3.0.3");
     assert!(
@@ -204,12 +157,8 @@ async fn tokens_are_checked_as_over_grpc() {
     let f = follower(&c).await;
     let http = reqwest::Client::new();
     let path = url(&c, f, "/v1/services/web");
-    let (s, body) = answer(http.get(&path).send().await.expect("GET")).await;
-    assert_eq!(
-        (s, body["code"].as_str()),
-        (401, Some("UNAUTHENTICATED")),
-        "{body}"
-    );
+    let (s, body) = get_json(&http, &path).await;
+    assert_error(s, &body, 401, "UNAUTHENTICATED");
     let admin = format!("Bearer {}", c.token());
     let created = c
         .client()
@@ -234,11 +183,7 @@ async fn tokens_are_checked_as_over_grpc() {
             (s != 401).then_some((s, body))
         })
         .await;
-    assert_eq!(
-        (s, body["code"].as_str()),
-        (403, Some("PERMISSION_DENIED")),
-        "{body}"
-    );
+    assert_error(s, &body, 403, "PERMISSION_DENIED");
     let put = http
         .put(url(&c, f, "/v1/services/web/instances/w-1"))
         .header("authorization", &admin)

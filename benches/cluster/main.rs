@@ -97,21 +97,37 @@ where
     F: Fn(Arc<S>, usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<()>> + Send,
 {
+    load_loop(sys.clone(), sys.name(), clients, dur, op).await
+}
+
+/// `closed_loop` over any shared `ctx`; `name` labels the first error of each client.
+async fn load_loop<T, F, Fut>(
+    ctx: Arc<T>,
+    name: &'static str,
+    clients: usize,
+    dur: Duration,
+    op: F,
+) -> Summary
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send,
+{
     let start = Instant::now();
     let deadline = start + dur;
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (sys, op) = (sys.clone(), op.clone());
+        let (ctx, op) = (ctx.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors, mut seq) = (Vec::new(), 0, 0u64);
             while Instant::now() < deadline {
                 let t = Instant::now();
-                match op(sys.clone(), c, seq).await {
+                match op(ctx.clone(), c, seq).await {
                     Ok(()) => lat.push(t.elapsed()),
                     Err(e) => {
                         // The first failure of each client says what the errors were.
                         if errors == 0 {
-                            eprintln!("{}: client {c}: {e:#}", sys.name());
+                            eprintln!("{name}: client {c}: {e:#}");
                         }
                         errors += 1
                     }
@@ -237,73 +253,43 @@ async fn dns_load(
     clients: usize,
     dur: Duration,
 ) -> Result<Summary> {
-    let query = dns_query(name);
-    let start = Instant::now();
-    let deadline = start + dur;
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let mut q = query.clone();
-        tasks.push(tokio::spawn(async move {
-            let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-            sock.connect(addr).await?;
-            let mut buf = vec![0u8; 4096];
-            let (mut lat, mut errors) = (Vec::new(), 0usize);
-            let mut id = c as u16;
-            while Instant::now() < deadline {
-                id = id.wrapping_add(clients as u16);
-                q[0..2].copy_from_slice(&id.to_be_bytes());
-                let t = Instant::now();
-                sock.send(&q).await?;
-                let answer = dns_answer(&sock, &mut buf, id);
-                match tokio::time::timeout(Duration::from_secs(1), answer).await {
-                    Ok(Ok(n)) if n == want => lat.push(t.elapsed()),
-                    _ => errors += 1,
-                }
-            }
-            anyhow::Ok((lat, errors))
-        }));
+    let mut socks = Vec::new();
+    for _ in 0..clients {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        sock.connect(addr).await?;
+        socks.push(sock);
     }
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (lat, e) = t.await??;
-        all.extend(lat);
-        errors += e;
-    }
-    Ok(Summary::of(all, start.elapsed(), errors))
+    let query = Arc::new((socks, dns_query(name)));
+    Ok(
+        load_loop(query, "dns", clients, dur, move |q, c, seq| async move {
+            let (socks, query) = &*q;
+            let id = (seq as u16)
+                .wrapping_mul(clients as u16)
+                .wrapping_add(c as u16);
+            let mut msg = query.clone();
+            msg[0..2].copy_from_slice(&id.to_be_bytes());
+            socks[c].send(&msg).await?;
+            let mut buf = [0u8; 1500];
+            let answer = dns_answer(&socks[c], &mut buf, id);
+            let n = tokio::time::timeout(Duration::from_secs(1), answer).await??;
+            anyhow::ensure!(n == want, "{n} records, not {want}");
+            Ok(())
+        })
+        .await,
+    )
 }
 
 /// `clients` HTTP/1.1 clients (keep-alive) GETting `url` back to back for
 /// `dur`; an answer counts only if it is a 200.
-async fn http_load(url: String, clients: usize, dur: Duration) -> Result<Summary> {
-    let http = reqwest::Client::new();
-    let start = Instant::now();
-    let deadline = start + dur;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, url) = (http.clone(), url.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0usize);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let ok = match http.get(&url).send().await {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                match ok {
-                    true => lat.push(t.elapsed()),
-                    false => errors += 1,
-                }
-            }
-            anyhow::Ok((lat, errors))
-        }));
-    }
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (lat, e) = t.await??;
-        all.extend(lat);
-        errors += e;
-    }
-    Ok(Summary::of(all, start.elapsed(), errors))
+async fn http_load(url: String, clients: usize, dur: Duration) -> Summary {
+    let ctx = Arc::new((reqwest::Client::new(), url));
+    load_loop(ctx, "http", clients, dur, |ctx, _, _| async move {
+        let (http, url) = &*ctx;
+        let r = http.get(url).send().await?.error_for_status()?;
+        r.bytes().await?;
+        Ok(())
+    })
+    .await
 }
 
 /// A Roster-only row: throughput, p50, p99 and errors in one cell.
@@ -363,7 +349,7 @@ async fn dns_rows(
         rows.push(load_row(&label, &s, "— (no DNS)"));
         let addr = p.http.context("the bench's Roster nodes serve HTTP")?;
         let url = format!("http://{addr}/v1/services/{SERVICE}?consistency=stale");
-        let h = http_load(url, 64, dur).await?;
+        let h = http_load(url, 64, dur).await;
         let label = format!(
             "HTTP GET of the same service (stale), 64 clients, node {} ({role})",
             i + 1
