@@ -68,10 +68,10 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
             .flatten()
     };
     // A write through a follower: forwarded to the leader, as over gRPC.
-    let (s, body) = put(
-            "web-1",
-            json!({"address": "10.0.0.1", "port": 8080, "tags": ["v2"], "metadata": {"zone": "eu-1"}, "weight": 5}),
-        ).await;
+    let web1 = json!({
+        "address": "10.0.0.1", "port": 8080, "tags": ["v2"], "metadata": {"zone": "eu-1"}, "weight": 5
+    });
+    let (s, body) = put("web-1", web1).await;
     assert_eq!(s, 200, "{body}");
     assert!(
         body["revision"].as_str().is_some(),
