@@ -206,8 +206,9 @@ impl Peers<'_> {
     }
 }
 
+/// A plain cluster (no TLS, no tokens), each node also serving DNS and HTTP.
 pub fn roster(dir: &Path, n: usize, peers: Peers) -> Result<Cluster> {
-    roster_with(dir, n, peers, "")
+    roster_cluster(dir, n, peers, "", true)
 }
 
 /// PEM files of a node certificate (for every node: they all run on
@@ -218,8 +219,19 @@ pub struct Certs {
     pub ca: PathBuf,
 }
 
-/// Like `roster`, with `extra` appended to every node's TOML config.
-pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Result<Cluster> {
+/// Like `roster`, with `extra` appended to every node's TOML config, and
+/// without DNS and HTTP (which `[auth]` and `[tls]` would need set up).
+pub fn roster_with(dir: &Path, n: usize, peers: Peers, extra: &str) -> Result<Cluster> {
+    roster_cluster(dir, n, peers, extra, false)
+}
+
+fn roster_cluster(
+    dir: &Path,
+    n: usize,
+    mut peers: Peers,
+    extra: &str,
+    front_ends: bool,
+) -> Result<Cluster> {
     std::fs::create_dir_all(dir)?;
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -231,12 +243,19 @@ pub fn roster_with(dir: &Path, n: usize, mut peers: Peers, extra: &str) -> Resul
     let procs = (0..n)
         .map(|i| {
             let at = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let (dns, http) = (at(), at());
-            let config =
-                format!("{initial}\n[dns]\nlisten = \"{dns}\"\n[http]\nlisten = \"{http}\"\n");
+            let (dns, http) = match front_ends {
+                true => (Some(at()), Some(at())),
+                false => (None, None),
+            };
+            let mut config = initial.clone();
+            if let (Some(dns), Some(http)) = (dns, http) {
+                config.push_str(&format!(
+                    "\n[dns]\nlisten = \"{dns}\"\n[http]\nlisten = \"{http}\"\n"
+                ));
+            }
             let mut p = roster_node(dir, i as u64 + 1, ports[i], peer[i], advertise[i], &config)?;
-            p.dns = Some(dns);
-            p.http = Some(http);
+            p.dns = dns;
+            p.http = http;
             Ok(p)
         })
         .collect::<Result<Vec<_>>>()?;
