@@ -595,8 +595,9 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             ))
         }
         (Some(at), None) => {
+            let (listener, bound) = bind(at).await?;
             let (registry, cluster) = http_stacks;
-            Some(crate::http::serve(at, registry, cluster).await?)
+            Some((bound, http::serve(listener, registry, cluster)))
         }
         (None, _) => None,
     };

@@ -211,39 +211,47 @@ impl Handler {
             Query::Apex if qtype == RecordType::SOA => answer.records.push(self.soa(st)),
             Query::Apex => {}
             Query::Unknown => answer.exists = false,
-            Query::Service { service, tag } => {
-                let Some(service) = find_service(st, &service) else {
-                    answer.exists = false;
-                    answer.soa.push(self.soa(st));
-                    return Some(answer);
-                };
-                let tags: Vec<String> = Vec::new();
-                let mut view = st.catalog.view(service, true, &tags).instances;
-                if let Some(tag) = &tag {
-                    view.retain(|i| i.tags.iter().any(|t| t.eq_ignore_ascii_case(tag)));
+            Query::Service { service, tag } => match find_service(st, &service) {
+                None => answer.exists = false,
+                Some(service) => {
+                    // The tag as the catalogue spells it (DNS names ignore
+                    // case), so that the view, protection threshold
+                    // included, is GetService's with that tag.
+                    let tags: Vec<String> = match &tag {
+                        None => Vec::new(),
+                        Some(t) => match find_tag(st, service, t) {
+                            Some(t) => vec![t.to_string()],
+                            None => return Some(self.negative(st, answer)),
+                        },
+                    };
+                    let mut view = st.catalog.view(service, true, &tags).instances;
+                    // Spread the load: resolvers tend to use the first address.
+                    fastrand::shuffle(&mut view);
+                    let owner = Name::from(name.clone());
+                    for inst in view {
+                        self.records_of(inst, &owner, qtype, ttl, &mut answer);
+                    }
                 }
-                // Spread the load: resolvers tend to use the first address.
-                fastrand::shuffle(&mut view);
-                let owner = Name::from(name.clone());
-                for inst in view {
-                    self.records_of(inst, &owner, qtype, ttl, &mut answer);
-                }
-            }
+            },
             Query::Instance { service, id } => {
-                let inst = find_service(st, &service).and_then(|s| find_instance(st, s, &id));
-                let Some(inst) = inst else {
-                    answer.exists = false;
-                    answer.soa.push(self.soa(st));
-                    return Some(answer);
-                };
-                let owner = Name::from(name.clone());
-                self.records_of(inst, &owner, qtype, ttl, &mut answer);
+                match find_service(st, &service).and_then(|s| find_instance(st, s, &id)) {
+                    None => answer.exists = false,
+                    Some(inst) => {
+                        let owner = Name::from(name.clone());
+                        self.records_of(inst, &owner, qtype, ttl, &mut answer);
+                    }
+                }
             }
         }
-        if answer.records.is_empty() && answer.soa.is_empty() {
+        Some(self.negative(st, answer))
+    }
+
+    /// `answer`, with the zone's SOA if it holds no record (RFC 2308).
+    fn negative(&self, st: &RegistryState, mut answer: Answer) -> Answer {
+        if answer.records.is_empty() {
             answer.soa.push(self.soa(st));
         }
-        Some(answer)
+        answer
     }
 
     /// The records `inst` contributes to an answer for `owner`: its address
@@ -368,6 +376,15 @@ fn find_service<'a>(st: &'a RegistryState, name: &str) -> Option<&'a str> {
             .service_names()
             .find(|s| s.eq_ignore_ascii_case(name))
     })
+}
+
+/// The spelling of tag `tag` (lowercase) on one of `service`'s instances.
+fn find_tag<'a>(st: &'a RegistryState, service: &str, tag: &str) -> Option<&'a str> {
+    st.catalog
+        .instances_of(service)
+        .flat_map(|i| i.tags.iter())
+        .find(|t| t.eq_ignore_ascii_case(tag))
+        .map(String::as_str)
 }
 
 fn find_instance<'a>(st: &'a RegistryState, service: &str, id: &str) -> Option<&'a Instance> {

@@ -10,7 +10,6 @@
 //! an HTTP status that fits the code.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -25,7 +24,6 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::util::BoxCloneSyncService;
 
-use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
@@ -45,19 +43,8 @@ struct Api {
     cluster: ClusterClient<Grpc>,
 }
 
-/// Serves the HTTP API on `addr` until the returned task is aborted; returns
-/// the address bound (for port 0).
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Grpc,
-    cluster: Grpc,
-) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Unavailable(format!("bind HTTP listener {addr}: {e}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+/// Serves the HTTP API on `listener` until the returned task is aborted.
+pub fn serve(listener: TcpListener, registry: Grpc, cluster: Grpc) -> JoinHandle<()> {
     let api = Api {
         registry: RegistryClient::new(registry),
         cluster: ClusterClient::new(cluster),
@@ -79,12 +66,11 @@ pub async fn serve(
         .route("/v1/openapi.json", get(openapi))
         .route("/ui", get(console))
         .with_state(api);
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("HTTP API stopped: {e}");
         }
-    });
-    Ok((bound, task))
+    })
 }
 
 /// A gRPC status as an HTTP answer.
@@ -167,6 +153,10 @@ fn bad_request(what: String) -> Failure {
     Failure(Status::invalid_argument(what))
 }
 
+fn unknown(key: &str) -> Failure {
+    bad_request(format!("unknown query parameter {key:?}"))
+}
+
 /// The query string's pairs, keys repeated as given.
 fn pairs(query: Option<String>) -> std::result::Result<Vec<(String, String)>, Failure> {
     serde_urlencoded::from_str(query.as_deref().unwrap_or_default())
@@ -200,7 +190,7 @@ async fn list_services(
     for (k, v) in pairs(query)? {
         match k.as_str() {
             "consistency" => msg.consistency = consistency(&v)? as i32,
-            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+            _ => return Err(unknown(&k)),
         }
     }
     let r = api.registry.list_services(request(&headers, msg)).await?;
@@ -222,7 +212,7 @@ async fn get_service(
             "healthy" => msg.healthy_only = flag(&k, &v)?,
             "tag" => msg.tags.push(v),
             "consistency" => msg.consistency = consistency(&v)? as i32,
-            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+            _ => return Err(unknown(&k)),
         }
     }
     let r = api.registry.get_service(request(&headers, msg)).await?;
@@ -256,7 +246,7 @@ async fn register(
     for (k, v) in pairs(query)? {
         match k.as_str() {
             "session" => msg.session = v,
-            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+            _ => return Err(unknown(&k)),
         }
     }
     let r = api.registry.register(request(&headers, msg)).await?;
@@ -292,7 +282,7 @@ async fn status(
     for (k, v) in pairs(query)? {
         match k.as_str() {
             "linearizable" => msg.linearizable = flag(&k, &v)?,
-            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+            _ => return Err(unknown(&k)),
         }
     }
     let r = api.cluster.status(request(&headers, msg)).await?;
@@ -339,7 +329,7 @@ async fn watch(
                     .parse()
                     .map_err(|_| bad_request(format!("since={v:?}: not a revision")))?
             }
-            _ => return Err(bad_request(format!("unknown query parameter {k:?}"))),
+            _ => return Err(unknown(&k)),
         }
     }
     if let Some(v) = headers.get("last-event-id") {

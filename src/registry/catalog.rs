@@ -221,10 +221,9 @@ impl Catalog {
             inst.mod_revision = revision;
             applied += 1;
             let instance = Instance::clone(inst);
-            match (was, instance.status == HealthStatus::Passing) {
-                (false, true) => self.count_passing(&instance.service, true),
-                (true, false) => self.count_passing(&instance.service, false),
-                _ => {}
+            let now = instance.status == HealthStatus::Passing;
+            if was != now {
+                self.count_passing(&instance.service, now);
             }
             events.push(Event {
                 kind: EventKind::Put,
