@@ -375,6 +375,12 @@ async fn dev_command_runs_a_working_three_node_cluster() {
         client.status().await.expect("status")
     }
     .await;
+    // The nodes serve before `roster dev` prints where they listen: wait for
+    // its output (up to its "Ctrl-C" line) before stopping it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lines.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = child.kill();
     let _ = child.wait();
     let printed = lines.join().expect("stdout reader");
