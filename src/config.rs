@@ -237,6 +237,26 @@ pub struct HttpApi {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[xds]`: the Aggregated Discovery Service on the client port (see `xds`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Xds {
+    /// Serve it (on by default: it costs nothing until a client connects).
+    pub enabled: bool,
+    /// With `[auth] enabled`: the secret of the token whose scope an xDS call
+    /// without an `authorization` header gets. gRPC's xDS clients send none.
+    pub token: Option<String>,
+}
+
+impl Default for Xds {
+    fn default() -> Self {
+        Xds {
+            enabled: true,
+            token: None,
+        }
+    }
+}
+
 /// `[auth]`: tokens with roles and service scopes (see `api::auth`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +340,8 @@ pub struct NodeConfig {
     pub dns: Dns,
     #[serde(default)]
     pub http: HttpApi,
+    #[serde(default)]
+    pub xds: Xds,
 }
 
 fn default_cluster_id() -> String {
@@ -362,6 +384,7 @@ impl NodeConfig {
             autopilot: Autopilot::default(),
             dns: Dns::default(),
             http: HttpApi::default(),
+            xds: Xds::default(),
         }
     }
 

@@ -40,6 +40,8 @@ mod raft;
 mod registry;
 #[cfg(feature = "server")]
 mod tls;
+#[cfg(feature = "server")]
+mod xds;
 
 #[cfg(feature = "server")]
 pub use cli::main;

@@ -5,7 +5,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +32,7 @@ use crate::raft::network::Peers;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;
+use crate::xds::XdsStats;
 
 /// What the metrics are read from.
 #[derive(Clone)]
@@ -41,6 +43,7 @@ pub struct Sources {
     pub contact: Contact,
     /// The log's flush durations, kept by the log store.
     pub fsync: Histogram,
+    pub xds: Arc<XdsStats>,
 }
 
 /// Serves `/metrics` and `/ready` on `addr` until the returned task is
@@ -106,10 +109,38 @@ pub fn render(s: &Sources) -> String {
     if let Ok(st) = s.state.read() {
         registry_metrics(&mut r, &st);
     }
+    xds_metrics(&mut r, &s.xds);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
     out
+}
+
+/// The xDS streams of this node.
+fn xds_metrics(r: &mut Registry, x: &XdsStats) {
+    let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    gauge(
+        r,
+        "xds_streams",
+        "xDS (ADS) streams open on this node",
+        i64::try_from(read(&x.streams)).unwrap_or(i64::MAX),
+    );
+    for (name, help, v) in [
+        (
+            "xds_responses",
+            "xDS responses sent by this node",
+            read(&x.responses),
+        ),
+        (
+            "xds_nacks",
+            "xDS responses clients rejected (NACK); the log says why",
+            read(&x.nacks),
+        ),
+    ] {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        r.register(name, help, c);
+    }
 }
 
 fn index(v: Option<u64>) -> i64 {

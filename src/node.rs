@@ -49,6 +49,7 @@ use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
 use crate::registry::watch::SharedState;
 use crate::tls::{Port, Tls};
+use crate::xds::{AggregatedDiscoveryServiceServer, Xds, XdsStats};
 
 /// How long a new node waits for each initial member's status before bootstrapping.
 const PEER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -530,6 +531,8 @@ struct Core {
     contact: Contact,
     proposer: Arc<Proposer>,
     timing: Timing,
+    /// What the xDS streams do, for the metrics.
+    xds: Arc<XdsStats>,
 }
 
 /// Opens the data directory, starts Raft and serves gRPC on `cfg.listen`.
@@ -578,6 +581,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
                     peers: core.peers.clone(),
                     contact: core.contact.clone(),
                     fsync: core.fsync.clone(),
+                    xds: core.xds.clone(),
                 },
                 core.timing.election_min,
             )
@@ -753,6 +757,7 @@ async fn start_raft(
         contact,
         proposer,
         timing,
+        xds: Arc::default(),
     };
     Ok((core, pristine))
 }
@@ -868,6 +873,7 @@ fn serve(
         AclServer::new(AclApi::new(core.state.clone(), core.proposer.clone())),
         max_request,
     );
+    let xds = xds_service(core, cfg);
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),
@@ -912,6 +918,7 @@ fn serve(
         .add_service(RequestLimit::new(health, max_request))
         .add_service(front.authorized(RequestLimit::new(reflection_v1, max_request)))
         .add_service(front.authorized(RequestLimit::new(reflection_v1alpha, max_request)))
+        .add_optional_service(xds)
         .serve_with_incoming_shutdown(
             net::incoming(listeners.client, limits, max_connections, on(Port::Client)),
             stopped.clone().map(drop),
@@ -932,6 +939,35 @@ fn serve(
         client.and(peer)
     };
     Ok((stop, tokio::spawn(server), http_stacks))
+}
+
+/// The xDS service of the client port, unless `[xds] enabled` is false.
+/// Its clients send no token: with auth on, a call without one gets the
+/// scope of `[xds] token`, or is refused saying so.
+fn xds_service(
+    core: &Core,
+    cfg: &NodeConfig,
+) -> Option<Authorize<RequestLimit<AggregatedDiscoveryServiceServer<Xds>>>> {
+    if !cfg.xds.enabled {
+        return None;
+    }
+    let ads = AggregatedDiscoveryServiceServer::new(Xds::new(
+        core.state.clone(),
+        core.proposer.clone(),
+        &cfg.limits,
+        core.xds.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Some(Authorize::with_fallback(
+        RequestLimit::new(ads, cfg.limits.max_request_bytes),
+        core.state.clone(),
+        cfg.auth.enabled,
+        cfg.xds.token.as_deref().map(crate::api::auth::hash_secret),
+        "this cluster requires a token, and gRPC's xDS clients send none: set [xds] token \
+         on the nodes to the secret of a read token (xDS serves what its scope covers), or \
+         send `authorization: Bearer <secret>`",
+    ))
 }
 
 /// How the public services are put on a port: behind authorization (a no-op

@@ -72,7 +72,9 @@ pub fn may_use(grant: Option<&Grant>, service: &str) -> Result<(), Status> {
 /// The role a method needs; `None`: no token at all (the bootstrap, which
 /// makes the first one).
 fn required(path: &str) -> Option<Role> {
-    if path.starts_with("/grpc.reflection.") {
+    if path.starts_with("/grpc.reflection.")
+        || path.starts_with("/envoy.service.discovery.v3.AggregatedDiscoveryService/")
+    {
         return Some(Role::Read);
     }
     match path.rsplit('/').next() {
@@ -107,7 +109,19 @@ pub fn random_hex(n: usize) -> Result<String, Error> {
 /// What `Authorize` checks against.
 struct Gate {
     state: SharedState,
+    /// For a service whose clients cannot send a token: the token a call
+    /// without one is made with.
+    fallback: Fallback,
 }
+
+/// What a call without a token gets.
+enum Fallback {
+    Refused(&'static str),
+    Token(SecretHash),
+}
+
+const SEND_A_TOKEN: &str = "this cluster requires a token: send `authorization: Bearer <secret>` \
+                            (roster --token, ROSTER_TOKEN)";
 
 impl Gate {
     fn admit(&self, path: &str, headers: &HeaderMap) -> Result<Option<Grant>, Error> {
@@ -117,15 +131,12 @@ impl Gate {
         let secret = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Error::Unauthenticated(
-                    "this cluster requires a token: send `authorization: Bearer <secret>` \
-                     (roster --token, ROSTER_TOKEN)"
-                        .into(),
-                )
-            })?;
-        let hash = hash_secret(secret.trim());
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let hash = match (secret, &self.fallback) {
+            (Some(secret), _) => hash_secret(secret.trim()),
+            (None, Fallback::Token(hash)) => *hash,
+            (None, Fallback::Refused(why)) => return Err(Error::Unauthenticated(why.to_string())),
+        };
         let token = super::read_state(&self.state, |st| st.catalog.acl().find(&hash).cloned())?;
         let token = token.ok_or_else(|| {
             Error::Unauthenticated(
@@ -154,9 +165,25 @@ pub struct Authorize<S> {
 impl<S> Authorize<S> {
     /// With `enabled` false every call passes, without a grant.
     pub fn new(inner: S, state: SharedState, enabled: bool) -> Self {
+        Self::with_fallback(inner, state, enabled, None, SEND_A_TOKEN)
+    }
+
+    /// For clients that send no token: a call without one is made with
+    /// `token` (a secret's hash), or refused saying `refusal` when there is none.
+    pub fn with_fallback(
+        inner: S,
+        state: SharedState,
+        enabled: bool,
+        token: Option<SecretHash>,
+        refusal: &'static str,
+    ) -> Self {
+        let fallback = match token {
+            Some(hash) => Fallback::Token(hash),
+            None => Fallback::Refused(refusal),
+        };
         Authorize {
             inner,
-            gate: enabled.then(|| Arc::new(Gate { state })),
+            gate: enabled.then(|| Arc::new(Gate { state, fallback })),
         }
     }
 }
@@ -231,6 +258,12 @@ mod tests {
         );
         assert_eq!(
             required("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some(Role::Read)
+        );
+        assert_eq!(
+            required(
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+            ),
             Some(Role::Read)
         );
     }

@@ -4,6 +4,7 @@ mod commands;
 mod dev_tls;
 mod server;
 mod snapshot;
+mod xds_bootstrap;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,6 +80,9 @@ enum Command {
     /// Back up a cluster, inspect a backup, restore one into a new cluster.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Print a gRPC xDS bootstrap file: clients that read it (GRPC_XDS_BOOTSTRAP)
+    /// resolve `xds:///<service>` through the nodes at --endpoints.
+    XdsBootstrap(XdsBootstrapArgs),
     /// Lost quorum: make a stopped survivor the only voter of its cluster,
     /// keeping everything in its log; then add the others back.
     Recover(RecoverArgs),
@@ -406,6 +410,22 @@ pub enum MemberCommand {
 }
 
 #[derive(Args)]
+pub struct XdsBootstrapArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// The client's node id: the nodes' logs name it (a rejected update, say).
+    #[arg(long, default_value = "roster-xds-client")]
+    node_id: String,
+    /// The gRPC target of the xDS server, instead of one made from
+    /// --endpoints (for example dns:///roster.internal:7001).
+    #[arg(long)]
+    server_uri: Option<String>,
+    /// Write the file here instead of to standard output.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     endpoints: Endpoints,
@@ -456,5 +476,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Session(c) => commands::session(c).await,
         Command::Snapshot(s) => snapshot::snapshot(s).await,
         Command::Recover(r) => snapshot::recover(r).await,
+        Command::XdsBootstrap(a) => xds_bootstrap::print(a),
     }
 }

@@ -101,7 +101,7 @@ pub async fn flood(addr: String, hold: usize, mut stop: watch::Receiver<bool>) {
             held.pop_front();
         }
         attempts += 1;
-        if let Some(c) = open_idle(&addr, attempts % 2 == 0).await {
+        if let Some(c) = open_idle(&addr, attempts.is_multiple_of(2)).await {
             held.push_back(c);
         }
     }

@@ -101,6 +101,9 @@ pub struct Setup {
     pub dns: Option<String>,
     /// Each node serves the HTTP/JSON API on its `http_port`.
     pub http: bool,
+    /// Node `id` listens on 127.0.0.(10 + id), every node's client port the
+    /// same: one DNS name with an A record per node then reaches them all.
+    pub loopback_hosts: bool,
 }
 
 /// What a node logs when its listen or metrics port was taken before it bound it.
@@ -201,6 +204,7 @@ impl TestCluster {
                 disks.push(faults::Tmpfs::mount(&data, mb).ok_or("mounting a tmpfs needs root")?);
             }
         }
+        let shared_port = free_port();
         let addrs: Vec<(String, u16, u16)> = (1..=n)
             .map(|id| match &net {
                 Some(lab) => {
@@ -209,6 +213,9 @@ impl TestCluster {
                     let port: u16 = p.parse().expect("port");
                     // Every node has the namespace's address to itself.
                     (h.to_string(), port, port + 1)
+                }
+                None if setup.loopback_hosts => {
+                    (format!("127.0.0.{}", 10 + id), shared_port, free_port())
                 }
                 None => ("127.0.0.1".to_string(), free_port(), free_port()),
             })

@@ -1,0 +1,319 @@
+//! Proxyless gRPC with a client nobody here wrote: Python grpcio resolves
+//! `xds:///echo` through the nodes' xDS service, with the bootstrap file
+//! `roster xds-bootstrap` prints, and calls the echo example's servers
+//! (`examples/echo.rs`, real processes registering themselves with a TTL).
+//!
+//! The bootstrap names the nodes by one DNS name with an A record per node
+//! (what a Kubernetes headless service gives), answered by a small DNS
+//! server in this test, so that the client's xDS channel can move to another
+//! node as gRPC clients do. `.ci/run` installs grpcio into a venv, sets
+//! `ROSTER_PYTHON` and builds the example; without them the test says so and
+//! skips.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::ports::free_port;
+use common::*;
+use hickory_server::proto::op::{Message, MessageType, OpCode};
+use hickory_server::proto::rr::rdata::A;
+use hickory_server::proto::rr::{RData, Record, RecordType};
+use roster::proto::v1::Consistency;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The echo example's binary, next to this test's in the target directory.
+fn echo_example() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let echo = dir.join("examples/echo");
+    assert!(
+        echo.exists(),
+        "{} is missing: build it with `cargo build --example echo` (.ci/run does)",
+        echo.display()
+    );
+    echo
+}
+
+/// An echo example server named `name` on `port`, registered through `endpoints`.
+fn echo_server(name: &str, port: u16, endpoints: &str) -> Child {
+    Command::new(echo_example())
+        .args(["serve", name, &port.to_string()])
+        .env("ROSTER_ENDPOINTS", endpoints)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the echo example")
+}
+
+/// A DNS server answering every A query with `ips`.
+async fn dns_server(ips: Vec<Ipv4Addr>) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind DNS");
+    let addr = socket.local_addr().expect("DNS address");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            for query in q.queries {
+                if query.query_type() == RecordType::A {
+                    for ip in &ips {
+                        r.add_answer(Record::from_rdata(
+                            query.name().clone(),
+                            1,
+                            RData::A(A(*ip)),
+                        ));
+                    }
+                }
+                r.add_query(query);
+            }
+            if let Ok(bytes) = r.to_vec() {
+                let _ = socket.send_to(&bytes, from).await;
+            }
+        }
+    });
+    addr
+}
+
+/// What the Python client printed: one line per call.
+struct Calls {
+    lines: mpsc::UnboundedReceiver<String>,
+    _client: Child,
+}
+
+impl Calls {
+    /// Reads calls until `done` says so; panics after `limit`.
+    async fn until(&mut self, what: &str, limit: Duration, mut done: impl FnMut(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.lines.recv()).await {
+                Ok(Some(line)) if done(&line) => return,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the Python client exited while waiting for {what}"),
+                Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+            }
+        }
+    }
+
+    /// Waits for `n` calls in a row answered by servers in `from`, and
+    /// returns how many each answered.
+    async fn run_of(&mut self, what: &str, n: usize, from: &[&str]) -> BTreeMap<String, usize> {
+        let mut run: BTreeMap<String, usize> = BTreeMap::new();
+        let mut len = 0;
+        self.until(what, LIMIT, |line| {
+            match line.strip_prefix("ok ") {
+                Some(who) if from.contains(&who) => {
+                    *run.entry(who.to_string()).or_default() += 1;
+                    len += 1;
+                }
+                _ => {
+                    run.clear();
+                    len = 0;
+                }
+            }
+            len >= n
+        })
+        .await;
+        run
+    }
+}
+
+/// Node `id`'s open xDS streams, from its metrics.
+async fn xds_streams(c: &TestCluster, id: u64) -> u64 {
+    c.scrape(id)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("roster_xds_streams "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_balances_over_xds_and_follows_changes() {
+    let Ok(python) = std::env::var("ROSTER_PYTHON") else {
+        eprintln!(
+            "skipped: set ROSTER_PYTHON to a python with grpcio and grpcio-tools (.ci/run does)"
+        );
+        return;
+    };
+    let setup = Setup {
+        loopback_hosts: true,
+        ..Setup::default()
+    };
+    let mut c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("a cluster");
+    let endpoints = c.endpoints().join(",");
+    let mut servers: BTreeMap<&str, Child> = BTreeMap::new();
+    for name in ["echo-1", "echo-2", "echo-3"] {
+        servers.insert(name, echo_server(name, free_port(), &endpoints));
+    }
+    let client = c.client();
+    c.wait_for("three echo servers passing", LIMIT, || async {
+        let mut req = get_req("echo", Consistency::Stale);
+        req.healthy_only = true;
+        let n = client.get_service(req).await.ok()?.instances.len();
+        (n == 3).then_some(())
+    })
+    .await;
+
+    // One name, an A record per node: the client's xDS channel reaches any.
+    let ips: Vec<Ipv4Addr> = (1..=3)
+        .map(|id| c.node(id).host.parse().expect("an IPv4 address"))
+        .collect();
+    let dns = dns_server(ips).await;
+    let port = c.node(1).port;
+    let bootstrap = c.dir.path().join("xds-bootstrap.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args([
+            "xds-bootstrap",
+            "--node-id",
+            "python-test",
+            "--endpoints",
+            &endpoints,
+        ])
+        .args([
+            "--server-uri",
+            &format!("dns://{dns}/roster-nodes.test:{port}"),
+        ])
+        .arg("--output")
+        .arg(&bootstrap)
+        .output()
+        .expect("run roster xds-bootstrap");
+    assert!(out.status.success(), "roster xds-bootstrap: {out:?}");
+
+    let mut child = Command::new(&python)
+        .arg(Path::new(REPO).join("tests/xds/echo_xds_client.py"))
+        .arg(Path::new(REPO).join("proto"))
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the Python client");
+    let stdout = child.stdout.take().expect("the client's output");
+    let (tx, lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut out = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = out.next_line().await {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut calls = Calls {
+        lines,
+        _client: child,
+    };
+
+    // Calls spread over every passing server: round robin, a third each.
+    let all = ["echo-1", "echo-2", "echo-3"];
+    let spread = calls.run_of("calls answered by all three", 300, &all).await;
+    for name in all {
+        let n = spread.get(name).copied().unwrap_or(0);
+        assert!(n >= 60, "{name} answered {n} of 300 calls: {spread:?}");
+    }
+
+    // A server that hangs (stopped, its connections open) stops answering
+    // its heartbeats: its TTL runs out, the leader marks it critical, the
+    // node pushes the endpoints without it, and calls stop going there.
+    let hung = servers["echo-2"].id().expect("echo-2's pid");
+    let stopped = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &hung.to_string()])
+        .status()
+        .is_ok_and(|s| s.success()));
+    calls
+        .run_of(
+            "200 calls in a row without echo-2",
+            200,
+            &["echo-1", "echo-3"],
+        )
+        .await;
+    eprintln!(
+        "calls stopped reaching the hung echo-2 within {:?} of its stop (TTL 2 s)",
+        stopped.elapsed()
+    );
+    drop(servers.remove("echo-2"));
+
+    // A server registered starts receiving calls.
+    servers.insert("echo-4", echo_server("echo-4", free_port(), &endpoints));
+    calls
+        .until("a call answered by echo-4", LIMIT, |l| l == "ok echo-4")
+        .await;
+
+    // The node the client's xDS stream is on goes away: the client keeps
+    // calling, moves its stream to another node, and still follows changes.
+    let on = c
+        .wait_for("the client's xDS stream on a node", LIMIT, || async {
+            for id in 1..=3 {
+                if xds_streams(&c, id).await == 1 {
+                    return Some(id);
+                }
+            }
+            None
+        })
+        .await;
+    c.kill(on);
+    let moved = c
+        .wait_for("the client's xDS stream on another node", LIMIT, || async {
+            for id in (1..=3).filter(|&id| id != on) {
+                if xds_streams(&c, id).await == 1 {
+                    return Some(id);
+                }
+            }
+            None
+        })
+        .await;
+    eprintln!("node {on} killed; the client's xDS stream moved to node {moved}");
+    let rest: Vec<String> = (1..=3)
+        .filter(|&id| id != on)
+        .map(|id| c.endpoint(id))
+        .collect();
+    servers.insert(
+        "echo-5",
+        echo_server("echo-5", free_port(), &rest.join(",")),
+    );
+    calls
+        .until("a call answered by echo-5", LIMIT, |l| l == "ok echo-5")
+        .await;
+    calls
+        .run_of(
+            "100 calls in a row answered after the node's death",
+            100,
+            &["echo-1", "echo-3", "echo-4", "echo-5"],
+        )
+        .await;
+
+    // The client took every resource the nodes sent.
+    for id in (1..=3).filter(|&id| id != on) {
+        let metrics = c.scrape(id).await;
+        assert!(
+            metrics.lines().any(|l| l == "roster_xds_nacks_total 0"),
+            "node {id} counted NACKs:\n{metrics}"
+        );
+    }
+}
