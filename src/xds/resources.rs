@@ -343,7 +343,7 @@ mod tests {
             9,
             &crate::registry::Command::ConfigureService {
                 service: "api".into(),
-                protect_threshold_pct: 50,
+                protect_threshold_pct: 60,
             },
         );
         let statuses: Vec<i32> = assignment(&c).endpoints[0]
