@@ -1,7 +1,8 @@
-//! Proxyless gRPC with a client nobody here wrote: Python grpcio resolves
-//! `xds:///echo` through the nodes' xDS service, with the bootstrap file
-//! `roster xds-bootstrap` prints, and calls the echo example's servers
-//! (`examples/echo.rs`, real processes registering themselves with a TTL).
+//! Proxyless gRPC with a client nobody here wrote: the README's Python
+//! snippet (grpcio) resolves `xds:///echo` through the nodes' xDS service,
+//! with the bootstrap file `roster xds-bootstrap` prints, and calls the echo
+//! example's servers (`examples/echo.rs`, real processes registering
+//! themselves with a TTL).
 //!
 //! The bootstrap names the nodes by one DNS name with an A record per node
 //! (what a Kubernetes headless service gives), answered by a small DNS
@@ -30,6 +31,22 @@ use tokio::sync::mpsc;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const LIMIT: Duration = Duration::from_secs(30);
+
+/// The README's Python xDS snippet, between its markers.
+fn readme_snippet() -> String {
+    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).expect("README");
+    let (_, rest) = readme
+        .split_once("<!-- python-xds-snippet -->")
+        .expect("the snippet's start marker");
+    let (block, _) = rest
+        .split_once("<!-- /python-xds-snippet -->")
+        .expect("the snippet's end marker");
+    block
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(code, _)| code.to_string())
+        .expect("a python code block between the markers")
+}
 
 /// The echo example's binary, next to this test's in the target directory.
 fn echo_example() -> PathBuf {
@@ -205,9 +222,23 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
         .expect("run roster xds-bootstrap");
     assert!(out.status.success(), "roster xds-bootstrap: {out:?}");
 
+    // The snippet as the README says to run it: stubs in gen/, then the client.
+    let work = c.dir.path().join("python");
+    std::fs::create_dir_all(work.join("gen")).expect("gen/");
+    let proto = Path::new(REPO).join("proto");
+    let protoc = std::process::Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&proto)
+        .args(["--python_out=gen", "--grpc_python_out=gen"])
+        .arg(proto.join("roster/examples/echo.proto"))
+        .current_dir(&work)
+        .output()
+        .expect("run grpc_tools.protoc");
+    assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
+    std::fs::write(work.join("client.py"), readme_snippet()).expect("write the snippet");
     let mut child = Command::new(&python)
-        .arg(Path::new(REPO).join("tests/xds/echo_xds_client.py"))
-        .arg(Path::new(REPO).join("proto"))
+        .arg("client.py")
+        .current_dir(&work)
         .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,7 +1,6 @@
 //! `roster xds-bootstrap`: the bootstrap file a gRPC client reads
 //! (`GRPC_XDS_BOOTSTRAP`) to resolve `xds:///<service>` through the nodes.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -16,9 +15,9 @@ pub(super) fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
              the scope of their [xds] token"
         );
     }
-    let uri = match a.server_uri {
-        Some(u) => u,
-        None => server_uri(&e.endpoints)?,
+    let uris = match a.server_uri {
+        Some(u) => vec![u],
+        None => server_uris(&e.endpoints)?,
     };
     let absolute = |p: &Path| -> anyhow::Result<String> {
         let full =
@@ -37,12 +36,18 @@ pub(super) fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
         }
         None => json!({ "type": "insecure" }),
     };
+    let servers: Vec<Value> = uris
+        .into_iter()
+        .map(|uri| {
+            json!({
+                "server_uri": uri,
+                "channel_creds": [creds.clone()],
+                "server_features": ["xds_v3"],
+            })
+        })
+        .collect();
     let bootstrap = json!({
-        "xds_servers": [{
-            "server_uri": uri,
-            "channel_creds": [creds],
-            "server_features": ["xds_v3"],
-        }],
+        "xds_servers": servers,
         "node": { "id": a.node_id, "locality": {} },
     });
     let text = serde_json::to_string_pretty(&bootstrap)? + "\n";
@@ -54,64 +59,33 @@ pub(super) fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One gRPC target naming every node, so that the client's xDS channel moves
-/// to another node when its own goes away: several IP addresses become an
-/// `ipv4:`/`ipv6:` address list (C++, Python, Ruby, PHP, Node); a single
-/// endpoint is left to DNS, which may return every node (the way for Go and
-/// Java, whose gRPC has no address-list targets).
-fn server_uri(endpoints: &[String]) -> anyhow::Result<String> {
-    match endpoints {
-        [] => anyhow::bail!("give the nodes with --endpoints"),
-        [one] => Ok(one.clone()),
-        many => {
-            let addrs: Vec<SocketAddr> = many
-                .iter()
-                .map(|e| e.parse())
-                .collect::<Result<_, _>>()
-                .map_err(|_| {
-                anyhow::anyhow!(
-                    "several --endpoints make one gRPC target only as IP addresses \
-                         (ipv4:a,b,c); with host names, give one name that resolves to every \
-                         node, or the target itself with --server-uri (dns:///roster.example:7001)"
-                )
-            })?;
-            let scheme = if addrs.iter().all(SocketAddr::is_ipv4) {
-                "ipv4"
-            } else if addrs.iter().all(SocketAddr::is_ipv6) {
-                "ipv6"
-            } else {
-                anyhow::bail!(
-                    "--endpoints mixes IPv4 and IPv6 addresses, which no gRPC target takes \
-                     together; give one family, or --server-uri"
-                )
-            };
-            let list: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
-            Ok(format!("{scheme}:{}", list.join(",")))
-        }
+/// A gRPC target per node, in order: a client starts on the first that
+/// answers (gRFC A71, xDS fallback). An address list (`ipv4:a,b`) is no
+/// choice: gRPC takes the list as the call's authority, which HTTP/2 servers
+/// refuse. A single endpoint may be a name that resolves to every node (a
+/// Kubernetes headless service); the client's xDS channel then moves to
+/// another node when its own goes away.
+fn server_uris(endpoints: &[String]) -> anyhow::Result<Vec<String>> {
+    if endpoints.is_empty() {
+        anyhow::bail!("give the nodes' client addresses with --endpoints");
     }
+    Ok(endpoints.iter().map(|e| format!("dns:///{e}")).collect())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::server_uri;
+    use super::server_uris;
 
     #[test]
-    fn one_target_names_every_node() {
+    fn a_target_per_node_in_order() {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            server_uri(&v(&["127.0.0.1:7001", "127.0.0.1:7002"])).ok(),
-            Some("ipv4:127.0.0.1:7001,127.0.0.1:7002".into())
+            server_uris(&v(&["127.0.0.1:7001", "roster-2.internal:7001"])).ok(),
+            Some(v(&[
+                "dns:///127.0.0.1:7001",
+                "dns:///roster-2.internal:7001"
+            ]))
         );
-        assert_eq!(
-            server_uri(&v(&["[::1]:7001", "[::1]:7002"])).ok(),
-            Some("ipv6:[::1]:7001,[::1]:7002".into())
-        );
-        assert_eq!(
-            server_uri(&v(&["roster.internal:7001"])).ok(),
-            Some("roster.internal:7001".into())
-        );
-        let e = server_uri(&v(&["a.example:7001", "b.example:7001"])).expect_err("names");
-        assert!(e.to_string().contains("--server-uri"), "{e}");
-        assert!(server_uri(&v(&["127.0.0.1:1", "[::1]:1"])).is_err());
+        assert!(server_uris(&[]).is_err());
     }
 }
