@@ -433,13 +433,53 @@ async fn stale_under_writes<S: System>(
 /// Time from a register's acknowledgement to each watcher receiving its event.
 async fn watch_delay<S: System>(sys: &Arc<S>, watchers: usize, events: usize) -> Result<Summary> {
     let service = format!("watch{watchers}");
+    delivery_delay(
+        sys,
+        &service,
+        watchers,
+        events,
+        |sys, w, service| async move { sys.watch(w, &service).await },
+    )
+    .await
+}
+
+/// Time from a register's acknowledgement to each of `streams` xDS streams
+/// receiving the endpoints that hold it.
+async fn xds_delay(roster: &Arc<Roster>, streams: usize, events: usize) -> Result<Summary> {
+    let service = format!("xds{streams}");
+    delivery_delay(
+        roster,
+        &service,
+        streams,
+        events,
+        |r, w, service| async move { r.xds(w, &service).await },
+    )
+    .await
+}
+
+/// Opens `watchers` streams on `service` with `open`, registers `events`
+/// instances 20 ms apart, and times each one's arrival on every stream.
+async fn delivery_delay<S, W, F, Fut>(
+    sys: &Arc<S>,
+    service: &str,
+    watchers: usize,
+    events: usize,
+    open: F,
+) -> Result<Summary>
+where
+    S: System,
+    W: Watch,
+    F: Fn(Arc<S>, usize, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<W>> + Send,
+{
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let mut opening = Vec::new();
     for w in 0..watchers {
-        let (sys, service, sem) = (sys.clone(), service.clone(), sem.clone());
+        let (sys, service, sem, open) =
+            (sys.clone(), service.to_string(), sem.clone(), open.clone());
         opening.push(tokio::spawn(async move {
             let _permit = sem.acquire().await?;
-            sys.watch(w, &service).await
+            open(sys, w, service).await
         }));
     }
     let mut tasks = Vec::new();
@@ -459,7 +499,7 @@ async fn watch_delay<S: System>(sys: &Arc<S>, watchers: usize, events: usize) ->
     let mut acked = std::collections::HashMap::new();
     for k in 0..events {
         let id = format!("w-{k}");
-        sys.register(k, &service, &id).await?;
+        sys.register(k, service, &id).await?;
         acked.insert(id, Instant::now());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1722,6 +1762,20 @@ async fn main() -> Result<()> {
                 &e,
                 "p99 ≤ 1×",
             ));
+        }
+    }
+    if opts.runs("xds") {
+        // Roster only: etcd serves no xDS.
+        for w in [1, 100, 1000] {
+            eprintln!("xDS push delay, {w} streams");
+            let x = xds_delay(&roster, w, WATCH_EVENTS).await?;
+            rows.push(Row {
+                name: format!("xDS push delay, {w} ADS streams (registration ack → endpoints): p50 / p99 / max"),
+                roster: format!("{} / {} / {}", ms(x.p50), ms(x.p99), ms(x.max)),
+                etcd: "—".into(),
+                ratio: "—".into(),
+                target: "",
+            });
         }
     }
     if opts.runs("failover") {

@@ -6,7 +6,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use etcd_client::{GetOptions, PutOptions, WatchOptions};
+use prost::Message;
 use roster::client::RosterClient;
 use roster::proto::v1::cluster_client::ClusterClient;
 use roster::proto::v1::registry_client::RegistryClient;
@@ -323,6 +327,74 @@ impl Heartbeat for RosterBeat {
         let req = with_token(&self.access, self.req.clone());
         self.client.heartbeat(req).await?;
         Ok(())
+    }
+}
+
+/// An xDS (ADS) stream subscribed to one service's endpoints, as a
+/// proxyless gRPC client holds it: each response is ACKed; an instance is
+/// "put" when its endpoint first appears.
+pub struct RosterXds {
+    acks: tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    responses: tonic::Streaming<DiscoveryResponse>,
+    service: String,
+    seen: std::collections::HashSet<String>,
+}
+
+const ENDPOINTS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+impl Roster {
+    /// An ADS stream on pool connection `conn`, subscribed to `service`'s endpoints.
+    pub async fn xds(&self, conn: usize, service: &str) -> Result<RosterXds> {
+        let (acks, requests) = tokio::sync::mpsc::channel(4);
+        let subscribe = DiscoveryRequest {
+            type_url: ENDPOINTS_TYPE.into(),
+            resource_names: vec![service.into()],
+            ..Default::default()
+        };
+        acks.send(subscribe).await?;
+        let responses =
+            AggregatedDiscoveryServiceClient::new(self.pool[conn % self.pool.len()].clone())
+                .stream_aggregated_resources(
+                    self.req(tokio_stream::wrappers::ReceiverStream::new(requests)),
+                )
+                .await?
+                .into_inner();
+        Ok(RosterXds {
+            acks,
+            responses,
+            service: service.into(),
+            seen: Default::default(),
+        })
+    }
+}
+
+impl Watch for RosterXds {
+    async fn next_puts(&mut self) -> Result<Vec<String>> {
+        let r = self
+            .responses
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("xDS stream closed"))?;
+        let ack = DiscoveryRequest {
+            type_url: r.type_url.clone(),
+            resource_names: vec![self.service.clone()],
+            version_info: r.version_info.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        };
+        self.acks.send(ack).await?;
+        let mut new = Vec::new();
+        for any in &r.resources {
+            let cla = ClusterLoadAssignment::decode(any.value.as_slice())?;
+            for e in cla.endpoints.into_iter().flat_map(|l| l.lb_endpoints) {
+                if let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = e.host_identifier {
+                    if self.seen.insert(ep.hostname.clone()) {
+                        new.push(ep.hostname);
+                    }
+                }
+            }
+        }
+        Ok(new)
     }
 }
 
