@@ -121,6 +121,47 @@ struct Calls {
 }
 
 impl Calls {
+    /// Runs the README's snippet as it says to: stubs in gen/, then the
+    /// client, with `bootstrap`.
+    fn start(python: &str, c: &TestCluster, bootstrap: &Path) -> Calls {
+        let work = c.dir.path().join("python");
+        std::fs::create_dir_all(work.join("gen")).expect("gen/");
+        let proto = Path::new(REPO).join("proto");
+        let protoc = std::process::Command::new(python)
+            .args(["-m", "grpc_tools.protoc", "-I"])
+            .arg(&proto)
+            .args(["--python_out=gen", "--grpc_python_out=gen"])
+            .arg(proto.join("roster/examples/echo.proto"))
+            .current_dir(&work)
+            .output()
+            .expect("run grpc_tools.protoc");
+        assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
+        std::fs::write(work.join("client.py"), readme_snippet()).expect("write the snippet");
+        let mut child = Command::new(python)
+            .arg("client.py")
+            .current_dir(&work)
+            .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the Python client");
+        let stdout = child.stdout.take().expect("the client's output");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut out = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = out.next_line().await {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Calls {
+            lines,
+            _client: child,
+        }
+    }
+
     /// Reads calls until `done` says so; panics after `limit`.
     async fn until(&mut self, what: &str, limit: Duration, mut done: impl FnMut(&str) -> bool) {
         let deadline = Instant::now() + limit;
@@ -158,6 +199,33 @@ impl Calls {
     }
 }
 
+/// Runs `roster xds-bootstrap` with `args`, into a file of the cluster's directory.
+fn xds_bootstrap(c: &TestCluster, args: &[&str], more: &[&str]) -> PathBuf {
+    let bootstrap = c.dir.path().join("xds-bootstrap.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["xds-bootstrap", "--node-id", "python-test"])
+        .args(args)
+        .args(more)
+        .arg("--output")
+        .arg(&bootstrap)
+        .output()
+        .expect("run roster xds-bootstrap");
+    assert!(out.status.success(), "roster xds-bootstrap: {out:?}");
+    bootstrap
+}
+
+/// Waits until `n` echo instances pass.
+async fn passing(c: &TestCluster, n: usize) {
+    let client = c.client();
+    c.wait_for(&format!("{n} echo servers passing"), LIMIT, || async {
+        let mut req = get_req("echo", Consistency::Stale);
+        req.healthy_only = true;
+        let got = client.get_service(req).await.ok()?.instances.len();
+        (got == n).then_some(())
+    })
+    .await;
+}
+
 /// Node `id`'s open xDS streams, from its metrics.
 async fn xds_streams(c: &TestCluster, id: u64) -> u64 {
     c.scrape(id)
@@ -188,14 +256,7 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
     for name in ["echo-1", "echo-2", "echo-3"] {
         servers.insert(name, echo_server(name, free_port(), &endpoints));
     }
-    let client = c.client();
-    c.wait_for("three echo servers passing", LIMIT, || async {
-        let mut req = get_req("echo", Consistency::Stale);
-        req.healthy_only = true;
-        let n = client.get_service(req).await.ok()?.instances.len();
-        (n == 3).then_some(())
-    })
-    .await;
+    passing(&c, 3).await;
 
     // One name, an A record per node: the client's xDS channel reaches any.
     let ips: Vec<Ipv4Addr> = (1..=3)
@@ -203,62 +264,15 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
         .collect();
     let dns = dns_server(ips).await;
     let port = c.node(1).port;
-    let bootstrap = c.dir.path().join("xds-bootstrap.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args([
-            "xds-bootstrap",
-            "--node-id",
-            "python-test",
-            "--endpoints",
-            &endpoints,
-        ])
-        .args([
+    let bootstrap = xds_bootstrap(
+        &c,
+        &["--endpoints", &endpoints],
+        &[
             "--server-uri",
             &format!("dns://{dns}/roster-nodes.test:{port}"),
-        ])
-        .arg("--output")
-        .arg(&bootstrap)
-        .output()
-        .expect("run roster xds-bootstrap");
-    assert!(out.status.success(), "roster xds-bootstrap: {out:?}");
-
-    // The snippet as the README says to run it: stubs in gen/, then the client.
-    let work = c.dir.path().join("python");
-    std::fs::create_dir_all(work.join("gen")).expect("gen/");
-    let proto = Path::new(REPO).join("proto");
-    let protoc = std::process::Command::new(&python)
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(&proto)
-        .args(["--python_out=gen", "--grpc_python_out=gen"])
-        .arg(proto.join("roster/examples/echo.proto"))
-        .current_dir(&work)
-        .output()
-        .expect("run grpc_tools.protoc");
-    assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
-    std::fs::write(work.join("client.py"), readme_snippet()).expect("write the snippet");
-    let mut child = Command::new(&python)
-        .arg("client.py")
-        .current_dir(&work)
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the Python client");
-    let stdout = child.stdout.take().expect("the client's output");
-    let (tx, lines) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut out = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = out.next_line().await {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut calls = Calls {
-        lines,
-        _client: child,
-    };
+        ],
+    );
+    let mut calls = Calls::start(&python, &c, &bootstrap);
 
     // Calls spread over every passing server: round robin, a third each.
     let all = ["echo-1", "echo-2", "echo-3"];
@@ -347,4 +361,58 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
             "node {id} counted NACKs:\n{metrics}"
         );
     }
+}
+
+/// The xDS stream over TLS: the bootstrap holds gRPC's file-based TLS
+/// credentials with the CA (gRFC A65), the node's certificate is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_over_xds_with_tls() {
+    let Ok(python) = std::env::var("ROSTER_PYTHON") else {
+        eprintln!(
+            "skipped: set ROSTER_PYTHON to a python with grpcio and grpcio-tools (.ci/run does)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let certs = dir.path().join("certs");
+    let made = std::process::Command::new(Path::new(REPO).join("deploy/tls/make-certs.sh"))
+        .arg(&certs)
+        .arg("node=127.0.0.1,localhost")
+        .output()
+        .expect("run make-certs.sh");
+    assert!(made.status.success(), "make-certs.sh: {made:?}");
+    let ca = certs.join("ca.crt");
+    let extra = format!(
+        "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\n",
+        certs.display()
+    );
+    let setup = Setup {
+        client_tls: Some(roster::client::tls_from_files(&ca, None).expect("the CA")),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, &extra, setup)
+        .await
+        .expect("a TLS cluster");
+    let endpoints = c.endpoints().join(",");
+    let mut servers = Vec::new();
+    for name in ["echo-1", "echo-2"] {
+        let mut s = Command::new(echo_example());
+        s.args(["serve", name, &free_port().to_string()])
+            .env("ROSTER_ENDPOINTS", &endpoints)
+            .env("ROSTER_CACERT", &ca)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        servers.push(s.spawn().expect("start the echo example"));
+    }
+    passing(&c, 2).await;
+    let ca_arg = ca.display().to_string();
+    let bootstrap = xds_bootstrap(&c, &["--endpoints", &endpoints], &["--cacert", &ca_arg]);
+    let text = std::fs::read_to_string(&bootstrap).expect("the bootstrap");
+    assert!(text.contains("\"type\": \"tls\""), "{text}");
+    let mut calls = Calls::start(&python, &c, &bootstrap);
+    let run = calls
+        .run_of("100 calls answered", 100, &["echo-1", "echo-2"])
+        .await;
+    assert!(run.len() == 2 && run.values().all(|&n| n >= 20), "{run:?}");
 }

@@ -165,7 +165,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         true => Some(super::dev_tls::make(&dir.path().join("tls"))?),
         false => None,
     };
-    // Drawn before the nodes start: DNS answers with the admin token's scope.
+    // Drawn before the nodes start: DNS and xDS answer with the admin token's scope.
     let admin_secret = a.auth.then(|| random_hex(32)).transpose()?;
     let mut handles = Vec::new();
     for i in 0..a.nodes {
@@ -181,6 +181,8 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.auth.enabled = a.auth;
         cfg.dns.listen = Some(at(DEV_DNS_OFFSET + i));
         cfg.dns.token = admin_secret.clone();
+        // gRPC's xDS clients send no token either.
+        cfg.xds.token = admin_secret.clone();
         // Plain HTTP: not beside --tls.
         if !a.tls {
             cfg.http.listen = Some(at(DEV_HTTP_OFFSET + i));
@@ -238,6 +240,14 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
             dns.port()
         );
     }
+    println!(
+        "     roster xds-bootstrap --endpoints {}{} > xds-bootstrap.json   # GRPC_XDS_BOOTSTRAP for xds:///<service>",
+        endpoints.join(","),
+        certs
+            .as_ref()
+            .map(|c| format!(" --cacert {}", c.node.ca.display()))
+            .unwrap_or_default()
+    );
     if let Some(http) = handles.first().and_then(|h| h.http_addr()) {
         println!("     curl http://{http}/v1/services");
         println!("web console: http://{http}/ui");
