@@ -334,3 +334,21 @@ async fn with_auth_and_no_xds_token_a_call_without_one_is_told_what_to_set() {
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
     assert!(refused.message().contains("[xds] token"), "{refused}");
 }
+
+#[tokio::test]
+async fn a_stream_naming_too_many_services_is_told_the_limit() {
+    let c = TestCluster::start_with(1, "[limits]\nmax_watched_services_per_stream = 2\n").await;
+    let mut ads = Ads::open(&c, 1, None).await.expect("an ADS stream");
+    ads.send(ENDPOINTS, &["a", "b", "c"], None, None).await;
+    let ended = tokio::time::timeout(LIMIT, ads.rx.message())
+        .await
+        .expect("an answer in time");
+    let Err(status) = ended else {
+        panic!("the stream ends with an error, not {ended:?}");
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(
+        status.message().contains("max_watched_services_per_stream"),
+        "{status}"
+    );
+}

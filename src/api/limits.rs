@@ -19,7 +19,7 @@ use crate::config::Limits;
 use crate::error::Error;
 use crate::registry::{Catalog, Instance};
 
-pub(super) fn exhausted(what: String, key: &str, limit: usize, remedy: &str) -> Error {
+pub(crate) fn exhausted(what: String, key: &str, limit: usize, remedy: &str) -> Error {
     Error::ResourceExhausted(format!(
         "{what}: the limit limits.{key} is {limit}; {remedy}"
     ))

@@ -33,7 +33,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::auth::{self, Grant};
-use crate::api::limits::{WatchSlot, WatchSlots};
+use crate::api::limits::{exhausted, WatchSlot, WatchSlots};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::raft::proposer::Proposer;
@@ -60,11 +60,13 @@ pub struct Xds {
     proposer: Arc<Proposer>,
     slots: Arc<WatchSlots>,
     stats: Arc<XdsStats>,
+    max_services: usize,
 }
 
 impl Xds {
     /// xDS streams take their places from `[limits]`' watch stream limits,
-    /// counted apart from the Registry's watches.
+    /// counted apart from the Registry's watches; a stream names at most
+    /// `max_watched_services_per_stream` services.
     pub fn new(
         state: SharedState,
         proposer: Arc<Proposer>,
@@ -76,6 +78,7 @@ impl Xds {
             proposer,
             slots: WatchSlots::new(limits),
             stats,
+            max_services: limits.max_watched_services_per_stream,
         }
     }
 }
@@ -92,12 +95,13 @@ impl AggregatedDiscoveryService for Xds {
         let slot = self.slots.acquire(req.remote_addr())?;
         let ads = Ads {
             grant: auth::grant(&req),
-            _open: Open::new(self.stats.clone(), slot),
+            open: Open::new(self.stats.clone(), slot),
             state: self.state.clone(),
             watcher: Watcher::new(self.state.clone()),
             inbound: req.into_inner(),
             subs: BTreeMap::new(),
             followed: Followed::default(),
+            max_services: self.max_services,
             nonce: 0,
             out: VecDeque::new(),
             node: String::new(),
@@ -152,7 +156,8 @@ struct Subscription {
     nonce: String,
     /// Whether a request of this type came yet.
     requested: bool,
-    /// Full-state types: the services the last response held.
+    /// All but endpoints: the services the last response held (those
+    /// resources change only when a service comes or goes).
     sent: BTreeSet<String>,
 }
 
@@ -166,12 +171,13 @@ struct Followed {
 /// One ADS stream.
 struct Ads {
     grant: Option<Grant>,
-    _open: Open,
+    open: Open,
     state: SharedState,
     watcher: Watcher,
     inbound: Streaming<DiscoveryRequest>,
     subs: BTreeMap<Kind, Subscription>,
     followed: Followed,
+    max_services: usize,
     nonce: u64,
     out: VecDeque<DiscoveryResponse>,
     /// The client's node id, for the log.
@@ -224,7 +230,7 @@ impl Ads {
             tracing::debug!(node = %self.node, type_url = %req.type_url, "xDS request for a type Roster does not serve; ignored");
             return Ok(());
         };
-        let stats = self._open.stats.clone();
+        let stats = self.open.stats.clone();
         let sub = self.subs.entry(kind).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce != sub.nonce {
             // Answers a response that a newer one replaced.
@@ -250,12 +256,17 @@ impl Ads {
         sub.requested = true;
         sub.names = names;
         sub.wildcard = wildcard;
+        let named = self.wanted().services.len();
+        if named > self.max_services {
+            return Err(exhausted(
+                format!("this xDS stream names {named} services"),
+                "max_watched_services_per_stream",
+                self.max_services,
+                "subscribe to fewer, or to every listener or cluster at once (a wildcard)",
+            ));
+        }
         let revision = self.respond(kind, None)?;
         self.follow(revision)
-    }
-
-    fn stats(&self) -> &XdsStats {
-        &self._open.stats
     }
 
     /// Queues a response of `kind` with every subscribed resource; after
@@ -304,7 +315,7 @@ impl Ads {
             }),
             ..Default::default()
         };
-        self.stats().responses.fetch_add(1, Ordering::Relaxed);
+        self.open.stats.responses.fetch_add(1, Ordering::Relaxed);
         self.out.push_back(response);
         Ok(revision)
     }
@@ -321,9 +332,8 @@ impl Ads {
         Ok(())
     }
 
-    /// Follows, through the watch hub, what the subscriptions name, from
-    /// `revision` (the responses just queued hold everything up to it).
-    fn follow(&mut self, revision: u64) -> Result<(), Error> {
+    /// The watch keys the subscriptions need.
+    fn wanted(&self) -> Followed {
         let mut want = Followed::default();
         for sub in self.subs.values() {
             want.all |= sub.wildcard;
@@ -332,6 +342,13 @@ impl Ads {
         if want.all {
             want.services.clear();
         }
+        want
+    }
+
+    /// Follows, through the watch hub, what the subscriptions name, from
+    /// `revision` (the responses just queued hold everything up to it).
+    fn follow(&mut self, revision: u64) -> Result<(), Error> {
+        let want = self.wanted();
         if want == self.followed {
             return Ok(());
         }
@@ -350,9 +367,11 @@ impl Ads {
         if want.all && !now.all {
             added.push((None, revision));
         }
-        self.watcher
-            .add(added)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        if !added.is_empty() {
+            self.watcher
+                .add(added)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+        }
         self.followed = want;
         Ok(())
     }
