@@ -18,10 +18,10 @@
 
 mod resources;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -29,6 +29,7 @@ pub use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_ser
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::google::protobuf::Any;
 use futures::{FutureExt, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -61,6 +62,47 @@ pub struct Xds {
     slots: Arc<WatchSlots>,
     stats: Arc<XdsStats>,
     max_services: usize,
+    built: Arc<Built>,
+}
+
+/// Resources as last built, shared by a node's streams: a change pushed to
+/// a thousand streams is built and encoded once, not a thousand times.
+#[derive(Default)]
+struct Built {
+    latest: Mutex<HashMap<(Kind, String), AtRevision>>,
+}
+
+/// A resource (`None`: the service does not exist) and the catalogue
+/// revision it was built at.
+type AtRevision = (u64, Option<Any>);
+
+/// Entries kept before the cache starts over: services no stream follows
+/// any more are dropped then.
+const BUILT_ENTRIES: usize = 65_536;
+
+impl Built {
+    /// `service`'s resource of `kind` at `revision`, built by `build` unless
+    /// a stream already did at that revision.
+    fn get(
+        &self,
+        kind: Kind,
+        service: &str,
+        revision: u64,
+        build: impl FnOnce() -> Option<Any>,
+    ) -> Option<Any> {
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, r)) = latest.get(&(kind, service.to_string())) {
+            if *at == revision {
+                return r.clone();
+            }
+        }
+        let r = build();
+        if latest.len() >= BUILT_ENTRIES {
+            latest.clear();
+        }
+        latest.insert((kind, service.to_string()), (revision, r.clone()));
+        r
+    }
 }
 
 impl Xds {
@@ -79,6 +121,7 @@ impl Xds {
             slots: WatchSlots::new(limits),
             stats,
             max_services: limits.max_watched_services_per_stream,
+            built: Arc::default(),
         }
     }
 }
@@ -102,6 +145,7 @@ impl AggregatedDiscoveryService for Xds {
             subs: BTreeMap::new(),
             followed: Followed::default(),
             max_services: self.max_services,
+            built: self.built.clone(),
             nonce: 0,
             out: VecDeque::new(),
             node: String::new(),
@@ -178,6 +222,7 @@ struct Ads {
     subs: BTreeMap<Kind, Subscription>,
     followed: Followed,
     max_services: usize,
+    built: Arc<Built>,
     nonce: u64,
     out: VecDeque<DiscoveryResponse>,
     /// The client's node id, for the log.
@@ -278,6 +323,7 @@ impl Ads {
         let covers = |s: &str| grant.as_ref().is_none_or(|g| g.covers(s));
         let sub = self.subs.entry(kind).or_default();
         let partial = changed.filter(|_| kind.follows_instances());
+        let built = &self.built;
         let (revision, resources) = crate::api::read_state(&self.state, |st| {
             let catalog = &st.catalog;
             let names: Vec<&str> = if sub.wildcard {
@@ -285,12 +331,16 @@ impl Ads {
             } else {
                 sub.names.iter().map(String::as_str).collect()
             };
+            let revision = catalog.revision();
             let resources: Vec<(String, _)> = names
                 .into_iter()
                 .filter(|n| partial.is_none_or(|c| c.contains(*n)) && covers(n))
-                .filter_map(|n| kind.build(catalog, n).map(|r| (n.to_string(), r)))
+                .filter_map(|n| {
+                    let built = built.get(kind, n, revision, || kind.build(catalog, n));
+                    built.map(|r| (n.to_string(), r))
+                })
                 .collect();
-            (catalog.revision(), resources)
+            (revision, resources)
         })?;
         if kind.follows_instances() {
             if partial.is_some() && resources.is_empty() {
