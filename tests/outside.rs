@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ports::free_port;
+use common::readme_block;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -19,13 +19,7 @@ fn outside_dig_and_curl_as_the_readme_shows() {
         eprintln!("skipped: set ROSTER_DIG and ROSTER_CURL (.ci/run installs them and does)");
         return;
     };
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README");
-    let block = readme
-        .split_once("<!-- outside-example -->")
-        .and_then(|(_, rest)| rest.split_once("<!-- /outside-example -->"))
-        .map(|(b, _)| b)
-        .expect("the README's example between its markers");
+    let block = readme_block("outside-example");
     let base = free_block();
     let _dev = Dev::start(base);
     let roster = env!("CARGO_BIN_EXE_roster");

@@ -16,24 +16,6 @@ use roster::proto::v1::{CreateTokenRequest, GetServiceRequest, Role};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The README's Python snippet, between its markers.
-fn readme_snippet() -> String {
-    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).expect("README");
-    let start = readme
-        .find("<!-- python-tls-snippet -->")
-        .expect("the snippet's start marker");
-    let end = readme
-        .find("<!-- /python-tls-snippet -->")
-        .expect("the snippet's end marker");
-    let block = &readme[start..end];
-    let code = block
-        .split_once("```python\n")
-        .and_then(|(_, rest)| rest.split_once("```"))
-        .map(|(code, _)| code)
-        .expect("a python code block between the markers");
-    code.to_string()
-}
-
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {out:?}");
@@ -42,19 +24,12 @@ fn run(cmd: &mut Command) -> String {
 
 #[tokio::test]
 async fn python_grpcio_client_from_the_readme_over_tls() {
-    let Ok(python) = std::env::var("ROSTER_PYTHON") else {
-        eprintln!(
-            "skipped: set ROSTER_PYTHON to a python with grpcio and grpcio-tools (.ci/run does)"
-        );
+    let Some(python) = python() else {
         return;
     };
     let dir = tempfile::tempdir().expect("dir");
     let certs = dir.path().join("certs");
-    run(
-        Command::new(Path::new(REPO).join("deploy/tls/make-certs.sh"))
-            .arg(&certs)
-            .arg("node=127.0.0.1,localhost"),
-    );
+    make_certs(&certs);
     let extra = format!(
         "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\nclient_ca = \"{0}/ca.crt\"\n\
          [auth]\nenabled = true\n",
@@ -117,7 +92,7 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
             .output()
             .expect("run python")
     };
-    let out = python_run(&readme_snippet(), &token.secret);
+    let out = python_run(&readme_block("python-tls-snippet"), &token.secret);
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("10.0.0.7:8080"),
@@ -135,14 +110,14 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
     assert_eq!(got.instances[0].registered_by, accessor);
 
     // With an unknown token the node refuses the call...
-    let out = python_run(&readme_snippet(), "not-a-token");
+    let out = python_run(&readme_block("python-tls-snippet"), "not-a-token");
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"),
         "{out:?}"
     );
     // ...and without a client certificate the connection itself.
-    let anonymous = readme_snippet()
+    let anonymous = readme_block("python-tls-snippet")
         .replace("private_key=read(\"certs/client.key\"),", "")
         .replace("certificate_chain=read(\"certs/client.crt\"),", "");
     let out = python_run(&anonymous, &token.secret);

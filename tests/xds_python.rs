@@ -32,22 +32,6 @@ use tokio::sync::mpsc;
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// The README's Python xDS snippet, between its markers.
-fn readme_snippet() -> String {
-    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).expect("README");
-    let (_, rest) = readme
-        .split_once("<!-- python-xds-snippet -->")
-        .expect("the snippet's start marker");
-    let (block, _) = rest
-        .split_once("<!-- /python-xds-snippet -->")
-        .expect("the snippet's end marker");
-    block
-        .split_once("```python\n")
-        .and_then(|(_, rest)| rest.split_once("```"))
-        .map(|(code, _)| code.to_string())
-        .expect("a python code block between the markers")
-}
-
 /// The echo example's binary, next to this test's in the target directory.
 fn echo_example() -> PathBuf {
     let exe = std::env::current_exe().expect("the test's path");
@@ -136,7 +120,8 @@ impl Calls {
             .output()
             .expect("run grpc_tools.protoc");
         assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
-        std::fs::write(work.join("client.py"), readme_snippet()).expect("write the snippet");
+        std::fs::write(work.join("client.py"), readme_block("python-xds-snippet"))
+            .expect("write the snippet");
         let mut child = Command::new(python)
             .arg("client.py")
             .current_dir(&work)
@@ -238,10 +223,7 @@ async fn xds_streams(c: &TestCluster, id: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_balances_over_xds_and_follows_changes() {
-    let Ok(python) = std::env::var("ROSTER_PYTHON") else {
-        eprintln!(
-            "skipped: set ROSTER_PYTHON to a python with grpcio and grpcio-tools (.ci/run does)"
-        );
+    let Some(python) = python() else {
         return;
     };
     let setup = Setup {
@@ -378,20 +360,12 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
 /// credentials with the CA (gRFC A65), the node's certificate is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_over_xds_with_tls() {
-    let Ok(python) = std::env::var("ROSTER_PYTHON") else {
-        eprintln!(
-            "skipped: set ROSTER_PYTHON to a python with grpcio and grpcio-tools (.ci/run does)"
-        );
+    let Some(python) = python() else {
         return;
     };
     let dir = tempfile::tempdir().expect("dir");
     let certs = dir.path().join("certs");
-    let made = std::process::Command::new(Path::new(REPO).join("deploy/tls/make-certs.sh"))
-        .arg(&certs)
-        .arg("node=127.0.0.1,localhost")
-        .output()
-        .expect("run make-certs.sh");
-    assert!(made.status.success(), "make-certs.sh: {made:?}");
+    make_certs(&certs);
     let ca = certs.join("ca.crt");
     let extra = format!(
         "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\n",

@@ -787,3 +787,47 @@ pub async fn ids(c: &RosterClient, service: &str, consistency: Consistency) -> V
     v.sort();
     v
 }
+
+/// The code block in README.md between `<!-- marker -->` and
+/// `<!-- /marker -->`, without its fence: the README's examples run as written.
+pub fn readme_block(marker: &str) -> String {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("README");
+    let (_, rest) = readme
+        .split_once(&format!("<!-- {marker} -->"))
+        .unwrap_or_else(|| panic!("the README's <!-- {marker} --> marker"));
+    let (block, _) = rest
+        .split_once(&format!("<!-- /{marker} -->"))
+        .unwrap_or_else(|| panic!("the README's <!-- /{marker} --> marker"));
+    block
+        .split_once("```")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(code, _)| code.to_string())
+        .unwrap_or_else(|| panic!("a code block between the {marker} markers"))
+}
+
+/// The python `.ci/run` installs grpcio and grpcio-tools into (`ROSTER_PYTHON`),
+/// or `None` after saying the test skips.
+pub fn python() -> Option<String> {
+    let python = std::env::var("ROSTER_PYTHON").ok();
+    if python.is_none() {
+        eprintln!(
+            "skipped: set ROSTER_PYTHON to a python with grpcio and grpcio-tools (.ci/run does)"
+        );
+    }
+    python
+}
+
+/// A CA and certificates made by `deploy/tls/make-certs.sh` (openssl) in
+/// `dir`, the node's valid for 127.0.0.1 and localhost.
+pub fn make_certs(dir: &std::path::Path) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tls/make-certs.sh");
+    let out = Command::new(&script)
+        .arg(dir)
+        .arg("node=127.0.0.1,localhost")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    assert!(out.status.success(), "make-certs.sh: {out:?}");
+}
