@@ -23,6 +23,8 @@ pub struct Endpoints {
     /// Registry nodes, comma separated host:port; any node will do.
     #[arg(
         long,
+        // The name the xDS issue gave `roster xds-bootstrap`'s list.
+        alias = "service-endpoints",
         env = "ROSTER_ENDPOINTS",
         value_delimiter = ',',
         default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003",
