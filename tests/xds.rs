@@ -352,3 +352,12 @@ async fn a_stream_naming_too_many_services_is_told_the_limit() {
         "{status}"
     );
 }
+
+#[tokio::test]
+async fn xds_turned_off_answers_unimplemented() {
+    let c = TestCluster::start_with(1, "[xds]\nenabled = false\n").await;
+    let Err(off) = Ads::open(&c, 1, None).await else {
+        panic!("no xDS with [xds] enabled = false");
+    };
+    assert_eq!(off.code(), tonic::Code::Unimplemented, "{off}");
+}
