@@ -112,6 +112,14 @@ async fn a_follower_serves_every_operation_and_errors_carry_their_codes() {
     assert_eq!(s, 200);
     assert_eq!(body["services"][0]["name"], "web", "{body}");
     assert_eq!(body["services"][0]["instances"], 2, "{body}");
+    let (s, body) = get_json(&http, url(&c, f, "/v1/services?page_size=1")).await;
+    assert_eq!(
+        (s, body["services"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{body}"
+    );
+    let (s, body) = get_json(&http, url(&c, f, "/v1/services?page_size=many")).await;
+    assert_error(s, &body, 400, "INVALID_ARGUMENT");
 
     // Errors: the gRPC code's name and an HTTP status that fits it.
     let (s, body) = put("bad id!", json!({"address": "10.0.0.3", "port": 1})).await;

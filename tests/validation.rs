@@ -317,3 +317,51 @@ fn run_server(config: &std::path::Path) -> (Option<i32>, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+#[tokio::test]
+async fn list_services_pages_through_in_name_order() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    for n in 0..25 {
+        register(&client, &format!("svc-{n:02}"), "a", 8080).await;
+    }
+    let client = &client;
+    let page = |page_size: u32, page_token: String| async move {
+        client
+            .list_services(ListServicesRequest {
+                consistency: Consistency::Linearizable as i32,
+                page_size,
+                page_token,
+            })
+            .await
+    };
+    let mut names = Vec::new();
+    let mut sizes = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = page(10, token).await.expect("a page");
+        sizes.push(r.services.len());
+        names.extend(r.services.into_iter().map(|s| s.name));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(sizes, [10, 10, 5]);
+    let every: Vec<String> = (0..25).map(|n| format!("svc-{n:02}")).collect();
+    assert_eq!(names, every, "each service once, in name order");
+    // No page size: every service, no token.
+    let all = page(0, String::new()).await.expect("all");
+    assert_eq!((all.services.len(), all.next_page_token.as_str()), (25, ""));
+    // A page ending on the last service says nothing follows.
+    let last = page(5, "svc-19".into()).await.expect("the last page");
+    assert_eq!(
+        (last.services.len(), last.next_page_token.as_str()),
+        (5, "")
+    );
+    let bad = page(10, "not a name!".into())
+        .await
+        .expect_err("a token no answer gave");
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
+    assert!(bad.message().contains("next_page_token"), "{bad}");
+}

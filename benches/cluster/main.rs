@@ -656,21 +656,32 @@ async fn scale_queries<S: System>(sys: &Arc<S>, dur: Duration) -> Result<Queries
         Ok(())
     })
     .await;
-    let list = match sys.list_services(0).await? {
-        None => None,
-        Some(_) => Some(
-            closed_loop(sys, 8, dur, |s, c, _| async move {
-                s.list_services(c).await.map(|_| ())
-            })
-            .await,
-        ),
-    };
-    Ok(Queries { get, list })
+    let mut lists = Vec::new();
+    for page_size in [0, LIST_PAGE] {
+        lists.push(match sys.list_services(0, page_size).await? {
+            None => None,
+            Some(_) => Some(
+                closed_loop(sys, 8, dur, move |s, c, _| async move {
+                    s.list_services(c, page_size).await.map(|_| ())
+                })
+                .await,
+            ),
+        });
+    }
+    let page = lists.pop().flatten();
+    let list = lists.pop().flatten();
+    Ok(Queries { get, list, page })
 }
+
+/// Services per ListServices page in the scale phase (a console's page).
+const LIST_PAGE: u32 = 100;
 
 struct Queries {
     get: Summary,
+    /// Every service in one answer.
     list: Option<Summary>,
+    /// The first `LIST_PAGE` services.
+    page: Option<Summary>,
 }
 
 /// Loads `instances` registrations (100 per service), timing queries at
@@ -1201,9 +1212,10 @@ async fn scale_rows(
     );
     for (size, q) in &rs.queries {
         eprintln!(
-            "roster, {size} instances: GetService p99 {}, ListServices p99 {}",
+            "roster, {size} instances: GetService p99 {}, ListServices p99 {} (a page of {LIST_PAGE}: {})",
             ms(q.get.p99),
-            q.list.as_ref().map_or("—".into(), |l| ms(l.p99))
+            q.list.as_ref().map_or("—".into(), |l| ms(l.p99)),
+            q.page.as_ref().map_or("—".into(), |l| ms(l.p99))
         );
     }
     let stall = snapshot_stall(&roster, dur).await?;
@@ -1226,14 +1238,19 @@ async fn scale_rows(
         let name =
             format!("{size} instances: GetService of 100 instances, linearizable, 64 clients");
         rows.extend(latency_rows(&name, &r.get, &e.get, ""));
-        if let Some(list) = &r.list {
-            rows.push(Row {
-                name: format!("{size} instances: ListServices, 8 clients: p50 / p99"),
-                roster: format!("{} / {}", ms(list.p50), ms(list.p99)),
-                etcd: "—".into(),
-                ratio: String::new(),
-                target: "",
-            });
+        for (what, list) in [
+            ("ListServices".to_string(), &r.list),
+            (format!("ListServices, a page of {LIST_PAGE}"), &r.page),
+        ] {
+            if let Some(list) = list {
+                rows.push(Row {
+                    name: format!("{size} instances: {what}, 8 clients: p50 / p99"),
+                    roster: format!("{} / {}", ms(list.p50), ms(list.p99)),
+                    etcd: "—".into(),
+                    ratio: String::new(),
+                    target: "",
+                });
+            }
         }
     }
     if let [(small, r0), (large, r1)] = &rs.queries[..] {
@@ -1241,10 +1258,11 @@ async fn scale_rows(
         extra.push(format!(
             "Roster query p99 at {large} instances against {small}: GetService {:.2}×{}.",
             growth(r0.get.p99, r1.get.p99),
-            match (&r0.list, &r1.list) {
-                (Some(a), Some(b)) => format!(
-                    ", ListServices {:.2}× (target: within 1.5× for both)",
-                    growth(a.p99, b.p99)
+            match (&r0.list, &r1.list, &r0.page, &r1.page) {
+                (Some(a), Some(b), Some(pa), Some(pb)) => format!(
+                    ", ListServices {:.2}× whole, {:.2}× a page of {LIST_PAGE} (target: within 1.5× for both)",
+                    growth(a.p99, b.p99),
+                    growth(pa.p99, pb.p99)
                 ),
                 _ => String::new(),
             }

@@ -50,9 +50,14 @@ pub trait System: Send + Sync + 'static {
         -> impl Future<Output = Result<Self::Watch>> + Send;
     /// All registered instances, read linearizably.
     fn count(&self) -> impl Future<Output = Result<u64>> + Send;
-    /// The service list with counts, read linearizably; how many services.
-    /// `None` where the system has no such call (etcd).
-    fn list_services(&self, _conn: usize) -> impl Future<Output = Result<Option<usize>>> + Send {
+    /// The service list with counts, read linearizably (its first
+    /// `page_size` services; 0: all); how many services. `None` where the
+    /// system has no such call (etcd).
+    fn list_services(
+        &self,
+        _conn: usize,
+        _page_size: u32,
+    ) -> impl Future<Output = Result<Option<usize>>> + Send {
         async { Ok(None) }
     }
     /// Index (into the endpoint list) of the current leader.
@@ -272,6 +277,7 @@ impl Roster {
             .any
             .list_services(ListServicesRequest {
                 consistency: Consistency::Stale as i32,
+                ..Default::default()
             })
             .await?;
         Ok(r.services.iter().map(|s| u64::from(s.passing)).sum())
@@ -294,6 +300,7 @@ impl Roster {
         let r = RegistryClient::new(ch)
             .list_services(self.req(ListServicesRequest {
                 consistency: Consistency::Stale as i32,
+                ..Default::default()
             }))
             .await?;
         Ok(r.into_inner()
@@ -486,10 +493,13 @@ impl System for Roster {
         Ok(RosterWatch(s))
     }
 
-    async fn list_services(&self, conn: usize) -> Result<Option<usize>> {
+    async fn list_services(&self, conn: usize, page_size: u32) -> Result<Option<usize>> {
         let r = self
             .client(conn)
-            .list_services(self.req(ListServicesRequest::default()))
+            .list_services(self.req(ListServicesRequest {
+                page_size,
+                ..Default::default()
+            }))
             .await?;
         Ok(Some(r.into_inner().services.len()))
     }

@@ -213,23 +213,48 @@ impl Registry for RegistryApi {
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let grant = auth::grant(&req);
-        self.consistent(req.into_inner().consistency).await?;
+        let msg = req.into_inner();
+        // A token is the last name of the page before.
+        let after = match msg.page_token.as_str() {
+            "" => None,
+            t => {
+                validate::service_name(t).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "page_token {t:?} is not one a ListServices answer gave; send the \
+                         last answer's next_page_token, or none for the first page"
+                    ))
+                })?;
+                Some(t)
+            }
+        };
+        let page = match msg.page_size {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        self.consistent(msg.consistency).await?;
         self.read(|st| {
             // A scoped token sees only its services.
-            let services = st
+            let mut services: Vec<pb::ServiceSummary> = st
                 .catalog
-                .summaries()
-                .into_iter()
+                .summaries_after(after)
                 .filter(|s| grant.as_ref().is_none_or(|g| g.covers(&s.name)))
+                .take(page.saturating_add(1))
                 .map(|s| pb::ServiceSummary {
                     name: s.name,
                     instances: s.instances,
                     passing: s.passing,
                 })
                 .collect();
+            let next_page_token = if services.len() > page {
+                services.truncate(page);
+                services.last().map(|s| s.name.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
             Response::new(pb::ListServicesResponse {
                 revision: st.catalog.revision(),
                 services,
+                next_page_token,
             })
         })
     }

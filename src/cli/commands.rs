@@ -178,6 +178,7 @@ pub async fn list(a: ListArgs) -> anyhow::Result<()> {
     let r = client(&a.endpoints)?
         .list_services(ListServicesRequest {
             consistency: consistency(a.stale),
+            ..Default::default()
         })
         .await?;
     println!("revision {}", r.revision);

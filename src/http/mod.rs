@@ -190,6 +190,12 @@ async fn list_services(
     for (k, v) in pairs(query)? {
         match k.as_str() {
             "consistency" => msg.consistency = consistency(&v)? as i32,
+            "page_size" => {
+                msg.page_size = v.parse().map_err(|_| {
+                    bad_request(format!("page_size={v:?}: a number of services (0: all)"))
+                })?
+            }
+            "page_token" => msg.page_token = v,
             _ => return Err(unknown(&k)),
         }
     }

@@ -2,6 +2,7 @@
 //! application of commands to it.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use super::acl::Acl;
@@ -403,15 +404,28 @@ impl Catalog {
         self.services.len()
     }
 
+    #[cfg(test)]
     pub fn summaries(&self) -> Vec<ServiceSummary> {
+        self.summaries_after(None).collect()
+    }
+
+    /// Services with instances in name order, after `after` (from the first
+    /// when `None`): a page costs its own length, not the catalogue's.
+    pub fn summaries_after<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = ServiceSummary> + 'a {
+        let from = match after {
+            Some(name) => Bound::Excluded(name),
+            None => Bound::Unbounded,
+        };
         self.services
-            .iter()
+            .range::<str, _>((from, Bound::Unbounded))
             .map(|(name, m)| ServiceSummary {
                 name: name.clone(),
                 instances: m.len() as u32,
                 passing: self.passing.get(name).copied().unwrap_or(0),
             })
-            .collect()
     }
 
     /// Instances in the catalogue.
@@ -650,6 +664,18 @@ mod tests {
         assert!(v.protection_active);
         assert_eq!(v.instances.len(), 4);
         assert!(!c.view("a", false, &[]).protection_active);
+    }
+
+    #[test]
+    fn a_listing_resumes_after_a_name() {
+        let c = Catalog::from_parts(3, ["a", "b", "c"].map(|s| Instance::example(s, "1")), []);
+        let after =
+            |n: Option<&str>| -> Vec<String> { c.summaries_after(n).map(|s| s.name).collect() };
+        assert_eq!(after(None), ["a", "b", "c"]);
+        assert_eq!(after(Some("a")), ["b", "c"]);
+        // A name between two, or past the last, is a bound all the same.
+        assert_eq!(after(Some("aa")), ["b", "c"]);
+        assert!(after(Some("c")).is_empty());
     }
 
     /// The listing as a scan of every instance would count it.
