@@ -48,10 +48,14 @@ fn echo_example() -> PathBuf {
     echo
 }
 
-/// An echo example server named `name` on `port`, registered through `endpoints`.
-fn echo_server(name: &str, port: u16, endpoints: &str) -> Child {
-    Command::new(echo_example())
-        .args(["serve", name, &port.to_string()])
+/// An echo example server named `name` on `port`, registered through
+/// `endpoints` (TLS nodes: dialled with the CA `ca`).
+fn echo_server(name: &str, port: u16, endpoints: &str, ca: Option<&Path>) -> Child {
+    let mut cmd = Command::new(echo_example());
+    if let Some(ca) = ca {
+        cmd.env("ROSTER_CACERT", ca);
+    }
+    cmd.args(["serve", name, &port.to_string()])
         .env("ROSTER_ENDPOINTS", endpoints)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -236,7 +240,7 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
     let endpoints = c.endpoints().join(",");
     let mut servers: BTreeMap<&str, Child> = BTreeMap::new();
     for name in ["echo-1", "echo-2", "echo-3"] {
-        servers.insert(name, echo_server(name, free_port(), &endpoints));
+        servers.insert(name, echo_server(name, free_port(), &endpoints, None));
     }
     passing(&c, 3).await;
 
@@ -287,7 +291,10 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
     drop(servers.remove("echo-2"));
 
     // A server registered starts receiving calls.
-    servers.insert("echo-4", echo_server("echo-4", free_port(), &endpoints));
+    servers.insert(
+        "echo-4",
+        echo_server("echo-4", free_port(), &endpoints, None),
+    );
     calls
         .until("a call answered by echo-4", LIMIT, |l| l == "ok echo-4")
         .await;
@@ -333,7 +340,7 @@ async fn python_grpcio_balances_over_xds_and_follows_changes() {
         .collect();
     servers.insert(
         "echo-5",
-        echo_server("echo-5", free_port(), &rest.join(",")),
+        echo_server("echo-5", free_port(), &rest.join(","), None),
     );
     calls
         .until("a call answered by echo-5", LIMIT, |l| l == "ok echo-5")
@@ -379,17 +386,9 @@ async fn python_grpcio_over_xds_with_tls() {
         .await
         .expect("a TLS cluster");
     let endpoints = c.endpoints().join(",");
-    let mut servers = Vec::new();
-    for name in ["echo-1", "echo-2"] {
-        let mut s = Command::new(echo_example());
-        s.args(["serve", name, &free_port().to_string()])
-            .env("ROSTER_ENDPOINTS", &endpoints)
-            .env("ROSTER_CACERT", &ca)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        servers.push(s.spawn().expect("start the echo example"));
-    }
+    let _servers: Vec<Child> = ["echo-1", "echo-2"]
+        .map(|name| echo_server(name, free_port(), &endpoints, Some(&ca)))
+        .into();
     passing(&c, 2).await;
     let ca_arg = ca.display().to_string();
     let bootstrap = xds_bootstrap(&c, &["--endpoints", &endpoints], &["--cacert", &ca_arg]);

@@ -69,15 +69,16 @@ pub struct Xds {
 /// a thousand streams is built and encoded once, not a thousand times.
 #[derive(Default)]
 struct Built {
-    latest: Mutex<HashMap<(Kind, String), AtRevision>>,
+    /// Per type (`Kind::index`), by service.
+    latest: Mutex<[HashMap<String, AtRevision>; Kind::ALL.len()]>,
 }
 
 /// A resource (`None`: the service does not exist) and the catalogue
 /// revision it was built at.
 type AtRevision = (u64, Option<Any>);
 
-/// Entries kept before the cache starts over: services no stream follows
-/// any more are dropped then.
+/// Entries kept per type before the cache starts over: services no stream
+/// follows any more are dropped then.
 const BUILT_ENTRIES: usize = 65_536;
 
 impl Built {
@@ -91,16 +92,17 @@ impl Built {
         build: impl FnOnce() -> Option<Any>,
     ) -> Option<Any> {
         let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, r)) = latest.get(&(kind, service.to_string())) {
+        let of_kind = &mut latest[kind.index()];
+        if let Some((at, r)) = of_kind.get(service) {
             if *at == revision {
                 return r.clone();
             }
         }
         let r = build();
-        if latest.len() >= BUILT_ENTRIES {
-            latest.clear();
+        if of_kind.len() >= BUILT_ENTRIES {
+            of_kind.clear();
         }
-        latest.insert((kind, service.to_string()), (revision, r.clone()));
+        of_kind.insert(service.to_string(), (revision, r.clone()));
         r
     }
 }
@@ -198,8 +200,6 @@ struct Subscription {
     names: BTreeSet<String>,
     /// Nonce of the last response of this type; empty before the first.
     nonce: String,
-    /// Whether a request of this type came yet.
-    requested: bool,
     /// All but endpoints: the services the last response held (those
     /// resources change only when a service comes or goes).
     sent: BTreeSet<String>,
@@ -253,11 +253,10 @@ impl Ads {
                     Some(Err(_)) | None => return None,
                 },
                 update = self.watcher.next() => {
-                    let first = update?;
-                    let mut changed = changed(first);
+                    let mut changed = touched(update?);
                     // A burst of changes is one response: take what is queued.
                     while let Some(Some(u)) = self.watcher.next().now_or_never() {
-                        changed = merge(changed, self::changed(u));
+                        changed = merge(changed, touched(u));
                     }
                     if let Err(e) = self.push(changed) {
                         return Some(Err(e.into()));
@@ -275,7 +274,8 @@ impl Ads {
             tracing::debug!(node = %self.node, type_url = %req.type_url, "xDS request for a type Roster does not serve; ignored");
             return Ok(());
         };
-        let stats = self.open.stats.clone();
+        // No subscription of this type yet: this is the type's first request.
+        let first = !self.subs.contains_key(&kind);
         let sub = self.subs.entry(kind).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce != sub.nonce {
             // Answers a response that a newer one replaced.
@@ -289,16 +289,15 @@ impl Ads {
                 "an xDS client rejected Roster's resources (NACK): {}; it keeps its previous ones",
                 error.message
             );
-            stats.nacks.fetch_add(1, Ordering::Relaxed);
+            self.open.stats.nacks.fetch_add(1, Ordering::Relaxed);
         }
         let mut names: BTreeSet<String> = req.resource_names.into_iter().collect();
-        let wildcard = names.remove("*")
-            || (kind.full_state() && names.is_empty() && (!sub.requested || sub.wildcard));
-        if sub.requested && names == sub.names && wildcard == sub.wildcard {
+        let wildcard =
+            names.remove("*") || (kind.full_state() && names.is_empty() && (first || sub.wildcard));
+        if !first && names == sub.names && wildcard == sub.wildcard {
             // An ACK, a NACK, or the same subscription again: nothing to send.
             return Ok(());
         }
-        sub.requested = true;
         sub.names = names;
         sub.wildcard = wildcard;
         let named = self.wanted().services.len();
@@ -319,7 +318,7 @@ impl Ads {
     /// those services, the other types only when a service appeared or went
     /// away. Returns the revision it was built at.
     fn respond(&mut self, kind: Kind, changed: Option<&BTreeSet<String>>) -> Result<u64, Error> {
-        let grant = self.grant.clone();
+        let grant = &self.grant;
         let covers = |s: &str| grant.as_ref().is_none_or(|g| g.covers(s));
         let sub = self.subs.entry(kind).or_default();
         let partial = changed.filter(|_| kind.follows_instances());
@@ -372,12 +371,13 @@ impl Ads {
 
     /// Answers changes: each subscribed type whose resources they touch.
     fn push(&mut self, changed: Changed) -> Result<(), Error> {
+        let only = match &changed {
+            Changed::All => None,
+            Changed::Some(services) => Some(services),
+        };
         let kinds: Vec<Kind> = self.subs.keys().copied().collect();
         for kind in kinds {
-            match &changed {
-                Changed::All => self.respond(kind, None)?,
-                Changed::Some(services) => self.respond(kind, Some(services))?,
-            };
+            self.respond(kind, only)?;
         }
         Ok(())
     }
@@ -428,7 +428,7 @@ impl Ads {
 }
 
 /// The services an update touches.
-fn changed(u: Update) -> Changed {
+fn touched(u: Update) -> Changed {
     if u.message.reset.is_some() {
         return Changed::All;
     }

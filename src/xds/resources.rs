@@ -59,6 +59,11 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::Listener, Kind::Route, Kind::Cluster, Kind::Endpoints];
 
+    /// Its place in `ALL`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn from_type_url(url: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.type_url() == url)
     }
@@ -286,6 +291,14 @@ mod tests {
         let any = Kind::Endpoints.build(c, "api").expect("the service exists");
         assert_eq!(any.type_url, ENDPOINTS);
         ClusterLoadAssignment::decode(any.value.as_slice()).expect("decodes")
+    }
+
+    #[test]
+    fn each_kind_indexes_its_place_and_type_url() {
+        for (i, k) in Kind::ALL.into_iter().enumerate() {
+            assert_eq!(k.index(), i);
+            assert_eq!(Kind::from_type_url(k.type_url()), Some(k));
+        }
     }
 
     #[test]
