@@ -20,7 +20,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager, HttpConnectionManager,
 };
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use roster::proto::v1::{CreateTokenRequest, DeregisterRequest, RegisterRequest, Role};
@@ -350,6 +352,24 @@ async fn a_stream_naming_too_many_services_is_told_the_limit() {
     assert!(
         status.message().contains("max_watched_services_per_stream"),
         "{status}"
+    );
+}
+
+#[tokio::test]
+async fn delta_xds_answers_unimplemented_saying_what_is_served() {
+    let c = TestCluster::start(1).await;
+    let channel = c.channel(&c.endpoint(1)).await;
+    let (_tx, requests) = mpsc::channel::<DeltaDiscoveryRequest>(1);
+    let Err(delta) = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(ReceiverStream::new(requests))
+        .await
+    else {
+        panic!("delta xDS is not served");
+    };
+    assert_eq!(delta.code(), tonic::Code::Unimplemented, "{delta}");
+    assert!(
+        delta.message().contains("StreamAggregatedResources"),
+        "{delta}"
     );
 }
 
