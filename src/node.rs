@@ -9,7 +9,6 @@ use futures::FutureExt;
 use openraft::error::{InitializeError, RaftError};
 use openraft::storage::RaftLogStorage;
 use openraft::{ServerState, SnapshotPolicy};
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -61,6 +60,7 @@ pub struct NodeHandle {
     /// The address the peer port is bound to.
     pub peer_addr: SocketAddr,
     pub raft: Raft,
+    log: LogStore,
     /// This node's data directory: cluster, node id and incarnation.
     me: Identity,
     peers: Peers,
@@ -135,6 +135,8 @@ impl NodeHandle {
             .shutdown()
             .await
             .map_err(|e| Error::Internal(format!("raft shutdown: {e}")))?;
+        // The marker then vouches for everything this node wrote, applied state included.
+        self.log.sync().await.map_err(storage)?;
         match served {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::Internal(format!("server: {e}"))),
@@ -525,8 +527,9 @@ struct Core {
     state: SharedState,
     /// Openraft's own copy drives applies; this one takes backups.
     state_machine: StateMachine,
-    /// The log's flush durations.
-    fsync: Histogram,
+    /// The log store, beside openraft's copy: its flush durations, and the
+    /// last sync at shutdown.
+    log: LogStore,
     peers: Peers,
     contact: Contact,
     proposer: Arc<Proposer>,
@@ -580,7 +583,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
                     state: core.state.clone(),
                     peers: core.peers.clone(),
                     contact: core.contact.clone(),
-                    fsync: core.fsync.clone(),
+                    fsync: core.log.fsync_seconds(),
                     xds: core.xds.clone(),
                 },
                 core.timing.election_min,
@@ -617,6 +620,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         addr,
         peer_addr,
         raft: core.raft,
+        log: core.log,
         me: core.me,
         peers: core.peers,
         proposer: core.proposer,
@@ -689,20 +693,22 @@ async fn start_raft(
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
     let durable = log_store.durable();
-    let fsync = log_store.fsync_seconds();
+    let log = log_store.clone();
     let appends = log_store.appends();
     let dial_peers = tls.map(Tls::dial_peers);
     if fresh && !members.is_empty() {
         check_not_known(cfg, members, dial_peers.as_ref()).await?;
     }
-    let started_with = log_store
-        .get_log_state()
-        .await
-        .map_err(storage)?
-        .last_log_id
-        .map(|l| l.index);
-    let pristine =
-        log_store.read_vote().await.map_err(storage)?.is_none() && started_with.is_none();
+    let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
+        && log_store
+            .get_log_state()
+            .await
+            .map_err(storage)?
+            .last_log_id
+            .is_none();
+    if log_store.resign(cfg.id).await.map_err(storage)? {
+        tracing::info!("led before it stopped: leads again only if elected in a later term");
+    }
     let state = state_machine.state();
     let backups = state_machine.clone();
     let learned = Learned::default();
@@ -727,7 +733,6 @@ async fn start_raft(
     let proposer = Arc::new(Proposer::new(
         raft.clone(),
         cfg.id,
-        started_with,
         durable,
         peers.clone(),
         contact.clone(),
@@ -752,7 +757,7 @@ async fn start_raft(
         me,
         state,
         state_machine: backups,
-        fsync,
+        log,
         peers,
         contact,
         proposer,

@@ -1,9 +1,9 @@
 //! The Raft log, vote and commit marker in sled.
 //!
 //! Appends are written without flushing; a single flusher task fsyncs once for
-//! every batch of appends queued meanwhile and only then reports them durable
-//! to openraft (group commit), and then moves the last-written marker up to what
-//! the fsync covered.
+//! every batch of appends queued meanwhile, moves the last-written marker up to
+//! what the fsync covered, and only then reports them durable to openraft
+//! (group commit).
 
 // Openraft's storage traits fix the error type to its (large) StorageError.
 #![allow(clippy::result_large_err)]
@@ -16,7 +16,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use tokio::sync::{mpsc, watch};
 
-use super::marker::{Marker, Ticket};
+use super::marker::Marker;
 use super::pipeline::Appends;
 use super::stored::{decode, encode};
 use super::{trees, NodeId, TypeConfig};
@@ -168,7 +168,11 @@ pub fn inspect(db: &sled::Db) -> Result<(Option<u64>, u64), Error> {
 }
 
 /// Completes flush callbacks in arrival order; each fsync covers every append
-/// that queued its callback before the fsync began.
+/// that queued its callback before the fsync began, and the marker is moved up
+/// to what it covered before any of them is reported durable. Once a flush or
+/// a marker write has failed, every callback fails: openraft stops the core on
+/// the first, and the node must not acknowledge anything after a write it
+/// could not make durable.
 async fn run_flusher(
     db: sled::Db,
     marker: Arc<Marker>,
@@ -176,69 +180,50 @@ async fn run_flusher(
     durable: watch::Sender<Option<u64>>,
     fsync: Histogram,
 ) {
-    let (flushed, latest) = watch::channel(None);
-    tokio::spawn(run_marker_writer(marker.clone(), latest));
     let mut pending = Vec::new();
+    let mut failed: Option<String> = None;
     while let Some(first) = rx.recv().await {
         pending.push(first);
         while let Ok(cb) = rx.try_recv() {
             pending.push(cb);
         }
-        let db = db.clone();
-        let marker = marker.clone();
-        let fsync = fsync.clone();
-        let flush = move || {
-            let ticket = marker.sample();
-            let started = std::time::Instant::now();
-            let flushed = db.flush();
-            fsync.observe(started.elapsed().as_secs_f64());
-            flushed.map(|_| ticket)
-        };
-        let res = match tokio::task::spawn_blocking(flush).await {
-            Ok(Ok(ticket)) => {
-                durable.send_replace(ticket.last_log());
-                flushed.send_replace(Some(ticket));
-                Ok(())
+        if failed.is_none() {
+            let (db, marker, fsync) = (db.clone(), marker.clone(), fsync.clone());
+            let flush = move || flush_and_mark(&db, &marker, Some(&fsync));
+            match tokio::task::spawn_blocking(flush).await {
+                Ok(Ok(last_log)) => {
+                    durable.send_replace(last_log);
+                }
+                Ok(Err(e)) => failed = Some(e),
+                Err(e) => failed = Some(e.to_string()),
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+            if let Some(e) = &failed {
+                tracing::error!(error = %e, "the log cannot be made durable: this node stops");
+            }
+        }
+        let res = failed.clone().map_or(Ok(()), Err);
         for cb in pending.drain(..) {
             cb.log_io_completed(res.clone().map_err(std::io::Error::other));
         }
     }
 }
 
-/// How often at most the marker moves up. Each move costs an fsync of its
-/// own, which under load competed with the log's and cost a fifth of the write
-/// throughput when done after every flush.
-const MARKER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Moves the marker up to the latest flush, off the flush path and at most
-/// every `MARKER_INTERVAL`: a marker lagging a little only makes the check at
-/// start less thorough, never wrong.
-async fn run_marker_writer(marker: Arc<Marker>, mut latest: watch::Receiver<Option<Ticket>>) {
-    let mut pace = tokio::time::interval(MARKER_INTERVAL);
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while latest.changed().await.is_ok() {
-        pace.tick().await;
-        let Some(ticket) = *latest.borrow_and_update() else {
-            continue;
-        };
-        let marker = marker.clone();
-        match tokio::task::spawn_blocking(move || marker.record(ticket)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot update the last-written marker"),
-            Err(e) => tracing::error!(error = %e, "marker writer failed"),
-        }
-    }
-}
-
-/// Flushes sled, then records in the marker what was written before the flush began.
-fn flush_and_mark(db: &sled::Db, marker: &Marker) -> Result<(), String> {
+/// Flushes sled, then records in the marker what was written before the flush
+/// began (timing the flush into `fsync`). Returns the last log index covered.
+fn flush_and_mark(
+    db: &sled::Db,
+    marker: &Marker,
+    fsync: Option<&Histogram>,
+) -> Result<Option<u64>, String> {
     let ticket = marker.sample();
-    db.flush().map_err(|e| e.to_string())?;
-    marker.record(ticket).map_err(|e| e.to_string())
+    let started = std::time::Instant::now();
+    let flushed = db.flush();
+    if let Some(h) = fsync {
+        h.observe(started.elapsed().as_secs_f64());
+    }
+    flushed.map_err(|e| format!("flush: {e}"))?;
+    marker.record(ticket).map_err(|e| e.to_string())?;
+    Ok(ticket.last_log())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -286,12 +271,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.marker
             .note(|p| p.vote_term = p.vote_term.max(vote.leader_id.term));
         // A vote must be durable before it is granted or acted on.
-        let (db, marker) = (self.db.clone(), self.marker.clone());
-        tokio::task::spawn_blocking(move || flush_and_mark(&db, &marker))
-            .await
-            .map_err(|e| StorageIOError::write_vote(&e))?
-            .map_err(|e| StorageIOError::write_vote(&std::io::Error::other(e)))?;
-        Ok(())
+        self.sync().await
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -361,13 +341,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl LogStore {
+    /// Withdraws a leadership this node held when it stopped; call before Raft
+    /// starts. Openraft 0.9 restores a node whose committed vote is its own as
+    /// leader in the same term, but its log may have lost entries it proposed
+    /// (a flush that failed, a crash before its own flush while followers
+    /// already held them): leading again in that term, it would give their log
+    /// ids to other entries, and log matching, which trusts a (term, index)
+    /// pair to name one entry, would keep both. With the vote uncommitted the
+    /// node is a candidate of that term, and leads again only by winning an
+    /// election in a later one. Returns whether it led.
+    pub async fn resign(&mut self, me: NodeId) -> StorageResult<bool> {
+        match self.read_vote().await? {
+            Some(v) if v.is_committed() && v.leader_id.voted_for() == Some(me) => {
+                self.save_vote(&Vote::new(v.leader_id.term, me)).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Makes an empty log start after `at` (a restored snapshot's position),
     /// committed up to it, durably.
     pub async fn start_after(&mut self, at: LogId<NodeId>) -> StorageResult<()> {
         self.purge(at).await?;
         self.save_committed(Some(at)).await?;
+        self.sync().await
+    }
+
+    /// Makes everything written so far durable, and the marker say so.
+    pub async fn sync(&self) -> StorageResult<()> {
         let (db, marker) = (self.db.clone(), self.marker.clone());
-        tokio::task::spawn_blocking(move || flush_and_mark(&db, &marker))
+        tokio::task::spawn_blocking(move || flush_and_mark(&db, &marker, None))
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?
             .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e)))?;

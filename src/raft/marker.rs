@@ -2,12 +2,24 @@
 //! recording what this node has made durable — last log index, vote term, last
 //! applied index — and whose directory it is (cluster id, node id, incarnation).
 //!
-//! It is written after each group-commit flush with values sampled before it, so
-//! it never claims more than sled holds durably. At start, sled holding less than
-//! the marker says means the directory was damaged or replaced: the node must not
-//! vote with lost state, so it refuses to start.
+//! The log store moves it up after each group-commit flush, with values sampled
+//! before the flush, and only then reports the entries durable to openraft: an
+//! entry this node acknowledged (as a follower, or counted toward its own
+//! quorum as leader) is always covered, and the marker never claims more than
+//! sled holds. At start, sled holding less than the marker says means the
+//! directory was damaged or replaced (a disk that lied about a flush, a lost
+//! tail, a restored file-system snapshot): the node must not vote or serve with
+//! lost state, so it refuses to start.
+//!
+//! The file has two fixed slots written in turn, each a checksummed record with
+//! a generation; an update overwrites the older slot in place and syncs its
+//! data. So it allocates nothing (a full disk cannot stop it half-way), costs
+//! one data sync, and a torn write leaves the other slot, whose update had
+//! completed, to be read.
 
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -17,6 +29,9 @@ use super::stored::{self, CodecError};
 use super::NodeId;
 
 pub const MARKER_FILE: &str = "roster.marker";
+/// Bytes per slot: a length, then the record; a cluster id is at most a few
+/// hundred bytes.
+const SLOT: usize = 4096;
 
 /// Whose data a directory holds. `incarnation` is random, drawn when the
 /// directory is created, so a recreated directory is a different incarnation.
@@ -83,12 +98,21 @@ struct Record {
     progress: Progress,
 }
 
+/// One slot's content: the newer generation of the two valid slots is the marker.
+#[derive(Debug, Serialize, Deserialize)]
+struct Slotted {
+    generation: u64,
+    record: Record,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MarkerError {
     #[error("marker file roster.marker: {0}")]
     Io(#[from] std::io::Error),
     #[error("marker file roster.marker: {0}")]
     Codec(#[from] CodecError),
+    #[error("marker file roster.marker: a record of {0} bytes does not fit a slot of {1}")]
+    TooLarge(usize, usize),
 }
 
 /// What a flush will make durable: sampled before it, recorded after it succeeded.
@@ -112,6 +136,9 @@ pub struct Marker {
     written: Mutex<(u64, Progress)>,
     /// The sample the marker file holds: never replaced by an older one.
     recorded: Mutex<(u64, Progress)>,
+    /// The generation last written; `None` until this process has laid the
+    /// file out in slots (it may be absent, or of the one-record format).
+    generation: Mutex<Option<u64>>,
 }
 
 impl Marker {
@@ -123,6 +150,7 @@ impl Marker {
             identity,
             written: Mutex::new((0, durable)),
             recorded: Mutex::new((0, durable)),
+            generation: Mutex::new(None),
         }
     }
 
@@ -130,15 +158,39 @@ impl Marker {
         &self.identity
     }
 
-    /// Reads the marker file of `dir`; `None` if there is none.
+    /// Reads the marker file of `dir`; `None` if there is none. A file of
+    /// one record (what Roster wrote before the slots) reads as that record.
     pub fn read(dir: &Path) -> Result<Option<(Identity, Progress)>, MarkerError> {
-        match std::fs::read(dir.join(MARKER_FILE)) {
-            Ok(b) => {
-                let r: Record = stored::decode(&b)?;
-                Ok(Some((r.identity, r.progress)))
+        let b = match std::fs::read(dir.join(MARKER_FILE)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if b.len() != 2 * SLOT {
+            let r: Record = stored::decode(&b)?;
+            return Ok(Some((r.identity, r.progress)));
+        }
+        let slots = b.chunks_exact(SLOT).map(|slot| {
+            let (len, rest) = slot.split_first_chunk::<4>().ok_or(CodecError::Short(0))?;
+            let body = rest
+                .get(..u32::from_le_bytes(*len) as usize)
+                .ok_or(CodecError::Short(rest.len()))?;
+            stored::decode::<Slotted>(body)
+        });
+        let (mut newest, mut damage) = (None::<Slotted>, None);
+        for slot in slots {
+            match slot {
+                Ok(s) if newest.as_ref().is_none_or(|n| s.generation > n.generation) => {
+                    newest = Some(s)
+                }
+                Ok(_) => {}
+                Err(e) => damage = Some(e),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+        }
+        match (newest, damage) {
+            (Some(s), _) => Ok(Some((s.record.identity, s.record.progress))),
+            (None, Some(e)) => Err(e.into()),
+            (None, None) => unreachable!("two slots read"),
         }
     }
 
@@ -193,18 +245,50 @@ impl Marker {
         Ok(())
     }
 
-    /// Temp file, fsync, rename: after a crash the marker is the old or the new
-    /// one, never a torn one (which would look like damage).
+    /// Writes `progress` into the older slot and syncs it. The first write of
+    /// a process lays the file out anew (temp file, sync, rename, directory
+    /// sync), so an absent or one-record file becomes two slots atomically.
     fn write_file(&self, progress: &Progress) -> Result<(), MarkerError> {
-        let b = stored::encode(&Record {
-            identity: self.identity.clone(),
-            progress: *progress,
-        })?;
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&b)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, &self.path)?;
+        let mut generation = lock(&self.generation);
+        let next = generation.map_or(1, |g| g + 1);
+        let slot = |generation| -> Result<Vec<u8>, MarkerError> {
+            let b = stored::encode(&Slotted {
+                generation,
+                record: Record {
+                    identity: self.identity.clone(),
+                    progress: *progress,
+                },
+            })?;
+            if b.len() + 4 > SLOT {
+                return Err(MarkerError::TooLarge(b.len() + 4, SLOT));
+            }
+            let mut out = Vec::with_capacity(SLOT);
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+            out.resize(SLOT, 0);
+            Ok(out)
+        };
+        match *generation {
+            Some(_) => {
+                let f = File::options().write(true).open(&self.path)?;
+                f.write_all_at(&slot(next)?, (next % 2) * SLOT as u64)?;
+                f.sync_data()?;
+            }
+            None => {
+                // Both slots alike: either is a valid marker from the start.
+                let mut b = slot(next)?;
+                b.extend_from_slice(&slot(next)?);
+                let tmp = self.path.with_extension("tmp");
+                let mut f = File::create(&tmp)?;
+                f.write_all(&b)?;
+                f.sync_data()?;
+                std::fs::rename(&tmp, &self.path)?;
+                if let Some(dir) = self.path.parent() {
+                    File::open(dir)?.sync_all()?;
+                }
+            }
+        }
+        *generation = Some(next);
         Ok(())
     }
 }
@@ -311,18 +395,57 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_marker_file_is_an_error() {
+    fn a_torn_slot_leaves_the_previous_update_and_old_files_still_read() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let id = Identity::new("c", 3);
+        let path = dir.path().join(MARKER_FILE);
+        // What Roster wrote before the slots: one record, read as it is.
+        let old = Record {
+            identity: id.clone(),
+            progress: progress(4, 1, 2),
+        };
+        std::fs::write(&path, stored::encode(&old).expect("encode")).expect("write");
+        assert_eq!(
+            Marker::read(dir.path()).expect("read"),
+            Some((id.clone(), progress(4, 1, 2)))
+        );
+
+        let m = Marker::new(dir.path(), id.clone(), progress(4, 1, 2));
+        for last in 5..=7 {
+            m.note(|p| p.last_log = Some(last));
+            m.record(m.sample()).expect("record");
+            let read = Marker::read(dir.path()).expect("read").expect("marker");
+            assert_eq!(read.1.last_log, Some(last));
+        }
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            2 * SLOT as u64
+        );
+        // Generation 1 (5) laid out both slots, 2 (6) went to slot 0, 3 (7)
+        // to slot 1: tearing slot 1 leaves 6.
+        let mut b = std::fs::read(&path).expect("read");
+        b[SLOT + 20] ^= 0xff;
+        std::fs::write(&path, &b).expect("write");
+        let read = Marker::read(dir.path()).expect("read").expect("marker");
+        assert_eq!(read.1.last_log, Some(6));
+        // Both torn: damage.
+        b[20] ^= 0xff;
+        std::fs::write(&path, &b).expect("write");
+        assert!(Marker::read(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_cut_marker_file_is_an_error() {
         let dir = tempfile::tempdir().expect("temp dir");
         let m = Marker::new(dir.path(), Identity::new("c", 1), Progress::default());
         m.note(|p| p.vote_term = 1);
         m.record(m.sample()).expect("record");
         let path = dir.path().join(MARKER_FILE);
-        let mut b = std::fs::read(&path).expect("read");
-        let last = b.len() - 1;
-        b[last] ^= 0xff;
-        std::fs::write(&path, b).expect("write");
+        let b = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &b[..SLOT + 100]).expect("write");
         assert!(Marker::read(dir.path()).is_err());
     }
+
     #[test]
     fn check_accepts_new_and_intact_directories_only() {
         let id = Identity::new("c", 1);

@@ -150,14 +150,12 @@ fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refus
 }
 
 /// Confirms leadership with a quorum, then waits (up to `timeout`) until this
-/// node has applied the read index and the log it `started_with`.
-async fn read_index(
-    raft: &Raft,
-    started_with: Option<u64>,
-    timeout: Duration,
-) -> Result<(), Refusal> {
+/// node has applied the read index. A leader is always elected (see
+/// [`LogStore::resign`](super::log_store::LogStore::resign)), so the read index
+/// is at least its first entry of the term, after every acknowledged write.
+async fn read_index(raft: &Raft, timeout: Duration) -> Result<(), Refusal> {
     let (read, applied) = raft.get_read_log_id().await.map_err(read_refusal)?;
-    let index = read.map(|l| l.index).max(started_with);
+    let index = read.map(|l| l.index);
     if index > applied.map(|l| l.index) {
         raft.wait(Some(timeout))
             .applied_index_at_least(index, "read index")
@@ -173,11 +171,9 @@ async fn read_index(
 
 impl Proposer {
     /// Must be called inside a tokio runtime: it starts the coalescing tasks.
-    /// `started_with`: the last index of the log as the node opened it.
     pub fn new(
         raft: Raft,
         id: NodeId,
-        started_with: Option<u64>,
         durable: watch::Receiver<Option<u64>>,
         peers: Peers,
         contact: Contact,
@@ -192,13 +188,6 @@ impl Proposer {
             },
         );
         let r = raft.clone();
-        // Openraft 0.9 restores a node that led before a restart as leader in
-        // the same term, with no new entry, and its read index is then the
-        // commit index it had saved, which may lag writes it acknowledged
-        // before the crash. Every acknowledged write is in the log the node
-        // started with: a read waits until the node has applied all of it.
-        // That index comes from the log store, not from openraft's metrics,
-        // which hold nothing until its core has started.
         // A read may share a check only if it arrived before the check began,
         // which is what coalescing gives: it joins the next round.
         let reads = Coalescer::spawn(
@@ -208,7 +197,7 @@ impl Proposer {
                 let raft = r.clone();
                 async move {
                     let _slot = slot;
-                    let answer = read_index(&raft, started_with, timeout).await;
+                    let answer = read_index(&raft, timeout).await;
                     vec![answer; waiting.len()]
                 }
             },
