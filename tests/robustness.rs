@@ -16,6 +16,8 @@ mod checker;
 mod common;
 #[path = "robustness/nemesis.rs"]
 mod nemesis;
+#[path = "robustness/scenarios.rs"]
+mod scenarios;
 #[path = "robustness/workload.rs"]
 mod workload;
 
@@ -63,6 +65,26 @@ async fn cluster() -> TestCluster {
             TestCluster::start_limited(3, "", Some(1024)).await
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_disk_full_loses_nothing_acknowledged() {
+    scenarios::leader_storage_fails(scenarios::FullDisk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_marker_write_failing_loses_nothing_acknowledged() {
+    scenarios::leader_storage_fails(scenarios::FullMarker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_tail_after_sigint_is_refused() {
+    scenarios::lost_tail("INT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_tail_after_sigkill_is_refused() {
+    scenarios::lost_tail("KILL").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

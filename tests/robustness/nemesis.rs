@@ -30,12 +30,17 @@ pub enum Fault {
     /// restart: it must refuse to start (unless the cut only hit dead space);
     /// healed as the README says (member remove, wipe, start, member add).
     DamageRandom,
+    /// Stop a random node (SIGINT or SIGKILL) and cut the last 4 KiB of its
+    /// sled file, as a disk that lied about a flush or a restored file-system
+    /// snapshot would: it must refuse to start if that lost anything it
+    /// acknowledged; healed as `DamageRandom`.
+    LoseTail,
     /// Hold 1,200 idle connections to the leader (past its 1,024-descriptor limit).
     FloodLeader,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::KillAll,
@@ -44,6 +49,7 @@ impl Fault {
         Fault::PartitionRandom,
         Fault::DiskFull,
         Fault::DamageRandom,
+        Fault::LoseTail,
         Fault::FloodLeader,
     ];
 
@@ -151,13 +157,21 @@ pub async fn inject(c: &mut TestCluster, f: Fault) -> Injected {
         Fault::DamageRandom => {
             let id = random_node(c);
             c.kill(id);
-            let db = c.data_dir(id).join("db");
-            let len = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&db)
-                .and_then(|f| f.set_len(len / 2))
-                .expect("truncate the sled file");
+            cut_sled_file(c, id, |len| len / 2);
+            c.start_node(id);
+            Injected::Damaged(id)
+        }
+        Fault::LoseTail => {
+            let id = random_node(c);
+            if fastrand::bool() {
+                c.signal(id, "INT");
+                if exit_of(c, id, Duration::from_secs(20)).await.is_none() {
+                    c.kill(id);
+                }
+            } else {
+                c.kill(id);
+            }
+            cut_sled_file(c, id, |len| len.saturating_sub(4096));
             c.start_node(id);
             Injected::Damaged(id)
         }
@@ -255,11 +269,24 @@ pub async fn heal(c: &mut TestCluster, i: Injected) -> Result<Option<String>, St
             .heal()
             .unwrap_or_else(|e| panic!("healing the partition of node {id}: {e}")),
         Injected::DiskFull(id) => {
-            // Writes keep arriving: the node must hit the full disk and stop.
+            // Writes keep arriving: the node must stop once it cannot make one
+            // durable. Sled may go on writing into space its file already
+            // holds; a node still running must then be keeping up, since it
+            // acknowledges only what it flushed and its marker covers.
             let status = exit_of(c, id, Duration::from_secs(60)).await;
+            let Some(status) = status else {
+                let kept_up = keeps_up(c, id, Duration::from_secs(10)).await;
+                c.disks[(id - 1) as usize].free();
+                if !kept_up {
+                    return Err(format!(
+                        "node {id} ran on for 60 s with a full disk without keeping up"
+                    ));
+                }
+                return Ok(Some(format!(
+                    "node {id} ran on with a full disk, keeping up (its log still fits its file)"
+                )));
+            };
             c.disks[(id - 1) as usize].free();
-            let status =
-                status.ok_or_else(|| format!("node {id} ran on for 60 s with a full disk"))?;
             if status.success() {
                 return Err(format!("node {id} exited 0 on a full disk"));
             }
@@ -297,6 +324,33 @@ pub async fn heal(c: &mut TestCluster, i: Injected) -> Result<Option<String>, St
         }
     }
     Ok(None)
+}
+
+/// Whether node `id` is running and applies what the leader applied, within `limit`.
+async fn keeps_up(c: &TestCluster, id: u64, limit: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(l) = current_leader(c).await {
+            if let (Some(ls), Some(s)) = (c.status(l).await, c.status(id).await) {
+                if s.leader_id == l && s.applied_index + 64 >= ls.applied_index {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Cuts node `id`'s main sled file to `to(its length)` bytes.
+fn cut_sled_file(c: &TestCluster, id: u64, to: impl FnOnce(u64) -> u64) {
+    let db = c.data_dir(id).join("db");
+    let len = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .and_then(|f| f.set_len(to(len)))
+        .expect("truncate the sled file");
 }
 
 /// Waits until every node runs, one leader is agreed, and every node has
