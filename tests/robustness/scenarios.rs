@@ -194,8 +194,9 @@ fn mount_undo(at: &Path) {
 
 /// Rounds of: the leader's storage fails under concurrent writes, so that the
 /// entries it proposed reach the followers while its own write fails; it must
-/// exit; it restarts on healed storage. Nothing acknowledged may be lost, and
-/// at the end every node's log is the same.
+/// exit; it restarts at once on healed storage, finding the followers still in
+/// its term. Nothing acknowledged may be lost, and at the end every node's log
+/// is the same.
 pub async fn leader_storage_fails(mut fault: impl StorageFault) {
     let setup = Setup {
         tmpfs_mb: Some(64),
@@ -226,24 +227,22 @@ pub async fn leader_storage_fails(mut fault: impl StorageFault) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert!(!status.success(), "round {round}: exit status {status}");
-        // The others go on: a new leader takes writes before the old one is back.
+        // Restarted at once, as a supervisor does: before the followers' election
+        // timeout, so it finds them still in its term.
+        fault.heal(&c, leader);
+        c.start_node(leader);
+        let after = format!("r{round}-after");
         c.wait_for(
-            "a write after the leader stopped",
+            "a write after the leader restarted",
             Duration::from_secs(30),
-            || async {
-                write(&client, &format!("r{round}-after"))
-                    .await
-                    .then_some(())
-            },
+            || async { write(&client, &after).await.then_some(()) },
         )
         .await;
-        acked.insert(format!("r{round}-after"));
-        attempted.insert(format!("r{round}-after"));
         let (tried, done) = writers.finish().await;
         attempted.extend(tried);
         acked.extend(done);
-        fault.heal(&c, leader);
-        c.start_node(leader);
+        attempted.insert(after.clone());
+        acked.insert(after);
         agree(&c, &acked, &attempted).await;
     }
     eprintln!(
