@@ -390,12 +390,19 @@ async fn tell_to_use_tls(mut stream: TcpStream) {
     frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1]);
     frames.extend_from_slice(WHY);
     let mut preface = [0u8; PREFACE.len()];
-    if stream.read_exact(&mut preface).await.is_err() || stream.write_all(&frames).await.is_err() {
+    if stream.read_exact(&mut preface).await.is_ok() {
+        answer_and_close(stream, &frames).await;
+    }
+}
+
+/// Writes `answer` to a plaintext client of a TLS port and closes.
+pub async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
+    if stream.write_all(answer).await.is_err() {
         return;
     }
     let _ = stream.shutdown().await;
-    // Closing with the client's frames unread would send a reset, which can
-    // reach the client before the GOAWAY does: read until it hangs up.
+    // Closing with the client's bytes unread would send a reset, which can
+    // reach the client before the answer does: read until it hangs up.
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(LINGER, async {
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}

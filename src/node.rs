@@ -567,7 +567,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         leases,
         health_service,
     )?;
-    let tls_watch = tls.map(|tls| {
+    let tls_watch = tls.clone().map(|tls| {
         let peers = core.peers.clone();
         let reloaded = tls.clone();
         tokio::spawn(crate::tls::watch(tls, move || {
@@ -592,21 +592,17 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         ),
         None => None,
     };
-    let http = match (cfg.http.listen, &cfg.tls) {
-        (Some(_), Some(_)) => {
-            return Err(Error::InvalidArgument(
-                "[http] listen serves plain HTTP, and this node has [tls]: tokens and the \
-                 catalogue would cross the network in the clear. Put the HTTP API behind a \
-                 TLS-terminating proxy on the same host (listen on 127.0.0.1), or leave it off"
-                    .into(),
-            ))
-        }
-        (Some(at), None) => {
+    let http = match cfg.http.listen {
+        Some(at) => {
             let (listener, bound) = bind(at).await?;
+            let https = tls_source(&tls, Port::Http).map(|tls| http::Https {
+                tls,
+                handshake: Duration::from_millis(cfg.connections.handshake_timeout_ms),
+            });
             let (registry, cluster) = http_stacks;
-            Some((bound, http::serve(listener, registry, cluster)))
+            Some((bound, http::serve(listener, https, registry, cluster)))
         }
-        (None, _) => None,
+        None => None,
     };
     let dns = match cfg.dns.listen {
         Some(at) => {
@@ -894,10 +890,7 @@ fn serve(
         net::max_connections(limits, net::raise_fd_limit(), cfg.max_concurrent_probes);
     let (stop, stopped) = oneshot::channel::<()>();
     let stopped = stopped.shared();
-    let on = |port| -> Option<net::TlsSource> {
-        let tls = tls.clone()?;
-        Some(Arc::new(move || tls.server(port)))
-    };
+    let on = |port| tls_source(&tls, port);
     let keepalive = || {
         // Pings find dead peers and clients; the listener closes idle and silent ones.
         Server::builder()
@@ -944,6 +937,13 @@ fn serve(
         client.and(peer)
     };
     Ok((stop, tokio::spawn(server), http_stacks))
+}
+
+/// Where a TLS port takes its settings for each new connection: those in
+/// force then, so that rotated certificates serve new connections.
+fn tls_source(tls: &Option<Arc<Tls>>, port: Port) -> Option<net::TlsSource> {
+    let tls = tls.clone()?;
+    Some(Arc::new(move || tls.server(port)))
 }
 
 /// The xDS service of the client port, unless `[xds] enabled` is false.

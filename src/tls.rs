@@ -1,7 +1,8 @@
 //! TLS on both ports, from PEM files that are read again when they change.
 //!
 //! The client port serves TLS with the node's certificate and, when
-//! `client_ca` is set, accepts only clients with a certificate from that CA.
+//! `client_ca` is set, accepts only clients with a certificate from that CA;
+//! so does the HTTP API (HTTPS), with the client port's very settings.
 //! The peer port always requires mutual TLS against the cluster CA (`ca`):
 //! a peer without a certificate from it cannot connect, let alone speak Raft.
 //! The node dials its peers with the same certificate as its client
@@ -35,6 +36,8 @@ struct Loaded {
     /// The files' bytes, to tell a change.
     read: Vec<Vec<u8>>,
     client_port: Arc<ServerConfig>,
+    /// The client port's settings, speaking HTTP/1.1 instead of gRPC's HTTP/2.
+    http: Arc<ServerConfig>,
     peer_port: Arc<ServerConfig>,
     dial_peers: ClientTlsConfig,
 }
@@ -43,6 +46,8 @@ struct Loaded {
 #[derive(Clone, Copy)]
 pub enum Port {
     Client,
+    /// The HTTP API and the console.
+    Http,
     Peer,
 }
 
@@ -67,6 +72,7 @@ impl Tls {
         let c = self.current();
         match port {
             Port::Client => c.client_port.clone(),
+            Port::Http => c.http.clone(),
             Port::Peer => c.peer_port.clone(),
         }
     }
@@ -177,8 +183,13 @@ impl Loaded {
         let dial_peers = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert, key));
+        let client_port = serve(clients)?;
+        // axum serves HTTP/1.1 only: a browser offered h2 would speak it anyway.
+        let mut http = (*client_port).clone();
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Loaded {
-            client_port: serve(clients)?,
+            client_port,
+            http: Arc::new(http),
             peer_port: serve(Some(cluster))?,
             dial_peers,
             read,

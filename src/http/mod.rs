@@ -7,7 +7,8 @@
 //! APIs cannot disagree. Bodies are the proto3 JSON mapping of the same
 //! messages (`pbjson`): lowerCamelCase names, enums by name, 64-bit integers
 //! as strings. Errors are `{"code": "<gRPC code name>", "message": ...}` with
-//! an HTTP status that fits the code.
+//! an HTTP status that fits the code. With `[tls]` it is served over HTTPS
+//! only (`https`).
 
 use std::convert::Infallible;
 
@@ -28,6 +29,9 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 
+mod https;
+pub use https::Https;
+
 /// A gRPC service of the client port, as this module calls it.
 pub type Grpc = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
@@ -43,8 +47,14 @@ struct Api {
     cluster: ClusterClient<Grpc>,
 }
 
-/// Serves the HTTP API on `listener` until the returned task is aborted.
-pub fn serve(listener: TcpListener, registry: Grpc, cluster: Grpc) -> JoinHandle<()> {
+/// Serves the HTTP API on `listener`, over TLS with `https`, until the
+/// returned task is aborted.
+pub fn serve(
+    listener: TcpListener,
+    https: Option<Https>,
+    registry: Grpc,
+    cluster: Grpc,
+) -> JoinHandle<()> {
     let api = Api {
         registry: RegistryClient::new(registry),
         cluster: ClusterClient::new(cluster),
@@ -67,7 +77,11 @@ pub fn serve(listener: TcpListener, registry: Grpc, cluster: Grpc) -> JoinHandle
         .route("/ui", get(console))
         .with_state(api);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match https {
+            Some(https) => axum::serve(https::Listener::new(listener, https), app).await,
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!("HTTP API stopped: {e}");
         }
     })
