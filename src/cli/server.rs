@@ -183,17 +183,16 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.dns.token = admin_secret.clone();
         // gRPC's xDS clients send no token either.
         cfg.xds.token = admin_secret.clone();
-        // Plain HTTP: not beside --tls.
-        if !a.tls {
-            cfg.http.listen = Some(at(DEV_HTTP_OFFSET + i));
-        }
+        // HTTPS with --tls.
+        cfg.http.listen = Some(at(DEV_HTTP_OFFSET + i));
         handles.push(node::start(cfg).await?);
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
+    let http = if certs.is_some() { "HTTPS" } else { "HTTP" };
     for h in &handles {
         let off = |a: Option<SocketAddr>| a.map_or("off".into(), |a| a.to_string());
         println!(
-            "node {} listening on {} (peer port {}, DNS {}, HTTP {})",
+            "node {} listening on {} (peer port {}, DNS {}, {http} {})",
             h.id,
             h.addr,
             h.peer_addr,
@@ -225,13 +224,17 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
                     secret,
                 })
                 .await?;
-            format!(" --token {}", created.secret)
+            Some(created.secret)
         }
-        None => String::new(),
+        None => None,
     };
     println!(
-        "try: roster status --endpoints {}{token}{tls_flags}",
-        endpoints.join(",")
+        "try: roster status --endpoints {}{}{tls_flags}",
+        endpoints.join(","),
+        token
+            .as_ref()
+            .map(|t| format!(" --token {t}"))
+            .unwrap_or_default()
     );
     if let Some(dns) = handles.first().and_then(|h| h.dns_addr()) {
         println!(
@@ -249,8 +252,27 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     if let Some(http) = handles.first().and_then(|h| h.http_addr()) {
-        println!("     curl http://{http}/v1/services");
-        println!("web console: http://{http}/ui");
+        let (url, cacert) = match &certs {
+            Some(c) => (format!("https://{http}"), Some(c.node.ca.display())),
+            None => (format!("http://{http}"), None),
+        };
+        let bearer = token
+            .as_ref()
+            .map(|t| format!(" -H 'authorization: Bearer {t}'"))
+            .unwrap_or_default();
+        let curl_cacert = cacert
+            .as_ref()
+            .map(|ca| format!(" --cacert {ca}"))
+            .unwrap_or_default();
+        println!("     curl{curl_cacert}{bearer} {url}/v1/services");
+        let mut console = format!("web console: {url}/ui");
+        if let Some(ca) = &cacert {
+            console.push_str(&format!(" (have the browser trust {ca})"));
+        }
+        if token.is_some() {
+            console.push_str(" with the token in its box");
+        }
+        println!("{console}");
     }
     println!("Ctrl-C stops the cluster and deletes its data.");
     exit_on_panic();
