@@ -492,6 +492,25 @@ impl NodeConfig {
         }
         Ok(members)
     }
+
+    /// Settings that the rest of the config leaves without effect: logged
+    /// as warnings at start, since the node runs without them.
+    pub fn warnings(&self) -> Vec<String> {
+        let tokens = [
+            ("[xds] token", self.xds.token.is_some()),
+            ("[dns] token", self.dns.token.is_some()),
+        ];
+        tokens
+            .into_iter()
+            .filter(|(_, set)| *set && !self.auth.enabled)
+            .map(|(name, _)| {
+                format!(
+                    "{name} is set but has no effect without [auth] enabled: \
+                     no call or query needs a token then"
+                )
+            })
+            .collect()
+    }
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -550,6 +569,27 @@ mod tests {
         let cfg: NodeConfig = toml::from_str(text).expect("the README's node config");
         assert_eq!(cfg.dns.domain, "roster.");
         assert!(cfg.dns.listen.is_some() && cfg.http.listen.is_some());
+    }
+
+    #[test]
+    fn tokens_without_auth_are_warned_about() {
+        let any = ([127, 0, 0, 1], 0).into();
+        let mut cfg = NodeConfig::new(1, any, any, "/tmp/x".into());
+        assert!(cfg.warnings().is_empty());
+        cfg.xds.token = Some("s3cret".into());
+        cfg.dns.token = Some("s3cret".into());
+        let w = cfg.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("[xds] token") && w[0].contains("without [auth]"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("[dns] token") && w[1].contains("without [auth]"),
+            "{w:?}"
+        );
+        cfg.auth.enabled = true;
+        assert!(cfg.warnings().is_empty(), "with [auth] the tokens serve");
     }
 
     #[test]

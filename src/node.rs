@@ -544,6 +544,9 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     let members = cfg
         .validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    for warning in cfg.warnings() {
+        tracing::warn!("{warning}");
+    }
     let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
     let (core, pristine) = start_raft(&cfg, &members, tls.as_deref()).await?;
     // Before the peer port answers: a vote granted to a member that
