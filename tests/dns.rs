@@ -301,3 +301,22 @@ async fn with_auth_dns_answers_with_its_token() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn tokens_without_auth_are_warned_about_at_start() {
+    let setup = Setup {
+        dns: Some("token = \"s3cret\"".into()),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(1, "[xds]\ntoken = \"s3cret\"\n", setup)
+        .await
+        .expect("cluster");
+    let log = c.log(1);
+    for name in ["[xds] token", "[dns] token"] {
+        let warned = log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains(&format!("{name} is set but has no effect without [auth]"))
+        });
+        assert!(warned, "no WARN line for {name}:\n{log}");
+    }
+}
