@@ -1,15 +1,29 @@
 //! The HTTP/JSON API against a 3-node cluster, asked with a real HTTP client
 //! (reqwest): writes through a follower, reads, errors as JSON with fitting
 //! statuses, tokens, the OpenAPI document, and the SSE watch resumed with
-//! `Last-Event-ID` on another node after its node was killed.
+//! `Last-Event-ID` on another node after its node was killed. Over HTTPS
+//! (`[tls]`): curl (`ROSTER_CURL`, which `.ci/run` installs and sets;
+//! without it those tests say so and skip) with the cluster's CA, tokens,
+//! plaintext refused, client certificates; and rotation, seen in rustls
+//! handshakes.
 
 mod common;
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::certs::{tls_section, Ca, Issued};
 use common::*;
 use futures::FutureExt;
+use roster::client::tls_from_pem;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::{crypto::ring, ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -322,4 +336,223 @@ async fn an_sse_watch_resumes_on_another_node_with_last_event_id() {
         ["w-3"],
         "only what came after the last id"
     );
+}
+
+/// `ROSTER_CURL`, or `None` after saying the test skips.
+fn curl_binary() -> Option<String> {
+    let curl = std::env::var("ROSTER_CURL").ok();
+    if curl.is_none() {
+        eprintln!("skipped: set ROSTER_CURL (.ci/run installs curl and does)");
+    }
+    curl
+}
+
+/// Runs curl with `args`: its exit code, the HTTP status (0 without an
+/// answer) and the body.
+async fn curl(curl: &str, args: &[&str]) -> (Option<i32>, u16, String) {
+    let out = tokio::process::Command::new(curl)
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .await
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status = status.trim().parse().unwrap_or(0);
+    (out.status.code(), status, body.to_string())
+}
+
+/// `n` nodes with `extra` (their `[tls]` section and more) serving the HTTP
+/// API, which `[tls]` makes HTTPS; the harness dials gRPC with `client_tls`.
+async fn https_cluster(
+    n: u64,
+    extra: &str,
+    client_tls: tonic::transport::ClientTlsConfig,
+    auth: bool,
+) -> TestCluster {
+    let setup = Setup {
+        http: true,
+        auth,
+        client_tls: Some(client_tls),
+        ..Setup::default()
+    };
+    TestCluster::start_setup(n, extra, setup)
+        .await
+        .expect("a cluster with TLS")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temporary path")
+}
+
+#[tokio::test]
+async fn https_with_curl_lists_with_a_token_refuses_without_and_refuses_plaintext() {
+    let Some(bin) = curl_binary() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new("cluster");
+    let extra = tls_section(
+        dir.path(),
+        &ca.issue("node", &["127.0.0.1"]),
+        &ca.pem(),
+        false,
+    ) + "[auth]\nenabled = true\n";
+    let c = https_cluster(3, &extra, tls_from_pem(ca.pem().as_bytes(), None), true).await;
+    register(&c.client(), "web", "w-1", 8080).await;
+    // A follower: the request crosses the peer port's mutual TLS to the leader.
+    let f = follower(&c).await;
+    let cacert = dir.path().join("ca.crt");
+    let cacert = path_str(&cacert);
+    let base = format!("https://127.0.0.1:{}", c.node(f).http_port);
+    let services = format!("{base}/v1/services");
+    let bearer = format!("authorization: Bearer {}", c.token());
+
+    let (code, status, body) = curl(&bin, &["--cacert", cacert, "-H", &bearer, &services]).await;
+    assert_eq!((code, status), (Some(0), 200), "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(listed["services"][0]["name"], "web", "{body}");
+
+    // Without a token: refused as the plain HTTP API refuses it.
+    let (_, status, body) = curl(&bin, &["--cacert", cacert, &services]).await;
+    let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_error(status, &body, 401, "UNAUTHENTICATED");
+
+    // The watch streams over HTTPS too (cut by --max-time, as it never ends).
+    let watch = format!("{base}/v1/watch/web");
+    let (_, _, events) = curl(
+        &bin,
+        &[
+            "--cacert",
+            cacert,
+            "-H",
+            &bearer,
+            "-N",
+            "--max-time",
+            "2",
+            &watch,
+        ],
+    )
+    .await;
+    assert!(
+        events.contains("event: reset") && events.contains("w-1"),
+        "{events}"
+    );
+
+    // Plaintext to the same port: no catalogue, a 400 that says why.
+    let plain = services.replace("https://", "http://");
+    let (_, status, body) = curl(&bin, &["-H", &bearer, &plain]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("this port serves HTTPS"), "{body}");
+    // Without the cluster's CA, curl does not trust the node (60: the peer's
+    // certificate cannot be verified).
+    let (code, status, body) = curl(&bin, &["-H", &bearer, &services]).await;
+    assert_eq!((code, status), (Some(60), 0), "{body}");
+}
+
+#[tokio::test]
+async fn https_asks_for_a_client_certificate_where_the_client_port_does() {
+    let Some(bin) = curl_binary() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new("cluster");
+    let extra = tls_section(
+        dir.path(),
+        &ca.issue("node", &["127.0.0.1"]),
+        &ca.pem(),
+        true,
+    );
+    let client = ca.issue("client", &["client"]);
+    let identity = (client.cert.as_bytes(), client.key.as_bytes());
+    let tls = tls_from_pem(ca.pem().as_bytes(), Some(identity));
+    let c = https_cluster(1, &extra, tls, false).await;
+    let (cert, key) = (dir.path().join("client.crt"), dir.path().join("client.key"));
+    std::fs::write(&cert, &client.cert).expect("write");
+    std::fs::write(&key, &client.key).expect("write");
+    let cacert = dir.path().join("ca.crt");
+    let status = format!(
+        "https://127.0.0.1:{}/v1/cluster/status",
+        c.node(1).http_port
+    );
+    let with = [
+        "--cacert",
+        path_str(&cacert),
+        "--cert",
+        path_str(&cert),
+        "--key",
+        path_str(&key),
+    ];
+    let (code, got, body) = curl(&bin, &[&with[..], &[&status]].concat()).await;
+    assert_eq!((code, got), (Some(0), 200), "{body}");
+    let (code, got, body) = curl(&bin, &[&with[..2], &[&status]].concat()).await;
+    assert_eq!(got, 0, "no client certificate, no answer: {body}");
+    assert_ne!(code, Some(0), "{body}");
+}
+
+/// A new HTTPS connection to `addr` from a client trusting only `ca_pem`:
+/// the certificate the node served and its answer to `GET path`; `None`
+/// when the handshake fails.
+async fn https_get(addr: SocketAddr, ca_pem: &str, path: &str) -> Option<(Vec<u8>, String)> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = ServerName::try_from("127.0.0.1").ok()?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let served = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    // A close without TLS's close_notify is an error here, after the answer.
+    let _ = tls.read_to_end(&mut answer).await;
+    Some((served, String::from_utf8_lossy(&answer).into_owned()))
+}
+
+fn der(issued: &Issued) -> Vec<u8> {
+    CertificateDer::from_pem_slice(issued.cert.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
+#[tokio::test]
+async fn https_serves_a_rotated_certificate_to_new_connections() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (old, new) = (Ca::new("old"), Ca::new("new"));
+    let both = format!("{}{}", old.pem(), new.pem());
+    let first = old.issue("node", &["127.0.0.1"]);
+    let extra = tls_section(dir.path(), &first, &both, false);
+    let c = https_cluster(1, &extra, tls_from_pem(both.as_bytes(), None), false).await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], c.node(1).http_port));
+    let path = "/v1/cluster/status";
+    let (served, answer) = https_get(addr, &old.pem(), path)
+        .await
+        .expect("a handshake with the old CA's certificate");
+    assert_eq!(served, der(&first));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        https_get(addr, &new.pem(), path).await.is_none(),
+        "the new CA's certificate before the rotation"
+    );
+
+    // The files change under the running node: key first, then the
+    // certificate, as a tool writing them one by one would.
+    let rotated = new.issue("node", &["127.0.0.1"]);
+    std::fs::write(dir.path().join("node.key"), &rotated.key).expect("write");
+    std::fs::write(dir.path().join("node.crt"), &rotated.cert).expect("write");
+    let new_pem = new.pem();
+    let (served, answer) = c
+        .wait_for(
+            "HTTPS to serve the new certificate",
+            Duration::from_secs(15),
+            || https_get(addr, &new_pem, path),
+        )
+        .await;
+    assert_eq!(served, der(&rotated));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

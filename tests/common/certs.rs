@@ -1,6 +1,8 @@
 //! Certificates made at test time (rcgen): a CA per test, and certificates
 //! it issues for servers and clients.
 
+use std::path::Path;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -49,4 +51,26 @@ impl Ca {
             key: key.serialize_pem(),
         }
     }
+}
+
+/// Writes `node`'s certificate and key and the CA `ca_pem` into `dir`
+/// (`node.crt`, `node.key`, `ca.crt`) and returns the `[tls]` section that
+/// serves them; `client_ca` makes the client port and HTTPS ask for client
+/// certificates from that CA.
+pub fn tls_section(dir: &Path, node: &Issued, ca_pem: &str, client_ca: bool) -> String {
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path.display().to_string()
+    };
+    let (cert, key, ca) = (
+        write("node.crt", &node.cert),
+        write("node.key", &node.key),
+        write("ca.crt", ca_pem),
+    );
+    let mut s = format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n");
+    if client_ca {
+        s.push_str(&format!("client_ca = \"{ca}\"\n"));
+    }
+    s
 }
