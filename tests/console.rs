@@ -1,48 +1,50 @@
 //! The web console in headless Chromium: `tests/console/check_console.py`
 //! (selenium, run by `ROSTER_PYTHON`) against a follower of a 3-node
-//! cluster: the page loads, shows a registered instance, and turns it
-//! critical live when its TTL check runs out. `.ci/run` installs Debian's
-//! chromium and chromium-driver and selenium into its venv, and sets
-//! `ROSTER_CHROMIUM`; without both the test says so and skips.
+//! cluster: the page loads, shows registered instances, and turns one
+//! critical live when its TTL check runs out; over plain HTTP, and over
+//! HTTPS on a cluster with `[tls]` and `[auth]`, where Chromium trusts the
+//! test CA through an NSS database (`certutil`; no certificate error is
+//! ignored) and the console is refused until given a token. `.ci/run`
+//! installs Debian's chromium, chromium-driver and libnss3-tools and
+//! selenium into its venv, and sets `ROSTER_CHROMIUM`; without both the
+//! tests say so and skip.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
+use common::certs::{tls_section, Ca};
 use common::*;
 
-#[tokio::test]
-async fn python_console_in_headless_chromium() {
+/// `ROSTER_PYTHON`, or `None` after saying the test skips.
+fn python() -> Option<String> {
     let (Ok(python), Ok(_)) = (
         std::env::var("ROSTER_PYTHON"),
         std::env::var("ROSTER_CHROMIUM"),
     ) else {
         eprintln!("skipped: set ROSTER_PYTHON (with selenium) and ROSTER_CHROMIUM (.ci/run does)");
-        return;
+        return None;
     };
-    let setup = Setup {
-        http: true,
-        ..Setup::default()
-    };
-    let c = TestCluster::start_setup(3, "", setup)
-        .await
-        .expect("cluster");
+    Some(python)
+}
+
+/// A follower of `c`, as the console's node.
+async fn follower(c: &TestCluster) -> u64 {
     let leader = c.leader().await;
-    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
-    let base = format!("http://127.0.0.1:{}", c.node(follower).http_port);
+    (1..=3).find(|id| *id != leader).expect("a follower")
+}
+
+/// Runs the check against `base` with `args`; its output, once it passed.
+async fn check_console(python: String, base: String, args: Vec<String>) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/check_console.py");
     let mut cmd = Command::new(python);
-    cmd.arg(script).arg(&base);
-    // Where to keep a screenshot of the page (the README's comes from here).
-    if let Ok(shot) = std::env::var("ROSTER_CONSOLE_SCREENSHOT") {
-        cmd.arg(shot);
-    }
+    cmd.arg(script).arg(&base).args(args);
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .expect("join")
         .expect("run the console check");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
@@ -50,4 +52,63 @@ async fn python_console_in_headless_chromium() {
     );
     assert!(stdout.contains("turned critical live"), "{stdout}");
     assert!(stdout.contains("console ok"), "{stdout}");
+    stdout
+}
+
+#[tokio::test]
+async fn python_console_in_headless_chromium() {
+    let Some(python) = python() else { return };
+    let setup = Setup {
+        http: true,
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("cluster");
+    let base = format!("http://127.0.0.1:{}", c.node(follower(&c).await).http_port);
+    // Where to keep a screenshot of the page (the README's comes from here).
+    let args = match std::env::var("ROSTER_CONSOLE_SCREENSHOT") {
+        Ok(shot) => vec!["--screenshot".to_string(), shot],
+        Err(_) => Vec::new(),
+    };
+    check_console(python, base, args).await;
+}
+
+#[tokio::test]
+async fn python_console_over_https_with_a_token() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Ca::new("console test CA");
+    let extra = tls_section(
+        dir.path(),
+        &ca.issue("node", &["127.0.0.1"]),
+        &ca.pem(),
+        false,
+    ) + "[auth]\nenabled = true\n";
+    let setup = Setup {
+        http: true,
+        auth: true,
+        client_tls: Some(roster::client::tls_from_pem(ca.pem().as_bytes(), None)),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, &extra, setup)
+        .await
+        .expect("a cluster with TLS and auth");
+    let base = format!("https://127.0.0.1:{}", c.node(follower(&c).await).http_port);
+    let cacert = dir.path().join("ca.crt").display().to_string();
+    let args = vec![
+        "--cacert".to_string(),
+        cacert,
+        "--token".to_string(),
+        c.token().to_string(),
+    ];
+    let stdout = check_console(python, base, args).await;
+    assert!(
+        stdout.contains("served over HTTPS, the chain trusted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("refused without the token: UNAUTHENTICATED"),
+        "{stdout}"
+    );
 }
