@@ -220,7 +220,8 @@ pub struct Certs {
 }
 
 /// Like `roster`, with `extra` appended to every node's TOML config, and
-/// without DNS and HTTP (which `[auth]` and `[tls]` would need set up).
+/// without DNS and HTTP (with `[auth]` DNS needs a token, and with `[tls]`
+/// HTTP is HTTPS, which the HTTP load does not speak).
 pub fn roster_with(dir: &Path, n: usize, peers: Peers, extra: &str) -> Result<Cluster> {
     roster_cluster(dir, n, peers, extra, false)
 }
