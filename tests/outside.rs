@@ -1,7 +1,8 @@
 //! The README's example for clients without a library, run as written
 //! against a real `roster dev`: `dig` (`ROSTER_DIG`) and `curl`
-//! (`ROSTER_CURL`), which `.ci/run` installs and sets; without them the test
-//! says so and skips.
+//! (`ROSTER_CURL`), which `.ci/run` installs and sets; and the HTTPS curl
+//! line `roster dev --tls --auth` prints, run as printed. Without them the
+//! tests say so and skip.
 
 mod common;
 
@@ -68,6 +69,44 @@ fn outside_dig_and_curl_as_the_readme_shows() {
     assert_eq!(ran.len(), 6, "the example's commands: {block}");
 }
 
+#[test]
+fn roster_dev_tls_auth_prints_an_https_curl_line_that_works() {
+    let Ok(curl) = std::env::var("ROSTER_CURL") else {
+        eprintln!("skipped: set ROSTER_CURL (.ci/run installs curl and does)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let printed = dir.path().join("dev.out");
+    let out = std::fs::File::create(&printed).expect("dev's output file");
+    let base = free_block();
+    let _dev = Dev::start_with(base, &["--tls", "--auth"], Stdio::from(out));
+    let deadline = Instant::now() + LIMIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&printed).unwrap_or_default();
+        if text.contains("Ctrl-C") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "roster dev printed: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let https = format!("https://127.0.0.1:{}", base + 300);
+    let console = format!("web console: {https}/ui");
+    assert!(text.contains(&console), "{text}");
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("curl "))
+        .unwrap_or_else(|| panic!("no curl line: {text}"));
+    assert!(
+        line.contains("--cacert ") && line.contains("authorization: Bearer "),
+        "{line}"
+    );
+    assert!(line.ends_with(&format!("{https}/v1/services")), "{line}");
+    // Run as printed: the list (empty), which needs the CA and the token.
+    let cmd = format!("{curl} -sS --max-time 2 {}", &line["curl ".len()..]);
+    retried(&cmd, "\"revision\"").unwrap_or_else(|o| panic!("{cmd}: {o:?}"));
+}
+
 /// Runs `cmd` in a shell until its output holds `wanted` (a node may not
 /// have applied the write yet); the last output if it never does.
 fn retried(cmd: &str, wanted: &str) -> Result<String, Output> {
@@ -112,9 +151,15 @@ struct Dev(Child);
 
 impl Dev {
     fn start(base: u16) -> Dev {
+        Dev::start_with(base, &[], Stdio::null())
+    }
+
+    /// With further `flags`, printing to `stdout`.
+    fn start_with(base: u16, flags: &[&str], stdout: Stdio) -> Dev {
         let child = Command::new(env!("CARGO_BIN_EXE_roster"))
             .args(["dev", "--base-port", &base.to_string()])
-            .stdout(Stdio::null())
+            .args(flags)
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .expect("start roster dev");
