@@ -229,6 +229,38 @@ impl Drop for Slot {
     }
 }
 
+/// Lets a warning through at most every `WARN_EVERY`.
+#[derive(Default)]
+pub struct Throttle(Option<Instant>);
+
+impl Throttle {
+    pub fn due(&mut self) -> bool {
+        let due = self.0.is_none_or(|t| t.elapsed() >= WARN_EVERY);
+        if due {
+            self.0 = Some(Instant::now());
+        }
+        due
+    }
+}
+
+/// After a failed accept: nothing if the client gave up before it was
+/// accepted; otherwise (out of descriptors or buffers) a warning and a pause,
+/// since retrying at once would spin.
+pub async fn accept_failed(e: io::Error, warn: &mut Throttle) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) {
+        return;
+    }
+    if warn.due() {
+        tracing::warn!("accept: {e}");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// Where a TLS port takes its configuration for each new connection (it
 /// changes when certificates are reloaded).
 pub type TlsSource = Arc<dyn Fn() -> Arc<ServerConfig> + Send + Sync>;
@@ -251,14 +283,7 @@ pub fn incoming(
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     tracing::info!(max_connections = max, "accepting connections");
     tokio::spawn(async move {
-        let mut warned: Option<Instant> = None;
-        let mut warn_now = || {
-            let due = warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
-            if due {
-                warned = Some(Instant::now());
-            }
-            due
-        };
+        let mut warn = Throttle::default();
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
@@ -266,37 +291,22 @@ pub fn incoming(
             };
             let stream = match accepted {
                 Ok((stream, _)) => stream,
-                // The peer gave up before we accepted: nothing to do.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
                 Err(e) => {
-                    // Out of descriptors or buffers: retrying at once would spin.
-                    if warn_now() {
-                        tracing::warn!("accept: {e}");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(e, &mut warn).await;
                     continue;
                 }
             };
             let slot = match tracker.admit() {
                 Admission::Admitted(slot) => slot,
                 Admission::Replacing(slot) => {
-                    if warn_now() {
+                    if warn.due() {
                         tracing::warn!(max, "connection limit reached: closing idle connections");
                     }
                     slot
                 }
                 // Closing at once keeps the kernel's backlog from filling up.
                 Admission::Refused => {
-                    if warn_now() {
+                    if warn.due() {
                         tracing::warn!(max, "connection limit reached, all busy: refusing");
                     }
                     continue;

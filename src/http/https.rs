@@ -34,6 +34,7 @@ pub(super) struct Listener {
     https: Https,
     /// Dropped with the listener when the server stops: so are they.
     handshakes: JoinSet<Handshaken>,
+    warn: net::Throttle,
 }
 
 impl Listener {
@@ -42,6 +43,7 @@ impl Listener {
             tcp,
             https,
             handshakes: JoinSet::new(),
+            warn: net::Throttle::default(),
         }
     }
 }
@@ -59,7 +61,7 @@ impl axum::serve::Listener for Listener {
                         self.handshakes
                             .spawn(handshake(stream, from, tls, self.https.handshake));
                     }
-                    Err(e) => accept_failed(e).await,
+                    Err(e) => net::accept_failed(e, &mut self.warn).await,
                 },
                 Some(done) = self.handshakes.join_next() => {
                     if let Ok(Some(conn)) = done {
@@ -73,21 +75,6 @@ impl axum::serve::Listener for Listener {
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.tcp.local_addr()
     }
-}
-
-async fn accept_failed(e: io::Error) {
-    // The client gave up before we accepted: nothing to do.
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    ) {
-        return;
-    }
-    // Out of descriptors or buffers: retrying at once would spin.
-    tracing::warn!("HTTPS accept: {e}");
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// The connection once it has completed the handshake within `within`; a
