@@ -348,6 +348,39 @@ struct Outage {
 
 pub(super) const REMIND: Duration = Duration::from_secs(30);
 
+/// Keys remembered at most; past that all are forgotten, so a flood of
+/// distinct callers cannot grow the map without bound.
+const REMEMBERED: usize = 1024;
+
+/// When to log something that repeats (a refused peer keeps retrying): the
+/// first time for a key, then every `REMIND` while it goes on.
+pub(super) struct Reminders<K>(Mutex<HashMap<K, Instant>>);
+
+impl<K> Default for Reminders<K> {
+    fn default() -> Self {
+        Reminders(Mutex::default())
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Reminders<K> {
+    /// Whether `key` is to be logged now.
+    pub(super) fn due(&self, key: K) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < REMIND)
+        {
+            return false;
+        }
+        if last.len() >= REMEMBERED {
+            last.clear();
+        }
+        last.insert(key, now);
+        true
+    }
+}
+
 impl PeerLog {
     fn failed(&mut self, target: NodeId, addr: &str, cause: &str, refused: bool) {
         let now = Instant::now();
@@ -860,6 +893,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reminder_is_due_once_per_key_and_the_map_stays_bounded() {
+        let r = Reminders::default();
+        assert!(r.due(0));
+        assert!(!r.due(0));
+        assert!(r.due(1));
+        for i in 2..2 * REMEMBERED {
+            assert!(r.due(i));
+        }
+        assert!(r.0.lock().expect("lock").len() <= REMEMBERED);
+    }
 
     #[test]
     fn quorum_distance_counts_only_the_voters() {

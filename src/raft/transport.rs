@@ -1,8 +1,6 @@
 //! Inbound Raft RPCs: the `RaftTransport` gRPC service, handing requests to openraft.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
@@ -17,7 +15,7 @@ use openraft::Vote;
 use super::election::{answer_pre_vote, Contact, PreVoteRequest};
 use super::incarnation;
 use super::marker::Identity;
-use super::network::REMIND;
+use super::network::Reminders;
 use super::{
     decode, encode, NodeId, Raft, TypeConfig, CLIENT_ADDRESS_HEADER, CLUSTER_ID_HEADER,
     EARLY_HEADER, INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
@@ -41,7 +39,7 @@ pub struct RaftService {
     /// How to bring this node back when the cluster knows another incarnation of it.
     recovery: String,
     /// When a refusal of each peer was last logged.
-    refusals: Mutex<HashMap<NodeId, Instant>>,
+    refusals: Reminders<NodeId>,
 }
 
 /// Every Raft request names its sender: in the vote it carries, or outright.
@@ -100,7 +98,7 @@ impl RaftService {
             client_addr: MetadataValue::try_from(client_addr).ok(),
             contact,
             recovery,
-            refusals: Mutex::default(),
+            refusals: Reminders::default(),
         }
     }
 
@@ -135,13 +133,7 @@ impl RaftService {
 
     /// A refused peer keeps retrying: log it when it starts and every `REMIND`.
     fn log_refusal(&self, sender: NodeId, why: &str) {
-        let mut last = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if last
-            .get(&sender)
-            .is_none_or(|t| now.duration_since(*t) >= REMIND)
-        {
-            last.insert(sender, now);
+        if self.refusals.due(sender) {
             tracing::warn!("refused a raft request from node {sender}: {why}");
         }
     }
