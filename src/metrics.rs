@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::raft::election::Contact;
 use crate::raft::leadership::{can_serve, lag_entries};
 use crate::raft::network::Peers;
+use crate::raft::peer_trust::PeerRefusals;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;
@@ -44,6 +45,7 @@ pub struct Sources {
     /// The log's flush durations, kept by the log store.
     pub fsync: Histogram,
     pub xds: Arc<XdsStats>,
+    pub peer_refusals: Arc<PeerRefusals>,
 }
 
 /// Serves `/metrics` and `/ready` on `addr` until the returned task is
@@ -110,6 +112,17 @@ pub fn render(s: &Sources) -> String {
         registry_metrics(&mut r, &st);
     }
     xds_metrics(&mut r, &s.xds);
+    let refused: Family<Vec<(String, String)>, Counter> = Family::default();
+    for (reason, n) in s.peer_refusals.counts() {
+        refused
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc_by(n);
+    }
+    r.register(
+        "peer_refused",
+        "Requests the peer port refused (with [tls]): no client certificate, one naming no node, a node not a member, or a raft message from another node than the certificate's; the log names each refused peer",
+        refused,
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);

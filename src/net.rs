@@ -30,6 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::ConnectionLimits;
+use crate::raft::peer_trust::PeerCertificate;
 
 /// Every HTTP/2 connection opens with these bytes (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -344,34 +345,39 @@ async fn await_preface(
 ) {
     let tcp = stream.connect_info();
     let opened = async {
-        let mut io = match tls {
+        let (mut io, peer_cert) = match tls {
             Some(_) if sends_plaintext_http2(&stream).await => {
                 tell_to_use_tls(stream).await;
                 return None;
             }
             Some(acceptor) => match acceptor.accept(stream).await {
-                Ok(s) => Io::Tls(Box::new(s)),
+                Ok(s) => {
+                    let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let cert = cert.map(PeerCertificate::of);
+                    (Io::Tls(Box::new(s)), cert)
+                }
                 Err(e) => {
                     tracing::debug!(remote = ?tcp.remote_addr(), "TLS handshake: {e}");
                     return None;
                 }
             },
-            None => Io::Plain(stream),
+            None => (Io::Plain(stream), None),
         };
         let mut preface = [0u8; PREFACE.len()];
         io.read_exact(&mut preface).await.ok()?;
-        (&preface == PREFACE).then_some(io)
+        (&preface == PREFACE).then_some((io, peer_cert))
     };
     let opened = tokio::select! {
         r = tokio::time::timeout(within, opened) => r,
         () = slot.activity.evicted() => return,
     };
-    let Ok(Some(io)) = opened else {
+    let Ok(Some((io, peer_cert))) = opened else {
         return;
     };
     let conn = Conn {
         io,
         tcp,
+        peer_cert,
         replayed: 0,
         slot,
         idle_timeout: idle,
@@ -430,6 +436,8 @@ enum Io {
 pub struct Conn {
     io: Io,
     tcp: TcpConnectInfo,
+    /// What the client's TLS certificate names, read once per connection.
+    peer_cert: Option<PeerCertificate>,
     /// Bytes of the preface (read for the check) already passed on to the server.
     replayed: usize,
     slot: Slot,
@@ -443,6 +451,8 @@ pub struct ConnInfo {
     activity: Arc<Activity>,
     /// The addresses, which `TrackRequests` passes on for `Request::remote_addr`.
     tcp: TcpConnectInfo,
+    /// Passed on by `TrackRequests` for the peer port's checks.
+    peer_cert: Option<PeerCertificate>,
 }
 
 impl Connected for Conn {
@@ -452,6 +462,7 @@ impl Connected for Conn {
         ConnInfo {
             activity: self.slot.activity.clone(),
             tcp: self.tcp.clone(),
+            peer_cert: self.peer_cert.clone(),
         }
     }
 }
@@ -604,7 +615,8 @@ impl AsyncWrite for Io {
 /// Counts each request as in flight on its connection until its response
 /// body has been sent (or dropped), which is what the idle timer watches.
 /// Also gives each request its connection's addresses (`TcpConnectInfo`), as
-/// tonic does for a plain `TcpStream`.
+/// tonic does for a plain `TcpStream`, and what its client certificate
+/// names (`PeerCertificate`), when it has one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrackRequestsLayer;
 
@@ -640,6 +652,9 @@ where
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let in_flight = conn.map(|c| {
             req.extensions_mut().insert(c.tcp);
+            if let Some(cert) = c.peer_cert {
+                req.extensions_mut().insert(cert);
+            }
             InFlight::start(c.activity)
         });
         let response = self.inner.call(req);

@@ -40,6 +40,7 @@ use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Network, Peers, MAX_ENTRIES};
+use crate::raft::peer_trust::{PeerRefusals, PeerTrust};
 use crate::raft::proposer::Proposer;
 use crate::raft::snapshot_file::SnapshotFile;
 use crate::raft::state_machine::{SnapshotSummary, StateMachine};
@@ -536,6 +537,8 @@ struct Core {
     timing: Timing,
     /// What the xDS streams do, for the metrics.
     xds: Arc<XdsStats>,
+    /// What the peer port refused, for the metrics.
+    peer_refusals: Arc<PeerRefusals>,
 }
 
 /// Opens the data directory, starts Raft and serves gRPC on `cfg.listen`.
@@ -588,6 +591,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
                     contact: core.contact.clone(),
                     fsync: core.log.fsync_seconds(),
                     xds: core.xds.clone(),
+                    peer_refusals: core.peer_refusals.clone(),
                 },
                 core.timing.election_min,
             )
@@ -762,6 +766,7 @@ async fn start_raft(
         proposer,
         timing,
         xds: Arc::default(),
+        peer_refusals: Arc::default(),
     };
     Ok((core, pristine))
 }
@@ -878,12 +883,14 @@ fn serve(
         max_request,
     );
     let xds = xds_service(core, cfg);
+    let trust = PeerTrust::new(core.raft.clone(), core.peer_refusals.clone(), tls.is_some());
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),
         &cfg.advertise_addr(),
         core.contact.clone(),
         recovery(cfg),
+        trust.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -925,12 +932,14 @@ fn serve(
             stopped.clone().map(drop),
         );
     // What a follower forwards is served here as on the leader's client
-    // port, minus forwarding: it is never forwarded a second time.
+    // port, minus forwarding: it is never forwarded a second time. With TLS
+    // only members get through (`PeerTrust`), and forwarded calls still
+    // carry their callers' tokens.
     let peer_port = keepalive()
-        .add_service(raft_transport)
-        .add_service(front.authorized(registry))
-        .add_service(front.authorized(cluster))
-        .add_service(front.authorized(acl))
+        .add_service(trust.guard(raft_transport))
+        .add_service(trust.guard(front.authorized(registry)))
+        .add_service(trust.guard(front.authorized(cluster)))
+        .add_service(trust.guard(front.authorized(acl)))
         .serve_with_incoming_shutdown(
             net::incoming(listeners.peer, limits, max_connections, on(Port::Peer)),
             stopped.map(drop),

@@ -3,8 +3,10 @@
 //! The client port serves TLS with the node's certificate and, when
 //! `client_ca` is set, accepts only clients with a certificate from that CA;
 //! so does the HTTP API (HTTPS), with the client port's very settings.
-//! The peer port always requires mutual TLS against the cluster CA (`ca`):
-//! a peer without a certificate from it cannot connect, let alone speak Raft.
+//! The peer port verifies client certificates against the cluster CA (`ca`):
+//! one from another CA fails the handshake, and a connection without one is
+//! answered UNAUTHENTICATED, saying what the port admits
+//! (`raft::peer_trust`, which also refuses certificates naming no member).
 //! The node dials its peers with the same certificate as its client
 //! certificate. The files are read again every `RELOAD_EVERY` and on SIGHUP;
 //! a set that does not load is logged and the one in force stays.
@@ -16,6 +18,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
+use tokio_rustls::rustls::server::danger::ClientCertVerifier;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -161,16 +164,22 @@ impl Loaded {
             (Some(pem), Some(path)) => Some(roots(pem).map_err(|e| bad(path, e))?),
             _ => None,
         };
-        let serve = |verify: Option<Arc<RootCertStore>>| -> Result<Arc<ServerConfig>> {
+        // `anonymous`: a client without a certificate gets through the handshake.
+        let verifier = |roots: Arc<RootCertStore>, anonymous: bool| {
+            let builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+            match anonymous {
+                true => builder.allow_unauthenticated(),
+                false => builder,
+            }
+            .build()
+            .map_err(|e| bad(&files.ca, format!("cannot verify with it: {e}")))
+        };
+        let serve = |verify: Option<Arc<dyn ClientCertVerifier>>| -> Result<Arc<ServerConfig>> {
             let builder = ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| Error::Internal(format!("TLS versions: {e}")))?;
             let builder = match verify {
-                Some(roots) => builder.with_client_cert_verifier(
-                    WebPkiClientVerifier::builder_with_provider(roots, provider())
-                        .build()
-                        .map_err(|e| bad(&files.ca, format!("cannot verify with it: {e}")))?,
-                ),
+                Some(verifier) => builder.with_client_cert_verifier(verifier),
                 None => builder.with_no_client_auth(),
             };
             let mut config = builder
@@ -183,14 +192,15 @@ impl Loaded {
         let dial_peers = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert, key));
-        let client_port = serve(clients)?;
+        let client_port = serve(clients.map(|r| verifier(r, false)).transpose()?)?;
         // axum serves HTTP/1.1 only: a browser offered h2 would speak it anyway.
         let mut http = (*client_port).clone();
         http.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Loaded {
             client_port,
             http: Arc::new(http),
-            peer_port: serve(Some(cluster))?,
+            // The peer port's gate tells such a caller what it admits.
+            peer_port: serve(Some(verifier(cluster, true)?))?,
             dial_peers,
             read,
         })

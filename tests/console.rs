@@ -79,12 +79,8 @@ async fn python_console_over_https_with_a_token() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().expect("dir");
     let ca = Ca::new("console test CA");
-    let extra = tls_section(
-        dir.path(),
-        &ca.issue("node", &["127.0.0.1"]),
-        &ca.pem(),
-        false,
-    ) + "[auth]\nenabled = true\n";
+    let extra =
+        tls_section(dir.path(), &ca.nodes(3), &ca.pem(), false) + "[auth]\nenabled = true\n";
     let setup = Setup {
         http: true,
         auth: true,

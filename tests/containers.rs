@@ -109,14 +109,14 @@ impl DockerCluster {
     async fn start_secure() -> DockerCluster {
         let dir = tempfile::tempdir().expect("cert dir");
         let ca = Ca::new("containers");
-        // Peers dial each other by alias; the test dials the published ports.
-        let node = ca.issue("node", &["roster-1", "roster-2", "roster-3", "127.0.0.1"]);
-        for (name, pem) in [
-            ("ca.crt", ca.pem()),
-            ("node.crt", node.cert),
-            ("node.key", node.key),
-        ] {
-            std::fs::write(dir.path().join(name), pem).expect("write cert");
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).expect("write cert");
+        for id in 1..=3 {
+            // Peers dial each other by alias; the test dials the published ports.
+            let node = ca.node(id, &[&alias(id), "127.0.0.1"]);
+            for (ext, pem) in [("crt", node.cert), ("key", node.key)] {
+                std::fs::write(dir.path().join(format!("node-{id}.{ext}")), pem)
+                    .expect("write cert");
+            }
         }
         let secure = Secure {
             tls: tls_from_pem(ca.pem().as_bytes(), None),
@@ -222,13 +222,13 @@ impl DockerCluster {
         if let Some(initial) = initial {
             args.extend(["--initial-cluster", initial]);
         }
+        let tls = [
+            format!("--tls-cert=/certs/node-{i}.crt"),
+            format!("--tls-key=/certs/node-{i}.key"),
+        ];
         if self.secure.is_some() {
-            args.extend([
-                "--tls-cert=/certs/node.crt",
-                "--tls-key=/certs/node.key",
-                "--tls-ca=/certs/ca.crt",
-                "--auth",
-            ]);
+            args.extend(tls.iter().map(String::as_str));
+            args.extend(["--tls-ca=/certs/ca.crt", "--auth"]);
         }
         docker(&args).expect("run container");
     }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::certs::{tls_section, Ca, Issued};
+use common::certs::{tls_section, write_nodes, Ca, Issued};
 use common::*;
 use futures::FutureExt;
 use roster::client::tls_from_pem;
@@ -390,12 +390,8 @@ async fn https_with_curl_lists_with_a_token_refuses_without_and_refuses_plaintex
     let Some(bin) = curl_binary() else { return };
     let dir = tempfile::tempdir().expect("dir");
     let ca = Ca::new("cluster");
-    let extra = tls_section(
-        dir.path(),
-        &ca.issue("node", &["127.0.0.1"]),
-        &ca.pem(),
-        false,
-    ) + "[auth]\nenabled = true\n";
+    let extra =
+        tls_section(dir.path(), &ca.nodes(3), &ca.pem(), false) + "[auth]\nenabled = true\n";
     let c = https_cluster(3, &extra, tls_from_pem(ca.pem().as_bytes(), None), true).await;
     register(&c.client(), "web", "w-1", 8080).await;
     // A follower: the request crosses the peer port's mutual TLS to the leader.
@@ -453,12 +449,7 @@ async fn https_asks_for_a_client_certificate_where_the_client_port_does() {
     let Some(bin) = curl_binary() else { return };
     let dir = tempfile::tempdir().expect("dir");
     let ca = Ca::new("cluster");
-    let extra = tls_section(
-        dir.path(),
-        &ca.issue("node", &["127.0.0.1"]),
-        &ca.pem(),
-        true,
-    );
+    let extra = tls_section(dir.path(), &ca.nodes(1), &ca.pem(), true);
     let client = ca.issue("client", &["client"]);
     let identity = (client.cert.as_bytes(), client.key.as_bytes());
     let tls = tls_from_pem(ca.pem().as_bytes(), Some(identity));
@@ -525,8 +516,8 @@ async fn https_serves_a_rotated_certificate_to_new_connections() {
     let dir = tempfile::tempdir().expect("dir");
     let (old, new) = (Ca::new("old"), Ca::new("new"));
     let both = format!("{}{}", old.pem(), new.pem());
-    let first = old.issue("node", &["127.0.0.1"]);
-    let extra = tls_section(dir.path(), &first, &both, false);
+    let first = old.node(1, &["127.0.0.1"]);
+    let extra = tls_section(dir.path(), std::slice::from_ref(&first), &both, false);
     let c = https_cluster(1, &extra, tls_from_pem(both.as_bytes(), None), false).await;
     let addr = SocketAddr::from(([127, 0, 0, 1], c.node(1).http_port));
     let path = "/v1/cluster/status";
@@ -540,11 +531,9 @@ async fn https_serves_a_rotated_certificate_to_new_connections() {
         "the new CA's certificate before the rotation"
     );
 
-    // The files change under the running node: key first, then the
-    // certificate, as a tool writing them one by one would.
-    let rotated = new.issue("node", &["127.0.0.1"]);
-    std::fs::write(dir.path().join("node.key"), &rotated.key).expect("write");
-    std::fs::write(dir.path().join("node.crt"), &rotated.cert).expect("write");
+    // The files change under the running node.
+    let rotated = new.node(1, &["127.0.0.1"]);
+    write_nodes(dir.path(), std::slice::from_ref(&rotated));
     let new_pem = new.pem();
     let (served, answer) = c
         .wait_for(

@@ -31,7 +31,7 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
     let certs = dir.path().join("certs");
     make_certs(&certs);
     let extra = format!(
-        "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\nclient_ca = \"{0}/ca.crt\"\n\
+        "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{0}/ca.crt\"\nclient_ca = \"{0}/ca.crt\"\n\
          [auth]\nenabled = true\n",
         certs.display()
     );

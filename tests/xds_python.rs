@@ -375,7 +375,7 @@ async fn python_grpcio_over_xds_with_tls() {
     make_certs(&certs);
     let ca = certs.join("ca.crt");
     let extra = format!(
-        "[tls]\ncert = \"{0}/node.crt\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.crt\"\n",
+        "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{0}/ca.crt\"\n",
         certs.display()
     );
     let setup = Setup {

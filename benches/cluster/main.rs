@@ -1448,14 +1448,18 @@ async fn secure_rows(
     use roster::proto::v1::{BootstrapRequest, CreateTokenRequest, Role};
     std::fs::create_dir_all(dir)?;
     let ca = certs::Ca::new("bench");
-    let node = ca.issue("node", &["127.0.0.1", "localhost"]);
+    // Each Roster node its own (the peer port admits a member by the id its
+    // certificate names); etcd's nodes share node 1's.
+    for id in 1..=NODES as u64 {
+        let node = ca.node(id, &["127.0.0.1", "localhost"]);
+        std::fs::write(dir.join(format!("node-{id}.crt")), &node.cert)?;
+        std::fs::write(dir.join(format!("node-{id}.key")), &node.key)?;
+    }
     let files = procs::Certs {
-        cert: dir.join("node.crt"),
-        key: dir.join("node.key"),
+        cert: dir.join("node-1.crt"),
+        key: dir.join("node-1.key"),
         ca: dir.join("ca.crt"),
     };
-    std::fs::write(&files.cert, &node.cert)?;
-    std::fs::write(&files.key, &node.key)?;
     std::fs::write(&files.ca, ca.pem())?;
     let tls = roster::client::tls_from_pem(ca.pem().as_bytes(), None);
 
@@ -1468,9 +1472,9 @@ async fn secure_rows(
 
     eprintln!("secure: Roster with TLS and a token");
     let config = format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n[auth]\nenabled = true\n",
-        files.cert.display(),
-        files.key.display(),
+        "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{1}\"\n\
+         [auth]\nenabled = true\n",
+        dir.display(),
         files.ca.display()
     );
     let rc = procs::roster_with(&dir.join("roster"), NODES, Peers::Direct, &config)?;

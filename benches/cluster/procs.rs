@@ -211,7 +211,7 @@ pub fn roster(dir: &Path, n: usize, peers: Peers) -> Result<Cluster> {
     roster_cluster(dir, n, peers, "", true)
 }
 
-/// PEM files of a node certificate (for every node: they all run on
+/// PEM files of a node certificate (for every etcd node: they all run on
 /// 127.0.0.1) and the CA that issued it.
 pub struct Certs {
     pub cert: PathBuf,
@@ -219,9 +219,10 @@ pub struct Certs {
     pub ca: PathBuf,
 }
 
-/// Like `roster`, with `extra` appended to every node's TOML config, and
-/// without DNS and HTTP (with `[auth]` DNS needs a token, and with `[tls]`
-/// HTTP is HTTPS, which the HTTP load does not speak).
+/// Like `roster`, with `extra` appended to every node's TOML config (`{id}`
+/// in it replaced by the node's id), and without DNS and HTTP (with `[auth]`
+/// DNS needs a token, and with `[tls]` HTTP is HTTPS, which the HTTP load
+/// does not speak).
 pub fn roster_with(dir: &Path, n: usize, peers: Peers, extra: &str) -> Result<Cluster> {
     roster_cluster(dir, n, peers, extra, false)
 }
@@ -291,8 +292,9 @@ fn roster_node(
         format!(
             "id = {id}\ncluster_id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
              peer_listen = \"127.0.0.1:{peer}\"\npeer_advertise = \"{advertise}\"\n\
-             data_dir = \"{}\"\n{extra}\n",
+             data_dir = \"{}\"\n{}\n",
             data.display(),
+            extra.replace("{id}", &id.to_string()),
         ),
     )?;
     Ok(Proc {

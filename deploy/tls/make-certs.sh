@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Makes a cluster CA and certificates for Roster's TLS with openssl.
 #
-#   deploy/tls/make-certs.sh DIR NAME=HOST[,HOST...] [NAME=HOST[,HOST...] ...]
+#   deploy/tls/make-certs.sh DIR node-ID=HOST[,HOST...] [node-ID=HOST[,HOST...] ...]
 #
-# For each NAME: DIR/NAME.crt and DIR/NAME.key, valid for the HOSTs (DNS
-# names or IP addresses: every name a node is dialled by, client and peer),
-# usable as server and as client certificate (a node presents it to its
-# peers). Also DIR/client.crt and DIR/client.key, a client-only certificate
-# for the CLI or an application when the client port asks for one.
-# DIR/ca.crt and DIR/ca.key are made once and reused by later runs, so more
-# certificates can be issued by the same CA; keep ca.key off the nodes.
+# For each node-ID, ID being the Roster node id (--id) of the node that uses
+# it: DIR/node-ID.crt and DIR/node-ID.key, valid for the HOSTs (DNS names or
+# IP addresses: every name the node is dialled by, client and peer), usable
+# as server and as client certificate (the node presents it to its peers),
+# and naming the node (URI SAN urn:roster:node:ID): the peer port admits
+# only a member's certificate, sending as that member. Also DIR/client.crt
+# and DIR/client.key, a client-only certificate naming no node, for the CLI
+# or an application when the client port asks for one (the peer port
+# refuses it). DIR/ca.crt and DIR/ca.key are made once and reused by later
+# runs, so more certificates can be issued by the same CA; keep ca.key off
+# the nodes.
 #
 # Example, a 3-node cluster:
 #   deploy/tls/make-certs.sh certs node-1=roster-1,roster-1.example.internal \
@@ -19,11 +23,18 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 dir=$1
 shift
+# node-ID: the id is what the peer port checks, so a spec without one is refused.
+for spec in "$@"; do
+  if ! [[ $spec =~ ^node-[1-9][0-9]*=[^=]+$ ]]; then
+    echo "expected node-ID=HOST[,HOST...], ID the Roster node id (1, 2, ...) of the node using it; got $spec" >&2
+    exit 2
+  fi
+done
 days=${ROSTER_CERT_DAYS:-825}
 mkdir -p "$dir"
 umask 077
@@ -58,11 +69,7 @@ issue() {
 for spec in "$@"; do
   name=${spec%%=*}
   hosts=${spec#*=}
-  if [ "$name" = "$spec" ] || [ -z "$hosts" ]; then
-    echo "expected NAME=HOST[,HOST...], got $spec" >&2
-    exit 2
-  fi
-  sans=""
+  sans="URI:urn:roster:node:${name#node-}"
   IFS=, read -ra list <<<"$hosts"
   for h in "${list[@]}"; do
     if [[ $h =~ ^[0-9.]+$ || $h == *:* ]]; then

@@ -162,7 +162,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         .map(|i| format!("{}={}", i + 1, peer_addr(i)))
         .collect();
     let certs = match a.tls {
-        true => Some(super::dev_tls::make(&dir.path().join("tls"))?),
+        true => Some(super::dev_tls::make(&dir.path().join("tls"), a.nodes)?),
         false => None,
     };
     // Drawn before the nodes start: DNS and xDS answer with the admin token's scope.
@@ -177,7 +177,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         );
         cfg.cluster_id = "roster-dev".into();
         cfg.initial_cluster = initial.join(",");
-        cfg.tls = certs.as_ref().map(|c| c.node.clone());
+        cfg.tls = certs.as_ref().map(|c| c.nodes[usize::from(i)].clone());
         cfg.auth.enabled = a.auth;
         cfg.dns.listen = Some(at(DEV_DNS_OFFSET + i));
         cfg.dns.token = admin_secret.clone();
@@ -204,7 +204,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let tls_flags = match &certs {
         Some(c) => format!(
             " --cacert {} (and, for nodes that ask for a client certificate, --cert {} --key {})",
-            c.node.ca.display(),
+            c.ca.display(),
             c.client_cert.display(),
             c.client_key.display()
         ),
@@ -213,7 +213,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let token = match admin_secret {
         Some(secret) => {
             let client = match &certs {
-                Some(c) => RosterClient::with_tls(&endpoints, tls_from_files(&c.node.ca, None)?)?,
+                Some(c) => RosterClient::with_tls(&endpoints, tls_from_files(&c.ca, None)?)?,
                 None => RosterClient::new(&endpoints)?,
             };
             // Drawn here, so the client's retries (the first election may
@@ -248,12 +248,12 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         endpoints.join(","),
         certs
             .as_ref()
-            .map(|c| format!(" --cacert {}", c.node.ca.display()))
+            .map(|c| format!(" --cacert {}", c.ca.display()))
             .unwrap_or_default()
     );
     if let Some(http) = handles.first().and_then(|h| h.http_addr()) {
         let (url, cacert) = match &certs {
-            Some(c) => (format!("https://{http}"), Some(c.node.ca.display())),
+            Some(c) => (format!("https://{http}"), Some(c.ca.display())),
             None => (format!("http://{http}"), None),
         };
         let bearer = token

@@ -9,6 +9,7 @@ pub mod log_store;
 pub mod marker;
 pub mod membership;
 pub mod network;
+pub mod peer_trust;
 pub mod pipeline;
 pub mod proposer;
 pub mod snapshot_file;

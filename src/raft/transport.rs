@@ -16,6 +16,7 @@ use super::election::{answer_pre_vote, Contact, PreVoteRequest};
 use super::incarnation;
 use super::marker::Identity;
 use super::network::Reminders;
+use super::peer_trust::PeerTrust;
 use super::{
     decode, encode, NodeId, Raft, TypeConfig, CLIENT_ADDRESS_HEADER, CLUSTER_ID_HEADER,
     EARLY_HEADER, INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
@@ -40,6 +41,8 @@ pub struct RaftService {
     recovery: String,
     /// When a refusal of each peer was last logged.
     refusals: Reminders<NodeId>,
+    /// Who may send what: the sender a message claims is checked here.
+    trust: PeerTrust,
 }
 
 /// Every Raft request names its sender: in the vote it carries, or outright.
@@ -91,6 +94,7 @@ impl RaftService {
         client_addr: &str,
         contact: Contact,
         recovery: String,
+        trust: PeerTrust,
     ) -> Self {
         RaftService {
             raft,
@@ -99,6 +103,7 @@ impl RaftService {
             contact,
             recovery,
             refusals: Reminders::default(),
+            trust,
         }
     }
 
@@ -118,9 +123,11 @@ impl RaftService {
             .into());
         }
         let target = incarnation::header(meta, TARGET_INCARNATION_HEADER);
-        let msg: T = decode(&req.into_inner().data)
+        let (_, extensions, payload) = req.into_parts();
+        let msg: T = decode(&payload.data)
             .map_err(|e| Error::InvalidArgument(format!("undecodable raft message: {e}")))?;
         let sender = msg.sender();
+        self.trust.check_sender(&extensions, sender)?;
         match incarnation::check(self.me.node_id, self.me.incarnation, target) {
             Ok(()) => Ok(msg),
             Err(e) => {

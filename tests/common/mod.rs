@@ -115,7 +115,8 @@ impl TestCluster {
         Self::start_with(n, "").await
     }
 
-    /// `extra` is appended to every node's TOML config.
+    /// `extra` is appended to every node's TOML config, `{id}` in it replaced
+    /// by the node's id (each node's own certificate files, say).
     pub async fn start_with(n: u64, extra: &str) -> TestCluster {
         Self::start_setup(n, extra, Setup::default())
             .await
@@ -315,7 +316,7 @@ impl TestCluster {
             n.peer,
             n.metrics_port,
             self.data_dir(id).display(),
-            self.extra
+            self.extra.replace("{id}", &id.to_string())
         );
         let dns = match &self.dns {
             Some(lines) => format!("[dns]\nlisten = \"127.0.0.1:{}\"\n{lines}\n", n.dns_port),
@@ -821,12 +822,21 @@ pub fn python() -> Option<String> {
 }
 
 /// A CA and certificates made by `deploy/tls/make-certs.sh` (openssl) in
-/// `dir`, the node's valid for 127.0.0.1 and localhost.
+/// `dir`: `node-{id}.crt` for nodes 1 to 3, valid for 127.0.0.1 and
+/// localhost, and `client.crt`.
 pub fn make_certs(dir: &std::path::Path) {
+    make_node_certs(dir, 1..=3);
+}
+
+/// Like `make_certs`, for nodes `ids`; the CA already in `dir`, if any, issues them.
+pub fn make_node_certs(dir: &std::path::Path, ids: impl IntoIterator<Item = u64>) {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tls/make-certs.sh");
     let out = Command::new(&script)
         .arg(dir)
-        .arg("node=127.0.0.1,localhost")
+        .args(
+            ids.into_iter()
+                .map(|id| format!("node-{id}=127.0.0.1,localhost")),
+        )
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
     assert!(out.status.success(), "make-certs.sh: {out:?}");
