@@ -883,7 +883,13 @@ fn serve(
         max_request,
     );
     let xds = xds_service(core, cfg);
-    let trust = PeerTrust::new(core.raft.clone(), core.peer_refusals.clone(), tls.is_some());
+    let trust = PeerTrust::new(
+        core.raft.clone(),
+        core.me.clone(),
+        core.peers.clone(),
+        core.peer_refusals.clone(),
+        tls.is_some(),
+    );
     let raft_transport = RaftTransportServer::new(RaftService::new(
         core.raft.clone(),
         core.me.clone(),

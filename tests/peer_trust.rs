@@ -18,7 +18,7 @@ use roster::client::tls_from_files;
 use roster::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use roster::proto::raft_v1::RaftPayload;
 use roster::proto::v1::cluster_client::ClusterClient;
-use roster::proto::v1::StatusRequest;
+use roster::proto::v1::{AddMemberRequest, StatusRequest};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{ClientTlsConfig, Identity};
 use tonic::Code;
@@ -231,4 +231,66 @@ async fn forged_raft_over_the_peer_port_is_refused_and_no_term_moves() {
             );
         }
     }
+}
+
+/// A node that was down while node 4 was added does not know node 4 as a
+/// member; once node 4 leads, the node asks the members it knows, learns
+/// that node 4 is one of them, and follows it.
+#[tokio::test]
+async fn a_node_away_while_a_member_was_added_follows_that_member_as_leader() {
+    let dir = tempfile::tempdir().expect("dir");
+    let certs = dir.path().join("certs");
+    make_node_certs(&certs, 1..=4);
+    let extra = format!(
+        "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{0}/ca.crt\"\n",
+        certs.display()
+    );
+    let setup = Setup {
+        client_tls: Some(presenting(&certs, None)),
+        ..Setup::default()
+    };
+    let mut c = TestCluster::start_setup(3, &extra, setup)
+        .await
+        .expect("a TLS cluster");
+    c.kill(3);
+    let n4 = c.start_spare();
+    c.client()
+        .add_member(AddMemberRequest {
+            id: n4,
+            address: c.endpoint(n4),
+        })
+        .await
+        .expect("add node 4");
+    // A leader that stops hands over to the most up-to-date voter: node 4
+    // once it has caught up (ties go to the highest id).
+    for _ in 0..4 {
+        let leader = c.leader().await;
+        if leader == n4 {
+            break;
+        }
+        c.signal(leader, "TERM");
+        c.wait_exit(leader, Duration::from_secs(15)).await;
+        c.start_node(leader);
+    }
+    assert_eq!(c.leader().await, n4, "node 4 never led");
+
+    c.start_node(3);
+    let applied = c.leader_applied().await;
+    c.wait_for(
+        "node 3 to follow node 4",
+        Duration::from_secs(20),
+        || async {
+            c.status(3).await.filter(|s| {
+                s.leader_id == n4
+                    && s.applied_index >= applied
+                    && s.members.iter().any(|m| m.id == n4)
+            })
+        },
+    )
+    .await;
+    let log = c.log(3);
+    assert!(
+        log.contains("node 4 is a member in node"),
+        "node 3 admitted node 4 without asking: {log}"
+    );
 }

@@ -117,6 +117,11 @@ impl Peers {
         }
     }
 
+    /// The deadline of one RPC to a peer.
+    pub fn rpc_timeout(&self) -> Duration {
+        self.inner.rpc_timeout
+    }
+
     /// The channel to the peer at `addr`, made on first use.
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut channels = self
@@ -286,6 +291,8 @@ pub enum Extra {
     TimeoutNow,
     /// Would the peer elect this node? See [`super::election`].
     PreVote,
+    /// Which nodes are members, as the peer knows? See [`super::peer_trust`].
+    Members,
 }
 
 /// Sends `msg` to `target` as `rpc` and decodes its answer.
@@ -303,6 +310,7 @@ pub async fn extra_call<Req: Serialize, Resp: DeserializeOwned>(
     let reply = match rpc {
         Extra::TimeoutNow => client.timeout_now(req).await,
         Extra::PreVote => client.pre_vote(req).await,
+        Extra::Members => client.members(req).await,
     }
     .map_err(|s| format!("{rpc:?} to {}: {}", target.peer_addr, error_chain(&s)))?;
     decode(&reply.into_inner().data).map_err(|e| e.to_string())

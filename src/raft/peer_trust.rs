@@ -8,12 +8,18 @@
 //! the sender it claims is that node ([`PeerTrust::check_sender`]), so one
 //! member cannot speak for another. A pristine node admits any node
 //! certificate: the leader adding it dials it before it has a membership.
+//! A node that was away while a member was added does not know it, and that
+//! member may lead by the time it is back: so a node asks the members it
+//! knows about a node certificate it refused, and admits that node for a
+//! while once one of them names it a member ([`Vouched`]).
 //! Without TLS nothing is checked: whoever reaches the peer port speaks Raft.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use http::Extensions;
@@ -24,12 +30,18 @@ use tonic::transport::server::TcpConnectInfo;
 use tonic::Status;
 use tower::Service;
 
-use super::network::Reminders;
-use super::{NodeId, Raft};
+use super::marker::Identity;
+use super::network::{extra_call, Extra, Peers, Reminders};
+use super::{Node, NodeId, Raft};
 use crate::error::Error;
 
 /// A node certificate's URI SAN is this and the node id.
 pub const NODE_URN: &str = "urn:roster:node:";
+
+/// How long a member's word that a node is a member admits that node.
+const VOUCHED_FOR: Duration = Duration::from_secs(10);
+/// A node's members are asked about one node at most this often.
+const ASK_EVERY: Duration = Duration::from_secs(2);
 
 /// What every refusal says the peer port admits.
 const ADMITS: &str = "the peer port admits only members of this cluster: a certificate of \
@@ -125,19 +137,63 @@ impl PeerRefusals {
     }
 }
 
+/// The `Members` request: the asker, a member of the node it asks.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MembersRequest {
+    pub asker: NodeId,
+}
+
+/// The ids of the nodes of `raft`'s membership (voters and learners), the
+/// answer to a `Members` request.
+pub fn members(raft: &Raft) -> Vec<NodeId> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    m.membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Nodes not in this node's membership that one of its members named a
+/// member, and when; and when the members were last asked about each.
+#[derive(Default)]
+struct Vouched {
+    by_member: HashMap<NodeId, Instant>,
+    asked: HashMap<NodeId, Instant>,
+}
+
 /// The checks the peer port's services share.
 #[derive(Clone)]
 pub struct PeerTrust(Option<Arc<Checks>>);
 
 struct Checks {
     raft: Raft,
+    /// This node, and its channels to the members it asks about a stranger.
+    me: Identity,
+    peers: Peers,
     refusals: Arc<PeerRefusals>,
+    vouched: Mutex<Vouched>,
 }
 
 impl PeerTrust {
     /// With `tls` false (a plaintext peer port) everything is admitted.
-    pub fn new(raft: Raft, refusals: Arc<PeerRefusals>, tls: bool) -> Self {
-        PeerTrust(tls.then(|| Arc::new(Checks { raft, refusals })))
+    pub fn new(
+        raft: Raft,
+        me: Identity,
+        peers: Peers,
+        refusals: Arc<PeerRefusals>,
+        tls: bool,
+    ) -> Self {
+        PeerTrust(tls.then(|| {
+            Arc::new(Checks {
+                raft,
+                me,
+                peers,
+                refusals,
+                vouched: Mutex::default(),
+            })
+        }))
     }
 
     /// `inner` behind the certificate and membership checks.
@@ -177,7 +233,7 @@ fn caller(certificate: &str, extensions: &Extensions) -> String {
 }
 
 impl Checks {
-    fn admit(&self, extensions: &Extensions) -> Result<(), Status> {
+    fn admit(self: &Arc<Self>, extensions: &Extensions) -> Result<(), Status> {
         let id = match extensions.get::<PeerCertificate>() {
             None => {
                 return Err(self.refusals.refuse(
@@ -195,18 +251,87 @@ impl Checks {
             }
             Some(PeerCertificate::Node(id)) => *id,
         };
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
-        let pristine = membership.nodes().next().is_none();
-        if pristine || membership.get_node(&id).is_some() {
+        let (pristine, member) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let pristine = membership.nodes().next().is_none();
+            (pristine, membership.get_node(&id).is_some())
+        };
+        if pristine || member || self.vouched_for(id) {
             return Ok(());
         }
+        self.ask_about(id);
         Err(self.refusals.refuse(
             Refusal::NotAMember,
             caller(&format!("node {id}'s certificate"), extensions),
-            &format!("node {id} is not a member in this node's membership"),
+            &format!(
+                "node {id} is not a member in this node's membership (asking its members \
+                 whether it was added)"
+            ),
         ))
+    }
+
+    fn vouched_for(&self, id: NodeId) -> bool {
+        let vouched = self.vouched.lock().unwrap_or_else(|p| p.into_inner());
+        vouched
+            .by_member
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < VOUCHED_FOR)
+    }
+
+    /// Asks this node's members, one after another, whether `id` is one of
+    /// them, unless they were asked just now; the first that says so vouches
+    /// for it. Keys are node ids of the CA's node certificates: few.
+    fn ask_about(self: &Arc<Self>, id: NodeId) {
+        {
+            let mut vouched = self.vouched.lock().unwrap_or_else(|p| p.into_inner());
+            if vouched
+                .asked
+                .get(&id)
+                .is_some_and(|t| t.elapsed() < ASK_EVERY)
+            {
+                return;
+            }
+            vouched.asked.insert(id, Instant::now());
+        }
+        let checks = self.clone();
+        tokio::spawn(async move {
+            let others: Vec<(NodeId, Node)> = {
+                let metrics = checks.raft.metrics();
+                let m = metrics.borrow();
+                let membership = m.membership_config.membership();
+                membership
+                    .nodes()
+                    .filter(|(n, _)| **n != checks.me.node_id)
+                    .map(|(n, node)| (*n, node.clone()))
+                    .collect()
+            };
+            let ask = MembersRequest {
+                asker: checks.me.node_id,
+            };
+            let timeout = checks.peers.rpc_timeout();
+            for (member, node) in others {
+                let answer: Result<Vec<NodeId>, String> = extra_call(
+                    &checks.peers,
+                    &checks.me,
+                    &node,
+                    Extra::Members,
+                    &ask,
+                    timeout,
+                )
+                .await;
+                if answer.is_ok_and(|ids| ids.contains(&id)) {
+                    tracing::info!(
+                        "node {id} is a member in node {member}'s membership, not yet in this \
+                         node's: admitted while this node catches up"
+                    );
+                    let mut vouched = checks.vouched.lock().unwrap_or_else(|p| p.into_inner());
+                    vouched.by_member.insert(id, Instant::now());
+                    return;
+                }
+            }
+        });
     }
 }
 

@@ -16,7 +16,7 @@ use super::election::{answer_pre_vote, Contact, PreVoteRequest};
 use super::incarnation;
 use super::marker::Identity;
 use super::network::Reminders;
-use super::peer_trust::PeerTrust;
+use super::peer_trust::{members, MembersRequest, PeerTrust};
 use super::{
     decode, encode, NodeId, Raft, TypeConfig, CLIENT_ADDRESS_HEADER, CLUSTER_ID_HEADER,
     EARLY_HEADER, INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
@@ -69,6 +69,12 @@ impl Sent for VoteRequest<NodeId> {
 impl Sent for InstallSnapshotRequest<TypeConfig> {
     fn sender(&self) -> NodeId {
         voted_for(&self.vote)
+    }
+}
+
+impl Sent for MembersRequest {
+    fn sender(&self) -> NodeId {
+        self.asker
     }
 }
 
@@ -206,6 +212,11 @@ impl RaftTransport for RaftService {
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: PreVoteRequest = self.admit(req)?;
         self.reply(&answer_pre_vote(&self.raft, &self.contact, &rpc))
+    }
+
+    async fn members(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let _: MembersRequest = self.admit(req)?;
+        self.reply(&members(&self.raft))
     }
 
     async fn install_snapshot(
