@@ -5,8 +5,10 @@
 //! (`benches/run.sh` installs etcd and protoc first, then runs this.)
 //! Writes the results table into BENCHMARKS.md between its result markers.
 
-/// The tests' CA, for the TLS phase.
+/// The tests' CA and `[tls]` section, for the TLS phase (the tests' other
+/// helpers there go unused).
 #[path = "../../tests/common/certs.rs"]
+#[allow(dead_code)]
 mod certs;
 mod mux;
 /// The tests' port picker: below the ephemeral range, never one port twice.
@@ -1448,19 +1450,15 @@ async fn secure_rows(
     use roster::proto::v1::{BootstrapRequest, CreateTokenRequest, Role};
     std::fs::create_dir_all(dir)?;
     let ca = certs::Ca::new("bench");
-    // Each Roster node its own (the peer port admits a member by the id its
-    // certificate names); etcd's nodes share node 1's.
-    for id in 1..=NODES as u64 {
-        let node = ca.node(id, &["127.0.0.1", "localhost"]);
-        std::fs::write(dir.join(format!("node-{id}.crt")), &node.cert)?;
-        std::fs::write(dir.join(format!("node-{id}.key")), &node.key)?;
-    }
+    // Each Roster node serves its own certificate (the peer port admits a
+    // member by the id it names); etcd's nodes share node 1's.
+    let config = certs::tls_section(dir, &ca.nodes(NODES as u64), &ca.pem(), false)
+        + "[auth]\nenabled = true\n";
     let files = procs::Certs {
         cert: dir.join("node-1.crt"),
         key: dir.join("node-1.key"),
         ca: dir.join("ca.crt"),
     };
-    std::fs::write(&files.ca, ca.pem())?;
     let tls = roster::client::tls_from_pem(ca.pem().as_bytes(), None);
 
     eprintln!("secure: Roster in plaintext");
@@ -1471,12 +1469,6 @@ async fn secure_rows(
     drop((roster, rc));
 
     eprintln!("secure: Roster with TLS and a token");
-    let config = format!(
-        "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{1}\"\n\
-         [auth]\nenabled = true\n",
-        dir.display(),
-        files.ca.display()
-    );
     let rc = procs::roster_with(&dir.join("roster"), NODES, Peers::Direct, &config)?;
     let admin = roster::client::RosterClient::with_tls(&rc.endpoints(), tls.clone())?;
     let bootstrap = first_answer("the ACL bootstrap", || async {
