@@ -105,22 +105,27 @@ async fn refused(c: &TestCluster, id: u64, reason: &str) -> u64 {
         .expect("a count")
 }
 
-#[tokio::test]
-async fn forged_raft_over_the_peer_port_is_refused_and_no_term_moves() {
-    let dir = tempfile::tempdir().expect("dir");
-    let certs = dir.path().join("certs");
-    make_certs(&certs);
+/// Three nodes with TLS on both ports, each with its own certificate from `certs`.
+async fn tls_cluster(certs: &Path) -> TestCluster {
     let extra = format!(
         "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{0}/ca.crt\"\n",
         certs.display()
     );
     let setup = Setup {
-        client_tls: Some(presenting(&certs, None)),
+        client_tls: Some(presenting(certs, None)),
         ..Setup::default()
     };
-    let c = TestCluster::start_setup(3, &extra, setup)
+    TestCluster::start_setup(3, &extra, setup)
         .await
-        .expect("a TLS cluster");
+        .expect("a TLS cluster")
+}
+
+#[tokio::test]
+async fn forged_raft_over_the_peer_port_is_refused_and_no_term_moves() {
+    let dir = tempfile::tempdir().expect("dir");
+    let certs = dir.path().join("certs");
+    make_certs(&certs);
+    let c = tls_cluster(&certs).await;
     // Elected and replicating over the peer port: the nodes' own certificates pass.
     register(&c.client(), "svc", "i-1", 80).await;
     let leader = c.leader().await;
@@ -241,17 +246,7 @@ async fn a_node_away_while_a_member_was_added_follows_that_member_as_leader() {
     let dir = tempfile::tempdir().expect("dir");
     let certs = dir.path().join("certs");
     make_node_certs(&certs, 1..=4);
-    let extra = format!(
-        "[tls]\ncert = \"{0}/node-{{id}}.crt\"\nkey = \"{0}/node-{{id}}.key\"\nca = \"{0}/ca.crt\"\n",
-        certs.display()
-    );
-    let setup = Setup {
-        client_tls: Some(presenting(&certs, None)),
-        ..Setup::default()
-    };
-    let mut c = TestCluster::start_setup(3, &extra, setup)
-        .await
-        .expect("a TLS cluster");
+    let mut c = tls_cluster(&certs).await;
     c.kill(3);
     let n4 = c.start_spare();
     c.client()
