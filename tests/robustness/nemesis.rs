@@ -275,7 +275,7 @@ pub async fn heal(c: &mut TestCluster, i: Injected) -> Result<Option<String>, St
             // acknowledges only what it flushed and its marker covers.
             let status = exit_of(c, id, Duration::from_secs(60)).await;
             let Some(status) = status else {
-                let kept_up = keeps_up(c, id, Duration::from_secs(10)).await;
+                let kept_up = caught_up(c, &[id], Duration::from_secs(10)).await.is_ok();
                 c.disks[(id - 1) as usize].free();
                 if !kept_up {
                     return Err(format!(
@@ -326,22 +326,6 @@ pub async fn heal(c: &mut TestCluster, i: Injected) -> Result<Option<String>, St
     Ok(None)
 }
 
-/// Whether node `id` is running and applies what the leader applied, within `limit`.
-async fn keeps_up(c: &TestCluster, id: u64, limit: Duration) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if let Some(l) = current_leader(c).await {
-            if let (Some(ls), Some(s)) = (c.status(l).await, c.status(id).await) {
-                if s.leader_id == l && s.applied_index + 64 >= ls.applied_index {
-                    return true;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 /// Cuts node `id`'s main sled file to `to(its length)` bytes.
 fn cut_sled_file(c: &TestCluster, id: u64, to: impl FnOnce(u64) -> u64) {
     let db = c.data_dir(id).join("db");
@@ -356,13 +340,20 @@ fn cut_sled_file(c: &TestCluster, id: u64, to: impl FnOnce(u64) -> u64) {
 /// Waits until every node runs, one leader is agreed, and every node has
 /// applied what the leader had when asked. `Err` after `limit`.
 pub async fn wait_recovered(c: &TestCluster, limit: Duration) -> Result<Duration, String> {
+    let all: Vec<u64> = c.nodes.iter().map(|n| n.id).collect();
+    caught_up(c, &all, limit).await
+}
+
+/// Waits until the nodes `ids` follow one agreed leader and have applied what
+/// it had when asked. `Err` after `limit`.
+async fn caught_up(c: &TestCluster, ids: &[u64], limit: Duration) -> Result<Duration, String> {
     let started = Instant::now();
     loop {
         if let Some(l) = current_leader(c).await {
             if let Some(ls) = c.status(l).await {
                 let mut ok = true;
-                for n in &c.nodes {
-                    match c.status(n.id).await {
+                for &id in ids {
+                    match c.status(id).await {
                         Some(s) if s.leader_id == l && s.applied_index + 64 >= ls.applied_index => {
                         }
                         _ => ok = false,
@@ -374,7 +365,7 @@ pub async fn wait_recovered(c: &TestCluster, limit: Duration) -> Result<Duration
             }
         }
         if started.elapsed() > limit {
-            return Err(format!("cluster not recovered after {limit:?}"));
+            return Err(format!("nodes {ids:?} not caught up after {limit:?}"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
