@@ -34,20 +34,19 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
-use crate::raft::election::{self, Contact, Timing};
-use crate::raft::incarnation::{self, Learned, Stated};
+use crate::raft::disk::SledLog;
+use crate::raft::election::Contact;
 use crate::raft::leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::marker::{self, Found, Identity, Marker, Progress};
-use crate::raft::network::{Network, Peers, MAX_ENTRIES};
+use crate::raft::network::{Peers, MAX_ENTRIES};
 use crate::raft::peer_trust::{PeerRefusals, PeerTrust};
 use crate::raft::proposer::Proposer;
 use crate::raft::snapshot_file::SnapshotFile;
 use crate::raft::state_machine::{SnapshotSummary, StateMachine};
-use crate::raft::transport::RaftService;
+use crate::raft::replica::{Replica, Setup};
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
-use crate::registry::watch::SharedState;
 use crate::tls::{Port, Tls};
 use crate::xds::{AggregatedDiscoveryServiceServer, Xds, XdsStats};
 
@@ -215,7 +214,7 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage> {
     }
     let recorded = Marker::read(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
     let current = state_machine::Current::read(&cfg.data_dir)?;
-    let (last_log, vote_term) = log_store::inspect(&db)?;
+    let (last_log, vote_term) = log_store::inspect(&SledLog::open(&db)?)?;
     let mut has_data = false;
     for name in db.tree_names() {
         has_data |= !db.open_tree(name)?.is_empty();
@@ -480,7 +479,7 @@ async fn peer_status(addr: &str, tls: Option<&ClientTlsConfig>) -> Option<pb::St
         .map(|r| r.into_inner())
 }
 
-fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
+pub(crate) fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config> {
     let r = &cfg.raft;
     let t = r.timing();
     let ms = |d: Duration| d.as_millis() as u64;
@@ -523,18 +522,7 @@ fn staggered(entries: u64, id: NodeId) -> u64 {
 
 /// What the node's front-ends and background tasks share.
 struct Core {
-    raft: Raft,
-    me: Identity,
-    state: SharedState,
-    /// Openraft's own copy drives applies; this one takes backups.
-    state_machine: StateMachine,
-    /// The log store, beside openraft's copy: its flush durations, and the
-    /// last sync at shutdown.
-    log: LogStore,
-    peers: Peers,
-    contact: Contact,
-    proposer: Arc<Proposer>,
-    timing: Timing,
+    replica: Replica,
     /// What the xDS streams do, for the metrics.
     xds: Arc<XdsStats>,
     /// What the peer port refused, for the metrics.
@@ -556,7 +544,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     // initialized first would make this node's own initialize fail (openraft
     // logs that as an ERROR although nothing is wrong).
     if !members.is_empty() && pristine {
-        bootstrap(&core.raft, members).await?;
+        bootstrap(&core.replica.raft, members).await?;
     }
     let (listener, addr) = bind(cfg.listen).await?;
     let (peer_listener, peer_addr) = bind(cfg.peer_listen).await?;
@@ -574,7 +562,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         health_service,
     )?;
     let tls_watch = tls.clone().map(|tls| {
-        let peers = core.peers.clone();
+        let peers = core.replica.peers.clone();
         let reloaded = tls.clone();
         tokio::spawn(crate::tls::watch(tls, move || {
             peers.set_tls(reloaded.dial_peers())
@@ -585,15 +573,15 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
             crate::metrics::serve(
                 addr,
                 crate::metrics::Sources {
-                    raft: core.raft.clone(),
-                    state: core.state.clone(),
-                    peers: core.peers.clone(),
-                    contact: core.contact.clone(),
-                    fsync: core.log.fsync_seconds(),
+                    raft: core.replica.raft.clone(),
+                    state: core.replica.state.clone(),
+                    peers: core.replica.peers.clone(),
+                    contact: core.replica.contact.clone(),
+                    fsync: core.replica.log.fsync_seconds(),
                     xds: core.xds.clone(),
                     peer_refusals: core.peer_refusals.clone(),
                 },
-                core.timing.election_min,
+                core.replica.timing.election_min,
             )
             .await?,
         ),
@@ -613,7 +601,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
     };
     let dns = match cfg.dns.listen {
         Some(at) => {
-            Some(crate::dns::DnsServer::start(at, dns_zone(&cfg)?, core.state.clone()).await?)
+            Some(crate::dns::DnsServer::start(at, dns_zone(&cfg)?, core.replica.state.clone()).await?)
         }
         None => None,
     };
@@ -622,11 +610,11 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         id: cfg.id,
         addr,
         peer_addr,
-        raft: core.raft,
-        log: core.log,
-        me: core.me,
-        peers: core.peers,
-        proposer: core.proposer,
+        raft: core.replica.raft,
+        log: core.replica.log,
+        me: core.replica.me,
+        peers: core.replica.peers,
+        proposer: core.replica.proposer,
         stop,
         server,
         metrics,
@@ -695,76 +683,23 @@ async fn start_raft(
     })?;
     let me = marker.identity().clone();
     let mut log_store = LogStore::open(&db, marker)?;
-    let durable = log_store.durable();
-    let log = log_store.clone();
-    let appends = log_store.appends();
     let dial_peers = tls.map(Tls::dial_peers);
     if fresh && !members.is_empty() {
         check_not_known(cfg, members, dial_peers.as_ref()).await?;
     }
-    let pristine = log_store.read_vote().await.map_err(storage)?.is_none()
-        && log_store
-            .get_log_state()
-            .await
-            .map_err(storage)?
-            .last_log_id
-            .is_none();
-    if log_store.resign(cfg.id).await.map_err(storage)? {
-        tracing::info!("led before it stopped: leads again only if elected in a later term");
-    }
-    let state = state_machine.state();
-    let backups = state_machine.clone();
-    let learned = Learned::default();
+    let pristine = Replica::pristine(&mut log_store).await?;
     let timing = cfg.raft.timing();
-    let peers = Peers::new(timing.rpc_timeout, dial_peers);
-    let raft = Raft::new(
-        cfg.id,
-        Arc::new(raft_config(cfg)?),
-        Network::new(
-            me.clone(),
-            peers.clone(),
-            learned.clone(),
-            timing.heartbeat,
-            appends,
-        ),
-        log_store,
-        state_machine,
-    )
-    .await
-    .map_err(|e| Error::Internal(format!("start raft: {e}")))?;
-    let contact = Contact::new(&timing);
-    let proposer = Arc::new(Proposer::new(
-        raft.clone(),
-        cfg.id,
-        durable,
-        peers.clone(),
-        contact.clone(),
-        cfg.request_timeout(),
-    ));
-    // A leader counts as alive for the shortest election timeout after a
-    // quorum last answered it; the binding task polls at heartbeat pace.
-    let mine = Stated {
-        incarnation: me.incarnation,
-        addr: cfg.advertise_addr(),
-    };
-    tokio::spawn(incarnation::bind(
-        raft.clone(),
-        cfg.id,
-        mine,
-        learned,
-        timing.election_min,
-        timing.heartbeat,
-    ));
-    let core = Core {
-        raft,
-        me,
-        state,
-        state_machine: backups,
-        log,
-        peers,
-        contact,
-        proposer,
+    let setup = Setup {
+        id: cfg.id,
+        config: raft_config(cfg)?,
         timing,
+        request_timeout: cfg.request_timeout(),
+        client_addr: cfg.advertise_addr(),
+        peers: Peers::new(timing.rpc_timeout, dial_peers),
+    };
+    let replica = Replica::start(setup, log_store, state_machine, me).await?;
+    let core = Core {
+        replica,
         xds: Arc::default(),
         peer_refusals: Arc::default(),
     };
@@ -775,49 +710,34 @@ async fn start_raft(
 /// heartbeats and elections, the quorum check, readiness reporting. Returns
 /// the gRPC health service readiness is reported on.
 fn spawn_tasks(core: &Core, cfg: &NodeConfig, leases: Arc<Leases>) -> HealthServer<impl Health> {
-    let (raft, timing) = (&core.raft, core.timing);
+    let (raft, timing) = (&core.replica.raft, core.replica.timing);
     tokio::spawn(health::supervise(
         raft.clone(),
         cfg.id,
         Arc::new(CheckContext {
-            state: core.state.clone(),
-            proposer: core.proposer.clone(),
+            state: core.replica.state.clone(),
+            proposer: core.replica.proposer.clone(),
             leases,
             max_concurrent_probes: cfg.max_concurrent_probes,
         }),
     ));
-    tokio::spawn(election::heartbeats(raft.clone(), cfg.id, timing.heartbeat));
-    tokio::spawn(election::campaigns(
-        raft.clone(),
-        core.me.clone(),
-        core.peers.clone(),
-        core.contact.clone(),
-        timing,
-    ));
+    core.replica.spawn_consensus();
     if let Some(policy) = cfg.autopilot.policy() {
         tokio::spawn(crate::raft::autopilot::run(
             raft.clone(),
             cfg.id,
-            core.peers.clone(),
+            core.replica.peers.clone(),
             policy,
             timing.heartbeat,
         ));
     }
-    // With no answer from a quorum for the longest election timeout, followers
-    // will have elected another: the leader steps down.
-    tokio::spawn(leadership::check_quorum(
-        raft.clone(),
-        cfg.id,
-        timing.election_max,
-        timing.heartbeat,
-    ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(report_readiness(
         raft.clone(),
         cfg.id,
         timing.election_min,
         timing.heartbeat,
-        core.contact.clone(),
+        core.replica.contact.clone(),
         health_reporter,
     ));
     health
@@ -851,9 +771,9 @@ fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let registry = RegistryServer::new(RegistryApi::new(
-        core.state.clone(),
-        core.proposer.clone(),
-        core.peers.clone(),
+        core.replica.state.clone(),
+        core.replica.proposer.clone(),
+        core.replica.peers.clone(),
         leases,
         cfg.limits.clone(),
     ))
@@ -864,40 +784,33 @@ fn serve(
     let registry = RequestLimit::new(registry, max_request);
     let cluster = ClusterServer::new(
         ClusterApi::new(
-            core.raft.clone(),
-            core.me.clone(),
+            core.replica.raft.clone(),
+            core.replica.me.clone(),
             Advertised {
                 client: cfg.advertise.clone(),
                 peer: cfg.peer_advertise_addr(),
             },
-            core.proposer.clone(),
-            core.peers.clone(),
-            core.contact.clone(),
-            core.state_machine.clone(),
+            core.replica.proposer.clone(),
+            core.replica.peers.clone(),
+            core.replica.contact.clone(),
+            core.replica.state_machine.clone(),
         )
         .with_autopilot(cfg.autopilot.policy()),
     );
     let cluster = RequestLimit::new(cluster, max_request);
     let acl = RequestLimit::new(
-        AclServer::new(AclApi::new(core.state.clone(), core.proposer.clone())),
+        AclServer::new(AclApi::new(core.replica.state.clone(), core.replica.proposer.clone())),
         max_request,
     );
     let xds = xds_service(core, cfg);
     let trust = PeerTrust::new(
-        core.raft.clone(),
-        core.me.clone(),
-        core.peers.clone(),
+        core.replica.raft.clone(),
+        core.replica.me.clone(),
+        core.replica.peers.clone(),
         core.peer_refusals.clone(),
         tls.is_some(),
     );
-    let raft_transport = RaftTransportServer::new(RaftService::new(
-        core.raft.clone(),
-        core.me.clone(),
-        &cfg.advertise_addr(),
-        core.contact.clone(),
-        recovery(cfg),
-        trust.clone(),
-    ))
+    let raft_transport = RaftTransportServer::new(core.replica.service(recovery(cfg), trust.clone()))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let timeout = cfg.request_timeout();
@@ -975,8 +888,8 @@ fn xds_service(
         return None;
     }
     let ads = AggregatedDiscoveryServiceServer::new(Xds::new(
-        core.state.clone(),
-        core.proposer.clone(),
+        core.replica.state.clone(),
+        core.replica.proposer.clone(),
         &cfg.limits,
         core.xds.clone(),
     ))
@@ -984,7 +897,7 @@ fn xds_service(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     Some(Authorize::with_fallback(
         RequestLimit::new(ads, cfg.limits.max_request_bytes),
-        core.state.clone(),
+        core.replica.state.clone(),
         cfg.auth.enabled,
         cfg.xds.token.as_deref().map(crate::api::auth::hash_secret),
         "this cluster requires a token, and gRPC's xDS clients send none: set [xds] token \
@@ -1003,14 +916,14 @@ struct Front<'a> {
 
 impl Front<'_> {
     fn authorized<S>(&self, service: S) -> Authorize<S> {
-        Authorize::new(service, self.core.state.clone(), self.auth)
+        Authorize::new(service, self.core.replica.state.clone(), self.auth)
     }
 
     fn forwarded<S>(&self, service: S) -> Authorize<Forward<S>> {
         self.authorized(Forward::new(
             service,
-            self.core.proposer.clone(),
-            self.core.peers.clone(),
+            self.core.replica.proposer.clone(),
+            self.core.replica.peers.clone(),
             self.timeout,
         ))
     }

@@ -18,7 +18,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use openraft::{ChangeMembers, Membership, ServerState};
 use tonic::metadata::MetadataMap;

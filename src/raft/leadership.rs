@@ -8,7 +8,11 @@
 //! the vote to nobody; voting for a caught-up follower and then telling that
 //! follower to campaign (`TimeoutNow`, as in the Raft thesis) hands over.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::mutation::{self, Mutation};
 
 use openraft::raft::VoteRequest;
 use openraft::{RaftMetrics, ServerState, Vote};
@@ -87,7 +91,8 @@ pub async fn check_quorum(raft: Raft, id: NodeId, lease: Duration, poll: Duratio
                 was_leading = true;
                 leading_since = Instant::now();
             }
-            Some(s) if s > lease => {
+            // Mutation: no step-down.
+            Some(s) if s > lease && !mutation::active(Mutation::NoStepDown) => {
                 if vote_next_term(&raft, NOBODY).await {
                     tracing::warn!(
                         "stepped down: no quorum of voters answered for {} ms (lease {} ms)",

@@ -1,4 +1,4 @@
-//! The Raft log, vote and commit marker in sled.
+//! The Raft log, vote and commit marker, in sled ([`super::disk`]).
 //!
 //! Appends are written without flushing; a single flusher task fsyncs once for
 //! every batch of appends queued meanwhile, moves the last-written marker up to
@@ -16,10 +16,12 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use tokio::sync::{mpsc, watch};
 
+use super::disk::{LogDisk, Offload, SledLog, Tree};
 use super::marker::Marker;
+use super::mutation::{self, Mutation};
 use super::pipeline::Appends;
 use super::stored::{decode, encode};
-use super::{trees, NodeId, TypeConfig};
+use super::{NodeId, TypeConfig};
 use crate::error::Error;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
@@ -31,9 +33,8 @@ const LAST_PURGED: &[u8] = b"last_purged";
 
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
+    disk: Arc<dyn LogDisk>,
+    offload: Offload,
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
     marker: Arc<Marker>,
     durable: watch::Receiver<Option<u64>>,
@@ -47,29 +48,39 @@ fn fsync_histogram() -> Histogram {
 }
 
 impl LogStore {
-    /// Must be called inside a tokio runtime: it spawns the flusher task, which
-    /// lives as long as any clone of the store.
+    /// The log in sled, flushed on threads of their own. Must be called
+    /// inside a tokio runtime: it spawns the flusher task, which lives as long
+    /// as any clone of the store.
     pub fn open(db: &sled::Db, marker: Arc<Marker>) -> Result<Self, sled::Error> {
+        Ok(Self::on(
+            Arc::new(SledLog::open(db)?),
+            marker,
+            Offload::Thread,
+        ))
+    }
+
+    /// The log on `disk`; see [`LogStore::open`].
+    pub fn on(disk: Arc<dyn LogDisk>, marker: Arc<Marker>, offload: Offload) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(None);
         let fsync = fsync_histogram();
         tokio::spawn(run_flusher(
-            db.clone(),
+            disk.clone(),
+            offload,
             marker.clone(),
             rx,
             durable_tx,
             fsync.clone(),
         ));
-        Ok(LogStore {
-            db: db.clone(),
-            log: db.open_tree(trees::LOG)?,
-            meta: db.open_tree(trees::RAFT_META)?,
+        LogStore {
+            disk,
+            offload,
             flusher: tx,
             marker,
             durable,
             appends: Appends::default(),
             fsync,
-        })
+        }
     }
 
     /// How long the log's flushes take (`roster_log_fsync_seconds`).
@@ -88,21 +99,28 @@ impl LogStore {
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
-        let v = self.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
+        let v = self
+            .disk
+            .get(Tree::Meta, key)
+            .map_err(|e| StorageIOError::read(&e))?;
         v.map(|b| decode(&b).map_err(|e| StorageIOError::read(&e).into()))
             .transpose()
     }
 
     fn write_meta<T: serde::Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
         let b = encode(v).map_err(|e| StorageIOError::write(&e))?;
-        self.meta
-            .insert(key, b)
+        self.disk
+            .insert(Tree::Meta, key, b)
             .map_err(|e| StorageIOError::write(&e))?;
         Ok(())
     }
 
     fn last_log_id(&self) -> StorageResult<Option<LogId<NodeId>>> {
-        match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+        match self
+            .disk
+            .last(Tree::Log)
+            .map_err(|e| StorageIOError::read_logs(&e))?
+        {
             Some((_, v)) => {
                 let e: Entry<TypeConfig> = decode(&v).map_err(|e| StorageIOError::read_logs(&e))?;
                 Ok(Some(e.log_id))
@@ -119,12 +137,10 @@ fn key(index: u64) -> [u8; 8] {
 /// Reads and verifies the whole log at start: every entry's checksum, its key,
 /// and that the entries after the last purged one are contiguous. Returns the
 /// last log index and the vote's term; an `Error::Storage` names the damage.
-pub fn inspect(db: &sled::Db) -> Result<(Option<u64>, u64), Error> {
-    let log = db.open_tree(trees::LOG)?;
-    let meta = db.open_tree(trees::RAFT_META)?;
-    let read_meta =
-        |k: &[u8]| -> Result<Option<Vec<u8>>, Error> { Ok(meta.get(k)?.map(|v| v.to_vec())) };
+pub fn inspect(disk: &dyn LogDisk) -> Result<(Option<u64>, u64), Error> {
     let damaged = |what: String| Error::Storage(what);
+    let io = |e: std::io::Error| Error::Storage(format!("raft log: {e}"));
+    let read_meta = |k: &[u8]| disk.get(Tree::Meta, k).map_err(io);
     let last_purged: Option<LogId<NodeId>> = read_meta(LAST_PURGED)?
         .map(|b| decode(&b))
         .transpose()
@@ -139,32 +155,48 @@ pub fn inspect(db: &sled::Db) -> Result<(Option<u64>, u64), Error> {
         .map_err(|e| damaged(format!("raft meta committed: {e}")))?;
 
     // A crash during a purge may leave entries at or below the purged index; they are never read.
-    let first = last_purged.map_or(0, |p| p.index + 1);
+    let first = key(last_purged.map_or(0, |p| p.index + 1));
     let mut last = last_purged.map(|p| p.index);
-    for kv in log.range(key(first)..) {
-        let (k, v) = kv?;
-        let entry: Entry<TypeConfig> = decode(&v).map_err(|e| {
-            damaged(format!(
-                "raft log entry under key {}: {e}",
-                k.as_ref().try_into().map_or(0, u64::from_be_bytes)
-            ))
-        })?;
-        let index = entry.log_id.index;
-        if k.as_ref() != key(index) {
-            return Err(damaged(format!(
-                "raft log entry {index} is stored under another index's key"
-            )));
-        }
-        let expected = last.map_or(0, |l| l + 1);
-        if index != expected {
-            return Err(damaged(format!(
-                "raft log has a gap: entry {index} follows {}",
-                last.map_or("nothing".to_string(), |l| l.to_string())
-            )));
-        }
-        last = Some(index);
+    let mut damage = None;
+    disk.scan(
+        Tree::Log,
+        Bound::Included(&first),
+        Bound::Unbounded,
+        &mut |k, v| {
+            let entry: Entry<TypeConfig> = match decode(v) {
+                Ok(e) => e,
+                Err(e) => {
+                    damage = Some(format!(
+                        "raft log entry under key {}: {e}",
+                        k.try_into().map_or(0, u64::from_be_bytes)
+                    ));
+                    return Ok(false);
+                }
+            };
+            let index = entry.log_id.index;
+            if k != key(index) {
+                damage = Some(format!(
+                    "raft log entry {index} is stored under another index's key"
+                ));
+                return Ok(false);
+            }
+            let expected = last.map_or(0, |l| l + 1);
+            if index != expected {
+                damage = Some(format!(
+                    "raft log has a gap: entry {index} follows {}",
+                    last.map_or("nothing".to_string(), |l| l.to_string())
+                ));
+                return Ok(false);
+            }
+            last = Some(index);
+            Ok(true)
+        },
+    )
+    .map_err(io)?;
+    match damage {
+        Some(what) => Err(damaged(what)),
+        None => Ok((last, vote.map_or(0, |v| v.leader_id.term))),
     }
-    Ok((last, vote.map_or(0, |v| v.leader_id.term)))
 }
 
 /// Completes flush callbacks in arrival order; each fsync covers every append
@@ -174,7 +206,8 @@ pub fn inspect(db: &sled::Db) -> Result<(Option<u64>, u64), Error> {
 /// the first, and the node must not acknowledge anything after a write it
 /// could not make durable.
 async fn run_flusher(
-    db: sled::Db,
+    disk: Arc<dyn LogDisk>,
+    offload: Offload,
     marker: Arc<Marker>,
     mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
     durable: watch::Sender<Option<u64>>,
@@ -188,9 +221,9 @@ async fn run_flusher(
             pending.push(cb);
         }
         if failed.is_none() {
-            let (db, marker, fsync) = (db.clone(), marker.clone(), fsync.clone());
-            let flush = move || flush_and_mark(&db, &marker, Some(&fsync));
-            match tokio::task::spawn_blocking(flush).await {
+            let (disk, marker, fsync) = (disk.clone(), marker.clone(), fsync.clone());
+            let flush = move || flush_and_mark(&*disk, &marker, Some(&fsync));
+            match offload.run(flush).await {
                 Ok(Ok(last_log)) => {
                     durable.send_replace(last_log);
                 }
@@ -208,20 +241,26 @@ async fn run_flusher(
     }
 }
 
-/// Flushes sled, then records in the marker what was written before the flush
+/// Flushes the log, then records in the marker what was written before the flush
 /// began (timing the flush into `fsync`). Returns the last log index covered.
 fn flush_and_mark(
-    db: &sled::Db,
+    disk: &dyn LogDisk,
     marker: &Marker,
     fsync: Option<&Histogram>,
 ) -> Result<Option<u64>, String> {
     let ticket = marker.sample();
-    let started = std::time::Instant::now();
-    let flushed = db.flush();
+    let started = tokio::time::Instant::now();
+    let flushed = disk.flush();
     if let Some(h) = fsync {
         h.observe(started.elapsed().as_secs_f64());
     }
     flushed.map_err(|e| format!("flush: {e}"))?;
+    // Mutation: a marker sampled after the flush claims what was appended during it.
+    let ticket = if mutation::active(Mutation::MarkerAhead) {
+        marker.sample()
+    } else {
+        ticket
+    };
     marker.record(ticket).map_err(|e| e.to_string())?;
     Ok(ticket.last_log())
 }
@@ -236,16 +275,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end_key;
         let end = match range.end_bound() {
-            Bound::Included(i) => Bound::Included(key(*i)),
-            Bound::Excluded(i) => Bound::Excluded(key(*i)),
+            Bound::Included(i) => {
+                end_key = key(*i);
+                Bound::Included(&end_key[..])
+            }
+            Bound::Excluded(i) => {
+                end_key = key(*i);
+                Bound::Excluded(&end_key[..])
+            }
             Bound::Unbounded => Bound::Unbounded,
         };
         let mut out = Vec::new();
-        for kv in self.log.range((Bound::Included(key(start)), end)) {
-            let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(decode(&v).map_err(|e| StorageIOError::read_logs(&e))?);
-        }
+        self.disk
+            .scan(
+                Tree::Log,
+                Bound::Included(&key(start)),
+                end,
+                &mut |_, v| {
+                    out.push(decode(v).map_err(std::io::Error::other)?);
+                    Ok(true)
+                },
+            )
+            .map_err(|e| StorageIOError::read_logs(&e))?;
         Ok(out)
     }
 }
@@ -303,8 +356,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut published = self.appends.wanted().then(Vec::new);
         for e in entries {
             let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
-            self.log
-                .insert(key(e.log_id.index), b)
+            self.disk
+                .insert(Tree::Log, &key(e.log_id.index), b)
                 .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             last = Some(e.log_id.index);
             if let Some(p) = &mut published {
@@ -315,6 +368,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Followers get the entries now, while this node fsyncs them.
         if let Some(p) = published.filter(|p| !p.is_empty()) {
             self.appends.publish(Arc::new(p));
+        }
+        // Mutation: reported durable before the flush.
+        if mutation::active(Mutation::AckBeforeFlush) {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
         }
         self.flusher.send(callback).map_err(|_| {
             StorageIOError::write_logs(&std::io::Error::other("log flusher stopped"))
@@ -327,7 +385,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.marker
             .lower_log(log_id.index.checked_sub(1))
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.remove_range(key(log_id.index)..)
+        self.remove_range(Bound::Included(key(log_id.index)), Bound::Unbounded)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
@@ -336,7 +394,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // With the log purged up to a snapshot, the last log index is at least that.
         self.marker
             .note(|p| p.last_log = p.last_log.max(Some(log_id.index)));
-        self.remove_range(..=key(log_id.index))
+        self.remove_range(Bound::Unbounded, Bound::Included(key(log_id.index)))
     }
 }
 
@@ -352,6 +410,8 @@ impl LogStore {
     /// election in a later one. Returns whether it led.
     pub async fn resign(&mut self, me: NodeId) -> StorageResult<bool> {
         match self.read_vote().await? {
+            // Mutation: the fix of the 2026-12-07 soak's lost write undone.
+            Some(_) if mutation::active(Mutation::LeadAgainInSameTerm) => Ok(false),
             Some(v) if v.is_committed() && v.leader_id.voted_for() == Some(me) => {
                 self.save_vote(&Vote::new(v.leader_id.term, me)).await?;
                 Ok(true)
@@ -370,23 +430,30 @@ impl LogStore {
 
     /// Makes everything written so far durable, and the marker say so.
     pub async fn sync(&self) -> StorageResult<()> {
-        let (db, marker) = (self.db.clone(), self.marker.clone());
-        tokio::task::spawn_blocking(move || flush_and_mark(&db, &marker, None))
+        let (disk, marker) = (self.disk.clone(), self.marker.clone());
+        self.offload
+            .run(move || flush_and_mark(&*disk, &marker, None))
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?
             .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e)))?;
         Ok(())
     }
 
-    fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(range) {
-            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
+    fn remove_range(&self, from: Bound<[u8; 8]>, to: Bound<[u8; 8]>) -> StorageResult<()> {
+        let mut keys = Vec::new();
+        self.disk
+            .scan(
+                Tree::Log,
+                from.as_ref().map(|k| &k[..]),
+                to.as_ref().map(|k| &k[..]),
+                &mut |k, _| {
+                    keys.push(k.to_vec());
+                    Ok(true)
+                },
+            )
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
+        self.disk
+            .remove(Tree::Log, keys)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }

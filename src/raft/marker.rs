@@ -17,14 +17,12 @@
 //! one data sync, and a torn write leaves the other slot, whose update had
 //! completed, to be read.
 
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::disk::{DirFile, MarkerFile};
 use super::stored::{self, CodecError};
 use super::NodeId;
 
@@ -130,7 +128,7 @@ impl Ticket {
 
 /// Tracks progress written to sled and keeps the marker file in step with what is durable.
 pub struct Marker {
-    path: PathBuf,
+    file: Arc<dyn MarkerFile>,
     identity: Identity,
     /// Progress written to sled, flushed or not; the counter orders samples.
     written: Mutex<(u64, Progress)>,
@@ -145,8 +143,13 @@ impl Marker {
     /// A marker for `identity` whose file records `durable`; the file is written
     /// by the first `record` (or `lower_log`).
     pub fn new(dir: &Path, identity: Identity, durable: Progress) -> Self {
+        Self::on(Arc::new(DirFile::at(&dir.join(MARKER_FILE))), identity, durable)
+    }
+
+    /// A marker kept in `file`.
+    pub fn on(file: Arc<dyn MarkerFile>, identity: Identity, durable: Progress) -> Self {
         Marker {
-            path: dir.join(MARKER_FILE),
+            file,
             identity,
             written: Mutex::new((0, durable)),
             recorded: Mutex::new((0, durable)),
@@ -161,10 +164,13 @@ impl Marker {
     /// Reads the marker file of `dir`; `None` if there is none. A file of
     /// one record (what Roster wrote before the slots) reads as that record.
     pub fn read(dir: &Path) -> Result<Option<(Identity, Progress)>, MarkerError> {
-        let b = match std::fs::read(dir.join(MARKER_FILE)) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+        Self::read_from(&DirFile::at(&dir.join(MARKER_FILE)))
+    }
+
+    /// Reads the marker kept in `file`; `None` if there is none.
+    pub fn read_from(file: &dyn MarkerFile) -> Result<Option<(Identity, Progress)>, MarkerError> {
+        let Some(b) = file.read()? else {
+            return Ok(None);
         };
         if b.len() != 2 * SLOT {
             let r: Record = stored::decode(&b)?;
@@ -269,23 +275,14 @@ impl Marker {
             Ok(out)
         };
         match *generation {
-            Some(_) => {
-                let f = File::options().write(true).open(&self.path)?;
-                f.write_all_at(&slot(next)?, (next % 2) * SLOT as u64)?;
-                f.sync_data()?;
-            }
+            Some(_) => self
+                .file
+                .write_at((next % 2) * SLOT as u64, &slot(next)?)?,
             None => {
                 // Both slots alike: either is a valid marker from the start.
                 let mut b = slot(next)?;
                 b.extend_from_slice(&slot(next)?);
-                let tmp = self.path.with_extension("tmp");
-                let mut f = File::create(&tmp)?;
-                f.write_all(&b)?;
-                f.sync_data()?;
-                std::fs::rename(&tmp, &self.path)?;
-                if let Some(dir) = self.path.parent() {
-                    File::open(dir)?.sync_all()?;
-                }
+                self.file.replace(&b)?;
             }
         }
         *generation = Some(next);

@@ -2,20 +2,24 @@
 
 pub mod autopilot;
 pub mod coalesce;
+pub mod disk;
 pub mod election;
 pub mod incarnation;
 pub mod leadership;
 pub mod log_store;
 pub mod marker;
 pub mod membership;
+pub mod mutation;
 pub mod network;
 pub mod peer_trust;
 pub mod pipeline;
 pub mod proposer;
+pub mod replica;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod stored;
 pub mod transport;
+pub mod wire;
 
 use std::io::Cursor;
 

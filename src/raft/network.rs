@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
@@ -21,6 +23,7 @@ use tonic::Code;
 
 use super::incarnation::{self, Learned};
 use super::marker::Identity;
+use super::wire::{Method, Wire};
 use super::pipeline::{self, Answer, Appends, Early, Pipeline};
 use super::{
     decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, EARLY_HEADER,
@@ -89,6 +92,8 @@ struct PeersInner {
     /// success, and not (a broken chain).
     early: Mutex<HashMap<NodeId, (u64, u64)>>,
     log: Mutex<PeerLog>,
+    /// Raft RPCs go over this instead of gRPC (the simulation).
+    wire: Option<Arc<dyn Wire>>,
 }
 
 /// Heartbeat round trips to one peer.
@@ -105,6 +110,20 @@ struct Rtt {
 
 impl Peers {
     pub fn new(rpc_timeout: Duration, tls: Option<ClientTlsConfig>) -> Self {
+        Self::build(rpc_timeout, tls, None)
+    }
+
+    /// Peers whose Raft RPCs go over `wire` (see [`super::wire`]).
+    #[cfg(feature = "sim")]
+    pub fn on(rpc_timeout: Duration, wire: Arc<dyn Wire>) -> Self {
+        Self::build(rpc_timeout, None, Some(wire))
+    }
+
+    fn build(
+        rpc_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+        wire: Option<Arc<dyn Wire>>,
+    ) -> Self {
         Peers {
             inner: Arc::new(PeersInner {
                 rpc_timeout,
@@ -113,6 +132,7 @@ impl Peers {
                 rtt: Mutex::default(),
                 early: Mutex::default(),
                 log: Mutex::default(),
+                wire,
             }),
         }
     }
@@ -152,10 +172,39 @@ impl Peers {
         channels.clear();
     }
 
-    fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
-        Ok(RaftTransportClient::new(self.channel(addr)?)
+    /// Sends a Raft RPC to the peer at `addr`.
+    async fn call(
+        &self,
+        addr: &str,
+        method: Method,
+        req: tonic::Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        if let Some(wire) = &self.inner.wire {
+            return wire.call(addr, method, req).await;
+        }
+        let mut client = RaftTransportClient::new(self.channel(addr).map_err(tonic::Status::unavailable)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        match method {
+            Method::AppendEntries => client.append_entries(req).await,
+            Method::Vote => client.vote(req).await,
+            Method::InstallSnapshot => client.install_snapshot(req).await,
+            Method::PreVote => client.pre_vote(req).await,
+            Method::Members => client.members(req).await,
+            Method::TimeoutNow => client.timeout_now(req).await,
+        }
+    }
+
+    /// Whether the peer port at `addr` refuses connections (nothing listens
+    /// there) within `within`.
+    pub async fn refused(&self, addr: &str, within: Duration) -> bool {
+        if let Some(wire) = &self.inner.wire {
+            return wire.refused(addr, within).await;
+        }
+        matches!(
+            tokio::time::timeout(within, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
     }
 
     /// Records a heartbeat round trip; one that uses up half the RPC deadline
@@ -304,15 +353,17 @@ pub async fn extra_call<Req: Serialize, Resp: DeserializeOwned>(
     msg: &Req,
     timeout: Duration,
 ) -> Result<Resp, String> {
-    let mut client = peers.client(&target.peer_addr)?;
     let data = encode(msg).map_err(|e| e.to_string())?;
     let req = peer_request(RaftPayload { data }, me, target, timeout).map_err(|e| e.to_string())?;
-    let reply = match rpc {
-        Extra::TimeoutNow => client.timeout_now(req).await,
-        Extra::PreVote => client.pre_vote(req).await,
-        Extra::Members => client.members(req).await,
-    }
-    .map_err(|s| format!("{rpc:?} to {}: {}", target.peer_addr, error_chain(&s)))?;
+    let method = match rpc {
+        Extra::TimeoutNow => Method::TimeoutNow,
+        Extra::PreVote => Method::PreVote,
+        Extra::Members => Method::Members,
+    };
+    let reply = peers
+        .call(&target.peer_addr, method, req)
+        .await
+        .map_err(|s| format!("{rpc:?} to {}: {}", target.peer_addr, error_chain(&s)))?;
     decode(&reply.into_inner().data).map_err(|e| e.to_string())
 }
 
@@ -543,11 +594,6 @@ impl Link {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        // Taken anew each call: after a certificate reload it is a new channel.
-        let mut client = self
-            .peers
-            .client(&self.node.peer_addr)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
         let data = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = peer_request(
             RaftPayload { data },
@@ -556,18 +602,20 @@ impl Link {
             option.hard_ttl(),
         )
         .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let reply = match rpc {
-            Rpc::AppendEntries => client.append_entries(request).await,
+        let mut request = request;
+        let method = match rpc {
+            Rpc::AppendEntries => Method::AppendEntries,
             Rpc::EarlyAppend => {
-                let mut request = request;
                 request
                     .metadata_mut()
                     .insert(EARLY_HEADER, MetadataValue::from_static("1"));
-                client.append_entries(request).await
+                Method::AppendEntries
             }
-            Rpc::Vote => client.vote(request).await,
-            Rpc::InstallSnapshot => client.install_snapshot(request).await,
+            Rpc::Vote => Method::Vote,
+            Rpc::InstallSnapshot => Method::InstallSnapshot,
         };
+        // The channel is taken anew each call: after a certificate reload it is a new one.
+        let reply = self.peers.call(&self.node.peer_addr, method, request).await;
         self.peers.logged(
             self.target,
             &self.node.peer_addr,

@@ -20,6 +20,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::disk::Offload;
 use super::marker::Marker;
 use super::snapshot_file::SnapshotFile;
 use super::stored::{decode, encode, CodecError};
@@ -274,6 +275,8 @@ pub struct StateMachine {
     snapshots: Arc<Mutex<()>>,
     file: Arc<SnapshotFile>,
     marker: Arc<Marker>,
+    /// Where snapshots are encoded and written.
+    offload: Offload,
 }
 
 /// A record of the state machine tree that fails its checksum or does not decode.
@@ -299,12 +302,20 @@ impl StateMachine {
             snapshots: Arc::default(),
             file: Arc::new(SnapshotFile::in_dir(dir)),
             marker,
+            offload: Offload::Thread,
         };
         if let Some(snap) = current.0 {
             sm.install(&snap.meta, &snap.data)
                 .map_err(|e| Error::Storage(format!("snapshot file: {e}")))?;
         }
         Ok(sm)
+    }
+
+    /// Builds and installs snapshots on the calling task (the simulation).
+    #[cfg(feature = "sim")]
+    pub fn inline(mut self) -> Self {
+        self.offload = Offload::Inline;
+        self
     }
 
     /// The catalogue and watch hub, shared with the API.
@@ -500,7 +511,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // blocking thread, so that the runtime's threads go on replicating and
         // answering meanwhile.
         let sm = self.clone();
-        let stored = in_background(move || sm.store_copy())
+        let stored = in_background(self.offload, move || sm.store_copy())
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, &e))??;
         Ok(Snapshot {
@@ -515,9 +526,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 /// million-instance snapshot takes a core for most of a second; at normal
 /// priority it competed with the Raft and gRPC tasks of a small machine,
 /// and writes stalled behind it.
+/// With [`Offload::Inline`] (the simulation) it runs on the calling task.
 async fn in_background<T: Send + 'static>(
+    offload: Offload,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<T> {
+    if offload == Offload::Inline {
+        return Ok(f());
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("snapshot".into())
@@ -607,7 +623,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: snapshot.into_inner(),
         };
-        in_background(move || {
+        in_background(self.offload, move || {
             let _installing = sm.snapshots.lock().map_err(write_lock_err)?;
             sm.store_snapshot(&snap)?;
             sm.install(&snap.meta, &snap.data)
