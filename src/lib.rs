@@ -38,6 +38,8 @@ mod node;
 mod raft;
 #[cfg(feature = "server")]
 mod registry;
+#[cfg(feature = "sim")]
+pub mod sim;
 #[cfg(feature = "server")]
 mod tls;
 #[cfg(feature = "server")]

@@ -42,9 +42,9 @@ use crate::raft::marker::{self, Found, Identity, Marker, Progress};
 use crate::raft::network::{Peers, MAX_ENTRIES};
 use crate::raft::peer_trust::{PeerRefusals, PeerTrust};
 use crate::raft::proposer::Proposer;
+use crate::raft::replica::{Replica, Setup};
 use crate::raft::snapshot_file::SnapshotFile;
 use crate::raft::state_machine::{SnapshotSummary, StateMachine};
-use crate::raft::replica::{Replica, Setup};
 use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
 use crate::tls::{Port, Tls};
@@ -600,9 +600,9 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle> {
         None => None,
     };
     let dns = match cfg.dns.listen {
-        Some(at) => {
-            Some(crate::dns::DnsServer::start(at, dns_zone(&cfg)?, core.replica.state.clone()).await?)
-        }
+        Some(at) => Some(
+            crate::dns::DnsServer::start(at, dns_zone(&cfg)?, core.replica.state.clone()).await?,
+        ),
         None => None,
     };
     tracing::info!(id = cfg.id, %addr, %peer_addr, cluster = %cfg.cluster_id, "node started");
@@ -799,7 +799,10 @@ fn serve(
     );
     let cluster = RequestLimit::new(cluster, max_request);
     let acl = RequestLimit::new(
-        AclServer::new(AclApi::new(core.replica.state.clone(), core.replica.proposer.clone())),
+        AclServer::new(AclApi::new(
+            core.replica.state.clone(),
+            core.replica.proposer.clone(),
+        )),
         max_request,
     );
     let xds = xds_service(core, cfg);
@@ -810,9 +813,10 @@ fn serve(
         core.peer_refusals.clone(),
         tls.is_some(),
     );
-    let raft_transport = RaftTransportServer::new(core.replica.service(recovery(cfg), trust.clone()))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let raft_transport =
+        RaftTransportServer::new(core.replica.service(recovery(cfg), trust.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let timeout = cfg.request_timeout();
     let limits = &cfg.connections;
     let max_connections =

@@ -162,7 +162,8 @@ impl Registry for RegistryApi {
         let msg = req.into_inner();
         convert::instance_ref(&msg.service, &msg.id)?;
         auth::may_use(grant.as_ref(), &msg.service)?;
-        self.proposer.here()?;
+        // Answered from this leader's state: it must hold every committed write.
+        self.proposer.current().await?;
         let found = self.read(|st| {
             st.catalog
                 .get(&msg.service, &msg.id)

@@ -173,7 +173,8 @@ impl Sessions {
         for id in &ids {
             validate::session_id(id)?;
         }
-        let unknown = match self.proposer.here() {
+        // Answered from this leader's state: it must hold every committed write.
+        let unknown = match self.proposer.current().await {
             Ok(()) => self.renew_here(&ids).await?,
             Err(_) => self.batches.clone().renew(&ids, credentials).await?,
         };

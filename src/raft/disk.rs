@@ -93,7 +93,11 @@ fn sled_io(e: sled::Error) -> io::Error {
 
 impl LogDisk for SledLog {
     fn get(&self, tree: Tree, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.tree(tree).get(key).map_err(sled_io)?.map(|v| v.to_vec()))
+        Ok(self
+            .tree(tree)
+            .get(key)
+            .map_err(sled_io)?
+            .map(|v| v.to_vec()))
     }
 
     fn insert(&self, tree: Tree, key: &[u8], value: Vec<u8>) -> io::Result<()> {

@@ -289,15 +289,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         self.disk
-            .scan(
-                Tree::Log,
-                Bound::Included(&key(start)),
-                end,
-                &mut |_, v| {
-                    out.push(decode(v).map_err(std::io::Error::other)?);
-                    Ok(true)
-                },
-            )
+            .scan(Tree::Log, Bound::Included(&key(start)), end, &mut |_, v| {
+                out.push(decode(v).map_err(std::io::Error::other)?);
+                Ok(true)
+            })
             .map_err(|e| StorageIOError::read_logs(&e))?;
         Ok(out)
     }

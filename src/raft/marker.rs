@@ -143,7 +143,11 @@ impl Marker {
     /// A marker for `identity` whose file records `durable`; the file is written
     /// by the first `record` (or `lower_log`).
     pub fn new(dir: &Path, identity: Identity, durable: Progress) -> Self {
-        Self::on(Arc::new(DirFile::at(&dir.join(MARKER_FILE))), identity, durable)
+        Self::on(
+            Arc::new(DirFile::at(&dir.join(MARKER_FILE))),
+            identity,
+            durable,
+        )
     }
 
     /// A marker kept in `file`.
@@ -275,9 +279,7 @@ impl Marker {
             Ok(out)
         };
         match *generation {
-            Some(_) => self
-                .file
-                .write_at((next % 2) * SLOT as u64, &slot(next)?)?,
+            Some(_) => self.file.write_at((next % 2) * SLOT as u64, &slot(next)?)?,
             None => {
                 // Both slots alike: either is a valid marker from the start.
                 let mut b = slot(next)?;

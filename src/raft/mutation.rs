@@ -18,6 +18,16 @@ pub enum Mutation {
     LeadAgainInSameTerm,
 }
 
+impl Mutation {
+    pub const ALL: [Mutation; 5] = [
+        Mutation::AckBeforeFlush,
+        Mutation::NoStepDown,
+        Mutation::PreVoteIgnoresLog,
+        Mutation::MarkerAhead,
+        Mutation::LeadAgainInSameTerm,
+    ];
+}
+
 #[cfg(feature = "sim")]
 thread_local! {
     /// Per thread: each simulated cluster runs on one thread.

@@ -23,8 +23,8 @@ use tonic::Code;
 
 use super::incarnation::{self, Learned};
 use super::marker::Identity;
-use super::wire::{Method, Wire};
 use super::pipeline::{self, Answer, Appends, Early, Pipeline};
+use super::wire::{Method, Wire};
 use super::{
     decode, encode, Node, NodeId, TypeConfig, CLUSTER_ID_HEADER, EARLY_HEADER,
     TARGET_INCARNATION_HEADER,
@@ -182,9 +182,10 @@ impl Peers {
         if let Some(wire) = &self.inner.wire {
             return wire.call(addr, method, req).await;
         }
-        let mut client = RaftTransportClient::new(self.channel(addr).map_err(tonic::Status::unavailable)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client =
+            RaftTransportClient::new(self.channel(addr).map_err(tonic::Status::unavailable)?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
         match method {
             Method::AppendEntries => client.append_entries(req).await,
             Method::Vote => client.vote(req).await,

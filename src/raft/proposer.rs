@@ -296,6 +296,32 @@ impl Proposer {
             })
     }
 
+    /// As [`Proposer::here`], once this leader has applied an entry of its
+    /// own term: everything committed before it was elected is then applied,
+    /// and its own state answers what a read would. A leader just elected
+    /// (by a transfer, say) has not applied what its predecessor committed
+    /// last, and would answer from an older state; it waits (up to the
+    /// request timeout) instead. Found by the simulation (`crate::sim`).
+    pub async fn current(&self) -> Result<(), Refusal> {
+        self.here()?;
+        let mut metrics = self.raft.metrics();
+        let current = |m: &openraft::RaftMetrics<NodeId, Node>| {
+            m.vote.is_committed()
+                && m.last_applied
+                    .is_some_and(|l| l.leader_id == *m.vote.leader_id())
+        };
+        let applied = tokio::time::timeout(self.timeout, metrics.wait_for(current))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match applied {
+            true => self.here(),
+            false => Err(Refusal::Failed(Error::Unavailable(format!(
+                "node {} was just elected and has not applied what its predecessor committed within {:?}; retry",
+                self.id, self.timeout
+            )))),
+        }
+    }
+
     /// Whether this node leads, by its current view and without a quorum
     /// round trip; if not, the leader it knows.
     pub fn here(&self) -> Result<(), Refusal> {

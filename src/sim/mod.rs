@@ -1,0 +1,1000 @@
+//! Deterministic simulation of a Roster cluster's Raft layer (feature `sim`).
+//!
+//! Three or five members run the real `raft/` code — log store and marker,
+//! state machine and snapshots, pre-vote elections, check-quorum, pipelined
+//! replication, incarnations, leadership transfer, proposer and read index —
+//! through [`crate::raft::replica::Replica`], as a node does, in one process
+//! on one thread. Only the seams are simulated ([`crate::raft::disk`],
+//! [`crate::raft::wire`], tokio's paused clock): a disk ([`disk`]) and a
+//! network ([`net`]) whose faults a seeded nemesis chooses, while clients
+//! register, deregister, heartbeat and read. Everything random is drawn
+//! from the seed — tokio's scheduler too (`rng_seed`) — so one seed replays
+//! the same run, event for event.
+//!
+//! What a run checks as it goes: a leader leads under its own committed vote
+//! (openraft's leader ids are (term, node), so one term may have two), one
+//! entry per applied index, one applied state per revision, and a member that restarts must find
+//! on its disk what its marker says it wrote. The client history it returns
+//! is checked for linearizability by the robustness suite's checker
+//! (`tests/sim.rs`).
+
+pub mod disk;
+pub mod net;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use openraft::{LogId, RaftLogReader, ServerState};
+use tokio::time::Instant;
+
+use crate::config::NodeConfig;
+use crate::raft::disk::Offload;
+use crate::raft::leadership;
+use crate::raft::log_store::{self, LogStore};
+use crate::raft::marker::{self, Found, Identity, Marker, Progress};
+use crate::raft::mutation;
+pub use crate::raft::mutation::Mutation;
+use crate::raft::network::Peers;
+use crate::raft::peer_trust::PeerTrust;
+use crate::raft::proposer::Refusal;
+use crate::raft::replica::{Replica, Setup};
+use crate::raft::state_machine::{Current, StateMachine};
+use crate::raft::{Node, NodeId};
+use crate::registry::model::{Command, HealthStatus, Instance, Outcome};
+
+use disk::Disk;
+use net::{Net, Weather};
+
+const CLUSTER: &str = "sim";
+const SERVICE: &str = "svc";
+/// Instances the clients write: few, so that operations on each collide.
+const KEYS: u64 = 4;
+const CLIENTS: usize = 3;
+
+/// One simulated run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    /// 3 or 5.
+    pub nodes: usize,
+    /// Simulated time under load and faults, before the cluster is healed.
+    pub load: Duration,
+    pub mutation: Option<Mutation>,
+}
+
+impl Options {
+    /// The default run of `seed`: 3 or 5 members (by the seed), 3 s of load.
+    pub fn new(seed: u64) -> Self {
+        Options {
+            seed,
+            nodes: if seed % 4 == 3 { 5 } else { 3 },
+            load: Duration::from_secs(3),
+            mutation: None,
+        }
+    }
+}
+
+/// What a client asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    Put(u64),
+    Delete,
+    /// Linearizable read.
+    Get,
+    /// A heartbeat: answered by the leader from its own state.
+    Exists,
+}
+
+/// What it was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Output {
+    Ok,
+    NotFound,
+    Value(Option<u64>),
+    /// May or may not have taken effect.
+    Unknown,
+}
+
+/// One client operation: simulated nanoseconds from the start; `ret` is
+/// `None` when the outcome is unknown.
+#[derive(Clone, Debug, Hash)]
+pub struct Record {
+    pub client: usize,
+    pub key: u64,
+    pub input: Input,
+    pub output: Output,
+    pub call: u64,
+    pub ret: Option<u64>,
+}
+
+/// What a run did and found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub history: Vec<Record>,
+    /// Values stale reads returned, each of which some write must have written.
+    pub stale_reads: Vec<Option<u64>>,
+    pub violations: Vec<String>,
+    /// The faults injected, in order, with their simulated time.
+    pub faults: Vec<String>,
+    /// Acknowledged writes.
+    pub acked: usize,
+    /// A digest of everything observable: equal for two runs of one seed.
+    pub fingerprint: u64,
+}
+
+/// Runs one seed to the end. Everything runs on the calling thread.
+pub fn run(opts: &Options) -> Report {
+    fastrand::seed(opts.seed);
+    mutation::set(opts.mutation);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(
+            &opts.seed.to_le_bytes(),
+        ))
+        .build();
+    let report = match rt {
+        // The world is made inside the runtime: its clock is the paused one.
+        Ok(rt) => rt.block_on(async { World::new(opts).run().await }),
+        Err(e) => Report {
+            violations: vec![format!("cannot build the runtime: {e}")],
+            ..Report::default()
+        },
+    };
+    mutation::set(None);
+    report
+}
+
+/// Why a member's process did not start.
+enum Start {
+    /// What its disk holds is not what it wrote.
+    Refused(String),
+    /// An I/O error.
+    Failed(String),
+}
+
+/// A member's running process.
+struct Running {
+    process: u64,
+    replica: Arc<Replica>,
+}
+
+struct Member {
+    disk: Disk,
+    /// Holds the snapshot file, which the simulation keeps on a real
+    /// (temporary) file system: it is written whole and synced before use.
+    dir: tempfile::TempDir,
+    identity: Option<Identity>,
+    running: Option<Running>,
+    /// Bumped whenever the process starts or stops: a pending restart of
+    /// an older stop is void.
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct Observed {
+    /// Applied index → the entry's log id.
+    applied: BTreeMap<u64, LogId<NodeId>>,
+    /// Revision (the last applied index) → the applied state's digest.
+    states: BTreeMap<u64, u64>,
+    violations: Vec<String>,
+    faults: Vec<String>,
+}
+
+struct World {
+    opts: Options,
+    net: Net,
+    members: Mutex<BTreeMap<NodeId, Member>>,
+    observed: Mutex<Observed>,
+    rng: Mutex<fastrand::Rng>,
+    start: Instant,
+    history: Mutex<Vec<Record>>,
+    stale_reads: Mutex<Vec<Option<u64>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn config(id: NodeId, dir: PathBuf) -> Result<NodeConfig, String> {
+    // Snapshots every few dozen entries, so that runs build, send and install them.
+    let text = format!(
+        "id = {id}\ncluster_id = \"{CLUSTER}\"\nlisten = \"127.0.0.1:1\"\npeer_listen = \"127.0.0.1:2\"\n\
+         data_dir = {dir:?}\nrequest_timeout_ms = 1500\n\
+         [raft]\nsnapshot_after_entries = 40\nkeep_entries_after_snapshot = 8\n"
+    );
+    toml::from_str(&text).map_err(|e| format!("simulation config: {e}"))
+}
+
+impl World {
+    fn new(opts: &Options) -> Arc<Self> {
+        let members = (1..=opts.nodes as NodeId)
+            .map(|id| {
+                let dir = tempfile::tempdir().expect("a temporary directory for snapshots");
+                (
+                    id,
+                    Member {
+                        disk: Disk::default(),
+                        dir,
+                        identity: None,
+                        running: None,
+                        epoch: 0,
+                    },
+                )
+            })
+            .collect();
+        Arc::new(World {
+            opts: opts.clone(),
+            net: Net::new(opts.seed ^ 0x9e37_79b9_7f4a_7c15),
+            members: Mutex::new(members),
+            observed: Mutex::default(),
+            rng: Mutex::new(fastrand::Rng::with_seed(opts.seed.rotate_left(17))),
+            start: Instant::now(),
+            history: Mutex::default(),
+            stale_reads: Mutex::default(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn rng<T>(&self, f: impl FnOnce(&mut fastrand::Rng) -> T) -> T {
+        f(&mut lock(&self.rng))
+    }
+
+    fn violation(&self, what: String) {
+        lock(&self.observed).violations.push(what);
+    }
+
+    fn fault(&self, what: String) {
+        let at = self.start.elapsed().as_millis();
+        lock(&self.observed)
+            .faults
+            .push(format!("{at:>6} ms {what}"));
+    }
+
+    fn ids(&self) -> Vec<NodeId> {
+        (1..=self.opts.nodes as NodeId).collect()
+    }
+
+    fn replica(&self, id: NodeId) -> Option<Arc<Replica>> {
+        lock(&self.members)
+            .get(&id)?
+            .running
+            .as_ref()
+            .map(|r| r.replica.clone())
+    }
+
+    fn running(&self) -> Vec<(NodeId, Arc<Replica>)> {
+        lock(&self.members)
+            .iter()
+            .filter_map(|(id, m)| Some((*id, m.running.as_ref()?.replica.clone())))
+            .collect()
+    }
+
+    /// Starts a process of member `id` on what its disk holds, as a node
+    /// starts: the marker is checked against the log first.
+    async fn start_member(self: &Arc<Self>, id: NodeId) {
+        let (disk, dir, identity) = {
+            let members = lock(&self.members);
+            let Some(m) = members.get(&id) else { return };
+            if m.running.is_some() {
+                return;
+            }
+            (
+                m.disk.clone(),
+                m.dir.path().to_path_buf(),
+                m.identity.clone(),
+            )
+        };
+        match self.open(id, &disk, dir, identity).await {
+            Ok((replica, process, pristine)) => {
+                let replica = Arc::new(replica);
+                replica.spawn_consensus();
+                let trust = PeerTrust::new(
+                    replica.raft.clone(),
+                    replica.me.clone(),
+                    replica.peers.clone(),
+                    Arc::default(),
+                    false,
+                );
+                self.net
+                    .up(id, process, replica.service("(simulation)".into(), trust));
+                {
+                    let mut members = lock(&self.members);
+                    if let Some(m) = members.get_mut(&id) {
+                        m.identity = Some(replica.me.clone());
+                        m.running = Some(Running {
+                            process,
+                            replica: replica.clone(),
+                        });
+                        m.epoch += 1;
+                    }
+                }
+                if pristine {
+                    let nodes: BTreeMap<NodeId, Node> = self
+                        .ids()
+                        .into_iter()
+                        .map(|i| (i, Node::unbound(net::peer_addr(i))))
+                        .collect();
+                    let _ = replica.raft.initialize(nodes).await;
+                }
+                tokio::spawn(self.clone().supervise(id, process, replica));
+            }
+            // The disk is not what the node wrote: in the simulation, where
+            // no disk lies, the marker claimed more than was written.
+            Err(Start::Refused(e)) => self.violation(format!("node {id} refuses to start: {e}")),
+            // An injected I/O error at start: the process exits and is restarted.
+            Err(Start::Failed(e)) => {
+                self.fault(format!("node {id} fails to start: {e}"));
+                self.restart_later(id, Duration::from_millis(200));
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        id: NodeId,
+        disk: &Disk,
+        dir: PathBuf,
+        identity: Option<Identity>,
+    ) -> Result<(Replica, u64, bool), Start> {
+        let refused = |e: String| Start::Refused(e);
+        let failed = |e: String| Start::Failed(e);
+        let handle = disk.handle();
+        let recorded = Marker::read_from(&*handle).map_err(|e| refused(e.to_string()))?;
+        let current = Current::read(&dir).map_err(|e| refused(e.to_string()))?;
+        let (last_log, vote_term) =
+            log_store::inspect(&*handle).map_err(|e| refused(e.to_string()))?;
+        let found = Found {
+            has_data: identity.is_some(),
+            identity: identity.clone(),
+            progress: Progress {
+                last_log,
+                vote_term,
+                applied: current.applied_index(),
+            },
+        };
+        marker::check(recorded.as_ref(), &found).map_err(refused)?;
+        let me = identity.unwrap_or_else(|| Identity::new(CLUSTER, id));
+        let marker = Arc::new(Marker::on(handle.clone(), me.clone(), found.progress));
+        if found.identity.is_none() {
+            marker.write_now().map_err(|e| failed(e.to_string()))?;
+        }
+        let cfg = config(id, dir.clone()).map_err(failed)?;
+        let state_machine = StateMachine::open(&dir, current, 64, marker.clone())
+            .map_err(|e| refused(e.to_string()))?
+            .inline();
+        let mut log_store = LogStore::on(handle.clone(), marker, Offload::Inline);
+        let pristine = Replica::pristine(&mut log_store)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let timing = cfg.raft.timing();
+        let process = handle_process(disk);
+        let setup = Setup {
+            id,
+            config: crate::node::raft_config(&cfg).map_err(|e| failed(e.to_string()))?,
+            timing,
+            request_timeout: cfg.request_timeout(),
+            client_addr: format!("node{id}:5000"),
+            peers: Peers::on(
+                timing.rpc_timeout,
+                self.net.wire(id, process, timing.rpc_timeout),
+            ),
+        };
+        let replica = Replica::start(setup, log_store, state_machine, me)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok((replica, process, pristine))
+    }
+
+    /// Stops member `id`'s process at once, as a crash or a kill does: the
+    /// disk keeps what `kept` says of its unflushed writes.
+    fn crash(&self, id: NodeId, kept: impl FnOnce(usize) -> usize) -> bool {
+        let running = {
+            let mut members = lock(&self.members);
+            let Some(m) = members.get_mut(&id) else {
+                return false;
+            };
+            let Some(r) = m.running.take() else {
+                return false;
+            };
+            m.epoch += 1;
+            m.disk.crash(kept);
+            r
+        };
+        self.net.down(id);
+        let raft = running.replica.raft.clone();
+        running.replica.proposer.close();
+        // The dead process's tasks can change nothing now (its disk handle
+        // and its wire are retired); stop them so they do not linger.
+        tokio::spawn(async move {
+            let _ = raft.shutdown().await;
+        });
+        true
+    }
+
+    /// As a node does when its Raft stops (a flush failed): the process
+    /// exits, and is restarted (by systemd, say) a little later.
+    async fn supervise(self: Arc<Self>, id: NodeId, process: u64, replica: Arc<Replica>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let current = lock(&self.members)
+                .get(&id)
+                .and_then(|m| m.running.as_ref().map(|r| r.process));
+            if current != Some(process) {
+                return;
+            }
+            let failed = {
+                let m = replica.raft.metrics().borrow().clone();
+                m.running_state.is_err() || m.state == ServerState::Shutdown
+            };
+            if failed {
+                let kept = self.rng(|r| r.usize(..=usize::MAX / 2));
+                self.crash(id, |n| kept % (n + 1));
+                self.fault(format!("node {id} exits: its raft stopped"));
+                let pause = self.rng(|r| r.u64(50..800));
+                self.restart_later(id, Duration::from_millis(pause));
+                return;
+            }
+        }
+    }
+
+    fn restart_later(self: &Arc<Self>, id: NodeId, after: Duration) {
+        let epoch = lock(&self.members).get(&id).map(|m| m.epoch);
+        let world = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if lock(&world.members).get(&id).map(|m| m.epoch) == epoch {
+                world.fault(format!("node {id} restarts"));
+                world.start_member(id).await;
+            }
+        });
+    }
+
+    async fn run(self: Arc<Self>) -> Report {
+        for id in self.ids() {
+            self.start_member(id).await;
+        }
+        let end = Instant::now() + self.opts.load;
+        let monitor = tokio::spawn(self.clone().monitor());
+        let nemesis = tokio::spawn(self.clone().nemesis(end));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| tokio::spawn(self.clone().client(c, end)))
+            .collect();
+        let _ = nemesis.await;
+        for c in clients {
+            let _ = c.await;
+        }
+        self.heal().await;
+        let settled = self.settle().await;
+        if settled {
+            self.final_reads().await;
+            self.check_logs().await;
+        } else {
+            self.violation(
+                "the cluster did not recover within 30 s of simulated time after every fault was healed".into(),
+            );
+        }
+        monitor.abort();
+        for id in self.ids() {
+            self.crash(id, |n| n);
+        }
+        let history = std::mem::take(&mut *lock(&self.history));
+        let stale_reads = std::mem::take(&mut *lock(&self.stale_reads));
+        let observed = std::mem::take(&mut *lock(&self.observed));
+        let acked = history
+            .iter()
+            .filter(|r| matches!(r.input, Input::Put(_) | Input::Delete) && r.ret.is_some())
+            .count();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        history.hash(&mut h);
+        observed.faults.hash(&mut h);
+        self.net.sent().hash(&mut h);
+        Report {
+            history,
+            stale_reads,
+            violations: observed.violations,
+            faults: observed.faults,
+            acked,
+            fingerprint: h.finish(),
+        }
+    }
+
+    /// Checks Raft's invariants on every member every few milliseconds.
+    async fn monitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            tick.tick().await;
+            for (id, replica) in self.running() {
+                let m = replica.raft.metrics().borrow().clone();
+                let mut o = lock(&self.observed);
+                // Openraft's leader ids are (term, node): two nodes may lead
+                // one term, but a leader's id names it, and its vote is committed.
+                if m.state == ServerState::Leader
+                    && (m.vote.leader_id().voted_for() != Some(id) || !m.vote.is_committed())
+                {
+                    let v = format!("node {id} leads under vote {}", m.vote);
+                    o.violations.push(v);
+                }
+                if let Some(applied) = m.last_applied {
+                    match o.applied.get(&applied.index) {
+                        Some(l) if *l != applied => {
+                            let v = format!(
+                                "index {} applied as {l} on one node and as {applied} on node {id}",
+                                applied.index
+                            );
+                            o.violations.push(v);
+                        }
+                        Some(_) => {}
+                        None => {
+                            o.applied.insert(applied.index, applied);
+                        }
+                    }
+                }
+                let (revision, digest) = digest(&replica);
+                match o.states.get(&revision) {
+                    Some(d) if *d != digest => {
+                        let v = format!(
+                            "node {id}'s state at revision {revision} differs from another node's"
+                        );
+                        o.violations.push(v);
+                    }
+                    Some(_) => {}
+                    None => {
+                        o.states.insert(revision, digest);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks a fault every 50-400 ms until `end`.
+    async fn nemesis(self: Arc<Self>, end: Instant) {
+        loop {
+            let pause = self.rng(|r| r.u64(50..400));
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            if Instant::now() >= end {
+                return;
+            }
+            let ids = self.ids();
+            let (pick, a, b, k) = self.rng(|r| {
+                (
+                    r.u32(0..13),
+                    ids[r.usize(..ids.len())],
+                    ids[r.usize(..ids.len())],
+                    r.u64(..),
+                )
+            });
+            // Faults aimed at the leader half the time: that is where they bite.
+            let a = match self.leader() {
+                Some(l) if k % 2 == 0 => l,
+                _ => a,
+            };
+            match pick {
+                0 => {
+                    for o in self.ids().into_iter().filter(|o| *o != a) {
+                        self.net.cut(a, o);
+                        self.net.cut(o, a);
+                    }
+                    self.fault(format!("node {a} cut off"));
+                }
+                1 if a != b => {
+                    self.net.cut(a, b);
+                    self.fault(format!("link {a} -> {b} cut (one way)"));
+                }
+                2 | 3 => {
+                    self.net.heal();
+                    self.fault("network healed".into());
+                }
+                4 | 5 => {
+                    let kept = self.rng(|r| r.u32(0..3));
+                    let n = lock(&self.members)
+                        .get(&a)
+                        .map_or(0, |m| m.disk.unflushed());
+                    let keep = match kept {
+                        0 => 0,
+                        1 => n,
+                        _ => (k as usize >> 8) % (n + 1),
+                    };
+                    if self.crash(a, |_| keep) {
+                        self.fault(format!(
+                            "node {a} crashes, keeping {keep} of {n} unflushed writes"
+                        ));
+                        self.restart_later(a, Duration::from_millis(k % 1500 + 20));
+                    }
+                }
+                6 => self.stop(a, Duration::from_millis(k % 1000 + 50)).await,
+                7 => {
+                    let ms = k % 1200 + 100;
+                    if let Some(d) = lock(&self.members).get(&a).map(|m| m.disk.clone()) {
+                        d.set_full(true);
+                        self.fault(format!("node {a}'s disk is full for {ms} ms"));
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            d.set_full(false);
+                        });
+                    }
+                }
+                8 => {
+                    if let Some(m) = lock(&self.members).get(&a) {
+                        m.disk.fail_flushes(1);
+                    }
+                    self.fault(format!("node {a}'s next flush fails"));
+                }
+                9 => {
+                    if let Some(m) = lock(&self.members).get(&a) {
+                        m.disk.fail_marker_writes(1);
+                    }
+                    self.fault(format!("node {a}'s next marker write fails"));
+                }
+                10 => {
+                    let rough = k % 3 == 0;
+                    self.net.set_weather(if rough {
+                        Weather {
+                            delay_min: Duration::from_micros(500),
+                            delay_max: Duration::from_millis(k % 30 + 5),
+                            loss: (k % 150) as u32,
+                            duplicate: 50,
+                        }
+                    } else {
+                        Weather::calm()
+                    });
+                    self.fault(format!("weather {:?}", self.net.weather()));
+                }
+                11 => {
+                    if let Some(r) = self.replica(a) {
+                        let _ = r.raft.trigger().snapshot().await;
+                        self.fault(format!("node {a} builds a snapshot"));
+                    }
+                }
+                12 => self.change_membership(a).await,
+                _ => {}
+            }
+        }
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.running().into_iter().find_map(|(id, r)| {
+            (r.raft.metrics().borrow().state == ServerState::Leader).then_some(id)
+        })
+    }
+
+    /// A stop by SIGTERM, as `NodeHandle::shutdown` does it: stop proposing,
+    /// hand leadership over, stop Raft, sync the log; back after `down`.
+    async fn stop(self: &Arc<Self>, id: NodeId, down: Duration) {
+        let Some(replica) = self.replica(id) else {
+            return;
+        };
+        self.fault(format!("node {id} is stopped (SIGTERM)"));
+        replica.proposer.close();
+        let to = leadership::transfer(
+            &replica.raft,
+            &replica.me,
+            &replica.peers,
+            leadership::TRANSFER_LIMIT,
+        )
+        .await;
+        if let Some(to) = to {
+            self.fault(format!("node {id} handed leadership to node {to}"));
+        }
+        let _ = replica.raft.shutdown().await;
+        let synced = replica.log.sync().await.is_ok();
+        if self.crash(id, |n| if synced { n } else { 0 }) {
+            self.restart_later(id, down);
+        }
+    }
+
+    /// Takes a voter out of the voters (kept as a learner), or puts every
+    /// member back, through the leader.
+    async fn change_membership(&self, id: NodeId) {
+        let Some(leader) = self.leader().and_then(|l| self.replica(l)) else {
+            return;
+        };
+        let voters: std::collections::BTreeSet<NodeId> = leader
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let all: std::collections::BTreeSet<NodeId> = self.ids().into_iter().collect();
+        let (next, what) = if voters != all {
+            (all, "every member is a voter again".to_string())
+        } else if voters.len() > 3 || (voters.len() == 3 && id != leader.me.node_id) {
+            let mut v = voters.clone();
+            v.remove(&id);
+            (v, format!("node {id} is made a learner"))
+        } else {
+            return;
+        };
+        let change = tokio::time::timeout(
+            Duration::from_secs(2),
+            leader.raft.change_membership(next, true),
+        )
+        .await;
+        if matches!(change, Ok(Ok(_))) {
+            self.fault(what);
+        }
+    }
+
+    /// Ends every fault and starts every member that is down.
+    async fn heal(self: &Arc<Self>) {
+        self.net.heal();
+        self.net.set_weather(Weather::calm());
+        let down: Vec<NodeId> = {
+            let members = lock(&self.members);
+            for m in members.values() {
+                m.disk.set_full(false);
+                m.disk.fail_flushes(0);
+                m.disk.fail_marker_writes(0);
+            }
+            members
+                .iter()
+                .filter(|(_, m)| m.running.is_none())
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in down {
+            lock(&self.members).get_mut(&id).map(|m| m.epoch += 1);
+            self.start_member(id).await;
+        }
+        if let Some(l) = self.leader().and_then(|l| self.replica(l)) {
+            let all: std::collections::BTreeSet<NodeId> = self.ids().into_iter().collect();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), l.raft.change_membership(all, true))
+                    .await;
+        }
+    }
+
+    /// Waits until one member leads and every member has applied its log.
+    async fn settle(self: &Arc<Self>) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // A member whose Raft stopped is restarted by its supervisor.
+            let running = self.running();
+            if running.len() < self.opts.nodes {
+                continue;
+            }
+            let Some(leader) = self.leader().and_then(|l| self.replica(l)) else {
+                continue;
+            };
+            let target = leader.raft.metrics().borrow().last_log_index;
+            if running
+                .iter()
+                .all(|(_, r)| r.raft.metrics().borrow().last_applied.map(|l| l.index) == target)
+                && leader.proposer.read_index().await.is_ok()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A linearizable read of every key at the end, so that a lost write shows.
+    async fn final_reads(self: &Arc<Self>) {
+        for key in 0..KEYS {
+            self.operation(CLIENTS, key, Input::Get).await;
+        }
+    }
+
+    /// Log matching: entries at the same index and term are the same on
+    /// every member, and every applied entry is still in the logs or
+    /// covered by a snapshot.
+    async fn check_logs(&self) {
+        let mut logs = BTreeMap::new();
+        for (id, replica) in self.running() {
+            let mut reader = replica.log.clone();
+            match reader.try_get_log_entries(0..).await {
+                Ok(entries) => {
+                    logs.insert(id, entries);
+                }
+                Err(e) => self.violation(format!("node {id}'s log cannot be read: {e}")),
+            }
+        }
+        let mut seen: BTreeMap<LogId<NodeId>, (NodeId, Vec<u8>)> = BTreeMap::new();
+        for (id, entries) in &logs {
+            for e in entries {
+                let bytes = crate::raft::encode(&e.payload).unwrap_or_default();
+                match seen.get(&e.log_id) {
+                    Some((other, b)) if *b != bytes => self.violation(format!(
+                        "log matching: entry {} differs between nodes {other} and {id}",
+                        e.log_id
+                    )),
+                    Some(_) => {}
+                    None => {
+                        seen.insert(e.log_id, (*id, bytes));
+                    }
+                }
+            }
+        }
+        let applied: Vec<LogId<NodeId>> = lock(&self.observed).applied.values().copied().collect();
+        for (id, entries) in &logs {
+            let Some(first) = entries.first().map(|e| e.log_id.index) else {
+                continue;
+            };
+            for l in applied.iter().filter(|l| l.index >= first) {
+                let held = entries.iter().find(|e| e.log_id.index == l.index);
+                if held.map(|e| e.log_id) != Some(*l) {
+                    self.violation(format!(
+                        "applied entry {l} is not in node {id}'s log (it holds {:?})",
+                        held.map(|e| e.log_id)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A client: random operations on random keys until `end`.
+    async fn client(self: Arc<Self>, client: usize, end: Instant) {
+        while Instant::now() < end {
+            let (key, pick, value) = self.rng(|r| (r.u64(..KEYS), r.u32(0..10), r.u64(1..)));
+            let input = match pick {
+                0..=3 => Input::Put(value),
+                4 | 5 => Input::Delete,
+                6 | 7 => Input::Get,
+                8 => Input::Exists,
+                _ => {
+                    self.stale_read(key);
+                    continue;
+                }
+            };
+            self.operation(client, key, input).await;
+            let pause = self.rng(|r| r.u64(0..20));
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// Any member's own state, however far behind.
+    fn stale_read(&self, key: u64) {
+        let running = self.running();
+        if running.is_empty() {
+            return;
+        }
+        let i = self.rng(|r| r.usize(..running.len()));
+        let v = read_value(&running[i].1, key);
+        lock(&self.stale_reads).push(v);
+    }
+
+    /// One operation, sent where the client believes the leader is and
+    /// redirected as a follower would forward it; recorded in the history.
+    async fn operation(&self, client: usize, key: u64, input: Input) {
+        let call = self.now();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut target = self.leader().unwrap_or(1);
+        let output = loop {
+            if Instant::now() >= deadline {
+                break Output::Unknown;
+            }
+            let Some(replica) = self.replica(target) else {
+                // Connection refused: nothing was sent; try another member.
+                target = self.rng(|r| r.u64(1..=self.opts.nodes as u64));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            match attempt(&replica, key, input).await {
+                Ok(out) => break out,
+                Err(Refusal::NotLeader(f)) => {
+                    target = match f.leader_id {
+                        Some(l) if l != target => l,
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            self.rng(|r| r.u64(1..=self.opts.nodes as u64))
+                        }
+                    };
+                }
+                // A write may have been applied; a read just failed.
+                Err(Refusal::Failed(_)) => match input {
+                    Input::Put(_) | Input::Delete => break Output::Unknown,
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+            }
+        };
+        // An unanswered read says nothing: only writes of unknown outcome count.
+        if output == Output::Unknown && matches!(input, Input::Get | Input::Exists) {
+            return;
+        }
+        let ret = (output != Output::Unknown).then(|| self.now());
+        lock(&self.history).push(Record {
+            client,
+            key,
+            input,
+            output,
+            call,
+            ret,
+        });
+    }
+}
+
+fn handle_process(disk: &Disk) -> u64 {
+    disk.process()
+}
+
+fn instance_id(key: u64) -> String {
+    format!("i{key}")
+}
+
+fn read_value(replica: &Replica, key: u64) -> Option<u64> {
+    let state = replica.state.read().unwrap_or_else(|p| p.into_inner());
+    state
+        .catalog
+        .get(SERVICE, &instance_id(key))
+        .and_then(|i| i.address.parse().ok())
+}
+
+/// The applied state's revision, and what it holds as a number.
+fn digest(replica: &Replica) -> (u64, u64) {
+    let state = replica.state.read().unwrap_or_else(|p| p.into_inner());
+    let mut instances: Vec<_> = state
+        .catalog
+        .all_instances()
+        .map(|i| (&i.service, &i.id, &i.address, i.mod_revision))
+        .collect();
+    instances.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    instances.hash(&mut h);
+    (state.catalog.revision(), h.finish())
+}
+
+async fn attempt(replica: &Replica, key: u64, input: Input) -> Result<Output, Refusal> {
+    let p = &replica.proposer;
+    match input {
+        Input::Put(v) => {
+            let r = p.propose(Command::Register(instance(key, v))).await?;
+            Ok(match r.outcome {
+                Outcome::Registered(_) => Output::Ok,
+                _ => Output::Unknown,
+            })
+        }
+        Input::Delete => {
+            let cmd = Command::Deregister {
+                service: SERVICE.into(),
+                id: instance_id(key),
+            };
+            Ok(match p.propose(cmd).await?.outcome {
+                Outcome::Deregistered => Output::Ok,
+                Outcome::NotFound => Output::NotFound,
+                _ => Output::Unknown,
+            })
+        }
+        Input::Get => {
+            p.read_index().await?;
+            Ok(Output::Value(read_value(replica, key)))
+        }
+        Input::Exists => {
+            p.current().await?;
+            Ok(match read_value(replica, key) {
+                Some(_) => Output::Ok,
+                None => Output::NotFound,
+            })
+        }
+    }
+}
+
+fn instance(key: u64, value: u64) -> Instance {
+    Instance {
+        service: SERVICE.into(),
+        id: instance_id(key),
+        address: value.to_string(),
+        port: 1,
+        tags: Vec::new(),
+        metadata: Default::default(),
+        weight: 1,
+        status: HealthStatus::Passing,
+        create_revision: 0,
+        mod_revision: 0,
+        check: None,
+        check_output: String::new(),
+        status_since_ms: 0,
+        registered_by: String::new(),
+    }
+}
