@@ -3,7 +3,7 @@
 //! robustness suite's linearizability checker.
 //!
 //! `cargo test --features sim --test sim` runs `ROSTER_SIM_SEEDS` seeds
-//! (default 2,000) from a base drawn at random and printed; a failing seed
+//! (default 1,200) from a base drawn at random and printed; a failing seed
 //! is printed with the command that replays it:
 //! `ROSTER_SIM_SEED=<seed> cargo test --features sim --test sim -- replay --nocapture`.
 //! A soak: `ROSTER_SIM_SEEDS=100000 cargo test --release --features sim --test sim seeds`.
@@ -116,7 +116,7 @@ fn search(
 
 #[test]
 fn seeds() {
-    let count = env_u64("ROSTER_SIM_SEEDS").unwrap_or(2_000);
+    let count = env_u64("ROSTER_SIM_SEEDS").unwrap_or(1_200);
     let base = env_u64("ROSTER_SIM_BASE").unwrap_or_else(|| fastrand::u64(..u64::MAX / 2));
     let started = Instant::now();
     println!("simulating seeds {base}..{} ({count})", base + count);
@@ -172,7 +172,7 @@ fn a_seed_replays_exactly() {
 /// budget; the seed and the search time are printed.
 #[test]
 fn mutations_are_caught() {
-    let budget = env_u64("ROSTER_SIM_MUTATION_SEEDS").unwrap_or(400);
+    let budget = env_u64("ROSTER_SIM_MUTATION_SEEDS").unwrap_or(200);
     let mut missed = Vec::new();
     for m in sim::Mutation::ALL {
         let started = Instant::now();

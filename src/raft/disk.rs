@@ -16,6 +16,9 @@ pub enum Tree {
     Meta,
 }
 
+/// Called with each key and value a scan meets; false stops the scan.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> io::Result<bool> + 'a;
+
 /// Keys and values as bytes, written without syncing until [`LogDisk::flush`].
 pub trait LogDisk: Send + Sync + 'static {
     fn get(&self, tree: Tree, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
@@ -29,7 +32,7 @@ pub trait LogDisk: Send + Sync + 'static {
         tree: Tree,
         from: Bound<&[u8]>,
         to: Bound<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> io::Result<bool>,
+        visit: &mut Visit<'_>,
     ) -> io::Result<()>;
     fn last(&self, tree: Tree) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Makes every write before it durable. Blocking.
@@ -41,8 +44,9 @@ pub trait LogDisk: Send + Sync + 'static {
 pub enum Offload {
     /// On a thread of its own, so that the runtime goes on meanwhile.
     Thread,
-    /// On the calling task: the simulation's single thread, where every step
-    /// must happen in an order the seed decides.
+    /// On the calling task after 4 simulated milliseconds of I/O: the
+    /// simulation's single thread, where every step must happen in an order
+    /// the seed decides, and other tasks go on while the disk works.
     Inline,
 }
 
@@ -55,7 +59,10 @@ impl Offload {
             Offload::Thread => tokio::task::spawn_blocking(f)
                 .await
                 .map_err(|e| io::Error::other(format!("storage thread: {e}"))),
-            Offload::Inline => Ok(f()),
+            Offload::Inline => {
+                tokio::time::sleep(std::time::Duration::from_millis(4)).await;
+                Ok(f())
+            }
         }
     }
 }
@@ -118,7 +125,7 @@ impl LogDisk for SledLog {
         tree: Tree,
         from: Bound<&[u8]>,
         to: Bound<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> io::Result<bool>,
+        visit: &mut Visit<'_>,
     ) -> io::Result<()> {
         for kv in self.tree(tree).range::<&[u8], _>((from, to)) {
             let (k, v) = kv.map_err(sled_io)?;

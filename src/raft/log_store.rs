@@ -221,14 +221,11 @@ async fn run_flusher(
             pending.push(cb);
         }
         if failed.is_none() {
-            let (disk, marker, fsync) = (disk.clone(), marker.clone(), fsync.clone());
-            let flush = move || flush_and_mark(&*disk, &marker, Some(&fsync));
-            match offload.run(flush).await {
-                Ok(Ok(last_log)) => {
+            match flush_and_mark(&disk, offload, &marker, Some(&fsync)).await {
+                Ok(last_log) => {
                     durable.send_replace(last_log);
                 }
-                Ok(Err(e)) => failed = Some(e),
-                Err(e) => failed = Some(e.to_string()),
+                Err(e) => failed = Some(e),
             }
             if let Some(e) = &failed {
                 tracing::error!(error = %e, "the log cannot be made durable: this node stops");
@@ -243,26 +240,25 @@ async fn run_flusher(
 
 /// Flushes the log, then records in the marker what was written before the flush
 /// began (timing the flush into `fsync`). Returns the last log index covered.
-fn flush_and_mark(
-    disk: &dyn LogDisk,
-    marker: &Marker,
+async fn flush_and_mark(
+    disk: &Arc<dyn LogDisk>,
+    offload: Offload,
+    marker: &Arc<Marker>,
     fsync: Option<&Histogram>,
 ) -> Result<Option<u64>, String> {
     let ticket = marker.sample();
-    let started = tokio::time::Instant::now();
-    let flushed = disk.flush();
-    if let Some(h) = fsync {
-        h.observe(started.elapsed().as_secs_f64());
-    }
-    flushed.map_err(|e| format!("flush: {e}"))?;
-    // Mutation: a marker sampled after the flush claims what was appended during it.
-    let ticket = if mutation::active(Mutation::MarkerAhead) {
-        marker.sample()
-    } else {
-        ticket
+    let (disk, marker, fsync) = (disk.clone(), marker.clone(), fsync.cloned());
+    let flush = move || {
+        let started = tokio::time::Instant::now();
+        let flushed = disk.flush();
+        if let Some(h) = fsync {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        flushed.map_err(|e| format!("flush: {e}"))?;
+        marker.record(ticket).map_err(|e| e.to_string())?;
+        Ok(ticket.last_log())
     };
-    marker.record(ticket).map_err(|e| e.to_string())?;
-    Ok(ticket.last_log())
+    offload.run(flush).await.map_err(|e| e.to_string())?
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -359,6 +355,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 p.push(e);
             }
         }
+        // Mutation: the marker claims one entry more than was written.
+        let last = match mutation::active(Mutation::MarkerAhead) {
+            true => last.map(|l| l + 1),
+            false => last,
+        };
         self.marker.note(|p| p.last_log = p.last_log.max(last));
         // Followers get the entries now, while this node fsyncs them.
         if let Some(p) = published.filter(|p| !p.is_empty()) {
@@ -425,11 +426,8 @@ impl LogStore {
 
     /// Makes everything written so far durable, and the marker say so.
     pub async fn sync(&self) -> StorageResult<()> {
-        let (disk, marker) = (self.disk.clone(), self.marker.clone());
-        self.offload
-            .run(move || flush_and_mark(&*disk, &marker, None))
+        flush_and_mark(&self.disk, self.offload, &self.marker, None)
             .await
-            .map_err(|e| StorageIOError::write_logs(&e))?
             .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e)))?;
         Ok(())
     }

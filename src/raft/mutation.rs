@@ -11,13 +11,14 @@ pub enum Mutation {
     NoStepDown,
     /// A pre-vote is granted whatever the candidate's log holds.
     PreVoteIgnoresLog,
-    /// The marker records what was appended during the flush, not before it.
+    /// The marker claims one entry more than the log holds.
     MarkerAhead,
     /// A node that led when it stopped leads again in the same term (the
     /// lost write of the 2026-12-07 soak, fixed by `LogStore::resign`).
     LeadAgainInSameTerm,
 }
 
+#[cfg(feature = "sim")]
 impl Mutation {
     pub const ALL: [Mutation; 5] = [
         Mutation::AckBeforeFlush,

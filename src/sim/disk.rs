@@ -12,7 +12,7 @@ use std::io;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::raft::disk::{LogDisk, MarkerFile, Tree};
+use crate::raft::disk::{LogDisk, MarkerFile, Tree, Visit};
 
 type Trees = BTreeMap<(Tree, Vec<u8>), Vec<u8>>;
 
@@ -176,7 +176,7 @@ impl LogDisk for Handle {
         tree: Tree,
         from: Bound<&[u8]>,
         to: Bound<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> io::Result<bool>,
+        visit: &mut Visit<'_>,
     ) -> io::Result<()> {
         let key = |b: Bound<&[u8]>| b.map(|k| (tree, k.to_vec()));
         // Copied out: `visit` may call back into the disk.

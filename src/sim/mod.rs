@@ -132,13 +132,21 @@ pub fn run(opts: &Options) -> Report {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
+        // A panic in any task (an openraft assertion) ends the run as a finding.
+        .unhandled_panic(tokio::runtime::UnhandledPanic::ShutdownRuntime)
         .rng_seed(tokio::runtime::RngSeed::from_bytes(
             &opts.seed.to_le_bytes(),
         ))
         .build();
     let report = match rt {
         // The world is made inside the runtime: its clock is the paused one.
-        Ok(rt) => rt.block_on(async { World::new(opts).run().await }),
+        Ok(rt) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async { World::new(opts).run().await })
+        }))
+        .unwrap_or_else(|_| Report {
+            violations: vec!["a task panicked (its message is printed above)".into()],
+            ..Report::default()
+        }),
         Err(e) => Report {
             violations: vec![format!("cannot build the runtime: {e}")],
             ..Report::default()
@@ -180,12 +188,15 @@ struct Observed {
     applied: BTreeMap<u64, LogId<NodeId>>,
     /// Revision (the last applied index) → the applied state's digest.
     states: BTreeMap<u64, u64>,
+    /// Since when each member has been unable to reach a quorum of voters.
+    cut_off: BTreeMap<NodeId, Instant>,
     violations: Vec<String>,
     faults: Vec<String>,
 }
 
 struct World {
     opts: Options,
+    timing: crate::raft::election::Timing,
     net: Net,
     members: Mutex<BTreeMap<NodeId, Member>>,
     observed: Mutex<Observed>,
@@ -226,8 +237,12 @@ impl World {
                 )
             })
             .collect();
+        let timing = config(1, PathBuf::new())
+            .map(|c| c.raft.timing())
+            .expect("the simulation's configuration parses");
         Arc::new(World {
             opts: opts.clone(),
+            timing,
             net: Net::new(opts.seed ^ 0x9e37_79b9_7f4a_7c15),
             members: Mutex::new(members),
             observed: Mutex::default(),
@@ -302,8 +317,8 @@ impl World {
                     Arc::default(),
                     false,
                 );
-                self.net
-                    .up(id, process, replica.service("(simulation)".into(), trust));
+                let service = replica.service("(simulation)".into(), trust);
+                self.net.up(id, process, service, replica.raft.clone());
                 {
                     let mut members = lock(&self.members);
                     if let Some(m) = members.get_mut(&id) {
@@ -487,7 +502,8 @@ impl World {
         }
         let history = std::mem::take(&mut *lock(&self.history));
         let stale_reads = std::mem::take(&mut *lock(&self.stale_reads));
-        let observed = std::mem::take(&mut *lock(&self.observed));
+        let mut observed = std::mem::take(&mut *lock(&self.observed));
+        observed.violations.extend(self.net.findings());
         let acked = history
             .iter()
             .filter(|r| matches!(r.input, Input::Put(_) | Input::Delete) && r.ret.is_some())
@@ -514,6 +530,32 @@ impl World {
             for (id, replica) in self.running() {
                 let m = replica.raft.metrics().borrow().clone();
                 let mut o = lock(&self.observed);
+                // Check-quorum: a leader cut off from its quorum steps down
+                // within its lease (plus the poll and an RPC deadline).
+                let cut_off = self.cut_off(id, &m);
+                let since = o.cut_off.get(&id).copied();
+                match (cut_off, since) {
+                    (false, _) => {
+                        o.cut_off.remove(&id);
+                    }
+                    (true, None) => {
+                        o.cut_off.insert(id, Instant::now());
+                    }
+                    (true, Some(t)) if m.state == ServerState::Leader => {
+                        let limit = self.timing.election_max
+                            + self.timing.rpc_timeout
+                            + self.timing.heartbeat * 4;
+                        if t.elapsed() > limit {
+                            let v = format!(
+                                "node {id} still leads {} ms after it was cut off from its quorum",
+                                t.elapsed().as_millis()
+                            );
+                            o.violations.push(v);
+                            o.cut_off.remove(&id);
+                        }
+                    }
+                    _ => {}
+                }
                 // Openraft's leader ids are (term, node): two nodes may lead
                 // one term, but a leader's id names it, and its vote is committed.
                 if m.state == ServerState::Leader
@@ -659,6 +701,22 @@ impl World {
         }
     }
 
+    /// Whether member `id` cannot reach a quorum of the voters (itself
+    /// included) both ways.
+    fn cut_off(&self, id: NodeId, m: &openraft::RaftMetrics<NodeId, Node>) -> bool {
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let reachable = voters
+            .iter()
+            .filter(|v| {
+                **v == id
+                    || (!self.net.is_cut(id, **v)
+                        && !self.net.is_cut(**v, id)
+                        && self.replica(**v).is_some())
+            })
+            .count();
+        reachable * 2 <= voters.len()
+    }
+
     fn leader(&self) -> Option<NodeId> {
         self.running().into_iter().find_map(|(id, r)| {
             (r.raft.metrics().borrow().state == ServerState::Leader).then_some(id)
@@ -742,7 +800,9 @@ impl World {
                 .collect()
         };
         for id in down {
-            lock(&self.members).get_mut(&id).map(|m| m.epoch += 1);
+            if let Some(m) = lock(&self.members).get_mut(&id) {
+                m.epoch += 1;
+            }
             self.start_member(id).await;
         }
         if let Some(l) = self.leader().and_then(|l| self.replica(l)) {

@@ -11,9 +11,10 @@ use futures::future::BoxFuture;
 use tonic::{Request, Response, Status};
 
 use crate::proto::raft_v1::RaftPayload;
+use crate::raft::election::{PreVoteRequest, PreVoteResponse};
 use crate::raft::transport::RaftService;
 use crate::raft::wire::{dispatch, Method, Wire};
-use crate::raft::NodeId;
+use crate::raft::{decode, NodeId, Raft};
 
 /// How messages fare on every link.
 #[derive(Clone, Copy, Debug)]
@@ -39,8 +40,11 @@ impl Weather {
 
 #[derive(Default)]
 struct State {
-    /// The service of each node whose process is up, with the process number.
-    up: BTreeMap<NodeId, (u64, Arc<RaftService>)>,
+    /// The service of each node whose process is up, with the process
+    /// number and its Raft (to judge its answers).
+    up: BTreeMap<NodeId, (u64, Arc<RaftService>, Raft)>,
+    /// Answers that broke a rule of the protocol.
+    findings: Vec<String>,
     /// (from, to): messages from `from` to `to` are dropped.
     cut: BTreeSet<(NodeId, NodeId)>,
     weather: Option<Weather>,
@@ -84,8 +88,39 @@ impl Net {
         self.lock().weather.unwrap_or_else(Weather::calm)
     }
 
-    pub fn up(&self, id: NodeId, process: u64, service: RaftService) {
-        self.lock().up.insert(id, (process, Arc::new(service)));
+    pub fn up(&self, id: NodeId, process: u64, service: RaftService, raft: Raft) {
+        self.lock()
+            .up
+            .insert(id, (process, Arc::new(service), raft));
+    }
+
+    pub fn findings(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().findings)
+    }
+
+    /// Pre-vote: a voter grants only a candidate whose log is at least as
+    /// up to date as its own, judged here on the wire.
+    fn judge(
+        &self,
+        to: NodeId,
+        raft: &Raft,
+        req: &RaftPayload,
+        reply: &Result<Response<RaftPayload>, Status>,
+    ) {
+        let Ok(reply) = reply else { return };
+        let (Ok(asked), Ok(answer)) = (
+            decode::<PreVoteRequest>(&req.data),
+            decode::<PreVoteResponse>(&reply.get_ref().data),
+        ) else {
+            return;
+        };
+        let mine = raft.data_metrics().borrow().last_log;
+        if answer.granted && asked.last_log_id < mine {
+            self.lock().findings.push(format!(
+                "node {to} granted a pre-vote to node {} whose log ends at {:?}, behind its own {:?}",
+                asked.candidate, asked.last_log_id, mine
+            ));
+        }
     }
 
     pub fn down(&self, id: NodeId) {
@@ -127,7 +162,7 @@ impl Net {
     }
 
     /// The service of `id`'s running process.
-    fn service(&self, id: NodeId) -> Option<(u64, Arc<RaftService>)> {
+    fn service(&self, id: NodeId) -> Option<(u64, Arc<RaftService>, Raft)> {
         self.lock().up.get(&id).cloned()
     }
 
@@ -162,7 +197,7 @@ impl SimWire {
     fn alive(&self) -> bool {
         self.net
             .service(self.from)
-            .is_some_and(|(p, _)| p == self.process)
+            .is_some_and(|(p, _, _)| p == self.process)
     }
 
     async fn deliver(
@@ -176,18 +211,22 @@ impl SimWire {
         let lost = || Status::deadline_exceeded("simulated: no answer in time");
         let (delay, dropped) = net.fate(from, to);
         tokio::time::sleep(delay).await;
-        let Some((process, service)) = net.service(to) else {
+        let Some((process, service, raft)) = net.service(to) else {
             return Err(Status::unavailable("simulated: connection refused"));
         };
         if dropped {
             tokio::time::sleep(timeout).await;
             return Err(lost());
         }
+        let payload = (method == Method::PreVote).then(|| req.get_ref().clone());
         let reply = dispatch(&service, method, req).await;
+        if let Some(p) = payload {
+            net.judge(to, &raft, &p, &reply);
+        }
         let (delay, dropped) = net.fate(to, from);
         tokio::time::sleep(delay).await;
         // A reply from a process that died meanwhile, or lost on the way back.
-        if dropped || net.service(to).is_none_or(|(p, _)| p != process) {
+        if dropped || net.service(to).is_none_or(|(p, _, _)| p != process) {
             tokio::time::sleep(timeout.saturating_sub(delay)).await;
             return Err(lost());
         }
