@@ -43,7 +43,9 @@ use crate::raft::proposer::Refusal;
 use crate::raft::replica::{Replica, Setup};
 use crate::raft::state_machine::{Current, StateMachine};
 use crate::raft::{Node, NodeId};
-use crate::registry::model::{Command, HealthStatus, Instance, Outcome};
+use crate::registry::model::{Command, EventKind, HealthStatus, Instance, Outcome};
+use crate::registry::watch::watch_stream;
+use futures::StreamExt;
 
 use disk::Disk;
 use net::{Net, Weather};
@@ -53,6 +55,10 @@ const SERVICE: &str = "svc";
 /// Instances the clients write: few, so that operations on each collide.
 const KEYS: u64 = 4;
 const CLIENTS: usize = 3;
+/// The client that reads every key at the end.
+pub const FINAL_READER: usize = CLIENTS;
+/// Watchers of the service, each moving from member to member.
+const WATCHERS: usize = 2;
 
 /// One simulated run.
 #[derive(Clone, Debug)]
@@ -108,6 +114,27 @@ pub struct Record {
     pub output: Output,
     pub call: u64,
     pub ret: Option<u64>,
+    /// The revision an acknowledged write was applied at.
+    pub revision: Option<u64>,
+}
+
+/// One message of a watch stream, by key (instance) and value (address).
+#[derive(Clone, Debug, Default, Hash)]
+pub struct WatchMsg {
+    pub revision: u64,
+    /// The full state: `instances` replaces what the watcher held.
+    pub reset: bool,
+    pub instances: Vec<(u64, u64)>,
+    /// (revision, key, new value or `None` for a delete).
+    pub events: Vec<(u64, u64, Option<u64>)>,
+}
+
+/// One watch stream a watcher opened on `node`, resuming after `since`.
+#[derive(Clone, Debug, Default, Hash)]
+pub struct WatchSession {
+    pub node: u64,
+    pub since: u64,
+    pub msgs: Vec<WatchMsg>,
 }
 
 /// What a run did and found.
@@ -119,6 +146,10 @@ pub struct Report {
     pub violations: Vec<String>,
     /// The faults injected, in order, with their simulated time.
     pub faults: Vec<String>,
+    /// Each watcher's streams, in order.
+    pub watchers: Vec<Vec<WatchSession>>,
+    /// The revision every watcher had to reach at the end.
+    pub fence: u64,
     /// Acknowledged writes.
     pub acked: usize,
     /// A digest of everything observable: equal for two runs of one seed.
@@ -204,6 +235,9 @@ struct World {
     start: Instant,
     history: Mutex<Vec<Record>>,
     stale_reads: Mutex<Vec<Option<u64>>>,
+    watch_logs: Mutex<Vec<Vec<WatchSession>>>,
+    /// Set at the end: the revision the watchers must reach before they stop.
+    fence: Mutex<Option<(u64, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -250,6 +284,8 @@ impl World {
             start: Instant::now(),
             history: Mutex::default(),
             stale_reads: Mutex::default(),
+            watch_logs: Mutex::new(vec![Vec::new(); WATCHERS]),
+            fence: Mutex::default(),
         })
     }
 
@@ -482,16 +518,25 @@ impl World {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|c| tokio::spawn(self.clone().client(c, end)))
             .collect();
+        let watchers: Vec<_> = (0..WATCHERS)
+            .map(|w| tokio::spawn(self.clone().watcher(w)))
+            .collect();
         let _ = nemesis.await;
         for c in clients {
             let _ = c.await;
         }
         self.heal().await;
         let settled = self.settle().await;
+        let mut fence = 0;
         if settled {
-            self.final_reads().await;
+            fence = self.final_reads().await;
             self.check_logs().await;
-        } else {
+        }
+        *lock(&self.fence) = Some((fence, Instant::now() + Duration::from_secs(5)));
+        for w in watchers {
+            let _ = w.await;
+        }
+        if !settled {
             self.violation(
                 "the cluster did not recover within 30 s of simulated time after every fault was healed".into(),
             );
@@ -502,6 +547,7 @@ impl World {
         }
         let history = std::mem::take(&mut *lock(&self.history));
         let stale_reads = std::mem::take(&mut *lock(&self.stale_reads));
+        let watchers = std::mem::take(&mut *lock(&self.watch_logs));
         let mut observed = std::mem::take(&mut *lock(&self.observed));
         observed.violations.extend(self.net.findings());
         let acked = history
@@ -510,6 +556,7 @@ impl World {
             .count();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         history.hash(&mut h);
+        watchers.hash(&mut h);
         observed.faults.hash(&mut h);
         self.net.sent().hash(&mut h);
         Report {
@@ -517,6 +564,8 @@ impl World {
             stale_reads,
             violations: observed.violations,
             faults: observed.faults,
+            watchers,
+            fence,
             acked,
             fingerprint: h.finish(),
         }
@@ -838,11 +887,20 @@ impl World {
         false
     }
 
-    /// A linearizable read of every key at the end, so that a lost write shows.
-    async fn final_reads(self: &Arc<Self>) {
-        for key in 0..KEYS {
-            self.operation(CLIENTS, key, Input::Get).await;
+    /// A write to a key of its own (the fence every watcher must reach),
+    /// then a linearizable read of every key, so that a lost write shows.
+    /// Returns the fence's revision.
+    async fn final_reads(self: &Arc<Self>) -> u64 {
+        self.operation(FINAL_READER, KEYS, Input::Put(u64::MAX))
+            .await;
+        for key in 0..=KEYS {
+            self.operation(FINAL_READER, key, Input::Get).await;
         }
+        lock(&self.history)
+            .iter()
+            .find(|r| r.client == FINAL_READER && r.input == Input::Put(u64::MAX))
+            .and_then(|r| r.revision)
+            .unwrap_or(0)
     }
 
     /// Log matching: entries at the same index and term are the same on
@@ -929,6 +987,7 @@ impl World {
         let call = self.now();
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut target = self.leader().unwrap_or(1);
+        let mut revision = None;
         let output = loop {
             if Instant::now() >= deadline {
                 break Output::Unknown;
@@ -940,7 +999,10 @@ impl World {
                 continue;
             };
             match attempt(&replica, key, input).await {
-                Ok(out) => break out,
+                Ok((out, rev)) => {
+                    revision = rev;
+                    break out;
+                }
                 Err(Refusal::NotLeader(f)) => {
                     target = match f.leader_id {
                         Some(l) if l != target => l,
@@ -971,7 +1033,73 @@ impl World {
             output,
             call,
             ret,
+            revision,
         });
+    }
+
+    /// Whether watchers may stop: the end's fence is set, and `last` reached
+    /// it (or the time to reach it ran out).
+    fn watch_done(&self, last: u64) -> bool {
+        lock(&self.fence).is_some_and(|(fence, until)| last >= fence || Instant::now() >= until)
+    }
+
+    /// A watcher of the service: a stream on a random member for a while,
+    /// then another resuming from the last revision it received (as a
+    /// client does when its connection breaks), until the end's fence.
+    async fn watcher(self: Arc<Self>, w: usize) {
+        let mut last = 0u64;
+        while !self.watch_done(last) {
+            let running = self.running();
+            if running.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let (i, length) = self.rng(|r| (r.usize(..running.len()), r.u64(100..1000)));
+            let (node, replica) = running[i].clone();
+            let until = Instant::now() + Duration::from_millis(length);
+            let mut session = WatchSession {
+                node,
+                since: last,
+                msgs: Vec::new(),
+            };
+            let mut stream = Box::pin(watch_stream(
+                replica.state.clone(),
+                Some(SERVICE.into()),
+                last,
+            ));
+            loop {
+                match tokio::time::timeout(Duration::from_millis(20), stream.next()).await {
+                    Ok(Some(m)) => {
+                        last = last.max(m.revision);
+                        session.msgs.push(WatchMsg {
+                            revision: m.revision,
+                            reset: m.reset.is_some(),
+                            instances: m.instances.iter().filter_map(key_value).collect(),
+                            events: m
+                                .events
+                                .iter()
+                                .filter_map(|e| {
+                                    let (k, v) = key_value(&e.instance)?;
+                                    let v = (e.kind == EventKind::Put).then_some(v);
+                                    Some((e.revision, k, v))
+                                })
+                                .collect(),
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+                // The member's process is gone (its stream would go on from
+                // the dead process's memory), the session is over, or the end.
+                let same = self
+                    .replica(node)
+                    .is_some_and(|r| Arc::ptr_eq(&r, &replica));
+                if !same || Instant::now() >= until || self.watch_done(last) {
+                    break;
+                }
+            }
+            lock(&self.watch_logs)[w].push(session);
+        }
     }
 }
 
@@ -1005,14 +1133,20 @@ fn digest(replica: &Replica) -> (u64, u64) {
     (state.catalog.revision(), h.finish())
 }
 
-async fn attempt(replica: &Replica, key: u64, input: Input) -> Result<Output, Refusal> {
+/// One try of `input` on `replica`: its answer, and for a write the
+/// revision it was applied at.
+async fn attempt(
+    replica: &Replica,
+    key: u64,
+    input: Input,
+) -> Result<(Output, Option<u64>), Refusal> {
     let p = &replica.proposer;
     match input {
         Input::Put(v) => {
             let r = p.propose(Command::Register(instance(key, v))).await?;
             Ok(match r.outcome {
-                Outcome::Registered(_) => Output::Ok,
-                _ => Output::Unknown,
+                Outcome::Registered(_) => (Output::Ok, Some(r.revision)),
+                _ => (Output::Unknown, None),
             })
         }
         Input::Delete => {
@@ -1020,24 +1154,32 @@ async fn attempt(replica: &Replica, key: u64, input: Input) -> Result<Output, Re
                 service: SERVICE.into(),
                 id: instance_id(key),
             };
-            Ok(match p.propose(cmd).await?.outcome {
-                Outcome::Deregistered => Output::Ok,
-                Outcome::NotFound => Output::NotFound,
-                _ => Output::Unknown,
+            let r = p.propose(cmd).await?;
+            Ok(match r.outcome {
+                Outcome::Deregistered => (Output::Ok, Some(r.revision)),
+                Outcome::NotFound => (Output::NotFound, None),
+                _ => (Output::Unknown, None),
             })
         }
         Input::Get => {
             p.read_index().await?;
-            Ok(Output::Value(read_value(replica, key)))
+            Ok((Output::Value(read_value(replica, key)), None))
         }
         Input::Exists => {
             p.current().await?;
-            Ok(match read_value(replica, key) {
+            let out = match read_value(replica, key) {
                 Some(_) => Output::Ok,
                 None => Output::NotFound,
-            })
+            };
+            Ok((out, None))
         }
     }
+}
+
+/// An instance of the service as (key, value).
+fn key_value(i: &Instance) -> Option<(u64, u64)> {
+    let key = i.id.strip_prefix('i')?.parse().ok()?;
+    Some((key, i.address.parse().ok()?))
 }
 
 fn instance(key: u64, value: u64) -> Instance {
