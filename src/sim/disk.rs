@@ -219,8 +219,10 @@ impl LogDisk for Handle {
         if s.full && s.pending.iter().any(|w| matches!(w, Write::Put(..))) {
             return Err(enospc());
         }
-        s.durable = s.current.clone();
-        s.pending.clear();
+        let pending = std::mem::take(&mut s.pending);
+        for w in &pending {
+            apply(&mut s.durable, w);
+        }
         Ok(())
     }
 }

@@ -72,12 +72,12 @@ pub struct Options {
 }
 
 impl Options {
-    /// The default run of `seed`: 3 or 5 members (by the seed), 3 s of load.
+    /// The default run of `seed`: 3 or 5 members (by the seed), 2 s of load.
     pub fn new(seed: u64) -> Self {
         Options {
             seed,
             nodes: if seed % 4 == 3 { 5 } else { 3 },
-            load: Duration::from_secs(3),
+            load: Duration::from_secs(2),
             mutation: None,
         }
     }
@@ -213,6 +213,26 @@ struct Member {
     epoch: u64,
 }
 
+impl Member {
+    /// A node with an empty disk.
+    fn new() -> Self {
+        // On tmpfs where there is one: a snapshot's fsync costs no real time.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = match shm.is_dir() {
+            true => tempfile::tempdir_in(shm),
+            false => tempfile::tempdir(),
+        }
+        .expect("a temporary directory for snapshots");
+        Member {
+            disk: Disk::default(),
+            dir,
+            identity: None,
+            running: None,
+            epoch: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Observed {
     /// Applied index → the entry's log id.
@@ -256,19 +276,9 @@ fn config(id: NodeId, dir: PathBuf) -> Result<NodeConfig, String> {
 
 impl World {
     fn new(opts: &Options) -> Arc<Self> {
-        let members = (1..=opts.nodes as NodeId)
+        let members = (1..=opts.nodes as NodeId + 1)
             .map(|id| {
-                let dir = tempfile::tempdir().expect("a temporary directory for snapshots");
-                (
-                    id,
-                    Member {
-                        disk: Disk::default(),
-                        dir,
-                        identity: None,
-                        running: None,
-                        epoch: 0,
-                    },
-                )
+                (id, Member::new())
             })
             .collect();
         let timing = config(1, PathBuf::new())
@@ -308,8 +318,22 @@ impl World {
             .push(format!("{at:>6} ms {what}"));
     }
 
+    /// The initial members.
     fn ids(&self) -> Vec<NodeId> {
         (1..=self.opts.nodes as NodeId).collect()
+    }
+
+    /// A node that is not an initial member: it joins (a new, empty node),
+    /// is made a voter, and is removed and wiped.
+    fn spare(&self) -> NodeId {
+        self.opts.nodes as NodeId + 1
+    }
+
+    /// The nodes the leader's membership holds, voters and learners.
+    fn membership(&self) -> Option<std::collections::BTreeSet<NodeId>> {
+        let leader = self.leader().and_then(|l| self.replica(l))?;
+        let m = leader.raft.metrics().borrow().membership_config.clone();
+        Some(m.membership().nodes().map(|(id, _)| *id).collect())
     }
 
     fn replica(&self, id: NodeId) -> Option<Arc<Replica>> {
@@ -366,7 +390,8 @@ impl World {
                         m.epoch += 1;
                     }
                 }
-                if pristine {
+                // The initial members bootstrap; a node that joins later waits to be added.
+                if pristine && id <= self.opts.nodes as NodeId {
                     let nodes: BTreeMap<NodeId, Node> = self
                         .ids()
                         .into_iter()
@@ -542,7 +567,7 @@ impl World {
             );
         }
         monitor.abort();
-        for id in self.ids() {
+        for id in 1..=self.spare() {
             self.crash(id, |n| n);
         }
         let history = std::mem::take(&mut *lock(&self.history));
@@ -573,11 +598,12 @@ impl World {
 
     /// Checks Raft's invariants on every member every few milliseconds.
     async fn monitor(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
         loop {
             tick.tick().await;
             for (id, replica) in self.running() {
-                let m = replica.raft.metrics().borrow().clone();
+                let metrics = replica.raft.metrics();
+                let m = metrics.borrow();
                 let mut o = lock(&self.observed);
                 // Check-quorum: a leader cut off from its quorum steps down
                 // within its lease (plus the poll and an RPC deadline).
@@ -744,7 +770,7 @@ impl World {
                         self.fault(format!("node {a} builds a snapshot"));
                     }
                 }
-                12 => self.change_membership(a).await,
+                12 => self.change_membership(a, k >> 16).await,
                 _ => {}
             }
         }
@@ -797,12 +823,16 @@ impl World {
         }
     }
 
-    /// Takes a voter out of the voters (kept as a learner), or puts every
-    /// member back, through the leader.
-    async fn change_membership(&self, id: NodeId) {
+    /// Through the leader: the spare node joins as a learner, is made a
+    /// voter, or is removed and wiped; or a voter is made a learner, or
+    /// every initial member a voter again.
+    async fn change_membership(self: &Arc<Self>, id: NodeId, k: u64) {
         let Some(leader) = self.leader().and_then(|l| self.replica(l)) else {
             return;
         };
+        if k.is_multiple_of(2) {
+            return self.move_spare(&leader).await;
+        }
         let voters: std::collections::BTreeSet<NodeId> = leader
             .raft
             .metrics()
@@ -831,6 +861,39 @@ impl World {
         }
     }
 
+    async fn move_spare(self: &Arc<Self>, leader: &Replica) {
+        let spare = self.spare();
+        let m = leader.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let limit = Duration::from_secs(2);
+        let (change, what) = if membership.get_node(&spare).is_none() {
+            self.start_member(spare).await;
+            let node = Node::unbound(net::peer_addr(spare));
+            let add = tokio::time::timeout(limit, leader.raft.add_learner(spare, node, false));
+            (add.await.is_ok_and(|r| r.is_ok()), "joins as a learner")
+        } else if membership.voter_ids().all(|v| v != spare) {
+            let mut voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+            voters.insert(spare);
+            let change = leader.raft.change_membership(voters, true);
+            let done = tokio::time::timeout(limit, change).await;
+            (done.is_ok_and(|r| r.is_ok()), "is made a voter")
+        } else {
+            let voters: std::collections::BTreeSet<NodeId> =
+                membership.voter_ids().filter(|v| *v != spare).collect();
+            let change = leader.raft.change_membership(voters, false);
+            let done = tokio::time::timeout(limit, change).await.is_ok_and(|r| r.is_ok());
+            if done {
+                // Removed: stopped and wiped, to join again as a new node.
+                self.crash(spare, |n| n);
+                lock(&self.members).insert(spare, Member::new());
+            }
+            (done, "is removed and wiped")
+        };
+        if change {
+            self.fault(format!("node {spare} {what}"));
+        }
+    }
+
     /// Ends every fault and starts every member that is down.
     async fn heal(self: &Arc<Self>) {
         self.net.heal();
@@ -848,6 +911,12 @@ impl World {
                 .map(|(id, _)| *id)
                 .collect()
         };
+        let spare_member = self
+            .membership()
+            .is_some_and(|m| m.contains(&self.spare()));
+        let down = down
+            .into_iter()
+            .filter(|id| *id != self.spare() || spare_member);
         for id in down {
             if let Some(m) = lock(&self.members).get_mut(&id) {
                 m.epoch += 1;
@@ -868,8 +937,15 @@ impl World {
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
             // A member whose Raft stopped is restarted by its supervisor.
-            let running = self.running();
-            if running.len() < self.opts.nodes {
+            let Some(members) = self.membership() else {
+                continue;
+            };
+            let running: Vec<_> = self
+                .running()
+                .into_iter()
+                .filter(|(id, _)| members.contains(id))
+                .collect();
+            if running.len() < members.len() {
                 continue;
             }
             let Some(leader) = self.leader().and_then(|l| self.replica(l)) else {
@@ -905,10 +981,16 @@ impl World {
 
     /// Log matching: entries at the same index and term are the same on
     /// every member, and every applied entry is still in the logs or
-    /// covered by a snapshot.
+    /// covered by a snapshot. (A node that is no member any more, such as a
+    /// joining node whose addition was lost with its leader, keeps a stale
+    /// log nobody replicates to: it is left out.)
     async fn check_logs(&self) {
+        let members = self.membership().unwrap_or_default();
         let mut logs = BTreeMap::new();
         for (id, replica) in self.running() {
+            if !members.contains(&id) {
+                continue;
+            }
             let mut reader = replica.log.clone();
             match reader.try_get_log_entries(0..).await {
                 Ok(entries) => {
