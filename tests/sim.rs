@@ -6,7 +6,7 @@
 //! (default 1,200) from a base drawn at random and printed; a failing seed
 //! is printed with the command that replays it:
 //! `ROSTER_SIM_SEED=<seed> cargo test --features sim --test sim -- replay --nocapture`.
-//! A soak: `ROSTER_SIM_SEEDS=100000 cargo test --release --features sim --test sim seeds`.
+//! A soak: `tests/sim/run.sh --seeds 100000` (release build).
 #![cfg(feature = "sim")]
 
 #[allow(dead_code)]

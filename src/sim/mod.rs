@@ -682,7 +682,7 @@ impl World {
             let ids = self.ids();
             let (pick, a, b, k) = self.rng(|r| {
                 (
-                    r.u32(0..13),
+                    r.u32(0..15),
                     ids[r.usize(..ids.len())],
                     ids[r.usize(..ids.len())],
                     r.u64(..),
@@ -770,7 +770,7 @@ impl World {
                         self.fault(format!("node {a} builds a snapshot"));
                     }
                 }
-                12 => self.change_membership(a, k >> 16).await,
+                12..=14 => self.change_membership(a, k >> 16).await,
                 _ => {}
             }
         }
