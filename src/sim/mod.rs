@@ -277,9 +277,7 @@ fn config(id: NodeId, dir: PathBuf) -> Result<NodeConfig, String> {
 impl World {
     fn new(opts: &Options) -> Arc<Self> {
         let members = (1..=opts.nodes as NodeId + 1)
-            .map(|id| {
-                (id, Member::new())
-            })
+            .map(|id| (id, Member::new()))
             .collect();
         let timing = config(1, PathBuf::new())
             .map(|c| c.raft.timing())
@@ -881,7 +879,9 @@ impl World {
             let voters: std::collections::BTreeSet<NodeId> =
                 membership.voter_ids().filter(|v| *v != spare).collect();
             let change = leader.raft.change_membership(voters, false);
-            let done = tokio::time::timeout(limit, change).await.is_ok_and(|r| r.is_ok());
+            let done = tokio::time::timeout(limit, change)
+                .await
+                .is_ok_and(|r| r.is_ok());
             if done {
                 // Removed: stopped and wiped, to join again as a new node.
                 self.crash(spare, |n| n);
@@ -911,9 +911,7 @@ impl World {
                 .map(|(id, _)| *id)
                 .collect()
         };
-        let spare_member = self
-            .membership()
-            .is_some_and(|m| m.contains(&self.spare()));
+        let spare_member = self.membership().is_some_and(|m| m.contains(&self.spare()));
         let down = down
             .into_iter()
             .filter(|id| *id != self.spare() || spare_member);
