@@ -156,8 +156,36 @@ pub struct Report {
     pub fingerprint: u64,
 }
 
+thread_local! {
+    /// The last panic on this thread (a simulation's task), for its report.
+    static PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records the first panic's message on its thread, then reports it as before.
+fn keep_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            PANIC.with(|p| {
+                p.borrow_mut().get_or_insert(format!("{what} at {at}"));
+            });
+            previous(info);
+        }));
+    });
+}
+
 /// Runs one seed to the end. Everything runs on the calling thread.
 pub fn run(opts: &Options) -> Report {
+    keep_panics();
+    PANIC.with(|p| p.borrow_mut().take());
     fastrand::seed(opts.seed);
     mutation::set(opts.mutation);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -174,9 +202,13 @@ pub fn run(opts: &Options) -> Report {
         Ok(rt) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             rt.block_on(async { World::new(opts).run().await })
         }))
-        .unwrap_or_else(|_| Report {
-            violations: vec!["a task panicked (its message is printed above)".into()],
-            ..Report::default()
+        .unwrap_or_else(|_| {
+            // The first panic is the task's; the runtime's own follows it.
+            let what = PANIC.with(|p| p.borrow_mut().take()).unwrap_or_default();
+            Report {
+                violations: vec![format!("a task panicked: {what}")],
+                ..Report::default()
+            }
         }),
         Err(e) => Report {
             violations: vec![format!("cannot build the runtime: {e}")],
