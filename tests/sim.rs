@@ -3,7 +3,7 @@
 //! robustness suite's linearizability checker.
 //!
 //! `cargo test --features sim --test sim` runs `ROSTER_SIM_SEEDS` seeds
-//! (default 1,200) from `ROSTER_SIM_BASE` (default 0; `random` draws one,
+//! (default 1,500) from `ROSTER_SIM_BASE` (default 0; `random` draws one,
 //! printed); a failing seed
 //! is printed with the command that replays it:
 //! `ROSTER_SIM_SEED=<seed> cargo test --features sim --test sim -- replay --nocapture`.
@@ -236,7 +236,7 @@ fn search(
 
 #[test]
 fn seeds() {
-    let count = env_u64("ROSTER_SIM_SEEDS").unwrap_or(1_200);
+    let count = env_u64("ROSTER_SIM_SEEDS").unwrap_or(1_500);
     // From seed 0 unless told otherwise, so that a CI failure is this
     // commit's and replays the same; a soak draws new seeds (`--base`).
     let base = match std::env::var("ROSTER_SIM_BASE").ok().as_deref() {
