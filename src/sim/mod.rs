@@ -202,7 +202,9 @@ pub fn run(opts: &Options) -> Report {
             // A task that panicked (an openraft assertion) died alone; the
             // run went on without it, and the panic is a finding.
             if let Some(what) = PANIC.with(|p| p.borrow_mut().take()) {
-                report.violations.insert(0, format!("a task panicked: {what}"));
+                report
+                    .violations
+                    .insert(0, format!("a task panicked: {what}"));
             }
             report
         }
