@@ -896,7 +896,19 @@ impl World {
         let limit = Duration::from_secs(2);
         let (change, what) = if membership.get_node(&spare).is_none() {
             self.start_member(spare).await;
-            let node = Node::unbound(net::peer_addr(spare));
+            // As `AddMember` does: the new node is asked who it is, and added
+            // bound to its data directory.
+            let Some(incarnation) = lock(&self.members)
+                .get(&spare)
+                .and_then(|m| m.identity.as_ref().map(|i| i.incarnation))
+            else {
+                return;
+            };
+            let node = Node {
+                addr: format!("node{spare}:5000"),
+                peer_addr: net::peer_addr(spare),
+                incarnation,
+            };
             let add = tokio::time::timeout(limit, leader.raft.add_learner(spare, node, false));
             (add.await.is_ok_and(|r| r.is_ok()), "joins as a learner")
         } else if membership.voter_ids().all(|v| v != spare) {
@@ -979,6 +991,23 @@ impl World {
             let Some(leader) = self.leader().and_then(|l| self.replica(l)) else {
                 continue;
             };
+            // A change its leader did not finish (a joint configuration) is
+            // finished, as an operator retrying it would.
+            let joint = leader
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .len()
+                > 1;
+            if joint {
+                let all: std::collections::BTreeSet<NodeId> = self.ids().into_iter().collect();
+                let change = leader.raft.change_membership(all, true);
+                let _ = tokio::time::timeout(Duration::from_secs(2), change).await;
+                continue;
+            }
             let target = leader.raft.metrics().borrow().last_log_index;
             if running
                 .iter()
