@@ -173,8 +173,8 @@ impl Instance {
         self.metadata.get(SESSION_KEY).map(String::as_str)
     }
 
-    /// A passing instance at 127.0.0.1:80 with no check, for tests.
-    #[cfg(test)]
+    /// A passing instance at 127.0.0.1:80 with no check, for tests and the simulation.
+    #[cfg(any(test, feature = "sim"))]
     pub fn example(service: &str, id: &str) -> Instance {
         Instance {
             service: service.into(),

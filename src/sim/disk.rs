@@ -105,28 +105,6 @@ impl Disk {
     pub fn fail_marker_writes(&self, n: u32) {
         self.lock().failing_marker_writes = n;
     }
-
-    /// The durable last log index and what the marker claims, for the check
-    /// that a marker never claims more than the log holds.
-    pub fn durable_log_keys(&self) -> Vec<Vec<u8>> {
-        self.lock()
-            .durable
-            .keys()
-            .filter(|(t, _)| *t == Tree::Log)
-            .map(|(_, k)| k.clone())
-            .collect()
-    }
-
-    pub fn durable_meta(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.lock()
-            .durable
-            .get(&(Tree::Meta, key.to_vec()))
-            .cloned()
-    }
-
-    pub fn marker_bytes(&self) -> Option<Vec<u8>> {
-        self.lock().marker.clone()
-    }
 }
 
 fn gone() -> io::Error {

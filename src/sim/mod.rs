@@ -43,7 +43,7 @@ use crate::raft::proposer::Refusal;
 use crate::raft::replica::{Replica, Setup};
 use crate::raft::state_machine::{Current, StateMachine};
 use crate::raft::{Node, NodeId};
-use crate::registry::model::{Command, EventKind, HealthStatus, Instance, Outcome};
+use crate::registry::model::{Command, EventKind, Instance, Outcome};
 use crate::registry::watch::watch_stream;
 use futures::StreamExt;
 
@@ -478,7 +478,7 @@ impl World {
             .await
             .map_err(|e| failed(e.to_string()))?;
         let timing = cfg.raft.timing();
-        let process = handle_process(disk);
+        let process = disk.process();
         let setup = Setup {
             id,
             config: crate::node::raft_config(&cfg).map_err(|e| failed(e.to_string()))?,
@@ -1242,10 +1242,6 @@ impl World {
     }
 }
 
-fn handle_process(disk: &Disk) -> u64 {
-    disk.process()
-}
-
 fn instance_id(key: u64) -> String {
     format!("i{key}")
 }
@@ -1323,19 +1319,7 @@ fn key_value(i: &Instance) -> Option<(u64, u64)> {
 
 fn instance(key: u64, value: u64) -> Instance {
     Instance {
-        service: SERVICE.into(),
-        id: instance_id(key),
         address: value.to_string(),
-        port: 1,
-        tags: Vec::new(),
-        metadata: Default::default(),
-        weight: 1,
-        status: HealthStatus::Passing,
-        create_revision: 0,
-        mod_revision: 0,
-        check: None,
-        check_output: String::new(),
-        status_since_ms: 0,
-        registered_by: String::new(),
+        ..Instance::example(SERVICE, &instance_id(key))
     }
 }
