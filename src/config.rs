@@ -559,14 +559,14 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_config_parses() {
-        let readme = include_str!("../README.md");
-        let text = readme
+    fn the_documented_config_parses() {
+        let page = include_str!("../docs/operations.md");
+        let text = page
             .split("```toml\n")
             .find(|b| b.starts_with("id = 1"))
             .and_then(|b| b.split("```").next())
-            .expect("the README's node config");
-        let cfg: NodeConfig = toml::from_str(text).expect("the README's node config");
+            .expect("the node config in docs/operations.md");
+        let cfg: NodeConfig = toml::from_str(text).expect("the node config in docs/operations.md");
         assert_eq!(cfg.dns.domain, "roster.");
         assert!(cfg.dns.listen.is_some() && cfg.http.listen.is_some());
     }

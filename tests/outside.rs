@@ -9,8 +9,8 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::doc_block;
 use common::ports::free_port;
-use common::readme_block;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -20,7 +20,7 @@ fn outside_dig_and_curl_as_the_readme_shows() {
         eprintln!("skipped: set ROSTER_DIG and ROSTER_CURL (.ci/run installs them and does)");
         return;
     };
-    let block = readme_block("outside-example");
+    let block = doc_block("outside-example");
     let base = free_block();
     let _dev = Dev::start(base);
     let roster = env!("CARGO_BIN_EXE_roster");

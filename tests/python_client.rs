@@ -92,7 +92,7 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
             .output()
             .expect("run python")
     };
-    let out = python_run(&readme_block("python-tls-snippet"), &token.secret);
+    let out = python_run(&doc_block("python-tls-snippet"), &token.secret);
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("10.0.0.7:8080"),
@@ -110,14 +110,14 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
     assert_eq!(got.instances[0].registered_by, accessor);
 
     // With an unknown token the node refuses the call...
-    let out = python_run(&readme_block("python-tls-snippet"), "not-a-token");
+    let out = python_run(&doc_block("python-tls-snippet"), "not-a-token");
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"),
         "{out:?}"
     );
     // ...and without a client certificate the connection itself.
-    let anonymous = readme_block("python-tls-snippet")
+    let anonymous = doc_block("python-tls-snippet")
         .replace("private_key=read(\"certs/client.key\"),", "")
         .replace("certificate_chain=read(\"certs/client.crt\"),", "");
     let out = python_run(&anonymous, &token.secret);

@@ -124,7 +124,7 @@ impl Calls {
             .output()
             .expect("run grpc_tools.protoc");
         assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
-        std::fs::write(work.join("client.py"), readme_block("python-xds-snippet"))
+        std::fs::write(work.join("client.py"), doc_block("python-xds-snippet"))
             .expect("write the snippet");
         let mut child = Command::new(python)
             .arg("client.py")

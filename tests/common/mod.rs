@@ -789,18 +789,32 @@ pub async fn ids(c: &RosterClient, service: &str, consistency: Consistency) -> V
     v
 }
 
-/// The code block in README.md between `<!-- marker -->` and
-/// `<!-- /marker -->`, without its fence: the README's examples run as written.
-pub fn readme_block(marker: &str) -> String {
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .expect("README");
-    let (_, rest) = readme
-        .split_once(&format!("<!-- {marker} -->"))
-        .unwrap_or_else(|| panic!("the README's <!-- {marker} --> marker"));
+/// The code block between `<!-- marker -->` and `<!-- /marker -->` in
+/// README.md or, if not there, the first `docs/*.md` (in name order) that
+/// holds the marker, without its fence: the documentation's examples run as
+/// written.
+pub fn doc_block(marker: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|entry| entry.expect("docs/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    let open = format!("<!-- {marker} -->");
+    let rest = pages
+        .iter()
+        .find_map(|page| {
+            let text =
+                std::fs::read_to_string(page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+            text.split_once(&open).map(|(_, rest)| rest.to_string())
+        })
+        .unwrap_or_else(|| panic!("no <!-- {marker} --> in README.md or docs/*.md"));
     let (block, _) = rest
         .split_once(&format!("<!-- /{marker} -->"))
-        .unwrap_or_else(|| panic!("the README's <!-- /{marker} --> marker"));
+        .unwrap_or_else(|| panic!("no <!-- /{marker} --> in README.md or docs/*.md"));
     block
         .split_once("```")
         .and_then(|(_, rest)| rest.split_once('\n'))
