@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::grpc::MAX_MESSAGE_BYTES;
-use crate::raft::election::Timing;
+use crate::raft::liveness::election::Timing;
 use crate::raft::NodeId;
 
 #[derive(Debug, thiserror::Error)]
@@ -184,12 +184,13 @@ pub struct Autopilot {
 
 impl Autopilot {
     /// The policy the leader follows, when enabled.
-    pub fn policy(&self) -> Option<crate::raft::autopilot::Policy> {
-        self.enabled.then(|| crate::raft::autopilot::Policy {
-            dead_after: Duration::from_millis(self.dead_server_after_ms),
-            min_quorum: self.min_quorum,
-            stabilization: Duration::from_millis(self.server_stabilization_time_ms),
-        })
+    pub fn policy(&self) -> Option<crate::raft::liveness::autopilot::Policy> {
+        self.enabled
+            .then(|| crate::raft::liveness::autopilot::Policy {
+                dead_after: Duration::from_millis(self.dead_server_after_ms),
+                min_quorum: self.min_quorum,
+                stabilization: Duration::from_millis(self.server_stabilization_time_ms),
+            })
     }
 }
 

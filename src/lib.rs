@@ -35,6 +35,8 @@ mod net;
 #[cfg(feature = "server")]
 mod node;
 #[cfg(feature = "server")]
+mod peers;
+#[cfg(feature = "server")]
 mod raft;
 #[cfg(feature = "server")]
 mod registry;

@@ -26,10 +26,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::raft::election::Contact;
-use crate::raft::leadership::{can_serve, lag_entries};
-use crate::raft::network::Peers;
-use crate::raft::peer_trust::PeerRefusals;
+use crate::peers::Peers;
+use crate::raft::liveness::election::Contact;
+use crate::raft::liveness::leadership::{can_serve, lag_entries};
+use crate::raft::replication::peer_trust::PeerRefusals;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;

@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::ConnectionLimits;
-use crate::raft::peer_trust::PeerCertificate;
+use crate::raft::replication::peer_trust::PeerCertificate;
 
 /// Every HTTP/2 connection opens with these bytes (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -27,6 +27,7 @@ use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::health::{self, CheckContext};
 use crate::http;
 use crate::net;
+use crate::peers::Peers;
 use crate::proto::raft_v1::raft_transport_server::RaftTransportServer;
 use crate::proto::v1 as pb;
 use crate::proto::v1::acl_server::AclServer;
@@ -34,18 +35,19 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::ClusterServer;
 use crate::proto::v1::registry_server::RegistryServer;
 use crate::proto::PUBLIC_DESCRIPTOR_SET;
-use crate::raft::disk::SledLog;
-use crate::raft::election::Contact;
-use crate::raft::leadership;
-use crate::raft::log_store::LogStore;
-use crate::raft::marker::{self, Found, Identity, Marker, Progress};
-use crate::raft::network::{Peers, MAX_ENTRIES};
-use crate::raft::peer_trust::{PeerRefusals, PeerTrust};
+use crate::raft::liveness::election::Contact;
+use crate::raft::liveness::leadership;
 use crate::raft::proposer::Proposer;
 use crate::raft::replica::{Replica, Setup};
-use crate::raft::snapshot_file::SnapshotFile;
-use crate::raft::state_machine::{SnapshotSummary, StateMachine};
-use crate::raft::{log_store, state_machine, stored, trees, Node, NodeId, Raft};
+use crate::raft::replication::peer_trust::{PeerRefusals, PeerTrust};
+use crate::raft::replication::pipeline::MAX_ENTRIES;
+use crate::raft::storage::disk::SledLog;
+use crate::raft::storage::log_store::LogStore;
+use crate::raft::storage::marker::{self, Found, Identity, Marker, Progress};
+use crate::raft::storage::snapshot_file::SnapshotFile;
+use crate::raft::storage::state_machine::{SnapshotSummary, StateMachine};
+use crate::raft::storage::{log_store, state_machine, stored};
+use crate::raft::{trees, Node, NodeId, Raft};
 use crate::registry::leases::Leases;
 use crate::tls::{Port, Tls};
 use crate::xds::{AggregatedDiscoveryServiceServer, Xds, XdsStats};
@@ -723,7 +725,7 @@ fn spawn_tasks(core: &Core, cfg: &NodeConfig, leases: Arc<Leases>) -> HealthServ
     ));
     core.replica.spawn_consensus();
     if let Some(policy) = cfg.autopilot.policy() {
-        tokio::spawn(crate::raft::autopilot::run(
+        tokio::spawn(crate::raft::liveness::autopilot::run(
             raft.clone(),
             cfg.id,
             core.replica.peers.clone(),
@@ -1094,7 +1096,9 @@ mod tests {
         };
         // Back to what format 2 wrote: the snapshot (the file's bytes after
         // its magic are the record format 2 stored) under `m:snapshot`.
-        let file = dir.path().join(crate::raft::snapshot_file::SNAPSHOT_FILE);
+        let file = dir
+            .path()
+            .join(crate::raft::storage::snapshot_file::SNAPSHOT_FILE);
         let bytes = std::fs::read(&file).expect("snapshot file");
         std::fs::remove_file(&file).expect("remove the snapshot file");
         {

@@ -10,17 +10,17 @@ use tonic::{Request, Response, Status};
 
 use crate::config::parse_initial_cluster;
 use crate::error::Error;
+use crate::peers::Peers;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::cluster_server::Cluster;
-use crate::raft::autopilot::{wait_stable, Policy};
-use crate::raft::election::Contact;
-use crate::raft::leadership::{lag_entries, transfer, TRANSFER_LIMIT};
-use crate::raft::marker::Identity;
-use crate::raft::membership::{when_settled, ChangeError};
-use crate::raft::network::Peers;
+use crate::raft::liveness::autopilot::{wait_stable, Policy};
+use crate::raft::liveness::election::Contact;
+use crate::raft::liveness::leadership::{lag_entries, transfer, TRANSFER_LIMIT};
+use crate::raft::liveness::membership::{when_settled, ChangeError};
 use crate::raft::proposer::Proposer;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::storage::marker::Identity;
+use crate::raft::storage::state_machine::StateMachine;
 use crate::raft::{Node, NodeId, Raft};
 use crate::registry::watch::SharedState;
 

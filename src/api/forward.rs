@@ -31,10 +31,10 @@ use super::cluster::CATCH_UP_TIMEOUT;
 use super::BoxFuture;
 use crate::error::{Error, LEADER_ID_HEADER};
 use crate::grpc::{FORWARDED_HEADER, MAX_MESSAGE_BYTES};
+use crate::peers::{error_chain, Peers};
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
-use crate::raft::network::{error_chain, Peers};
 use crate::raft::proposer::{Proposer, Refusal};
 use crate::raft::NodeId;
 

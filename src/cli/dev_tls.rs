@@ -8,7 +8,7 @@ use rcgen::{
 };
 
 use crate::config::TlsFiles;
-use crate::raft::peer_trust::NODE_URN;
+use crate::raft::replication::peer_trust::NODE_URN;
 
 /// Where the files went: what the nodes serve with, and what a client needs.
 pub struct DevCerts {

@@ -10,8 +10,8 @@ use anyhow::Context;
 
 use crate::config::{parse_initial_cluster, NodeConfig};
 use crate::node;
-use crate::raft::snapshot_file::SnapshotFile;
-use crate::raft::state_machine::SnapshotSummary;
+use crate::raft::storage::snapshot_file::SnapshotFile;
+use crate::raft::storage::state_machine::SnapshotSummary;
 
 use super::commands::client;
 use super::{RecoverArgs, SnapshotCommand};

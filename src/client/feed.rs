@@ -3,7 +3,7 @@
 //! reopened (on whichever node answers) after a disconnect, each service
 //! resuming from the last revision it was sent.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -12,10 +12,55 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tonic::{Code, Streaming};
 
-use super::resolver::{ResolvedSet, Tracked};
 use super::RosterClient;
 use crate::proto::v1::watch_services_response::Result as Outcome;
-use crate::proto::v1::{WatchServicesRequest, WatchServicesResponse};
+use crate::proto::v1::{
+    EventType, HealthStatus, Instance, ResetReason, WatchResponse, WatchServicesRequest,
+    WatchServicesResponse,
+};
+
+/// The healthy instances at a revision, ordered by id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResolvedSet {
+    pub revision: u64,
+    pub instances: Vec<Instance>,
+}
+
+/// Applies watch messages to the full set of instances (all statuses).
+#[derive(Default)]
+pub(crate) struct Tracked {
+    pub revision: u64,
+    all: BTreeMap<String, Instance>,
+}
+
+impl Tracked {
+    pub fn apply(&mut self, m: WatchResponse) {
+        if m.reset != ResetReason::Unspecified as i32 {
+            self.all = m.instances.into_iter().map(|i| (i.id.clone(), i)).collect();
+        }
+        for e in m.events {
+            let Some(i) = e.instance else { continue };
+            if e.r#type == EventType::Delete as i32 {
+                self.all.remove(&i.id);
+            } else {
+                self.all.insert(i.id.clone(), i);
+            }
+        }
+        self.revision = self.revision.max(m.revision);
+    }
+
+    pub fn healthy(&self) -> ResolvedSet {
+        ResolvedSet {
+            revision: self.revision,
+            instances: self
+                .all
+                .values()
+                .filter(|i| i.status == HealthStatus::Passing as i32)
+                .cloned()
+                .collect(),
+        }
+    }
+}
 
 /// How long a service whose add was refused waits before it is added again.
 const RETRY: Duration = Duration::from_secs(1);

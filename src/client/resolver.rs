@@ -15,16 +15,10 @@ use tonic::transport::{Channel, Endpoint};
 use tower::discover::Change;
 
 use super::feed::Command;
+pub use super::feed::ResolvedSet;
 use super::picker::{Picked, Picker};
 use super::RosterClient;
-use crate::proto::v1::{EventType, HealthStatus, Instance, ResetReason, WatchResponse};
-
-/// The healthy instances at a revision, ordered by id.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ResolvedSet {
-    pub revision: u64,
-    pub instances: Vec<Instance>,
-}
+use crate::proto::v1::Instance;
 
 /// Tells the feed to stop following when the last handle is dropped; keeps
 /// the client (and so the feed) alive until then.
@@ -47,42 +41,6 @@ impl Drop for Following {
 pub struct Resolver {
     rx: watch::Receiver<Arc<ResolvedSet>>,
     _following: Arc<Following>,
-}
-
-/// Applies watch messages to the full set of instances (all statuses).
-#[derive(Default)]
-pub(crate) struct Tracked {
-    pub revision: u64,
-    all: BTreeMap<String, Instance>,
-}
-
-impl Tracked {
-    pub fn apply(&mut self, m: WatchResponse) {
-        if m.reset != ResetReason::Unspecified as i32 {
-            self.all = m.instances.into_iter().map(|i| (i.id.clone(), i)).collect();
-        }
-        for e in m.events {
-            let Some(i) = e.instance else { continue };
-            if e.r#type == EventType::Delete as i32 {
-                self.all.remove(&i.id);
-            } else {
-                self.all.insert(i.id.clone(), i);
-            }
-        }
-        self.revision = self.revision.max(m.revision);
-    }
-
-    pub fn healthy(&self) -> ResolvedSet {
-        ResolvedSet {
-            revision: self.revision,
-            instances: self
-                .all
-                .values()
-                .filter(|i| i.status == HealthStatus::Passing as i32)
-                .cloned()
-                .collect(),
-        }
-    }
 }
 
 impl Resolver {

@@ -10,8 +10,8 @@ use tempfile::TempDir;
 
 use super::{open_storage, Storage};
 use crate::config::NodeConfig;
-use crate::raft::log_store::LogStore;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::storage::log_store::LogStore;
+use crate::raft::storage::state_machine::StateMachine;
 use crate::raft::{NodeId, TypeConfig};
 
 struct SledBuilder;

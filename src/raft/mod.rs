@@ -1,25 +1,26 @@
 //! Consensus: openraft wired to sled storage and a gRPC transport.
+//!
+//! Sub-layers, each using only those above it in this list (and `crate::peers`,
+//! the connections to other nodes, below all of them):
+//! - this file and [`rpc`]: the Raft types, the node-to-node headers and how a
+//!   peer request is framed;
+//! - [`storage`]: the log store, the marker, snapshot files, the state
+//!   machine and the format of what is stored;
+//! - [`liveness`]: elections, leadership, incarnations, membership, autopilot;
+//! - [`replication`]: openraft's network over gRPC, the pipeline, the
+//!   transport service and its trust, group commit;
+//! - [`proposer`] and [`replica`] at the top: proposing and reading, and one
+//!   member's start.
+//!
+//! [`mutation`] is a leaf: the simulation's deliberate bugs.
 
-pub mod autopilot;
-pub mod coalesce;
-pub mod disk;
-pub mod election;
-pub mod incarnation;
-pub mod leadership;
-pub mod log_store;
-pub mod marker;
-pub mod membership;
+pub mod liveness;
 pub mod mutation;
-pub mod network;
-pub mod peer_trust;
-pub mod pipeline;
 pub mod proposer;
 pub mod replica;
-pub mod snapshot_file;
-pub mod state_machine;
-pub mod stored;
-pub mod transport;
-pub mod wire;
+pub mod replication;
+pub mod rpc;
+pub mod storage;
 
 use std::io::Cursor;
 
@@ -34,7 +35,7 @@ openraft::declare_raft_types!(
         Node = Node,
 );
 
-pub type NodeId = u64;
+pub use crate::peers::NodeId;
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// A member as the Raft membership records it: where it serves clients, where

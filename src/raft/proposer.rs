@@ -10,11 +10,11 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use tokio::sync::watch;
 
-use super::coalesce::{Coalescer, Slot};
-use super::election::Contact;
-use super::network::{Peers, FAR};
+use super::liveness::election::Contact;
+use super::replication::coalesce::{Coalescer, Slot};
 use super::{Node, NodeId, Raft};
 use crate::error::Error;
+use crate::peers::{Peers, FAR};
 use crate::registry::{Command, CommandResponse, Proposal};
 
 /// Commands per log entry. Bounded so that an entry stays far below the
@@ -151,7 +151,7 @@ fn read_refusal(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Refus
 
 /// Confirms leadership with a quorum, then waits (up to `timeout`) until this
 /// node has applied the read index. A leader is always elected (see
-/// [`LogStore::resign`](super::log_store::LogStore::resign)), so the read index
+/// [`LogStore::resign`](super::storage::log_store::LogStore::resign)), so the read index
 /// is at least its first entry of the term, after every acknowledged write.
 async fn read_index(raft: &Raft, timeout: Duration) -> Result<(), Refusal> {
     let (read, applied) = raft.get_read_log_id().await.map_err(read_refusal)?;

@@ -9,18 +9,19 @@ use std::time::Duration;
 
 use openraft::storage::RaftLogStorage;
 
-use super::election::{self, Contact, Timing};
-use super::incarnation::{self, Learned, Stated};
-use super::leadership;
-use super::log_store::LogStore;
-use super::marker::Identity;
-use super::network::{Network, Peers};
-use super::peer_trust::PeerTrust;
+use super::liveness::election::{self, Contact, Timing};
+use super::liveness::incarnation::{self, Learned, Stated};
+use super::liveness::leadership;
 use super::proposer::Proposer;
-use super::state_machine::StateMachine;
-use super::transport::RaftService;
+use super::replication::network::Network;
+use super::replication::peer_trust::PeerTrust;
+use super::replication::transport::RaftService;
+use super::storage::log_store::LogStore;
+use super::storage::marker::Identity;
+use super::storage::state_machine::StateMachine;
 use super::{NodeId, Raft};
 use crate::error::Error;
+use crate::peers::Peers;
 use crate::registry::watch::SharedState;
 
 /// What a member is started with besides its storage.

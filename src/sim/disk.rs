@@ -12,7 +12,7 @@ use std::io;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::raft::disk::{LogDisk, MarkerFile, Tree, Visit};
+use crate::raft::storage::disk::{LogDisk, MarkerFile, Tree, Visit};
 
 type Trees = BTreeMap<(Tree, Vec<u8>), Vec<u8>>;
 

@@ -4,7 +4,7 @@
 //! state machine and snapshots, pre-vote elections, check-quorum, pipelined
 //! replication, incarnations, leadership transfer, proposer and read index —
 //! through [`crate::raft::replica::Replica`], as a node does, in one process
-//! on one thread. Only the seams are simulated ([`crate::raft::disk`],
+//! on one thread. Only the seams are simulated ([`crate::raft::storage::disk`],
 //! [`crate::raft::wire`], tokio's paused clock): a disk ([`disk`]) and a
 //! network ([`net`]) whose faults a seeded nemesis chooses, while clients
 //! register, deregister, heartbeat and read. Everything random is drawn
@@ -31,17 +31,17 @@ use openraft::{LogId, RaftLogReader, ServerState};
 use tokio::time::Instant;
 
 use crate::config::NodeConfig;
-use crate::raft::disk::Offload;
-use crate::raft::leadership;
-use crate::raft::log_store::{self, LogStore};
-use crate::raft::marker::{self, Found, Identity, Marker, Progress};
+use crate::peers::Peers;
+use crate::raft::liveness::leadership;
 use crate::raft::mutation;
 pub use crate::raft::mutation::Mutation;
-use crate::raft::network::Peers;
-use crate::raft::peer_trust::PeerTrust;
 use crate::raft::proposer::Refusal;
 use crate::raft::replica::{Replica, Setup};
-use crate::raft::state_machine::{Current, StateMachine};
+use crate::raft::replication::peer_trust::PeerTrust;
+use crate::raft::storage::disk::Offload;
+use crate::raft::storage::log_store::{self, LogStore};
+use crate::raft::storage::marker::{self, Found, Identity, Marker, Progress};
+use crate::raft::storage::state_machine::{Current, StateMachine};
 use crate::raft::{Node, NodeId};
 use crate::registry::model::{Command, EventKind, Instance, Outcome};
 use crate::registry::watch::watch_stream;
@@ -277,7 +277,7 @@ struct Observed {
 
 struct World {
     opts: Options,
-    timing: crate::raft::election::Timing,
+    timing: crate::raft::liveness::election::Timing,
     net: Net,
     members: Mutex<BTreeMap<NodeId, Member>>,
     observed: Mutex<Observed>,

@@ -10,10 +10,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tonic::{Request, Response, Status};
 
+use crate::peers::{Method, Wire};
 use crate::proto::raft_v1::RaftPayload;
-use crate::raft::election::{PreVoteRequest, PreVoteResponse};
-use crate::raft::transport::RaftService;
-use crate::raft::wire::{dispatch, Method, Wire};
+use crate::raft::liveness::election::{PreVoteRequest, PreVoteResponse};
+use crate::raft::replication::transport::dispatch;
+use crate::raft::replication::transport::RaftService;
 use crate::raft::{decode, NodeId, Raft};
 
 /// How messages fare on every link.

@@ -28,7 +28,7 @@ use tonic::metadata::MetadataMap;
 use futures::StreamExt;
 
 use super::membership::settled;
-use super::{metrics_every, Node, NodeId, Raft, CLIENT_ADDRESS_HEADER, INCARNATION_HEADER};
+use crate::raft::{metrics_every, Node, NodeId, Raft, CLIENT_ADDRESS_HEADER, INCARNATION_HEADER};
 
 /// A Raft request meant for another incarnation of this node.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

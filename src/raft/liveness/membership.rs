@@ -11,7 +11,7 @@ use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::RaftMetrics;
 use tokio::time::Instant;
 
-use super::{Node, NodeId, Raft};
+use crate::raft::{Node, NodeId, Raft};
 
 pub type ChangeError = RaftError<NodeId, ClientWriteError<NodeId, Node>>;
 

@@ -24,8 +24,8 @@ use super::disk::Offload;
 use super::marker::Marker;
 use super::snapshot_file::SnapshotFile;
 use super::stored::{decode, encode, CodecError};
-use super::{trees, Node, NodeId, TypeConfig};
 use crate::error::Error;
+use crate::raft::{trees, Node, NodeId, TypeConfig};
 use crate::registry::acl::{Acl, Token};
 use crate::registry::model::{ServiceConfig, Session};
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
@@ -647,7 +647,7 @@ mod tests {
     use openraft::CommittedLeaderId;
 
     use super::*;
-    use crate::raft::marker::{Identity, Progress};
+    use crate::raft::storage::marker::{Identity, Progress};
     use crate::registry::{Command, Proposal};
 
     fn open(dir: &Path) -> StateMachine {

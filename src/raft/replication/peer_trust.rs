@@ -30,10 +30,11 @@ use tonic::transport::server::TcpConnectInfo;
 use tonic::Status;
 use tower::Service;
 
-use super::marker::Identity;
-use super::network::{extra_call, Extra, Peers, Reminders};
-use super::{Node, NodeId, Raft};
 use crate::error::Error;
+use crate::peers::{Peers, Reminders};
+use crate::raft::rpc::{extra_call, Extra};
+use crate::raft::storage::marker::Identity;
+use crate::raft::{Node, NodeId, Raft};
 
 /// A node certificate's URI SAN is this and the node id.
 pub const NODE_URN: &str = "urn:roster:node:";

@@ -14,15 +14,14 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::disk::{LogDisk, Offload, SledLog, Tree};
 use super::marker::Marker;
-use super::mutation::{self, Mutation};
-use super::pipeline::Appends;
 use super::stored::{decode, encode};
-use super::{NodeId, TypeConfig};
 use crate::error::Error;
+use crate::raft::mutation::{self, Mutation};
+use crate::raft::{NodeId, TypeConfig};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -30,6 +29,42 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
+
+/// Entries one `append` of the log store wrote, in order.
+pub type Batch = Arc<Vec<Entry<TypeConfig>>>;
+
+/// The log store's appends as they happen, for the replication pipelines that
+/// send them ahead (`raft::replication::pipeline`). Costs nothing while none
+/// listens; one that falls `APPENDS_KEPT` batches behind misses some, and
+/// openraft's own requests carry them.
+#[derive(Clone)]
+pub struct Appends {
+    tx: broadcast::Sender<Batch>,
+}
+
+const APPENDS_KEPT: usize = 64;
+
+impl Default for Appends {
+    fn default() -> Self {
+        Appends {
+            tx: broadcast::channel(APPENDS_KEPT).0,
+        }
+    }
+}
+
+impl Appends {
+    pub fn subscribe(&self) -> broadcast::Receiver<Batch> {
+        self.tx.subscribe()
+    }
+
+    fn wanted(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    fn publish(&self, batch: Batch) {
+        let _ = self.tx.send(batch);
+    }
+}
 
 #[derive(Clone)]
 pub struct LogStore {

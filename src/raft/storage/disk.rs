@@ -78,8 +78,8 @@ impl SledLog {
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         Ok(SledLog {
             db: db.clone(),
-            log: db.open_tree(super::trees::LOG)?,
-            meta: db.open_tree(super::trees::RAFT_META)?,
+            log: db.open_tree(crate::raft::trees::LOG)?,
+            meta: db.open_tree(crate::raft::trees::RAFT_META)?,
         })
     }
 

@@ -12,18 +12,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::mutation::{self, Mutation};
+use crate::raft::mutation::{self, Mutation};
 
 use openraft::raft::VoteRequest;
 use openraft::{RaftMetrics, ServerState, Vote};
 
-use super::marker::Identity;
+use crate::raft::storage::marker::Identity;
 use futures::StreamExt;
 
 use super::election::Contact;
-use super::metrics_every;
-use super::network::{extra_call, Extra, Peers};
-use super::{Node, NodeId, Raft};
+use crate::peers::Peers;
+use crate::raft::metrics_every;
+use crate::raft::rpc::{extra_call, Extra};
+use crate::raft::{Node, NodeId, Raft};
 
 /// How long a leader waits for a follower to take over when it hands
 /// leadership on (stopping, or removing itself).

@@ -1,7 +1,7 @@
 //! The network seam: how a node's Raft RPCs reach a peer. In production they
-//! go over gRPC ([`super::network::Peers`] keeps a channel per peer); the
+//! go over gRPC ([`super::Peers`] keeps a channel per peer); the
 //! deterministic simulation (`crate::sim`) sets a [`Wire`] that hands each
-//! request to the target's [`RaftService`] in the same process, with delays,
+//! request to the target's `RaftService` in the same process, with delays,
 //! losses and partitions of its choosing. Everything above the wire (request
 //! headers, incarnation checks, pipelining, the service's admission) is the
 //! same code either way.
@@ -11,10 +11,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tonic::{Request, Response, Status};
 
-#[cfg(feature = "sim")]
-use super::transport::RaftService;
-#[cfg(feature = "sim")]
-use crate::proto::raft_v1::raft_transport_server::RaftTransport;
 use crate::proto::raft_v1::RaftPayload;
 
 /// The RPCs of the `RaftTransport` service.
@@ -40,21 +36,4 @@ pub trait Wire: Send + Sync + 'static {
     /// Whether a connection to `addr` is refused (nothing listens there)
     /// within `within`; false if it is accepted or nothing answers.
     fn refused(&self, addr: &str, within: Duration) -> BoxFuture<'static, bool>;
-}
-
-/// Hands `req` to `service` as the gRPC server would.
-#[cfg(feature = "sim")]
-pub async fn dispatch(
-    service: &RaftService,
-    method: Method,
-    req: Request<RaftPayload>,
-) -> Result<Response<RaftPayload>, Status> {
-    match method {
-        Method::AppendEntries => service.append_entries(req).await,
-        Method::Vote => service.vote(req).await,
-        Method::InstallSnapshot => service.install_snapshot(req).await,
-        Method::PreVote => service.pre_vote(req).await,
-        Method::Members => service.members(req).await,
-        Method::TimeoutNow => service.timeout_now(req).await,
-    }
 }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::disk::{DirFile, MarkerFile};
 use super::stored::{self, CodecError};
-use super::NodeId;
+use crate::raft::NodeId;
 
 pub const MARKER_FILE: &str = "roster.marker";
 /// Bytes per slot: a length, then the record; a cluster id is at most a few

@@ -12,12 +12,12 @@ use tonic::{Request, Response, Status};
 
 use openraft::Vote;
 
-use super::election::{answer_pre_vote, Contact, PreVoteRequest};
-use super::incarnation;
-use super::marker::Identity;
-use super::network::Reminders;
 use super::peer_trust::{members, MembersRequest, PeerTrust};
-use super::{
+use crate::peers::Reminders;
+use crate::raft::liveness::election::{answer_pre_vote, Contact, PreVoteRequest};
+use crate::raft::liveness::incarnation;
+use crate::raft::storage::marker::Identity;
+use crate::raft::{
     decode, encode, NodeId, Raft, TypeConfig, CLIENT_ADDRESS_HEADER, CLUSTER_ID_HEADER,
     EARLY_HEADER, INCARNATION_HEADER, TARGET_INCARNATION_HEADER,
 };
@@ -249,5 +249,22 @@ impl RaftTransport for RaftService {
             .await
             .map_err(|e| Error::Unavailable(format!("raft stopped: {e}")))?;
         self.reply(&())
+    }
+}
+
+/// Hands `req` to `service` as the gRPC server would.
+#[cfg(feature = "sim")]
+pub async fn dispatch(
+    service: &RaftService,
+    method: crate::peers::Method,
+    req: Request<RaftPayload>,
+) -> Result<Response<RaftPayload>, Status> {
+    match method {
+        crate::peers::Method::AppendEntries => service.append_entries(req).await,
+        crate::peers::Method::Vote => service.vote(req).await,
+        crate::peers::Method::InstallSnapshot => service.install_snapshot(req).await,
+        crate::peers::Method::PreVote => service.pre_vote(req).await,
+        crate::peers::Method::Members => service.members(req).await,
+        crate::peers::Method::TimeoutNow => service.timeout_now(req).await,
     }
 }

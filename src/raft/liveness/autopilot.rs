@@ -10,8 +10,8 @@ use openraft::ServerState;
 
 use super::leadership::lag_entries;
 use super::membership::settled;
-use super::network::Peers;
-use super::{NodeId, Raft};
+use crate::peers::Peers;
+use crate::raft::{NodeId, Raft};
 
 /// Entries a member may lack and still count as caught up (Consul's
 /// `max_trailing_logs`).

@@ -23,46 +23,23 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
-use openraft::{Entry, LogId, Vote};
+use openraft::{LogId, Vote};
 use tokio::sync::{broadcast, watch};
 
-use super::{NodeId, TypeConfig};
+use crate::raft::storage::log_store::{Appends, Batch};
+use crate::raft::{NodeId, TypeConfig};
 
-/// Entries one `append` of the log store wrote, in order.
-pub type Batch = Arc<Vec<Entry<TypeConfig>>>;
-
+/// Entries per AppendEntries at most (openraft's `max_payload_entries` is set
+/// to this): many, so that a follower behind a long link catches up by the
+/// round trip, not the entry; `MAX_BATCH_BYTES` keeps the message small.
+pub const MAX_ENTRIES: u64 = 512;
 /// Appended batches not yet sent early that a pipeline keeps, and the most
 /// early sends it has in flight.
 const WINDOW: usize = 64;
-
-/// The log store's appends as they happen, for pipelines that follow them.
-/// Costs nothing while no pipeline listens.
-#[derive(Clone)]
-pub struct Appends {
-    tx: broadcast::Sender<Batch>,
-}
-
-impl Default for Appends {
-    fn default() -> Self {
-        Appends {
-            tx: broadcast::channel(WINDOW).0,
-        }
-    }
-}
-
-impl Appends {
-    pub(super) fn wanted(&self) -> bool {
-        self.tx.receiver_count() > 0
-    }
-
-    pub(super) fn publish(&self, batch: Batch) {
-        let _ = self.tx.send(batch);
-    }
-}
 
 /// An early AppendEntries, and where its answer goes.
 pub(super) struct Early {
@@ -103,7 +80,7 @@ struct State {
     recent: VecDeque<Batch>,
     /// Early sends by the index of their first entry.
     sent: BTreeMap<u64, Sent>,
-    /// A near follower (under `network::FAR`) gets one early send at a time:
+    /// A near follower (under `peers::FAR`) gets one early send at a time:
     /// enough for its fsync to run beside the leader's, while under load
     /// openraft's requests carry the larger batches that keep messages and
     /// fsyncs few.
@@ -254,7 +231,7 @@ impl State {
             let chains = batch.first().is_some_and(|e| {
                 e.log_id.index == last.index + 1 && e.log_id.leader_id == *vote.leader_id()
             });
-            if !chains || entries.len() + batch.len() > super::network::MAX_ENTRIES as usize {
+            if !chains || entries.len() + batch.len() > MAX_ENTRIES as usize {
                 break;
             }
             let batch = self.recent.pop_front()?;
@@ -281,7 +258,7 @@ impl State {
 /// Feeds `pipeline` with the log store's appends until it is dropped; `send`
 /// sends each early request.
 pub(super) async fn follow(pipeline: Weak<Pipeline>, appends: &Appends, send: impl Fn(Early)) {
-    let mut rx = appends.tx.subscribe();
+    let mut rx = appends.subscribe();
     loop {
         let batch = match rx.recv().await {
             Ok(b) => b,
@@ -306,7 +283,9 @@ pub(super) async fn follow(pipeline: Weak<Pipeline>, appends: &Appends, send: im
 
 #[cfg(test)]
 mod tests {
-    use openraft::{CommittedLeaderId, EntryPayload};
+    use std::sync::Arc;
+
+    use openraft::{CommittedLeaderId, Entry, EntryPayload};
 
     use super::*;
 

@@ -28,16 +28,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::mutation::{self, Mutation};
+use crate::raft::mutation::{self, Mutation};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use openraft::{LogId, RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
 
-use super::marker::Identity;
-use super::network::{extra_call, Extra, Peers};
-use super::{Node, NodeId, Raft};
+use crate::peers::Peers;
+use crate::raft::rpc::{extra_call, Extra};
+use crate::raft::storage::marker::Identity;
+use crate::raft::{Node, NodeId, Raft};
 
 /// Raft timing in effect (see `config::RaftTuning`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
