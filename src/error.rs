@@ -118,6 +118,13 @@ impl From<sled::Error> for Error {
     }
 }
 
+/// Openraft's storage errors, which the log store and state machine return.
+impl From<openraft::StorageError<u64>> for Error {
+    fn from(e: openraft::StorageError<u64>) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
 impl From<bincode::Error> for Error {
     fn from(e: bincode::Error) -> Self {
         Error::Storage(format!("decode: {e}"))

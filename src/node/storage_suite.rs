@@ -8,7 +8,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{StorageError, StorageIOError};
 use tempfile::TempDir;
 
-use super::{open_storage, Storage};
+use super::storage::{open_storage, Storage};
 use crate::config::NodeConfig;
 use crate::raft::storage::log_store::LogStore;
 use crate::raft::storage::state_machine::StateMachine;

@@ -53,10 +53,6 @@ pub struct Replica {
     client_addr: String,
 }
 
-fn storage(e: openraft::StorageError<NodeId>) -> Error {
-    Error::Storage(e.to_string())
-}
-
 impl Replica {
     /// Starts Raft on `log_store` and `state_machine`, which hold `me`'s data.
     pub async fn start(
@@ -73,7 +69,7 @@ impl Replica {
             client_addr,
             peers,
         } = setup;
-        if log_store.resign(id).await.map_err(storage)? {
+        if log_store.resign(id).await? {
             tracing::info!("led before it stopped: leads again only if elected in a later term");
         }
         let durable = log_store.durable();
@@ -170,12 +166,7 @@ impl Replica {
 
     /// Whether this member has no vote and no log yet (a new data directory).
     pub async fn pristine(log_store: &mut LogStore) -> Result<bool, Error> {
-        Ok(log_store.read_vote().await.map_err(storage)?.is_none()
-            && log_store
-                .get_log_state()
-                .await
-                .map_err(storage)?
-                .last_log_id
-                .is_none())
+        Ok(log_store.read_vote().await?.is_none()
+            && log_store.get_log_state().await?.last_log_id.is_none())
     }
 }
