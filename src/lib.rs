@@ -13,6 +13,8 @@ mod codec;
 mod grpc;
 #[cfg(feature = "client")]
 pub mod proto;
+#[cfg(feature = "client")]
+mod rules;
 
 #[cfg(feature = "server")]
 mod api;

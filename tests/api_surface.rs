@@ -246,7 +246,7 @@ async fn without_a_quorum_requests_fail_with_unavailable_instead_of_hanging() {
                 .await
                 .expect_err("read without quorum")
         };
-        assert_eq!(e.code(), tonic::Code::Unavailable, "{what}: {e}");
+        assert_eq!(e.code(), roster::client::Code::Unavailable, "{what}: {e}");
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "{what} took {:?}",

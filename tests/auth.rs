@@ -56,14 +56,14 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
         .get_service(get("payments"))
         .await
         .expect_err("anonymous");
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("requires a token"), "{e:?}");
     let e = c
         .client_with(1, Some("not-a-token"))
         .status()
         .await
         .expect_err("unknown token");
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("unknown token"), "{e:?}");
     // The gRPC health service needs none: probes call it.
     let health = HealthClient::new(c.channel(&c.endpoint(1)).await)
@@ -84,7 +84,7 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
         .register(reg("payments", "p-1"))
         .await
         .expect_err("read token registers");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("Register needs Write"), "{e:?}");
 
     // A write token scoped to pay*: payments yes, billing no.
@@ -111,13 +111,13 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
         })
         .await
         .expect_err("out of scope");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("\"billing\""), "{e:?}");
     let e = writer
         .get_service(get("billing"))
         .await
         .expect_err("read out of scope");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     // Listings show only what the token covers.
     let listed = writer
         .list_services(ListServicesRequest::default())
@@ -133,12 +133,12 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
         })
         .await
         .expect_err("write token changes membership");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     let e = writer
         .list_tokens()
         .await
         .expect_err("write token lists tokens");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
 
     // `roster get` shows who registered an instance.
     let out = Command::new(env!("CARGO_BIN_EXE_roster"))
@@ -156,10 +156,10 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
     // own secret: asking again with it (a retry whose answer was lost) gets
     // the same token; any other secret, or none, is refused.
     let e = anonymous
-        .acl_bootstrap(BootstrapRequest::default())
+        .bootstrap(BootstrapRequest::default())
         .await
         .expect_err("a second bootstrap");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("bootstrapped already"), "{e:?}");
     let secret = c.token();
     let admins: Vec<_> = c
@@ -175,7 +175,7 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
     for id in 1..=3 {
         let again = c
             .client_with(id, None)
-            .acl_bootstrap(BootstrapRequest {
+            .bootstrap(BootstrapRequest {
                 secret: secret.to_string(),
                 ..BootstrapRequest::default()
             })
@@ -202,21 +202,21 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
     );
     assert!(text.contains(&format!("secret: {secret}")), "{text}");
     let e = anonymous
-        .acl_bootstrap(BootstrapRequest {
+        .bootstrap(BootstrapRequest {
             secret: "f".repeat(64),
             ..BootstrapRequest::default()
         })
         .await
         .expect_err("a bootstrap with another secret");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::FailedPrecondition, "{e:?}");
     let e = anonymous
-        .acl_bootstrap(BootstrapRequest {
+        .bootstrap(BootstrapRequest {
             secret: "short".into(),
             ..BootstrapRequest::default()
         })
         .await
         .expect_err("a short secret");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("32 to 256"), "{e:?}");
 }
 
@@ -237,7 +237,7 @@ async fn a_scoped_watch_never_shows_other_services() {
         })
         .await
         .expect_err("a watch out of scope");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     let admin = c.client();
     register(&admin, "billing", "b-0", 80).await;
     // Watching every service: the initial state and the changes hold only its own.
@@ -295,7 +295,7 @@ async fn a_scoped_watch_never_shows_other_services() {
         .watch_services(vec![WatchServicesRequest::add("payments", 0)])
         .await
         .expect_err("no token");
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::Unauthenticated, "{e:?}");
 }
 
 #[tokio::test]
@@ -333,7 +333,12 @@ async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
                 || async { client.status().await.err() },
             )
             .await;
-        assert_eq!(e.code(), Code::Unauthenticated, "node {}: {e:?}", i + 1);
+        assert_eq!(
+            e.code(),
+            roster::client::Code::Unauthenticated,
+            "node {}: {e:?}",
+            i + 1
+        );
     }
     let took = revoked.elapsed();
     assert!(
@@ -345,7 +350,7 @@ async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
         .revoke_token(RevokeTokenRequest { accessor })
         .await
         .expect_err("revoked twice");
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::NotFound, "{e:?}");
 }
 
 #[tokio::test]
@@ -378,7 +383,7 @@ async fn tokens_survive_restarts_and_reach_a_node_by_snapshot() {
         .status()
         .await
         .expect_err("a token revoked before the snapshot");
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::Unauthenticated, "{e:?}");
 
     // Every node restarts from its data directory with the same tokens.
     for id in 1..=3 {
@@ -398,8 +403,8 @@ async fn tokens_survive_restarts_and_reach_a_node_by_snapshot() {
     }
     let e = c
         .client_with(1, None)
-        .acl_bootstrap(BootstrapRequest::default())
+        .bootstrap(BootstrapRequest::default())
         .await
         .expect_err("bootstrap after a restart");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::FailedPrecondition, "{e:?}");
 }

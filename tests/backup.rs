@@ -76,7 +76,7 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
         .await
         .expect("configure");
     let token = client
-        .acl_bootstrap(BootstrapRequest::default())
+        .bootstrap(BootstrapRequest::default())
         .await
         .expect("bootstrap");
     let before = catalogue(&old).await;
@@ -184,7 +184,7 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
         .status()
         .await
         .expect_err("an unknown token");
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::Unauthenticated, "{e:?}");
     assert_eq!(catalogue(&new).await, before);
     let status = new.status(new.leader().await).await.expect("status");
     // After the backup's entries: the new leader's blank entry (and soon the

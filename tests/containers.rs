@@ -131,10 +131,10 @@ impl DockerCluster {
         };
         let created = c
             .wait("the ACL bootstrap", || async {
-                match c.client(&[1, 2, 3]).acl_bootstrap(req.clone()).await {
+                match c.client(&[1, 2, 3]).bootstrap(req.clone()).await {
                     Ok(t) => Some(t),
                     Err(e) => {
-                        if e.code() != tonic::Code::Unavailable {
+                        if e.code() != roster::client::Code::Unavailable {
                             eprintln!("bootstrap: {e:?}");
                         }
                         None
@@ -415,7 +415,7 @@ async fn container_partitioned_leader_is_replaced_and_rejoins_without_losing_wri
         .status()
         .await
         .expect_err("no token");
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::Unauthenticated, "{e:?}");
 }
 
 #[tokio::test]

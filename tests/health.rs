@@ -549,5 +549,5 @@ async fn protection_threshold_returns_all_instances_when_too_few_pass() {
         })
         .await
         .expect_err("over 100%");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument);
 }

@@ -14,9 +14,12 @@ use roster::proto::v1::*;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-fn assert_exhausted<T: std::fmt::Debug>(r: Result<T, Status>, key: &str) {
-    let s = r.expect_err("refused at the limit");
-    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+fn assert_exhausted<T: std::fmt::Debug, E: Into<roster::client::Error> + std::fmt::Debug>(
+    r: Result<T, E>,
+    key: &str,
+) {
+    let s: roster::client::Error = r.expect_err("refused at the limit").into();
+    assert_eq!(s.code(), roster::client::Code::ResourceExhausted, "{s:?}");
     assert!(
         s.message().contains(&format!("limits.{key}")),
         "the message names limits.{key}: {s:?}"
@@ -31,7 +34,7 @@ fn with_ttl(mut i: Instance) -> Instance {
     i
 }
 
-async fn put(c: &RosterClient, i: Instance) -> Result<RegisterResponse, Status> {
+async fn put(c: &RosterClient, i: Instance) -> Result<RegisterResponse, roster::client::Error> {
     c.register(RegisterRequest {
         instance: Some(i),
         ..Default::default()
@@ -231,7 +234,7 @@ async fn a_burst_of_concurrent_registrations_fills_a_limit_exactly() {
         match a {
             Ok(_) => admitted += 1,
             Err(s) => {
-                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert_eq!(s.code(), roster::client::Code::ResourceExhausted, "{s:?}");
                 assert!(
                     s.message().contains("limits.max_instances_per_service"),
                     "{s:?}"
@@ -254,7 +257,7 @@ async fn services_on_one_watch_stream_are_limited() {
         .await
         .expect("watch_services");
     async fn next(
-        s: &mut tonic::Streaming<WatchServicesResponse>,
+        s: &mut roster::client::WatchStream<WatchServicesResponse>,
     ) -> (String, watch_services_response::Result) {
         let m = s.message().await.expect("stream").expect("message");
         (m.service, m.result.expect("result"))
@@ -265,7 +268,7 @@ async fn services_on_one_watch_stream_are_limited() {
             (service, watch_services_response::Result::Update(_)) => started.push(service),
             (service, watch_services_response::Result::Ended(e)) => {
                 assert_eq!(service, "d");
-                assert_exhausted::<()>(
+                assert_exhausted::<(), Status>(
                     Err(Status::new(Code::from_i32(e.code), e.message)),
                     "max_watched_services_per_stream",
                 );

@@ -35,7 +35,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         })
         .await
         .expect_err("another address than the node advertises");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::FailedPrecondition, "{e:?}");
     assert!(
         e.message()
             .contains(&format!("advertises {}", c.endpoint(n4))),
@@ -108,7 +108,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
             .wait_for("the removal", Duration::from_secs(20), || async {
                 match all.remove_member(RemoveMemberRequest { id }).await {
                     Ok(r) => Some(r),
-                    Err(e) if e.code() == tonic::Code::Unavailable => None,
+                    Err(e) if e.code() == roster::client::Code::Unavailable => None,
                     Err(e) => panic!("remove node {id}: {e}"),
                 }
             })
@@ -175,7 +175,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         .remove_member(RemoveMemberRequest { id: 9 })
         .await
         .expect_err("unknown node");
-    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(e.code(), roster::client::Code::NotFound);
     let e = three
         .add_member(AddMemberRequest {
             id: 6,
@@ -183,7 +183,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         })
         .await
         .expect_err("bad address");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument);
 }
 
 #[tokio::test]

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use roster::client::RosterClient;
 use roster::proto::v1::*;
-use tonic::Code;
 
 const TTL: Duration = Duration::from_millis(1500);
 
@@ -165,7 +164,7 @@ async fn deregister_on_end_and_refusals() {
         .close_session(CloseSessionRequest { id: s.id.clone() })
         .await
         .expect_err("closed twice");
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::NotFound, "{e:?}");
 
     let reg = |session: &str, metadata: &[(&str, &str)]| {
         let mut i = instance("x", "1", 80);
@@ -182,18 +181,18 @@ async fn deregister_on_end_and_refusals() {
         .register(reg(&s.id, &[]))
         .await
         .expect_err("register under a closed session");
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::NotFound, "{e:?}");
     assert!(e.message().contains("create a new session"), "{e:?}");
     let e = client
         .register(reg("not-a-session", &[]))
         .await
         .expect_err("malformed session id");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument, "{e:?}");
     let e = client
         .register(reg("", &[("roster.session", &s.id)]))
         .await
         .expect_err("reserved metadata key");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("roster.session"), "{e:?}");
     let e = client
         .create_session(CreateSessionRequest {
@@ -202,7 +201,7 @@ async fn deregister_on_end_and_refusals() {
         })
         .await
         .expect_err("TTL too short");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument, "{e:?}");
     assert!(
         instances_of(&client, "x").await.is_empty(),
         "nothing stored"
@@ -355,17 +354,17 @@ async fn only_its_creator_or_an_admin_closes_a_session() {
         })
         .await
         .expect_err("outside the token's scope");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     let e = cr
         .create_session(CreateSessionRequest::default())
         .await
         .expect_err("a read token creates a session");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     let e = cb
         .close_session(CloseSessionRequest { id: s.id.clone() })
         .await
         .expect_err("another token closes it");
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("admin"), "{e:?}");
     assert!(all_passing(&instances_of(&admin, "payments").await));
     let r = admin

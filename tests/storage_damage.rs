@@ -293,7 +293,9 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
     assert!(
         matches!(
             e.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+            roster::client::Code::Unavailable
+                | roster::client::Code::DeadlineExceeded
+                | roster::client::Code::Aborted
         ),
         "{e}"
     );
@@ -317,7 +319,7 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
         })
         .await
         .expect_err("adding a replaced member in place");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert_eq!(e.code(), roster::client::Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("remove node 3 first"), "{e}");
 
     // ...but the documented recovery makes it a member again, with its new incarnation.

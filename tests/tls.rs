@@ -89,7 +89,7 @@ async fn both_ports_serve_tls_and_the_peer_port_only_to_the_clusters_certificate
         .status()
         .await
         .expect_err("the Rust client in plaintext");
-    assert!(told_to_use_tls(&e), "{e:?}");
+    assert!(told_to_use_tls(e.status()), "{e:?}");
 
     // The peer port: with a client certificate from another CA, or in
     // plaintext, a Raft message never gets past the handshake; without a

@@ -158,7 +158,11 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
                 })
                 .await
                 .expect_err(what);
-            assert_eq!(e.code(), Code::InvalidArgument, "{what} via node {id}: {e}");
+            assert_eq!(
+                e.code(),
+                roster::client::Code::InvalidArgument,
+                "{what} via node {id}: {e}"
+            );
             assert!(!e.message().is_empty());
         }
     }
@@ -170,7 +174,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         })
         .await
         .expect_err("unknown instance");
-    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert_eq!(e.code(), roster::client::Code::NotFound, "{e}");
     assert!(e.message().contains("nope"));
     let e = client
         .deregister(DeregisterRequest {
@@ -179,7 +183,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         })
         .await
         .expect_err("empty service");
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument);
     let e = client
         .heartbeat(HeartbeatRequest {
             service: "payments".into(),
@@ -187,12 +191,12 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         })
         .await
         .expect_err("unknown heartbeat");
-    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.code(), roster::client::Code::NotFound);
     let e = client
         .get_service(get_req("bad_name", Consistency::Stale))
         .await
         .expect_err("bad get");
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument);
     let e = client
         .watch(WatchRequest {
             service: "bad name".into(),
@@ -200,7 +204,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         })
         .await
         .expect_err("bad watch");
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.code(), roster::client::Code::InvalidArgument);
 
     let after = everything(&client).await;
     assert_eq!(after.1, before.1, "stored instances changed");
@@ -362,6 +366,6 @@ async fn list_services_pages_through_in_name_order() {
     let bad = page(10, "not a name!".into())
         .await
         .expect_err("a token no answer gave");
-    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
+    assert_eq!(bad.code(), roster::client::Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("next_page_token"), "{bad}");
 }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use common::*;
 use roster::client::RosterClient;
+use roster::client::WatchStream;
 use roster::proto::v1::*;
-use tonic::Streaming;
 
-async fn next(s: &mut Streaming<WatchResponse>) -> WatchResponse {
+async fn next(s: &mut WatchStream<WatchResponse>) -> WatchResponse {
     tokio::time::timeout(Duration::from_secs(10), s.message())
         .await
         .expect("watch message within 10 s")
@@ -18,7 +18,7 @@ async fn next(s: &mut Streaming<WatchResponse>) -> WatchResponse {
 }
 
 /// Collects (type, id, revision) of events until `n` have arrived.
-async fn events(s: &mut Streaming<WatchResponse>, n: usize) -> Vec<(i32, String, u64)> {
+async fn events(s: &mut WatchStream<WatchResponse>, n: usize) -> Vec<(i32, String, u64)> {
     let mut out = Vec::new();
     while out.len() < n {
         let m = next(s).await;
@@ -194,7 +194,7 @@ async fn watch_streams(c: &TestCluster, id: u64) -> u64 {
 }
 
 async fn next_mux(
-    s: &mut Streaming<WatchServicesResponse>,
+    s: &mut WatchStream<WatchServicesResponse>,
 ) -> (String, watch_services_response::Result) {
     let m = tokio::time::timeout(Duration::from_secs(10), s.message())
         .await

@@ -1472,7 +1472,7 @@ async fn secure_rows(
     let rc = procs::roster_with(&dir.join("roster"), NODES, Peers::Direct, &config)?;
     let admin = roster::client::RosterClient::with_tls(&rc.endpoints(), tls.clone())?;
     let bootstrap = first_answer("the ACL bootstrap", || async {
-        Ok(admin.acl_bootstrap(BootstrapRequest::default()).await?)
+        Ok(admin.bootstrap(BootstrapRequest::default()).await?)
     })
     .await?;
     let admin = admin.with_token(&bootstrap.secret)?;

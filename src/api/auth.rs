@@ -23,6 +23,7 @@ use super::BoxFuture;
 use crate::error::Error;
 use crate::registry::acl::{Role, SecretHash, Token};
 use crate::registry::watch::SharedState;
+use crate::rules::{self, Access};
 
 pub const AUTHORIZATION: &str = "authorization";
 
@@ -69,25 +70,17 @@ pub fn may_use(grant: Option<&Grant>, service: &str) -> Result<(), Status> {
     }
 }
 
-/// The role a method needs; `None`: no token at all (the bootstrap, which
-/// makes the first one).
+/// The role a method needs ([`rules`]); `None`: no token at all (the
+/// bootstrap, which makes the first one).
 fn required(path: &str) -> Option<Role> {
-    if path.starts_with("/grpc.reflection.")
-        || path.starts_with("/envoy.service.discovery.v3.AggregatedDiscoveryService/")
-    {
+    if rules::READ_SERVICES.iter().any(|s| path.starts_with(s)) {
         return Some(Role::Read);
     }
-    match path.rsplit('/').next() {
-        Some("Bootstrap") => None,
-        Some(
-            "GetService" | "ListServices" | "Watch" | "WatchServices" | "Status" | "ListSessions",
-        ) => Some(Role::Read),
-        Some(
-            "Register" | "Deregister" | "Heartbeat" | "ConfigureService" | "CreateSession"
-            | "RenewSessions" | "CloseSession",
-        ) => Some(Role::Write),
-        // Membership, snapshots, tokens, and anything added later.
-        _ => Some(Role::Admin),
+    match rules::of(path).access {
+        Access::Anyone => None,
+        Access::Read => Some(Role::Read),
+        Access::Write => Some(Role::Write),
+        Access::Admin => Some(Role::Admin),
     }
 }
 

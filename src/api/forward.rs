@@ -37,19 +37,12 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::raft::proposer::{Proposer, Refusal};
 use crate::raft::NodeId;
+use crate::rules::{self, Deadline, Effect, Serves};
 
 /// Extra time a follower waits for the leader's answer to a forwarded request:
 /// the leader answers within its own deadline, and its answer (which knows
 /// whether the write was applied) must still travel back.
 const FORWARD_MARGIN: Duration = Duration::from_secs(1);
-
-/// Whether a forwarded request changes state: a write whose connection breaks
-/// mid-call has an unknown outcome, a read can simply be retried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Effect {
-    Read,
-    Write,
-}
 
 /// How a call is forwarded, by its method.
 #[derive(Debug, PartialEq)]
@@ -63,29 +56,16 @@ struct Policy {
     leader_only: bool,
 }
 
-/// Any method not named here counts as a write with the request timeout that
-/// its handler may serve locally: never wrong, only more cautious and slower.
+/// How a call to `path` is forwarded ([`rules`]); `timeout`: the node's request timeout.
 fn policy(path: &str, timeout: Duration) -> Policy {
-    let (effect, timeout, leader_only) = match path.rsplit('/').next() {
-        // A follower batches renewals to the leader itself (api::sessions).
-        Some(
-            "GetService" | "ListServices" | "Watch" | "Status" | "ListTokens" | "ListSessions"
-            | "RenewSessions",
-        ) => (Effect::Read, timeout, false),
-        Some("Heartbeat") => (Effect::Read, timeout, true),
-        Some(
-            "Register" | "Deregister" | "ConfigureService" | "RemoveMember" | "Bootstrap"
-            | "CreateToken" | "RevokeToken" | "CreateSession" | "CloseSession",
-        ) => (Effect::Write, timeout, true),
-        Some("AddMember") => (Effect::Write, CATCH_UP_TIMEOUT, true),
-        // A large catalogue takes a while to stream.
-        Some("SaveSnapshot") => (Effect::Read, CATCH_UP_TIMEOUT, false),
-        _ => (Effect::Write, timeout, false),
-    };
+    let rule = rules::of(path);
     Policy {
-        effect,
-        timeout,
-        leader_only,
+        effect: rule.effect,
+        timeout: match rule.deadline {
+            Deadline::Request => timeout,
+            Deadline::CatchUp => CATCH_UP_TIMEOUT,
+        },
+        leader_only: rule.serves == Serves::Leader,
     }
 }
 

@@ -366,7 +366,7 @@ pub async fn acl(a: AclCommand) -> anyhow::Result<()> {
         None => String::new(),
     };
     let t = client(&endpoints)?
-        .acl_bootstrap(BootstrapRequest {
+        .bootstrap(BootstrapRequest {
             description,
             secret,
         })

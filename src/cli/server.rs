@@ -219,7 +219,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
             // Drawn here, so the client's retries (the first election may
             // lose an answer) bootstrap once and get the same token.
             let created = client
-                .acl_bootstrap(BootstrapRequest {
+                .bootstrap(BootstrapRequest {
                     description: "roster dev".into(),
                     secret,
                 })

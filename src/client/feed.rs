@@ -10,9 +10,9 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::StreamExt;
 use tokio::sync::watch;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
-use super::RosterClient;
+use super::{RosterClient, Shared, WatchStream};
 use crate::proto::v1::watch_services_response::Result as Outcome;
 use crate::proto::v1::{
     EventType, HealthStatus, Instance, ResetReason, WatchResponse, WatchServicesRequest,
@@ -84,9 +84,9 @@ pub(crate) struct Feed {
 
 impl Feed {
     /// Starts the task; it holds the client weakly and ends with it.
-    pub fn start(client: &Arc<RosterClient>) -> Feed {
+    pub fn start(client: Weak<Shared>) -> Feed {
         let (commands, rx) = mpsc::unbounded();
-        tokio::spawn(run(Arc::downgrade(client), rx));
+        tokio::spawn(run(client, rx));
         Feed { commands }
     }
 
@@ -123,10 +123,10 @@ impl Followed {
 
 type Stream = (
     mpsc::UnboundedSender<WatchServicesRequest>,
-    Streaming<WatchServicesResponse>,
+    WatchStream<WatchServicesResponse>,
 );
 
-async fn run(client: Weak<RosterClient>, mut commands: mpsc::UnboundedReceiver<Command>) {
+async fn run(client: Weak<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut followed: HashMap<String, Followed> = HashMap::new();
     let mut stream: Option<Stream> = None;
     let mut pause = Duration::from_millis(50);
@@ -143,7 +143,10 @@ async fn run(client: Weak<RosterClient>, mut commands: mpsc::UnboundedReceiver<C
                 }
                 continue;
             }
-            let Some(c) = client.upgrade() else { return };
+            let Some(shared) = client.upgrade() else {
+                return;
+            };
+            let c = RosterClient { shared };
             let adds = followed.iter().map(|(s, f)| f.add(s)).collect();
             match c.watch_services(adds).await {
                 Ok(s) => {

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::{Code, Status};
 
-use super::RosterClient;
+use super::{Code, Error, RosterClient};
 use crate::proto::v1::*;
 
 /// Heartbeats or renewals per TTL: one lost or slow (a failover) still leaves two.
@@ -73,7 +72,7 @@ where
 }
 
 pub struct Registration {
-    client: Arc<RosterClient>,
+    client: RosterClient,
     service: String,
     id: String,
     beats: Background,
@@ -81,10 +80,10 @@ pub struct Registration {
 
 impl Registration {
     pub(super) async fn start(
-        client: Arc<RosterClient>,
+        client: RosterClient,
         mut instance: Instance,
         ttl: Duration,
-    ) -> Result<Registration, Status> {
+    ) -> Result<Registration, Error> {
         instance.check = Some(HealthCheck {
             kind: Some(health_check::Kind::Ttl(TtlCheck {
                 ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
@@ -126,7 +125,7 @@ impl Registration {
     }
 
     /// Stops heartbeating and deregisters the instance.
-    pub async fn shutdown(mut self) -> Result<(), Status> {
+    pub async fn shutdown(mut self) -> Result<(), Error> {
         self.beats.stop().await;
         let req = DeregisterRequest {
             service: self.service.clone(),
@@ -167,7 +166,7 @@ pub struct KeptSession {
 }
 
 struct Held {
-    client: Arc<RosterClient>,
+    client: RosterClient,
     create: CreateSessionRequest,
     id: Mutex<String>,
     instances: Mutex<Vec<Instance>>,
@@ -175,11 +174,11 @@ struct Held {
 
 impl KeptSession {
     pub(super) async fn open(
-        client: Arc<RosterClient>,
+        client: RosterClient,
         name: &str,
         ttl: Duration,
         on_end: SessionEnd,
-    ) -> Result<KeptSession, Status> {
+    ) -> Result<KeptSession, Error> {
         let create = CreateSessionRequest {
             name: name.to_string(),
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
@@ -207,7 +206,7 @@ impl KeptSession {
 
     /// Registers `instance` under the session; it is registered again under
     /// any session that replaces this one.
-    pub async fn register(&self, instance: Instance) -> Result<RegisterResponse, Status> {
+    pub async fn register(&self, instance: Instance) -> Result<RegisterResponse, Error> {
         let r = self.held.register(instance.clone()).await?;
         let mut held = lock(&self.held.instances);
         held.retain(|i| !(i.service == instance.service && i.id == instance.id));
@@ -216,7 +215,7 @@ impl KeptSession {
     }
 
     /// Deregisters an instance registered under the session.
-    pub async fn deregister(&self, service: &str, id: &str) -> Result<DeregisterResponse, Status> {
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<DeregisterResponse, Error> {
         lock(&self.held.instances).retain(|i| !(i.service == service && i.id == id));
         self.held
             .client
@@ -229,7 +228,7 @@ impl KeptSession {
 
     /// Stops renewing and closes the session: what it holds turns critical
     /// or is deregistered at once, as the session's `on_end` says.
-    pub async fn close(mut self) -> Result<CloseSessionResponse, Status> {
+    pub async fn close(mut self) -> Result<CloseSessionResponse, Error> {
         self.renewals.stop().await;
         self.held.close().await
     }
@@ -253,18 +252,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Held {
-    async fn create(client: &RosterClient, req: &CreateSessionRequest) -> Result<String, Status> {
+    async fn create(client: &RosterClient, req: &CreateSessionRequest) -> Result<String, Error> {
         let r = client.create_session(req.clone()).await?;
-        r.session
-            .map(|s| s.id)
-            .ok_or_else(|| Status::internal("CreateSession answered without a session"))
+        r.session.map(|s| s.id).ok_or_else(|| {
+            Error::from(tonic::Status::internal(
+                "CreateSession answered without a session",
+            ))
+        })
     }
 
     fn id(&self) -> String {
         lock(&self.id).clone()
     }
 
-    async fn register(&self, instance: Instance) -> Result<RegisterResponse, Status> {
+    async fn register(&self, instance: Instance) -> Result<RegisterResponse, Error> {
         let req = RegisterRequest {
             instance: Some(instance),
             session: self.id(),
@@ -301,7 +302,7 @@ impl Held {
         }
     }
 
-    async fn close(&self) -> Result<CloseSessionResponse, Status> {
+    async fn close(&self) -> Result<CloseSessionResponse, Error> {
         let req = CloseSessionRequest { id: self.id() };
         self.client.close_session(req).await
     }

@@ -27,27 +27,30 @@
 //! # }
 //! ```
 
+mod error;
 mod feed;
 pub mod keepalive;
 pub mod picker;
 pub mod resolver;
 
+pub use error::{Code, Error};
+
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::Duration;
 
-use std::path::Path;
-
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use tonic::{Code, Response, Status, Streaming};
+use tonic::{Response, Status, Streaming};
 
 use crate::grpc::{channel, FORWARDED_HEADER, MAX_MESSAGE_BYTES};
 use crate::proto::v1::acl_client::AclClient;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::proto::v1::*;
+use crate::rules::{self, Retry, Serves};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -92,13 +95,27 @@ pub fn tls_from_files(
     ))
 }
 
+/// A client of a Roster cluster: any of its nodes serves any call, and a
+/// call moves on to the next node while one is down or has no leader (for
+/// [`RosterClient::retry_for`], five seconds). Writes go to the leader once
+/// it is found, so they are not forwarded. Cheap to clone: clones share the
+/// connections, the node they prefer and the watch stream that feeds every
+/// [`RosterClient::resolve`].
+///
+/// Every call returns [`Error`] on failure: its code, the node's message, and
+/// whether sending the call again is safe.
+#[derive(Clone)]
 pub struct RosterClient {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     endpoints: Vec<String>,
     channels: Vec<Channel>,
     /// Index of the node tried first; moves on when that node fails.
     preferred: AtomicUsize,
-    /// Index of the node writes are sent to first: the leader once found, so
-    /// a write is not forwarded (one round trip between nodes less).
+    /// Index of the node leader-only calls are sent to first: the leader once
+    /// found, so a write is not forwarded (one round trip between nodes less).
     writes_to: AtomicUsize,
     /// How long a call keeps trying other nodes while the cluster is unavailable.
     retry_for: Duration,
@@ -106,20 +123,6 @@ pub struct RosterClient {
     token: Option<MetadataValue<Ascii>>,
     /// The watch stream this client's resolvers share, opened by the first.
     feed: OnceLock<feed::Feed>,
-}
-
-/// Errors after which another node may succeed. Every Roster write is safe
-/// to repeat, so outcome-unknown answers (`DEADLINE_EXCEEDED`, `ABORTED`, and a
-/// connection lost mid-call) are retried like `UNAVAILABLE` (not applied).
-fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled
-    ) || outcome_unknown(s)
-}
-
-fn outcome_unknown(s: &Status) -> bool {
-    matches!(s.code(), Code::DeadlineExceeded | Code::Aborted)
 }
 
 impl RosterClient {
@@ -156,29 +159,47 @@ impl RosterClient {
             })
             .collect::<Result<_, _>>()?;
         Ok(RosterClient {
-            endpoints,
-            channels,
-            preferred: AtomicUsize::new(0),
-            writes_to: AtomicUsize::new(0),
-            retry_for: Duration::from_secs(5),
-            token: None,
-            feed: OnceLock::new(),
+            shared: Arc::new(Shared {
+                endpoints,
+                channels,
+                preferred: AtomicUsize::new(0),
+                writes_to: AtomicUsize::new(0),
+                retry_for: Duration::from_secs(5),
+                token: None,
+                feed: OnceLock::new(),
+            }),
         })
     }
 
     /// Sends `secret` (from `roster acl bootstrap` or `roster token create`)
-    /// with every call, for clusters with `[auth]` enabled.
-    pub fn with_token(mut self, secret: &str) -> Result<Self, ClientError> {
+    /// with every call, for clusters with `[auth]` enabled. The result is a
+    /// client of its own, on the same connections.
+    pub fn with_token(self, secret: &str) -> Result<Self, ClientError> {
         let value = MetadataValue::try_from(format!("Bearer {}", secret.trim()))
             .map_err(|_| ClientError::BadToken)?;
-        self.token = Some(value);
-        Ok(self)
+        let s = &self.shared;
+        Ok(RosterClient {
+            shared: Arc::new(Shared {
+                endpoints: s.endpoints.clone(),
+                channels: s.channels.clone(),
+                preferred: AtomicUsize::new(s.preferred.load(Ordering::Relaxed)),
+                writes_to: AtomicUsize::new(s.writes_to.load(Ordering::Relaxed)),
+                retry_for: s.retry_for,
+                token: Some(value),
+                feed: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// How long a call keeps trying the nodes while none can serve it.
+    pub fn retry_for(&self) -> Duration {
+        self.shared.retry_for
     }
 
     /// `msg` as a request, with the token.
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
-        if let Some(t) = &self.token {
+        if let Some(t) = &self.shared.token {
             r.metadata_mut().insert("authorization", t.clone());
         }
         r
@@ -186,63 +207,50 @@ impl RosterClient {
 
     /// The endpoint that answered last.
     pub fn current_endpoint(&self) -> &str {
-        &self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
+        let s = &self.shared;
+        &s.endpoints[s.preferred.load(Ordering::Relaxed) % s.endpoints.len()]
     }
 
     /// The endpoint writes are sent to first (the leader, once found).
     pub fn write_endpoint(&self) -> &str {
-        &self.endpoints[self.writes_to.load(Ordering::Relaxed) % self.endpoints.len()]
+        let s = &self.shared;
+        &s.endpoints[s.writes_to.load(Ordering::Relaxed) % s.endpoints.len()]
     }
 
-    /// A read or a call any node serves itself: see [`RosterClient::send`].
-    async fn call<Req, T, F, Fut>(&self, req: Req, send: F) -> Result<T, Status>
+    /// Sends `req` to the RPC at `path` with `send`: first to the node its
+    /// rule says ([`rules`]: the leader, once found, for what only the
+    /// leader serves), then the others, pausing briefly between rounds while
+    /// nodes are down or a leader is being elected; every method goes through
+    /// here. A follower marks the answers it forwarded (`FORWARDED_HEADER`),
+    /// so the next such call tries the next node: within n − 1 calls they go
+    /// straight to the leader. A retry of a removal that answers `NOT_FOUND`
+    /// after an attempt with an unknown outcome is a success (the default
+    /// answer: revision 0, as the revision it was removed at is not known).
+    async fn send<Req, T, F, Fut>(&self, path: &str, req: Req, mut send: F) -> Result<T, Error>
     where
         Req: Clone,
+        T: Default,
         F: FnMut(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        self.send(&self.preferred, req, send).await
-    }
-
-    /// A call only the leader serves (a follower forwards it): sent to the
-    /// node that last served one itself. A follower marks the answers it
-    /// forwarded (`FORWARDED_HEADER`), so the next write tries the next node:
-    /// within n − 1 writes they go straight to the leader, with no extra call.
-    async fn write<Req, T, F, Fut>(&self, req: Req, send: F) -> Result<T, Status>
-    where
-        Req: Clone,
-        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        self.send(&self.writes_to, req, send).await
-    }
-
-    /// Sends `req` with `send` to the node `first` names, then the others,
-    /// pausing briefly between rounds while nodes are down or a leader is
-    /// being elected; every method goes through here. `first` then names the
-    /// node that answered, or the next one if that node forwarded the call.
-    async fn send<Req, T, F, Fut>(
-        &self,
-        first: &AtomicUsize,
-        req: Req,
-        mut send: F,
-    ) -> Result<T, Status>
-    where
-        Req: Clone,
-        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        let n = self.channels.len();
-        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let rule = rules::of(path);
+        let s = &self.shared;
+        let first = match rule.serves {
+            Serves::Leader => &s.writes_to,
+            Serves::Any => &s.preferred,
+        };
+        let n = s.channels.len();
+        let deadline = tokio::time::Instant::now() + s.retry_for;
         let mut pause = Duration::from_millis(20);
-        let mut last = Status::unavailable("no endpoint tried");
+        let mut last = Error::from(Status::unavailable("no endpoint tried"));
+        let mut uncertain = false;
         // An election takes a few hundred milliseconds: short pauses find the
         // new leader quickly (a longer cap adds up to the cap to every failover).
         while tokio::time::Instant::now() < deadline {
             let start = first.load(Ordering::Relaxed);
             for step in 0..n {
                 let i = (start + step) % n;
-                match send(self.channels[i].clone(), self.request(req.clone())).await {
+                let e = match send(s.channels[i].clone(), self.request(req.clone())).await {
                     Ok(v) => {
                         let next = if v.metadata().contains_key(FORWARDED_HEADER) {
                             (i + 1) % n
@@ -259,9 +267,16 @@ impl RosterClient {
                         );
                         return Ok(v.into_inner());
                     }
-                    Err(s) if retryable(&s) => last = s,
-                    Err(s) => return Err(s),
+                    Err(status) => Error::of(path, status),
+                };
+                if e.code() == Code::NotFound && uncertain && rule.retry == Retry::AbsentMeansDone {
+                    return Ok(T::default());
                 }
+                if !e.retry_is_safe() {
+                    return Err(e);
+                }
+                uncertain |= e.code() != Code::Unavailable;
+                last = e;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(80));
@@ -275,129 +290,111 @@ impl RosterClient {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, Status> {
-        self.write(
-            req,
-            |ch, r| async move { Self::registry(ch).register(r).await },
-        )
-        .await
+    fn cluster(ch: Channel) -> ClusterClient<Channel> {
+        ClusterClient::new(ch)
     }
 
-    /// A retry after an attempt with an unknown outcome that answers
-    /// `NOT_FOUND` means the first attempt removed it: that is a success
-    /// (with revision 0, as the revision it was removed at is not known).
-    pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, Status> {
-        let uncertain = AtomicBool::new(false);
-        let answer = self
-            .write(req, |ch, r| {
-                let uncertain = &uncertain;
-                async move {
-                    let answer = Self::registry(ch).deregister(r).await;
-                    if answer
-                        .as_ref()
-                        .is_err_and(|s| retryable(s) && s.code() != Code::Unavailable)
-                    {
-                        uncertain.store(true, Ordering::Relaxed);
-                    }
-                    answer
+    fn acl(ch: Channel) -> AclClient<Channel> {
+        AclClient::new(ch)
+    }
+}
+
+/// One method per unary RPC: `name(Request) -> Response = Service/Rpc by stub`.
+/// Where it is sent and how it is retried come from its row in [`rules`].
+macro_rules! unary {
+    ($($(#[$doc:meta])* $name:ident($req:ty) -> $resp:ty = $svc:literal / $rpc:literal by $stub:ident;)*) => {
+        impl RosterClient {
+            $(
+                $(#[$doc])*
+                pub async fn $name(&self, req: $req) -> Result<$resp, Error> {
+                    self.send(concat!("/roster.v1.", $svc, "/", $rpc), req, |ch, r| async move {
+                        Self::$stub(ch).$name(r).await
+                    })
+                    .await
                 }
-            })
-            .await;
-        match answer {
-            Err(s) if s.code() == Code::NotFound && uncertain.load(Ordering::Relaxed) => {
-                Ok(DeregisterResponse { revision: 0 })
-            }
-            other => other,
+            )*
         }
-    }
+    };
+}
 
-    pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {
-        self.write(
-            req,
-            |ch, r| async move { Self::registry(ch).heartbeat(r).await },
+unary! {
+    /// Registers an instance, or replaces it (same service and id).
+    register(RegisterRequest) -> RegisterResponse = "Registry" / "Register" by registry;
+    /// Removes an instance. A retry after an attempt with an unknown outcome
+    /// that answers `NOT_FOUND` means the first attempt removed it: that is
+    /// a success (with revision 0, as the revision it was removed at is not known).
+    deregister(DeregisterRequest) -> DeregisterResponse = "Registry" / "Deregister" by registry;
+    /// Renews an instance's TTL check.
+    heartbeat(HeartbeatRequest) -> HeartbeatResponse = "Registry" / "Heartbeat" by registry;
+    /// Opens a session; see [`RosterClient::open_session`] for one renewed in the background.
+    create_session(CreateSessionRequest) -> CreateSessionResponse = "Registry" / "CreateSession" by registry;
+    /// Renews sessions, batched.
+    renew_sessions(RenewSessionsRequest) -> RenewSessionsResponse = "Registry" / "RenewSessions" by registry;
+    /// Ends a session now.
+    close_session(CloseSessionRequest) -> CloseSessionResponse = "Registry" / "CloseSession" by registry;
+    list_sessions(ListSessionsRequest) -> ListSessionsResponse = "Registry" / "ListSessions" by registry;
+    /// A service's instances, at the consistency asked.
+    get_service(GetServiceRequest) -> GetServiceResponse = "Registry" / "GetService" by registry;
+    list_services(ListServicesRequest) -> ListServicesResponse = "Registry" / "ListServices" by registry;
+    /// Per-service settings (the protection threshold).
+    configure_service(ConfigureServiceRequest) -> ConfigureServiceResponse = "Registry" / "ConfigureService" by registry;
+    /// Adds a running node as a voter (the cluster grows online).
+    add_member(AddMemberRequest) -> MembershipResponse = "Cluster" / "AddMember" by cluster;
+    /// Removes a voter (the cluster shrinks online).
+    remove_member(RemoveMemberRequest) -> MembershipResponse = "Cluster" / "RemoveMember" by cluster;
+    /// Creates the cluster's first admin token; works once per cluster.
+    bootstrap(BootstrapRequest) -> CreatedToken = "Acl" / "Bootstrap" by acl;
+    create_token(CreateTokenRequest) -> CreatedToken = "Acl" / "CreateToken" by acl;
+    revoke_token(RevokeTokenRequest) -> RevokeTokenResponse = "Acl" / "RevokeToken" by acl;
+}
+
+impl RosterClient {
+    /// Status of the first node that answers.
+    pub async fn status(&self) -> Result<StatusResponse, Error> {
+        self.send(
+            "/roster.v1.Cluster/Status",
+            StatusRequest::default(),
+            |ch, r| async move { Self::cluster(ch).status(r).await },
         )
         .await
     }
 
-    pub async fn create_session(
-        &self,
-        req: CreateSessionRequest,
-    ) -> Result<CreateSessionResponse, Status> {
-        self.write(req, |ch, r| async move {
-            Self::registry(ch).create_session(r).await
-        })
+    pub async fn list_tokens(&self) -> Result<ListTokensResponse, Error> {
+        self.send(
+            "/roster.v1.Acl/ListTokens",
+            ListTokensRequest {},
+            |ch, r| async move { Self::acl(ch).list_tokens(r).await },
+        )
         .await
     }
 
-    pub async fn renew_sessions(
-        &self,
-        req: RenewSessionsRequest,
-    ) -> Result<RenewSessionsResponse, Status> {
-        self.call(req, |ch, r| async move {
-            Self::registry(ch).renew_sessions(r).await
-        })
-        .await
-    }
-
-    pub async fn close_session(
-        &self,
-        req: CloseSessionRequest,
-    ) -> Result<CloseSessionResponse, Status> {
-        self.write(req, |ch, r| async move {
-            Self::registry(ch).close_session(r).await
-        })
-        .await
-    }
-
-    pub async fn list_sessions(
-        &self,
-        req: ListSessionsRequest,
-    ) -> Result<ListSessionsResponse, Status> {
-        self.call(req, |ch, r| async move {
-            Self::registry(ch).list_sessions(r).await
-        })
-        .await
-    }
-
-    pub async fn get_service(&self, req: GetServiceRequest) -> Result<GetServiceResponse, Status> {
-        self.call(req, |ch, r| async move {
-            Self::registry(ch).get_service(r).await
-        })
-        .await
-    }
-
-    pub async fn list_services(
-        &self,
-        req: ListServicesRequest,
-    ) -> Result<ListServicesResponse, Status> {
-        self.call(req, |ch, r| async move {
-            Self::registry(ch).list_services(r).await
-        })
-        .await
-    }
-
-    pub async fn configure_service(
-        &self,
-        req: ConfigureServiceRequest,
-    ) -> Result<ConfigureServiceResponse, Status> {
-        self.write(req, |ch, r| async move {
-            Self::registry(ch).configure_service(r).await
-        })
+    /// A backup (admin): the bytes of a snapshot file with the whole state
+    /// as of now, streamed from the leader; retried whole on another node if
+    /// the stream breaks.
+    pub async fn save_snapshot(&self) -> Result<Vec<u8>, Error> {
+        self.send(
+            "/roster.v1.Cluster/SaveSnapshot",
+            SaveSnapshotRequest {},
+            |ch, r| async move {
+                let mut stream = Self::cluster(ch).save_snapshot(r).await?.into_inner();
+                let mut bytes = Vec::new();
+                while let Some(chunk) = stream.message().await? {
+                    bytes.extend_from_slice(&chunk.data);
+                }
+                Ok(Response::new(bytes))
+            },
+        )
         .await
     }
 
     /// Opens a watch stream on the first node that accepts it.
-    pub async fn watch(&self, req: WatchRequest) -> Result<Streaming<WatchResponse>, Status> {
-        self.call(
-            req,
-            |ch, r| async move { Self::registry(ch).watch(r).await },
-        )
+    pub async fn watch(&self, req: WatchRequest) -> Result<WatchStream<WatchResponse>, Error> {
+        const PATH: &str = "/roster.v1.Registry/Watch";
+        self.send(PATH, req, |ch, r| async move {
+            Ok(Self::registry(ch).watch(r).await?.map(Some))
+        })
         .await
-    }
-
-    /// The watch stream shared by this client's resolvers.
-    fn feed(self: &Arc<Self>) -> &feed::Feed {
-        self.feed.get_or_init(|| feed::Feed::start(self))
+        .and_then(|s| WatchStream::new(PATH, s))
     }
 
     /// Opens a WatchServices stream on the first node that accepts it, sending
@@ -408,26 +405,34 @@ impl RosterClient {
     ) -> Result<
         (
             futures::channel::mpsc::UnboundedSender<WatchServicesRequest>,
-            Streaming<WatchServicesResponse>,
+            WatchStream<WatchServicesResponse>,
         ),
-        Status,
+        Error,
     > {
+        const PATH: &str = "/roster.v1.Registry/WatchServices";
         // Each attempt gets its own request stream; the one that opened is kept.
         let opened = std::sync::Mutex::new(None);
         let responses = self
-            .call(initial, |ch, r| {
+            .send(PATH, initial, |ch, r| {
                 let (tx, rx) = futures::channel::mpsc::unbounded();
                 *opened.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
                 let r =
                     r.map(|initial| futures::StreamExt::chain(futures::stream::iter(initial), rx));
-                async move { Self::registry(ch).watch_services(r).await }
+                async move { Ok(Self::registry(ch).watch_services(r).await?.map(Some)) }
             })
             .await?;
         let tx = opened
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
             .ok_or_else(|| Status::internal("watch_services opened without a request stream"))?;
-        Ok((tx, responses))
+        Ok((tx, WatchStream::new(PATH, responses)?))
+    }
+
+    /// The watch stream shared by this client's resolvers.
+    fn feed(&self) -> &feed::Feed {
+        self.shared
+            .feed
+            .get_or_init(|| feed::Feed::start(Arc::downgrade(&self.shared)))
     }
 
     /// Registers `instance` with a TTL check and keeps it alive: a background
@@ -436,12 +441,11 @@ impl RosterClient {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use std::sync::Arc;
     /// use std::time::Duration;
     /// use roster::client::RosterClient;
     /// use roster::proto::v1::Instance;
     ///
-    /// let client = Arc::new(RosterClient::new(&["127.0.0.1:7001", "127.0.0.1:7002"])?);
+    /// let client = RosterClient::new(&["127.0.0.1:7001", "127.0.0.1:7002"])?;
     /// let me = Instance { service: "echo".into(), id: "echo-1".into(), address: "10.0.0.5".into(), port: 9000, ..Default::default() };
     /// let registration = client.register_with_keepalive(me, Duration::from_secs(3)).await?;
     /// // ... serve ...
@@ -450,22 +454,34 @@ impl RosterClient {
     /// # }
     /// ```
     pub async fn register_with_keepalive(
-        self: &Arc<Self>,
+        &self,
         instance: Instance,
         ttl: Duration,
-    ) -> Result<keepalive::Registration, Status> {
+    ) -> Result<keepalive::Registration, Error> {
         keepalive::Registration::start(self.clone(), instance, ttl).await
     }
 
-    /// Follows the healthy instances of `service`; see [`resolver::Resolver`].
+    /// Opens a session renewed in the background until it is closed or
+    /// dropped: register instances through it and one renewal per interval
+    /// keeps all of them.
+    pub async fn open_session(
+        &self,
+        name: &str,
+        ttl: Duration,
+        on_end: SessionEnd,
+    ) -> Result<keepalive::KeptSession, Error> {
+        keepalive::KeptSession::open(self.clone(), name, ttl, on_end).await
+    }
+
+    /// Follows `service`'s healthy instances; see [`resolver::Resolver`]. All
+    /// of a client's resolvers share one watch stream.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use std::sync::Arc;
     /// use std::time::Duration;
     /// use roster::client::{picker::RoundRobin, RosterClient};
     ///
-    /// let client = Arc::new(RosterClient::new(&["127.0.0.1:7001"])?);
+    /// let client = RosterClient::new(&["127.0.0.1:7001"])?;
     /// let mut payments = client.resolve("payments");
     /// payments.ready(Duration::from_secs(5)).await;
     /// let rr = RoundRobin::default();
@@ -478,108 +494,65 @@ impl RosterClient {
     /// # Ok(())
     /// # }
     /// ```
-    /// Opens a session renewed in the background until it is closed or
-    /// dropped: register instances through it and one renewal per interval
-    /// keeps all of them.
-    pub async fn open_session(
-        self: &Arc<Self>,
-        name: &str,
-        ttl: Duration,
-        on_end: SessionEnd,
-    ) -> Result<keepalive::KeptSession, Status> {
-        keepalive::KeptSession::open(self.clone(), name, ttl, on_end).await
-    }
-
-    /// Follows `service`'s healthy instances. All of a client's resolvers
-    /// share one watch stream.
-    pub fn resolve(self: &Arc<Self>, service: &str) -> resolver::Resolver {
+    pub fn resolve(&self, service: &str) -> resolver::Resolver {
         resolver::Resolver::new(self.clone(), service)
     }
 
-    /// Adds a running node as a voter (the cluster grows online).
-    pub async fn add_member(&self, req: AddMemberRequest) -> Result<MembershipResponse, Status> {
-        self.write(req, |ch, r| async move {
-            ClusterClient::new(ch).add_member(r).await
-        })
-        .await
-    }
-
-    /// Removes a voter (the cluster shrinks online).
-    pub async fn remove_member(
-        &self,
-        req: RemoveMemberRequest,
-    ) -> Result<MembershipResponse, Status> {
-        self.write(req, |ch, r| async move {
-            ClusterClient::new(ch).remove_member(r).await
-        })
-        .await
-    }
-
-    /// Status of the first node that answers.
-    pub async fn status(&self) -> Result<StatusResponse, Status> {
-        self.call(StatusRequest::default(), |ch, r| async move {
-            ClusterClient::new(ch).status(r).await
-        })
-        .await
-    }
-
-    /// A backup (admin): the bytes of a snapshot file with the whole state
-    /// as of now, streamed from the leader; retried whole on another node if
-    /// the stream breaks.
-    pub async fn save_snapshot(&self) -> Result<Vec<u8>, Status> {
-        self.call(SaveSnapshotRequest {}, |ch, r| async move {
-            let mut stream = ClusterClient::new(ch).save_snapshot(r).await?.into_inner();
-            let mut bytes = Vec::new();
-            while let Some(chunk) = stream.message().await? {
-                bytes.extend_from_slice(&chunk.data);
-            }
-            Ok(Response::new(bytes))
-        })
-        .await
-    }
-
-    /// Creates the cluster's first admin token; works once per cluster.
-    pub async fn acl_bootstrap(&self, req: BootstrapRequest) -> Result<CreatedToken, Status> {
-        self.write(
-            req,
-            |ch, r| async move { AclClient::new(ch).bootstrap(r).await },
-        )
-        .await
-    }
-
-    pub async fn create_token(&self, req: CreateTokenRequest) -> Result<CreatedToken, Status> {
-        self.write(req, |ch, r| async move {
-            AclClient::new(ch).create_token(r).await
-        })
-        .await
-    }
-
-    pub async fn list_tokens(&self) -> Result<ListTokensResponse, Status> {
-        self.call(ListTokensRequest {}, |ch, r| async move {
-            AclClient::new(ch).list_tokens(r).await
-        })
-        .await
-    }
-
-    pub async fn revoke_token(
-        &self,
-        req: RevokeTokenRequest,
-    ) -> Result<RevokeTokenResponse, Status> {
-        self.write(req, |ch, r| async move {
-            AclClient::new(ch).revoke_token(r).await
-        })
-        .await
-    }
-
     /// Status of every endpoint, in order; a node that does not answer gives its error.
-    pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
+    pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Error>)> {
         let mut out = Vec::new();
-        for (e, ch) in self.endpoints.iter().zip(&self.channels) {
-            let r = ClusterClient::new(ch.clone())
+        for (e, ch) in self.shared.endpoints.iter().zip(&self.shared.channels) {
+            let r = Self::cluster(ch.clone())
                 .status(self.request(StatusRequest::default()))
                 .await;
-            out.push((e.clone(), r.map(|r| r.into_inner())));
+            out.push((e.clone(), r.map(|r| r.into_inner()).map_err(Error::from)));
         }
         out
+    }
+}
+
+/// The messages of a watch stream, as tonic's `Streaming` gives them but with
+/// [`Error`]s.
+pub struct WatchStream<T> {
+    path: &'static str,
+    inner: Streaming<T>,
+}
+
+impl<T> std::fmt::Debug for WatchStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStream")
+            .field("rpc", &self.path)
+            .finish()
+    }
+}
+
+impl<T> WatchStream<T> {
+    /// `inner` is what `send` answered: `Some` once a node opened the
+    /// stream (`None` is only its default, for removals).
+    fn new(path: &'static str, inner: Option<Streaming<T>>) -> Result<Self, Error> {
+        let inner = inner.ok_or_else(|| Status::internal("a watch answered without a stream"))?;
+        Ok(WatchStream { path, inner })
+    }
+
+    /// The next message; `None` once the node ended the stream.
+    pub async fn message(&mut self) -> Result<Option<T>, Error> {
+        self.inner
+            .message()
+            .await
+            .map_err(|s| Error::of(self.path, s))
+    }
+}
+
+impl<T> futures::Stream for WatchStream<T> {
+    type Item = Result<T, Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let path = self.path;
+        std::pin::Pin::new(&mut self.inner)
+            .poll_next(cx)
+            .map(|m| m.map(|r| r.map_err(|s| Error::of(path, s))))
     }
 }

@@ -23,7 +23,7 @@ use crate::proto::v1::Instance;
 /// Tells the feed to stop following when the last handle is dropped; keeps
 /// the client (and so the feed) alive until then.
 struct Following {
-    client: Arc<RosterClient>,
+    client: RosterClient,
     service: String,
     id: u64,
 }
@@ -45,7 +45,7 @@ pub struct Resolver {
 
 impl Resolver {
     /// Starts following `service`; the set is empty until the first answer.
-    pub(crate) fn new(client: Arc<RosterClient>, service: &str) -> Resolver {
+    pub(crate) fn new(client: RosterClient, service: &str) -> Resolver {
         static IDS: AtomicU64 = AtomicU64::new(0);
         let (tx, rx) = watch::channel(Arc::new(ResolvedSet::default()));
         let id = IDS.fetch_add(1, Ordering::Relaxed);

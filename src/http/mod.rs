@@ -28,6 +28,7 @@ use tower::util::BoxCloneSyncService;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
+use crate::rules;
 
 mod https;
 pub use https::Https;
@@ -47,6 +48,11 @@ struct Api {
     cluster: ClusterClient<Grpc>,
 }
 
+/// The route the rules table gives `roster.v1.<rpc>` (see [`rules`]).
+fn route(rpc: &str) -> &'static str {
+    rules::http_route(&format!("/roster.v1.{rpc}"))
+}
+
 /// Serves the HTTP API on `listener`, over TLS with `https`, until the
 /// returned task is aborted.
 pub fn serve(
@@ -60,19 +66,13 @@ pub fn serve(
         cluster: ClusterClient::new(cluster),
     };
     let app = Router::new()
-        .route("/v1/services", get(list_services))
-        .route("/v1/services/{service}", get(get_service))
-        .route(
-            "/v1/services/{service}/instances/{id}",
-            put(register).delete(deregister),
-        )
-        .route(
-            "/v1/services/{service}/instances/{id}/heartbeat",
-            post(heartbeat),
-        )
+        .route(route("Registry/ListServices"), get(list_services))
+        .route(route("Registry/GetService"), get(get_service))
+        .route(route("Registry/Register"), put(register).delete(deregister))
+        .route(route("Registry/Heartbeat"), post(heartbeat))
         .route("/v1/watch", get(watch_all))
-        .route("/v1/watch/{service}", get(watch))
-        .route("/v1/cluster/status", get(status))
+        .route(route("Registry/Watch"), get(watch))
+        .route(route("Cluster/Status"), get(status))
         .route("/v1/openapi.json", get(openapi))
         .route("/ui", get(console))
         .with_state(api);

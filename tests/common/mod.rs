@@ -170,7 +170,7 @@ impl TestCluster {
                     if self.nodes.iter().any(log_says) {
                         return Some(None);
                     }
-                    let created = self.client().acl_bootstrap(req.clone()).await.ok()?;
+                    let created = self.client().bootstrap(req.clone()).await.ok()?;
                     Some(Some(created.secret))
                 })
                 .await;

@@ -167,7 +167,10 @@ pub async fn client(id: usize, rec: Arc<Recorder>, endpoints: Vec<String>, roami
                     tokio::time::timeout(OP_DEADLINE, pool.get_service(req)).await
                 } else {
                     tokio::time::timeout(OP_DEADLINE, async {
-                        raw.get_service(req).await.map(|r| r.into_inner())
+                        raw.get_service(req)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(roster::client::Error::from)
                     })
                     .await
                 };
@@ -189,13 +192,18 @@ pub async fn client(id: usize, rec: Arc<Recorder>, endpoints: Vec<String>, roami
                     tokio::time::timeout(OP_DEADLINE, pool.heartbeat(req)).await
                 } else {
                     tokio::time::timeout(OP_DEADLINE, async {
-                        raw.heartbeat(req).await.map(|r| r.into_inner())
+                        raw.heartbeat(req)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(roster::client::Error::from)
                     })
                     .await
                 };
                 let output = match r {
                     Ok(Ok(_)) => Some(Output::Ok),
-                    Ok(Err(s)) if s.code() == Code::NotFound => Some(Output::NotFound),
+                    Ok(Err(s)) if s.code() == roster::client::Code::NotFound => {
+                        Some(Output::NotFound)
+                    }
                     _ => None,
                 };
                 if let Some(output) = output {
