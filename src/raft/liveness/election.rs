@@ -177,9 +177,13 @@ pub struct PreVoteResponse {
 pub fn answer_pre_vote(raft: &Raft, contact: &Contact, req: &PreVoteRequest) -> PreVoteResponse {
     let leading = raft.metrics().borrow().state == ServerState::Leader;
     let mine = raft.data_metrics().borrow().last_log;
-    // Mutation: the log comparison left out.
-    let log_ok = req.last_log_id >= mine || mutation::active(Mutation::PreVoteIgnoresLog);
-    let granted = !leading && contact.age() >= contact.lease() && log_ok;
+    let granted = grants_pre_vote(
+        leading,
+        contact.age(),
+        contact.lease(),
+        req.last_log_id,
+        mine,
+    );
     if granted {
         contact.pre_vote_granted(req.candidate);
     }
@@ -190,6 +194,21 @@ pub fn answer_pre_vote(raft: &Raft, contact: &Contact, req: &PreVoteRequest) -> 
         contact.age().as_millis()
     );
     PreVoteResponse { granted }
+}
+
+/// The pre-vote rule: a voter that leads, or heard from a leader within
+/// `lease`, refuses; so does one whose log is more up to date than the
+/// candidate's.
+fn grants_pre_vote(
+    leading: bool,
+    heard: Duration,
+    lease: Duration,
+    candidate: Option<LogId<NodeId>>,
+    mine: Option<LogId<NodeId>>,
+) -> bool {
+    // Mutation: the log comparison left out.
+    let log_ok = candidate >= mine || mutation::active(Mutation::PreVoteIgnoresLog);
+    !leading && heard >= lease && log_ok
 }
 
 /// Sends heartbeats while this node leads, every `every`. Ends with Raft.
@@ -209,11 +228,70 @@ pub async fn heartbeats(raft: Raft, id: NodeId, every: Duration) {
     }
 }
 
+/// One silence's election timer, as [`campaigns`] keeps it.
+#[derive(Clone, Copy, Debug)]
+struct Timer {
+    /// The election timeout drawn for this silence.
+    timeout: Duration,
+    /// When to campaign instead if the leader is gone (by this node's rank).
+    soon: Duration,
+    /// Whether this silence's leader was checked for (see `leader_gone`).
+    checked: bool,
+}
+
+/// What the election timer says to do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// A few heartbeats missed: check whether the leader's process is gone.
+    Check,
+    /// The timeout ran out: a pre-vote round, then maybe an election.
+    Campaign,
+    /// Nothing until then, unless a leader is heard from.
+    Wait(Duration),
+}
+
+impl Timer {
+    fn new(timeout: Duration, rank: u32, gone: bool, timing: &Timing) -> Self {
+        Timer {
+            timeout,
+            soon: timing.after_leader_gone(rank),
+            checked: gone,
+        }
+    }
+
+    /// The next step, `heard` after the last leader contact and
+    /// `since_attempt` after the last pre-vote round (the next waits a whole
+    /// timeout after it too).
+    fn step(&self, heard: Duration, since_attempt: Duration, gone: bool, timing: &Timing) -> Step {
+        if !self.checked && heard >= timing.suspect() {
+            return Step::Check;
+        }
+        let due = if gone {
+            self.timeout.min(self.soon)
+        } else {
+            self.timeout
+        };
+        let wait = due
+            .saturating_sub(heard)
+            .max(due.saturating_sub(since_attempt));
+        match wait {
+            w if w.is_zero() => Step::Campaign,
+            w if self.checked => Step::Wait(w),
+            w => Step::Wait(w.min(timing.suspect().saturating_sub(heard))),
+        }
+    }
+}
+
+/// This node's place among the voters when `leader` is gone: the number of
+/// other voters with a higher id, which campaign first.
+fn campaign_rank(voters: impl Iterator<Item = NodeId>, leader: NodeId, me: NodeId) -> u32 {
+    voters.filter(|v| *v != leader && *v > me).count() as u32
+}
+
 /// Runs this node's elections: after a random timeout in the configured range
 /// without a leader, a pre-vote round, and an election if a quorum would vote
 /// for this node. Ends with Raft.
 pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact, timing: Timing) {
-    let metrics = raft.metrics();
     // The last pre-vote round: the next waits a whole timeout after it too.
     let mut attempted = Instant::now();
     // Whether the last round campaigned. Two voters that campaign at the same
@@ -232,92 +310,88 @@ pub async fn campaigns(raft: Raft, me: Identity, peers: Peers, contact: Contact,
     };
     loop {
         campaigned &= contact.age() >= attempted.elapsed();
-        let mut timeout = draw(campaigned);
-        // When to campaign instead if the leader is gone.
-        let mut soon = timing.after_leader_gone(rank);
-        // Whether this silence's leader was checked for (see `leader_gone`).
-        let mut checked = contact.gone();
+        let mut timer = Timer::new(draw(campaigned), rank, contact.gone(), &timing);
         loop {
-            if !checked && contact.age() >= timing.suspect() {
-                checked = true;
-                if let Some(r) = leader_gone(&raft, &me, &peers, timing.rpc_timeout).await {
-                    rank = r;
-                    soon = timing.after_leader_gone(rank);
-                    contact.gone.store(true, Ordering::Relaxed);
+            let heard = contact.age();
+            match timer.step(heard, attempted.elapsed(), contact.gone(), &timing) {
+                Step::Campaign => break,
+                Step::Check => {
+                    timer.checked = true;
+                    if let Some(r) = leader_gone(&raft, &me, &peers, timing.rpc_timeout).await {
+                        rank = r;
+                        timer.soon = timing.after_leader_gone(rank);
+                        contact.gone.store(true, Ordering::Relaxed);
+                    }
+                }
+                Step::Wait(nap) => {
+                    tokio::time::sleep(nap).await;
+                    // A leader was heard from meanwhile: the silence that
+                    // follows gets a timeout drawn afresh, as Raft resets its
+                    // timer. Kept for the whole leadership, one short draw
+                    // would make this voter the first to campaign after every
+                    // crash, a long one the last.
+                    if contact.age() < heard + nap {
+                        timer = Timer::new(draw(false), rank, contact.gone(), &timing);
+                    }
                 }
             }
-            let due = if contact.gone() {
-                timeout.min(soon)
-            } else {
-                timeout
-            };
-            let heard = contact.age();
-            let wait = due
-                .saturating_sub(heard)
-                .max(due.saturating_sub(attempted.elapsed()));
-            if wait.is_zero() {
-                break;
-            }
-            let nap = if checked {
-                wait
-            } else {
-                wait.min(timing.suspect().saturating_sub(heard))
-            };
-            tokio::time::sleep(nap).await;
-            // A leader was heard from meanwhile: the silence that follows gets
-            // a timeout drawn afresh, as Raft resets its timer. Kept for the
-            // whole leadership, one short draw would make this voter the
-            // first to campaign after every crash, a long one the last.
-            if contact.age() < heard + nap {
-                timeout = draw(false);
-                soon = timing.after_leader_gone(rank);
-                checked = contact.gone();
-            }
         }
-        if metrics.has_changed().is_err() {
-            return;
-        }
-        let (may_campaign, term) = {
-            let m = metrics.borrow();
-            let voter = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == me.node_id);
-            (
-                voter && matches!(m.state, ServerState::Follower | ServerState::Candidate),
-                m.current_term,
-            )
-        };
-        campaigned = may_campaign
-            && pre_vote(&raft, &me, &peers, timing.rpc_timeout).await
-            // A vote granted (or a leader heard) while the pre-vote was out
-            // means an election is under way: campaigning now would depose
-            // the leader it makes (seen: 1.65 s without one). Openraft takes
-            // the candidate's term before it answers (it first writes the
-            // vote to disk), so the term shows the grant before `contact`.
-            && contact.age() >= contact.lease()
-            && metrics.borrow().current_term == term;
-        let yielded = campaigned
-            .then(|| contact.yields_to(me.node_id, timing.rpc_timeout))
-            .flatten();
-        if let Some(other) = yielded {
-            tracing::debug!("node {other} is campaigning too: letting it go first");
-        } else if campaigned && metrics.has_changed().is_err() {
-            // Raft stopped while the pre-vote was out (a node shutting down):
-            // calling into it now only logs openraft's "core stopped" ERROR.
-            return;
-        } else if campaigned {
-            tracing::info!(
-                "no leader heard from for {} ms and a quorum would elect this node: campaigning after term {term}",
-                contact.age().as_millis()
-            );
-            if raft.trigger().elect().await.is_err() {
-                return;
-            }
+        match round(&raft, &me, &peers, &contact, timing).await {
+            Some(c) => campaigned = c,
+            None => return,
         }
         attempted = Instant::now();
     }
+}
+
+/// A pre-vote round and, if a quorum would elect this node, an election.
+/// Whether it campaigned; `None` once Raft has stopped.
+async fn round(
+    raft: &Raft,
+    me: &Identity,
+    peers: &Peers,
+    contact: &Contact,
+    timing: Timing,
+) -> Option<bool> {
+    let metrics = raft.metrics();
+    metrics.has_changed().ok()?;
+    let (may_campaign, term) = {
+        let m = metrics.borrow();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me.node_id);
+        (
+            voter && matches!(m.state, ServerState::Follower | ServerState::Candidate),
+            m.current_term,
+        )
+    };
+    let campaigned = may_campaign
+        && pre_vote(raft, me, peers, timing.rpc_timeout).await
+        // A vote granted (or a leader heard) while the pre-vote was out
+        // means an election is under way: campaigning now would depose
+        // the leader it makes (seen: 1.65 s without one). Openraft takes
+        // the candidate's term before it answers (it first writes the
+        // vote to disk), so the term shows the grant before `contact`.
+        && contact.age() >= contact.lease()
+        && metrics.borrow().current_term == term;
+    if !campaigned {
+        return Some(false);
+    }
+    if let Some(other) = contact.yields_to(me.node_id, timing.rpc_timeout) {
+        tracing::debug!("node {other} is campaigning too: letting it go first");
+        return Some(true);
+    }
+    // Raft stopped while the pre-vote was out (a node shutting down):
+    // calling into it now only logs openraft's "core stopped" ERROR.
+    metrics.has_changed().ok()?;
+    tracing::info!(
+        "no leader heard from for {} ms and a quorum would elect this node: campaigning after term {term}",
+        contact.age().as_millis()
+    );
+    raft.trigger().elect().await.ok()?;
+    Some(true)
 }
 
 /// The pause before campaigning again after an election that made no leader:
@@ -340,11 +414,8 @@ async fn leader_gone(raft: &Raft, me: &Identity, peers: &Peers, within: Duration
         let m = metrics.borrow();
         let leader = m.current_leader.filter(|l| *l != me.node_id)?;
         let membership = m.membership_config.membership();
-        let rank = membership
-            .voter_ids()
-            .filter(|v| *v != leader && *v > me.node_id)
-            .count();
-        (membership.get_node(&leader)?.peer_addr.clone(), rank as u32)
+        let rank = campaign_rank(membership.voter_ids(), leader, me.node_id);
+        (membership.get_node(&leader)?.peer_addr.clone(), rank)
     };
     let refused = peers.refused(&addr, within).await;
     if refused {
@@ -466,5 +537,115 @@ mod tests {
                 "{p:?}"
             );
         }
+    }
+
+    fn timing() -> Timing {
+        Timing {
+            heartbeat: Duration::from_millis(50),
+            rpc_timeout: Duration::from_millis(500),
+            election_min: Duration::from_millis(600),
+            election_max: Duration::from_millis(900),
+        }
+    }
+
+    fn log(index: u64) -> Option<LogId<NodeId>> {
+        Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index))
+    }
+
+    // Paused clock: `advance` moves tokio's time, which `Contact` reads.
+    #[tokio::test(start_paused = true)]
+    async fn followers_of_a_dead_leader_campaign_in_rank_order_before_the_election_timeout() {
+        let t = timing();
+        let contact = Contact::new(&t);
+        // Node 1 led and died; node 3 campaigns first, node 2 after it.
+        let (first, second) = (
+            campaign_rank([1, 2, 3].into_iter(), 1, 3),
+            campaign_rank([1, 2, 3].into_iter(), 1, 2),
+        );
+        assert_eq!((first, second), (0, 1));
+        let timers = |checked| {
+            [first, second].map(|rank| Timer {
+                checked,
+                ..Timer::new(t.election_max, rank, false, &t)
+            })
+        };
+        let at = |c: &Contact| (c.age(), c.age());
+        // A few missed heartbeats: each asks whether the leader's process is there.
+        tokio::time::advance(t.suspect()).await;
+        let (heard, since) = at(&contact);
+        for timer in timers(false) {
+            assert_eq!(timer.step(heard, since, false, &t), Step::Check);
+        }
+        // Its peer port refuses: the leader is gone.
+        contact.gone.store(true, Ordering::Relaxed);
+        let [a, b] = timers(true);
+        tokio::time::advance(t.after_leader_gone(0) - t.suspect()).await;
+        let (heard, since) = at(&contact);
+        assert_eq!(a.step(heard, since, true, &t), Step::Campaign);
+        assert_eq!(b.step(heard, since, true, &t), Step::Wait(t.heartbeat / 2));
+        tokio::time::advance(t.heartbeat / 2).await;
+        let (heard, since) = at(&contact);
+        assert_eq!(b.step(heard, since, true, &t), Step::Campaign);
+        assert!(heard < t.election_min, "{heard:?}");
+        // Had the leader not been found gone, both would still wait.
+        assert!(matches!(a.step(heard, since, false, &t), Step::Wait(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vote_granted_keeps_the_leader_gone() {
+        let t = timing();
+        let c = Contact::new(&t);
+        c.gone.store(true, Ordering::Relaxed);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // An election is under way: the timer restarts, the leader stays gone,
+        // so pre-votes are answered after the vote lease, not a full timeout.
+        c.voted();
+        assert!(c.gone());
+        assert_eq!(c.lease(), t.vote_lease());
+        tokio::time::advance(t.vote_lease() - Duration::from_millis(1)).await;
+        assert!(!grants_pre_vote(false, c.age(), c.lease(), log(5), log(5)));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(grants_pre_vote(false, c.age(), c.lease(), log(5), log(5)));
+        // Only a leader heard from brings it back.
+        c.touch();
+        assert!(!c.gone());
+        assert_eq!(c.lease(), t.election_min);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pre_vote_is_refused_while_a_leader_is_heard_or_the_candidate_is_behind() {
+        let t = timing();
+        let c = Contact::new(&t);
+        c.touch();
+        tokio::time::advance(t.election_min - Duration::from_millis(1)).await;
+        assert!(!grants_pre_vote(false, c.age(), c.lease(), log(5), log(5)));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(grants_pre_vote(false, c.age(), c.lease(), log(5), log(5)));
+        assert!(grants_pre_vote(false, c.age(), c.lease(), log(6), log(5)));
+        // A candidate missing entries this voter holds would lose them.
+        assert!(!grants_pre_vote(false, c.age(), c.lease(), log(4), log(5)));
+        assert!(!grants_pre_vote(false, c.age(), c.lease(), None, log(5)));
+        // A leader never helps depose itself.
+        assert!(!grants_pre_vote(true, c.age(), c.lease(), log(5), log(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_wakes_to_check_the_leader_and_restarts_when_one_is_heard() {
+        let t = timing();
+        let c = Contact::new(&t);
+        let timer = Timer::new(t.election_min, 0, false, &t);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let w = timer.step(c.age(), c.age(), false, &t);
+        // Not past the suspicion point yet: wake then to check the leader.
+        assert_eq!(w, Step::Wait(t.suspect() - Duration::from_millis(100)));
+        c.touch();
+        assert_eq!(
+            Timer {
+                checked: true,
+                ..timer
+            }
+            .step(c.age(), Duration::from_millis(100), false, &t),
+            Step::Wait(t.election_min)
+        );
     }
 }

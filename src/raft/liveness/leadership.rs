@@ -33,20 +33,36 @@ pub const TRANSFER_LIMIT: Duration = Duration::from_secs(2);
 /// A vote for this id is a vote for nobody: node ids start at 1.
 const NOBODY: NodeId = 0;
 
-/// How long ago this leader last heard from a quorum; `None` if it does not lead.
-/// `leading_since` covers a fresh leader that has no quorum acknowledgement yet.
-fn quorum_silence(
-    m: &RaftMetrics<NodeId, Node>,
-    id: NodeId,
-    leading_since: Instant,
-) -> Option<Duration> {
-    if m.state != ServerState::Leader || m.current_leader != Some(id) {
-        return None;
+/// CheckQuorum's view of this node's leadership: since when it leads.
+#[derive(Default)]
+struct Office {
+    since: Option<Instant>,
+}
+
+impl Office {
+    /// How long this leader has not heard from a quorum, if longer than
+    /// `lease` (it should step down). A fresh leader with no quorum
+    /// acknowledgement yet counts from when it took office.
+    fn lost_quorum(
+        &mut self,
+        m: &RaftMetrics<NodeId, Node>,
+        id: NodeId,
+        lease: Duration,
+    ) -> Option<Duration> {
+        if m.state != ServerState::Leader || m.current_leader != Some(id) {
+            self.since = None;
+            return None;
+        }
+        let Some(since) = self.since else {
+            self.since = Some(Instant::now());
+            return None;
+        };
+        let silence = m
+            .millis_since_quorum_ack
+            .map_or_else(|| since.elapsed(), Duration::from_millis);
+        // Mutation: no step-down.
+        (silence > lease && !mutation::active(Mutation::NoStepDown)).then_some(silence)
     }
-    Some(match m.millis_since_quorum_ack {
-        Some(ms) => Duration::from_millis(ms),
-        None => leading_since.elapsed(),
-    })
 }
 
 /// Whether this node can serve linearizable requests now: it leads with a
@@ -82,29 +98,35 @@ async fn vote_next_term(raft: &Raft, candidate: NodeId) -> bool {
 /// quorum for longer than `lease`, so clients are told at once that there is
 /// no leader instead of waiting for a write that cannot commit. Ends with Raft.
 pub async fn check_quorum(raft: Raft, id: NodeId, lease: Duration, poll: Duration) {
-    let mut leading_since = Instant::now();
-    let mut was_leading = false;
+    let mut office = Office::default();
     let mut metrics = std::pin::pin!(metrics_every(&raft, poll));
     while let Some(m) = metrics.next().await {
-        match quorum_silence(&m, id, leading_since) {
-            None => was_leading = false,
-            Some(_) if !was_leading => {
-                was_leading = true;
-                leading_since = Instant::now();
+        if let Some(s) = office.lost_quorum(&m, id, lease) {
+            if vote_next_term(&raft, NOBODY).await {
+                tracing::warn!(
+                    "stepped down: no quorum of voters answered for {} ms (lease {} ms)",
+                    s.as_millis(),
+                    lease.as_millis()
+                );
             }
-            // Mutation: no step-down.
-            Some(s) if s > lease && !mutation::active(Mutation::NoStepDown) => {
-                if vote_next_term(&raft, NOBODY).await {
-                    tracing::warn!(
-                        "stepped down: no quorum of voters answered for {} ms (lease {} ms)",
-                        s.as_millis(),
-                        lease.as_millis()
-                    );
-                }
-            }
-            Some(_) => {}
         }
     }
+}
+
+/// The voter a leader `id` hands leadership to: the one that acknowledged
+/// the most of its log (learners never). `None` off the leader.
+fn transfer_target(m: &RaftMetrics<NodeId, Node>, id: NodeId) -> Option<NodeId> {
+    if m.current_leader != Some(id) {
+        return None;
+    }
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    m.replication
+        .as_ref()?
+        .iter()
+        .filter(|(n, _)| **n != id && voters.contains(n))
+        .max_by_key(|(_, matched)| matched.map(|l| l.index))
+        .map(|(n, _)| *n)
 }
 
 /// If this node leads, hands leadership to the most up-to-date voter and waits
@@ -121,18 +143,9 @@ pub async fn transfer(
     let deadline = tokio::time::Instant::now() + limit;
     let (target, node, leader_vote) = {
         let m = raft.metrics().borrow().clone();
-        if m.current_leader != Some(id) {
-            return None;
-        }
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        let (target, _) = m
-            .replication
-            .as_ref()?
-            .iter()
-            .filter(|(n, _)| **n != id && voters.contains(n))
-            .max_by_key(|(_, matched)| matched.map(|l| l.index))?;
-        let node = m.membership_config.membership().get_node(target)?.clone();
-        (*target, node, m.vote)
+        let target = transfer_target(&m, id)?;
+        let node = m.membership_config.membership().get_node(&target)?.clone();
+        (target, node, m.vote)
     };
     // The follower must hold every entry this leader has, or it cannot win the vote.
     let caught_up = raft
@@ -199,4 +212,75 @@ pub fn lag_entries(m: &RaftMetrics<NodeId, Node>, id: NodeId) -> Option<u64> {
         .map_or(0, |l| l.index);
     (m.current_leader == Some(m.id) && id != m.id)
         .then(|| m.last_log_index.unwrap_or(0).saturating_sub(acknowledged))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership};
+
+    use super::*;
+
+    fn leader(voters: &[NodeId], learners: &[NodeId]) -> RaftMetrics<NodeId, Node> {
+        let mut m = RaftMetrics::new_initial(1);
+        m.state = ServerState::Leader;
+        m.current_leader = Some(1);
+        let nodes: BTreeMap<NodeId, Node> = voters
+            .iter()
+            .chain(learners)
+            .map(|id| (*id, Node::unbound(format!("127.0.0.1:{}", 7100 + id))))
+            .collect();
+        let config = BTreeSet::from_iter(voters.iter().copied());
+        m.membership_config = Arc::new(StoredMembership::new(
+            None,
+            Membership::new(vec![config], nodes),
+        ));
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_steps_down_once_no_quorum_answered_for_its_lease() {
+        let lease = Duration::from_millis(600);
+        let mut m = leader(&[1, 2, 3], &[]);
+        let mut office = Office::default();
+        // Just elected, no acknowledgement yet: the silence counts from now.
+        assert_eq!(office.lost_quorum(&m, 1, lease), None);
+        tokio::time::advance(lease).await;
+        assert_eq!(office.lost_quorum(&m, 1, lease), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            office.lost_quorum(&m, 1, lease),
+            Some(lease + Duration::from_millis(1))
+        );
+        // A quorum heard recently keeps it; one heard too long ago does not.
+        m.millis_since_quorum_ack = Some(100);
+        assert_eq!(office.lost_quorum(&m, 1, lease), None);
+        m.millis_since_quorum_ack = Some(700);
+        assert_eq!(
+            office.lost_quorum(&m, 1, lease),
+            Some(Duration::from_millis(700))
+        );
+        // Stepped down; leading again later starts a new term of office.
+        m.state = ServerState::Follower;
+        assert_eq!(office.lost_quorum(&m, 1, lease), None);
+        m.state = ServerState::Leader;
+        m.millis_since_quorum_ack = None;
+        assert_eq!(office.lost_quorum(&m, 1, lease), None);
+    }
+
+    #[test]
+    fn leadership_goes_to_the_most_up_to_date_voter() {
+        let mut m = leader(&[1, 2, 3], &[4]);
+        let at = |i| Some(LogId::new(CommittedLeaderId::new(2, 1), i));
+        m.replication = Some(BTreeMap::from([(2, at(5)), (3, at(9)), (4, at(20))]));
+        // The learner holds more, but cannot be elected.
+        assert_eq!(transfer_target(&m, 1), Some(3));
+        m.replication = Some(BTreeMap::from([(2, at(5)), (3, None)]));
+        assert_eq!(transfer_target(&m, 1), Some(2));
+        // Only a leader hands over.
+        m.current_leader = Some(2);
+        assert_eq!(transfer_target(&m, 1), None);
+    }
 }
