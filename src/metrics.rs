@@ -205,49 +205,52 @@ fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, 
         gauge(r, name, help, value);
     }
     if leading {
-        // Peers keeps the measurements of removed peers; only members get series.
-        let member = |id: &NodeId| m.membership_config.membership().get_node(id).is_some();
-        let rtt: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>> = Family::default();
-        for (peer, d) in peers.rtts().into_iter().filter(|(p, _)| member(p)) {
-            rtt.get_or_create(&vec![("peer".to_string(), peer.to_string())])
-                .set(d.as_secs_f64());
-        }
-        r.register(
-            "raft_peer_rtt_seconds",
-            "Smoothed heartbeat round trip from this leader to each peer",
-            rtt,
-        );
-        let lag: Family<Vec<(String, String)>, Gauge> = Family::default();
-        for peer in m.membership_config.membership().nodes().map(|(id, _)| *id) {
-            if let Some(behind) = lag_entries(m, peer) {
-                lag.get_or_create(&vec![("peer".to_string(), peer.to_string())])
-                    .set(i64::try_from(behind).unwrap_or(i64::MAX));
-            }
-        }
-        r.register(
-            "raft_peer_lag_entries",
-            "Log entries each peer lacks, as this leader last knew",
-            lag,
-        );
-        let early: Family<Vec<(String, String)>, Counter> = Family::default();
-        for (peer, (accepted, broken)) in
-            peers.early_appends().into_iter().filter(|(p, _)| member(p))
-        {
-            for (outcome, n) in [("accepted", accepted), ("broken", broken)] {
-                early
-                    .get_or_create(&vec![
-                        ("peer".to_string(), peer.to_string()),
-                        ("outcome".to_string(), outcome.to_string()),
-                    ])
-                    .inc_by(n);
-            }
-        }
-        r.register(
-            "raft_early_appends",
-            "AppendEntries this leader sent to a far peer ahead of the answer to the previous one: accepted, or refused or lost (the pipeline then restarts)",
-            early,
-        );
+        peer_metrics(r, m, peers);
     }
+}
+
+/// On the leader: each member's round trip, lag and early appends.
+fn peer_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers) {
+    // Peers keeps the measurements of removed peers; only members get series.
+    let member = |id: &NodeId| m.membership_config.membership().get_node(id).is_some();
+    let rtt: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>> = Family::default();
+    for (peer, d) in peers.rtts().into_iter().filter(|(p, _)| member(p)) {
+        rtt.get_or_create(&vec![("peer".to_string(), peer.to_string())])
+            .set(d.as_secs_f64());
+    }
+    r.register(
+        "raft_peer_rtt_seconds",
+        "Smoothed heartbeat round trip from this leader to each peer",
+        rtt,
+    );
+    let lag: Family<Vec<(String, String)>, Gauge> = Family::default();
+    for peer in m.membership_config.membership().nodes().map(|(id, _)| *id) {
+        if let Some(behind) = lag_entries(m, peer) {
+            lag.get_or_create(&vec![("peer".to_string(), peer.to_string())])
+                .set(i64::try_from(behind).unwrap_or(i64::MAX));
+        }
+    }
+    r.register(
+        "raft_peer_lag_entries",
+        "Log entries each peer lacks, as this leader last knew",
+        lag,
+    );
+    let early: Family<Vec<(String, String)>, Counter> = Family::default();
+    for (peer, (accepted, broken)) in peers.early_appends().into_iter().filter(|(p, _)| member(p)) {
+        for (outcome, n) in [("accepted", accepted), ("broken", broken)] {
+            early
+                .get_or_create(&vec![
+                    ("peer".to_string(), peer.to_string()),
+                    ("outcome".to_string(), outcome.to_string()),
+                ])
+                .inc_by(n);
+        }
+    }
+    r.register(
+        "raft_early_appends",
+        "AppendEntries this leader sent to a far peer ahead of the answer to the previous one: accepted, or refused or lost (the pipeline then restarts)",
+        early,
+    );
 }
 
 /// The catalogue's size and health, and the open watch streams.

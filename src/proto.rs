@@ -1,6 +1,6 @@
 //! Code generated from `proto/` at build time.
 
-#![allow(clippy::all, missing_docs)]
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod v1 {
     tonic::include_proto!("roster.v1");

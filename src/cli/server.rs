@@ -155,12 +155,6 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         a.base_port,
         DEV_HTTP_OFFSET + a.nodes
     );
-    let at = |offset: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + offset));
-    let addr = |i: u16| at(i);
-    let peer_addr = |i: u16| at(DEV_PEER_OFFSET + i);
-    let initial: Vec<String> = (0..a.nodes)
-        .map(|i| format!("{}={}", i + 1, peer_addr(i)))
-        .collect();
     let certs = match a.tls {
         true => Some(super::dev_tls::make(&dir.path().join("tls"), a.nodes)?),
         false => None,
@@ -169,22 +163,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let admin_secret = a.auth.then(|| random_hex(32)).transpose()?;
     let mut handles = Vec::new();
     for i in 0..a.nodes {
-        let mut cfg = NodeConfig::new(
-            u64::from(i) + 1,
-            addr(i),
-            peer_addr(i),
-            dir.path().join(format!("node-{}", i + 1)),
-        );
-        cfg.cluster_id = "roster-dev".into();
-        cfg.initial_cluster = initial.join(",");
-        cfg.tls = certs.as_ref().map(|c| c.nodes[usize::from(i)].clone());
-        cfg.auth.enabled = a.auth;
-        cfg.dns.listen = Some(at(DEV_DNS_OFFSET + i));
-        cfg.dns.token = admin_secret.clone();
-        // gRPC's xDS clients send no token either.
-        cfg.xds.token = admin_secret.clone();
-        // HTTPS with --tls.
-        cfg.http.listen = Some(at(DEV_HTTP_OFFSET + i));
+        let cfg = dev_node(&a, i, dir.path(), certs.as_ref(), &admin_secret);
         handles.push(node::start(cfg).await?);
     }
     let endpoints: Vec<String> = handles.iter().map(|h| h.addr.to_string()).collect();
@@ -201,7 +180,80 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!("data in {}", dir.path().display());
-    let tls_flags = match &certs {
+    let token = match admin_secret {
+        Some(secret) => Some(dev_bootstrap(&endpoints, certs.as_ref(), secret).await?),
+        None => None,
+    };
+    print_dev_hints(&handles, &endpoints, certs.as_ref(), token.as_deref());
+    println!("Ctrl-C stops the cluster and deletes its data.");
+    exit_on_panic();
+    stop_signal().await?;
+    for h in handles {
+        h.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// Node `i` (from 0) of `roster dev`: ports counted from `--base-port`.
+fn dev_node(
+    a: &DevArgs,
+    i: u16,
+    dir: &std::path::Path,
+    certs: Option<&super::dev_tls::DevCerts>,
+    admin_secret: &Option<String>,
+) -> NodeConfig {
+    let at = |offset: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, a.base_port + offset));
+    let initial: Vec<String> = (0..a.nodes)
+        .map(|n| format!("{}={}", n + 1, at(DEV_PEER_OFFSET + n)))
+        .collect();
+    let mut cfg = NodeConfig::new(
+        u64::from(i) + 1,
+        at(i),
+        at(DEV_PEER_OFFSET + i),
+        dir.join(format!("node-{}", i + 1)),
+    );
+    cfg.cluster_id = "roster-dev".into();
+    cfg.initial_cluster = initial.join(",");
+    cfg.tls = certs.map(|c| c.nodes[usize::from(i)].clone());
+    cfg.auth.enabled = a.auth;
+    cfg.dns.listen = Some(at(DEV_DNS_OFFSET + i));
+    cfg.dns.token = admin_secret.clone();
+    // gRPC's xDS clients send no token either.
+    cfg.xds.token = admin_secret.clone();
+    // HTTPS with --tls.
+    cfg.http.listen = Some(at(DEV_HTTP_OFFSET + i));
+    cfg
+}
+
+/// Bootstraps the ACL of `roster dev --auth` with `secret` and returns it.
+async fn dev_bootstrap(
+    endpoints: &[String],
+    certs: Option<&super::dev_tls::DevCerts>,
+    secret: String,
+) -> anyhow::Result<String> {
+    let client = match certs {
+        Some(c) => RosterClient::with_tls(endpoints, tls_from_files(&c.ca, None)?)?,
+        None => RosterClient::new(endpoints)?,
+    };
+    // Drawn beforehand, so the client's retries (the first election may
+    // lose an answer) bootstrap once and get the same token.
+    let created = client
+        .bootstrap(BootstrapRequest {
+            description: "roster dev".into(),
+            secret,
+        })
+        .await?;
+    Ok(created.secret)
+}
+
+/// What to try against the dev cluster: the CLI, DNS, xDS, HTTP and the console.
+fn print_dev_hints(
+    handles: &[node::NodeHandle],
+    endpoints: &[String],
+    certs: Option<&super::dev_tls::DevCerts>,
+    token: Option<&str>,
+) {
+    let tls_flags = match certs {
         Some(c) => format!(
             " --cacert {} (and, for nodes that ask for a client certificate, --cert {} --key {})",
             c.ca.display(),
@@ -210,31 +262,10 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         ),
         None => String::new(),
     };
-    let token = match admin_secret {
-        Some(secret) => {
-            let client = match &certs {
-                Some(c) => RosterClient::with_tls(&endpoints, tls_from_files(&c.ca, None)?)?,
-                None => RosterClient::new(&endpoints)?,
-            };
-            // Drawn here, so the client's retries (the first election may
-            // lose an answer) bootstrap once and get the same token.
-            let created = client
-                .bootstrap(BootstrapRequest {
-                    description: "roster dev".into(),
-                    secret,
-                })
-                .await?;
-            Some(created.secret)
-        }
-        None => None,
-    };
     println!(
         "try: roster status --endpoints {}{}{tls_flags}",
         endpoints.join(","),
-        token
-            .as_ref()
-            .map(|t| format!(" --token {t}"))
-            .unwrap_or_default()
+        token.map(|t| format!(" --token {t}")).unwrap_or_default()
     );
     if let Some(dns) = handles.first().and_then(|h| h.dns_addr()) {
         println!(
@@ -247,17 +278,15 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         "     roster xds-bootstrap --endpoints {}{} > xds-bootstrap.json   # GRPC_XDS_BOOTSTRAP for xds:///<service>",
         endpoints.join(","),
         certs
-            .as_ref()
             .map(|c| format!(" --cacert {}", c.ca.display()))
             .unwrap_or_default()
     );
     if let Some(http) = handles.first().and_then(|h| h.http_addr()) {
-        let (url, cacert) = match &certs {
+        let (url, cacert) = match certs {
             Some(c) => (format!("https://{http}"), Some(c.ca.display())),
             None => (format!("http://{http}"), None),
         };
         let bearer = token
-            .as_ref()
             .map(|t| format!(" -H 'authorization: Bearer {t}'"))
             .unwrap_or_default();
         let curl_cacert = cacert
@@ -274,13 +303,6 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         }
         println!("{console}");
     }
-    println!("Ctrl-C stops the cluster and deletes its data.");
-    exit_on_panic();
-    stop_signal().await?;
-    for h in handles {
-        h.shutdown().await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
