@@ -293,9 +293,9 @@ pub(super) fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -
         f if f == STORAGE_FORMAT => return Ok(()),
         f @ 2..=4 => {
             if f == 2 {
-                state_machine::migrate_snapshot(db, &cfg.data_dir)?;
+                state_machine::migrate::migrate_snapshot(db, &cfg.data_dir)?;
             }
-            state_machine::migrate_tree(db, &cfg.data_dir)?;
+            state_machine::migrate::migrate_tree(db, &cfg.data_dir)?;
             meta.insert(FORMAT_KEY, encode_format(STORAGE_FORMAT)?)?;
             db.flush()?;
             tracing::info!(data_dir = %dir, "migrated the data directory from storage format {f} to {STORAGE_FORMAT}");
