@@ -134,7 +134,7 @@ impl Default for ConnectionLimits {
 }
 
 /// What one client may take of a node (`[limits]` in the config file). Each
-/// limit reached is answered `RESOURCE_EXHAUSTED` naming it; the README says
+/// limit reached is answered `RESOURCE_EXHAUSTED` naming it; docs/api.md ("Limits and errors") says
 /// why each default is what it is.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]

@@ -409,7 +409,7 @@ mod tests {
     /// `max_request_bytes`, and a full service of typical instances fits in
     /// one message (a GetService answer, a watch's full state) with room to
     /// spare. A service of the largest instances reaches the message cap much
-    /// sooner; the README tells operators of such fleets to lower the limit.
+    /// sooner; docs/operations.md ("Limits") tells operators of such fleets to lower the limit.
     #[test]
     fn the_largest_valid_registration_fits_the_defaults() {
         use crate::api::convert;

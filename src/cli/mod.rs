@@ -314,7 +314,7 @@ pub enum CheckKindArg {
     Grpc,
 }
 
-/// Health check flags; 0 means the default (see README).
+/// Health check flags; 0 means the default (see docs/api.md, "Health checks").
 #[derive(Args)]
 pub struct CheckArgs {
     /// Health check kind; without it the instance stays passing until deregistered.

@@ -5,8 +5,8 @@ use std::fmt;
 
 use crate::rules::{self, Retry};
 
-/// A gRPC status code, as Roster's nodes answer them (see the README's error
-/// table): `Unavailable` means not applied, `DeadlineExceeded` and `Aborted`
+/// A gRPC status code, as Roster's nodes answer them (see the error table in
+/// docs/api.md): `Unavailable` means not applied, `DeadlineExceeded` and `Aborted`
 /// an unknown outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
