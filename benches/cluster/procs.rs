@@ -160,6 +160,17 @@ impl Cluster {
             .collect()
     }
 
+    /// The CPU each running node uses over the next `window`, in cores.
+    pub async fn cores_over(&self, window: Duration) -> Vec<f64> {
+        let pids: Vec<u32> = self.procs.iter().filter_map(|p| p.pid()).collect();
+        let cpu0: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+        tokio::time::sleep(window).await;
+        pids.iter()
+            .zip(&cpu0)
+            .map(|(p, c0)| (cpu_time(*p) - *c0).as_secs_f64() / window.as_secs_f64())
+            .collect()
+    }
+
     /// The largest data directory.
     pub fn max_dir(&self) -> u64 {
         self.procs
