@@ -108,7 +108,7 @@ pub struct Roster {
     writers: Vec<RosterClient>,
     any: RosterClient,
     access: Option<Access>,
-    /// Watch opens answered UNAVAILABLE and retried, as the README tells clients to.
+    /// Watch opens answered UNAVAILABLE and retried, as docs/api.md tells clients to.
     pub watch_retries: std::sync::atomic::AtomicU64,
 }
 
