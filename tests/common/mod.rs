@@ -10,6 +10,7 @@ pub mod ports;
 pub mod proxy;
 pub mod targets;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
@@ -546,17 +547,13 @@ impl TestCluster {
 
     /// Waits up to `limit` for node `id`'s process to exit by itself.
     pub async fn wait_exit(&mut self, id: u64, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.exited(id) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let every = Duration::from_millis(20);
+        match poll_every(limit, every, || std::future::ready(self.exited(id))).await {
+            Some(status) => status,
+            None => panic!(
                 "node {id} still running after {limit:?}; logs in {}",
                 self.dir.path().display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ),
         }
     }
 
@@ -683,24 +680,79 @@ impl TestCluster {
         .await
     }
 
-    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut f: F) -> T
+    /// `wait_until` that names where the cluster's logs are when it times out.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, f: F) -> T
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
+        Fut: Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {limit:?} waiting for {what}; logs in {}",
-                    self.dir.path().display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match poll(limit, f).await {
+            Some(v) => v,
+            None => panic!(
+                "timed out after {limit:?} waiting for {what}; logs in {}",
+                self.dir.path().display()
+            ),
         }
+    }
+}
+
+/// How often the waits below ask again.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Asks `f` until it answers `Some` (at once, then every 50 ms), for up to
+/// `limit`; `None` if it never did. Every wait in the tests is this,
+/// `wait_until` or `TestCluster::wait_for`: a test waits for a condition,
+/// never sleeps for a guess at how long one takes. (A fixed window is left
+/// only where it is the assertion: nothing happens within it.)
+pub async fn poll<T, F, Fut>(limit: Duration, f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_every(limit, POLL_EVERY, f).await
+}
+
+/// `poll`, asking every `every`: for a cheap question whose answer a test
+/// acts on at once (a process's exit, before a restart).
+pub async fn poll_every<T, F, Fut>(limit: Duration, every: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `poll`, panicking after `limit` with `what` it waited for.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll(limit, f)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// `poll` for a test without a runtime: blocks the thread between asks.
+pub fn poll_blocking<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(POLL_EVERY);
     }
 }
 

@@ -105,14 +105,14 @@ impl Target {
     pub async fn restart(&mut self) {
         self.stop();
         // The port was ours a moment ago; retry briefly while the kernel releases it.
-        for _ in 0..100 {
-            if let Ok(l) = TcpListener::bind(self.addr).await {
-                self.serve(l);
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        panic!("could not rebind {}", self.addr);
+        let addr = self.addr;
+        let l = super::wait_until(
+            &format!("{addr} to bind again"),
+            std::time::Duration::from_secs(2),
+            || async move { TcpListener::bind(addr).await.ok() },
+        )
+        .await;
+        self.serve(l);
     }
 
     fn serve(&mut self, listener: TcpListener) {

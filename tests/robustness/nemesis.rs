@@ -7,7 +7,7 @@ use roster::proto::v1::{AddMemberRequest, RemoveMemberRequest};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::common::{faults, TestCluster};
+use crate::common::{faults, poll, poll_every, TestCluster};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Fault {
@@ -190,14 +190,7 @@ async fn exit_of(
     id: u64,
     limit: Duration,
 ) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = c.exited(id) {
-            return Some(status);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
+    poll(limit, || std::future::ready(c.exited(id))).await
 }
 
 /// Runs a Cluster API call on any other running node until it succeeds.
@@ -206,18 +199,19 @@ where
     F: Fn(roster::proto::v1::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<(), tonic::Status>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = String::new();
-    while Instant::now() < deadline {
+    let last = std::cell::RefCell::new(String::new());
+    let every = Duration::from_millis(200);
+    poll_every(Duration::from_secs(60), every, || async {
         for n in c.nodes.iter().filter(|n| n.id != not && c.is_running(n.id)) {
             match f(c.cluster_client(n.id).await).await {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e.to_string(),
+                Ok(()) => return Some(()),
+                Err(e) => *last.borrow_mut() = e.to_string(),
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(format!("{what}: {last}"))
+        None
+    })
+    .await
+    .ok_or_else(|| format!("{what}: {}", last.borrow()))
 }
 
 /// The README's recovery of a node whose data is gone: remove the member,
@@ -348,25 +342,17 @@ pub async fn wait_recovered(c: &TestCluster, limit: Duration) -> Result<Duration
 /// it had when asked. `Err` after `limit`.
 async fn caught_up(c: &TestCluster, ids: &[u64], limit: Duration) -> Result<Duration, String> {
     let started = Instant::now();
-    loop {
-        if let Some(l) = current_leader(c).await {
-            if let Some(ls) = c.status(l).await {
-                let mut ok = true;
-                for &id in ids {
-                    match c.status(id).await {
-                        Some(s) if s.leader_id == l && s.applied_index + 64 >= ls.applied_index => {
-                        }
-                        _ => ok = false,
-                    }
-                }
-                if ok {
-                    return Ok(started.elapsed());
-                }
+    poll(limit, || async {
+        let l = current_leader(c).await?;
+        let ls = c.status(l).await?;
+        for &id in ids {
+            let s = c.status(id).await?;
+            if s.leader_id != l || s.applied_index + 64 < ls.applied_index {
+                return None;
             }
         }
-        if started.elapsed() > limit {
-            return Err(format!("nodes {ids:?} not caught up after {limit:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Some(started.elapsed())
+    })
+    .await
+    .ok_or_else(|| format!("nodes {ids:?} not caught up after {limit:?}"))
 }

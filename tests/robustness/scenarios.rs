@@ -12,7 +12,7 @@ use roster::client::RosterClient;
 use roster::proto::v1::{Consistency, RegisterRequest};
 use tokio::sync::watch;
 
-use crate::common::{get_req, ids, instance, Setup, TestCluster};
+use crate::common::{get_req, ids, instance, poll_every, Setup, TestCluster};
 
 const SERVICE: &str = "kept";
 
@@ -215,17 +215,15 @@ pub async fn leader_storage_fails(mut fault: impl StorageFault) {
         let leader = c.leader().await;
         fault.inject(&c, leader);
         let writers = Writers::start(&client, round, 8);
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = c.exited(leader) {
-                break s;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "round {round}: leader {leader} ran on for 60 s with failing storage"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        // Asked every 20 ms: the restart below must come at once.
+        let every = Duration::from_millis(20);
+        let status = poll_every(Duration::from_secs(60), every, || {
+            std::future::ready(c.exited(leader))
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!("round {round}: leader {leader} ran on for 60 s with failing storage")
+        });
         assert!(!status.success(), "round {round}: exit status {status}");
         // Restarted at once, as a supervisor does: before the followers' election
         // timeout, so it finds them still in its term.

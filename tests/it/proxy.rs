@@ -2,13 +2,11 @@
 //! a cluster whose node-to-node traffic runs through proxies. Per-link faults
 //! need network namespaces (root): those tests fail, not skip, without them.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::proxy::{Dir, Link, Proxy};
-use common::*;
+use crate::common::proxy::{Dir, Link, Proxy};
+use crate::common::*;
 use roster::proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -281,15 +279,11 @@ async fn counts_connections_and_closes_them_when_dropped() {
     assert_eq!((p.connections_accepted(), p.open_connections()), (3, 3));
 
     drop(more);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while p.open_connections() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "{} still open",
-            p.open_connections()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let closed = poll(Duration::from_secs(5), || async {
+        (p.open_connections() == 1).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "{} still open", p.open_connections());
     assert_eq!(p.connections_accepted(), 3);
 
     drop(p);

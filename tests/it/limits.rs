@@ -2,11 +2,9 @@
 //! the limit, the refused request leaves nothing behind, and the node goes on
 //! serving everyone else.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::client::RosterClient;
 use roster::proto::v1::health_check::Kind as CheckKind;
 use roster::proto::v1::registry_client::RegistryClient;

@@ -1,10 +1,8 @@
 //! Replication and durability of a 3-node cluster of real `roster server` processes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use roster::proto::v1::*;
 
 #[tokio::test]

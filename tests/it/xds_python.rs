@@ -11,16 +11,14 @@
 //! `ROSTER_PYTHON` and builds the example; without them the test says so and
 //! skips.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::ports::free_port;
-use common::*;
+use crate::common::ports::free_port;
+use crate::common::*;
 use hickory_server::proto::op::{Message, MessageType, OpCode};
 use hickory_server::proto::rr::rdata::A;
 use hickory_server::proto::rr::{RData, Record, RecordType};

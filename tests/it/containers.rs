@@ -5,14 +5,12 @@
 //! Without a Docker engine these tests skip themselves with a message, unless
 //! ROSTER_DOCKER_TESTS=1 (as in .ci/run), which makes a missing engine a failure.
 
-mod common;
-
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::certs::Ca;
-use common::*;
+use crate::common::certs::Ca;
+use crate::common::*;
 use roster::client::{tls_from_pem, RosterClient};
 use roster::proto::v1::*;
 use tonic::transport::ClientTlsConfig;
@@ -308,17 +306,10 @@ impl DockerCluster {
 
     async fn wait<T, F, Fut>(&self, what: &str, f: F) -> T
     where
-        F: Fn() -> Fut,
+        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(what, Duration::from_secs(60), f).await
     }
 
     async fn leader(&self, among: &[u64]) -> u64 {

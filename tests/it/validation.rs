@@ -1,12 +1,10 @@
 //! Bad input gets the right status code and leaves stored state untouched.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::client::RosterClient;
 use roster::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use roster::proto::raft_v1::RaftPayload;
@@ -304,16 +302,13 @@ fn run_server(config: &std::path::Path) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "roster server kept running with config {}",
-                config.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let exited = poll_blocking(Duration::from_secs(10), || child.try_wait().expect("wait"));
+    if exited.is_none() {
+        let _ = child.kill();
+        panic!(
+            "roster server kept running with config {}",
+            config.display()
+        );
     }
     let out = child.wait_with_output().expect("output");
     (

@@ -4,13 +4,11 @@
 //! `deploy/tls/make-certs.sh` (openssl) and a token made with the Rust client. `.ci/run` installs grpcio into a venv and sets `ROSTER_PYTHON`;
 //! without it the test says so and skips.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::client::tls_from_files;
 use roster::proto::v1::{CreateTokenRequest, GetServiceRequest, Role};
 

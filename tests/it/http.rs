@@ -7,15 +7,13 @@
 //! plaintext refused, client certificates; and rotation, seen in rustls
 //! handshakes.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::certs::{tls_section, write_nodes, Ca, Issued};
-use common::*;
+use crate::common::certs::{tls_section, write_nodes, Ca, Issued};
+use crate::common::*;
 use futures::FutureExt;
 use roster::client::tls_from_pem;
 use rustls_pki_types::pem::PemObject;

@@ -2,14 +2,12 @@
 //! refuse to start (it would vote with lost state), say which directory and how
 //! to recover; the rest of the cluster keeps serving every acknowledged write.
 
-mod common;
-
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::client::RosterClient;
 use roster::proto::v1::*;
 

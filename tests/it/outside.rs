@@ -4,13 +4,11 @@
 //! line `roster dev --tls --auth` prints, run as printed. Without them the
 //! tests say so and skip.
 
-mod common;
-
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::doc_block;
-use common::ports::free_port;
+use crate::common::ports::free_port;
+use crate::common::{doc_block, poll_blocking};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -80,15 +78,12 @@ fn roster_dev_tls_auth_prints_an_https_curl_line_that_works() {
     let out = std::fs::File::create(&printed).expect("dev's output file");
     let base = free_block();
     let _dev = Dev::start_with(base, &["--tls", "--auth"], Stdio::from(out));
-    let deadline = Instant::now() + LIMIT;
-    let text = loop {
-        let text = std::fs::read_to_string(&printed).unwrap_or_default();
-        if text.contains("Ctrl-C") {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "roster dev printed: {text}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut last = String::new();
+    let text = poll_blocking(LIMIT, || {
+        last = std::fs::read_to_string(&printed).unwrap_or_default();
+        last.contains("Ctrl-C").then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("no Ctrl-C line within {LIMIT:?}; roster dev printed: {last}"));
     let https = format!("https://127.0.0.1:{}", base + 300);
     let console = format!("web console: {https}/ui");
     assert!(text.contains(&console), "{text}");
@@ -110,21 +105,17 @@ fn roster_dev_tls_auth_prints_an_https_curl_line_that_works() {
 /// Runs `cmd` in a shell until its output holds `wanted` (a node may not
 /// have applied the write yet); the last output if it never does.
 fn retried(cmd: &str, wanted: &str) -> Result<String, Output> {
-    let deadline = Instant::now() + LIMIT;
-    loop {
+    let mut last = None;
+    poll_blocking(LIMIT, || {
         let out = Command::new("bash")
             .args(["-c", cmd])
             .output()
             .expect("run bash");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains(wanted) {
-            return Ok(text);
-        }
-        if Instant::now() > deadline {
-            return Err(out);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        last = Some(out);
+        text.contains(wanted).then_some(text)
+    })
+    .ok_or_else(|| last.expect("ran at least once"))
 }
 
 /// A base port whose client, peer, DNS and HTTP ports (base..+3, +100..,

@@ -5,12 +5,10 @@
 //! away leaves the listeners; tokens scope what a stream sees. A real gRPC
 //! client (Python grpcio) is in `tests/xds_python.rs`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{config_source, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};

@@ -1,11 +1,9 @@
 //! The cluster grows from 3 to 5 voters and back, online, without losing writes.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::client::RosterClient;
 use roster::proto::v1::*;
 

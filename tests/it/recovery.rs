@@ -2,12 +2,10 @@
 //! only voter of its cluster with every acknowledged write; the cluster then
 //! grows back with `member add`.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use roster::proto::v1::*;
 
 fn recover(c: &TestCluster, id: u64) -> std::process::Output {

@@ -2,12 +2,10 @@
 //! file descriptors: they are closed, and under a flood of them at a 1,024
 //! descriptor limit writes through every node keep succeeding.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::faults::flood;
-use common::*;
+use crate::common::faults::flood;
+use crate::common::*;
 use roster::proto::v1::registry_client::RegistryClient;
 use roster::proto::v1::{RegisterRequest, WatchRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -3,12 +3,10 @@
 //! against the cluster CA, and certificates rotate without a restart. What
 //! the peer port admits beyond the handshake: tests/peer_trust.rs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::certs::{tls_section, write_nodes, Ca, Issued};
-use common::*;
+use crate::common::certs::{tls_section, write_nodes, Ca, Issued};
+use crate::common::*;
 use roster::client::{tls_from_pem, RosterClient};
 use roster::proto::raft_v1::raft_transport_client::RaftTransportClient;
 use roster::proto::raft_v1::RaftPayload;

@@ -9,13 +9,11 @@
 //! selenium into its venv, and sets `ROSTER_CHROMIUM`; without both the
 //! tests say so and skip.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::certs::{tls_section, Ca};
-use common::*;
+use crate::common::certs::{tls_section, Ca};
+use crate::common::*;
 
 /// `ROSTER_PYTHON`, or `None` after saying the test skips.
 fn python() -> Option<String> {

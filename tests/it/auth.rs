@@ -1,12 +1,10 @@
 //! Tokens with roles and service scopes (`[auth] enabled`): who may call
 //! what, on every node, and how fast a revocation counts.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use roster::client::RosterClient;
 use roster::proto::v1::*;
 use tonic::Code;

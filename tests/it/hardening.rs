@@ -2,12 +2,10 @@
 //! server` processes: a stopped or isolated leader, writes whose outcome is
 //! unknown, requests that must change nothing, bad bytes, a full disk.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::faults::Tmpfs;
-use common::*;
+use crate::common::faults::Tmpfs;
+use crate::common::*;
 use roster::proto::v1::registry_client::RegistryClient;
 use roster::proto::v1::*;
 use tonic::transport::Channel;

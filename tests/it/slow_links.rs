@@ -4,14 +4,12 @@
 //! the test's own requests go straight to a node, over a raw gRPC client that
 //! never retries, so every failure a client would see is counted.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::{Dir, Link};
-use common::*;
+use crate::common::proxy::{Dir, Link};
+use crate::common::*;
 use roster::proto::v1::registry_client::RegistryClient;
 use roster::proto::v1::*;
 use tonic::transport::Channel;

@@ -1,10 +1,8 @@
 //! Watch streams against a real cluster: order, resume, resync.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::client::RosterClient;
 use roster::client::WatchStream;
 use roster::proto::v1::*;

@@ -2,13 +2,11 @@
 //! `inspect`, and `restore` into the data directories of a new cluster that
 //! serves exactly that state at that revision.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use roster::proto::v1::*;
 
 fn roster(args: &[&str], file: &Path) -> Output {

@@ -5,13 +5,11 @@
 //! (the client's, a non-member node's, a member's claiming to be another),
 //! another CA's or none, is refused, and no node's term moves.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::certs::Ca;
-use common::*;
+use crate::common::certs::Ca;
+use crate::common::*;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 use roster::client::tls_from_files;
@@ -195,7 +193,8 @@ async fn forged_raft_over_the_peer_port_is_refused_and_no_term_moves() {
         }
     }
 
-    // No node moves to the forged term (nor any other) over the next seconds.
+    // No node moves to the forged term (nor any other) over the next seconds:
+    // that nothing happens is the assertion, so the window is a fixed one.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         for id in 1..=3 {

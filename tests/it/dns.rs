@@ -3,13 +3,11 @@
 //! tags, instance names, NXDOMAIN against an empty answer, truncation and
 //! the retry over TCP, tokens. `dig` runs in `tests/outside.rs`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
