@@ -225,7 +225,7 @@ async fn robustness_short() {
     let checking = Instant::now();
     let (violations, inconclusive) = checker::check_linearizable(&strict);
     // Heartbeats are answered from the leader's local state, without a read
-    // index: checked too, but only reported (README does not promise them linearizable).
+    // index: checked too, but only reported (the docs do not promise them linearizable).
     let heartbeat_anomalies = checker::check_linearizable(&ops)
         .0
         .len()

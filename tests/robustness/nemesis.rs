@@ -28,7 +28,7 @@ pub enum Fault {
     DiskFull,
     /// SIGKILL a random node and cut its main sled file in half before the
     /// restart: it must refuse to start (unless the cut only hit dead space);
-    /// healed as the README says (member remove, wipe, start, member add).
+    /// healed as docs/operations.md says (member remove, wipe, start, member add).
     DamageRandom,
     /// Stop a random node (SIGINT or SIGKILL) and cut the last 4 KiB of its
     /// sled file, as a disk that lied about a flush or a restored file-system
@@ -214,7 +214,7 @@ where
     .ok_or_else(|| format!("{what}: {}", last.borrow()))
 }
 
-/// The README's recovery of a node whose data is gone: remove the member,
+/// The recovery of a node whose data is gone (docs/operations.md): remove the member,
 /// wipe its directory, start it without `initial_cluster`, add it back.
 async fn rejoin_empty(c: &mut TestCluster, id: u64) -> Result<(), String> {
     on_cluster(c, id, "member remove", |mut cc| async move {

@@ -25,7 +25,7 @@ use super::marker::Marker;
 use super::snapshot_file::SnapshotFile;
 use super::stored::{decode, encode, CodecError};
 use crate::error::Error;
-use crate::raft::{trees, Node, NodeId, TypeConfig};
+use crate::raft::{Node, NodeId, TypeConfig};
 use crate::registry::acl::{Acl, Token};
 use crate::registry::model::{ServiceConfig, Session};
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
@@ -548,6 +548,7 @@ mod tests {
     use super::migrate::*;
     use super::*;
     use crate::raft::storage::marker::{Identity, Progress};
+    use crate::raft::trees;
     use crate::registry::{Command, Proposal};
 
     fn open(dir: &Path) -> StateMachine {
