@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roster::client::{tls_from_files, RosterClient};
@@ -44,7 +43,7 @@ impl Echo for Named {
 }
 
 /// A client as the environment says, like the CLI's.
-fn roster() -> Result<Arc<RosterClient>, Box<dyn std::error::Error>> {
+fn roster() -> Result<RosterClient, Box<dyn std::error::Error>> {
     let var = |name| std::env::var(name).ok();
     let endpoints: Vec<String> = var("ROSTER_ENDPOINTS")
         .unwrap_or_else(|| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into())
@@ -62,10 +61,10 @@ fn roster() -> Result<Arc<RosterClient>, Box<dyn std::error::Error>> {
         }
         None => RosterClient::new(&endpoints)?,
     };
-    Ok(Arc::new(match var("ROSTER_TOKEN") {
+    Ok(match var("ROSTER_TOKEN") {
         Some(token) => client.with_token(&token)?,
         None => client,
-    }))
+    })
 }
 
 async fn serve(name: String, port: u16) -> Result<(), Box<dyn std::error::Error>> {

@@ -51,7 +51,7 @@ fn healthy_ids(r: &roster::client::resolver::Resolver) -> Vec<String> {
 #[tokio::test]
 async fn balanced_channel_follows_health_and_deregistration() {
     let c = TestCluster::start(3).await;
-    let client = Arc::new(c.client());
+    let client = c.client();
     let mut nodes = Vec::new();
     for name in ["e1", "e2", "e3"] {
         let n = Target::start_named(Kind::Echo, name).await;
@@ -181,7 +181,7 @@ async fn writes_go_to_the_leader_and_follow_it_after_a_kill() {
 #[tokio::test]
 async fn keepalive_registration_stays_passing_through_a_leader_kill() {
     let mut c = TestCluster::start(3).await;
-    let client = Arc::new(c.client());
+    let client = c.client();
     let node = Target::start_named(Kind::Echo, "ka").await;
     let registration = client
         .register_with_keepalive(echo_instance(&node, None), Duration::from_millis(1500))
@@ -271,7 +271,7 @@ async fn resolver_moves_to_another_node_and_misses_no_change() {
         register(&writer, "payments", &format!("p-{n}"), 8000 + n).await;
     }
     // The resolver's client prefers node 1, so its watch starts there.
-    let client = Arc::new(RosterClient::new(&c.endpoints()).expect("client"));
+    let client = RosterClient::new(&c.endpoints()).expect("client");
     let mut resolver = client.resolve("payments");
     assert!(resolver.ready(Duration::from_secs(5)).await);
     assert_eq!(resolver.current().instances.len(), 5);

@@ -46,7 +46,7 @@ struct Writers {
 }
 
 impl Writers {
-    fn start(client: &Arc<RosterClient>, round: usize, n: usize) -> Writers {
+    fn start(client: &RosterClient, round: usize, n: usize) -> Writers {
         let (stop, stopped) = watch::channel(false);
         let attempted = Arc::new(Mutex::new(BTreeSet::new()));
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
@@ -209,7 +209,7 @@ pub async fn leader_storage_fails(mut fault: impl StorageFault) {
             return;
         }
     };
-    let client = Arc::new(c.client());
+    let client = c.client();
     let (mut attempted, mut acked) = (BTreeSet::new(), BTreeSet::new());
     for round in 0..runs() {
         let leader = c.leader().await;
