@@ -3,8 +3,6 @@
 
 use std::fmt;
 
-use crate::rules::{self, Retry};
-
 /// A gRPC status code, as Roster's nodes answer them (see the error table in
 /// docs/api.md): `Unavailable` means not applied, `DeadlineExceeded` and `Aborted`
 /// an unknown outcome.
@@ -65,21 +63,6 @@ pub struct Error {
 }
 
 impl Error {
-    /// The answer to a call of the RPC at `path`.
-    pub(crate) fn of(path: &str, status: tonic::Status) -> Error {
-        let retry_is_safe = match status.code() {
-            tonic::Code::Unavailable => true,
-            c if outcome_unknown(c) || c == tonic::Code::Unknown || c == tonic::Code::Cancelled => {
-                matches!(rules::of(path).retry, Retry::Safe | Retry::AbsentMeansDone)
-            }
-            _ => false,
-        };
-        Error {
-            status,
-            retry_is_safe,
-        }
-    }
-
     pub fn code(&self) -> Code {
         self.status.code().into()
     }
@@ -111,11 +94,15 @@ pub(crate) fn outcome_unknown(c: tonic::Code) -> bool {
 }
 
 impl From<tonic::Status> for Error {
-    /// A status not tied to an RPC: safe to retry only if not applied.
+    /// Not applied (`UNAVAILABLE`) or an unknown outcome: every Roster call
+    /// may be sent again (each retry class in `rules` allows it).
     fn from(status: tonic::Status) -> Self {
+        use tonic::Code as T;
+        let retry_is_safe = matches!(status.code(), T::Unavailable | T::Unknown | T::Cancelled)
+            || outcome_unknown(status.code());
         Error {
-            retry_is_safe: status.code() == tonic::Code::Unavailable,
             status,
+            retry_is_safe,
         }
     }
 }

@@ -267,7 +267,7 @@ impl RosterClient {
                         );
                         return Ok(v.into_inner());
                     }
-                    Err(status) => Error::of(path, status),
+                    Err(status) => Error::from(status),
                 };
                 if e.code() == Code::NotFound && uncertain && rule.retry == Retry::AbsentMeansDone {
                     return Ok(T::default());
@@ -394,7 +394,7 @@ impl RosterClient {
             Ok(Self::registry(ch).watch(r).await?.map(Some))
         })
         .await
-        .and_then(|s| WatchStream::new(PATH, s))
+        .and_then(WatchStream::new)
     }
 
     /// Opens a WatchServices stream on the first node that accepts it, sending
@@ -425,7 +425,7 @@ impl RosterClient {
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
             .ok_or_else(|| Status::internal("watch_services opened without a request stream"))?;
-        Ok((tx, WatchStream::new(PATH, responses)?))
+        Ok((tx, WatchStream::new(responses)?))
     }
 
     /// The watch stream shared by this client's resolvers.
@@ -514,32 +514,26 @@ impl RosterClient {
 /// The messages of a watch stream, as tonic's `Streaming` gives them but with
 /// [`Error`]s.
 pub struct WatchStream<T> {
-    path: &'static str,
     inner: Streaming<T>,
 }
 
 impl<T> std::fmt::Debug for WatchStream<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WatchStream")
-            .field("rpc", &self.path)
-            .finish()
+        f.debug_struct("WatchStream").finish_non_exhaustive()
     }
 }
 
 impl<T> WatchStream<T> {
     /// `inner` is what `send` answered: `Some` once a node opened the
     /// stream (`None` is only its default, for removals).
-    fn new(path: &'static str, inner: Option<Streaming<T>>) -> Result<Self, Error> {
+    fn new(inner: Option<Streaming<T>>) -> Result<Self, Error> {
         let inner = inner.ok_or_else(|| Status::internal("a watch answered without a stream"))?;
-        Ok(WatchStream { path, inner })
+        Ok(WatchStream { inner })
     }
 
     /// The next message; `None` once the node ended the stream.
     pub async fn message(&mut self) -> Result<Option<T>, Error> {
-        self.inner
-            .message()
-            .await
-            .map_err(|s| Error::of(self.path, s))
+        self.inner.message().await.map_err(Error::from)
     }
 }
 
@@ -550,9 +544,8 @@ impl<T> futures::Stream for WatchStream<T> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let path = self.path;
         std::pin::Pin::new(&mut self.inner)
             .poll_next(cx)
-            .map(|m| m.map(|r| r.map_err(|s| Error::of(path, s))))
+            .map(|m| m.map(|r| r.map_err(Error::from)))
     }
 }
