@@ -27,9 +27,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .out_dir(&out)
             .build(&[".roster.v1"])?;
     }
+    let fds = protox::compile(all, ["proto"])?;
+    // The messages and the client stubs.
     tonic_prost_build::configure()
-        .build_server(server)
+        .build_server(false)
         .codec_path("crate::codec::Codec")
-        .compile_fds(protox::compile(all, ["proto"])?)?;
+        .compile_fds(fds.clone())?;
+    if server {
+        // The servers, on their own (proto.rs includes them beside the
+        // messages): every message is the one generated above, except what
+        // the watch streams send, which is encoded once and shared between
+        // streams (crate::codec::encoded).
+        let dir = out.join("server");
+        std::fs::create_dir_all(&dir)?;
+        tonic_prost_build::configure()
+            .build_client(false)
+            .codec_path("crate::codec::Codec")
+            .extern_path(".roster.v1", "crate::proto::v1")
+            .extern_path(".roster.raft.v1", "crate::proto::raft_v1")
+            .extern_path(".roster.examples", "crate::proto::echo")
+            .extern_path(
+                ".roster.v1.WatchResponse",
+                "crate::codec::encoded::WatchResponse",
+            )
+            .extern_path(
+                ".roster.v1.WatchServicesResponse",
+                "crate::codec::encoded::WatchServicesResponse",
+            )
+            .out_dir(&dir)
+            .compile_fds(fds)?;
+    }
     Ok(())
 }

@@ -61,3 +61,169 @@ impl<U: Message + Default> TonicDecoder for Decoder<U> {
         self.0.buffer_settings()
     }
 }
+
+/// What the server's watch streams send in place of the generated messages
+/// (build.rs maps them for the servers only): a `WatchResponse` encoded once
+/// and shared by every stream that sends it, so a change reaching thousands
+/// of streams is encoded once per service, not once per stream.
+#[cfg(feature = "server")]
+pub mod encoded {
+    use bytes::{BufMut, Bytes};
+    use prost::encoding::{self, DecodeContext, WireType};
+    use prost::{DecodeError, Message};
+
+    use crate::proto::v1 as pb;
+
+    /// An encoded `roster.v1.WatchResponse`.
+    #[derive(Clone, Debug, Default)]
+    pub struct WatchResponse(pub Bytes);
+
+    impl WatchResponse {
+        pub fn encode(m: &pb::WatchResponse) -> Bytes {
+            m.encode_to_vec().into()
+        }
+    }
+
+    /// The server encodes these, never decodes them.
+    fn never_decoded(
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    impl Message for WatchResponse {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            buf.put_slice(&self.0);
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl bytes::Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), DecodeError> {
+            never_decoded(tag, wire_type, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            self.0.len()
+        }
+
+        fn clear(&mut self) {
+            self.0.clear();
+        }
+    }
+
+    /// A `roster.v1.WatchServicesResponse`: an update around a shared
+    /// encoded `WatchResponse`, or any other answer as generated.
+    #[derive(Clone, Debug)]
+    pub enum WatchServicesResponse {
+        Update { service: String, update: Bytes },
+        Other(pb::WatchServicesResponse),
+    }
+
+    /// The fields' numbers in `WatchServicesResponse` (registry.proto).
+    const SERVICE: u32 = 1;
+    const UPDATE: u32 = 2;
+
+    impl Message for WatchServicesResponse {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            match self {
+                Self::Update { service, update } => {
+                    if !service.is_empty() {
+                        encoding::string::encode(SERVICE, service, buf);
+                    }
+                    encoding::encode_key(UPDATE, WireType::LengthDelimited, buf);
+                    encoding::encode_varint(update.len() as u64, buf);
+                    buf.put_slice(update);
+                }
+                Self::Other(m) => m.encode_raw(buf),
+            }
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl bytes::Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), DecodeError> {
+            never_decoded(tag, wire_type, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            match self {
+                Self::Update { service, update } => {
+                    let service = if service.is_empty() {
+                        0
+                    } else {
+                        encoding::string::encoded_len(SERVICE, service)
+                    };
+                    service
+                        + encoding::key_len(UPDATE)
+                        + encoding::encoded_len_varint(update.len() as u64)
+                        + update.len()
+                }
+                Self::Other(m) => m.encoded_len(),
+            }
+        }
+
+        fn clear(&mut self) {
+            *self = Self::Other(pb::WatchServicesResponse::default());
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use pb::watch_services_response::Result as Outcome;
+
+        fn response() -> pb::WatchResponse {
+            pb::WatchResponse {
+                revision: 42,
+                reset: pb::ResetReason::Initial as i32,
+                instances: vec![pb::Instance {
+                    service: "web".into(),
+                    id: "web-1".into(),
+                    address: "10.0.0.1".into(),
+                    port: 8080,
+                    ..Default::default()
+                }],
+                events: vec![],
+                compact_revision: 7,
+            }
+        }
+
+        /// The shared bytes decode, for a client, as the generated messages would.
+        #[test]
+        fn encodings_match_the_generated_messages() {
+            let m = response();
+            let shared = WatchResponse::encode(&m);
+            assert_eq!(
+                WatchResponse(shared.clone()).encode_to_vec(),
+                m.encode_to_vec()
+            );
+            for service in ["web", ""] {
+                let mux = WatchServicesResponse::Update {
+                    service: service.into(),
+                    update: shared.clone(),
+                };
+                let generated = pb::WatchServicesResponse {
+                    service: service.into(),
+                    result: Some(Outcome::Update(m.clone())),
+                };
+                let bytes = mux.encode_to_vec();
+                assert_eq!(bytes.len(), mux.encoded_len());
+                assert_eq!(bytes, generated.encode_to_vec());
+                assert_eq!(
+                    pb::WatchServicesResponse::decode(bytes.as_slice()).expect("decodes"),
+                    generated
+                );
+            }
+        }
+    }
+}

@@ -4,6 +4,8 @@
 
 pub mod v1 {
     tonic::include_proto!("roster.v1");
+    #[cfg(feature = "server")]
+    include!(concat!(env!("OUT_DIR"), "/server/roster.v1.rs"));
     // serde for the HTTP/JSON API (proto3 JSON mapping); the node only.
     #[cfg(feature = "server")]
     include!(concat!(env!("OUT_DIR"), "/roster.v1.serde.rs"));
@@ -32,11 +34,14 @@ pub mod v1 {
 #[cfg(feature = "server")]
 pub mod raft_v1 {
     tonic::include_proto!("roster.raft.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/roster.raft.v1.rs"));
 }
 
 /// The echo service of `examples/echo.rs` and the client tests.
 pub mod echo {
     tonic::include_proto!("roster.examples");
+    #[cfg(feature = "server")]
+    include!(concat!(env!("OUT_DIR"), "/server/roster.examples.rs"));
 }
 
 /// Encoded `FileDescriptorSet` of the public API only (`roster.v1`), served by

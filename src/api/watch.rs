@@ -14,6 +14,7 @@ use super::auth::{self, Grant};
 use super::convert;
 use super::forward::{self, Leader};
 use super::limits::{exhausted, WatchSlot, WatchSlots};
+use crate::codec::encoded;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::peers::Peers;
@@ -22,11 +23,11 @@ use crate::proto::v1::watch_services_request::Action;
 use crate::proto::v1::watch_services_response::Result as Outcome;
 use crate::raft::proposer::Proposer;
 use crate::registry::validate;
-use crate::registry::watch::{watch_stream, SharedState, Update, Watcher};
+use crate::registry::watch::{watch_stream, SharedState, Update, WatchMessage, Watcher};
 
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<encoded::WatchResponse, Status>> + Send>>;
 pub type WatchServicesStream =
-    Pin<Box<dyn Stream<Item = Result<pb::WatchServicesResponse, Status>> + Send>>;
+    Pin<Box<dyn Stream<Item = Result<encoded::WatchServicesResponse, Status>> + Send>>;
 
 /// Requests a stream takes in one go: their starts share one read index and one lock.
 const ADD_BATCH: usize = 1024;
@@ -67,20 +68,23 @@ impl Watches {
         within(msg.since_revision, ceiling)?;
         // The slot is held for as long as the stream lives.
         let stream =
-            watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |m| {
+            watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |u| {
                 let _held = &slot;
-                let mut m = convert::watch_message_to_pb(&m);
-                // A scoped token watching every service sees only its own;
-                // a revision with nothing of them in it is not sent.
-                if let Some(g) = &grant {
-                    m.instances.retain(|i| g.covers(&i.service));
-                    m.events
-                        .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
-                    if m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty() {
-                        return futures::future::ready(None);
+                futures::future::ready(match &grant {
+                    // A scoped token watching every service sees only its own;
+                    // a revision with nothing of them in it is not sent.
+                    Some(g) if u.service.is_none() => {
+                        let mut m = convert::watch_message_to_pb(&u.message);
+                        m.instances.retain(|i| g.covers(&i.service));
+                        m.events
+                            .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
+                        let empty =
+                            m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty();
+                        (!empty)
+                            .then(|| Ok(encoded::WatchResponse(encoded::WatchResponse::encode(&m))))
                     }
-                }
-                futures::future::ready(Some(Ok(m)))
+                    _ => Some(Ok(encoded::WatchResponse(shared(&u)))),
+                })
             });
         Ok(self.until_closing(stream))
     }
@@ -166,7 +170,7 @@ fn within(since: u64, ceiling: u64) -> Result<(), Status> {
 
 enum Event {
     Request(Option<Result<pb::WatchServicesRequest, Status>>),
-    Update(Option<Update>),
+    Update(Option<Arc<Update>>),
 }
 
 /// One WatchServices stream.
@@ -179,12 +183,12 @@ struct Mux {
     /// `None` once the client has sent all its requests: the stream goes on.
     inbound: Option<Streaming<pb::WatchServicesRequest>>,
     /// Answers to requests, sent before further updates.
-    out: VecDeque<pb::WatchServicesResponse>,
+    out: VecDeque<encoded::WatchServicesResponse>,
     failed: bool,
 }
 
 impl Mux {
-    async fn next(&mut self) -> Option<Result<pb::WatchServicesResponse, Status>> {
+    async fn next(&mut self) -> Option<Result<encoded::WatchServicesResponse, Status>> {
         loop {
             if let Some(r) = self.out.pop_front() {
                 return Some(Ok(r));
@@ -214,7 +218,14 @@ impl Mux {
                 // The client broke the stream off: nobody reads the rest.
                 Event::Request(Some(Err(_))) => return None,
                 Event::Request(None) => self.inbound = None,
-                Event::Update(update) => return update.map(|u| Ok(update_to_pb(u))),
+                Event::Update(update) => {
+                    return update.map(|u| {
+                        Ok(encoded::WatchServicesResponse::Update {
+                            service: u.service.clone().unwrap_or_default(),
+                            update: shared(&u),
+                        })
+                    })
+                }
             }
         }
     }
@@ -325,19 +336,17 @@ impl Mux {
     }
 }
 
-fn ended(service: String, status: &Status) -> pb::WatchServicesResponse {
-    pb::WatchServicesResponse {
+fn ended(service: String, status: &Status) -> encoded::WatchServicesResponse {
+    encoded::WatchServicesResponse::Other(pb::WatchServicesResponse {
         service,
         result: Some(Outcome::Ended(pb::WatchEnded {
             code: status.code() as i32,
             message: status.message().to_string(),
         })),
-    }
+    })
 }
 
-fn update_to_pb(u: Update) -> pb::WatchServicesResponse {
-    pb::WatchServicesResponse {
-        service: u.service.unwrap_or_default(),
-        result: Some(Outcome::Update(convert::watch_message_to_pb(&u.message))),
-    }
+/// The update's message encoded, once for every stream that sends it.
+fn shared(u: &Update) -> bytes::Bytes {
+    u.rendered(|m: &WatchMessage| encoded::WatchResponse::encode(&convert::watch_message_to_pb(m)))
 }

@@ -63,7 +63,7 @@ pub async fn run(ctx: Arc<CheckContext>) {
     loop {
         tokio::select! {
             m = watch.next() => match m {
-                Some(m) => r.follow(m),
+                Some(u) => r.follow(u.message.clone()),
                 None => return,
             },
             Some(p) = rx.recv() => r.checks.record(&p.key, p.result),

@@ -1,11 +1,24 @@
-//! Watch: one broadcast per applied change, fanned out to every watcher, with a
-//! bounded history so a reconnecting watcher can resume where it left off.
+//! Watch: each applied change is routed once to the watch streams that follow
+//! its services, with a bounded history so a reconnecting watcher can resume
+//! where it left off.
+//!
+//! Delivery costs per change, not per watcher: the hub groups a change's
+//! events by service once, makes one shared [`Update`] per service (which a
+//! front-end encodes once, [`Update::rendered`]), and puts a pointer to it in
+//! the bounded inbox of every stream following that service. A stream that
+//! falls a whole inbox behind receives nothing more until it reads again, and
+//! then catches each of its keys up from history (or from the full state,
+//! past it): a slow stream never holds up the others.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::Poll;
 
+use bytes::Bytes;
+use futures::task::AtomicWaker;
 use futures::Stream;
-use tokio::sync::broadcast;
 
 use super::catalog::Catalog;
 use super::model::{Event, Instance};
@@ -13,25 +26,164 @@ use super::model::{Event, Instance};
 /// The events of one applied log entry.
 #[derive(Debug)]
 struct Change {
-    pub revision: u64,
-    pub events: Vec<Event>,
+    revision: u64,
+    events: Vec<Event>,
     /// The hub's floor when this change was published.
     compact_revision: u64,
 }
 
-#[derive(Clone, Debug)]
-enum Notice {
-    Change(Arc<Change>),
-    /// History was discarded (a snapshot was installed): watchers must resync.
-    Reset,
+impl Change {
+    fn message(&self, events: Vec<Event>) -> WatchMessage {
+        WatchMessage {
+            revision: self.revision,
+            reset: None,
+            instances: vec![],
+            events,
+            compact_revision: self.compact_revision,
+        }
+    }
+
+    /// The change's events by service, for the services `wanted` says: an
+    /// entry usually touches one; ordered so output is deterministic.
+    fn by_service(&self, wanted: impl Fn(&str) -> bool) -> BTreeMap<&str, Vec<Event>> {
+        let mut by_service: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
+        for e in &self.events {
+            let s = e.instance.service.as_str();
+            if wanted(s) {
+                by_service.entry(s).or_default().push(e.clone());
+            }
+        }
+        by_service
+    }
 }
 
-/// Live buffer per watcher before it counts as lagging and resumes from history.
-const BROADCAST_CAPACITY: usize = 4096;
+/// Messages a stream's inbox holds before the stream counts as behind: it
+/// then receives nothing until it catches up from history.
+const INBOX_CAPACITY: usize = 1024;
+
+/// Where the hub puts a stream's messages, and how it wakes the stream.
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<Queue>,
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Queue {
+    messages: VecDeque<Arc<Update>>,
+    /// Set when the stream must catch up from history before reading on (its
+    /// inbox overflowed, or history was replaced): every message up to this
+    /// revision was queued.
+    behind: Option<u64>,
+}
+
+enum Taken {
+    Message(Arc<Update>),
+    Behind(u64),
+}
+
+impl Inbox {
+    fn push(&self, u: &Arc<Update>) {
+        let Ok(mut q) = self.queue.lock() else {
+            return;
+        };
+        if q.behind.is_some() {
+            return;
+        }
+        if q.messages.len() < INBOX_CAPACITY {
+            q.messages.push_back(u.clone());
+        } else {
+            q.behind = Some(u.message.revision.saturating_sub(1));
+        }
+        drop(q);
+        self.waker.wake();
+    }
+
+    /// History was replaced: nothing later can be assumed queued.
+    fn invalidate(&self) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.behind = Some(0);
+        }
+        self.waker.wake();
+    }
+
+    /// The next message, or that the stream is behind; `None` if the inbox
+    /// broke (a pusher panicked). Cancel safe: taken only when returned.
+    async fn take(&self) -> Option<Taken> {
+        poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let Ok(mut q) = self.queue.lock() else {
+                return Poll::Ready(None);
+            };
+            if let Some(m) = q.messages.pop_front() {
+                return Poll::Ready(Some(Taken::Message(m)));
+            }
+            if let Some(through) = q.behind.take() {
+                return Poll::Ready(Some(Taken::Behind(through)));
+            }
+            // A burst leaves a large queue behind; a stream lives long.
+            if q.messages.capacity() > 64 {
+                q.messages.shrink_to_fit();
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The streams following each key, by stream id.
+#[derive(Default)]
+struct Subscribers {
+    all: HashMap<u64, Arc<Inbox>>,
+    services: HashMap<String, HashMap<u64, Arc<Inbox>>>,
+    /// Keys followed, by stream.
+    streams: HashMap<u64, usize>,
+}
+
+impl Subscribers {
+    fn follow(&mut self, id: u64, inbox: &Arc<Inbox>, key: Option<&str>) {
+        let fresh = match key {
+            None => self.all.insert(id, inbox.clone()),
+            Some(s) => self
+                .services
+                .entry(s.to_string())
+                .or_default()
+                .insert(id, inbox.clone()),
+        }
+        .is_none();
+        if fresh {
+            *self.streams.entry(id).or_default() += 1;
+        }
+    }
+
+    fn unfollow(&mut self, id: u64, key: Option<&str>) {
+        let gone = match key {
+            None => self.all.remove(&id).is_some(),
+            Some(s) => match self.services.get_mut(s) {
+                Some(m) => {
+                    let gone = m.remove(&id).is_some();
+                    if m.is_empty() {
+                        self.services.remove(s);
+                    }
+                    gone
+                }
+                None => false,
+            },
+        };
+        if gone {
+            if let Some(n) = self.streams.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.streams.remove(&id);
+                }
+            }
+        }
+    }
+}
 
 pub struct WatchHub {
-    tx: broadcast::Sender<Notice>,
-    history: VecDeque<Arc<Change>>,
+    subscribers: Mutex<Subscribers>,
+    history: VecDeque<Change>,
     /// Events in `history`, bounded by `capacity`: an entry may carry
     /// hundreds (writes committed together), each a whole instance.
     held: usize,
@@ -42,9 +194,8 @@ pub struct WatchHub {
 
 impl WatchHub {
     pub fn new(floor: u64, capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         WatchHub {
-            tx,
+            subscribers: Mutex::default(),
             history: VecDeque::new(),
             held: 0,
             floor,
@@ -62,26 +213,56 @@ impl WatchHub {
             self.floor = old.revision;
         }
         self.held += events.len();
-        let change = Arc::new(Change {
+        let change = Change {
             revision,
             events,
             compact_revision: self.floor,
-        });
-        self.history.push_back(change.clone());
-        // No receivers is fine: nobody is watching.
-        let _ = self.tx.send(Notice::Change(change));
+        };
+        self.deliver(&change);
+        self.history.push_back(change);
+    }
+
+    /// Puts `change` in the inbox of every stream that follows it: one shared
+    /// message per service, and one for the streams following every service.
+    fn deliver(&self, change: &Change) {
+        let Ok(subs) = self.subscribers.lock() else {
+            return;
+        };
+        if !subs.all.is_empty() && !change.events.is_empty() {
+            let u = Update::new(None, change.message(change.events.clone()));
+            subs.all.values().for_each(|inbox| inbox.push(&u));
+        }
+        if subs.services.is_empty() {
+            return;
+        }
+        for (s, events) in change.by_service(|s| subs.services.contains_key(s)) {
+            let u = Update::new(Some(s.to_string()), change.message(events));
+            if let Some(inboxes) = subs.services.get(s) {
+                inboxes.values().for_each(|inbox| inbox.push(&u));
+            }
+        }
     }
 
     pub fn reset(&mut self, revision: u64) {
         self.history.clear();
         self.held = 0;
         self.floor = revision;
-        let _ = self.tx.send(Notice::Reset);
+        if let Ok(subs) = self.subscribers.lock() {
+            let inboxes = subs
+                .all
+                .values()
+                .chain(subs.services.values().flat_map(|m| m.values()));
+            inboxes.for_each(|inbox| inbox.invalidate());
+        }
     }
 
-    /// Watch streams currently subscribed.
+    /// Watch streams currently following something.
     pub fn watchers(&self) -> usize {
-        self.tx.receiver_count()
+        self.subscribers.lock().map_or(0, |s| s.streams.len())
+    }
+
+    fn subscribers(&self) -> Option<std::sync::MutexGuard<'_, Subscribers>> {
+        self.subscribers.lock().ok()
     }
 }
 
@@ -110,15 +291,33 @@ pub struct WatchMessage {
     pub compact_revision: u64,
 }
 
-/// A message for one of a watcher's keys: a service, or every service (`None`).
-#[derive(Clone, Debug, PartialEq)]
+/// A message for one of a watcher's keys: a service, or every service
+/// (`None`). Every stream following the key receives the same one.
+#[derive(Debug)]
 pub struct Update {
     pub service: Option<String>,
     pub message: WatchMessage,
+    rendered: OnceLock<Bytes>,
+}
+
+impl Update {
+    fn new(service: Option<String>, message: WatchMessage) -> Arc<Update> {
+        Arc::new(Update {
+            service,
+            message,
+            rendered: OnceLock::new(),
+        })
+    }
+
+    /// The message as a front-end encodes it: made by the first stream that
+    /// sends it, shared by the others.
+    pub fn rendered(&self, render: impl FnOnce(&WatchMessage) -> Bytes) -> Bytes {
+        self.rendered.get_or_init(|| render(&self.message)).clone()
+    }
 }
 
 /// The keys a watcher follows, each with a revision: the key has every change
-/// up to it, and only later changes are routed to it.
+/// up to it, and only later changes are given to it.
 #[derive(Default)]
 struct Keys {
     all: Option<u64>,
@@ -139,36 +338,34 @@ impl Keys {
         }
     }
 
+    fn at(&mut self, key: Option<&str>) -> Option<&mut u64> {
+        match key {
+            None => self.all.as_mut(),
+            Some(s) => self.services.get_mut(s),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Option<&str>> {
+        let all = self.all.map(|_| None);
+        all.into_iter()
+            .chain(self.services.keys().map(|s| Some(s.as_str())))
+    }
+
     /// Queues `change`'s events for each key that does not have them yet.
-    fn route(&self, change: &Change, out: &mut VecDeque<Update>) {
-        let message = |events: Vec<Event>| WatchMessage {
-            revision: change.revision,
-            reset: None,
-            instances: vec![],
-            events,
-            compact_revision: change.compact_revision,
-        };
-        if self.all.is_some_and(|at| change.revision > at) && !change.events.is_empty() {
-            out.push_back(Update {
-                service: None,
-                message: message(change.events.clone()),
-            });
+    fn route(&self, change: &Change, out: &mut VecDeque<Arc<Update>>) {
+        let wants = |at: u64| change.revision > at;
+        if self.all.is_some_and(wants) && !change.events.is_empty() {
+            out.push_back(Update::new(None, change.message(change.events.clone())));
         }
         if self.services.is_empty() {
             return;
         }
-        // An entry usually touches one service; ordered so output is deterministic.
-        let mut by_service: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
-        for e in &change.events {
-            let s = e.instance.service.as_str();
-            if self.services.get(s).is_some_and(|&at| change.revision > at) {
-                by_service.entry(s).or_default().push(e.clone());
-            }
-        }
-        out.extend(by_service.into_iter().map(|(s, events)| Update {
-            service: Some(s.to_string()),
-            message: message(events),
-        }));
+        let by_service = change.by_service(|s| self.services.get(s).is_some_and(|&at| wants(at)));
+        out.extend(
+            by_service
+                .into_iter()
+                .map(|(s, events)| Update::new(Some(s.to_string()), change.message(events))),
+        );
     }
 }
 
@@ -177,7 +374,7 @@ impl RegistryState {
     /// catalogue's, and records them in `into` at that revision. History is
     /// read once for all of them. Revision 0 asks for the full state when
     /// `added`; when resyncing a key it means the key has seen nothing yet.
-    fn catch_up(&self, keys: Keys, added: bool, into: &mut Keys, out: &mut VecDeque<Update>) {
+    fn catch_up(&self, keys: Keys, added: bool, into: &mut Keys, out: &mut VecDeque<Arc<Update>>) {
         let floor = self.hub.floor;
         let now = self.catalog.revision();
         let mut from_history = Keys::default();
@@ -195,8 +392,9 @@ impl RegistryState {
                 None
             };
             match reset {
-                Some(reason) => out.push_back(Update {
-                    message: WatchMessage {
+                Some(reason) => out.push_back(Update::new(
+                    key.clone(),
+                    WatchMessage {
                         revision: now,
                         reset: Some(reason),
                         instances: match &key {
@@ -206,8 +404,7 @@ impl RegistryState {
                         events: vec![],
                         compact_revision: floor,
                     },
-                    service: key.clone(),
-                }),
+                )),
                 None => from_history.insert(key.clone(), at),
             }
             // A key resuming from a revision this node has not reached yet
@@ -222,16 +419,18 @@ impl RegistryState {
     }
 }
 
+/// A stream's ids in the hub's subscriber lists.
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
 /// A watch stream's state: the keys it follows, and what it still has to send.
-/// Many keys share one broadcast subscription.
+/// Many keys share one inbox.
 pub struct Watcher {
     state: SharedState,
+    id: u64,
+    inbox: Arc<Inbox>,
     keys: Keys,
-    /// Revision of the last change taken from `rx`: every key has it.
-    seen: u64,
-    pending: VecDeque<Update>,
-    /// `None` until (re)subscribed: before the first key, after a reset or after lagging.
-    rx: Option<broadcast::Receiver<Notice>>,
+    /// Catch-up messages, sent before anything from the inbox.
+    pending: VecDeque<Arc<Update>>,
 }
 
 /// The registry's state could not be read (a writer panicked).
@@ -243,10 +442,10 @@ impl Watcher {
     pub fn new(state: SharedState) -> Self {
         Watcher {
             state,
+            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            inbox: Arc::default(),
             keys: Keys::default(),
-            seen: 0,
             pending: VecDeque::new(),
-            rx: None,
         }
     }
 
@@ -271,10 +470,13 @@ impl Watcher {
             added.insert(key, since);
         }
         let st = self.state.read().map_err(|_| StateUnavailable)?;
-        if self.rx.is_none() {
-            // Subscribe under the same lock as the catch-up: nothing falls between.
-            self.rx = Some(st.hub.tx.subscribe());
-        }
+        // Subscribe under the same lock as the catch-up: nothing falls
+        // between, and what is in both is sent once (`next` skips it).
+        let mut subs = st.hub.subscribers().ok_or(StateUnavailable)?;
+        added
+            .iter()
+            .for_each(|key| subs.follow(self.id, &self.inbox, key));
+        drop(subs);
         st.catch_up(added, true, &mut self.keys, &mut self.pending);
         Ok(())
     }
@@ -288,9 +490,10 @@ impl Watcher {
             }
         }
         self.drop_pending(key);
-        if self.keys.is_empty() {
-            // Nothing to follow: stop taking every change.
-            self.rx = None;
+        if let Ok(st) = self.state.read() {
+            if let Some(mut subs) = st.hub.subscribers() {
+                subs.unfollow(self.id, key);
+            }
         }
     }
 
@@ -298,43 +501,54 @@ impl Watcher {
         self.pending.retain(|u| u.service.as_deref() != key);
     }
 
-    /// The next message for any key; `None` once the registry is gone. Cancel
-    /// safe: a message is taken from the broadcast only where it is then returned.
-    pub async fn next(&mut self) -> Option<Update> {
+    /// The next message for any key; `None` once the registry is gone.
+    /// Cancel safe.
+    pub async fn next(&mut self) -> Option<Arc<Update>> {
         loop {
             if let Some(u) = self.pending.pop_front() {
                 return Some(u);
             }
-            // A burst (many adds, a resync) leaves a large queue behind; a
-            // watcher lives long, so give the room back.
             if self.pending.capacity() > 64 {
                 self.pending.shrink_to_fit();
             }
-            let Some(rx) = self.rx.as_mut() else {
-                if self.keys.is_empty() {
-                    return std::future::pending().await;
+            if self.keys.is_empty() {
+                return std::future::pending().await;
+            }
+            match self.inbox.take().await? {
+                Taken::Message(u) => {
+                    // Skips what a key already has: a message queued before
+                    // the key was (re)added or caught up.
+                    if let Some(at) = self.keys.at(u.service.as_deref()) {
+                        if u.message.revision > *at {
+                            *at = u.message.revision;
+                            return Some(u);
+                        }
+                    }
                 }
-                // Catch every key up from where it stands, under the lock,
-                // then follow the broadcast again.
-                let seen = self.seen;
-                let mut stale = std::mem::take(&mut self.keys);
-                stale.all = stale.all.map(|at| at.max(seen));
-                stale
-                    .services
-                    .values_mut()
-                    .for_each(|at| *at = (*at).max(seen));
-                let st = self.state.read().ok()?;
-                self.rx = Some(st.hub.tx.subscribe());
-                st.catch_up(stale, false, &mut self.keys, &mut self.pending);
-                continue;
-            };
-            match rx.recv().await {
-                Ok(Notice::Change(c)) => {
-                    self.seen = self.seen.max(c.revision);
-                    self.keys.route(&c, &mut self.pending);
+                Taken::Behind(through) => {
+                    // Catch every key up from where it stands, under the lock.
+                    let st = self.state.read().ok()?;
+                    let mut stale = std::mem::take(&mut self.keys);
+                    stale.all = stale.all.map(|at| at.max(through));
+                    stale
+                        .services
+                        .values_mut()
+                        .for_each(|at| *at = (*at).max(through));
+                    st.catch_up(stale, false, &mut self.keys, &mut self.pending);
                 }
-                Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => self.rx = None,
-                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        if let Ok(st) = self.state.read() {
+            if let Some(mut subs) = st.hub.subscribers() {
+                self.keys.iter().for_each(|key| subs.unfollow(self.id, key));
             }
         }
     }
@@ -347,7 +561,7 @@ pub fn watch_stream(
     state: SharedState,
     service: Option<String>,
     since: u64,
-) -> impl Stream<Item = WatchMessage> + Send {
+) -> impl Stream<Item = Arc<Update>> + Send {
     let mut w = Watcher::new(state);
     let started = w.add([(service, since)]).is_ok();
     futures::stream::unfold(w, move |mut w| async move {
@@ -355,7 +569,7 @@ pub fn watch_stream(
             return None;
         }
         let u = w.next().await?;
-        Some((u.message, w))
+        Some((u, w))
     })
 }
 
@@ -407,11 +621,10 @@ mod tests {
     type Watch = std::pin::Pin<Box<dyn Stream<Item = WatchMessage> + Send>>;
 
     fn watch(state: &SharedState, service: Option<&str>, since: u64) -> Watch {
-        Box::pin(watch_stream(
-            state.clone(),
-            service.map(String::from),
-            since,
-        ))
+        Box::pin(
+            watch_stream(state.clone(), service.map(String::from), since)
+                .map(|u| u.message.clone()),
+        )
     }
 
     /// The next message, which must be ready now: everything here is published before polling.
@@ -480,13 +693,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lagging_past_the_broadcast_resumes_from_history() {
-        let total = BROADCAST_CAPACITY as u64 + 100;
+    async fn overflowing_the_inbox_resumes_from_history() {
+        let total = INBOX_CAPACITY as u64 + 100;
         let state = shared(total as usize);
         register(&state, 1, "a", "1");
         let mut w = watch(&state, None, 0);
         assert_eq!(next(&mut w).reset, Some(ResetReason::Initial));
-        // Published while the watcher is not polled: more than the broadcast holds.
+        // Published while the watcher is not polled: more than its inbox holds.
         for rev in 2..=total {
             register(&state, rev, "a", &rev.to_string());
         }
@@ -501,13 +714,19 @@ mod tests {
 
     #[tokio::test]
     async fn lagging_past_the_history_resyncs_with_full_state() {
-        let total = BROADCAST_CAPACITY as u64 + 100;
+        let total = INBOX_CAPACITY as u64 + 100;
         let state = shared(10);
         register(&state, 1, "a", "1");
         let mut w = watch(&state, None, 0);
         assert_eq!(next(&mut w).reset, Some(ResetReason::Initial));
         for rev in 2..=total {
             register(&state, rev, "a", &(rev % 50).to_string());
+        }
+        // What the inbox held comes first, in order; then the state, as the
+        // changes after it are gone from history.
+        for rev in 2..=INBOX_CAPACITY as u64 + 1 {
+            let m = next(&mut w);
+            assert_eq!((m.reset, m.revision), (None, rev));
         }
         let m = next(&mut w);
         assert_eq!(m.reset, Some(ResetReason::Compacted));
@@ -596,7 +815,11 @@ mod tests {
                     .map(|e| e.instance.id.clone())
                     .collect()
             };
-            out.push((u.service.unwrap_or_default(), u.message.revision, ids));
+            out.push((
+                u.service.clone().unwrap_or_default(),
+                u.message.revision,
+                ids,
+            ));
         }
         out
     }
@@ -686,7 +909,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lagging_watcher_resumes_every_service_from_where_it_stood() {
-        let total = BROADCAST_CAPACITY as u64 + 100;
+        let total = INBOX_CAPACITY as u64 + 100;
         let state = shared(total as usize + 10);
         let mut w = Watcher::new(state.clone());
         w.add([key("a", 0), key("b", 0)]).expect("add");
@@ -751,5 +974,68 @@ mod tests {
             (m.reset, m.compact_revision),
             (Some(ResetReason::Compacted), 5)
         );
+    }
+
+    #[tokio::test]
+    async fn a_change_is_routed_once_and_encoded_once_for_every_watcher_of_a_service() {
+        let state = shared(100);
+        let mut watchers: Vec<Watcher> = (0..3).map(|_| Watcher::new(state.clone())).collect();
+        for w in &mut watchers {
+            w.add([key("a", 0)]).expect("add");
+            assert_eq!(ready(w).len(), 1, "the initial state");
+        }
+        let mut other = Watcher::new(state.clone());
+        other.add([key("b", 0)]).expect("add b");
+        ready(&mut other);
+        register(&state, 1, "a", "a1");
+        let got: Vec<Arc<Update>> = watchers
+            .iter_mut()
+            .map(|w| w.next().now_or_never().flatten().expect("a message"))
+            .collect();
+        assert!(
+            got.iter().all(|u| Arc::ptr_eq(u, &got[0])),
+            "one shared message"
+        );
+        let mut renders = 0;
+        for u in &got {
+            let bytes = u.rendered(|m| {
+                renders += 1;
+                Bytes::from(m.revision.to_string())
+            });
+            assert_eq!(bytes, "1");
+        }
+        assert_eq!(renders, 1, "encoded by the first stream only");
+        assert_idle_watcher(&mut other);
+    }
+
+    #[tokio::test]
+    async fn a_slow_watcher_does_not_hold_up_others_and_leaves_the_hub_when_dropped() {
+        let total = 3 * INBOX_CAPACITY as u64;
+        let state = shared(total as usize);
+        let mut fast = Watcher::new(state.clone());
+        let mut slow = Watcher::new(state.clone());
+        fast.add([key("a", 0)]).expect("add");
+        slow.add([key("a", 0)]).expect("add");
+        ready(&mut fast);
+        assert_eq!(state.read().expect("lock").hub.watchers(), 2);
+        for rev in 1..=total {
+            register(&state, rev, "a", &rev.to_string());
+            // The fast one reads as changes come; the slow one never does.
+            let u = fast
+                .next()
+                .now_or_never()
+                .flatten()
+                .expect("delivered at once");
+            assert_eq!(u.message.revision, rev);
+        }
+        // The slow one's inbox stopped at its bound; it gets every change
+        // in order once it reads, the rest from history.
+        let got = ready(&mut slow);
+        assert_eq!(got.len() as u64, total + 1);
+        assert!(got[1..].iter().zip(1..).all(|(r, rev)| r.1 == rev));
+        drop(slow);
+        assert_eq!(state.read().expect("lock").hub.watchers(), 1);
+        fast.remove(Some("a"));
+        assert_eq!(state.read().expect("lock").hub.watchers(), 0);
     }
 }

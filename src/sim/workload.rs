@@ -123,7 +123,8 @@ impl World {
             ));
             loop {
                 match tokio::time::timeout(Duration::from_millis(20), stream.next()).await {
-                    Ok(Some(m)) => {
+                    Ok(Some(u)) => {
+                        let m = &u.message;
                         last = last.max(m.revision);
                         session.msgs.push(WatchMsg {
                             revision: m.revision,

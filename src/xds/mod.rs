@@ -253,10 +253,11 @@ impl Ads {
                     Some(Err(_)) | None => return None,
                 },
                 update = self.watcher.next() => {
-                    let mut changed = touched(update?);
+                    let update = update?;
+                    let mut changed = touched(&update);
                     // A burst of changes is one response: take what is queued.
                     while let Some(Some(u)) = self.watcher.next().now_or_never() {
-                        changed = merge(changed, touched(u));
+                        changed = merge(changed, touched(&u));
                     }
                     if let Err(e) = self.push(changed) {
                         return Some(Err(e.into()));
@@ -428,17 +429,17 @@ impl Ads {
 }
 
 /// The services an update touches.
-fn touched(u: Update) -> Changed {
+fn touched(u: &Update) -> Changed {
     if u.message.reset.is_some() {
         return Changed::All;
     }
     let mut services: BTreeSet<String> = u
         .message
         .events
-        .into_iter()
-        .map(|e| e.instance.service)
+        .iter()
+        .map(|e| e.instance.service.clone())
         .collect();
-    services.extend(u.service);
+    services.extend(u.service.clone());
     Changed::Some(services)
 }
 
