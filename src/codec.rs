@@ -68,19 +68,39 @@ impl<U: Message + Default> TonicDecoder for Decoder<U> {
 /// of streams is encoded once per service, not once per stream.
 #[cfg(feature = "server")]
 pub mod encoded {
+    use std::sync::Arc;
+
     use bytes::{BufMut, Bytes};
     use prost::encoding::{self, DecodeContext, WireType};
     use prost::{DecodeError, Message};
 
     use crate::proto::v1 as pb;
 
+    /// A message's encoding, made once and shared by every stream that sends it.
+    pub trait Encoded: Send + Sync {
+        fn encoded(&self) -> &[u8];
+    }
+
+    impl Encoded for Bytes {
+        fn encoded(&self) -> &[u8] {
+            self
+        }
+    }
+
     /// An encoded `roster.v1.WatchResponse`.
-    #[derive(Clone, Debug, Default)]
-    pub struct WatchResponse(pub Bytes);
+    #[derive(Clone)]
+    pub struct WatchResponse(pub Arc<dyn Encoded>);
 
     impl WatchResponse {
-        pub fn encode(m: &pb::WatchResponse) -> Bytes {
-            m.encode_to_vec().into()
+        /// `m`, encoded for this stream alone.
+        pub fn own(m: &pb::WatchResponse) -> Self {
+            WatchResponse(Arc::new(Bytes::from(m.encode_to_vec())))
+        }
+    }
+
+    impl std::fmt::Debug for WatchResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "WatchResponse({} bytes)", self.0.encoded().len())
         }
     }
 
@@ -96,7 +116,7 @@ pub mod encoded {
 
     impl Message for WatchResponse {
         fn encode_raw(&self, buf: &mut impl BufMut) {
-            buf.put_slice(&self.0);
+            buf.put_slice(self.0.encoded());
         }
 
         fn merge_field(
@@ -110,11 +130,11 @@ pub mod encoded {
         }
 
         fn encoded_len(&self) -> usize {
-            self.0.len()
+            self.0.encoded().len()
         }
 
         fn clear(&mut self) {
-            self.0.clear();
+            self.0 = Arc::new(Bytes::new());
         }
     }
 
@@ -122,7 +142,10 @@ pub mod encoded {
     /// encoded `WatchResponse`, or any other answer as generated.
     #[derive(Clone, Debug)]
     pub enum WatchServicesResponse {
-        Update { service: String, update: Bytes },
+        Update {
+            service: String,
+            update: WatchResponse,
+        },
         Other(pb::WatchServicesResponse),
     }
 
@@ -137,6 +160,7 @@ pub mod encoded {
                     if !service.is_empty() {
                         encoding::string::encode(SERVICE, service, buf);
                     }
+                    let update = update.0.encoded();
                     encoding::encode_key(UPDATE, WireType::LengthDelimited, buf);
                     encoding::encode_varint(update.len() as u64, buf);
                     buf.put_slice(update);
@@ -158,6 +182,7 @@ pub mod encoded {
         fn encoded_len(&self) -> usize {
             match self {
                 Self::Update { service, update } => {
+                    let update = update.0.encoded();
                     let service = if service.is_empty() {
                         0
                     } else {
@@ -202,11 +227,8 @@ pub mod encoded {
         #[test]
         fn encodings_match_the_generated_messages() {
             let m = response();
-            let shared = WatchResponse::encode(&m);
-            assert_eq!(
-                WatchResponse(shared.clone()).encode_to_vec(),
-                m.encode_to_vec()
-            );
+            let shared = WatchResponse::own(&m);
+            assert_eq!(shared.encode_to_vec(), m.encode_to_vec());
             for service in ["web", ""] {
                 let mux = WatchServicesResponse::Update {
                     service: service.into(),

@@ -238,7 +238,8 @@ pub fn roster_with(dir: &Path, n: usize, peers: Peers, extra: &str) -> Result<Cl
     roster_cluster(dir, n, peers, extra, false)
 }
 
-fn roster_cluster(
+/// Like `roster`, with `extra` appended to every node's TOML config.
+pub fn roster_cluster(
     dir: &Path,
     n: usize,
     mut peers: Peers,

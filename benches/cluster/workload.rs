@@ -120,7 +120,7 @@ pub async fn watch_delay<S: System>(
     sys: &Arc<S>,
     watchers: usize,
     events: usize,
-) -> Result<Summary> {
+) -> Result<Delivery> {
     let service = format!("watch{watchers}");
     delivery_delay(
         sys,
@@ -132,6 +132,19 @@ pub async fn watch_delay<S: System>(
     .await
 }
 
+/// How fast changes reached the streams.
+pub struct Delivery {
+    /// From the writer's acknowledgement to each stream's arrival (0 when
+    /// it arrived first): what a watcher waits beyond the writer.
+    pub after_ack: Summary,
+    /// From the write's start (the request sent) to each arrival: the whole
+    /// path, which a system that acknowledges only after its fan-out cannot
+    /// hide in its write latency.
+    pub after_send: Summary,
+    /// The writes' own latency, send to acknowledgement.
+    pub ack: Summary,
+}
+
 /// Opens `watchers` streams on `service` with `open`, registers `events`
 /// instances 20 ms apart, and times each one's arrival on every stream.
 pub async fn delivery_delay<S, W, F, Fut>(
@@ -140,7 +153,7 @@ pub async fn delivery_delay<S, W, F, Fut>(
     watchers: usize,
     events: usize,
     open: F,
-) -> Result<Summary>
+) -> Result<Delivery>
 where
     S: System,
     W: Watch,
@@ -170,27 +183,38 @@ where
             anyhow::Ok(got)
         }));
     }
+    eprintln!("  {watchers} streams open; writing");
     let start = Instant::now();
-    let mut acked = std::collections::HashMap::new();
+    let mut writes = std::collections::HashMap::new();
+    let mut acks = Vec::new();
     for k in 0..events {
         let id = format!("w-{k}");
+        let sent = Instant::now();
         sys.register(k, service, &id).await?;
-        acked.insert(id, Instant::now());
+        let acked = Instant::now();
+        acks.push(acked - sent);
+        writes.insert(id, (sent, acked));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut delays = Vec::new();
+    let (mut after_ack, mut after_send) = (Vec::new(), Vec::new());
     for t in tasks {
         let got = tokio::time::timeout(Duration::from_secs(60), t)
             .await
             .context("watchers did not receive every event within 60 s")???;
         for (id, at) in got {
-            if let Some(ack) = acked.get(&id) {
+            if let Some((sent, acked)) = writes.get(&id) {
                 // An event may arrive before the writer sees its ack: count that as zero delay.
-                delays.push(at.saturating_duration_since(*ack));
+                after_ack.push(at.saturating_duration_since(*acked));
+                after_send.push(at.saturating_duration_since(*sent));
             }
         }
     }
-    Ok(Summary::of(delays, start.elapsed(), 0))
+    let elapsed = start.elapsed();
+    Ok(Delivery {
+        after_ack: Summary::of(after_ack, elapsed, 0),
+        after_send: Summary::of(after_send, elapsed, 0),
+        ack: Summary::of(acks, elapsed, 0),
+    })
 }
 
 /// Registers instances `range`, `per_service` per service (`svc-N`, ids

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures::{FutureExt, Stream, StreamExt};
 use http::HeaderValue;
+use prost::Message;
 use tonic::{Request, Status, Streaming};
 
 use super::auth::{self, Grant};
@@ -80,13 +81,12 @@ impl Watches {
                             .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
                         let empty =
                             m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty();
-                        (!empty)
-                            .then(|| Ok(encoded::WatchResponse(encoded::WatchResponse::encode(&m))))
+                        (!empty).then(|| Ok(encoded::WatchResponse::own(&m)))
                     }
-                    _ => Some(Ok(encoded::WatchResponse(shared(&u)))),
+                    _ => Some(Ok(encoded::WatchResponse(u))),
                 })
             });
-        Ok(self.until_closing(stream))
+        Ok(Box::pin(stream))
     }
 
     pub async fn watch_services(
@@ -107,16 +107,9 @@ impl Watches {
             let item = mux.next().await?;
             Some((item, mux))
         });
-        Ok(self.until_closing(stream))
-    }
-
-    /// Watch streams never end by themselves; a stopping node ends them so
-    /// that clients resume elsewhere and the server can finish.
-    fn until_closing<T: Send + 'static>(
-        &self,
-        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
-    ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
-        Box::pin(stream.take_until(self.proposer.closing()))
+        // Watch streams never end by themselves; a stopping node ends them
+        // through the hub (Watcher::next), so that clients resume elsewhere.
+        Ok(Box::pin(stream))
     }
 
     /// Prepares this node for watches starting after these revisions, and
@@ -222,7 +215,7 @@ impl Mux {
                     return update.map(|u| {
                         Ok(encoded::WatchServicesResponse::Update {
                             service: u.service.clone().unwrap_or_default(),
-                            update: shared(&u),
+                            update: encoded::WatchResponse(u),
                         })
                     })
                 }
@@ -346,7 +339,9 @@ fn ended(service: String, status: &Status) -> encoded::WatchServicesResponse {
     })
 }
 
-/// The update's message encoded, once for every stream that sends it.
-fn shared(u: &Update) -> bytes::Bytes {
-    u.rendered(|m: &WatchMessage| encoded::WatchResponse::encode(&convert::watch_message_to_pb(m)))
+/// An update is encoded by the first stream that sends it, for all of them.
+impl encoded::Encoded for Update {
+    fn encoded(&self) -> &[u8] {
+        self.rendered(|m: &WatchMessage| convert::watch_message_to_pb(m).encode_to_vec().into())
+    }
 }

@@ -199,6 +199,15 @@ fn spawn_tasks(core: &Core, cfg: &NodeConfig, leases: Arc<Leases>) -> HealthServ
         }),
     ));
     core.replica.spawn_consensus();
+    // A stopping node ends its watch streams (Watch, WatchServices, xDS), so
+    // that their clients resume on another node and the server can finish.
+    let (closing, state) = (core.replica.proposer.closing(), core.replica.state.clone());
+    tokio::spawn(async move {
+        closing.await;
+        if let Ok(st) = state.read() {
+            st.hub.close();
+        }
+    });
     if let Some(policy) = cfg.autopilot.policy() {
         tokio::spawn(crate::raft::liveness::autopilot::run(
             raft.clone(),

@@ -310,7 +310,6 @@ pub(super) fn xds_service(
     }
     let ads = AggregatedDiscoveryServiceServer::new(Xds::new(
         core.replica.state.clone(),
-        core.replica.proposer.clone(),
         &cfg.limits,
         core.xds.clone(),
     ))

@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use futures::task::AtomicWaker;
 use futures::Stream;
 
 use super::catalog::Catalog;
@@ -63,10 +62,7 @@ const INBOX_CAPACITY: usize = 1024;
 
 /// Where the hub puts a stream's messages, and how it wakes the stream.
 #[derive(Default)]
-struct Inbox {
-    queue: Mutex<Queue>,
-    waker: AtomicWaker,
-}
+struct Inbox(Mutex<Queue>);
 
 #[derive(Default)]
 struct Queue {
@@ -75,6 +71,10 @@ struct Queue {
     /// inbox overflowed, or history was replaced): every message up to this
     /// revision was queued.
     behind: Option<u64>,
+    /// The node is stopping: the stream ends once it has read what is queued.
+    closed: bool,
+    /// The stream's task, while it waits.
+    waker: Option<Waker>,
 }
 
 enum Taken {
@@ -83,36 +83,52 @@ enum Taken {
 }
 
 impl Inbox {
-    fn push(&self, u: &Arc<Update>) {
-        let Ok(mut q) = self.queue.lock() else {
-            return;
+    /// Changes the queue with `f` and, if it says so, wakes the stream
+    /// (outside the lock).
+    fn update(&self, f: impl FnOnce(&mut Queue) -> bool) {
+        let waker = match self.0.lock() {
+            Ok(mut q) => f(&mut q).then(|| q.waker.take()).flatten(),
+            Err(_) => None,
         };
-        if q.behind.is_some() {
-            return;
+        if let Some(w) = waker {
+            w.wake();
         }
-        if q.messages.len() < INBOX_CAPACITY {
-            q.messages.push_back(u.clone());
-        } else {
-            q.behind = Some(u.message.revision.saturating_sub(1));
-        }
-        drop(q);
-        self.waker.wake();
+    }
+
+    fn push(&self, u: &Arc<Update>) {
+        self.update(|q| {
+            if q.behind.is_some() || q.closed {
+                return false;
+            }
+            if q.messages.len() < INBOX_CAPACITY {
+                q.messages.push_back(u.clone());
+            } else {
+                q.behind = Some(u.message.revision.saturating_sub(1));
+            }
+            true
+        });
     }
 
     /// History was replaced: nothing later can be assumed queued.
     fn invalidate(&self) {
-        if let Ok(mut q) = self.queue.lock() {
+        self.update(|q| {
             q.behind = Some(0);
-        }
-        self.waker.wake();
+            true
+        });
     }
 
-    /// The next message, or that the stream is behind; `None` if the inbox
-    /// broke (a pusher panicked). Cancel safe: taken only when returned.
+    fn close(&self) {
+        self.update(|q| {
+            q.closed = true;
+            true
+        });
+    }
+
+    /// The next message, or that the stream is behind; `None` once closed
+    /// (or if a pusher panicked). Cancel safe: taken only when returned.
     async fn take(&self) -> Option<Taken> {
         poll_fn(|cx| {
-            self.waker.register(cx.waker());
-            let Ok(mut q) = self.queue.lock() else {
+            let Ok(mut q) = self.0.lock() else {
                 return Poll::Ready(None);
             };
             if let Some(m) = q.messages.pop_front() {
@@ -121,9 +137,15 @@ impl Inbox {
             if let Some(through) = q.behind.take() {
                 return Poll::Ready(Some(Taken::Behind(through)));
             }
+            if q.closed {
+                return Poll::Ready(None);
+            }
             // A burst leaves a large queue behind; a stream lives long.
             if q.messages.capacity() > 64 {
                 q.messages.shrink_to_fit();
+            }
+            if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                q.waker = Some(cx.waker().clone());
             }
             Poll::Pending
         })
@@ -136,11 +158,24 @@ impl Inbox {
 struct Subscribers {
     all: HashMap<u64, Arc<Inbox>>,
     services: HashMap<String, HashMap<u64, Arc<Inbox>>>,
-    /// Keys followed, by stream.
-    streams: HashMap<u64, usize>,
+    /// Every stream, with the number of keys it follows.
+    streams: HashMap<u64, (Arc<Inbox>, usize)>,
+    closed: bool,
 }
 
 impl Subscribers {
+    fn join(&mut self, id: u64, inbox: &Arc<Inbox>) {
+        if self.closed {
+            inbox.close();
+        }
+        self.streams.insert(id, (inbox.clone(), 0));
+    }
+
+    fn leave(&mut self, id: u64, keys: &Keys) {
+        keys.iter().for_each(|key| self.unfollow(id, key));
+        self.streams.remove(&id);
+    }
+
     fn follow(&mut self, id: u64, inbox: &Arc<Inbox>, key: Option<&str>) {
         let fresh = match key {
             None => self.all.insert(id, inbox.clone()),
@@ -151,8 +186,8 @@ impl Subscribers {
                 .insert(id, inbox.clone()),
         }
         .is_none();
-        if fresh {
-            *self.streams.entry(id).or_default() += 1;
+        if let Some((_, n)) = self.streams.get_mut(&id).filter(|_| fresh) {
+            *n += 1;
         }
     }
 
@@ -170,13 +205,8 @@ impl Subscribers {
                 None => false,
             },
         };
-        if gone {
-            if let Some(n) = self.streams.get_mut(&id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.streams.remove(&id);
-                }
-            }
+        if let Some((_, n)) = self.streams.get_mut(&id).filter(|_| gone) {
+            *n -= 1;
         }
     }
 }
@@ -258,7 +288,18 @@ impl WatchHub {
 
     /// Watch streams currently following something.
     pub fn watchers(&self) -> usize {
-        self.subscribers.lock().map_or(0, |s| s.streams.len())
+        self.subscribers
+            .lock()
+            .map_or(0, |s| s.streams.values().filter(|(_, n)| *n > 0).count())
+    }
+
+    /// The node is stopping: every watch stream ends (its client resumes on
+    /// another node), and so does any opened from now on.
+    pub fn close(&self) {
+        if let Some(mut subs) = self.subscribers() {
+            subs.closed = true;
+            subs.streams.values().for_each(|(inbox, _)| inbox.close());
+        }
     }
 
     fn subscribers(&self) -> Option<std::sync::MutexGuard<'_, Subscribers>> {
@@ -311,8 +352,8 @@ impl Update {
 
     /// The message as a front-end encodes it: made by the first stream that
     /// sends it, shared by the others.
-    pub fn rendered(&self, render: impl FnOnce(&WatchMessage) -> Bytes) -> Bytes {
-        self.rendered.get_or_init(|| render(&self.message)).clone()
+    pub fn rendered(&self, render: impl FnOnce(&WatchMessage) -> Bytes) -> &Bytes {
+        self.rendered.get_or_init(|| render(&self.message))
     }
 }
 
@@ -440,13 +481,24 @@ pub struct StateUnavailable;
 
 impl Watcher {
     pub fn new(state: SharedState) -> Self {
-        Watcher {
+        let w = Watcher {
             state,
             id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
             inbox: Arc::default(),
             keys: Keys::default(),
             pending: VecDeque::new(),
+        };
+        // Joined from the start, so that a stopping node ends it even
+        // before it follows anything.
+        match w.state.read() {
+            Ok(st) => {
+                if let Some(mut subs) = st.hub.subscribers() {
+                    subs.join(w.id, &w.inbox);
+                }
+            }
+            Err(_) => w.inbox.close(),
         }
+        w
     }
 
     /// Number of keys followed.
@@ -511,9 +563,6 @@ impl Watcher {
             if self.pending.capacity() > 64 {
                 self.pending.shrink_to_fit();
             }
-            if self.keys.is_empty() {
-                return std::future::pending().await;
-            }
             match self.inbox.take().await? {
                 Taken::Message(u) => {
                     // Skips what a key already has: a message queued before
@@ -543,12 +592,9 @@ impl Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        if self.keys.is_empty() {
-            return;
-        }
         if let Ok(st) = self.state.read() {
             if let Some(mut subs) = st.hub.subscribers() {
-                self.keys.iter().for_each(|key| subs.unfollow(self.id, key));
+                subs.leave(self.id, &self.keys);
             }
         }
     }
@@ -1002,7 +1048,7 @@ mod tests {
                 renders += 1;
                 Bytes::from(m.revision.to_string())
             });
-            assert_eq!(bytes, "1");
+            assert_eq!(bytes, &"1");
         }
         assert_eq!(renders, 1, "encoded by the first stream only");
         assert_idle_watcher(&mut other);
@@ -1037,5 +1083,26 @@ mod tests {
         assert_eq!(state.read().expect("lock").hub.watchers(), 1);
         fast.remove(Some("a"));
         assert_eq!(state.read().expect("lock").hub.watchers(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_the_hub_ends_every_stream_after_what_it_queued() {
+        let state = shared(100);
+        let mut following = Watcher::new(state.clone());
+        following.add([key("a", 0)]).expect("add");
+        let mut idle = Watcher::new(state.clone());
+        register(&state, 1, "a", "a1");
+        state.read().expect("lock").hub.close();
+        assert_eq!(ready(&mut following).len(), 2, "the initial state, then a1");
+        assert!(matches!(following.next().now_or_never(), Some(None)));
+        assert!(
+            matches!(idle.next().now_or_never(), Some(None)),
+            "even following nothing"
+        );
+        let mut late = Watcher::new(state.clone());
+        assert!(
+            matches!(late.next().now_or_never(), Some(None)),
+            "opened after the close"
+        );
     }
 }

@@ -37,7 +37,6 @@ use crate::api::auth::{self, Grant};
 use crate::api::limits::{exhausted, WatchSlot, WatchSlots};
 use crate::config::Limits;
 use crate::error::Error;
-use crate::raft::proposer::Proposer;
 use crate::registry::watch::{SharedState, Update, Watcher};
 pub use resources::Kind;
 
@@ -58,7 +57,6 @@ pub struct XdsStats {
 /// The ADS service of one node.
 pub struct Xds {
     state: SharedState,
-    proposer: Arc<Proposer>,
     slots: Arc<WatchSlots>,
     stats: Arc<XdsStats>,
     max_services: usize,
@@ -111,15 +109,9 @@ impl Xds {
     /// xDS streams take their places from `[limits]`' watch stream limits,
     /// counted apart from the Registry's watches; a stream names at most
     /// `max_watched_services_per_stream` services.
-    pub fn new(
-        state: SharedState,
-        proposer: Arc<Proposer>,
-        limits: &Limits,
-        stats: Arc<XdsStats>,
-    ) -> Self {
+    pub fn new(state: SharedState, limits: &Limits, stats: Arc<XdsStats>) -> Self {
         Xds {
             state,
-            proposer,
             slots: WatchSlots::new(limits),
             stats,
             max_services: limits.max_watched_services_per_stream,
@@ -156,10 +148,9 @@ impl AggregatedDiscoveryService for Xds {
             let item = ads.next().await?;
             Some((item, ads))
         });
-        // A stopping node ends its streams: clients reconnect to another.
-        Ok(Response::new(Box::pin(
-            stream.take_until(self.proposer.closing()),
-        )))
+        // A stopping node ends its streams through the watch hub: clients
+        // reconnect to another.
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn delta_aggregated_resources(

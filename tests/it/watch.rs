@@ -371,3 +371,45 @@ async fn resolvers_of_one_client_share_one_stream() {
     assert_eq!(kept.current().instances.len(), 2);
     assert_eq!(watch_streams(&c, follower).await, before + 1);
 }
+
+/// A stopping node ends its watch streams (followed or not yet following
+/// anything), so that clients resume on another node and the node exits.
+#[tokio::test]
+async fn a_stopping_node_ends_its_watch_streams() {
+    let mut c = TestCluster::start(3).await;
+    let node = 2;
+    let client = c.node_client(node);
+    let mut watch = client
+        .watch(WatchRequest {
+            service: "web".into(),
+            since_revision: 0,
+        })
+        .await
+        .expect("watch");
+    next(&mut watch).await;
+    let (_adds, mut mux) = client
+        .watch_services(vec![WatchServicesRequest::add("web", 0)])
+        .await
+        .expect("watch services");
+    mux.message()
+        .await
+        .expect("mux healthy")
+        .expect("the initial state");
+    let (_none, mut idle) = client.watch_services(vec![]).await.expect("an idle stream");
+    c.signal(node, "TERM");
+    let limit = Duration::from_secs(10);
+    let watch_ended = tokio::time::timeout(limit, watch.message()).await;
+    assert!(
+        matches!(watch_ended, Ok(Ok(None) | Err(_))),
+        "Watch: {watch_ended:?}"
+    );
+    for (name, s) in [
+        ("WatchServices", &mut mux),
+        ("idle WatchServices", &mut idle),
+    ] {
+        let ended = tokio::time::timeout(limit, s.message()).await;
+        assert!(matches!(ended, Ok(Ok(None) | Err(_))), "{name}: {ended:?}");
+    }
+    let status = c.wait_exit(node, Duration::from_secs(20)).await;
+    assert!(status.success(), "node {node} exited with {status}");
+}

@@ -31,6 +31,12 @@ use crate::{NODES, POOL};
 /// A phase's run, as the table holds it.
 pub type Done<'a> = Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
 
+/// The watch rows' largest count, 50,000 streams over the pool's 32
+/// connections (about 16,700 per node, 1,600 per connection), is above the
+/// default limits (10,000 and 1,000); etcd has none.
+const WATCH_LIMITS: &str =
+    "[limits]\nmax_watch_streams = 60000\nmax_watch_streams_per_connection = 5000\n";
+
 /// A Roster cluster and an etcd cluster started once, for the phases that
 /// take them in turn.
 pub struct Shared {
@@ -44,7 +50,7 @@ pub struct Shared {
 
 impl Shared {
     pub async fn start(dir: &Path) -> Result<Shared> {
-        let rc = procs::roster(dir, NODES, Peers::Direct)?;
+        let rc = procs::roster_cluster(dir, NODES, Peers::Direct, WATCH_LIMITS, true)?;
         let ec = procs::etcd(dir, NODES, Peers::Direct, &[])?;
         let roster = Arc::new(Roster::new(&rc.endpoints(), POOL)?);
         let etcd = etcd_client(&ec).await?;

@@ -31,7 +31,7 @@ async fn secured_workloads<S: System>(sys: &Arc<S>, dur: Duration) -> Result<Sec
         register_64: register(sys, 64, dur).await,
         register_1000: register(sys, 1000, dur).await,
         query: query(sys, 64, dur, true).await?,
-        watch: watch_delay(sys, 100, WATCH_EVENTS).await?,
+        watch: watch_delay(sys, 100, WATCH_EVENTS).await?.after_ack,
     })
 }
 
