@@ -189,6 +189,7 @@ impl ClusterApi {
             addr: addr.to_string(),
             peer_addr,
             incarnation: s.incarnation,
+            replica: false,
         })
     }
 
