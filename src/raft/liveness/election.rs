@@ -81,6 +81,9 @@ impl Timing {
 #[derive(Clone)]
 pub struct Contact {
     last: Arc<Mutex<Instant>>,
+    /// When a leader was last heard from (a vote granted aside), if ever: how
+    /// stale this node's own state may be.
+    heard: Arc<Mutex<Option<Instant>>>,
     /// The last candidate this node granted a pre-vote, and when.
     pre_voted: Arc<Mutex<Option<(NodeId, Instant)>>>,
     /// The leader's peer port refused a connection since it was last heard.
@@ -92,6 +95,7 @@ impl Contact {
     pub fn new(timing: &Timing) -> Self {
         Contact {
             last: Arc::new(Mutex::new(Instant::now())),
+            heard: Arc::default(),
             pre_voted: Arc::new(Mutex::new(None)),
             gone: Arc::default(),
             timing: *timing,
@@ -131,7 +135,17 @@ impl Contact {
     /// A leader was heard from.
     pub fn touch(&self) {
         self.voted();
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.gone.store(false, Ordering::Relaxed);
+    }
+
+    /// How long ago a leader was last heard from; `None` if never since this
+    /// node started. A follower has applied nothing the leader committed after.
+    pub fn leader_contact(&self) -> Option<Duration> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
     }
 
     /// A vote was granted: an election is under way, so this node's timer
