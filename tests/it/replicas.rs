@@ -121,6 +121,16 @@ async fn replicas_serve_stale_reads_and_writes_go_on_without_them() {
         .expect_err("a replica is not promoted");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("is a read replica"), "{e:?}");
+    let e = three
+        .add_member(AddMemberRequest {
+            id: 1,
+            address: c.endpoint(1),
+            replica: true,
+        })
+        .await
+        .expect_err("a voter is not demoted");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("is a voter, not a replica"), "{e:?}");
 
     // A replica's stale read: its own copy, marked with its leader contact.
     let at = c.leader_applied().await;
