@@ -123,18 +123,23 @@ impl ClusterApi {
 
     /// Refuses to change what kind of member node `id` is: a voter made a
     /// replica would leave the quorum unannounced, and a replica made a voter
-    /// would keep its record saying it never votes.
+    /// would keep its record saying it never votes. A learner an earlier
+    /// `AddMember` left on its way to a vote may go on to one, not become a
+    /// replica: adding a node keeps the record it has.
     fn same_kind(&self, id: NodeId, replica: bool) -> Result<(), Error> {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voter = membership.voter_ids().any(|v| v == id);
-        let is_replica = membership.get_node(&id).is_some_and(|n| n.replica);
+        let record = membership.get_node(&id).map(|n| n.replica);
         let remove = format!("remove it first (roster member remove --id {id}), then add it");
-        match (replica, voter, is_replica) {
+        match (replica, voter, record) {
             (true, true, _) => Err(Error::FailedPrecondition(format!(
                 "node {id} is a voter, not a replica: {remove} with --replica"
             ))),
-            (false, _, true) => Err(Error::FailedPrecondition(format!(
+            (true, false, Some(false)) => Err(Error::FailedPrecondition(format!(
+                "node {id} is a learner on its way to becoming a voter: {remove} with --replica"
+            ))),
+            (false, _, Some(true)) => Err(Error::FailedPrecondition(format!(
                 "node {id} is a read replica: {remove} without --replica to make it a voter"
             ))),
             _ => Ok(()),
