@@ -606,6 +606,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn leader_contact_counts_leader_messages_not_votes() {
+        let c = Contact::new(&timing());
+        assert_eq!(c.leader_contact(), None, "no leader heard yet");
+        c.touch();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        // A vote restarts the election timer, but is no news from a leader.
+        c.voted();
+        assert_eq!(c.leader_contact(), Some(Duration::from_millis(300)));
+        c.touch();
+        assert_eq!(c.leader_contact(), Some(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_vote_granted_keeps_the_leader_gone() {
         let t = timing();
         let c = Contact::new(&t);
