@@ -154,6 +154,53 @@ async fn replicas_serve_stale_reads_and_writes_go_on_without_them() {
         ids(&via_replica, "web", Consistency::Linearizable).await,
         names("web", 0..11)
     );
+    // A client given a replica first reads there and writes through it.
+    let mixed = c.client_to(&[r4, 1, 2, 3].map(|i| c.endpoint(i)));
+    register(&mixed, "web", "web-011", 80).await;
+    register(&mixed, "web", "web-012", 80).await;
+    let at = c.leader_applied().await;
+    c.wait_applied(r4, at).await;
+    assert_eq!(
+        ids(&mixed, "web", Consistency::Stale).await,
+        names("web", 0..13)
+    );
+    // xDS clients are sent to the replicas first.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["xds-bootstrap", "--from-membership", "--endpoints"])
+        .arg(c.endpoint(leader))
+        .output()
+        .expect("run roster xds-bootstrap");
+    assert!(out.status.success(), "{out:?}");
+    let bootstrap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let uris: Vec<String> = bootstrap["xds_servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .map(|s| s["server_uri"].as_str().expect("uri").to_string())
+        .collect();
+    let expected: Vec<String> = [r4, r5, 1, 2, 3]
+        .map(|i| format!("dns:///{}", c.endpoint(i)))
+        .to_vec();
+    assert_eq!(uris, expected);
+    // Voter changes keep the replicas as they are.
+    let n6 = c.start_spare();
+    let r = three
+        .add_member(AddMemberRequest {
+            id: n6,
+            address: c.endpoint(n6),
+            replica: false,
+        })
+        .await
+        .expect("add a voter");
+    assert_eq!(voters(&r.members), BTreeSet::from([1, 2, 3, n6]), "{r:?}");
+    assert_eq!(replicas(&r.members), BTreeSet::from([r4, r5]), "{r:?}");
+    let r = three
+        .remove_member(RemoveMemberRequest { id: n6 })
+        .await
+        .expect("remove the voter");
+    assert_eq!(voters(&r.members), BTreeSet::from([1, 2, 3]), "{r:?}");
+    assert_eq!(replicas(&r.members), BTreeSet::from([r4, r5]), "{r:?}");
+    c.kill(n6);
     let metrics = c.scrape(r4).await;
     assert!(
         metrics.contains("roster_leader_contact_seconds "),
@@ -165,7 +212,7 @@ async fn replicas_serve_stale_reads_and_writes_go_on_without_them() {
     let term = voters_term(&c, &[1, 2, 3]).await;
     c.kill(r4);
     c.kill(r5);
-    register_all(&three, "web", 11..20).await;
+    register_all(&three, "web", 13..20).await;
     // The log it lacks is purged: it catches up by snapshot.
     let snap = c.snapshot_and_purge(c.leader().await).await;
     c.start_node(r4);
