@@ -254,6 +254,7 @@ async fn replicas_serve_stale_reads_and_writes_go_on_without_them() {
 async fn a_partitioned_replica_serves_stale_refuses_linearizable_and_catches_up() {
     let setup = Setup {
         proxies: true,
+        http: true,
         ..Setup::default()
     };
     let mut c = TestCluster::start_setup(3, "", setup)
@@ -313,6 +314,19 @@ async fn a_partitioned_replica_serves_stale_refuses_linearizable_and_catches_up(
     assert!(ms >= 500, "cut off {ms} ms ago");
     let own = c.status(r4).await.expect("the replica's status");
     assert!(own.leader_contact_ms.is_some_and(|c| c >= 500.0), "{own:?}");
+    // The HTTP API's stale reads say the same.
+    let url = format!(
+        "http://127.0.0.1:{}/v1/services/cut?consistency=stale",
+        c.node(r4).http_port
+    );
+    let answer = reqwest::get(&url).await.expect("HTTP stale read");
+    assert!(answer.status().is_success(), "{answer:?}");
+    let ms: u64 = answer.headers()[CONTACT_HEADER]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("ms");
+    assert!(ms >= 500, "cut off {ms} ms ago");
     // A watch resumes on it from a revision it holds.
     let mut resumed = c
         .node_client(r4)
