@@ -41,5 +41,7 @@ pub const FORWARDED_HEADER: &str = "roster-forwarded";
 /// Response header on an answer a node that does not lead gave from its own
 /// state (a stale read, a watch, its status): how many milliseconds ago it
 /// last heard from a leader, or `none` if it has heard from none since it
-/// started. The answer holds no write acknowledged after that contact.
+/// started. The answer holds no write acknowledged after that contact. Only
+/// the node (`api::forward`, `http`) names it.
+#[cfg(feature = "server")]
 pub const LEADER_CONTACT_HEADER: &str = "roster-leader-contact-ms";
