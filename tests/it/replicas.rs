@@ -110,7 +110,9 @@ async fn replicas_serve_stale_reads_and_writes_go_on_without_them() {
     assert_eq!(voters(&r.members), BTreeSet::from([1, 2, 3]), "{r:?}");
     assert_eq!(replicas(&r.members), BTreeSet::from([r4, r5]), "{r:?}");
     // Adding it again changes nothing; making it a voter is refused.
-    add_replica(&c, &three, r4).await;
+    let again = add_replica(&c, &three, r4).await;
+    assert_eq!(voters(&again.members), voters(&r.members));
+    assert_eq!(replicas(&again.members), replicas(&r.members));
     let e = three
         .add_member(AddMemberRequest {
             id: r4,
