@@ -37,3 +37,11 @@ pub fn channel(
 /// Response header a follower adds to an answer it forwarded from the leader:
 /// the client then sends its next write to another node.
 pub const FORWARDED_HEADER: &str = "roster-forwarded";
+
+/// Response header on an answer a node that does not lead gave from its own
+/// state (a stale read, a watch, its status): how many milliseconds ago it
+/// last heard from a leader, or `none` if it has heard from none since it
+/// started. The answer holds no write acknowledged after that contact. Only
+/// the node (`api::forward`, `http`) names it.
+#[cfg(feature = "server")]
+pub const LEADER_CONTACT_HEADER: &str = "roster-leader-contact-ms";

@@ -200,9 +200,28 @@ fn raft_metrics(r: &mut Registry, m: &RaftMetrics<NodeId, Node>, peers: &Peers, 
             "Voting members",
             m.membership_config.membership().voter_ids().count() as i64,
         ),
+        (
+            "raft_replicas",
+            "Read replicas (learners never made voters) in the membership",
+            m.membership_config
+                .membership()
+                .nodes()
+                .filter(|(_, n)| n.replica)
+                .count() as i64,
+        ),
     ];
     for (name, help, value) in gauges {
         gauge(r, name, help, value);
+    }
+    // Absent on the leader, and on a node that has heard from none yet.
+    if let Some(heard) = contact.leader_contact().filter(|_| !leading) {
+        let g: Gauge<f64, AtomicU64> = Gauge::default();
+        g.set(heard.as_secs_f64());
+        r.register(
+            "leader_contact_seconds",
+            "Seconds since this node last heard from a leader: its stale reads and watches hold no write acknowledged since",
+            g,
+        );
     }
     if leading {
         peer_metrics(r, m, peers);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
-use openraft::ServerState;
+use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
 use crate::config::parse_initial_cluster;
@@ -116,8 +116,34 @@ impl ClusterApi {
                     .filter(|_| leading && *id != self.me.node_id)
                     .map(|d| d.as_secs_f64() * 1000.0),
                 lag_entries: lag_entries(&m, *id),
+                replica: node.replica,
             })
             .collect()
+    }
+
+    /// Refuses to change what kind of member node `id` is: a voter made a
+    /// replica would leave the quorum unannounced, and a replica made a voter
+    /// would keep its record saying it never votes. A learner an earlier
+    /// `AddMember` left on its way to a vote may go on to one, not become a
+    /// replica: adding a node keeps the record it has.
+    fn same_kind(&self, id: NodeId, replica: bool) -> Result<(), Error> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voter = membership.voter_ids().any(|v| v == id);
+        let record = membership.get_node(&id).map(|n| n.replica);
+        let remove = format!("remove it first (roster member remove --id {id}), then add it");
+        match (replica, voter, record) {
+            (true, true, _) => Err(Error::FailedPrecondition(format!(
+                "node {id} is a voter, not a replica: {remove} with --replica"
+            ))),
+            (true, false, Some(false)) => Err(Error::FailedPrecondition(format!(
+                "node {id} is a learner on its way to becoming a voter: {remove} with --replica"
+            ))),
+            (false, _, Some(true)) => Err(Error::FailedPrecondition(format!(
+                "node {id} is a read replica: {remove} without --replica to make it a voter"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The member record of the node serving clients at `addr`, which must be
@@ -189,6 +215,7 @@ impl ClusterApi {
             addr: addr.to_string(),
             peer_addr,
             incarnation: s.incarnation,
+            replica: false,
         })
     }
 
@@ -215,9 +242,26 @@ impl ClusterApi {
         })
         .await
         .map_err(membership_error)?;
-        Ok(Response::new(pb::MembershipResponse {
+        Ok(self.membership())
+    }
+
+    /// Removes learner `id` (a replica) from the membership, once no other
+    /// change is under way. Its removal changes no voter configuration.
+    async fn remove_learner(&self, id: NodeId) -> Result<Response<pb::MembershipResponse>, Status> {
+        when_settled(&self.raft, MEMBERSHIP_WAIT, || {
+            let gone = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+            self.raft.change_membership(gone, false)
+        })
+        .await
+        .map_err(membership_error)?;
+        Ok(self.membership())
+    }
+
+    /// The answer to a membership change: the membership now.
+    fn membership(&self) -> Response<pb::MembershipResponse> {
+        Response::new(pb::MembershipResponse {
             members: self.members(),
-        }))
+        })
     }
 }
 
@@ -239,11 +283,13 @@ fn membership_error(e: ChangeError) -> Error {
     }
 }
 
-fn role(s: ServerState) -> &'static str {
+/// This node's role; `own` is its record in the membership, if a member.
+fn role(s: ServerState, own: Option<&Node>) -> &'static str {
     match s {
         ServerState::Leader => "leader",
         ServerState::Follower => "follower",
         ServerState::Candidate => "candidate",
+        ServerState::Learner if own.is_some_and(|n| n.replica) => "replica",
         ServerState::Learner => "learner",
         ServerState::Shutdown => "shutdown",
     }
@@ -296,7 +342,7 @@ impl Cluster for ClusterApi {
             leader_id: leader.unwrap_or(0),
             leader_address,
             term: m.current_term,
-            role: role(m.state).to_string(),
+            role: role(m.state, membership.get_node(&m.id)).to_string(),
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map_or(0, |l| l.index),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
@@ -306,6 +352,11 @@ impl Cluster for ClusterApi {
             incarnation: self.me.incarnation,
             advertise_address: self.advertised.client.clone().unwrap_or_default(),
             peer_advertise_address: self.advertised.peer.clone(),
+            leader_contact_ms: self
+                .contact
+                .leader_contact()
+                .filter(|_| m.state != ServerState::Leader)
+                .map(|d| d.as_secs_f64() * 1000.0),
         }))
     }
 
@@ -313,14 +364,22 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        let pb::AddMemberRequest { id, address: addr } = req.into_inner();
+        let pb::AddMemberRequest {
+            id,
+            address: addr,
+            replica,
+        } = req.into_inner();
         if id == 0 {
             return Err(Error::InvalidArgument("node id must be 1 or more".into()).into());
         }
         parse_initial_cluster(&format!("{id}={addr}"))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.proposer.here()?;
-        let node = self.joining(id, &addr).await?;
+        self.same_kind(id, replica)?;
+        let node = Node {
+            replica,
+            ..self.joining(id, &addr).await?
+        };
         let learner = when_settled(&self.raft, MEMBERSHIP_WAIT, || {
             self.raft.add_learner(id, node.clone(), true)
         });
@@ -332,6 +391,11 @@ impl Cluster for ClusterApi {
                 ))
             })?
             .map_err(membership_error)?;
+        if replica {
+            // Caught up, and a learner for good: neither this call nor
+            // autopilot makes it a voter.
+            return Ok(self.membership());
+        }
         if let Some(policy) = self.autopilot {
             let limit = CATCH_UP_TIMEOUT + policy.stabilization;
             let stable = wait_stable(&self.raft, &self.peers, id, policy, STABLE_POLL);
@@ -355,9 +419,19 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let id = req.into_inner().id;
         self.proposer.here()?;
+        let learner = {
+            let m = self.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id)
+        };
+        if learner {
+            // A replica, or a learner an interrupted AddMember left: it holds
+            // no vote, so only its node record goes.
+            return self.remove_learner(id).await;
+        }
         let mut voters = self.voters();
         if !voters.remove(&id) {
-            return Err(Error::NotFound(format!("node {id} is not a voter")).into());
+            return Err(Error::NotFound(format!("node {id} is not a member")).into());
         }
         if voters.is_empty() {
             return Err(Error::InvalidArgument("cannot remove the last voter".into()).into());

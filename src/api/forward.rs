@@ -30,7 +30,7 @@ use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
 use super::BoxFuture;
 use crate::error::{Error, LEADER_ID_HEADER};
-use crate::grpc::{FORWARDED_HEADER, MAX_MESSAGE_BYTES};
+use crate::grpc::{FORWARDED_HEADER, LEADER_CONTACT_HEADER, MAX_MESSAGE_BYTES};
 use crate::peers::{error_chain, Peers};
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
@@ -134,7 +134,7 @@ where
             let body = observed(body, Recorder(replay.tape.clone()));
             let answer = inner.call(http::Request::from_parts(parts, body)).await?;
             if !answer.headers().contains_key(LEADER_ID_HEADER) {
-                return Ok(answer);
+                return Ok(relay.stamp(answer));
             }
             Ok(match (relay.elsewhere(), replay.body()) {
                 (Some(leader), Some(body)) => {
@@ -229,6 +229,21 @@ impl Leader {
 }
 
 impl Relay {
+    /// Marks an answer this node gave itself while it does not lead with how
+    /// stale it may be: the Registry's and Cluster's stale reads, watches and
+    /// statuses on the client port all pass here.
+    fn stamp(&self, mut answer: http::Response<Body>) -> http::Response<Body> {
+        if self.proposer.here().is_ok() {
+            return answer;
+        }
+        let contact = match self.proposer.leader_contact() {
+            Some(d) => HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => HeaderValue::from_static("none"),
+        };
+        answer.headers_mut().insert(LEADER_CONTACT_HEADER, contact);
+        answer
+    }
+
     /// The leader, when this node knows it is another node.
     fn elsewhere(&self) -> Option<Leader> {
         Leader::named_by(&self.proposer.here().err()?)

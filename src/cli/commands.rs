@@ -266,8 +266,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 } else {
                     " (not a member: not added yet, or removed)"
                 };
+                let contact = s
+                    .leader_contact_ms
+                    .map(|c| format!(" leader_contact={c:.0}ms"))
+                    .unwrap_or_default();
                 println!(
-                    "{endpoint}: node {} {}{outside} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}{advertise}",
+                    "{endpoint}: node {} {}{outside} term={} leader={} last_log={} applied={} snapshot={} revision={} cluster={} incarnation={}{advertise}{contact}",
                     s.node_id, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index, s.snapshot_index, s.revision, s.cluster_id, s.incarnation
                 );
                 println!("  members: {}", members(&s.members));
@@ -299,7 +303,11 @@ fn members(ms: &[Member]) -> String {
                 m.id,
                 m.address,
                 m.peer_address,
-                if m.voter { "" } else { "(learner)" },
+                match (m.voter, m.replica) {
+                    (true, _) => "",
+                    (false, true) => "(replica)",
+                    (false, false) => "(learner)",
+                },
                 m.rtt_ms
                     .map(|r| format!("(rtt {r:.1}ms)"))
                     .unwrap_or_default(),
@@ -316,9 +324,14 @@ pub async fn member(m: MemberCommand) -> anyhow::Result<()> {
             endpoints,
             id,
             address,
+            replica,
         } => {
             client(&endpoints)?
-                .add_member(AddMemberRequest { id, address })
+                .add_member(AddMemberRequest {
+                    id,
+                    address,
+                    replica,
+                })
                 .await?
         }
         MemberCommand::Remove { endpoints, id } => {

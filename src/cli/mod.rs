@@ -211,6 +211,11 @@ pub struct ServerArgs {
     /// (a pod scaled up later, to be added with `roster member add`).
     #[arg(long)]
     id_from_hostname: bool,
+    /// Added to the id --id-from-hostname derives: a second StatefulSet
+    /// (read replicas, say) takes ids of its own, `name-N` being node
+    /// N+1+offset.
+    #[arg(long, default_value_t = 0, requires = "id_from_hostname")]
+    id_offset: u64,
     #[arg(long)]
     cluster_id: Option<String>,
     /// Client port to bind, e.g. 0.0.0.0:7001.
@@ -392,7 +397,8 @@ pub struct WatchArgs {
 
 #[derive(Subcommand)]
 pub enum MemberCommand {
-    /// Add a running node (started without --initial-cluster) as a voter.
+    /// Add a running node (started without --initial-cluster) as a voter,
+    /// or with --replica as a read replica.
     Add {
         #[command(flatten)]
         endpoints: Endpoints,
@@ -401,8 +407,12 @@ pub enum MemberCommand {
         /// The node's advertised host:port.
         #[arg(long)]
         address: String,
+        /// Add it as a read replica: it serves stale reads and watches from
+        /// its own copy and never votes.
+        #[arg(long)]
+        replica: bool,
     },
-    /// Remove a voter.
+    /// Remove a voter or a read replica.
     Remove {
         #[command(flatten)]
         endpoints: Endpoints,
@@ -420,8 +430,13 @@ pub struct XdsBootstrapArgs {
     node_id: String,
     /// The gRPC target of the xDS server, instead of one made from
     /// --endpoints (for example dns:///roster.internal:7001).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_membership")]
     server_uri: Option<String>,
+    /// Ask --endpoints for the cluster's membership and list its members'
+    /// client addresses instead: read replicas first (a client starts on
+    /// the first that answers, so replicas take the xDS streams), then voters.
+    #[arg(long)]
+    from_membership: bool,
     /// Write the file here instead of to standard output.
     #[arg(long, short)]
     output: Option<PathBuf>,
@@ -478,6 +493,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Session(c) => commands::session(c).await,
         Command::Snapshot(s) => snapshot::snapshot(s).await,
         Command::Recover(r) => snapshot::recover(r).await,
-        Command::XdsBootstrap(a) => xds_bootstrap::print(a),
+        Command::XdsBootstrap(a) => xds_bootstrap::print(a).await,
     }
 }

@@ -22,7 +22,10 @@ fn id_from_hostname(host: &str) -> anyhow::Result<u64> {
 fn node_config(mut a: ServerArgs) -> anyhow::Result<NodeConfig> {
     if a.id_from_hostname {
         let host = std::env::var("HOSTNAME").context("--id-from-hostname needs $HOSTNAME")?;
-        a.id = Some(id_from_hostname(&host)?);
+        let id = id_from_hostname(&host)?
+            .checked_add(a.id_offset)
+            .context("--id-offset takes the node id past 2^64")?;
+        a.id = Some(id);
     }
     let mut cfg = match &a.config {
         Some(path) => NodeConfig::from_file(path)?,

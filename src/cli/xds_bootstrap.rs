@@ -5,9 +5,10 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::XdsBootstrapArgs;
+use super::{Endpoints, XdsBootstrapArgs};
+use crate::proto::v1::Member;
 
-pub(super) fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
+pub(super) async fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
     let e = &a.endpoints;
     if e.token.is_some() {
         eprintln!(
@@ -17,6 +18,7 @@ pub(super) fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
     }
     let uris = match a.server_uri {
         Some(u) => vec![u],
+        None if a.from_membership => server_uris(&member_addresses(e).await?)?,
         None => server_uris(&e.endpoints)?,
     };
     let absolute = |p: &Path| -> anyhow::Result<String> {
@@ -57,6 +59,25 @@ pub(super) fn print(a: XdsBootstrapArgs) -> anyhow::Result<()> {
         None => print!("{text}"),
     }
     Ok(())
+}
+
+/// The client addresses of the members the leader (else the node of the
+/// highest term that answered) records: read replicas first, then voters,
+/// each in id order. Learners on their way to becoming voters are left out.
+async fn member_addresses(e: &Endpoints) -> anyhow::Result<Vec<String>> {
+    let replies = super::commands::client(e)?.status_all().await;
+    let status = replies
+        .into_iter()
+        .filter_map(|(_, r)| r.ok())
+        .max_by_key(|s| (s.role == "leader", s.term))
+        .ok_or_else(|| anyhow::anyhow!("no node at --endpoints answered"))?;
+    let mut members: Vec<&Member> = status
+        .members
+        .iter()
+        .filter(|m| (m.voter || m.replica) && !m.address.is_empty())
+        .collect();
+    members.sort_by_key(|m| (!m.replica, m.id));
+    Ok(members.into_iter().map(|m| m.address.clone()).collect())
 }
 
 /// A gRPC target per node, in order: a client starts on the first that

@@ -25,6 +25,7 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::util::BoxCloneSyncService;
 
+use crate::grpc::LEADER_CONTACT_HEADER;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
@@ -150,7 +151,27 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-type Answer<T> = std::result::Result<Json<T>, Failure>;
+type Answer<T> = std::result::Result<Reply<T>, Failure>;
+
+/// A gRPC answer as JSON, with the staleness metadata a node that does not
+/// lead put on it (`LEADER_CONTACT_HEADER`) as an HTTP header of that name.
+struct Reply<T>(tonic::Response<T>);
+
+impl<T: serde::Serialize> IntoResponse for Reply<T> {
+    fn into_response(self) -> Response {
+        let contact = staleness(self.0.metadata());
+        (contact, Json(self.0.into_inner())).into_response()
+    }
+}
+
+/// The `LEADER_CONTACT_HEADER` of a gRPC answer, as an HTTP header.
+fn staleness(meta: &tonic::metadata::MetadataMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(v) = meta.as_ref().get(LEADER_CONTACT_HEADER) {
+        headers.insert(LEADER_CONTACT_HEADER, v.clone());
+    }
+    headers
+}
 
 /// `msg` as a gRPC request carrying the HTTP request's token.
 fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
@@ -214,7 +235,7 @@ async fn list_services(
         }
     }
     let r = api.registry.list_services(request(&headers, msg)).await?;
-    Ok(Json(r.into_inner()))
+    Ok(Reply(r))
 }
 
 async fn get_service(
@@ -236,7 +257,7 @@ async fn get_service(
         }
     }
     let r = api.registry.get_service(request(&headers, msg)).await?;
-    Ok(Json(r.into_inner()))
+    Ok(Reply(r))
 }
 
 /// The body is the instance (its `service` and `id` may be left out; given,
@@ -270,7 +291,7 @@ async fn register(
         }
     }
     let r = api.registry.register(request(&headers, msg)).await?;
-    Ok(Json(r.into_inner()))
+    Ok(Reply(r))
 }
 
 async fn deregister(
@@ -280,7 +301,7 @@ async fn deregister(
 ) -> Answer<pb::DeregisterResponse> {
     let msg = pb::DeregisterRequest { service, id };
     let r = api.registry.deregister(request(&headers, msg)).await?;
-    Ok(Json(r.into_inner()))
+    Ok(Reply(r))
 }
 
 async fn heartbeat(
@@ -290,7 +311,7 @@ async fn heartbeat(
 ) -> Answer<pb::HeartbeatResponse> {
     let msg = pb::HeartbeatRequest { service, id };
     let r = api.registry.heartbeat(request(&headers, msg)).await?;
-    Ok(Json(r.into_inner()))
+    Ok(Reply(r))
 }
 
 async fn status(
@@ -306,7 +327,7 @@ async fn status(
         }
     }
     let r = api.cluster.status(request(&headers, msg)).await?;
-    Ok(Json(r.into_inner()))
+    Ok(Reply(r))
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -325,7 +346,13 @@ async fn watch_all(
     state: State<Api>,
     headers: HeaderMap,
     query: RawQuery,
-) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, Failure> {
+) -> std::result::Result<
+    (
+        HeaderMap,
+        Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>,
+    ),
+    Failure,
+> {
     watch(state, Path(String::new()), headers, query).await
 }
 
@@ -340,7 +367,13 @@ async fn watch(
     Path(service): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, Failure> {
+) -> std::result::Result<
+    (
+        HeaderMap,
+        Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>,
+    ),
+    Failure,
+> {
     let mut since = 0;
     for (k, v) in pairs(query)? {
         match k.as_str() {
@@ -363,11 +396,9 @@ async fn watch(
         service,
         since_revision: since,
     };
-    let stream = api
-        .registry
-        .watch(request(&headers, msg))
-        .await?
-        .into_inner();
+    let answer = api.registry.watch(request(&headers, msg)).await?;
+    let contact = staleness(answer.metadata());
+    let stream = answer.into_inner();
     let events = stream
         .map(|m| match m {
             Ok(m) => {
@@ -397,7 +428,7 @@ async fn watch(
             *ended |= error;
             futures::future::ready(item)
         });
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+    Ok((contact, Sse::new(events).keep_alive(KeepAlive::default())))
 }
 
 #[cfg(test)]

@@ -39,11 +39,18 @@ pub use crate::peers::NodeId;
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// A member as the Raft membership records it: where it serves clients, where
-/// its peers reach it, and which data directory it runs on. A node whose
-/// directory was wiped comes back with another incarnation, and its peers
-/// refuse it as the old member (see [`transport`]), since it lost the votes and
-/// entries that member acknowledged.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// its peers reach it, which data directory it runs on, and whether it is a
+/// read replica. A node whose directory was wiped comes back with another
+/// incarnation, and its peers refuse it as the old member (see [`transport`]),
+/// since it lost the votes and entries that member acknowledged.
+///
+/// Memberships travel in log entries, snapshots and Raft messages as bincode,
+/// which has no field names: a field added to the struct would make every
+/// stored membership unreadable. A member that is no replica is therefore
+/// encoded as before this flag existed, and a replica behind a marker no old
+/// encoding can hold ([`node_codec`]): existing data directories load
+/// unchanged, and older binaries replicate with this one until a replica is added.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Node {
     /// `host:port` the node serves clients on (what a follower names as the
     /// leader); empty until the leader has learned it ([`incarnation::bind`]).
@@ -53,25 +60,32 @@ pub struct Node {
     /// The member's data-directory incarnation ([`marker::Identity`]); 0 until
     /// the leader has learned it ([`incarnation::bind`]).
     pub incarnation: u64,
+    /// A read replica: a learner that is never made a voter (`AddMember`
+    /// with `replica`).
+    pub replica: bool,
 }
 
 impl Node {
     /// An initial member, known by its peer address only.
     pub fn unbound(peer_addr: String) -> Self {
         Node {
-            addr: String::new(),
             peer_addr,
-            incarnation: 0,
+            ..Node::default()
         }
     }
 }
+
+mod node_codec;
 
 impl std::fmt::Display for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} (peer port {}, incarnation {})",
-            self.addr, self.peer_addr, self.incarnation
+            "{} (peer port {}, incarnation {}{})",
+            self.addr,
+            self.peer_addr,
+            self.incarnation,
+            if self.replica { ", replica" } else { "" }
         )
     }
 }

@@ -217,6 +217,11 @@ impl Proposer {
         self.timeout
     }
 
+    /// How long ago this node last heard from a leader (see [`Contact`]).
+    pub fn leader_contact(&self) -> Option<Duration> {
+        self.contact.leader_contact()
+    }
+
     /// From now on nothing new is proposed here: every call is refused as not applied.
     pub fn close(&self) {
         self.closed.send_replace(true);
@@ -322,8 +327,23 @@ impl Proposer {
         }
     }
 
+    /// Why a read replica that knows no leader refuses: it cannot vote for
+    /// one, so none will be found here until the leader reaches it again.
+    fn cut_off(&self) -> Error {
+        let heard = match self.contact.leader_contact() {
+            Some(d) => format!("last heard from a leader {} ms ago", d.as_millis()),
+            None => "has heard from no leader since it started".into(),
+        };
+        Error::Unavailable(format!(
+            "node {} is a read replica cut off from the leader ({heard}); not applied: \
+             retry on another node, or read with STALE consistency here",
+            self.id
+        ))
+    }
+
     /// Whether this node leads, by its current view and without a quorum
-    /// round trip; if not, the leader it knows.
+    /// round trip; if not, the leader it knows. A read replica that knows no
+    /// leader refuses outright (`cut_off`).
     pub fn here(&self) -> Result<(), Refusal> {
         self.check_open()?;
         // Heartbeats come this way at a high rate: read the metrics in place, no clone.
@@ -334,7 +354,11 @@ impl Proposer {
             if leader == Some(self.id) {
                 return Ok(());
             }
-            let node = leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            let membership = m.membership_config.membership();
+            if leader.is_none() && membership.get_node(&self.id).is_some_and(|n| n.replica) {
+                return Err(Refusal::Failed(self.cut_off()));
+            }
+            let node = leader.and_then(|l| membership.get_node(&l).cloned());
             (leader, node)
         };
         Err(Refusal::NotLeader(ForwardToLeader {

@@ -206,6 +206,7 @@ impl World {
                 addr: format!("node{spare}:5000"),
                 peer_addr: net::peer_addr(spare),
                 incarnation,
+                replica: false,
             };
             let add = tokio::time::timeout(limit, leader.raft.add_learner(spare, node, false));
             (add.await.is_ok_and(|r| r.is_ok()), "joins as a learner")

@@ -128,6 +128,7 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
         .add_member(AddMemberRequest {
             id: 9,
             address: "127.0.0.1:1".into(),
+            replica: false,
         })
         .await
         .expect_err("write token changes membership");

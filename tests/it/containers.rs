@@ -722,6 +722,7 @@ async fn container_cluster_grows_to_five_and_shrinks_to_three_under_writes() {
             .add_member(AddMemberRequest {
                 id,
                 address: format!("{}:7001", c.host(id)),
+                replica: false,
             })
             .await
             .expect("add a member");

@@ -26,6 +26,7 @@ mod peer_trust;
 mod proxy;
 mod python_client;
 mod recovery;
+mod replicas;
 mod replication;
 mod sessions;
 mod slow_links;

@@ -30,6 +30,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         .add_member(AddMemberRequest {
             id: n4,
             address: other,
+            replica: false,
         })
         .await
         .expect_err("another address than the node advertises");
@@ -44,6 +45,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
             .add_member(AddMemberRequest {
                 id,
                 address: c.endpoint(id),
+                replica: false,
             })
             .await
             .unwrap_or_else(|e| panic!("add node {id}: {e}"));
@@ -178,6 +180,7 @@ async fn cluster_grows_to_five_voters_and_shrinks_back_online() {
         .add_member(AddMemberRequest {
             id: 6,
             address: "no port".into(),
+            replica: false,
         })
         .await
         .expect_err("bad address");
@@ -290,6 +293,7 @@ async fn autopilot_removes_dead_voters_down_to_min_quorum_and_promotes_stable_no
         .add_member(AddMemberRequest {
             id: spare,
             address: c.endpoint(spare),
+            replica: false,
         })
         .await
         .expect("add a member");

@@ -252,6 +252,7 @@ async fn a_node_away_while_a_member_was_added_follows_that_member_as_leader() {
         .add_member(AddMemberRequest {
             id: n4,
             address: c.endpoint(n4),
+            replica: false,
         })
         .await
         .expect("add node 4");

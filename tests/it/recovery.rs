@@ -75,6 +75,7 @@ async fn a_survivor_of_a_lost_quorum_serves_every_acknowledged_write_alone_then_
         .add_member(AddMemberRequest {
             id: spare,
             address: c.endpoint(spare),
+            replica: false,
         })
         .await
         .expect("add a member back");

@@ -314,6 +314,7 @@ async fn wiped_member_bootstrapping_again_is_refused_as_the_old_voter() {
         .add_member(AddMemberRequest {
             id: 3,
             address: c.endpoint(3),
+            replica: false,
         })
         .await
         .expect_err("adding a replaced member in place");

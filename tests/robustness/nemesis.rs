@@ -238,9 +238,13 @@ async fn rejoin_empty(c: &mut TestCluster, id: u64) -> Result<(), String> {
     on_cluster(c, id, "member add", |mut cc| {
         let address = address.clone();
         async move {
-            cc.add_member(AddMemberRequest { id, address })
-                .await
-                .map(|_| ())
+            cc.add_member(AddMemberRequest {
+                id,
+                address,
+                replica: false,
+            })
+            .await
+            .map(|_| ())
         }
     })
     .await

@@ -1,7 +1,10 @@
 //! Autopilot (Consul's idea, `[autopilot]`): on the leader, a voter that has
 //! not answered for `dead_server_after` is removed while at least
 //! `min_quorum` voters remain, and a node being added is made a voter only
-//! once it has stayed caught up for `server_stabilization_time`.
+//! once it has stayed caught up for `server_stabilization_time`. Learners,
+//! read replicas among them, are neither: it looks at voters only, and its
+//! voter changes (openraft's `ReplaceAllVoters`, without `retain`) keep
+//! every learner as it is.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

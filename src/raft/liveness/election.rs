@@ -81,6 +81,9 @@ impl Timing {
 #[derive(Clone)]
 pub struct Contact {
     last: Arc<Mutex<Instant>>,
+    /// When a leader was last heard from (a vote granted aside), if ever: how
+    /// stale this node's own state may be.
+    heard: Arc<Mutex<Option<Instant>>>,
     /// The last candidate this node granted a pre-vote, and when.
     pre_voted: Arc<Mutex<Option<(NodeId, Instant)>>>,
     /// The leader's peer port refused a connection since it was last heard.
@@ -92,6 +95,7 @@ impl Contact {
     pub fn new(timing: &Timing) -> Self {
         Contact {
             last: Arc::new(Mutex::new(Instant::now())),
+            heard: Arc::default(),
             pre_voted: Arc::new(Mutex::new(None)),
             gone: Arc::default(),
             timing: *timing,
@@ -131,7 +135,17 @@ impl Contact {
     /// A leader was heard from.
     pub fn touch(&self) {
         self.voted();
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.gone.store(false, Ordering::Relaxed);
+    }
+
+    /// How long ago a leader was last heard from; `None` if never since this
+    /// node started. A follower has applied nothing the leader committed after.
+    pub fn leader_contact(&self) -> Option<Duration> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
     }
 
     /// A vote was granted: an election is under way, so this node's timer
@@ -589,6 +603,19 @@ mod tests {
         assert!(heard < t.election_min, "{heard:?}");
         // Had the leader not been found gone, both would still wait.
         assert!(matches!(a.step(heard, since, false, &t), Step::Wait(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leader_contact_counts_leader_messages_not_votes() {
+        let c = Contact::new(&timing());
+        assert_eq!(c.leader_contact(), None, "no leader heard yet");
+        c.touch();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        // A vote restarts the election timer, but is no news from a leader.
+        c.voted();
+        assert_eq!(c.leader_contact(), Some(Duration::from_millis(300)));
+        c.touch();
+        assert_eq!(c.leader_contact(), Some(Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]

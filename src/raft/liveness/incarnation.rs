@@ -128,8 +128,8 @@ fn learnable(
                 } else {
                     n.addr.clone()
                 },
-                peer_addr: n.peer_addr.clone(),
                 incarnation: stated.incarnation,
+                ..n.clone()
             };
             (node != *n).then_some((*id, node))
         })
@@ -197,6 +197,7 @@ mod tests {
                         addr: format!("n{id}:1"),
                         peer_addr: format!("n{id}:2"),
                         incarnation: *inc,
+                        replica: false,
                     },
                 )
             })
