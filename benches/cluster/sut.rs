@@ -283,12 +283,14 @@ impl Roster {
         Ok(r.services.iter().map(|s| u64::from(s.passing)).sum())
     }
 
-    /// Adds a running node as a voter; returns once the cluster has it.
-    pub async fn add_member(&self, id: u64, address: &str) -> Result<()> {
+    /// Adds a running node as a voter (or a read replica); returns once the
+    /// cluster has it.
+    pub async fn add_member(&self, id: u64, address: &str, replica: bool) -> Result<()> {
         self.any
             .add_member(AddMemberRequest {
                 id,
                 address: address.into(),
+                replica,
             })
             .await?;
         Ok(())

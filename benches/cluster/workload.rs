@@ -205,6 +205,22 @@ where
             if let Some((sent, acked)) = writes.get(&id) {
                 // An event may arrive before the writer sees its ack: count that as zero delay.
                 after_ack.push(at.saturating_duration_since(*acked));
+                if std::env::var_os("PROBE").is_some()
+                    && at.saturating_duration_since(*acked) > Duration::from_millis(5)
+                {
+                    let wall = |i: &Instant| {
+                        (std::time::SystemTime::now() - i.elapsed())
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0)
+                    };
+                    eprintln!(
+                        "late {id}: sent {:.6} acked {:.6} arrived {:.6}",
+                        wall(sent),
+                        wall(acked),
+                        wall(&at)
+                    );
+                }
                 after_send.push(at.saturating_duration_since(*sent));
             }
         }

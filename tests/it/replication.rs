@@ -187,3 +187,45 @@ async fn full_cluster_restart_keeps_every_acknowledged_write() {
     let r = register(&client, "inventory", "new", 1).await;
     assert!(r.revision > after.revision);
 }
+
+/// Followers learn that a write committed from the leader at once, not with
+/// the next write or heartbeat: their watchers and stale readers see it in
+/// milliseconds. Each round is a burst of concurrent writes, then none: the
+/// last entries' commit has nothing after it to ride on. Heartbeats here are
+/// 2 s apart, so a follower that missed it would wait up to 2 s; the bound,
+/// a quarter of that, leaves a slow machine ample room.
+#[tokio::test]
+async fn followers_apply_a_write_without_waiting_for_the_next_one() {
+    let c = TestCluster::start_with(
+        3,
+        "[raft]\nheartbeat_ms = 2000\nrpc_timeout_ms = 2500\n\
+         election_timeout_min_ms = 5000\nelection_timeout_max_ms = 6000\n",
+    )
+    .await;
+    let leader = c.leader().await;
+    let client = c.node_client(leader);
+    for round in 0..10 {
+        let burst = (0..20).map(|k| {
+            let client = client.clone();
+            async move {
+                register(&client, "burst", &format!("b-{round}-{k}"), 80)
+                    .await
+                    .revision
+            }
+        });
+        let last = futures::future::join_all(burst)
+            .await
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let acked = Instant::now();
+        for follower in (1..=3).filter(|&i| i != leader) {
+            c.wait_applied(follower, last).await;
+            let waited = acked.elapsed();
+            assert!(
+                waited < Duration::from_millis(500),
+                "round {round}: node {follower} applied revision {last} {waited:?} after its ack"
+            );
+        }
+    }
+}

@@ -210,7 +210,7 @@ async fn join_by_snapshot(roster: &Arc<Roster>, dir: &Path, instances: u64) -> R
     )
     .await?;
     let start = Instant::now();
-    roster.add_member(4, &joiner.endpoint).await?;
+    roster.add_member(4, &joiner.endpoint, false).await?;
     procs::wait_until(
         "the new member to serve every instance",
         Duration::from_secs(120),

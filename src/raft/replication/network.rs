@@ -14,6 +14,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::LogId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
@@ -308,6 +309,33 @@ impl PeerClient {
         });
     }
 
+    /// Sends a heartbeat without waiting for it; a higher vote in its
+    /// answer is reported on the next call.
+    fn in_background(&self, rpc: AppendEntriesRequest<TypeConfig>, option: RPCOption) {
+        let mut bg = self.clone();
+        tokio::spawn(async move {
+            if let Ok(higher @ AppendEntriesResponse::HigherVote(_)) =
+                bg.send_append(rpc, option, 0).await
+            {
+                *bg.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(higher);
+            }
+        });
+    }
+
+    /// Openraft's request `rpc` was answered (`reply`) from an early send
+    /// that carried the commit index `carried`: see [`commit_heartbeat`].
+    fn pass_commit_on(
+        &self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        carried: Option<LogId<NodeId>>,
+        reply: &AppendEntriesResponse<NodeId>,
+        option: RPCOption,
+    ) {
+        if let Some(heartbeat) = commit_heartbeat(rpc, carried, reply) {
+            self.in_background(heartbeat, option);
+        }
+    }
+
     /// A new leader does not know where a follower's log ends: openraft 0.9
     /// searches for it by sending entries from the middle of its log on,
     /// thousands the follower most likely holds already, and its first entry
@@ -425,24 +453,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             && distance >= FAR
             && answered.is_some_and(|t| t.elapsed() < self.heartbeat * 2 + rtt)
         {
-            let mut bg = self.clone();
-            tokio::spawn(async move {
-                if let Ok(higher @ AppendEntriesResponse::HigherVote(_)) =
-                    bg.send_append(rpc, option, 0).await
-                {
-                    *bg.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(higher);
-                }
-            });
+            self.in_background(rpc, option);
             return Ok(AppendEntriesResponse::Success);
         }
         if n == 0 {
             return self.send_append(rpc, option, n).await;
         }
         if let Some(covered) = self.pipeline.covering(&rpc) {
+            let carried = covered.committed();
             if let Some(reply) = self.pipeline.answer(&rpc, covered).await {
                 if !matches!(reply, AppendEntriesResponse::HigherVote(_)) {
                     *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
+                self.pass_commit_on(&rpc, carried, &reply, option);
                 return Ok(reply);
             }
         }
@@ -491,5 +514,89 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     /// less often, up to once a second.
     fn backoff(&self) -> Backoff {
         Backoff::new((0..).map(|i| Duration::from_millis(50 << u32::min(i, 4)).min(MAX_BACKOFF)))
+    }
+}
+
+/// When openraft's request `rpc` carries a newer commit index than the early
+/// send that answered it (`carried`: the entries committed while they were on
+/// their way), the heartbeat that passes it on. Openraft will not send it
+/// again (as far as it knows, it did), and the follower would otherwise apply
+/// the entries, and tell its watchers, only with the next write or heartbeat.
+/// Up to what the follower holds by `reply`, and no further.
+fn commit_heartbeat(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+    carried: Option<LogId<NodeId>>,
+    reply: &AppendEntriesResponse<NodeId>,
+) -> Option<AppendEntriesRequest<TypeConfig>> {
+    let holds = match reply {
+        AppendEntriesResponse::Success => rpc.entries.last().map(|e| e.log_id),
+        AppendEntriesResponse::PartialSuccess(m) => *m,
+        _ => None,
+    };
+    let commit = rpc.leader_commit.min(holds);
+    (holds.is_some() && commit > carried).then(|| AppendEntriesRequest {
+        vote: rpc.vote,
+        prev_log_id: holds,
+        leader_commit: commit,
+        entries: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
+
+    use super::*;
+
+    fn id(index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(2, 1), index)
+    }
+
+    /// Openraft's request for entries 5..=7, sent once 7 had committed.
+    fn rpc() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: Some(id(4)),
+            leader_commit: Some(id(7)),
+            entries: (5..=7)
+                .map(|i| Entry {
+                    log_id: id(i),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_commit_newer_than_the_early_send_carried_is_passed_on() {
+        let hb = commit_heartbeat(&rpc(), Some(id(4)), &AppendEntriesResponse::Success)
+            .expect("a heartbeat");
+        assert_eq!(
+            (hb.prev_log_id, hb.leader_commit, hb.entries.len()),
+            (Some(id(7)), Some(id(7)), 0)
+        );
+        // No further than the follower holds.
+        let partial = AppendEntriesResponse::PartialSuccess(Some(id(6)));
+        let hb = commit_heartbeat(&rpc(), Some(id(4)), &partial).expect("a heartbeat");
+        assert_eq!(
+            (hb.prev_log_id, hb.leader_commit),
+            (Some(id(6)), Some(id(6)))
+        );
+    }
+
+    #[test]
+    fn nothing_is_sent_when_the_follower_knows_the_commit_or_refused() {
+        assert!(commit_heartbeat(&rpc(), Some(id(7)), &AppendEntriesResponse::Success).is_none());
+        let refused = [
+            AppendEntriesResponse::Conflict,
+            AppendEntriesResponse::HigherVote(Vote::new(3, 2)),
+            AppendEntriesResponse::PartialSuccess(None),
+        ];
+        for reply in refused {
+            assert!(
+                commit_heartbeat(&rpc(), Some(id(4)), &reply).is_none(),
+                "{reply:?}"
+            );
+        }
     }
 }

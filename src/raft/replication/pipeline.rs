@@ -89,6 +89,8 @@ struct State {
 
 struct Sent {
     last: LogId<NodeId>,
+    /// The commit index it carried.
+    committed: Option<LogId<NodeId>>,
     answer: watch::Receiver<Option<Answer>>,
 }
 
@@ -97,6 +99,14 @@ pub(super) struct Covered {
     answer: watch::Receiver<Option<Answer>>,
     /// The last entry the early send carried.
     last: LogId<NodeId>,
+    /// The commit index it carried.
+    committed: Option<LogId<NodeId>>,
+}
+
+impl Covered {
+    pub(super) fn committed(&self) -> Option<LogId<NodeId>> {
+        self.committed
+    }
 }
 
 impl Pipeline {
@@ -120,6 +130,7 @@ impl Pipeline {
         (sent.last.index >= first.index).then(|| Covered {
             answer: sent.answer.clone(),
             last: sent.last,
+            committed: sent.committed,
         })
     }
 
@@ -240,7 +251,14 @@ impl State {
         }
         let first = entries.first()?.log_id.index;
         let (answer, rx) = watch::channel(None);
-        self.sent.insert(first, Sent { last, answer: rx });
+        self.sent.insert(
+            first,
+            Sent {
+                last,
+                committed: self.committed,
+                answer: rx,
+            },
+        );
         self.tail = Some(last);
         Some(Early {
             request: AppendEntriesRequest {
