@@ -182,6 +182,13 @@ const PHASES: &[Phase] = &[
         run: Run::Fresh(|d, o, r| Box::pin(phases::secure::secure(d, o, r))),
     },
     Phase {
+        name: "replicas",
+        measures: "10,000 and 50,000 watchers over 3 voters, then over 3 voters + 2 read replicas, writes beside",
+        systems: Systems::RosterOnly,
+        modes: QUICK_FULL,
+        run: Run::Fresh(|d, o, r| Box::pin(phases::replicas::replicas(d, o, r))),
+    },
+    Phase {
         name: "mux",
         measures: "memory per watched service and per stream, watches multiplexed",
         systems: Systems::Both,

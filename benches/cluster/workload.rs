@@ -143,6 +143,8 @@ pub struct Delivery {
     pub after_send: Summary,
     /// The writes' own latency, send to acknowledgement.
     pub ack: Summary,
+    /// When the writes began and ended (the streams were all open).
+    pub window: (Instant, Instant),
 }
 
 /// Opens `watchers` streams on `service` with `open`, registers `events`
@@ -196,6 +198,7 @@ where
         writes.insert(id, (sent, acked));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let written = Instant::now();
     let (mut after_ack, mut after_send) = (Vec::new(), Vec::new());
     for t in tasks {
         let got = tokio::time::timeout(Duration::from_secs(60), t)
@@ -227,6 +230,7 @@ where
     }
     let elapsed = start.elapsed();
     Ok(Delivery {
+        window: (start, written),
         after_ack: Summary::of(after_ack, elapsed, 0),
         after_send: Summary::of(after_send, elapsed, 0),
         ack: Summary::of(acks, elapsed, 0),

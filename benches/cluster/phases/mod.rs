@@ -8,6 +8,7 @@ pub mod dns;
 pub mod failover;
 pub mod liveness;
 pub mod reads;
+pub mod replicas;
 pub mod rtt;
 pub mod scale;
 pub mod secure;
@@ -34,7 +35,7 @@ pub type Done<'a> = Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
 /// The watch rows' largest count, 50,000 streams over the pool's 32
 /// connections (about 16,700 per node, 1,600 per connection), is above the
 /// default limits (10,000 and 1,000); etcd has none.
-const WATCH_LIMITS: &str =
+pub const WATCH_LIMITS: &str =
     "[limits]\nmax_watch_streams = 60000\nmax_watch_streams_per_connection = 5000\n";
 
 /// A Roster cluster and an etcd cluster started once, for the phases that
