@@ -153,11 +153,48 @@ impl Inbox {
     }
 }
 
+/// The streams following one service: most often one (a service one
+/// process follows), which then needs no map of its own.
+enum Followers {
+    One(u64, Arc<Inbox>),
+    Many(HashMap<u64, Arc<Inbox>>),
+}
+
+impl Followers {
+    /// Adds stream `id`; false if it was there.
+    fn insert(&mut self, id: u64, inbox: &Arc<Inbox>) -> bool {
+        match self {
+            Followers::One(one, _) if *one == id => false,
+            Followers::One(one, first) => {
+                let many = HashMap::from([(*one, first.clone()), (id, inbox.clone())]);
+                *self = Followers::Many(many);
+                true
+            }
+            Followers::Many(m) => m.insert(id, inbox.clone()).is_none(),
+        }
+    }
+
+    /// Removes stream `id`; whether it was there, and whether any is left.
+    fn remove(&mut self, id: u64) -> (bool, bool) {
+        match self {
+            Followers::One(one, _) => (*one == id, *one != id),
+            Followers::Many(m) => (m.remove(&id).is_some(), !m.is_empty()),
+        }
+    }
+
+    fn inboxes(&self) -> Box<dyn Iterator<Item = &Arc<Inbox>> + '_> {
+        match self {
+            Followers::One(_, inbox) => Box::new(std::iter::once(inbox)),
+            Followers::Many(m) => Box::new(m.values()),
+        }
+    }
+}
+
 /// The streams following each key, by stream id.
 #[derive(Default)]
 struct Subscribers {
     all: HashMap<u64, Arc<Inbox>>,
-    services: HashMap<String, HashMap<u64, Arc<Inbox>>>,
+    services: HashMap<String, Followers>,
     /// Every stream, with the number of keys it follows.
     streams: HashMap<u64, (Arc<Inbox>, usize)>,
     closed: bool,
@@ -178,14 +215,16 @@ impl Subscribers {
 
     fn follow(&mut self, id: u64, inbox: &Arc<Inbox>, key: Option<&str>) {
         let fresh = match key {
-            None => self.all.insert(id, inbox.clone()),
-            Some(s) => self
-                .services
-                .entry(s.to_string())
-                .or_default()
-                .insert(id, inbox.clone()),
-        }
-        .is_none();
+            None => self.all.insert(id, inbox.clone()).is_none(),
+            Some(s) => match self.services.get_mut(s) {
+                Some(f) => f.insert(id, inbox),
+                None => {
+                    self.services
+                        .insert(s.to_string(), Followers::One(id, inbox.clone()));
+                    true
+                }
+            },
+        };
         if let Some((_, n)) = self.streams.get_mut(&id).filter(|_| fresh) {
             *n += 1;
         }
@@ -195,9 +234,9 @@ impl Subscribers {
         let gone = match key {
             None => self.all.remove(&id).is_some(),
             Some(s) => match self.services.get_mut(s) {
-                Some(m) => {
-                    let gone = m.remove(&id).is_some();
-                    if m.is_empty() {
+                Some(f) => {
+                    let (gone, left) = f.remove(id);
+                    if !left {
                         self.services.remove(s);
                     }
                     gone
@@ -267,8 +306,8 @@ impl WatchHub {
         }
         for (s, events) in change.by_service(|s| subs.services.contains_key(s)) {
             let u = Update::new(Some(s.to_string()), change.message(events));
-            if let Some(inboxes) = subs.services.get(s) {
-                inboxes.values().for_each(|inbox| inbox.push(&u));
+            if let Some(followers) = subs.services.get(s) {
+                followers.inboxes().for_each(|inbox| inbox.push(&u));
             }
         }
     }
@@ -281,7 +320,7 @@ impl WatchHub {
             let inboxes = subs
                 .all
                 .values()
-                .chain(subs.services.values().flat_map(|m| m.values()));
+                .chain(subs.services.values().flat_map(Followers::inboxes));
             inboxes.for_each(|inbox| inbox.invalidate());
         }
     }
