@@ -593,6 +593,56 @@ async fn container_five_nodes_lose_two_serve_lose_three_refuse_then_restart_from
     assert!(!ids_back.contains(&"refused".to_string()));
 }
 
+/// The compose file of 3 voters and 2 read replicas
+/// (deploy/compose/docker-compose.3+2.yml), as an operator starts it: its
+/// one-shot services add nodes 4 and 5 as replicas, which then serve stale
+/// reads of what the voters took, and writes go on with both stopped.
+#[tokio::test]
+async fn container_three_voters_and_two_replicas_from_the_compose_file() {
+    if !engine_ready() {
+        return;
+    }
+    let c = DockerCluster::compose(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/compose/docker-compose.3+2.yml"
+        ),
+        5,
+    );
+    let voters = [1, 2, 3];
+    let leader = c.leader(&voters).await;
+    c.wait("nodes 4 and 5 to be replicas", || async {
+        let members = c.status(leader).await?.members;
+        let replicas = members.iter().filter(|m| m.replica && !m.voter).count();
+        (replicas == 2 && members.len() == 5).then_some(())
+    })
+    .await;
+    let writer = c.client(&voters);
+    for n in 0..10 {
+        register(&writer, "orders", &format!("o-{n}"), 9000 + n).await;
+    }
+    for replica in [4, 5] {
+        let reader = c.client(&[replica]);
+        let got = c
+            .wait("the replica to serve every write", || async {
+                let got = ids(&reader, "orders", Consistency::Stale).await;
+                (got.len() == 10).then_some(got)
+            })
+            .await;
+        assert_eq!(got.len(), 10, "node {replica}: {got:?}");
+    }
+    for replica in [4, 5] {
+        docker(&["stop", "-t", "10", &c.name(replica)]).expect("stop");
+    }
+    register(&writer, "orders", "o-10", 9010).await;
+    assert_eq!(
+        ids(&writer, "orders", Consistency::Linearizable)
+            .await
+            .len(),
+        11
+    );
+}
+
 /// A backup of one cluster of containers restored into a fresh one; then, in
 /// that one, a lost quorum recovered from a single survivor.
 #[tokio::test]
