@@ -12,9 +12,10 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::task::{Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -125,31 +126,28 @@ impl Inbox {
     }
 
     /// The next message, or that the stream is behind; `None` once closed
-    /// (or if a pusher panicked). Cancel safe: taken only when returned.
-    async fn take(&self) -> Option<Taken> {
-        poll_fn(|cx| {
-            let Ok(mut q) = self.0.lock() else {
-                return Poll::Ready(None);
-            };
-            if let Some(m) = q.messages.pop_front() {
-                return Poll::Ready(Some(Taken::Message(m)));
-            }
-            if let Some(through) = q.behind.take() {
-                return Poll::Ready(Some(Taken::Behind(through)));
-            }
-            if q.closed {
-                return Poll::Ready(None);
-            }
-            // A burst leaves a large queue behind; a stream lives long.
-            if q.messages.capacity() > 64 {
-                q.messages.shrink_to_fit();
-            }
-            if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                q.waker = Some(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await
+    /// (or if a pusher panicked). Taken only when returned.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
+        let Ok(mut q) = self.0.lock() else {
+            return Poll::Ready(None);
+        };
+        if let Some(m) = q.messages.pop_front() {
+            return Poll::Ready(Some(Taken::Message(m)));
+        }
+        if let Some(through) = q.behind.take() {
+            return Poll::Ready(Some(Taken::Behind(through)));
+        }
+        if q.closed {
+            return Poll::Ready(None);
+        }
+        // A burst leaves a large queue behind; a stream lives long.
+        if q.messages.capacity() > 64 {
+            q.messages.shrink_to_fit();
+        }
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -595,27 +593,36 @@ impl Watcher {
     /// The next message for any key; `None` once the registry is gone.
     /// Cancel safe.
     pub async fn next(&mut self) -> Option<Arc<Update>> {
+        poll_fn(|cx| self.poll_next_update(cx)).await
+    }
+
+    /// `next` as a poll: a watch stream is polled straight through, with no
+    /// future of its own in between.
+    pub fn poll_next_update(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Update>>> {
         loop {
             if let Some(u) = self.pending.pop_front() {
-                return Some(u);
+                return Poll::Ready(Some(u));
             }
             if self.pending.capacity() > 64 {
                 self.pending.shrink_to_fit();
             }
-            match self.inbox.take().await? {
-                Taken::Message(u) => {
+            match ready!(self.inbox.poll_take(cx)) {
+                None => return Poll::Ready(None),
+                Some(Taken::Message(u)) => {
                     // Skips what a key already has: a message queued before
                     // the key was (re)added or caught up.
                     if let Some(at) = self.keys.at(u.service.as_deref()) {
                         if u.message.revision > *at {
                             *at = u.message.revision;
-                            return Some(u);
+                            return Poll::Ready(Some(u));
                         }
                     }
                 }
-                Taken::Behind(through) => {
+                Some(Taken::Behind(through)) => {
                     // Catch every key up from where it stands, under the lock.
-                    let st = self.state.read().ok()?;
+                    let Ok(st) = self.state.read() else {
+                        return Poll::Ready(None);
+                    };
                     let mut stale = std::mem::take(&mut self.keys);
                     stale.all = stale.all.map(|at| at.max(through));
                     stale
@@ -626,6 +633,14 @@ impl Watcher {
                 }
             }
         }
+    }
+}
+
+impl Stream for Watcher {
+    type Item = Arc<Update>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Arc<Update>>> {
+        self.get_mut().poll_next_update(cx)
     }
 }
 
@@ -648,14 +663,11 @@ pub fn watch_stream(
     since: u64,
 ) -> impl Stream<Item = Arc<Update>> + Send {
     let mut w = Watcher::new(state);
-    let started = w.add([(service, since)]).is_ok();
-    futures::stream::unfold(w, move |mut w| async move {
-        if !started {
-            return None;
-        }
-        let u = w.next().await?;
-        Some((u, w))
-    })
+    if w.add([(service, since)]).is_err() {
+        // The state is gone: the stream ends at once.
+        w.inbox.close();
+    }
+    w
 }
 
 #[cfg(test)]
