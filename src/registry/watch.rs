@@ -155,7 +155,10 @@ impl Inbox {
 /// process follows), which then needs no map of its own.
 enum Followers {
     One(u64, Arc<Inbox>),
-    Many(HashMap<u64, Arc<Inbox>>),
+    /// Boxed, so that the common case (one per service, and a hub entry
+    /// per watched service) stays small.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<u64, Arc<Inbox>>>),
 }
 
 impl Followers {
@@ -165,7 +168,7 @@ impl Followers {
             Followers::One(one, _) if *one == id => false,
             Followers::One(one, first) => {
                 let many = HashMap::from([(*one, first.clone()), (id, inbox.clone())]);
-                *self = Followers::Many(many);
+                *self = Followers::Many(Box::new(many));
                 true
             }
             Followers::Many(m) => m.insert(id, inbox.clone()).is_none(),
@@ -192,7 +195,8 @@ impl Followers {
 #[derive(Default)]
 struct Subscribers {
     all: HashMap<u64, Arc<Inbox>>,
-    services: HashMap<String, Followers>,
+    /// The key is the first follower's own (`Keys`): one string per service.
+    services: HashMap<Arc<str>, Followers>,
     /// Every stream, with the number of keys it follows.
     streams: HashMap<u64, (Arc<Inbox>, usize)>,
     closed: bool,
@@ -207,18 +211,19 @@ impl Subscribers {
     }
 
     fn leave(&mut self, id: u64, keys: &Keys) {
-        keys.iter().for_each(|key| self.unfollow(id, key));
+        keys.iter()
+            .for_each(|key| self.unfollow(id, key.map(|s| &**s)));
         self.streams.remove(&id);
     }
 
-    fn follow(&mut self, id: u64, inbox: &Arc<Inbox>, key: Option<&str>) {
+    fn follow(&mut self, id: u64, inbox: &Arc<Inbox>, key: Option<&Arc<str>>) {
         let fresh = match key {
             None => self.all.insert(id, inbox.clone()).is_none(),
-            Some(s) => match self.services.get_mut(s) {
+            Some(s) => match self.services.get_mut(&**s) {
                 Some(f) => f.insert(id, inbox),
                 None => {
                     self.services
-                        .insert(s.to_string(), Followers::One(id, inbox.clone()));
+                        .insert(s.clone(), Followers::One(id, inbox.clone()));
                     true
                 }
             },
@@ -399,7 +404,7 @@ impl Update {
 #[derive(Default)]
 struct Keys {
     all: Option<u64>,
-    services: HashMap<String, u64>,
+    services: HashMap<Arc<str>, u64>,
 }
 
 impl Keys {
@@ -407,7 +412,7 @@ impl Keys {
         self.all.is_none() && self.services.is_empty()
     }
 
-    fn insert(&mut self, key: Option<String>, at: u64) {
+    fn insert(&mut self, key: Option<Arc<str>>, at: u64) {
         match key {
             None => self.all = Some(at),
             Some(s) => {
@@ -423,10 +428,9 @@ impl Keys {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = Option<&str>> {
+    fn iter(&self) -> impl Iterator<Item = Option<&Arc<str>>> {
         let all = self.all.map(|_| None);
-        all.into_iter()
-            .chain(self.services.keys().map(|s| Some(s.as_str())))
+        all.into_iter().chain(self.services.keys().map(Some))
     }
 
     /// Queues `change`'s events for each key that does not have them yet.
@@ -471,7 +475,7 @@ impl RegistryState {
             };
             match reset {
                 Some(reason) => out.push_back(Update::new(
-                    key.clone(),
+                    key.as_deref().map(String::from),
                     WatchMessage {
                         revision: now,
                         reset: Some(reason),
@@ -556,7 +560,7 @@ impl Watcher {
         let mut added = Keys::default();
         for (key, since) in keys {
             self.drop_pending(key.as_deref());
-            added.insert(key, since);
+            added.insert(key.map(Arc::from), since);
         }
         let st = self.state.read().map_err(|_| StateUnavailable)?;
         // Subscribe under the same lock as the catch-up: nothing falls
