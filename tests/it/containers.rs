@@ -87,7 +87,12 @@ struct DockerCluster {
     n: u64,
     /// Started by docker-compose from this file (project `tag`), not by `launch`.
     compose: Option<&'static str>,
+    /// The shipped compose files publish the same host ports (7001-7005):
+    /// one of their clusters at a time, held until it is taken down.
+    _ports: Option<std::sync::MutexGuard<'static, ()>>,
 }
+
+static COMPOSE_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// TLS on both ports and tokens: the certificates (mounted into every
 /// container), how the test's clients dial, and the bootstrap token.
@@ -159,6 +164,7 @@ impl DockerCluster {
             secure,
             n: 0,
             compose: None,
+            _ports: None,
         };
         let initial = initial_cluster(n);
         for i in 1..=n {
@@ -236,12 +242,16 @@ impl DockerCluster {
     fn compose(file: &'static str, n: u64) -> DockerCluster {
         image();
         let tag = format!("rt{}c{}", std::process::id(), fastrand::u32(..));
+        let ports = COMPOSE_PORTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let c = DockerCluster {
             network: format!("{tag}_roster"),
             tag,
             secure: None,
             n,
             compose: Some(file),
+            _ports: Some(ports),
         };
         let out = Command::new("docker-compose")
             .args(["-p", &c.tag, "-f", file, "up", "-d"])
