@@ -183,10 +183,10 @@ impl Followers {
         }
     }
 
-    fn inboxes(&self) -> Box<dyn Iterator<Item = &Arc<Inbox>> + '_> {
+    fn push(&self, u: &Arc<Update>) {
         match self {
-            Followers::One(_, inbox) => Box::new(std::iter::once(inbox)),
-            Followers::Many(m) => Box::new(m.values()),
+            Followers::One(_, inbox) => inbox.push(u),
+            Followers::Many(m) => m.values().for_each(|inbox| inbox.push(u)),
         }
     }
 }
@@ -297,7 +297,7 @@ impl WatchHub {
     /// Puts `change` in the inbox of every stream that follows it: one shared
     /// message per service, and one for the streams following every service.
     fn deliver(&self, change: &Change) {
-        let Ok(subs) = self.subscribers.lock() else {
+        let Some(subs) = self.subscribers() else {
             return;
         };
         if !subs.all.is_empty() && !change.events.is_empty() {
@@ -310,7 +310,7 @@ impl WatchHub {
         for (s, events) in change.by_service(|s| subs.services.contains_key(s)) {
             let u = Update::new(Some(s.to_string()), change.message(events));
             if let Some(followers) = subs.services.get(s) {
-                followers.inboxes().for_each(|inbox| inbox.push(&u));
+                followers.push(&u);
             }
         }
     }
@@ -319,19 +319,16 @@ impl WatchHub {
         self.history.clear();
         self.held = 0;
         self.floor = revision;
-        if let Ok(subs) = self.subscribers.lock() {
-            let inboxes = subs
-                .all
+        if let Some(subs) = self.subscribers() {
+            subs.streams
                 .values()
-                .chain(subs.services.values().flat_map(Followers::inboxes));
-            inboxes.for_each(|inbox| inbox.invalidate());
+                .for_each(|(inbox, _)| inbox.invalidate());
         }
     }
 
     /// Watch streams currently following something.
     pub fn watchers(&self) -> usize {
-        self.subscribers
-            .lock()
+        self.subscribers()
             .map_or(0, |s| s.streams.values().filter(|(_, n)| *n > 0).count())
     }
 
