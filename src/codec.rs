@@ -143,10 +143,22 @@ pub mod encoded {
     #[derive(Clone, Debug)]
     pub enum WatchServicesResponse {
         Update {
-            service: String,
+            /// The watcher's own name for it, shared.
+            service: Arc<str>,
             update: WatchResponse,
         },
         Other(pb::WatchServicesResponse),
+    }
+
+    /// A length-delimited field holding `bytes`.
+    fn put_field(tag: u32, bytes: &[u8], buf: &mut impl BufMut) {
+        encoding::encode_key(tag, WireType::LengthDelimited, buf);
+        encoding::encode_varint(bytes.len() as u64, buf);
+        buf.put_slice(bytes);
+    }
+
+    fn field_len(tag: u32, len: usize) -> usize {
+        encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
     }
 
     /// The fields' numbers in `WatchServicesResponse` (registry.proto).
@@ -158,12 +170,9 @@ pub mod encoded {
             match self {
                 Self::Update { service, update } => {
                     if !service.is_empty() {
-                        encoding::string::encode(SERVICE, service, buf);
+                        put_field(SERVICE, service.as_bytes(), buf);
                     }
-                    let update = update.0.encoded();
-                    encoding::encode_key(UPDATE, WireType::LengthDelimited, buf);
-                    encoding::encode_varint(update.len() as u64, buf);
-                    buf.put_slice(update);
+                    put_field(UPDATE, update.0.encoded(), buf);
                 }
                 Self::Other(m) => m.encode_raw(buf),
             }
@@ -182,16 +191,12 @@ pub mod encoded {
         fn encoded_len(&self) -> usize {
             match self {
                 Self::Update { service, update } => {
-                    let update = update.0.encoded();
                     let service = if service.is_empty() {
                         0
                     } else {
-                        encoding::string::encoded_len(SERVICE, service)
+                        field_len(SERVICE, service.len())
                     };
-                    service
-                        + encoding::key_len(UPDATE)
-                        + encoding::encoded_len_varint(update.len() as u64)
-                        + update.len()
+                    service + field_len(UPDATE, update.0.encoded().len())
                 }
                 Self::Other(m) => m.encoded_len(),
             }

@@ -214,7 +214,7 @@ impl Mux {
                 Event::Update(update) => {
                     return update.map(|u| {
                         Ok(encoded::WatchServicesResponse::Update {
-                            service: u.service.clone().unwrap_or_default(),
+                            service: u.service.clone().unwrap_or_else(|| Arc::from("")),
                             update: encoded::WatchResponse(u),
                         })
                     })

@@ -43,14 +43,17 @@ impl Change {
         }
     }
 
-    /// The change's events by service, for the services `wanted` says: an
-    /// entry usually touches one; ordered so output is deterministic.
-    fn by_service(&self, wanted: impl Fn(&str) -> bool) -> BTreeMap<&str, Vec<Event>> {
-        let mut by_service: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
+    /// The change's events by service, for the services `key_of` names (by
+    /// the follower's own shared name): an entry usually touches one;
+    /// ordered so output is deterministic.
+    fn by_service<'k>(
+        &self,
+        key_of: impl Fn(&str) -> Option<&'k Arc<str>>,
+    ) -> BTreeMap<&'k Arc<str>, Vec<Event>> {
+        let mut by_service: BTreeMap<&Arc<str>, Vec<Event>> = BTreeMap::new();
         for e in &self.events {
-            let s = e.instance.service.as_str();
-            if wanted(s) {
-                by_service.entry(s).or_default().push(e.clone());
+            if let Some(key) = key_of(&e.instance.service) {
+                by_service.entry(key).or_default().push(e.clone());
             }
         }
         by_service
@@ -62,8 +65,11 @@ impl Change {
 const INBOX_CAPACITY: usize = 1024;
 
 /// Where the hub puts a stream's messages, and how it wakes the stream.
-#[derive(Default)]
-struct Inbox(Mutex<Queue>);
+struct Inbox {
+    /// The stream's id in the hub's subscriber lists.
+    id: u64,
+    queue: Mutex<Queue>,
+}
 
 #[derive(Default)]
 struct Queue {
@@ -84,10 +90,17 @@ enum Taken {
 }
 
 impl Inbox {
+    fn new() -> Arc<Inbox> {
+        Arc::new(Inbox {
+            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            queue: Mutex::default(),
+        })
+    }
+
     /// Changes the queue with `f` and, if it says so, wakes the stream
     /// (outside the lock).
     fn update(&self, f: impl FnOnce(&mut Queue) -> bool) {
-        let waker = match self.0.lock() {
+        let waker = match self.queue.lock() {
             Ok(mut q) => f(&mut q).then(|| q.waker.take()).flatten(),
             Err(_) => None,
         };
@@ -128,7 +141,7 @@ impl Inbox {
     /// The next message, or that the stream is behind; `None` once closed
     /// (or if a pusher panicked). Taken only when returned.
     fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
-        let Ok(mut q) = self.0.lock() else {
+        let Ok(mut q) = self.queue.lock() else {
             return Poll::Ready(None);
         };
         if let Some(m) = q.messages.pop_front() {
@@ -154,7 +167,7 @@ impl Inbox {
 /// The streams following one service: most often one (a service one
 /// process follows), which then needs no map of its own.
 enum Followers {
-    One(u64, Arc<Inbox>),
+    One(Arc<Inbox>),
     /// Boxed, so that the common case (one per service, and a hub entry
     /// per watched service) stays small.
     #[allow(clippy::box_collection)]
@@ -162,30 +175,30 @@ enum Followers {
 }
 
 impl Followers {
-    /// Adds stream `id`; false if it was there.
-    fn insert(&mut self, id: u64, inbox: &Arc<Inbox>) -> bool {
+    /// Adds `inbox`'s stream; false if it was there.
+    fn insert(&mut self, inbox: &Arc<Inbox>) -> bool {
         match self {
-            Followers::One(one, _) if *one == id => false,
-            Followers::One(one, first) => {
-                let many = HashMap::from([(*one, first.clone()), (id, inbox.clone())]);
+            Followers::One(one) if one.id == inbox.id => false,
+            Followers::One(one) => {
+                let many = HashMap::from([(one.id, one.clone()), (inbox.id, inbox.clone())]);
                 *self = Followers::Many(Box::new(many));
                 true
             }
-            Followers::Many(m) => m.insert(id, inbox.clone()).is_none(),
+            Followers::Many(m) => m.insert(inbox.id, inbox.clone()).is_none(),
         }
     }
 
     /// Removes stream `id`; whether it was there, and whether any is left.
     fn remove(&mut self, id: u64) -> (bool, bool) {
         match self {
-            Followers::One(one, _) => (*one == id, *one != id),
+            Followers::One(one) => (one.id == id, one.id != id),
             Followers::Many(m) => (m.remove(&id).is_some(), !m.is_empty()),
         }
     }
 
     fn push(&self, u: &Arc<Update>) {
         match self {
-            Followers::One(_, inbox) => inbox.push(u),
+            Followers::One(inbox) => inbox.push(u),
             Followers::Many(m) => m.values().for_each(|inbox| inbox.push(u)),
         }
     }
@@ -203,11 +216,11 @@ struct Subscribers {
 }
 
 impl Subscribers {
-    fn join(&mut self, id: u64, inbox: &Arc<Inbox>) {
+    fn join(&mut self, inbox: &Arc<Inbox>) {
         if self.closed {
             inbox.close();
         }
-        self.streams.insert(id, (inbox.clone(), 0));
+        self.streams.insert(inbox.id, (inbox.clone(), 0));
     }
 
     fn leave(&mut self, id: u64, keys: &Keys) {
@@ -216,19 +229,19 @@ impl Subscribers {
         self.streams.remove(&id);
     }
 
-    fn follow(&mut self, id: u64, inbox: &Arc<Inbox>, key: Option<&Arc<str>>) {
+    fn follow(&mut self, inbox: &Arc<Inbox>, key: Option<&Arc<str>>) {
         let fresh = match key {
-            None => self.all.insert(id, inbox.clone()).is_none(),
+            None => self.all.insert(inbox.id, inbox.clone()).is_none(),
             Some(s) => match self.services.get_mut(&**s) {
-                Some(f) => f.insert(id, inbox),
+                Some(f) => f.insert(inbox),
                 None => {
                     self.services
-                        .insert(s.clone(), Followers::One(id, inbox.clone()));
+                        .insert(s.clone(), Followers::One(inbox.clone()));
                     true
                 }
             },
         };
-        if let Some((_, n)) = self.streams.get_mut(&id).filter(|_| fresh) {
+        if let Some((_, n)) = self.streams.get_mut(&inbox.id).filter(|_| fresh) {
             *n += 1;
         }
     }
@@ -307,9 +320,9 @@ impl WatchHub {
         if subs.services.is_empty() {
             return;
         }
-        for (s, events) in change.by_service(|s| subs.services.contains_key(s)) {
-            let u = Update::new(Some(s.to_string()), change.message(events));
-            if let Some(followers) = subs.services.get(s) {
+        for (s, events) in change.by_service(|s| subs.services.get_key_value(s).map(|(k, _)| k)) {
+            let u = Update::new(Some(s.clone()), change.message(events));
+            if let Some(followers) = subs.services.get(&**s) {
                 followers.push(&u);
             }
         }
@@ -375,13 +388,13 @@ pub struct WatchMessage {
 /// (`None`). Every stream following the key receives the same one.
 #[derive(Debug)]
 pub struct Update {
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     pub message: WatchMessage,
     rendered: OnceLock<Bytes>,
 }
 
 impl Update {
-    fn new(service: Option<String>, message: WatchMessage) -> Arc<Update> {
+    fn new(service: Option<Arc<str>>, message: WatchMessage) -> Arc<Update> {
         Arc::new(Update {
             service,
             message,
@@ -439,11 +452,14 @@ impl Keys {
         if self.services.is_empty() {
             return;
         }
-        let by_service = change.by_service(|s| self.services.get(s).is_some_and(|&at| wants(at)));
+        let by_service = change.by_service(|s| {
+            let (key, &at) = self.services.get_key_value(s)?;
+            wants(at).then_some(key)
+        });
         out.extend(
             by_service
                 .into_iter()
-                .map(|(s, events)| Update::new(Some(s.to_string()), change.message(events))),
+                .map(|(s, events)| Update::new(Some(s.clone()), change.message(events))),
         );
     }
 }
@@ -472,7 +488,7 @@ impl RegistryState {
             };
             match reset {
                 Some(reason) => out.push_back(Update::new(
-                    key.as_deref().map(String::from),
+                    key.clone(),
                     WatchMessage {
                         revision: now,
                         reset: Some(reason),
@@ -505,7 +521,6 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 /// Many keys share one inbox.
 pub struct Watcher {
     state: SharedState,
-    id: u64,
     inbox: Arc<Inbox>,
     keys: Keys,
     /// Catch-up messages, sent before anything from the inbox.
@@ -521,8 +536,7 @@ impl Watcher {
     pub fn new(state: SharedState) -> Self {
         let w = Watcher {
             state,
-            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
-            inbox: Arc::default(),
+            inbox: Inbox::new(),
             keys: Keys::default(),
             pending: VecDeque::new(),
         };
@@ -531,7 +545,7 @@ impl Watcher {
         match w.state.read() {
             Ok(st) => {
                 if let Some(mut subs) = st.hub.subscribers() {
-                    subs.join(w.id, &w.inbox);
+                    subs.join(&w.inbox);
                 }
             }
             Err(_) => w.inbox.close(),
@@ -563,9 +577,7 @@ impl Watcher {
         // Subscribe under the same lock as the catch-up: nothing falls
         // between, and what is in both is sent once (`next` skips it).
         let mut subs = st.hub.subscribers().ok_or(StateUnavailable)?;
-        added
-            .iter()
-            .for_each(|key| subs.follow(self.id, &self.inbox, key));
+        added.iter().for_each(|key| subs.follow(&self.inbox, key));
         drop(subs);
         st.catch_up(added, true, &mut self.keys, &mut self.pending);
         Ok(())
@@ -582,7 +594,7 @@ impl Watcher {
         self.drop_pending(key);
         if let Ok(st) = self.state.read() {
             if let Some(mut subs) = st.hub.subscribers() {
-                subs.unfollow(self.id, key);
+                subs.unfollow(self.inbox.id, key);
             }
         }
     }
@@ -649,7 +661,7 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         if let Ok(st) = self.state.read() {
             if let Some(mut subs) = st.hub.subscribers() {
-                subs.leave(self.id, &self.keys);
+                subs.leave(self.inbox.id, &self.keys);
             }
         }
     }
@@ -914,7 +926,7 @@ mod tests {
                     .collect()
             };
             out.push((
-                u.service.clone().unwrap_or_default(),
+                u.service.as_deref().unwrap_or_default().to_string(),
                 u.message.revision,
                 ids,
             ));

@@ -430,7 +430,7 @@ fn touched(u: &Update) -> Changed {
         .iter()
         .map(|e| e.instance.service.clone())
         .collect();
-    services.extend(u.service.clone());
+    services.extend(u.service.as_deref().map(String::from));
     Changed::Some(services)
 }
 
