@@ -164,15 +164,20 @@ pub mod encoded {
     /// The fields' numbers in `WatchServicesResponse` (registry.proto).
     const SERVICE: u32 = 1;
     const UPDATE: u32 = 2;
+    const NAMESPACE: u32 = 4;
 
     impl Message for WatchServicesResponse {
         fn encode_raw(&self, buf: &mut impl BufMut) {
             match self {
                 Self::Update { service, update } => {
+                    let (ns, service) = crate::registry::namespace::split(service);
                     if !service.is_empty() {
                         put_field(SERVICE, service.as_bytes(), buf);
                     }
                     put_field(UPDATE, update.0.encoded(), buf);
+                    if ns != crate::registry::namespace::DEFAULT {
+                        put_field(NAMESPACE, ns.as_bytes(), buf);
+                    }
                 }
                 Self::Other(m) => m.encode_raw(buf),
             }
@@ -191,12 +196,18 @@ pub mod encoded {
         fn encoded_len(&self) -> usize {
             match self {
                 Self::Update { service, update } => {
+                    let (ns, service) = crate::registry::namespace::split(service);
                     let service = if service.is_empty() {
                         0
                     } else {
                         field_len(SERVICE, service.len())
                     };
-                    service + field_len(UPDATE, update.0.encoded().len())
+                    let ns = if ns == crate::registry::namespace::DEFAULT {
+                        0
+                    } else {
+                        field_len(NAMESPACE, ns.len())
+                    };
+                    service + ns + field_len(UPDATE, update.0.encoded().len())
                 }
                 Self::Other(m) => m.encoded_len(),
             }
@@ -234,13 +245,19 @@ pub mod encoded {
             let m = response();
             let shared = WatchResponse::own(&m);
             assert_eq!(shared.encode_to_vec(), m.encode_to_vec());
-            for service in ["web", ""] {
+            // Catalogue keys: the service and namespace go out apart.
+            for (key, service, namespace) in [
+                ("web", "web", ""),
+                ("", "", ""),
+                ("team-a/web", "web", "team-a"),
+            ] {
                 let mux = WatchServicesResponse::Update {
-                    service: service.into(),
+                    service: key.into(),
                     update: shared.clone(),
                 };
                 let generated = pb::WatchServicesResponse {
                     service: service.into(),
+                    namespace: namespace.into(),
                     result: Some(Outcome::Update(m.clone())),
                 };
                 let bytes = mux.encode_to_vec();

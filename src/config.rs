@@ -151,6 +151,9 @@ pub struct Limits {
     pub max_watched_services_per_stream: usize,
     /// Instances with a health check (probe or TTL), cluster-wide: the leader runs them all.
     pub max_health_checks: usize,
+    /// Namespaces in the cluster, `default` included: each adds series to
+    /// the metrics, so they stay bounded.
+    pub max_namespaces: usize,
 }
 
 impl Default for Limits {
@@ -163,6 +166,7 @@ impl Default for Limits {
             max_watch_streams_per_connection: 1_000,
             max_watched_services_per_stream: 10_000,
             max_health_checks: 50_000,
+            max_namespaces: 1_000,
         }
     }
 }
@@ -459,6 +463,8 @@ impl NodeConfig {
             || l.max_watch_streams_per_connection == 0
             || l.max_watched_services_per_stream == 0
             || l.max_health_checks == 0
+            || l.max_namespaces == 0
+            || l.max_namespaces > u32::MAX as usize
         {
             return invalid(format!("limits must all be positive: {l:?}"));
         }

@@ -17,7 +17,9 @@ pub mod v1 {
                 action: Some(watch_services_request::Action::Add(WatchRequest {
                     service: service.into(),
                     since_revision,
+                    namespace: String::new(),
                 })),
+                namespace: String::new(),
             }
         }
 
@@ -25,6 +27,7 @@ pub mod v1 {
         pub fn remove(service: impl Into<String>) -> Self {
             WatchServicesRequest {
                 action: Some(watch_services_request::Action::Remove(service.into())),
+                namespace: String::new(),
             }
         }
     }

@@ -450,6 +450,7 @@ impl System for Roster {
             req: HeartbeatRequest {
                 service: service.into(),
                 id: id.into(),
+                ..Default::default()
             },
             access: self.access.clone(),
         })
@@ -476,6 +477,7 @@ impl System for Roster {
         let request = || WatchRequest {
             service: service.into(),
             since_revision: 0,
+            ..Default::default()
         };
         let mut attempts = 0;
         let mut s = loop {

@@ -22,6 +22,7 @@ use tower::Service;
 use super::BoxFuture;
 use crate::error::Error;
 use crate::registry::acl::{Role, SecretHash, Token};
+use crate::registry::namespace;
 use crate::registry::watch::SharedState;
 use crate::rules::{self, Access};
 
@@ -61,12 +62,34 @@ pub fn credentials<T>(req: &Request<T>) -> Option<http::HeaderValue> {
 pub fn may_use(grant: Option<&Grant>, service: &str) -> Result<(), Status> {
     match grant {
         Some(g) if !g.covers(service) => Err(Error::PermissionDenied(format!(
-            "token {} is limited to services {:?}, not {service:?}",
+            "token {} is limited to services {}, not {}",
             g.accessor(),
-            g.0.services
+            scope(g),
+            namespace::describe(service)
         ))
         .into()),
         _ => Ok(()),
+    }
+}
+
+/// Refuses a call on namespace `ns` that the grant reaches no service of.
+pub fn may_enter(grant: Option<&Grant>, ns: &str) -> Result<(), Status> {
+    match grant {
+        Some(g) if !g.0.covers_namespace(ns) => Err(Error::PermissionDenied(format!(
+            "token {} is limited to services {}, none of namespace {ns:?}",
+            g.accessor(),
+            scope(g)
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn scope(g: &Grant) -> String {
+    if g.0.services.is_empty() {
+        "of namespace \"default\"".into()
+    } else {
+        format!("{:?}", g.0.services)
     }
 }
 

@@ -6,6 +6,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::proto::v1 as pb;
 use crate::registry::model::{CheckKind, CheckSpec, Metadata, SESSION_KEY};
+use crate::registry::namespace::{self, Namespace, Quotas, DEFAULT};
 use crate::registry::validate;
 use crate::registry::watch::{ResetReason, WatchMessage};
 use crate::registry::{Command, Event, EventKind, HealthStatus, Instance};
@@ -19,8 +20,10 @@ pub fn status_to_pb(s: HealthStatus) -> pb::HealthStatus {
 }
 
 pub fn instance_to_pb(i: &Instance) -> pb::Instance {
+    let (ns, service) = namespace::split(&i.service);
     pb::Instance {
-        service: i.service.clone(),
+        service: service.to_string(),
+        namespace: namespace_to_pb(ns),
         id: i.id.clone(),
         address: i.address.clone(),
         port: u32::from(i.port),
@@ -143,6 +146,54 @@ fn check_from_pb(c: pb::HealthCheck, instance_port: u16) -> Result<CheckSpec> {
     })
 }
 
+/// A request's namespace: empty means `default`.
+pub fn namespace_of(ns: &str) -> Result<&str> {
+    if ns.is_empty() {
+        return Ok(DEFAULT);
+    }
+    validate::namespace_name(ns)?;
+    Ok(ns)
+}
+
+/// A namespace as answers name it: `default` as empty, as requests may.
+pub fn namespace_to_pb(ns: &str) -> String {
+    if ns == DEFAULT {
+        String::new()
+    } else {
+        ns.to_string()
+    }
+}
+
+/// The catalogue's key for a request's (namespace, service), both validated.
+pub fn service_key(ns: &str, service: &str) -> Result<String> {
+    let ns = namespace_of(ns)?;
+    validate::service_name(service)?;
+    Ok(namespace::qualify(ns, service))
+}
+
+pub fn namespace_to_pb_full(n: &Namespace, instances: u64, services: u64) -> pb::Namespace {
+    pb::Namespace {
+        name: n.name.clone(),
+        quotas: Some(pb::NamespaceQuotas {
+            max_instances: n.quotas.instances,
+            max_services: n.quotas.services,
+            max_watch_streams: n.quotas.watch_streams,
+        }),
+        create_revision: n.create_revision,
+        instances,
+        services,
+    }
+}
+
+pub fn quotas_from_pb(q: Option<pb::NamespaceQuotas>) -> Quotas {
+    let q = q.unwrap_or_default();
+    Quotas {
+        instances: q.max_instances,
+        services: q.max_services,
+        watch_streams: q.max_watch_streams,
+    }
+}
+
 /// Validates a registration and turns it into the command to replicate.
 /// The command a Register asks for; the registry records `grant`'s accessor
 /// as who registered it, whatever the request says.
@@ -150,7 +201,14 @@ pub fn register_command(req: pb::RegisterRequest, grant: Option<&Grant>) -> Resu
     let i = req
         .instance
         .ok_or_else(|| Error::InvalidArgument("instance is missing".into()))?;
-    validate::service_name(&i.service)?;
+    if !i.namespace.is_empty() && i.namespace != req.namespace {
+        return Err(Error::InvalidArgument(format!(
+            "instance.namespace is {:?} but the request's namespace is {:?}: leave \
+             instance.namespace empty, or set both alike",
+            i.namespace, req.namespace
+        )));
+    }
+    let service = service_key(&req.namespace, &i.service)?;
     validate::instance_id(&i.id)?;
     validate::address(&i.address)?;
     let port = validate::port(i.port)?;
@@ -164,7 +222,7 @@ pub fn register_command(req: pb::RegisterRequest, grant: Option<&Grant>) -> Resu
     }
     let check = i.check.map(|c| check_from_pb(c, port)).transpose()?;
     Ok(Command::Register(Instance {
-        service: i.service,
+        service,
         id: i.id,
         address: i.address,
         port,
@@ -181,10 +239,12 @@ pub fn register_command(req: pb::RegisterRequest, grant: Option<&Grant>) -> Resu
     }))
 }
 
-/// Validates a (service, id) pair naming an instance.
-pub fn instance_ref(service: &str, id: &str) -> Result<()> {
-    validate::service_name(service)?;
-    validate::instance_id(id)
+/// Validates a (namespace, service, id) naming an instance; the service's
+/// catalogue key.
+pub fn instance_ref(ns: &str, service: &str, id: &str) -> Result<String> {
+    let key = service_key(ns, service)?;
+    validate::instance_id(id)?;
+    Ok(key)
 }
 
 fn event_to_pb(e: &Event) -> pb::WatchEvent {

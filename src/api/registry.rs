@@ -17,6 +17,7 @@ use crate::proto::v1::registry_server::Registry;
 use crate::raft::proposer::Proposer;
 use crate::registry::leases::{now_ms, Leases, TTL_RENEWED};
 use crate::registry::model::{CheckKind, HealthUpdate};
+use crate::registry::namespace::{self, Namespace};
 use crate::registry::validate;
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::{Command, HealthStatus, Instance, Outcome};
@@ -30,6 +31,7 @@ pub struct RegistryApi {
     admission: Admission,
     watches: Watches,
     sessions: Sessions,
+    max_namespaces: u32,
 }
 
 /// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
@@ -41,7 +43,11 @@ fn renews_lease(i: &Instance) -> bool {
 }
 
 fn not_found(service: &str, id: &str) -> Status {
-    Error::NotFound(format!("instance {id:?} of service {service:?}")).into()
+    Error::NotFound(format!(
+        "instance {id:?} of service {}",
+        namespace::describe(service)
+    ))
+    .into()
 }
 
 impl RegistryApi {
@@ -63,12 +69,17 @@ impl RegistryApi {
             state,
             proposer,
             leases,
+            max_namespaces: u32::try_from(limits.max_namespaces).unwrap_or(u32::MAX),
             admission: Admission::new(limits),
         }
     }
 
     fn read<T>(&self, f: impl FnOnce(&RegistryState) -> T) -> Result<T, Status> {
         Ok(super::read_state(&self.state, f)?)
+    }
+
+    async fn enter<'n>(&self, grant: Option<&auth::Grant>, ns: &'n str) -> Result<&'n str, Status> {
+        enter(&self.state, &self.proposer, grant, ns).await
     }
 
     /// Waits, for a read of the given consistency, until local state may be read.
@@ -78,6 +89,28 @@ impl RegistryApi {
         }
         Ok(())
     }
+}
+
+/// The request's namespace, once the grant reaches it and it exists: in
+/// that order, so a token learns nothing of a namespace it cannot use. Its
+/// absence is confirmed by a read index before it is told.
+pub(super) async fn enter<'n>(
+    state: &SharedState,
+    proposer: &Proposer,
+    grant: Option<&auth::Grant>,
+    ns: &'n str,
+) -> Result<&'n str, Status> {
+    let ns = convert::namespace_of(ns)?;
+    auth::may_enter(grant, ns)?;
+    let exists = |st: &RegistryState| st.catalog.namespace(ns).is_some();
+    if !super::read_state(state, exists)? {
+        proposer.read_index().await?;
+        if !super::read_state(state, exists)? {
+            let refusal = Outcome::NamespaceNotFound(ns.into()).refusal();
+            return Err(refusal.unwrap_or_else(|| Error::NotFound(ns.into())).into());
+        }
+    }
+    Ok(ns)
 }
 
 #[tonic::async_trait]
@@ -93,6 +126,8 @@ impl Registry for RegistryApi {
         let (_admitted, session) = match &cmd {
             Command::Register(i) => {
                 auth::may_use(grant.as_ref(), &i.service)?;
+                self.enter(grant.as_ref(), namespace::split(&i.service).0)
+                    .await?;
                 if let Some(session) = i.session() {
                     self.sessions.check_open(session).await?;
                 }
@@ -102,6 +137,9 @@ impl Registry for RegistryApi {
             _ => (None, None),
         };
         let r = self.proposer.propose(cmd).await?;
+        if let Some(refused) = r.outcome.refusal() {
+            return Err(refused.into());
+        }
         let i = match r.outcome {
             Outcome::Registered(i) => i,
             // The session ended between the check and the entry.
@@ -126,8 +164,12 @@ impl Registry for RegistryApi {
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let grant = auth::grant(&req);
-        let pb::DeregisterRequest { service, id } = req.into_inner();
-        convert::instance_ref(&service, &id)?;
+        let pb::DeregisterRequest {
+            service,
+            id,
+            namespace,
+        } = req.into_inner();
+        let service = convert::instance_ref(&namespace, &service, &id)?;
         auth::may_use(grant.as_ref(), &service)?;
         // An unknown instance is answered NOT_FOUND without a Raft entry: once
         // the read index confirms this node is current, absence is the truth.
@@ -160,22 +202,22 @@ impl Registry for RegistryApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let grant = auth::grant(&req);
         let msg = req.into_inner();
-        convert::instance_ref(&msg.service, &msg.id)?;
-        auth::may_use(grant.as_ref(), &msg.service)?;
+        let service = convert::instance_ref(&msg.namespace, &msg.service, &msg.id)?;
+        auth::may_use(grant.as_ref(), &service)?;
         // Answered from this leader's state: it must hold every committed write.
         self.proposer.current().await?;
         let found = self.read(|st| {
             st.catalog
-                .get(&msg.service, &msg.id)
+                .get(&service, &msg.id)
                 .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
         })?;
-        let (mut revision, status, ttl) = found.ok_or_else(|| not_found(&msg.service, &msg.id))?;
+        let (mut revision, status, ttl) = found.ok_or_else(|| not_found(&service, &msg.id))?;
         if ttl {
-            self.leases.renew(&msg.service, &msg.id);
+            self.leases.renew(&service, &msg.id);
         }
         if ttl && status != HealthStatus::Passing {
             let revive = Command::SetHealth(vec![HealthUpdate {
-                service: msg.service,
+                service,
                 id: msg.id,
                 status: HealthStatus::Passing,
                 output: TTL_RENEWED.into(),
@@ -196,11 +238,12 @@ impl Registry for RegistryApi {
     ) -> Result<Response<pb::GetServiceResponse>, Status> {
         let grant = auth::grant(&req);
         let msg = req.into_inner();
-        validate::service_name(&msg.service)?;
-        auth::may_use(grant.as_ref(), &msg.service)?;
+        let service = convert::service_key(&msg.namespace, &msg.service)?;
+        auth::may_use(grant.as_ref(), &service)?;
         self.consistent(msg.consistency).await?;
+        self.enter(grant.as_ref(), &msg.namespace).await?;
         self.read(|st| {
-            let view = st.catalog.view(&msg.service, msg.healthy_only, &msg.tags);
+            let view = st.catalog.view(&service, msg.healthy_only, &msg.tags);
             Response::new(pb::GetServiceResponse {
                 revision: st.catalog.revision(),
                 instances: view.instances.into_iter().map(instance_to_pb).collect(),
@@ -233,12 +276,17 @@ impl Registry for RegistryApi {
             n => n as usize,
         };
         self.consistent(msg.consistency).await?;
+        let ns = self.enter(grant.as_ref(), &msg.namespace).await?;
         self.read(|st| {
             // A scoped token sees only its services.
             let mut services: Vec<pb::ServiceSummary> = st
                 .catalog
-                .summaries_after(after)
-                .filter(|s| grant.as_ref().is_none_or(|g| g.covers(&s.name)))
+                .summaries_after(ns, after)
+                .filter(|s| {
+                    grant
+                        .as_ref()
+                        .is_none_or(|g| g.covers(&namespace::qualify(ns, &s.name)))
+                })
                 .take(page.saturating_add(1))
                 .map(|s| pb::ServiceSummary {
                     name: s.name,
@@ -266,16 +314,21 @@ impl Registry for RegistryApi {
     ) -> Result<Response<pb::ConfigureServiceResponse>, Status> {
         let grant = auth::grant(&req);
         let msg = req.into_inner();
-        validate::service_name(&msg.service)?;
-        auth::may_use(grant.as_ref(), &msg.service)?;
+        let service = convert::service_key(&msg.namespace, &msg.service)?;
+        auth::may_use(grant.as_ref(), &service)?;
         let cmd = Command::ConfigureService {
-            service: msg.service,
+            service,
             protect_threshold_pct: validate::percent(
                 "protect threshold",
                 msg.protect_threshold_percent,
             )?,
         };
+        self.proposer.here()?;
+        self.enter(grant.as_ref(), &msg.namespace).await?;
         let r = self.proposer.propose(cmd).await?;
+        if let Some(refused) = r.outcome.refusal() {
+            return Err(refused.into());
+        }
         Ok(Response::new(pb::ConfigureServiceResponse {
             revision: r.revision,
         }))
@@ -308,6 +361,93 @@ impl Registry for RegistryApi {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         self.consistent(req.into_inner().consistency).await?;
         self.sessions.list().map(Response::new)
+    }
+
+    async fn create_namespace(
+        &self,
+        req: Request<pb::CreateNamespaceRequest>,
+    ) -> Result<Response<pb::CreateNamespaceResponse>, Status> {
+        let msg = req.into_inner();
+        validate::namespace_name(&msg.name)?;
+        let cmd = Command::PutNamespace {
+            namespace: Namespace {
+                name: msg.name,
+                quotas: convert::quotas_from_pb(msg.quotas),
+                create_revision: 0,
+            },
+            max_namespaces: self.max_namespaces,
+        };
+        let r = self.proposer.propose(cmd).await?;
+        if let Some(refused) = r.outcome.refusal() {
+            return Err(refused.into());
+        }
+        let Outcome::NamespacePut(n) = r.outcome else {
+            return Err(
+                Error::Internal(format!("a namespace put applied as {:?}", r.outcome)).into(),
+            );
+        };
+        let (instances, services) = self.read(|st| st.catalog.usage_of(&n.name))?;
+        Ok(Response::new(pb::CreateNamespaceResponse {
+            revision: r.revision,
+            namespace: Some(convert::namespace_to_pb_full(&n, instances, services)),
+        }))
+    }
+
+    async fn list_namespaces(
+        &self,
+        req: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let grant = auth::grant(&req);
+        self.consistent(req.into_inner().consistency).await?;
+        self.read(|st| {
+            let namespaces = st
+                .catalog
+                .namespaces()
+                .filter(|(n, _, _)| auth::may_enter(grant.as_ref(), &n.name).is_ok())
+                .map(|(n, i, s)| convert::namespace_to_pb_full(&n, i, s))
+                .collect();
+            Response::new(pb::ListNamespacesResponse {
+                revision: st.catalog.revision(),
+                namespaces,
+            })
+        })
+    }
+
+    async fn delete_namespace(
+        &self,
+        req: Request<pb::DeleteNamespaceRequest>,
+    ) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
+        let msg = req.into_inner();
+        validate::namespace_name(&msg.name)?;
+        if msg.name == namespace::DEFAULT {
+            return Err(Error::FailedPrecondition(
+                "namespace \"default\" always exists and cannot be deleted; deregister its \
+                 instances instead"
+                    .into(),
+            )
+            .into());
+        }
+        self.proposer.here()?;
+        self.enter(None, &msg.name).await?;
+        let r = self
+            .proposer
+            .propose(Command::DeleteNamespace {
+                name: msg.name,
+                force: msg.force,
+            })
+            .await?;
+        if let Some(refused) = r.outcome.refusal() {
+            return Err(refused.into());
+        }
+        let Outcome::NamespaceDeleted { instances } = r.outcome else {
+            return Err(
+                Error::Internal(format!("a namespace delete applied as {:?}", r.outcome)).into(),
+            );
+        };
+        Ok(Response::new(pb::DeleteNamespaceResponse {
+            revision: r.revision,
+            instances: instances as u64,
+        }))
     }
 
     type WatchStream = WatchStream;

@@ -23,8 +23,9 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::watch_services_request::Action;
 use crate::proto::v1::watch_services_response::Result as Outcome;
 use crate::raft::proposer::Proposer;
-use crate::registry::validate;
+use crate::registry::namespace;
 use crate::registry::watch::{watch_stream, SharedState, Update, WatchMessage, Watcher};
+use crate::registry::Instance;
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<encoded::WatchResponse, Status>> + Send>>;
 pub type WatchServicesStream =
@@ -61,29 +62,42 @@ impl Watches {
         let service = if msg.service.is_empty() {
             None
         } else {
-            validate::service_name(&msg.service)?;
-            auth::may_use(grant.as_ref(), &msg.service)?;
-            Some(msg.service)
+            let key = convert::service_key(&msg.namespace, &msg.service)?;
+            auth::may_use(grant.as_ref(), &key)?;
+            Some(key)
         };
         let ceiling = self.catch_up([msg.since_revision], credentials).await?;
         within(msg.since_revision, ceiling)?;
+        let ns =
+            super::registry::enter(&self.state, &self.proposer, grant.as_ref(), &msg.namespace)
+                .await?
+                .to_string();
         // The slot is held for as long as the stream lives.
         let stream =
             watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |u| {
                 let _held = &slot;
-                futures::future::ready(match &grant {
-                    // A scoped token watching every service sees only its own;
-                    // a revision with nothing of them in it is not sent.
-                    Some(g) if u.service.is_none() => {
-                        let mut m = convert::watch_message_to_pb(&u.message);
-                        m.instances.retain(|i| g.covers(&i.service));
-                        m.events
-                            .retain(|e| e.instance.as_ref().is_some_and(|i| g.covers(&i.service)));
-                        let empty =
-                            m.reset == pb::ResetReason::Unspecified as i32 && m.events.is_empty();
-                        (!empty).then(|| Ok(encoded::WatchResponse::own(&m)))
-                    }
-                    _ => Some(Ok(encoded::WatchResponse(u))),
+                // Watching every service is watching every service of one
+                // namespace that the token reaches; a revision with nothing
+                // of them in it is not sent.
+                let keep = |i: &Instance| {
+                    namespace::holds(&ns, &i.service)
+                        && grant.as_ref().is_none_or(|g| g.covers(&i.service))
+                };
+                let m = &u.message;
+                let whole = u.service.is_some()
+                    || (m.instances.iter().all(keep) && m.events.iter().all(|e| keep(&e.instance)));
+                futures::future::ready(if whole {
+                    Some(Ok(encoded::WatchResponse(u)))
+                } else {
+                    let mut m = m.clone();
+                    m.instances.retain(keep);
+                    m.events.retain(|e| keep(&e.instance));
+                    let empty = m.reset.is_none() && m.events.is_empty();
+                    (!empty).then(|| {
+                        Ok(encoded::WatchResponse::own(&convert::watch_message_to_pb(
+                            &m,
+                        )))
+                    })
                 })
             });
         Ok(Box::pin(stream))
@@ -243,14 +257,22 @@ impl Mux {
         let mut adds = Vec::new();
         for req in batch {
             match req.action {
-                Some(Action::Add(w)) => match self.admit(&w, &adds) {
-                    Ok(()) => adds.push(w),
-                    Err(status) => self.refuse(w.service, &status),
-                },
+                // From here on an add names its service by its catalogue key.
+                Some(Action::Add(mut w)) => {
+                    let raw = namespace::qualify(&w.namespace, &w.service);
+                    match self.admit(&w, &adds) {
+                        Ok(key) => {
+                            w.service = key;
+                            adds.push(w);
+                        }
+                        Err(status) => self.refuse(raw, &status),
+                    }
+                }
                 Some(Action::Remove(service)) => {
                     self.start(std::mem::take(&mut adds)).await?;
-                    self.watcher.remove(Some(&service));
-                    self.out.push_back(ended(service, &Status::ok("removed")));
+                    let key = namespace::qualify(&req.namespace, &service);
+                    self.watcher.remove(Some(&key));
+                    self.out.push_back(ended(key, &Status::ok("removed")));
                 }
                 None => {
                     let status = Status::invalid_argument(
@@ -270,18 +292,24 @@ impl Mux {
         self.out.push_back(ended(service, status));
     }
 
-    fn admit(&self, w: &pb::WatchRequest, queued: &[pb::WatchRequest]) -> Result<(), Status> {
+    /// The add's catalogue key, if it may start.
+    fn admit(&self, w: &pb::WatchRequest, queued: &[pb::WatchRequest]) -> Result<String, Status> {
         if w.service.is_empty() {
             return Err(Status::invalid_argument(
                 "add needs a service; to watch every service, use Watch",
             ));
         }
-        validate::service_name(&w.service)?;
-        auth::may_use(self.grant.as_ref(), &w.service)?;
+        let key = convert::service_key(&w.namespace, &w.service)?;
+        auth::may_use(self.grant.as_ref(), &key)?;
+        let ns = namespace::split(&key).0;
+        if !super::read_state(&self.watches.state, |st| st.catalog.namespace(ns).is_some())? {
+            let refusal = crate::registry::Outcome::NamespaceNotFound(ns.into()).refusal();
+            return Err(refusal.unwrap_or_else(|| Error::NotFound(ns.into())).into());
+        }
         let max = self.watches.max_per_stream;
         if self.watcher.followed() + queued.len() >= max
-            && !self.watcher.follows(&w.service)
-            && !queued.iter().any(|q| q.service == w.service)
+            && !self.watcher.follows(&key)
+            && !queued.iter().any(|q| q.service == key)
         {
             return Err(exhausted(
                 format!(
@@ -294,7 +322,7 @@ impl Mux {
             )
             .into());
         }
-        Ok(())
+        Ok(key)
     }
 
     /// Starts the watches of `adds` together: one catch-up, one lock.
@@ -329,9 +357,12 @@ impl Mux {
     }
 }
 
-fn ended(service: String, status: &Status) -> encoded::WatchServicesResponse {
+/// The answer that ends the watch of the service keyed `key`.
+fn ended(key: String, status: &Status) -> encoded::WatchServicesResponse {
+    let (ns, service) = namespace::split(&key);
     encoded::WatchServicesResponse::Other(pb::WatchServicesResponse {
-        service,
+        service: service.to_string(),
+        namespace: convert::namespace_to_pb(ns),
         result: Some(Outcome::Ended(pb::WatchEnded {
             code: status.code() as i32,
             message: status.message().to_string(),

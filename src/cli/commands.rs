@@ -5,7 +5,8 @@ use crate::proto::v1::*;
 
 use super::{
     AclCommand, CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,
-    ProtectArgs, RegisterArgs, SessionCommand, StatusArgs, TokenCommand, WatchArgs,
+    NamespaceCommand, ProtectArgs, RegisterArgs, SessionCommand, StatusArgs, TokenCommand,
+    WatchArgs,
 };
 
 pub(super) fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
@@ -41,8 +42,13 @@ fn status_name(s: i32) -> &'static str {
 }
 
 fn show(i: &Instance) -> String {
+    let ns = if i.namespace.is_empty() {
+        String::new()
+    } else {
+        format!("{}:", i.namespace)
+    };
     let mut s = format!(
-        "{}/{} {}:{} {} weight={} rev={}",
+        "{ns}{}/{} {}:{} {} weight={} rev={}",
         i.service,
         i.id,
         i.address,
@@ -116,6 +122,7 @@ pub async fn register(a: RegisterArgs) -> anyhow::Result<()> {
                 ..Default::default()
             }),
             session: a.session,
+            namespace: a.instance.endpoints.namespace.clone(),
         })
         .await?;
     if let Some(i) = &r.instance {
@@ -129,6 +136,7 @@ pub async fn deregister(a: InstanceArgs) -> anyhow::Result<()> {
         .deregister(DeregisterRequest {
             service: a.service.clone(),
             id: a.id.clone(),
+            namespace: a.endpoints.namespace.clone(),
         })
         .await?;
     println!(
@@ -143,6 +151,7 @@ pub async fn heartbeat(a: InstanceArgs) -> anyhow::Result<()> {
         .heartbeat(HeartbeatRequest {
             service: a.service.clone(),
             id: a.id.clone(),
+            namespace: a.endpoints.namespace.clone(),
         })
         .await?;
     println!(
@@ -162,6 +171,7 @@ pub async fn get(a: GetArgs) -> anyhow::Result<()> {
             healthy_only: a.healthy,
             tags: a.tags,
             consistency: consistency(a.stale),
+            namespace: a.endpoints.namespace.clone(),
         })
         .await?;
     println!("revision {}", r.revision);
@@ -178,6 +188,7 @@ pub async fn list(a: ListArgs) -> anyhow::Result<()> {
     let r = client(&a.endpoints)?
         .list_services(ListServicesRequest {
             consistency: consistency(a.stale),
+            namespace: a.endpoints.namespace.clone(),
             ..Default::default()
         })
         .await?;
@@ -193,6 +204,7 @@ pub async fn protect(a: ProtectArgs) -> anyhow::Result<()> {
         .configure_service(ConfigureServiceRequest {
             service: a.service.clone(),
             protect_threshold_percent: a.threshold_percent,
+            namespace: a.endpoints.namespace.clone(),
         })
         .await?;
     println!(
@@ -207,6 +219,7 @@ pub async fn watch(a: WatchArgs) -> anyhow::Result<()> {
         .watch(WatchRequest {
             service: a.service.unwrap_or_default(),
             since_revision: a.since,
+            namespace: a.endpoints.namespace.clone(),
         })
         .await?;
     while let Some(m) = stream.message().await? {
@@ -414,6 +427,79 @@ pub async fn session(c: SessionCommand) -> anyhow::Result<()> {
                 .await?;
             println!(
                 "closed session {id} at revision {}: {} instances ended",
+                r.revision, r.instances
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
+    let show = |n: &Namespace| {
+        let q = n.quotas.unwrap_or_default();
+        let limit = |v: u64| {
+            if v == 0 {
+                "-".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        format!(
+            "{} instances={}/{} services={}/{} watch_streams_per_node={}",
+            n.name,
+            n.instances,
+            limit(q.max_instances),
+            n.services,
+            limit(q.max_services),
+            limit(q.max_watch_streams)
+        )
+    };
+    match c {
+        NamespaceCommand::Create {
+            endpoints,
+            name,
+            max_instances,
+            max_services,
+            max_watch_streams,
+        } => {
+            let r = client(&endpoints)?
+                .create_namespace(CreateNamespaceRequest {
+                    name,
+                    quotas: Some(NamespaceQuotas {
+                        max_instances,
+                        max_services,
+                        max_watch_streams,
+                    }),
+                })
+                .await?;
+            if let Some(n) = &r.namespace {
+                println!("{} at revision {}", show(n), r.revision);
+            }
+        }
+        NamespaceCommand::List { endpoints, stale } => {
+            let r = client(&endpoints)?
+                .list_namespaces(ListNamespacesRequest {
+                    consistency: consistency(stale),
+                })
+                .await?;
+            println!("revision {}", r.revision);
+            for n in &r.namespaces {
+                println!("{}", show(n));
+            }
+        }
+        NamespaceCommand::Delete {
+            endpoints,
+            name,
+            force,
+        } => {
+            let r = client(&endpoints)?
+                .delete_namespace(DeleteNamespaceRequest {
+                    name: name.clone(),
+                    force,
+                })
+                .await?;
+            println!(
+                "deleted namespace {name} at revision {}: {} instances deregistered",
                 r.revision, r.instances
             );
         }

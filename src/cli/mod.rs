@@ -43,6 +43,10 @@ pub struct Endpoints {
     /// Token secret, for clusters with [auth] enabled.
     #[arg(long, env = "ROSTER_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// The namespace services are registered, read and watched in; empty:
+    /// `default`.
+    #[arg(long, env = "ROSTER_NAMESPACE", global = true, default_value = "")]
+    namespace: String,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +83,9 @@ enum Command {
     /// List sessions and close one (its instances turn critical or go).
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Create, list and delete namespaces, and set their quotas.
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
     /// Back up a cluster, inspect a backup, restore one into a new cluster.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -167,6 +174,40 @@ pub enum SessionCommand {
         endpoints: Endpoints,
         #[arg(long)]
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NamespaceCommand {
+    /// Create a namespace, or set an existing one's quotas (admin); a quota
+    /// of 0 (or left out) is no limit.
+    Create {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        max_instances: u64,
+        #[arg(long, default_value_t = 0)]
+        max_services: u64,
+        /// Watch streams open on each node.
+        #[arg(long, default_value_t = 0)]
+        max_watch_streams: u64,
+    },
+    /// The namespaces your token reaches, with their quotas and what they hold.
+    List {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete a namespace (admin); refused while it holds instances, unless --force.
+    Delete {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        name: String,
+        /// Deregister its instances and drop its services' settings too.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -491,6 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Acl(a) => commands::acl(a).await,
         Command::Token(t) => commands::token(t).await,
         Command::Session(c) => commands::session(c).await,
+        Command::Namespace(c) => commands::namespace(c).await,
         Command::Snapshot(s) => snapshot::snapshot(s).await,
         Command::Recover(r) => snapshot::recover(r).await,
         Command::XdsBootstrap(a) => xds_bootstrap::print(a).await,

@@ -75,6 +75,7 @@ pub struct Registration {
     client: RosterClient,
     service: String,
     id: String,
+    namespace: String,
     beats: Background,
 }
 
@@ -90,14 +91,17 @@ impl Registration {
             })),
             ..Default::default()
         });
+        // The instance's own namespace is the request's.
         let req = RegisterRequest {
             instance: Some(instance.clone()),
+            namespace: instance.namespace.clone(),
             ..Default::default()
         };
         client.register(req.clone()).await?;
         let beat = HeartbeatRequest {
             service: instance.service.clone(),
             id: instance.id.clone(),
+            namespace: instance.namespace.clone(),
         };
         let c = client.clone();
         let beats = Background::every(ttl / BEATS_PER_TTL, move || {
@@ -120,6 +124,7 @@ impl Registration {
             client,
             service: instance.service,
             id: instance.id,
+            namespace: instance.namespace,
             beats,
         })
     }
@@ -130,6 +135,7 @@ impl Registration {
         let req = DeregisterRequest {
             service: self.service.clone(),
             id: self.id.clone(),
+            namespace: self.namespace.clone(),
         };
         match self.client.deregister(req).await {
             Ok(_) => Ok(()),
@@ -149,6 +155,7 @@ impl Drop for Registration {
         let req = DeregisterRequest {
             service: self.service.clone(),
             id: self.id.clone(),
+            namespace: self.namespace.clone(),
         };
         spawn_cleanup(async move {
             let _ = client.deregister(req).await;
@@ -222,6 +229,7 @@ impl KeptSession {
             .deregister(DeregisterRequest {
                 service: service.to_string(),
                 id: id.to_string(),
+                ..Default::default()
             })
             .await
     }
@@ -267,6 +275,7 @@ impl Held {
 
     async fn register(&self, instance: Instance) -> Result<RegisterResponse, Error> {
         let req = RegisterRequest {
+            namespace: instance.namespace.clone(),
             instance: Some(instance),
             session: self.id(),
         };

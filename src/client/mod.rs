@@ -336,6 +336,13 @@ unary! {
     /// A service's instances, at the consistency asked.
     get_service(GetServiceRequest) -> GetServiceResponse = "Registry" / "GetService" by registry;
     list_services(ListServicesRequest) -> ListServicesResponse = "Registry" / "ListServices" by registry;
+    /// Creates a namespace, or sets an existing one's quotas (admin).
+    create_namespace(CreateNamespaceRequest) -> CreateNamespaceResponse = "Registry" / "CreateNamespace" by registry;
+    /// The namespaces the token reaches, with what each holds.
+    list_namespaces(ListNamespacesRequest) -> ListNamespacesResponse = "Registry" / "ListNamespaces" by registry;
+    /// Deletes a namespace; with force, its instances too (admin). A retry
+    /// that answers `NOT_FOUND` after an unknown outcome means it is gone.
+    delete_namespace(DeleteNamespaceRequest) -> DeleteNamespaceResponse = "Registry" / "DeleteNamespace" by registry;
     /// Per-service settings (the protection threshold).
     configure_service(ConfigureServiceRequest) -> ConfigureServiceResponse = "Registry" / "ConfigureService" by registry;
     /// Adds a running node as a voter (the cluster grows online).

@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::error::{Error, Result};
 use crate::registry::acl::SecretHash;
+use crate::registry::namespace;
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::Instance;
 
@@ -371,9 +372,14 @@ fn address_rdata(ip: IpAddr, qtype: RecordType) -> Option<RData> {
 /// name, else one that differs only in case. `None` if there is no such
 /// service with instances or a configuration.
 fn find_service<'a>(st: &'a RegistryState, name: &str) -> Option<&'a str> {
+    // DNS names `default`'s services; a label holding a '/' would be
+    // another namespace's catalogue key.
+    if name.contains('/') {
+        return None;
+    }
     st.catalog.service_name(name).or_else(|| {
         st.catalog
-            .service_names()
+            .service_names_in(namespace::DEFAULT)
             .find(|s| s.eq_ignore_ascii_case(name))
     })
 }

@@ -299,7 +299,11 @@ async fn deregister(
     Path((service, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Answer<pb::DeregisterResponse> {
-    let msg = pb::DeregisterRequest { service, id };
+    let msg = pb::DeregisterRequest {
+        service,
+        id,
+        ..Default::default()
+    };
     let r = api.registry.deregister(request(&headers, msg)).await?;
     Ok(Reply(r))
 }
@@ -309,7 +313,11 @@ async fn heartbeat(
     Path((service, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Answer<pb::HeartbeatResponse> {
-    let msg = pb::HeartbeatRequest { service, id };
+    let msg = pb::HeartbeatRequest {
+        service,
+        id,
+        ..Default::default()
+    };
     let r = api.registry.heartbeat(request(&headers, msg)).await?;
     Ok(Reply(r))
 }
@@ -395,6 +403,7 @@ async fn watch(
     let msg = pb::WatchRequest {
         service,
         since_revision: since,
+        ..Default::default()
     };
     let answer = api.registry.watch(request(&headers, msg)).await?;
     let contact = staleness(answer.metadata());

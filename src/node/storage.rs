@@ -22,6 +22,8 @@ pub(super) const IDENTITY_KEY: &[u8] = b"identity";
 /// The storage format a data directory was written in, beside its identity.
 pub(super) const FORMAT_KEY: &[u8] = b"format";
 
+/// Format 6 adds namespaces (log entries and snapshots an older binary cannot
+/// read; format 5 data reads as it is, all of it in `default`).
 /// Format 5 keeps the applied state only in the snapshot file, no longer also
 /// in sled (migrated on start: the state sled held becomes the snapshot).
 /// Format 4 adds sessions (log entries and snapshots an older binary cannot
@@ -29,7 +31,7 @@ pub(super) const FORMAT_KEY: &[u8] = b"format";
 /// its own file; format 2, in sled (migrated on start). Format 2 records the
 /// members' peer addresses; format 1 (no format key) is what Roster wrote
 /// before that and cannot be read.
-pub(super) const STORAGE_FORMAT: u32 = 5;
+pub(super) const STORAGE_FORMAT: u32 = 6;
 
 /// The storage of a node, checked to be what it last wrote.
 /// Why a data directory was not opened.
@@ -291,11 +293,13 @@ pub(super) fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -
     let dir = cfg.data_dir.display();
     let why = match found {
         f if f == STORAGE_FORMAT => return Ok(()),
-        f @ 2..=4 => {
+        f @ 2..=5 => {
             if f == 2 {
                 state_machine::migrate::migrate_snapshot(db, &cfg.data_dir)?;
             }
-            state_machine::migrate::migrate_tree(db, &cfg.data_dir)?;
+            if f <= 4 {
+                state_machine::migrate::migrate_tree(db, &cfg.data_dir)?;
+            }
             meta.insert(FORMAT_KEY, encode_format(STORAGE_FORMAT)?)?;
             db.flush()?;
             tracing::info!(data_dir = %dir, "migrated the data directory from storage format {f} to {STORAGE_FORMAT}");
@@ -307,7 +311,7 @@ pub(super) fn check_format(cfg: &NodeConfig, db: &sled::Db, meta: &sled::Tree) -
         ),
         f => format!(
             "it was written by an older Roster (storage format {f}); this binary reads \
-             format {STORAGE_FORMAT} and migrates formats 2 to 4, but has no migration from {f}: \
+             format {STORAGE_FORMAT} and migrates formats 2 to 5, but has no migration from {f}: \
              keep running the older version, or start this node on an empty directory and add it \
              as a new member (roster member remove, then roster member add)"
         ),

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::namespace;
+
 /// What a token may do. Each role includes the ones before it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Role {
@@ -28,19 +30,41 @@ pub struct Token {
     pub secret_hash: SecretHash,
     pub role: Role,
     /// Service names or `prefix*` patterns a read or write token is limited
-    /// to; empty: every service.
+    /// to, of `default`, or of a namespace as `ns/pattern` (`*/pattern`: of
+    /// every namespace); empty: every service of `default`.
     pub services: Vec<String>,
     pub description: String,
     pub created_ms: u64,
 }
 
 impl Token {
-    /// Whether the token reaches `service`.
-    pub fn covers(&self, service: &str) -> bool {
+    /// Whether the token reaches the service keyed `key` (namespace::qualify).
+    pub fn covers(&self, key: &str) -> bool {
+        let (ns, service) = namespace::split(key);
         self.role == Role::Admin
-            || self.services.is_empty()
-            || self.services.iter().any(|p| pattern_matches(p, service))
+            || (self.services.is_empty() && ns == namespace::DEFAULT)
+            || self
+                .patterns()
+                .any(|(pns, p)| in_scope(pns, ns) && pattern_matches(p, service))
     }
+
+    /// Whether the token reaches any service of namespace `ns`.
+    pub fn covers_namespace(&self, ns: &str) -> bool {
+        self.role == Role::Admin
+            || (self.services.is_empty() && ns == namespace::DEFAULT)
+            || self.patterns().any(|(pns, _)| in_scope(pns, ns))
+    }
+
+    /// Each pattern's namespace and service pattern.
+    fn patterns(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.services
+            .iter()
+            .map(|p| p.split_once('/').unwrap_or((namespace::DEFAULT, p)))
+    }
+}
+
+fn in_scope(pattern_ns: &str, ns: &str) -> bool {
+    pattern_ns == "*" || pattern_ns == ns
 }
 
 /// `name` exactly, or a `prefix*` of it.
@@ -129,6 +153,16 @@ mod tests {
         assert!(!pay.covers("billing"));
         assert!(!pay.covers("xpay"));
         assert!(token(Role::Read, &[]).covers("anything"));
+        // Namespaces: bare patterns and no scope mean `default`.
+        assert!(!token(Role::Read, &[]).covers("team-a/web"));
+        assert!(!pay.covers("team-a/payments"));
+        let a = token(Role::Write, &["team-a/*", "*/shared"]);
+        assert!(a.covers("team-a/web") && a.covers("b/shared") && a.covers("shared"));
+        assert!(!a.covers("team-b/web") && !a.covers("web"));
+        assert!(a.covers_namespace("team-a") && a.covers_namespace("zzz"));
+        let only_a = token(Role::Read, &["team-a/pay*"]);
+        assert!(only_a.covers_namespace("team-a") && !only_a.covers_namespace("default"));
+        assert!(token(Role::Admin, &[]).covers("team-b/x"));
         assert!(token(Role::Admin, &["pay*"]).covers("billing"));
         assert!(Role::Admin > Role::Write && Role::Write > Role::Read);
     }

@@ -10,6 +10,7 @@ use super::model::{
     Command, CommandResponse, Event, EventKind, HealthStatus, HealthUpdate, Instance, OnSessionEnd,
     Outcome, ServiceConfig, Session, SESSION_KEY,
 };
+use super::namespace::{self, Namespace, Quota, Quotas};
 
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -36,6 +37,22 @@ pub struct Catalog {
     /// than per instance, which would copy every held instance's names; an
     /// ending session finds its instances among those services' instances.
     held: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Every namespace but `default` (which always exists), with what it
+    /// holds, kept as it changes so quotas are checked without a scan.
+    namespaces: BTreeMap<String, Held>,
+    /// What `default` holds.
+    default_held: Held,
+    /// `default`'s quotas (none unless an operator set some).
+    default_quotas: Quotas,
+}
+
+/// A namespace and how much of its quotas it uses.
+#[derive(Clone, Debug, Default)]
+struct Held {
+    spec: Option<Namespace>,
+    instances: u64,
+    /// Names with instances or settings.
+    services: u64,
 }
 
 /// The instances a query returns, and whether protection overrode `healthy_only`.
@@ -60,11 +77,13 @@ impl Catalog {
     ) -> Self {
         let mut c = Catalog {
             revision,
-            configs: configs.into_iter().collect(),
             ..Default::default()
         };
         for i in instances {
             c.insert(i);
+        }
+        for (service, config) in configs {
+            c.set_config(&service, config);
         }
         c
     }
@@ -108,15 +127,7 @@ impl Catalog {
             Command::ConfigureService {
                 service,
                 protect_threshold_pct,
-            } => {
-                self.configs.insert(
-                    service.clone(),
-                    ServiceConfig {
-                        protect_threshold_pct: *protect_threshold_pct,
-                    },
-                );
-                Outcome::Configured
-            }
+            } => self.configure(service, *protect_threshold_pct),
             Command::CreateToken { token, bootstrap } => {
                 if *bootstrap && self.acl.bootstrapped() {
                     Outcome::AlreadyBootstrapped
@@ -145,6 +156,13 @@ impl Catalog {
                 expired,
                 at_ms,
             } => self.end_sessions(revision, ids, *expired, *at_ms, &mut events),
+            Command::PutNamespace {
+                namespace,
+                max_namespaces,
+            } => self.put_namespace(revision, namespace, *max_namespaces),
+            Command::DeleteNamespace { name, force } => {
+                self.delete_namespace(revision, name, *force, &mut events)
+            }
         };
         (CommandResponse { revision, outcome }, events)
     }
@@ -157,6 +175,11 @@ impl Catalog {
             .is_some_and(|s| !self.sessions.contains_key(s))
         {
             return Outcome::SessionNotFound;
+        }
+        let fresh = self.get(&spec.service, &spec.id).is_none();
+        let new_service = fresh && self.service_name(&spec.service).is_none();
+        if let Err(refused) = self.admit(&spec.service, fresh, new_service) {
+            return refused;
         }
         let mut inst = spec.clone();
         inst.mod_revision = revision;
@@ -193,6 +216,187 @@ impl Catalog {
             }
             None => Outcome::NotFound,
         }
+    }
+
+    fn configure(&mut self, service: &str, protect_threshold_pct: u32) -> Outcome {
+        let new_service = self.service_name(service).is_none();
+        if let Err(refused) = self.admit(service, false, new_service) {
+            return refused;
+        }
+        self.set_config(
+            service,
+            ServiceConfig {
+                protect_threshold_pct,
+            },
+        );
+        Outcome::Configured
+    }
+
+    fn set_config(&mut self, service: &str, config: ServiceConfig) {
+        if self.service_name(service).is_none() {
+            self.held_mut(service).services += 1;
+        }
+        self.configs.insert(service.to_string(), config);
+    }
+
+    /// Whether `service`'s namespace exists and has room for one instance
+    /// more (`instance`) and one service more (`service`): the check every
+    /// node makes alike, so a refused write changes nothing anywhere.
+    pub fn admit(&self, key: &str, instance: bool, service: bool) -> Result<(), Outcome> {
+        let (ns, _) = namespace::split(key);
+        let (quotas, held) = self
+            .usage(ns)
+            .ok_or_else(|| Outcome::NamespaceNotFound(ns.into()))?;
+        let over = |quota: Quota, used: u64, adds: bool| {
+            let limit = quota.of(&quotas);
+            (adds && limit > 0 && used >= limit).then(|| Outcome::QuotaExceeded {
+                namespace: ns.to_string(),
+                quota,
+                limit,
+            })
+        };
+        match over(Quota::Instances, held.instances, instance)
+            .or_else(|| over(Quota::Services, held.services, service))
+        {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
+    }
+
+    /// A namespace's quotas and what it holds; `None` if it does not exist.
+    fn usage(&self, ns: &str) -> Option<(Quotas, &Held)> {
+        if ns == namespace::DEFAULT {
+            return Some((self.default_quotas, &self.default_held));
+        }
+        let held = self.namespaces.get(ns)?;
+        Some((held.spec.as_ref()?.quotas, held))
+    }
+
+    fn held_mut(&mut self, key: &str) -> &mut Held {
+        match namespace::split(key).0 {
+            namespace::DEFAULT => &mut self.default_held,
+            ns => self.namespaces.entry(ns.to_string()).or_default(),
+        }
+    }
+
+    fn put_namespace(&mut self, revision: u64, spec: &Namespace, max_namespaces: u32) -> Outcome {
+        if spec.name == namespace::DEFAULT {
+            self.default_quotas = spec.quotas;
+            return Outcome::NamespacePut(Box::new(Namespace {
+                quotas: spec.quotas,
+                ..Namespace::default_one()
+            }));
+        }
+        let exists = self.namespace(&spec.name).is_some();
+        // `default` counts as one.
+        if !exists && self.namespaces.len() + 1 >= max_namespaces as usize {
+            return Outcome::TooManyNamespaces {
+                limit: max_namespaces,
+            };
+        }
+        let held = self.namespaces.entry(spec.name.clone()).or_default();
+        let create_revision = held.spec.as_ref().map_or(revision, |s| s.create_revision);
+        let stored = Namespace {
+            create_revision,
+            ..spec.clone()
+        };
+        held.spec = Some(stored.clone());
+        Outcome::NamespacePut(Box::new(stored))
+    }
+
+    fn delete_namespace(
+        &mut self,
+        revision: u64,
+        name: &str,
+        force: bool,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(held) = self.namespaces.get(name).filter(|h| h.spec.is_some()) else {
+            return Outcome::NamespaceNotFound(name.to_string());
+        };
+        let instances = held.instances as usize;
+        if instances > 0 && !force {
+            return Outcome::NamespaceNotEmpty { instances };
+        }
+        let keys = Self::keys_in(&self.services, name);
+        for service in keys {
+            let ids: Vec<String> = self.services[&service].keys().cloned().collect();
+            for id in ids {
+                self.deregister(revision, &service, &id, events);
+            }
+        }
+        let settings = Self::keys_in(&self.configs, name);
+        for service in settings {
+            self.configs.remove(&service);
+        }
+        self.namespaces.remove(name);
+        Outcome::NamespaceDeleted { instances }
+    }
+
+    /// The keys of `map` in namespace `ns` (not `default`), in order.
+    fn keys_in<V>(map: &BTreeMap<String, V>, ns: &str) -> Vec<String> {
+        // '0' is the character after '/': the range is exactly `ns/…`.
+        let (from, to) = (format!("{ns}/"), format!("{ns}0"));
+        map.range::<str, _>((Bound::Included(from.as_str()), Bound::Excluded(to.as_str())))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Instances and services of namespace `ns` (0 if it does not exist).
+    pub fn usage_of(&self, ns: &str) -> (u64, u64) {
+        self.usage(ns)
+            .map_or((0, 0), |(_, h)| (h.instances, h.services))
+    }
+
+    /// The namespace `name`, if it exists (`default` always does).
+    pub fn namespace(&self, name: &str) -> Option<Namespace> {
+        if name == namespace::DEFAULT {
+            return Some(Namespace {
+                quotas: self.default_quotas,
+                ..Namespace::default_one()
+            });
+        }
+        self.namespaces.get(name)?.spec.clone()
+    }
+
+    /// Every namespace, `default` first, with its instances and services.
+    pub fn namespaces(&self) -> impl Iterator<Item = (Namespace, u64, u64)> + '_ {
+        let default = (
+            self.namespace(namespace::DEFAULT),
+            self.default_held.instances,
+            self.default_held.services,
+        );
+        std::iter::once(default)
+            .chain(
+                self.namespaces
+                    .values()
+                    .map(|h| (h.spec.clone(), h.instances, h.services)),
+            )
+            .filter_map(|(spec, i, s)| Some((spec?, i, s)))
+    }
+
+    /// The namespaces other than `default`, as stored (for snapshots).
+    pub fn namespace_specs(&self) -> impl Iterator<Item = Namespace> + '_ {
+        let default = (self.default_quotas != Quotas::default()).then(|| Namespace {
+            quotas: self.default_quotas,
+            ..Namespace::default_one()
+        });
+        default
+            .into_iter()
+            .chain(self.namespaces.values().filter_map(|h| h.spec.clone()))
+    }
+
+    /// The catalogue with these namespaces (from a snapshot).
+    pub fn with_namespaces(mut self, specs: impl IntoIterator<Item = Namespace>) -> Self {
+        for spec in specs {
+            if spec.name == namespace::DEFAULT {
+                self.default_quotas = spec.quotas;
+            } else {
+                let name = spec.name.clone();
+                self.namespaces.entry(name).or_default().spec = Some(spec);
+            }
+        }
+        self
     }
 
     /// Applies the updates that change a known instance's status; others are skipped.
@@ -333,7 +537,8 @@ impl Catalog {
             .map(String::as_str)
     }
 
-    /// Names of the services with instances or a configuration.
+    /// Catalogue keys of the services with instances or a configuration,
+    /// of every namespace.
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
         self.services
             .keys()
@@ -343,6 +548,13 @@ impl Catalog {
                     .filter(|k| !self.services.contains_key(*k)),
             )
             .map(String::as_str)
+    }
+
+    /// The catalogue keys of namespace `ns`'s services with instances or a
+    /// configuration.
+    pub fn service_names_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.service_names()
+            .filter(move |k| namespace::holds(ns, k))
     }
 
     pub fn configs(&self) -> impl Iterator<Item = (&String, &ServiceConfig)> {
@@ -406,26 +618,53 @@ impl Catalog {
 
     #[cfg(test)]
     pub fn summaries(&self) -> Vec<ServiceSummary> {
-        self.summaries_after(None).collect()
+        self.summaries_after(namespace::DEFAULT, None).collect()
     }
 
-    /// Services with instances in name order, after `after` (from the first
-    /// when `None`): a page costs its own length, not the catalogue's.
+    /// Namespace `ns`'s services with instances, in name order, after
+    /// `after` (from the first when `None`), named without their namespace:
+    /// a page costs its own length (plus a step over each other namespace
+    /// for `default`), not the catalogue's.
     pub fn summaries_after<'a>(
         &'a self,
+        ns: &'a str,
         after: Option<&str>,
     ) -> impl Iterator<Item = ServiceSummary> + 'a {
-        let from = match after {
-            Some(name) => Bound::Excluded(name),
-            None => Bound::Unbounded,
+        let prefix = match ns {
+            namespace::DEFAULT => String::new(),
+            ns => format!("{ns}/"),
         };
-        self.services
-            .range::<str, _>((from, Bound::Unbounded))
-            .map(|(name, m)| ServiceSummary {
-                name: name.clone(),
+        let mut cursor = match after {
+            Some(name) => Bound::Excluded(format!("{prefix}{name}")),
+            None => Bound::Included(prefix.clone()),
+        };
+        std::iter::from_fn(move || loop {
+            let from = cursor.as_ref().map(String::as_str);
+            let (key, m) = self
+                .services
+                .range::<str, _>((from, Bound::Unbounded))
+                .next()?;
+            let name = if prefix.is_empty() {
+                match key.split_once('/') {
+                    None => key.as_str(),
+                    // Another namespace inside `default`'s range: step over
+                    // it ('0' is the character after '/').
+                    Some((other, _)) => {
+                        cursor = Bound::Included(format!("{other}0"));
+                        continue;
+                    }
+                }
+            } else {
+                // `None`: past this namespace's keys.
+                key.strip_prefix(prefix.as_str())?
+            };
+            cursor = Bound::Excluded(key.clone());
+            return Some(ServiceSummary {
+                name: name.to_string(),
                 instances: m.len() as u32,
-                passing: self.passing.get(name).copied().unwrap_or(0),
-            })
+                passing: self.passing.get(key).copied().unwrap_or(0),
+            });
+        })
     }
 
     /// Instances in the catalogue.
@@ -452,6 +691,11 @@ impl Catalog {
         let held = inst
             .session()
             .map(|s| (s.to_string(), inst.service.clone()));
+        let new_service =
+            !self.services.contains_key(&inst.service) && !self.configs.contains_key(&inst.service);
+        let in_ns = self.held_mut(&inst.service);
+        in_ns.instances += 1;
+        in_ns.services += u64::from(new_service);
         let old = self
             .services
             .entry(inst.service.clone())
@@ -476,6 +720,9 @@ impl Catalog {
         let old = m.remove(id).map(Arc::unwrap_or_clone);
         if m.is_empty() {
             self.services.remove(service);
+            if !self.configs.contains_key(service) {
+                self.held_mut(service).services -= 1;
+            }
         }
         self.uncount(old.as_ref());
         old
@@ -496,6 +743,7 @@ impl Catalog {
     fn uncount(&mut self, old: Option<&Instance>) {
         if let Some(old) = old {
             self.instances -= 1;
+            self.held_mut(&old.service).instances -= 1;
             self.checked -= usize::from(old.check.is_some());
             if old.status == HealthStatus::Passing {
                 self.count_passing(&old.service, false);
@@ -520,6 +768,138 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn put_ns(name: &str, instances: u64, services: u64) -> Command {
+        Command::PutNamespace {
+            namespace: Namespace {
+                name: name.into(),
+                quotas: Quotas {
+                    instances,
+                    services,
+                    watch_streams: 0,
+                },
+                create_revision: 0,
+            },
+            max_namespaces: 3,
+        }
+    }
+
+    fn register(service: &str, id: &str) -> Command {
+        Command::Register(Instance::example(service, id))
+    }
+
+    #[test]
+    fn namespaces_hold_their_own_services_within_their_quotas() {
+        let mut c = Catalog::default();
+        // Not created yet: refused, nothing stored.
+        let (r, events) = c.apply(1, &register("a/web", "1"));
+        assert_eq!(r.outcome, Outcome::NamespaceNotFound("a".into()));
+        assert!(events.is_empty() && c.instance_count() == 0);
+        c.apply(2, &put_ns("a", 2, 1));
+        c.apply(3, &register("a/web", "1"));
+        c.apply(4, &register("web", "1"));
+        // Replacing an instance takes no new room.
+        assert!(matches!(
+            c.apply(5, &register("a/web", "1")).0.outcome,
+            Outcome::Registered(_)
+        ));
+        let refused = |c: &mut Catalog, cmd: &Command| {
+            let before = (c.instance_count(), c.usage_of("a"));
+            let (r, events) = c.apply(6, cmd);
+            assert!(events.is_empty(), "{events:?}");
+            assert_eq!((c.instance_count(), c.usage_of("a")), before);
+            r.outcome
+        };
+        let over_services = Outcome::QuotaExceeded {
+            namespace: "a".into(),
+            quota: Quota::Services,
+            limit: 1,
+        };
+        assert_eq!(refused(&mut c, &register("a/api", "1")), over_services);
+        let configure = Command::ConfigureService {
+            service: "a/api".into(),
+            protect_threshold_pct: 50,
+        };
+        assert_eq!(refused(&mut c, &configure), over_services);
+        c.apply(7, &register("a/web", "2"));
+        assert_eq!(
+            refused(&mut c, &register("a/web", "3")),
+            Outcome::QuotaExceeded {
+                namespace: "a".into(),
+                quota: Quota::Instances,
+                limit: 2,
+            }
+        );
+        assert_eq!(c.usage_of("a"), (2, 1));
+        assert_eq!(c.usage_of(namespace::DEFAULT), (1, 1));
+        // The cluster's limit counts `default`.
+        c.apply(8, &put_ns("b", 0, 0));
+        assert_eq!(
+            c.apply(9, &put_ns("c", 0, 0)).0.outcome,
+            Outcome::TooManyNamespaces { limit: 3 }
+        );
+        // Raising a quota keeps the create revision.
+        let (r, _) = c.apply(10, &put_ns("a", 3, 1));
+        assert!(matches!(r.outcome, Outcome::NamespacePut(n) if n.create_revision == 2));
+        assert!(matches!(
+            c.apply(11, &register("a/web", "3")).0.outcome,
+            Outcome::Registered(_)
+        ));
+    }
+
+    #[test]
+    fn listings_keep_to_one_namespace_and_name_services_without_it() {
+        let mut c = Catalog::default();
+        c.apply(1, &put_ns("a", 0, 0));
+        c.apply(2, &put_ns("b", 0, 0));
+        for s in ["a/web", "a/zz", "b/web", "api", "web", "zed", "a-x"] {
+            c.apply(3, &register(s, "1"));
+        }
+        let names = |ns: &str, after: Option<&str>| -> Vec<String> {
+            c.summaries_after(ns, after).map(|s| s.name).collect()
+        };
+        assert_eq!(names("default", None), ["a-x", "api", "web", "zed"]);
+        assert_eq!(names("default", Some("api")), ["web", "zed"]);
+        assert_eq!(names("a", None), ["web", "zz"]);
+        assert_eq!(names("a", Some("web")), ["zz"]);
+        assert_eq!(names("b", None), ["web"]);
+        assert!(names("c", None).is_empty());
+        let in_a: Vec<&str> = c.service_names_in("a").collect();
+        assert_eq!(in_a, ["a/web", "a/zz"]);
+    }
+
+    #[test]
+    fn deleting_a_namespace_needs_force_while_it_holds_instances() {
+        let mut c = Catalog::default();
+        c.apply(1, &put_ns("a", 0, 0));
+        c.apply(2, &register("a/web", "1"));
+        c.apply(2, &register("a/web", "2"));
+        c.apply(2, &register("web", "1"));
+        c.apply(
+            3,
+            &Command::ConfigureService {
+                service: "a/api".into(),
+                protect_threshold_pct: 10,
+            },
+        );
+        let delete = |force| Command::DeleteNamespace {
+            name: "a".into(),
+            force,
+        };
+        let (r, events) = c.apply(4, &delete(false));
+        assert_eq!(r.outcome, Outcome::NamespaceNotEmpty { instances: 2 });
+        assert!(events.is_empty());
+        let (r, events) = c.apply(5, &delete(true));
+        assert_eq!(r.outcome, Outcome::NamespaceDeleted { instances: 2 });
+        assert_eq!(events.len(), 2);
+        assert!(events.iter().all(|e| e.kind == EventKind::Delete));
+        assert!(c.namespace("a").is_none() && c.service_names_in("a").next().is_none());
+        assert_eq!(c.instance_count(), 1, "default's instance stays");
+        assert_eq!(
+            c.apply(6, &delete(true)).0.outcome,
+            Outcome::NamespaceNotFound("a".into())
+        );
+    }
 
     fn session(id: &str, on_end: OnSessionEnd) -> Command {
         Command::CreateSession(Session {
@@ -669,8 +1049,11 @@ mod tests {
     #[test]
     fn a_listing_resumes_after_a_name() {
         let c = Catalog::from_parts(3, ["a", "b", "c"].map(|s| Instance::example(s, "1")), []);
-        let after =
-            |n: Option<&str>| -> Vec<String> { c.summaries_after(n).map(|s| s.name).collect() };
+        let after = |n: Option<&str>| -> Vec<String> {
+            c.summaries_after(namespace::DEFAULT, n)
+                .map(|s| s.name)
+                .collect()
+        };
         assert_eq!(after(None), ["a", "b", "c"]);
         assert_eq!(after(Some("a")), ["b", "c"]);
         // A name between two, or past the last, is a bound all the same.

@@ -6,6 +6,7 @@ pub mod acl;
 pub mod catalog;
 pub mod leases;
 pub mod model;
+pub mod namespace;
 pub mod validate;
 pub mod watch;
 

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::acl::Token;
+use super::namespace::{Namespace, Quota};
+use crate::error::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum HealthStatus {
@@ -275,6 +277,18 @@ pub enum Command {
         expired: bool,
         at_ms: u64,
     },
+    /// Creates a namespace, or sets an existing one's quotas; at most
+    /// `max_namespaces` (the leader's limit, carried so every node agrees).
+    PutNamespace {
+        namespace: Namespace,
+        max_namespaces: u32,
+    },
+    /// Deletes a namespace; with instances only if `force`, which
+    /// deregisters them and drops its services' settings in this one entry.
+    DeleteNamespace {
+        name: String,
+        force: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -324,6 +338,56 @@ pub enum Outcome {
         sessions: usize,
         instances: usize,
     },
+    NamespacePut(Box<Namespace>),
+    /// How many instances a forced delete deregistered.
+    NamespaceDeleted {
+        instances: usize,
+    },
+    /// The write names a namespace that does not exist (any more).
+    NamespaceNotFound(String),
+    /// A delete without force of a namespace holding instances.
+    NamespaceNotEmpty {
+        instances: usize,
+    },
+    TooManyNamespaces {
+        limit: u32,
+    },
+    /// Nothing changed: the write would take `namespace` past a quota.
+    QuotaExceeded {
+        namespace: String,
+        quota: Quota,
+        limit: u64,
+    },
+}
+
+impl Outcome {
+    /// The error a refused write answers with; `None` for an applied one.
+    /// The one place a refusal of the state machine's becomes a status.
+    pub fn refusal(&self) -> Option<Error> {
+        Some(match self {
+            Outcome::NamespaceNotFound(ns) => Error::NotFound(format!(
+                "namespace {ns:?}: create it first (roster namespace create {ns})"
+            )),
+            Outcome::NamespaceNotEmpty { instances } => Error::FailedPrecondition(format!(
+                "the namespace holds {instances} instances: deregister them, or delete with force"
+            )),
+            Outcome::TooManyNamespaces { limit } => Error::ResourceExhausted(format!(
+                "the cluster holds {limit} namespaces, its limit ([limits] max_namespaces = \
+                 {limit}): delete one, or raise the limit on every node"
+            )),
+            Outcome::QuotaExceeded {
+                namespace,
+                quota,
+                limit,
+            } => Error::ResourceExhausted(format!(
+                "namespace {namespace:?} is at its quota {} = {limit}: remove some, or raise \
+                 it (roster namespace create {namespace} --{} N)",
+                quota.name(),
+                quota.name().replace('_', "-")
+            )),
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

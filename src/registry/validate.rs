@@ -59,9 +59,29 @@ pub fn service_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A namespace name is a DNS label, as a service name is; `service` and
+/// `instance` are taken by DNS names (`web.service.<namespace>.<domain>`).
+pub fn namespace_name(name: &str) -> Result<()> {
+    let rule = "a namespace name is 1 to 63 letters, digits and '-', not starting or ending \
+                with '-', and not `service` or `instance`";
+    if name.len() > MAX_NAME_LEN || !is_dns_label(name) || name == "service" || name == "instance" {
+        return Err(invalid(format!("namespace {name:?} is not valid: {rule}")));
+    }
+    Ok(())
+}
+
 /// A token's service scope: a service name, or `prefix*` where the prefix is
 /// the start of one (possibly empty: every service).
 pub fn service_pattern(pattern: &str) -> Result<()> {
+    // `ns/pattern`: in namespace `ns` (`*`: any).
+    let pattern = match pattern.split_once('/') {
+        Some(("*", p)) => p,
+        Some((ns, p)) => {
+            namespace_name(ns)?;
+            p
+        }
+        None => pattern,
+    };
     let Some(prefix) = pattern.strip_suffix('*') else {
         return service_name(pattern);
     };

@@ -37,6 +37,7 @@ use crate::api::auth::{self, Grant};
 use crate::api::limits::{exhausted, WatchSlot, WatchSlots};
 use crate::config::Limits;
 use crate::error::Error;
+use crate::registry::namespace;
 use crate::registry::watch::{SharedState, Update, Watcher};
 pub use resources::Kind;
 
@@ -318,7 +319,7 @@ impl Ads {
         let (revision, resources) = crate::api::read_state(&self.state, |st| {
             let catalog = &st.catalog;
             let names: Vec<&str> = if sub.wildcard {
-                catalog.service_names().collect()
+                catalog.service_names_in(namespace::DEFAULT).collect()
             } else {
                 sub.names.iter().map(String::as_str).collect()
             };

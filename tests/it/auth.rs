@@ -104,6 +104,7 @@ async fn calls_need_a_token_whose_role_and_scope_cover_them() {
     register(&admin, "billing", "b-1", 80).await;
     let e = writer
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "billing".into(),
             id: "b-1".into(),
         })
@@ -231,6 +232,7 @@ async fn a_scoped_watch_never_shows_other_services() {
     .await;
     let e = watcher
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "billing".into(),
             since_revision: 0,
         })
@@ -242,6 +244,7 @@ async fn a_scoped_watch_never_shows_other_services() {
     // Watching every service: the initial state and the changes hold only its own.
     let mut stream = watcher
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: String::new(),
             since_revision: 0,
         })

@@ -60,6 +60,7 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     for n in [0u32, 3, 6] {
         client
             .deregister(DeregisterRequest {
+                namespace: Default::default(),
                 service: "orders".into(),
                 id: format!("orders-{n}"),
             })
@@ -68,6 +69,7 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     }
     client
         .configure_service(ConfigureServiceRequest {
+            namespace: Default::default(),
             service: "empty".into(),
             protect_threshold_percent: 50,
         })
@@ -201,6 +203,7 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     let mut watch = new
         .client()
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "orders".into(),
             since_revision: revision - 10,
         })

@@ -122,6 +122,7 @@ async fn balanced_channel_follows_health_and_deregistration() {
     // Deregistered (its server still runs): after the watch event, never called.
     client
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "echo".into(),
             id: "e2".into(),
         })
@@ -193,6 +194,7 @@ async fn keepalive_registration_stays_passing_through_a_leader_kill() {
     let mut stream = c
         .node_client(survivor)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "echo".into(),
             since_revision: 0,
         })
@@ -288,6 +290,7 @@ async fn resolver_moves_to_another_node_and_misses_no_change() {
     for n in [0, 2] {
         last = writer
             .deregister(DeregisterRequest {
+                namespace: Default::default(),
                 service: "payments".into(),
                 id: format!("p-{n}"),
             })

@@ -52,6 +52,7 @@ async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
         .expect("connect");
     let mut watch = RegistryClient::new(watch_channel)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "payments".into(),
             since_revision: 0,
         })

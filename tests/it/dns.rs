@@ -212,6 +212,7 @@ async fn a_follower_answers_srv_a_aaaa_tags_and_instances() {
     // A change reaches the answers as the follower applies it.
     c.client()
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "web".into(),
             id: "web-2".into(),
         })

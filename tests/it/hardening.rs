@@ -236,6 +236,7 @@ async fn deregistering_an_unknown_instance_changes_nothing_stored() {
                 for i in 0..20 {
                     let err = api
                         .deregister(DeregisterRequest {
+                            namespace: Default::default(),
                             service: "api".into(),
                             id: format!("ghost-{i}"),
                         })
@@ -265,6 +266,7 @@ async fn deregistering_an_unknown_instance_changes_nothing_stored() {
                 raw(&c, 2)
                     .await
                     .deregister(DeregisterRequest {
+                        namespace: Default::default(),
                         service: "api".into(),
                         id: "a-1".into(),
                     })
@@ -287,6 +289,7 @@ async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() 
         let err = raw(&c, node)
             .await
             .watch(WatchRequest {
+                namespace: Default::default(),
                 service: "api".into(),
                 since_revision: rev + 3,
             })
@@ -299,6 +302,7 @@ async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() 
     let mut w = raw(&c, follower)
         .await
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "api".into(),
             since_revision: rev,
         })
@@ -327,6 +331,7 @@ async fn a_watch_from_a_future_revision_is_refused_and_compaction_is_reported() 
     let mut w = raw(&c, follower)
         .await
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "api".into(),
             since_revision: 1,
         })

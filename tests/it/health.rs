@@ -25,6 +25,7 @@ async fn record(client: &RosterClient, service: &str) -> Arc<Mutex<Vec<Seen>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut stream = client
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: service.into(),
             since_revision: 0,
         })
@@ -257,6 +258,7 @@ async fn ttl_check_follows_heartbeats() {
     let beat = || async {
         client
             .heartbeat(HeartbeatRequest {
+                namespace: Default::default(),
                 service: "ttl".into(),
                 id: "t-1".into(),
             })
@@ -391,6 +393,7 @@ async fn new_leader_takes_over_checks_without_marking_live_instances_critical() 
             loop {
                 let _ = client
                     .heartbeat(HeartbeatRequest {
+                        namespace: Default::default(),
                         service: "fleet".into(),
                         id: "ttl".into(),
                     })
@@ -493,6 +496,7 @@ async fn protection_threshold_returns_all_instances_when_too_few_pass() {
     }
     client
         .configure_service(ConfigureServiceRequest {
+            namespace: Default::default(),
             service: "guarded".into(),
             protect_threshold_percent: 50,
         })
@@ -540,6 +544,7 @@ async fn protection_threshold_returns_all_instances_when_too_few_pass() {
     assert_eq!(r.instances.len(), 4);
     let e = client
         .configure_service(ConfigureServiceRequest {
+            namespace: Default::default(),
             service: "guarded".into(),
             protect_threshold_percent: 101,
         })

@@ -132,6 +132,7 @@ async fn registrations_past_a_limit_are_refused_and_others_go_on() {
     assert!(b3.check.is_none(), "the refused check was not stored");
     client
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "alpha".into(),
             id: "a3".into(),
         })

@@ -271,6 +271,7 @@ async fn a_partitioned_replica_serves_stale_refuses_linearizable_and_catches_up(
     let mut watch = c
         .node_client(r4)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "cut".into(),
             since_revision: 0,
         })
@@ -333,6 +334,7 @@ async fn a_partitioned_replica_serves_stale_refuses_linearizable_and_catches_up(
     let mut resumed = c
         .node_client(r4)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "cut".into(),
             since_revision: revision,
         })
@@ -386,6 +388,7 @@ async fn a_watcher_on_a_replica_sees_every_change_in_order_through_a_failover() 
     let mut watch = c
         .node_client(r4)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "fo".into(),
             since_revision: 0,
         })

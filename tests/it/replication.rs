@@ -157,6 +157,7 @@ async fn full_cluster_restart_keeps_every_acknowledged_write() {
     for i in 0..10 {
         client
             .deregister(DeregisterRequest {
+                namespace: Default::default(),
                 service: "inventory".into(),
                 id: format!("i-{i}"),
             })

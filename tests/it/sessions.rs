@@ -36,6 +36,7 @@ async fn bare_session(c: &RosterClient, name: &str, on_end: SessionEnd) -> Sessi
 async fn register_under(c: &RosterClient, session: &str, service: &str, n: usize) {
     for i in 0..n {
         c.register(RegisterRequest {
+            namespace: Default::default(),
             instance: Some(instance(service, &format!("{i}"), 80)),
             session: session.into(),
         })
@@ -171,6 +172,7 @@ async fn deregister_on_end_and_refusals() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         RegisterRequest {
+            namespace: Default::default(),
             instance: Some(i),
             session: session.into(),
         }
@@ -347,6 +349,7 @@ async fn only_its_creator_or_an_admin_closes_a_session() {
     register_under(&ca, &s.id, "payments", 2).await;
     let e = ca
         .register(RegisterRequest {
+            namespace: Default::default(),
             instance: Some(instance("billing", "1", 80)),
             session: s.id.clone(),
         })

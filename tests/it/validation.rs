@@ -167,6 +167,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
 
     let e = client
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "payments".into(),
             id: "nope".into(),
         })
@@ -176,6 +177,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert!(e.message().contains("nope"));
     let e = client
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "".into(),
             id: "p-1".into(),
         })
@@ -184,6 +186,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(e.code(), roster::client::Code::InvalidArgument);
     let e = client
         .heartbeat(HeartbeatRequest {
+            namespace: Default::default(),
             service: "payments".into(),
             id: "nope".into(),
         })
@@ -197,6 +200,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(e.code(), roster::client::Code::InvalidArgument);
     let e = client
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "bad name".into(),
             since_revision: 0,
         })
@@ -208,6 +212,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(after.1, before.1, "stored instances changed");
     let hb = client
         .heartbeat(HeartbeatRequest {
+            namespace: Default::default(),
             service: "payments".into(),
             id: "p-1".into(),
         })
@@ -328,6 +333,7 @@ async fn list_services_pages_through_in_name_order() {
     let page = |page_size: u32, page_token: String| async move {
         client
             .list_services(ListServicesRequest {
+                namespace: Default::default(),
                 consistency: Consistency::Linearizable as i32,
                 page_size,
                 page_token,

@@ -35,6 +35,7 @@ async fn events(s: &mut WatchStream<WatchResponse>, n: usize) -> Vec<(i32, Strin
 
 async fn deregister(c: &RosterClient, service: &str, id: &str) -> u64 {
     c.deregister(DeregisterRequest {
+        namespace: Default::default(),
         service: service.into(),
         id: id.into(),
     })
@@ -59,6 +60,7 @@ async fn watch_streams_changes_in_order_and_resumes_without_gaps_or_duplicates()
     let watcher = c.node_client(follower);
     let mut s = watcher
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "web".into(),
             since_revision: 0,
         })
@@ -95,6 +97,7 @@ async fn watch_streams_changes_in_order_and_resumes_without_gaps_or_duplicates()
     let mut s = c
         .node_client(leader)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "web".into(),
             since_revision: r3,
         })
@@ -114,6 +117,7 @@ async fn watch_streams_changes_in_order_and_resumes_without_gaps_or_duplicates()
     // A watch on every service sees both.
     let mut all = client
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: String::new(),
             since_revision: r6,
         })
@@ -142,6 +146,7 @@ async fn compacted_revision_gets_a_resync_with_full_state() {
     let mut s = c
         .node_client(leader)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "api".into(),
             since_revision: first,
         })
@@ -172,6 +177,7 @@ async fn compacted_revision_gets_a_resync_with_full_state() {
     let mut s = c
         .node_client(follower)
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "api".into(),
             since_revision: first + 1,
         })
@@ -381,6 +387,7 @@ async fn a_stopping_node_ends_its_watch_streams() {
     let client = c.node_client(node);
     let mut watch = client
         .watch(WatchRequest {
+            namespace: Default::default(),
             service: "web".into(),
             since_revision: 0,
         })

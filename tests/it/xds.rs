@@ -255,6 +255,7 @@ async fn resources_agree_versions_increase_and_nacks_are_not_resent() {
     // A service whose last instance goes leaves the listeners.
     c.client()
         .deregister(DeregisterRequest {
+            namespace: Default::default(),
             service: "gone".into(),
             id: "gone-1".into(),
         })

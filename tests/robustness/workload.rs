@@ -146,6 +146,7 @@ pub async fn client(id: usize, rec: Arc<Recorder>, endpoints: Vec<String>, roami
             }
             35..=54 => {
                 let req = DeregisterRequest {
+                    namespace: Default::default(),
                     service: svc.clone(),
                     id: iid.into(),
                 };
@@ -185,6 +186,7 @@ pub async fn client(id: usize, rec: Arc<Recorder>, endpoints: Vec<String>, roami
             }
             _ => {
                 let req = HeartbeatRequest {
+                    namespace: Default::default(),
                     service: svc.clone(),
                     id: iid.into(),
                 };
@@ -350,6 +352,7 @@ pub async fn watcher(
         };
         let mut raw = registry(&endpoints[node]);
         let req = WatchRequest {
+            namespace: Default::default(),
             service: String::new(),
             since_revision: last,
         };

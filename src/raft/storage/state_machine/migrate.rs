@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{damaged, snapshot_meta, Applied, SnapshotPayload, StoredSnapshot};
 use crate::error::Error;
 use crate::raft::storage::snapshot_file::SnapshotFile;
-use crate::raft::storage::stored::{decode, encode};
+use crate::raft::storage::stored::decode;
 use crate::raft::trees;
 
 /// Storage formats 2 to 4 also kept the applied state in sled's state
@@ -51,7 +51,7 @@ pub fn migrate_tree(db: &sled::Db, dir: &Path) -> crate::error::Result<()> {
             file.read().map_err(|e| Error::Storage(e.to_string()))?;
         let behind = current.is_none_or(|s| s.meta.last_log_id < payload.applied.last_applied);
         if behind {
-            let data = encode(&payload).map_err(damaged("state"))?;
+            let data = payload.encode().map_err(damaged("state"))?;
             let snap = StoredSnapshot {
                 meta: snapshot_meta(payload.applied),
                 data,
@@ -110,5 +110,6 @@ fn read_tree(sm: &sled::Tree) -> crate::error::Result<Option<SnapshotPayload>> {
             None => false,
         },
         sessions: values(records(sm, SESSION_PREFIX, "session")?),
+        namespaces: Vec::new(),
     }))
 }

@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::raft::{Node, NodeId, TypeConfig};
 use crate::registry::acl::{Acl, Token};
 use crate::registry::model::{ServiceConfig, Session};
+use crate::registry::namespace::Namespace;
 use crate::registry::watch::{RegistryState, SharedState, WatchHub};
 use crate::registry::{Catalog, CommandResponse, Event, Instance};
 
@@ -45,6 +46,26 @@ struct Applied {
 /// position it reflects.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
+    applied: Applied,
+    instances: Vec<Arc<Instance>>,
+    services: Vec<(String, ServiceConfig)>,
+    tokens: Vec<Token>,
+    acl_bootstrapped: bool,
+    sessions: Vec<Session>,
+    /// Every namespace but `default`, and `default` if it has quotas.
+    namespaces: Vec<Namespace>,
+}
+
+/// Opens a payload of storage format 6 (namespaces). An earlier payload
+/// starts with an option's tag (0 or 1), never this; and bincode reads a
+/// shorter layout out of a longer record without complaint, so the formats
+/// are told apart by the mark, not by trying each.
+const PAYLOAD_MARK: [u8; 8] = *b"RSTRNS06";
+
+/// A snapshot as storage formats 4 and 5 wrote it: before namespaces.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SnapshotPayloadV5 {
     applied: Applied,
     instances: Vec<Arc<Instance>>,
     services: Vec<(String, ServiceConfig)>,
@@ -70,22 +91,44 @@ impl SnapshotPayload {
         Catalog::from_parts(revision, self.instances, self.services)
             .with_acl(Acl::restore(self.tokens, self.acl_bootstrapped))
             .with_sessions(self.sessions)
+            .with_namespaces(self.namespaces)
     }
 
-    /// Decodes a payload of this format or of format 3 (a backup taken, or a
-    /// snapshot sent by a leader, before the upgrade). The checksum rules out
-    /// damage, so a record too short for this layout is the older one.
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode(&(PAYLOAD_MARK, self))
+    }
+
+    /// Decodes a payload of this format, of formats 4-5 or of format 3 (a
+    /// backup taken, or a snapshot sent by a leader, before the upgrade):
+    /// what was written before namespaces is `default`'s.
     fn decode(data: &[u8]) -> Result<Self, CodecError> {
-        decode(data).or_else(|e| {
-            let old: SnapshotPayloadV3 = decode(data).map_err(|_| e)?;
-            Ok(SnapshotPayload {
-                applied: old.applied,
-                instances: old.instances.into_iter().map(Arc::new).collect(),
-                services: old.services,
-                tokens: old.tokens,
-                acl_bootstrapped: old.acl_bootstrapped,
-                sessions: Vec::new(),
-            })
+        match decode::<([u8; 8], SnapshotPayload)>(data) {
+            Ok((mark, payload)) if mark == PAYLOAD_MARK => return Ok(payload),
+            Err(e @ (CodecError::Checksum | CodecError::Short(_))) => return Err(e),
+            _ => {}
+        }
+        let old = match decode::<SnapshotPayloadV5>(data) {
+            Ok(v5) => v5,
+            Err(e) => {
+                let v3: SnapshotPayloadV3 = decode(data).map_err(|_| e)?;
+                SnapshotPayloadV5 {
+                    applied: v3.applied,
+                    instances: v3.instances.into_iter().map(Arc::new).collect(),
+                    services: v3.services,
+                    tokens: v3.tokens,
+                    acl_bootstrapped: v3.acl_bootstrapped,
+                    sessions: Vec::new(),
+                }
+            }
+        };
+        Ok(SnapshotPayload {
+            applied: old.applied,
+            instances: old.instances,
+            services: old.services,
+            tokens: old.tokens,
+            acl_bootstrapped: old.acl_bootstrapped,
+            sessions: old.sessions,
+            namespaces: Vec::new(),
         })
     }
 }
@@ -262,9 +305,12 @@ impl StateMachine {
                 tokens: st.catalog.acl().tokens().cloned().collect(),
                 acl_bootstrapped: st.catalog.acl().bootstrapped(),
                 sessions: st.catalog.sessions().cloned().collect(),
+                namespaces: st.catalog.namespace_specs().collect(),
             }
         };
-        let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let data = payload
+            .encode()
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         Ok(StoredSnapshot {
             meta: snapshot_meta(payload.applied),
             data,
@@ -718,5 +764,74 @@ mod tests {
             let found = st.catalog.session(&session.id).expect("the session");
             assert_eq!((found.create_revision, found.ttl_ms), (1, 5_000));
         }
+    }
+
+    /// Namespaces and their quotas travel in snapshots; a payload written
+    /// before them (formats 4-5) decodes with everything in `default`.
+    #[tokio::test]
+    async fn snapshots_carry_namespaces_and_format_5_payloads_still_decode() {
+        use crate::registry::namespace::{Namespace, Quotas};
+        let old = SnapshotPayloadV5 {
+            applied: Applied::default(),
+            instances: vec![Arc::new(Instance::example("s", "a"))],
+            services: Vec::new(),
+            tokens: Vec::new(),
+            acl_bootstrapped: false,
+            sessions: Vec::new(),
+        };
+        let p =
+            SnapshotPayload::decode(&encode(&old).expect("encode")).expect("a format 5 payload");
+        assert_eq!(p.instances.len(), 1);
+        assert!(p.namespaces.is_empty());
+
+        let src_dir = tempfile::tempdir().expect("temp dir");
+        let mut src = open(src_dir.path());
+        let team = Namespace {
+            name: "team-a".into(),
+            quotas: Quotas {
+                instances: 5,
+                services: 2,
+                watch_streams: 7,
+            },
+            create_revision: 0,
+        };
+        let mut quota_of_default = Namespace::default_one();
+        quota_of_default.quotas.instances = 9;
+        let entries = [
+            Command::PutNamespace {
+                namespace: team.clone(),
+                max_namespaces: 10,
+            },
+            Command::PutNamespace {
+                namespace: quota_of_default,
+                max_namespaces: 10,
+            },
+            Command::Register(Instance::example("team-a/web", "1")),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+            payload: EntryPayload::Normal(Proposal(vec![c])),
+        })
+        .collect::<Vec<_>>();
+        src.apply(entries).await.expect("apply");
+        let snap = src.build_snapshot().await.expect("build");
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut sm = open(dir.path());
+            sm.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .expect("install");
+        }
+        let sm = open(dir.path());
+        let st = sm.state.read().expect("state lock");
+        let got = st.catalog.namespace("team-a").expect("the namespace");
+        assert_eq!((got.quotas, got.create_revision), (team.quotas, 1));
+        assert_eq!(
+            st.catalog.namespace("default").map(|n| n.quotas.instances),
+            Some(9)
+        );
+        assert_eq!(st.catalog.usage_of("team-a"), (1, 1));
     }
 }
