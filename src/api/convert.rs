@@ -177,7 +177,6 @@ pub fn namespace_to_pb_full(n: &Namespace, instances: u64, services: u64) -> pb:
         quotas: Some(pb::NamespaceQuotas {
             max_instances: n.quotas.instances,
             max_services: n.quotas.services,
-            max_watch_streams: n.quotas.watch_streams,
         }),
         create_revision: n.create_revision,
         instances,
@@ -190,7 +189,6 @@ pub fn quotas_from_pb(q: Option<pb::NamespaceQuotas>) -> Quotas {
     Quotas {
         instances: q.max_instances,
         services: q.max_services,
-        watch_streams: q.max_watch_streams,
     }
 }
 

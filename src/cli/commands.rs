@@ -445,13 +445,12 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
             }
         };
         format!(
-            "{} instances={}/{} services={}/{} watch_streams_per_node={}",
+            "{} instances={}/{} services={}/{}",
             n.name,
             n.instances,
             limit(q.max_instances),
             n.services,
-            limit(q.max_services),
-            limit(q.max_watch_streams)
+            limit(q.max_services)
         )
     };
     match c {
@@ -460,7 +459,6 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
             name,
             max_instances,
             max_services,
-            max_watch_streams,
         } => {
             let r = client(&endpoints)?
                 .create_namespace(CreateNamespaceRequest {
@@ -468,7 +466,6 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
                     quotas: Some(NamespaceQuotas {
                         max_instances,
                         max_services,
-                        max_watch_streams,
                     }),
                 })
                 .await?;

@@ -189,9 +189,6 @@ pub enum NamespaceCommand {
         max_instances: u64,
         #[arg(long, default_value_t = 0)]
         max_services: u64,
-        /// Watch streams open on each node.
-        #[arg(long, default_value_t = 0)]
-        max_watch_streams: u64,
     },
     /// The namespaces your token reaches, with their quotas and what they hold.
     List {

@@ -776,7 +776,6 @@ mod tests {
                 quotas: Quotas {
                     instances,
                     services,
-                    watch_streams: 0,
                 },
                 create_revision: 0,
             },

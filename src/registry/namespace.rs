@@ -53,8 +53,6 @@ pub fn holds(ns: &str, key: &str) -> bool {
 pub struct Quotas {
     pub instances: u64,
     pub services: u64,
-    /// Watch streams per node (streams are a node's, not replicated).
-    pub watch_streams: u64,
 }
 
 impl From<Quotas> for BTreeMap<String, u64> {
@@ -73,7 +71,6 @@ impl From<BTreeMap<String, u64>> for Quotas {
         Quotas {
             instances: get(Quota::Instances),
             services: get(Quota::Services),
-            watch_streams: get(Quota::WatchStreams),
         }
     }
 }
@@ -83,18 +80,16 @@ impl From<BTreeMap<String, u64>> for Quotas {
 pub enum Quota {
     Instances,
     Services,
-    WatchStreams,
 }
 
 impl Quota {
-    pub const ALL: [Quota; 3] = [Quota::Instances, Quota::Services, Quota::WatchStreams];
+    pub const ALL: [Quota; 2] = [Quota::Instances, Quota::Services];
 
     /// The name operators set it by (`roster namespace create --max-…`).
     pub fn name(self) -> &'static str {
         match self {
             Quota::Instances => "max_instances",
             Quota::Services => "max_services",
-            Quota::WatchStreams => "max_watch_streams",
         }
     }
 
@@ -102,7 +97,6 @@ impl Quota {
         match self {
             Quota::Instances => q.instances,
             Quota::Services => q.services,
-            Quota::WatchStreams => q.watch_streams,
         }
     }
 }
@@ -146,11 +140,10 @@ mod tests {
         let q = Quotas {
             instances: 10,
             services: 0,
-            watch_streams: 3,
         };
         let bytes = bincode::serialize(&q).expect("encode");
         let map: BTreeMap<String, u64> = bincode::deserialize(&bytes).expect("a map");
-        assert_eq!(map.len(), 2, "no limit is not stored: {map:?}");
+        assert_eq!(map.len(), 1, "no limit is not stored: {map:?}");
         assert_eq!(bincode::deserialize::<Quotas>(&bytes).expect("decode"), q);
     }
 }

@@ -21,6 +21,7 @@ mod health;
 mod http;
 mod limits;
 mod membership;
+mod namespaces;
 mod outside;
 mod peer_trust;
 mod proxy;

@@ -791,7 +791,6 @@ mod tests {
             quotas: Quotas {
                 instances: 5,
                 services: 2,
-                watch_streams: 7,
             },
             create_revision: 0,
         };

@@ -1,0 +1,372 @@
+//! Namespaces: one cluster shared by teams. The same service name lives
+//! apart in each namespace, a token scoped to one namespace learns nothing
+//! of another, quotas refuse writes that would pass them, and a namespace
+//! holding instances is deleted only with force.
+
+use std::time::Duration;
+
+use crate::common::*;
+use roster::client::{Code, RosterClient};
+use roster::proto::v1::watch_services_response::Result as MuxResult;
+use roster::proto::v1::*;
+
+fn reg_in(ns: &str, service: &str, id: &str) -> RegisterRequest {
+    RegisterRequest {
+        instance: Some(instance(service, id, 80)),
+        namespace: ns.into(),
+        ..Default::default()
+    }
+}
+
+fn get_in(ns: &str, service: &str) -> GetServiceRequest {
+    GetServiceRequest {
+        service: service.into(),
+        namespace: ns.into(),
+        ..Default::default()
+    }
+}
+
+async fn create_ns(c: &RosterClient, name: &str, max_instances: u64, max_services: u64) {
+    c.create_namespace(CreateNamespaceRequest {
+        name: name.into(),
+        quotas: Some(NamespaceQuotas {
+            max_instances,
+            max_services,
+        }),
+    })
+    .await
+    .expect("create namespace");
+}
+
+/// The (namespace, service, id) of each instance of `service` in `ns`.
+async fn held(c: &RosterClient, ns: &str, service: &str) -> Vec<(String, String, String)> {
+    let r = c.get_service(get_in(ns, service)).await.expect("get");
+    r.instances
+        .into_iter()
+        .map(|i| (i.namespace, i.service, i.id))
+        .collect()
+}
+
+fn named(ns: &str, service: &str, id: &str) -> (String, String, String) {
+    (ns.into(), service.into(), id.into())
+}
+
+#[tokio::test]
+async fn a_service_name_lives_apart_in_each_namespace_and_scoped_tokens_see_only_theirs() {
+    let setup = Setup {
+        auth: true,
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "[auth]\nenabled = true\n", setup)
+        .await
+        .expect("an auth cluster");
+    let admin = c.client();
+    create_ns(&admin, "team-a", 0, 0).await;
+    create_ns(&admin, "team-b", 0, 0).await;
+    for ns in ["team-a", "team-b", ""] {
+        admin
+            .register(reg_in(ns, "web", "w-1"))
+            .await
+            .expect("register");
+    }
+    // Each namespace holds its own `web`; answers name the namespace apart.
+    assert_eq!(
+        held(&admin, "team-a", "web").await,
+        [named("team-a", "web", "w-1")]
+    );
+    assert_eq!(
+        held(&admin, "team-b", "web").await,
+        [named("team-b", "web", "w-1")]
+    );
+    assert_eq!(held(&admin, "", "web").await, [named("", "web", "w-1")]);
+    assert_eq!(
+        held(&admin, "default", "web").await,
+        [named("", "web", "w-1")]
+    );
+    // Old clients (no namespace) list `default` alone.
+    let listed = admin
+        .list_services(ListServicesRequest::default())
+        .await
+        .expect("list");
+    let names: Vec<&str> = listed.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    let in_a = admin
+        .list_services(ListServicesRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list team-a");
+    assert_eq!(in_a.services.len(), 1);
+    assert_eq!(in_a.services[0].name, "web");
+
+    // A token scoped to team-a: its namespace, nothing else.
+    let token = admin
+        .create_token(CreateTokenRequest {
+            role: Role::Write as i32,
+            services: vec!["team-a/*".into()],
+            description: "team a".into(),
+        })
+        .await
+        .expect("a scoped token");
+    let a = c.client_with(2, Some(&token.secret));
+    c.wait_for("the token on node 2", Duration::from_secs(10), || async {
+        a.get_service(get_in("team-a", "web")).await.ok()
+    })
+    .await;
+    a.register(reg_in("team-a", "api", "a-1"))
+        .await
+        .expect("in its namespace");
+    let denied = |e: roster::client::Error| {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        e.message().to_string()
+    };
+    // Another namespace, existing or not: the same refusal, nothing learned.
+    let other = denied(a.get_service(get_in("team-b", "web")).await.expect_err("b"));
+    let missing = denied(
+        a.get_service(get_in("nope", "web"))
+            .await
+            .expect_err("nope"),
+    );
+    assert!(
+        other.contains("team-b") && missing.contains("nope"),
+        "{other} / {missing}"
+    );
+    denied(a.get_service(get_in("", "web")).await.expect_err("default"));
+    denied(
+        a.register(reg_in("team-b", "web", "x"))
+            .await
+            .expect_err("write b"),
+    );
+    for ns in ["team-b", ""] {
+        let e = a
+            .list_services(ListServicesRequest {
+                namespace: ns.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("list another namespace");
+        denied(e);
+        let e = a
+            .watch(WatchRequest {
+                namespace: ns.into(),
+                ..Default::default()
+            })
+            .await;
+        match e {
+            Err(e) => denied(e),
+            Ok(_) => panic!("a watch of namespace {ns:?} opened"),
+        };
+    }
+    let listed = a
+        .list_namespaces(ListNamespacesRequest::default())
+        .await
+        .expect("list namespaces");
+    let names: Vec<&str> = listed.namespaces.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["team-a"], "only the token's own");
+    let all = admin
+        .list_namespaces(ListNamespacesRequest::default())
+        .await
+        .expect("admin lists");
+    let counts: Vec<(&str, u64, u64)> = all
+        .namespaces
+        .iter()
+        .map(|n| (n.name.as_str(), n.instances, n.services))
+        .collect();
+    assert_eq!(
+        counts,
+        [("default", 1, 1), ("team-a", 2, 2), ("team-b", 1, 1)]
+    );
+
+    // An admin is told a namespace does not exist, by name.
+    let e = admin
+        .get_service(get_in("nope", "web"))
+        .await
+        .expect_err("no such namespace");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("\"nope\""), "{e:?}");
+    let e = admin
+        .get_service(get_in("Not_A_Label", "web"))
+        .await
+        .expect_err("bad name");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("namespace"), "{e:?}");
+}
+
+#[tokio::test]
+async fn watches_keep_to_their_namespace() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    create_ns(&client, "team-a", 0, 0).await;
+    // Watching every service of `default` (an old client's watch).
+    let mut all = client
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch default");
+    let first = all.message().await.expect("initial").expect("a message");
+    assert!(first.instances.is_empty(), "{first:?}");
+    let mut in_a = client
+        .watch(WatchRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch team-a");
+    in_a.message().await.expect("initial").expect("a message");
+    client
+        .register(reg_in("team-a", "web", "a-1"))
+        .await
+        .expect("register in team-a");
+    client
+        .register(reg_in("", "web", "d-1"))
+        .await
+        .expect("register in default");
+    // Each stream's first event is its own namespace's.
+    let mut seen = Vec::new();
+    for stream in [&mut all, &mut in_a] {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event in time")
+            .expect("no error")
+            .expect("a message");
+        let i = m.events[0].instance.as_ref().expect("instance");
+        seen.push((i.namespace.clone(), i.id.clone()));
+    }
+    assert_eq!(
+        seen,
+        [
+            (String::new(), "d-1".to_string()),
+            ("team-a".to_string(), "a-1".to_string())
+        ]
+    );
+
+    // One WatchServices stream follows `web` of two namespaces, told apart.
+    let adds = ["team-a", ""]
+        .map(|ns| WatchServicesRequest {
+            action: Some(watch_services_request::Action::Add(WatchRequest {
+                service: "web".into(),
+                namespace: ns.into(),
+                since_revision: 0,
+            })),
+            namespace: String::new(),
+        })
+        .to_vec();
+    let (_more, mut mux) = client.watch_services(adds).await.expect("mux");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let r = mux.message().await.expect("no error").expect("a response");
+        let Some(MuxResult::Update(u)) = r.result else {
+            panic!("an update: {r:?}");
+        };
+        let ids: Vec<String> = u.instances.iter().map(|i| i.id.clone()).collect();
+        got.push((r.namespace, r.service, ids));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (String::new(), "web".to_string(), vec!["d-1".to_string()]),
+            (
+                "team-a".to_string(),
+                "web".to_string(),
+                vec!["a-1".to_string()]
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn quotas_refuse_what_would_pass_them_and_a_namespace_with_instances_needs_force() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    create_ns(&client, "q", 3, 1).await;
+    for id in ["1", "2"] {
+        client
+            .register(reg_in("q", "web", id))
+            .await
+            .expect("in quota");
+    }
+    let exhausted = |e: roster::client::Error, quota: &str| {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        let m = e.message();
+        assert!(m.contains("\"q\"") && m.contains(quota), "{m}");
+    };
+    exhausted(
+        client
+            .register(reg_in("q", "api", "1"))
+            .await
+            .expect_err("over"),
+        "max_services = 1",
+    );
+    client
+        .register(reg_in("q", "web", "3"))
+        .await
+        .expect("third");
+    exhausted(
+        client
+            .register(reg_in("q", "web", "4"))
+            .await
+            .expect_err("over"),
+        "max_instances = 3",
+    );
+    // Nothing changed; raising the quota lets the write in.
+    assert_eq!(held(&client, "q", "web").await.len(), 3);
+    assert!(held(&client, "q", "api").await.is_empty());
+    create_ns(&client, "q", 4, 1).await;
+    client
+        .register(reg_in("q", "web", "4"))
+        .await
+        .expect("room now");
+
+    // A namespace holding instances goes only with force; its watchers see them go.
+    let mut watch = client
+        .watch(WatchRequest {
+            service: "web".into(),
+            namespace: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch");
+    let first = watch.message().await.expect("initial").expect("a message");
+    assert_eq!(first.instances.len(), 4);
+    let delete = |force| DeleteNamespaceRequest {
+        name: "q".into(),
+        force,
+    };
+    let e = client
+        .delete_namespace(delete(false))
+        .await
+        .expect_err("not empty");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("4 instances"), "{e:?}");
+    let r = client.delete_namespace(delete(true)).await.expect("forced");
+    assert_eq!(r.instances, 4);
+    let m = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the deletes in time")
+        .expect("no error")
+        .expect("a message");
+    assert_eq!(m.events.len(), 4);
+    assert!(m
+        .events
+        .iter()
+        .all(|e| e.r#type == EventType::Delete as i32));
+    let e = client
+        .get_service(get_in("q", "web"))
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = client
+        .delete_namespace(delete(true))
+        .await
+        .expect_err("again");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = client
+        .delete_namespace(DeleteNamespaceRequest {
+            name: "default".into(),
+            force: true,
+        })
+        .await
+        .expect_err("default stays");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+}
