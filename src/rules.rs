@@ -117,7 +117,7 @@ pub const RULES: &[Rule] = &[
     rule("/roster.v1.Registry/CloseSession", W, Leader, Write, Request, Safe, None),
     rule("/roster.v1.Registry/ListSessions", R, Any, Read, Request, Safe, None),
     rule("/roster.v1.Registry/CreateNamespace", Admin, Leader, Write, Request, Safe, None),
-    rule("/roster.v1.Registry/ListNamespaces", R, Any, Read, Request, Safe, None),
+    rule("/roster.v1.Registry/ListNamespaces", R, Any, Read, Request, Safe, Some(("GET", "/v1/namespaces"))),
     rule("/roster.v1.Registry/DeleteNamespace", Admin, Leader, Write, Request, AbsentMeansDone, None),
     rule("/roster.v1.Cluster/Status", R, Any, Read, Request, Safe, Some(("GET", "/v1/cluster/status"))),
     rule("/roster.v1.Cluster/AddMember", Admin, Leader, Write, CatchUp, Safe, None),

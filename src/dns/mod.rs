@@ -92,6 +92,8 @@ struct Handler {
 enum Query {
     /// The zone's apex itself.
     Apex,
+    /// `service` is the catalogue key of the name's service and namespace
+    /// (as asked: DNS ignores case, the catalogue does not).
     Service {
         service: String,
         tag: Option<String>,
@@ -304,10 +306,13 @@ impl Handler {
         }
     }
 
-    /// `<id>.<service>.instance.<domain>`: an instance id may hold dots,
-    /// which become labels of their own.
+    /// `<id>.<service>.instance[.<namespace>].<domain>`: an instance id may
+    /// hold dots, which become labels of their own.
     fn instance_name(&self, inst: &Instance) -> Option<Name> {
-        let relative = format!("{}.{}.instance", inst.id, inst.service);
+        let relative = match namespace::split(&inst.service) {
+            (namespace::DEFAULT, service) => format!("{}.{service}.instance", inst.id),
+            (ns, service) => format!("{}.{service}.instance.{ns}", inst.id),
+        };
         Name::from_ascii(relative)
             .ok()?
             .append_domain(&self.zone.domain)
@@ -323,14 +328,32 @@ impl Handler {
             .collect();
         let inner = labels.len() - self.apex.iter().len();
         let labels = &labels[..inner];
+        // `<…>.service.<namespace>` names a namespace's service; without
+        // the namespace, `default`'s (no namespace is named `service` or
+        // `instance`).
+        let (ns, labels) = match labels {
+            [rest @ .., kind, ns]
+                if (kind == "service" || kind == "instance")
+                    && !rest.is_empty()
+                    && ns != "service"
+                    && ns != "instance" =>
+            {
+                (ns.as_str(), &labels[..labels.len() - 1])
+            }
+            _ => (namespace::DEFAULT, labels),
+        };
+        // A label holding a '/' would read as another namespace's key.
+        if labels.iter().any(|l| l.contains('/')) {
+            return Query::Unknown;
+        }
         match labels {
-            [] => Query::Apex,
+            [] if ns == namespace::DEFAULT => Query::Apex,
             [rest @ .., service, kind] if kind == "service" => Query::Service {
-                service: service.clone(),
+                service: namespace::qualify(ns, service),
                 tag: (!rest.is_empty()).then(|| rest.join(".")),
             },
             [id @ .., service, kind] if kind == "instance" && !id.is_empty() => Query::Instance {
-                service: service.clone(),
+                service: namespace::qualify(ns, service),
                 id: id.join("."),
             },
             _ => Query::Unknown,
@@ -371,16 +394,12 @@ fn address_rdata(ip: IpAddr, qtype: RecordType) -> Option<RData> {
 /// The service `name` (lowercase, as DNS compares names) denotes: its exact
 /// name, else one that differs only in case. `None` if there is no such
 /// service with instances or a configuration.
-fn find_service<'a>(st: &'a RegistryState, name: &str) -> Option<&'a str> {
-    // DNS names `default`'s services; a label holding a '/' would be
-    // another namespace's catalogue key.
-    if name.contains('/') {
-        return None;
-    }
-    st.catalog.service_name(name).or_else(|| {
+fn find_service<'a>(st: &'a RegistryState, key: &str) -> Option<&'a str> {
+    // The key holds the namespace: comparing whole keys keeps to it.
+    st.catalog.service_name(key).or_else(|| {
         st.catalog
-            .service_names_in(namespace::DEFAULT)
-            .find(|s| s.eq_ignore_ascii_case(name))
+            .service_names()
+            .find(|s| s.eq_ignore_ascii_case(key))
     })
 }
 
@@ -493,6 +512,25 @@ mod tests {
         );
         assert_eq!(parse(&h, "web.instance.roster."), Query::Unknown);
         assert_eq!(parse(&h, "web.node.roster."), Query::Unknown);
+        // A namespace follows `service` / `instance`.
+        assert_eq!(
+            parse(&h, "v1.web.service.team-a.roster."),
+            Query::Service {
+                service: "team-a/web".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            parse(&h, "web-1.web.instance.team-a.roster."),
+            Query::Instance {
+                service: "team-a/web".into(),
+                id: "web-1".into()
+            }
+        );
+        assert_eq!(parse(&h, "service.team-a.roster."), Query::Unknown);
+        // A label may hold any byte on the wire.
+        let slashed = Name::from_labels([&b"team-a/web"[..], b"service", b"roster"]).expect("name");
+        assert_eq!(h.parse(&LowerName::new(&slashed)), Query::Unknown);
         let h = handler("sd.example.com.");
         assert_eq!(
             parse(&h, "WEB.service.sd.example.com."),

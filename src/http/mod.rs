@@ -49,6 +49,21 @@ struct Api {
     cluster: ClusterClient<Grpc>,
 }
 
+/// What a namespace's routes start with, in place of `/v1`, which names
+/// `default`'s.
+const NAMESPACED: &str = "/v1/namespaces/{namespace}";
+
+/// A route's path parameters: each route has the ones it names.
+#[derive(Default, serde::Deserialize)]
+struct Params {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    service: String,
+    #[serde(default)]
+    id: String,
+}
+
 /// The route the rules table gives `roster.v1.<rpc>` (see [`rules`]).
 fn route(rpc: &str) -> &'static str {
     rules::http_route(&format!("/roster.v1.{rpc}"))
@@ -66,13 +81,23 @@ pub fn serve(
         registry: RegistryClient::new(registry),
         cluster: ClusterClient::new(cluster),
     };
-    let app = Router::new()
-        .route(route("Registry/ListServices"), get(list_services))
-        .route(route("Registry/GetService"), get(get_service))
-        .route(route("Registry/Register"), put(register).delete(deregister))
-        .route(route("Registry/Heartbeat"), post(heartbeat))
-        .route("/v1/watch", get(watch_all))
-        .route(route("Registry/Watch"), get(watch))
+    // A namespace's routes are `default`'s under /v1/namespaces/{namespace}.
+    let mut app = Router::new();
+    for prefix in ["/v1", NAMESPACED] {
+        let at = |route: &str| format!("{prefix}{}", route.trim_start_matches("/v1"));
+        app = app
+            .route(&at(route("Registry/ListServices")), get(list_services))
+            .route(&at(route("Registry/GetService")), get(get_service))
+            .route(
+                &at(route("Registry/Register")),
+                put(register).delete(deregister),
+            )
+            .route(&at(route("Registry/Heartbeat")), post(heartbeat))
+            .route(&at("/v1/watch"), get(watch_all))
+            .route(&at(route("Registry/Watch")), get(watch));
+    }
+    let app = app
+        .route(route("Registry/ListNamespaces"), get(list_namespaces))
         .route(route("Cluster/Status"), get(status))
         .route("/v1/openapi.json", get(openapi))
         .route("/ui", get(console))
@@ -218,10 +243,14 @@ fn consistency(v: &str) -> std::result::Result<pb::Consistency, Failure> {
 
 async fn list_services(
     State(mut api): State<Api>,
+    p: Option<Path<Params>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Answer<pb::ListServicesResponse> {
-    let mut msg = pb::ListServicesRequest::default();
+    let mut msg = pb::ListServicesRequest {
+        namespace: p.map(|Path(p)| p.namespace).unwrap_or_default(),
+        ..Default::default()
+    };
     for (k, v) in pairs(query)? {
         match k.as_str() {
             "consistency" => msg.consistency = consistency(&v)? as i32,
@@ -240,12 +269,13 @@ async fn list_services(
 
 async fn get_service(
     State(mut api): State<Api>,
-    Path(service): Path<String>,
+    Path(p): Path<Params>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Answer<pb::GetServiceResponse> {
     let mut msg = pb::GetServiceRequest {
-        service,
+        service: p.service,
+        namespace: p.namespace,
         ..Default::default()
     };
     for (k, v) in pairs(query)? {
@@ -264,7 +294,11 @@ async fn get_service(
 /// they must match the path); `?session=` registers it under a session.
 async fn register(
     State(mut api): State<Api>,
-    Path((service, id)): Path<(String, String)>,
+    Path(Params {
+        namespace,
+        service,
+        id,
+    }): Path<Params>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: axum::body::Bytes,
@@ -282,6 +316,7 @@ async fn register(
     inst.id = id;
     let mut msg = pb::RegisterRequest {
         instance: Some(inst),
+        namespace,
         ..Default::default()
     };
     for (k, v) in pairs(query)? {
@@ -296,13 +331,13 @@ async fn register(
 
 async fn deregister(
     State(mut api): State<Api>,
-    Path((service, id)): Path<(String, String)>,
+    Path(p): Path<Params>,
     headers: HeaderMap,
 ) -> Answer<pb::DeregisterResponse> {
     let msg = pb::DeregisterRequest {
-        service,
-        id,
-        ..Default::default()
+        service: p.service,
+        id: p.id,
+        namespace: p.namespace,
     };
     let r = api.registry.deregister(request(&headers, msg)).await?;
     Ok(Reply(r))
@@ -310,15 +345,31 @@ async fn deregister(
 
 async fn heartbeat(
     State(mut api): State<Api>,
-    Path((service, id)): Path<(String, String)>,
+    Path(p): Path<Params>,
     headers: HeaderMap,
 ) -> Answer<pb::HeartbeatResponse> {
     let msg = pb::HeartbeatRequest {
-        service,
-        id,
-        ..Default::default()
+        service: p.service,
+        id: p.id,
+        namespace: p.namespace,
     };
     let r = api.registry.heartbeat(request(&headers, msg)).await?;
+    Ok(Reply(r))
+}
+
+async fn list_namespaces(
+    State(mut api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Answer<pb::ListNamespacesResponse> {
+    let mut msg = pb::ListNamespacesRequest::default();
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "consistency" => msg.consistency = consistency(&v)? as i32,
+            _ => return Err(unknown(&k)),
+        }
+    }
+    let r = api.registry.list_namespaces(request(&headers, msg)).await?;
     Ok(Reply(r))
 }
 
@@ -352,6 +403,7 @@ async fn console() -> impl IntoResponse {
 /// Every service's changes: what the console follows.
 async fn watch_all(
     state: State<Api>,
+    p: Option<Path<Params>>,
     headers: HeaderMap,
     query: RawQuery,
 ) -> std::result::Result<
@@ -361,7 +413,12 @@ async fn watch_all(
     ),
     Failure,
 > {
-    watch(state, Path(String::new()), headers, query).await
+    // Every service of the route's namespace.
+    let every = Params {
+        namespace: p.map(|Path(p)| p.namespace).unwrap_or_default(),
+        ..Params::default()
+    };
+    watch(state, Path(every), headers, query).await
 }
 
 /// A service's watch as Server-Sent Events: each message of the gRPC stream
@@ -372,7 +429,7 @@ async fn watch_all(
 /// ends the stream with `event: error` and the JSON error.
 async fn watch(
     State(mut api): State<Api>,
-    Path(service): Path<String>,
+    Path(p): Path<Params>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> std::result::Result<
@@ -401,9 +458,9 @@ async fn watch(
             .ok_or_else(|| bad_request("Last-Event-ID: not a revision".into()))?;
     }
     let msg = pb::WatchRequest {
-        service,
+        service: p.service,
         since_revision: since,
-        ..Default::default()
+        namespace: p.namespace,
     };
     let answer = api.registry.watch(request(&headers, msg)).await?;
     let contact = staleness(answer.metadata());

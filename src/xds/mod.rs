@@ -326,7 +326,10 @@ impl Ads {
             let revision = catalog.revision();
             let resources: Vec<(String, _)> = names
                 .into_iter()
-                .filter(|n| partial.is_none_or(|c| c.contains(*n)) && covers(n))
+                .filter(|n| {
+                    let key = resources::key_of(n);
+                    partial.is_none_or(|c| c.contains(&key)) && covers(&key)
+                })
                 .filter_map(|n| {
                     let built = built.get(kind, n, revision, || kind.build(catalog, n));
                     built.map(|r| (n.to_string(), r))
@@ -380,7 +383,8 @@ impl Ads {
         let mut want = Followed::default();
         for sub in self.subs.values() {
             want.all |= sub.wildcard;
-            want.services.extend(sub.names.iter().cloned());
+            want.services
+                .extend(sub.names.iter().map(|n| resources::key_of(n)));
         }
         if want.all {
             want.services.clear();

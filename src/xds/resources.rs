@@ -35,6 +35,7 @@ use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
 
 use crate::registry::catalog::Catalog;
+use crate::registry::namespace;
 use crate::registry::{HealthStatus, Instance};
 
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -90,20 +91,40 @@ impl Kind {
         self == Kind::Endpoints
     }
 
-    /// `service`'s resource of this kind, if the service exists; endpoints
-    /// always, empty for a service that does not, so that a client that
-    /// still holds some drops them.
-    pub fn build(self, catalog: &Catalog, service: &str) -> Option<Any> {
+    /// The resource of this kind named `resource` (a service, or
+    /// `<service>.<namespace>`), if the service exists; endpoints always,
+    /// empty for a service that does not, so that a client that still holds
+    /// some drops them.
+    pub fn build(self, catalog: &Catalog, resource: &str) -> Option<Any> {
+        let key = key_of(resource);
         let name = match self {
-            Kind::Endpoints => service,
-            _ => catalog.service_name(service)?,
+            Kind::Endpoints => resource.to_string(),
+            _ => resource_of(catalog.service_name(&key)?),
         };
         Some(match self {
-            Kind::Listener => pack_any(listener(name)),
-            Kind::Route => pack_any(route_config(name)),
-            Kind::Cluster => pack_any(cluster(name)),
-            Kind::Endpoints => pack_any(load_assignment(catalog, name)),
+            Kind::Listener => pack_any(listener(&name)),
+            Kind::Route => pack_any(route_config(&name)),
+            Kind::Cluster => pack_any(cluster(&name)),
+            Kind::Endpoints => pack_any(load_assignment(catalog, &key, &name)),
         })
+    }
+}
+
+/// The catalogue key of resource name `resource`: `web` is `default`'s
+/// service, `web.team-a` team-a's (`xds:///web.team-a`); service names hold
+/// no dot.
+pub fn key_of(resource: &str) -> String {
+    match resource.split_once('.') {
+        Some((service, ns)) => namespace::qualify(ns, service),
+        None => resource.to_string(),
+    }
+}
+
+/// The resource name of the service keyed `key`.
+pub fn resource_of(key: &str) -> String {
+    match namespace::split(key) {
+        (namespace::DEFAULT, service) => service.to_string(),
+        (ns, service) => format!("{service}.{ns}"),
     }
 }
 
@@ -181,7 +202,8 @@ fn cluster(service: &str) -> Cluster {
 /// UNKNOWN, which clients still send to (that is the threshold's point).
 /// Instances registered by host name are left out: gRPC clients take only
 /// IP addresses from EDS.
-fn load_assignment(catalog: &Catalog, service: &str) -> ClusterLoadAssignment {
+/// `service` is the catalogue key, `name` the resource's.
+fn load_assignment(catalog: &Catalog, service: &str, name: &str) -> ClusterLoadAssignment {
     let view = catalog.view(service, true, &[]);
     let instances: Vec<&Instance> = view
         .instances
@@ -227,7 +249,7 @@ fn load_assignment(catalog: &Catalog, service: &str) -> ClusterLoadAssignment {
         })
         .collect();
     ClusterLoadAssignment {
-        cluster_name: service.into(),
+        cluster_name: name.into(),
         endpoints,
         ..Default::default()
     }

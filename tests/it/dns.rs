@@ -14,7 +14,9 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use roster::proto::v1::health_check::Kind as CheckKind;
-use roster::proto::v1::{DeregisterRequest, HealthCheck, Instance, RegisterRequest, TtlCheck};
+use roster::proto::v1::{
+    CreateNamespaceRequest, DeregisterRequest, HealthCheck, Instance, RegisterRequest, TtlCheck,
+};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -318,4 +320,68 @@ async fn tokens_without_auth_are_warned_about_at_start() {
         });
         assert!(warned, "no WARN line for {name}:\n{log}");
     }
+}
+
+/// `<service>.service.<namespace>.<domain>` names a namespace's service;
+/// the name without a namespace stays `default`'s.
+#[tokio::test]
+async fn a_namespace_is_named_after_service_and_instance() {
+    let setup = Setup {
+        dns: Some("ttl_s = 0".into()),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("cluster");
+    let client = c.client();
+    client
+        .create_namespace(CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: None,
+        })
+        .await
+        .expect("namespace");
+    put(&c, "web-d", "10.0.0.1", 8080, |_| {}).await;
+    let mut a = instance("web", "web-a", 8081);
+    a.address = "10.0.0.2".into();
+    client
+        .register(RegisterRequest {
+            instance: Some(a),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("register in team-a");
+    let r = resolver(dns_addr(&c, c.leader().await), true, true, true);
+    let in_a = ask(&r, "web.service.team-a.roster.", RecordType::A)
+        .await
+        .expect("team-a's web");
+    assert_eq!(
+        ips(&in_a),
+        BTreeSet::from(["10.0.0.2".parse().expect("ip")])
+    );
+    let default = ask(&r, "web.service.roster.", RecordType::A)
+        .await
+        .expect("default's web");
+    assert_eq!(
+        ips(&default),
+        BTreeSet::from(["10.0.0.1".parse().expect("ip")])
+    );
+    let srv = ask(&r, "web.service.team-a.roster.", RecordType::SRV)
+        .await
+        .expect("SRV");
+    let targets: Vec<String> = srv
+        .iter()
+        .filter_map(|d| match d {
+            RData::SRV(s) => Some(s.target.to_ascii()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(targets, ["web-a.web.instance.team-a.roster."]);
+    let one = ask(&r, "web-a.web.instance.team-a.roster.", RecordType::A)
+        .await
+        .expect("the instance");
+    assert_eq!(ips(&one).len(), 1);
+    let e = ask(&r, "web.service.team-b.roster.", RecordType::A).await;
+    assert!(e.is_err(), "no such namespace: NXDOMAIN, got {e:?}");
 }

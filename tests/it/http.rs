@@ -543,3 +543,53 @@ async fn https_serves_a_rotated_certificate_to_new_connections() {
     assert_eq!(served, der(&rotated));
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// A namespace's routes are `default`'s under `/v1/namespaces/{namespace}`;
+/// the old routes stay `default`'s.
+#[tokio::test]
+async fn a_namespace_has_the_same_routes_under_v1_namespaces() {
+    let c = http_cluster("", false).await;
+    c.client()
+        .create_namespace(roster::proto::v1::CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: None,
+        })
+        .await
+        .expect("namespace");
+    let f = follower(&c).await;
+    let http = reqwest::Client::new();
+    let ns = |path: &str| url(&c, f, &format!("/v1/namespaces/team-a{path}"));
+    let r = http
+        .put(ns("/services/web/instances/w-1"))
+        .body(json!({"address": "10.0.0.1", "port": 8080}).to_string())
+        .send()
+        .await
+        .expect("PUT");
+    let (s, body) = answer(r).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["instance"]["namespace"], "team-a", "{body}");
+    let (s, body) = get_json(&http, ns("/services/web")).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["instances"][0]["id"], "w-1", "{body}");
+    let (_, body) = get_json(&http, ns("/services")).await;
+    assert_eq!(body["services"][0]["name"], "web", "{body}");
+    let (_, body) = get_json(&http, url(&c, f, "/v1/services")).await;
+    assert!(
+        body["services"].as_array().is_none_or(Vec::is_empty),
+        "{body}"
+    );
+    let (_, body) = get_json(&http, url(&c, f, "/v1/namespaces")).await;
+    let names: Vec<&str> = body["namespaces"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["default", "team-a"], "{body}");
+    let (s, body) = get_json(&http, url(&c, f, "/v1/namespaces/nope/services")).await;
+    assert_error(s, &body, 404, "NOT_FOUND");
+    let r = http
+        .delete(ns("/services/web/instances/w-1"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(answer(r).await.0, 200);
+}

@@ -380,3 +380,63 @@ async fn xds_turned_off_answers_unimplemented() {
     };
     assert_eq!(off.code(), tonic::Code::Unimplemented, "{off}");
 }
+
+/// `xds:///<service>.<namespace>` reaches a namespace's service; the wildcard
+/// lists `default`'s alone.
+#[tokio::test]
+async fn a_namespace_s_service_is_the_resource_service_dot_namespace() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    client
+        .create_namespace(roster::proto::v1::CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: None,
+        })
+        .await
+        .expect("namespace");
+    put(&c, "api", "api-d", 9001, "z1").await;
+    let mut a = instance("api", "api-a", 9002);
+    a.address = "127.0.0.1".into();
+    client
+        .register(RegisterRequest {
+            instance: Some(a),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("register in team-a");
+    let mut ads = Ads::open(&c, c.leader().await, None)
+        .await
+        .expect("an ADS stream");
+    let lds = ads.subscribe(LISTENER, &["api.team-a"]).await;
+    let listeners: Vec<Listener> = decode(&lds);
+    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["api.team-a"]);
+    let cds = ads.subscribe(CLUSTER, &[]).await;
+    let clusters: Vec<Cluster> = decode(&cds);
+    let names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["api"], "the wildcard is default's");
+    let eds = ads.subscribe(ENDPOINTS, &["api.team-a"]).await;
+    let cla: Vec<ClusterLoadAssignment> = decode(&eds);
+    assert_eq!(cla.len(), 1);
+    assert_eq!(cla[0].cluster_name, "api.team-a");
+    let ports: Vec<u32> = cla[0]
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| match &e.host_identifier {
+            Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.address.as_ref(),
+            _ => None,
+        })
+        .filter_map(|a| match &a.address {
+            Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => {
+                match s.port_specifier {
+                    Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => Some(p),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ports, [9002], "team-a's instance only");
+}
