@@ -143,11 +143,22 @@ pub mod encoded {
     #[derive(Clone, Debug)]
     pub enum WatchServicesResponse {
         Update {
-            /// The watcher's own name for it, shared.
-            service: Arc<str>,
+            /// The watcher's own key for the service, shared: the namespace
+            /// (`namespace_end` bytes, none for `default`), a separator,
+            /// then the service's name.
+            key: Arc<str>,
+            namespace_end: usize,
             update: WatchResponse,
         },
         Other(pb::WatchServicesResponse),
+    }
+
+    /// A key's namespace (empty for `default`) and service.
+    fn parts(key: &str, namespace_end: usize) -> (&str, &str) {
+        match namespace_end {
+            0 => ("", key),
+            n => (&key[..n], &key[n + 1..]),
+        }
     }
 
     /// A length-delimited field holding `bytes`.
@@ -169,13 +180,17 @@ pub mod encoded {
     impl Message for WatchServicesResponse {
         fn encode_raw(&self, buf: &mut impl BufMut) {
             match self {
-                Self::Update { service, update } => {
-                    let (ns, service) = crate::registry::namespace::split(service);
+                Self::Update {
+                    key,
+                    namespace_end,
+                    update,
+                } => {
+                    let (ns, service) = parts(key, *namespace_end);
                     if !service.is_empty() {
                         put_field(SERVICE, service.as_bytes(), buf);
                     }
                     put_field(UPDATE, update.0.encoded(), buf);
-                    if ns != crate::registry::namespace::DEFAULT {
+                    if !ns.is_empty() {
                         put_field(NAMESPACE, ns.as_bytes(), buf);
                     }
                 }
@@ -195,19 +210,22 @@ pub mod encoded {
 
         fn encoded_len(&self) -> usize {
             match self {
-                Self::Update { service, update } => {
-                    let (ns, service) = crate::registry::namespace::split(service);
-                    let service = if service.is_empty() {
-                        0
-                    } else {
-                        field_len(SERVICE, service.len())
+                Self::Update {
+                    key,
+                    namespace_end,
+                    update,
+                } => {
+                    let (ns, service) = parts(key, *namespace_end);
+                    let len = |tag, s: &str| {
+                        if s.is_empty() {
+                            0
+                        } else {
+                            field_len(tag, s.len())
+                        }
                     };
-                    let ns = if ns == crate::registry::namespace::DEFAULT {
-                        0
-                    } else {
-                        field_len(NAMESPACE, ns.len())
-                    };
-                    service + ns + field_len(UPDATE, update.0.encoded().len())
+                    len(SERVICE, service)
+                        + len(NAMESPACE, ns)
+                        + field_len(UPDATE, update.0.encoded().len())
                 }
                 Self::Other(m) => m.encoded_len(),
             }
@@ -246,13 +264,14 @@ pub mod encoded {
             let shared = WatchResponse::own(&m);
             assert_eq!(shared.encode_to_vec(), m.encode_to_vec());
             // Catalogue keys: the service and namespace go out apart.
-            for (key, service, namespace) in [
-                ("web", "web", ""),
-                ("", "", ""),
-                ("team-a/web", "web", "team-a"),
+            for (key, namespace_end, service, namespace) in [
+                ("web", 0, "web", ""),
+                ("", 0, "", ""),
+                ("team-a/web", 6, "web", "team-a"),
             ] {
                 let mux = WatchServicesResponse::Update {
-                    service: key.into(),
+                    key: key.into(),
+                    namespace_end,
                     update: shared.clone(),
                 };
                 let generated = pb::WatchServicesResponse {

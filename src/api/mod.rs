@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod convert;
 pub mod forward;
 pub mod limits;
+mod namespaces;
 pub mod registry;
 mod sessions;
 mod watch;

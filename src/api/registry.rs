@@ -79,7 +79,7 @@ impl RegistryApi {
     }
 
     async fn enter<'n>(&self, grant: Option<&auth::Grant>, ns: &'n str) -> Result<&'n str, Status> {
-        enter(&self.state, &self.proposer, grant, ns).await
+        super::namespaces::enter(&self.state, &self.proposer, grant, ns).await
     }
 
     /// Waits, for a read of the given consistency, until local state may be read.
@@ -89,28 +89,6 @@ impl RegistryApi {
         }
         Ok(())
     }
-}
-
-/// The request's namespace, once the grant reaches it and it exists: in
-/// that order, so a token learns nothing of a namespace it cannot use. Its
-/// absence is confirmed by a read index before it is told.
-pub(super) async fn enter<'n>(
-    state: &SharedState,
-    proposer: &Proposer,
-    grant: Option<&auth::Grant>,
-    ns: &'n str,
-) -> Result<&'n str, Status> {
-    let ns = convert::namespace_of(ns)?;
-    auth::may_enter(grant, ns)?;
-    let exists = |st: &RegistryState| st.catalog.namespace(ns).is_some();
-    if !super::read_state(state, exists)? {
-        proposer.read_index().await?;
-        if !super::read_state(state, exists)? {
-            let refusal = Outcome::NamespaceNotFound(ns.into()).refusal();
-            return Err(refusal.unwrap_or_else(|| Error::NotFound(ns.into())).into());
-        }
-    }
-    Ok(ns)
 }
 
 #[tonic::async_trait]

@@ -69,7 +69,7 @@ impl Watches {
         let ceiling = self.catch_up([msg.since_revision], credentials).await?;
         within(msg.since_revision, ceiling)?;
         let ns =
-            super::registry::enter(&self.state, &self.proposer, grant.as_ref(), &msg.namespace)
+            super::namespaces::enter(&self.state, &self.proposer, grant.as_ref(), &msg.namespace)
                 .await?
                 .to_string();
         // The slot is held for as long as the stream lives.
@@ -227,8 +227,10 @@ impl Mux {
                 Event::Request(None) => self.inbound = None,
                 Event::Update(update) => {
                     return update.map(|u| {
+                        let key = u.service.clone().unwrap_or_else(|| Arc::from(""));
                         Ok(encoded::WatchServicesResponse::Update {
-                            service: u.service.clone().unwrap_or_else(|| Arc::from("")),
+                            namespace_end: namespace::namespace_end(&key),
+                            key,
                             update: encoded::WatchResponse(u),
                         })
                     })

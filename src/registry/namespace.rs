@@ -32,6 +32,12 @@ pub fn split(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or((DEFAULT, key))
 }
 
+/// Where the namespace ends in `key`: 0 for `default`'s (no namespace in
+/// it), else the separator's position.
+pub fn namespace_end(key: &str) -> usize {
+    key.find('/').unwrap_or(0)
+}
+
 /// How messages name the service keyed `key`: `"web"`, or `"web" of
 /// namespace "team-a"`; never the key itself.
 pub fn describe(key: &str) -> String {
