@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
 use ports::free_port;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,9 @@ pub struct Setup {
     /// Seed every node's data directory from this backup first, with
     /// `roster snapshot restore` (cluster id `test`, as the configs say).
     pub restore_from: Option<PathBuf>,
+    /// Copy this data directory (written by another version, say) into
+    /// every node's before it starts.
+    pub data_dir_from: Option<PathBuf>,
     /// Each node serves DNS on its `dns_port`, with these further lines of
     /// its `[dns]` section.
     pub dns: Option<String>,
@@ -248,6 +251,11 @@ impl TestCluster {
             .collect();
         for id in 1..=n {
             c.write_config(id, &initial.join(","));
+        }
+        if let Some(from) = &setup.data_dir_from {
+            for id in 1..=n {
+                copy_dir(from, &c.data_dir(id));
+            }
         }
         if let Some(backup) = &setup.restore_from {
             for id in 1..=n {
@@ -906,4 +914,18 @@ pub fn make_node_certs(dir: &std::path::Path, ids: impl IntoIterator<Item = u64>
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
     assert!(out.status.success(), "make-certs.sh: {out:?}");
+}
+
+/// Copies the files of directory `from` (and of its subdirectories) into `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the data directory");
+    for entry in std::fs::read_dir(from).expect("read the fixture") {
+        let entry = entry.expect("a fixture entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a fixture file");
+        }
+    }
 }

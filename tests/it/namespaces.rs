@@ -370,3 +370,77 @@ async fn quotas_refuse_what_would_pass_them_and_a_namespace_with_instances_needs
         .expect_err("default stays");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 }
+
+/// The fixture written by the previous version (tests/fixtures/format5).
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/format5")
+        .join(name)
+}
+
+/// What the previous version stored is `default`'s, and namespaces can be
+/// added beside it.
+async fn holds_the_fixture_in_default(c: &TestCluster, ids: &[&str]) {
+    let client = c.client();
+    let got: Vec<String> = client
+        .get_service(get_in("", "web"))
+        .await
+        .expect("web")
+        .instances
+        .into_iter()
+        .map(|i| {
+            assert!(i.namespace.is_empty(), "{i:?}");
+            i.id
+        })
+        .collect();
+    assert_eq!(got, ids);
+    let listed = client
+        .list_namespaces(ListNamespacesRequest::default())
+        .await
+        .expect("namespaces");
+    let names: Vec<&str> = listed.namespaces.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["default"]);
+    create_ns(&client, "team-a", 1, 1).await;
+    client
+        .register(reg_in("team-a", "web", "w-1"))
+        .await
+        .expect("a namespace beside the old data");
+    assert_eq!(held(&client, "", "web").await.len(), ids.len());
+}
+
+#[tokio::test]
+async fn a_backup_of_the_previous_version_restores_into_default() {
+    let setup = Setup {
+        restore_from: Some(fixture("backup.snap")),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("a cluster from the old backup");
+    holds_the_fixture_in_default(&c, &["w-1", "w-2"]).await;
+}
+
+#[tokio::test]
+async fn a_data_directory_of_the_previous_version_starts_and_keeps_its_data() {
+    let setup = Setup {
+        data_dir_from: Some(fixture("data")),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(1, "", setup)
+        .await
+        .expect("a node on the old data directory");
+    holds_the_fixture_in_default(&c, &["w-1", "w-2"]).await;
+    let api = held(&c.client(), "", "api").await;
+    assert_eq!(
+        api,
+        [named("", "api", "a-1")],
+        "the log's tail after the backup"
+    );
+    // The settings came along: the protection threshold of 50%.
+    let before = c
+        .client()
+        .get_service(get_in("", "web"))
+        .await
+        .expect("web");
+    assert!(!before.protection_active);
+}
