@@ -5,6 +5,7 @@ use super::auth::Grant;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto::v1 as pb;
+use crate::registry::catalog::Usage;
 use crate::registry::model::{CheckKind, CheckSpec, Metadata, SESSION_KEY};
 use crate::registry::namespace::{self, Namespace, Quotas, DEFAULT};
 use crate::registry::validate;
@@ -171,16 +172,18 @@ pub fn service_key(ns: &str, service: &str) -> Result<String> {
     Ok(namespace::qualify(ns, service))
 }
 
-pub fn namespace_to_pb_full(n: &Namespace, instances: u64, services: u64) -> pb::Namespace {
+pub fn namespace_to_pb_full(n: &Namespace, usage: Usage) -> pb::Namespace {
     pb::Namespace {
         name: n.name.clone(),
         quotas: Some(pb::NamespaceQuotas {
             max_instances: n.quotas.instances,
             max_services: n.quotas.services,
+            max_sessions: n.quotas.sessions,
         }),
         create_revision: n.create_revision,
-        instances,
-        services,
+        instances: usage.instances,
+        services: usage.services,
+        sessions: usage.sessions,
     }
 }
 
@@ -189,6 +192,7 @@ pub fn quotas_from_pb(q: Option<pb::NamespaceQuotas>) -> Quotas {
     Quotas {
         instances: q.max_instances,
         services: q.max_services,
+        sessions: q.max_sessions,
     }
 }
 

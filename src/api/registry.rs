@@ -107,7 +107,8 @@ impl Registry for RegistryApi {
                 self.enter(grant.as_ref(), namespace::split(&i.service).0)
                     .await?;
                 if let Some(session) = i.session() {
-                    self.sessions.check_open(session).await?;
+                    let ns = namespace::split(&i.service).0;
+                    self.sessions.check_open(session, ns).await?;
                 }
                 let admitted = self.read(|st| self.admission.admit(&st.catalog, i))??;
                 (Some(admitted), i.session().map(str::to_string))
@@ -337,8 +338,13 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        self.consistent(req.into_inner().consistency).await?;
-        self.sessions.list().map(Response::new)
+        let grant = auth::grant(&req);
+        let msg = req.into_inner();
+        self.consistent(msg.consistency).await?;
+        self.sessions
+            .list(grant.as_ref(), &msg.namespace)
+            .await
+            .map(Response::new)
     }
 
     async fn create_namespace(
@@ -364,10 +370,10 @@ impl Registry for RegistryApi {
                 Error::Internal(format!("a namespace put applied as {:?}", r.outcome)).into(),
             );
         };
-        let (instances, services) = self.read(|st| st.catalog.usage_of(&n.name))?;
+        let usage = self.read(|st| st.catalog.usage_of(&n.name))?;
         Ok(Response::new(pb::CreateNamespaceResponse {
             revision: r.revision,
-            namespace: Some(convert::namespace_to_pb_full(&n, instances, services)),
+            namespace: Some(convert::namespace_to_pb_full(&n, usage)),
         }))
     }
 
@@ -381,8 +387,8 @@ impl Registry for RegistryApi {
             let namespaces = st
                 .catalog
                 .namespaces()
-                .filter(|(n, _, _)| auth::may_enter(grant.as_ref(), &n.name).is_ok())
-                .map(|(n, i, s)| convert::namespace_to_pb_full(&n, i, s))
+                .filter(|(n, _)| auth::may_enter(grant.as_ref(), &n.name).is_ok())
+                .map(|(n, usage)| convert::namespace_to_pb_full(&n, usage))
                 .collect();
             Response::new(pb::ListNamespacesResponse {
                 revision: st.catalog.revision(),

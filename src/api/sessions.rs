@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Status};
 
 use super::auth::{self, Grant};
+use super::convert;
 use super::forward::{self, Leader};
 use crate::error::Error;
 use crate::peers::Peers;
@@ -21,6 +22,7 @@ use crate::proto::v1 as pb;
 use crate::raft::proposer::Proposer;
 use crate::registry::leases::{now_ms, Leases};
 use crate::registry::model::{OnSessionEnd, Session};
+use crate::registry::namespace;
 use crate::registry::validate;
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::{Command, Outcome};
@@ -55,8 +57,9 @@ struct Batch {
     waiters: Vec<oneshot::Sender<Answer>>,
 }
 
-fn session_to_pb(s: &Session, instances: usize) -> pb::Session {
+fn session_to_pb(s: &Session, instances: usize, ns: &str) -> pb::Session {
     pb::Session {
+        namespace: convert::namespace_to_pb(ns),
         id: s.id.clone(),
         name: s.name.clone(),
         ttl_ms: u32::try_from(s.ttl_ms).unwrap_or(u32::MAX),
@@ -111,11 +114,14 @@ impl Sessions {
         Ok(super::read_state(&self.state, f)?)
     }
 
-    /// Checks that `session` is open, for a registration under it (the entry
-    /// checks again when applied).
-    pub async fn check_open(&self, session: &str) -> Result<(), Status> {
+    /// Checks that `session` is open in namespace `ns`, for a registration
+    /// under it (the entry checks again when applied): a session of another
+    /// namespace is not there for it.
+    pub async fn check_open(&self, session: &str, ns: &str) -> Result<(), Status> {
         validate::session_id(session)?;
-        let open = |st: &RegistryState| st.catalog.session(session).is_some();
+        let open = |st: &RegistryState| {
+            st.catalog.session(session).is_some() && st.catalog.session_namespace(session) == ns
+        };
         if !self.read(open)? {
             // A leader may not have applied everything committed yet.
             self.proposer.read_index().await?;
@@ -133,6 +139,11 @@ impl Sessions {
         let grant = auth::grant(&req);
         let msg = req.into_inner();
         validate::session_name(&msg.name)?;
+        self.proposer.here()?;
+        let ns =
+            super::namespaces::enter(&self.state, &self.proposer, grant.as_ref(), &msg.namespace)
+                .await?
+                .to_string();
         let session = Session {
             id: auth::random_hex(validate::SESSION_ID_LEN / 2)?,
             name: msg.name,
@@ -141,10 +152,17 @@ impl Sessions {
             create_revision: 0,
             created_by: grant.map(|g| g.accessor().to_string()).unwrap_or_default(),
         };
-        let r = self
-            .proposer
-            .propose(Command::CreateSession(session))
-            .await?;
+        let cmd = match ns.as_str() {
+            namespace::DEFAULT => Command::CreateSession(session),
+            _ => Command::CreateSessionIn {
+                namespace: ns.clone(),
+                session,
+            },
+        };
+        let r = self.proposer.propose(cmd).await?;
+        if let Some(refused) = r.outcome.refusal() {
+            return Err(refused.into());
+        }
         let Outcome::SessionCreated(s) = r.outcome else {
             return Err(
                 Error::Internal(format!("create session applied as {:?}", r.outcome)).into(),
@@ -153,7 +171,7 @@ impl Sessions {
         self.leases.renew_sessions([s.id.as_str()], Instant::now());
         Ok(pb::CreateSessionResponse {
             revision: r.revision,
-            session: Some(session_to_pb(&s, 0)),
+            session: Some(session_to_pb(&s, 0, &ns)),
         })
     }
 
@@ -212,9 +230,15 @@ impl Sessions {
         req: Request<pb::CloseSessionRequest>,
     ) -> Result<pb::CloseSessionResponse, Status> {
         let grant = auth::grant(&req);
-        let id = req.into_inner().id;
+        let pb::CloseSessionRequest { id, namespace } = req.into_inner();
         validate::session_id(&id)?;
-        let creator = self.read(|st| st.catalog.session(&id).map(|s| s.created_by.clone()))?;
+        let ns = convert::namespace_of(&namespace)?;
+        let creator = self.read(|st| {
+            st.catalog
+                .session(&id)
+                .filter(|_| st.catalog.session_namespace(&id) == ns)
+                .map(|s| s.created_by.clone())
+        })?;
         let creator = creator.ok_or_else(|| unknown_session(&id))?;
         may_close(grant.as_ref(), &creator, &id)?;
         let cmd = Command::EndSessions {
@@ -235,13 +259,20 @@ impl Sessions {
         }
     }
 
-    pub fn list(&self) -> Result<pb::ListSessionsResponse, Status> {
+    /// Namespace `ns`'s sessions.
+    pub async fn list(
+        &self,
+        grant: Option<&Grant>,
+        ns: &str,
+    ) -> Result<pb::ListSessionsResponse, Status> {
+        let ns = super::namespaces::enter(&self.state, &self.proposer, grant, ns).await?;
         self.read(|st| pb::ListSessionsResponse {
             revision: st.catalog.revision(),
             sessions: st
                 .catalog
                 .sessions()
-                .map(|s| session_to_pb(s, st.catalog.session_size(&s.id)))
+                .filter(|s| st.catalog.session_namespace(&s.id) == ns)
+                .map(|s| session_to_pb(s, st.catalog.session_size(&s.id), ns))
                 .collect(),
         })
     }

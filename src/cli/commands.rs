@@ -406,6 +406,7 @@ pub async fn session(c: SessionCommand) -> anyhow::Result<()> {
         SessionCommand::List { endpoints, stale } => {
             let r = client(&endpoints)?
                 .list_sessions(ListSessionsRequest {
+                    namespace: Default::default(),
                     consistency: consistency(stale),
                 })
                 .await?;
@@ -423,7 +424,10 @@ pub async fn session(c: SessionCommand) -> anyhow::Result<()> {
         }
         SessionCommand::Close { endpoints, id } => {
             let r = client(&endpoints)?
-                .close_session(CloseSessionRequest { id: id.clone() })
+                .close_session(CloseSessionRequest {
+                    id: id.clone(),
+                    namespace: endpoints.namespace.clone(),
+                })
                 .await?;
             println!(
                 "closed session {id} at revision {}: {} instances ended",
@@ -445,12 +449,14 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
             }
         };
         format!(
-            "{} instances={}/{} services={}/{}",
+            "{} instances={}/{} services={}/{} sessions={}/{}",
             n.name,
             n.instances,
             limit(q.max_instances),
             n.services,
-            limit(q.max_services)
+            limit(q.max_services),
+            n.sessions,
+            limit(q.max_sessions)
         )
     };
     match c {
@@ -459,6 +465,7 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
             name,
             max_instances,
             max_services,
+            max_sessions,
         } => {
             let r = client(&endpoints)?
                 .create_namespace(CreateNamespaceRequest {
@@ -466,6 +473,7 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
                     quotas: Some(NamespaceQuotas {
                         max_instances,
                         max_services,
+                        max_sessions,
                     }),
                 })
                 .await?;

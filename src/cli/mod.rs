@@ -189,6 +189,8 @@ pub enum NamespaceCommand {
         max_instances: u64,
         #[arg(long, default_value_t = 0)]
         max_services: u64,
+        #[arg(long, default_value_t = 0)]
+        max_sessions: u64,
     },
     /// The namespaces your token reaches, with their quotas and what they hold.
     List {

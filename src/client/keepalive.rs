@@ -187,6 +187,7 @@ impl KeptSession {
         on_end: SessionEnd,
     ) -> Result<KeptSession, Error> {
         let create = CreateSessionRequest {
+            namespace: Default::default(),
             name: name.to_string(),
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
             on_end: on_end as i32,
@@ -312,7 +313,10 @@ impl Held {
     }
 
     async fn close(&self) -> Result<CloseSessionResponse, Error> {
-        let req = CloseSessionRequest { id: self.id() };
+        let req = CloseSessionRequest {
+            id: self.id(),
+            ..Default::default()
+        };
         self.client.close_session(req).await
     }
 }

@@ -44,6 +44,16 @@ pub struct Catalog {
     default_held: Held,
     /// `default`'s quotas (none unless an operator set some).
     default_quotas: Quotas,
+    /// The namespace of each session not in `default`.
+    session_namespaces: BTreeMap<String, String>,
+}
+
+/// What a namespace holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub instances: u64,
+    pub services: u64,
+    pub sessions: u64,
 }
 
 /// A namespace and how much of its quotas it uses.
@@ -53,12 +63,23 @@ struct Held {
     instances: u64,
     /// Names with instances or settings.
     services: u64,
+    sessions: u64,
 }
 
 /// The instances a query returns, and whether protection overrode `healthy_only`.
 pub struct View<'a> {
     pub instances: Vec<&'a Instance>,
     pub protection_active: bool,
+}
+
+impl Held {
+    fn usage(&self) -> Usage {
+        Usage {
+            instances: self.instances,
+            services: self.services,
+            sessions: self.sessions,
+        }
+    }
 }
 
 /// Per-service counts, for listings.
@@ -93,12 +114,25 @@ impl Catalog {
         Catalog { acl, ..self }
     }
 
-    /// The catalogue with these open sessions.
-    pub fn with_sessions(self, sessions: impl IntoIterator<Item = Session>) -> Self {
-        Catalog {
-            sessions: sessions.into_iter().map(|s| (s.id.clone(), s)).collect(),
-            ..self
+    /// The catalogue with these open sessions, and the namespace of each
+    /// one not in `default`.
+    pub fn with_sessions(
+        mut self,
+        sessions: impl IntoIterator<Item = Session>,
+        namespaces: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        self.session_namespaces = namespaces.into_iter().collect();
+        for s in sessions {
+            let ns = self.session_namespace(&s.id).to_string();
+            self.held_in(&ns).sessions += 1;
+            self.sessions.insert(s.id.clone(), s);
         }
+        self
+    }
+
+    /// The namespace of each session not in `default` (for snapshots).
+    pub fn session_namespaces(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.session_namespaces.iter()
     }
 
     pub fn revision(&self) -> u64 {
@@ -143,13 +177,9 @@ impl Catalog {
                 true => Outcome::TokenRevoked,
                 false => Outcome::NotFound,
             },
-            Command::CreateSession(spec) => {
-                let session = Session {
-                    create_revision: revision,
-                    ..spec.clone()
-                };
-                self.sessions.insert(session.id.clone(), session.clone());
-                Outcome::SessionCreated(Box::new(session))
+            Command::CreateSession(spec) => self.create_session(revision, namespace::DEFAULT, spec),
+            Command::CreateSessionIn { namespace, session } => {
+                self.create_session(revision, namespace, session)
             }
             Command::EndSessions {
                 ids,
@@ -169,11 +199,12 @@ impl Catalog {
 
     /// Stores `spec` at `revision`, keeping the create revision of the instance it replaces.
     fn register(&mut self, revision: u64, spec: &Instance, events: &mut Vec<Event>) -> Outcome {
-        // The session may have ended between the request's check and this entry.
-        if spec
-            .session()
-            .is_some_and(|s| !self.sessions.contains_key(s))
-        {
+        // The session may have ended between the request's check and this
+        // entry; one of another namespace is not there for this instance.
+        if spec.session().is_some_and(|s| {
+            !self.sessions.contains_key(s)
+                || self.session_namespace(s) != namespace::split(&spec.service).0
+        }) {
             return Outcome::SessionNotFound;
         }
         let fresh = self.get(&spec.service, &spec.id).is_none();
@@ -216,6 +247,46 @@ impl Catalog {
             }
             None => Outcome::NotFound,
         }
+    }
+
+    fn create_session(&mut self, revision: u64, ns: &str, spec: &Session) -> Outcome {
+        if let Err(refused) = self.admit_session(ns) {
+            return refused;
+        }
+        let session = Session {
+            create_revision: revision,
+            ..spec.clone()
+        };
+        self.held_in(ns).sessions += 1;
+        if ns != namespace::DEFAULT {
+            self.session_namespaces
+                .insert(session.id.clone(), ns.to_string());
+        }
+        self.sessions.insert(session.id.clone(), session.clone());
+        Outcome::SessionCreated(Box::new(session))
+    }
+
+    /// Whether namespace `ns` exists and has room for one session more.
+    pub fn admit_session(&self, ns: &str) -> Result<(), Outcome> {
+        let (quotas, held) = self
+            .usage(ns)
+            .ok_or_else(|| Outcome::NamespaceNotFound(ns.into()))?;
+        let limit = quotas.sessions;
+        if limit > 0 && held.sessions >= limit {
+            return Err(Outcome::QuotaExceeded {
+                namespace: ns.to_string(),
+                quota: Quota::Sessions,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// The namespace session `id` is in.
+    pub fn session_namespace(&self, id: &str) -> &str {
+        self.session_namespaces
+            .get(id)
+            .map_or(namespace::DEFAULT, String::as_str)
     }
 
     fn configure(&mut self, service: &str, protect_threshold_pct: u32) -> Outcome {
@@ -273,7 +344,11 @@ impl Catalog {
     }
 
     fn held_mut(&mut self, key: &str) -> &mut Held {
-        match namespace::split(key).0 {
+        self.held_in(namespace::split(key).0)
+    }
+
+    fn held_in(&mut self, ns: &str) -> &mut Held {
+        match ns {
             namespace::DEFAULT => &mut self.default_held,
             ns => self.namespaces.entry(ns.to_string()).or_default(),
         }
@@ -318,6 +393,13 @@ impl Catalog {
         if instances > 0 && !force {
             return Outcome::NamespaceNotEmpty { instances };
         }
+        let sessions: Vec<String> = self
+            .session_namespaces
+            .iter()
+            .filter(|(_, ns)| *ns == name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.end_sessions(revision, &sessions, false, 0, events);
         let keys = Self::keys_in(&self.services, name);
         for service in keys {
             let ids: Vec<String> = self.services[&service].keys().cloned().collect();
@@ -342,10 +424,9 @@ impl Catalog {
             .collect()
     }
 
-    /// Instances and services of namespace `ns` (0 if it does not exist).
-    pub fn usage_of(&self, ns: &str) -> (u64, u64) {
-        self.usage(ns)
-            .map_or((0, 0), |(_, h)| (h.instances, h.services))
+    /// What namespace `ns` holds (nothing if it does not exist).
+    pub fn usage_of(&self, ns: &str) -> Usage {
+        self.usage(ns).map_or(Usage::default(), |(_, h)| h.usage())
     }
 
     /// The namespace `name`, if it exists (`default` always does).
@@ -359,20 +440,19 @@ impl Catalog {
         self.namespaces.get(name)?.spec.clone()
     }
 
-    /// Every namespace, `default` first, with its instances and services.
-    pub fn namespaces(&self) -> impl Iterator<Item = (Namespace, u64, u64)> + '_ {
+    /// Every namespace, `default` first, with what it holds.
+    pub fn namespaces(&self) -> impl Iterator<Item = (Namespace, Usage)> + '_ {
         let default = (
             self.namespace(namespace::DEFAULT),
-            self.default_held.instances,
-            self.default_held.services,
+            self.default_held.usage(),
         );
         std::iter::once(default)
             .chain(
                 self.namespaces
                     .values()
-                    .map(|h| (h.spec.clone(), h.instances, h.services)),
+                    .map(|h| (h.spec.clone(), h.usage())),
             )
-            .filter_map(|(spec, i, s)| Some((spec?, i, s)))
+            .filter_map(|(spec, usage)| Some((spec?, usage)))
     }
 
     /// The namespaces other than `default`, as stored (for snapshots).
@@ -456,6 +536,11 @@ impl Catalog {
                 continue;
             };
             sessions += 1;
+            let ns = self
+                .session_namespaces
+                .remove(id)
+                .unwrap_or_else(|| namespace::DEFAULT.to_string());
+            self.held_in(&ns).sessions -= 1;
             let why = if expired {
                 format!(
                     "session {id} expired: no renewal within {} ms",
@@ -776,6 +861,7 @@ mod tests {
                 quotas: Quotas {
                     instances,
                     services,
+                    sessions: 0,
                 },
                 create_revision: 0,
             },
@@ -829,8 +915,12 @@ mod tests {
                 limit: 2,
             }
         );
-        assert_eq!(c.usage_of("a"), (2, 1));
-        assert_eq!(c.usage_of(namespace::DEFAULT), (1, 1));
+        let usage = |c: &Catalog, ns| {
+            let u = c.usage_of(ns);
+            (u.instances, u.services)
+        };
+        assert_eq!(usage(&c, "a"), (2, 1));
+        assert_eq!(usage(&c, namespace::DEFAULT), (1, 1));
         // The cluster's limit counts `default`.
         c.apply(8, &put_ns("b", 0, 0));
         assert_eq!(

@@ -289,6 +289,12 @@ pub enum Command {
         name: String,
         force: bool,
     },
+    /// Opens a session in a namespace other than `default` (whose sessions
+    /// `CreateSession` opens): it holds instances of that namespace only.
+    CreateSessionIn {
+        namespace: String,
+        session: Session,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

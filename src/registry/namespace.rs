@@ -59,6 +59,7 @@ pub fn holds(ns: &str, key: &str) -> bool {
 pub struct Quotas {
     pub instances: u64,
     pub services: u64,
+    pub sessions: u64,
 }
 
 impl From<Quotas> for BTreeMap<String, u64> {
@@ -77,6 +78,7 @@ impl From<BTreeMap<String, u64>> for Quotas {
         Quotas {
             instances: get(Quota::Instances),
             services: get(Quota::Services),
+            sessions: get(Quota::Sessions),
         }
     }
 }
@@ -86,16 +88,18 @@ impl From<BTreeMap<String, u64>> for Quotas {
 pub enum Quota {
     Instances,
     Services,
+    Sessions,
 }
 
 impl Quota {
-    pub const ALL: [Quota; 2] = [Quota::Instances, Quota::Services];
+    pub const ALL: [Quota; 3] = [Quota::Instances, Quota::Services, Quota::Sessions];
 
     /// The name operators set it by (`roster namespace create --max-…`).
     pub fn name(self) -> &'static str {
         match self {
             Quota::Instances => "max_instances",
             Quota::Services => "max_services",
+            Quota::Sessions => "max_sessions",
         }
     }
 
@@ -103,6 +107,7 @@ impl Quota {
         match self {
             Quota::Instances => q.instances,
             Quota::Services => q.services,
+            Quota::Sessions => q.sessions,
         }
     }
 }
@@ -146,6 +151,7 @@ mod tests {
         let q = Quotas {
             instances: 10,
             services: 0,
+            sessions: 0,
         };
         let bytes = bincode::serialize(&q).expect("encode");
         let map: BTreeMap<String, u64> = bincode::deserialize(&bytes).expect("a map");

@@ -32,6 +32,7 @@ async fn create_ns(c: &RosterClient, name: &str, max_instances: u64, max_service
         quotas: Some(NamespaceQuotas {
             max_instances,
             max_services,
+            max_sessions: 1,
         }),
     })
     .await
@@ -173,6 +174,12 @@ async fn a_service_name_lives_apart_in_each_namespace_and_scoped_tokens_see_only
         .iter()
         .map(|n| (n.name.as_str(), n.instances, n.services))
         .collect();
+    let quotas: Vec<u64> = all
+        .namespaces
+        .iter()
+        .map(|n| n.quotas.as_ref().map_or(0, |q| q.max_sessions))
+        .collect();
+    assert_eq!(quotas, [0, 1, 1]);
     assert_eq!(
         counts,
         [("default", 1, 1), ("team-a", 2, 2), ("team-b", 1, 1)]
@@ -443,4 +450,72 @@ async fn a_data_directory_of_the_previous_version_starts_and_keeps_its_data() {
         .await
         .expect("web");
     assert!(!before.protection_active);
+}
+
+/// A session belongs to a namespace: it holds that namespace's instances
+/// only, is listed and closed there, counts against its quota, and ends
+/// with it.
+#[tokio::test]
+async fn sessions_live_in_a_namespace() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    create_ns(&client, "q", 0, 0).await;
+    let open = |ns: &str| CreateSessionRequest {
+        name: "holder".into(),
+        ttl_ms: 60_000,
+        namespace: ns.into(),
+        ..Default::default()
+    };
+    let s = client
+        .create_session(open("q"))
+        .await
+        .expect("a session in q")
+        .session
+        .expect("session");
+    assert_eq!(s.namespace, "q");
+    let e = client.create_session(open("q")).await.expect_err("quota");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_sessions = 1"), "{e:?}");
+    let under = |ns: &str, id: &str| RegisterRequest {
+        session: s.id.clone(),
+        ..reg_in(ns, "web", id)
+    };
+    client
+        .register(under("q", "w-1"))
+        .await
+        .expect("in its namespace");
+    let e = client
+        .register(under("", "w-2"))
+        .await
+        .expect_err("default");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let list = |ns: &str| ListSessionsRequest {
+        namespace: ns.into(),
+        ..Default::default()
+    };
+    let in_q = client.list_sessions(list("q")).await.expect("list q");
+    assert_eq!(in_q.sessions.len(), 1);
+    assert_eq!(in_q.sessions[0].instances, 1);
+    let in_default = client.list_sessions(list("")).await.expect("list default");
+    assert!(in_default.sessions.is_empty(), "{in_default:?}");
+    let e = client
+        .close_session(CloseSessionRequest {
+            id: s.id.clone(),
+            namespace: String::new(),
+        })
+        .await
+        .expect_err("not default's");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Deleting the namespace ends its sessions in the same entry.
+    client
+        .delete_namespace(DeleteNamespaceRequest {
+            name: "q".into(),
+            force: true,
+        })
+        .await
+        .expect("forced");
+    create_ns(&client, "q", 0, 0).await;
+    let again = client.list_sessions(list("q")).await.expect("list q again");
+    assert!(again.sessions.is_empty(), "{again:?}");
+    client.create_session(open("q")).await.expect("room again");
 }

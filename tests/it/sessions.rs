@@ -23,6 +23,7 @@ async fn instances_of(c: &RosterClient, service: &str) -> Vec<Instance> {
 /// A session no one renews (beyond what the test does by hand).
 async fn bare_session(c: &RosterClient, name: &str, on_end: SessionEnd) -> Session {
     c.create_session(CreateSessionRequest {
+        namespace: Default::default(),
         name: name.into(),
         ttl_ms: TTL.as_millis() as u32,
         on_end: on_end as i32,
@@ -154,13 +155,19 @@ async fn deregister_on_end_and_refusals() {
     let s = bare_session(&client, "gone", SessionEnd::Deregister).await;
     register_under(&client, &s.id, "gone", 5).await;
     let r = client
-        .close_session(CloseSessionRequest { id: s.id.clone() })
+        .close_session(CloseSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("close");
     assert_eq!(r.instances, 5);
     assert!(instances_of(&client, "gone").await.is_empty());
     let e = client
-        .close_session(CloseSessionRequest { id: s.id.clone() })
+        .close_session(CloseSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .expect_err("closed twice");
     assert_eq!(e.code(), roster::client::Code::NotFound, "{e:?}");
@@ -288,7 +295,10 @@ async fn the_client_replaces_a_session_the_cluster_ended() {
     let first = kept.id();
     // An operator ends it behind the client's back.
     c.client()
-        .close_session(CloseSessionRequest { id: first.clone() })
+        .close_session(CloseSessionRequest {
+            id: first.clone(),
+            ..Default::default()
+        })
         .await
         .expect("close");
     let again = c
@@ -362,19 +372,28 @@ async fn only_its_creator_or_an_admin_closes_a_session() {
         .expect_err("a read token creates a session");
     assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     let e = cb
-        .close_session(CloseSessionRequest { id: s.id.clone() })
+        .close_session(CloseSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .expect_err("another token closes it");
     assert_eq!(e.code(), roster::client::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("admin"), "{e:?}");
     assert!(all_passing(&instances_of(&admin, "payments").await));
     let r = admin
-        .close_session(CloseSessionRequest { id: s.id.clone() })
+        .close_session(CloseSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("an admin closes it");
     assert_eq!(r.instances, 2);
     let own = bare_session(&cb, "b's", SessionEnd::Deregister).await;
-    cb.close_session(CloseSessionRequest { id: own.id })
-        .await
-        .expect("its creator closes it");
+    cb.close_session(CloseSessionRequest {
+        id: own.id,
+        ..Default::default()
+    })
+    .await
+    .expect("its creator closes it");
 }

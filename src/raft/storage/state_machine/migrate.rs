@@ -111,5 +111,6 @@ fn read_tree(sm: &sled::Tree) -> crate::error::Result<Option<SnapshotPayload>> {
         },
         sessions: values(records(sm, SESSION_PREFIX, "session")?),
         namespaces: Vec::new(),
+        session_namespaces: Vec::new(),
     }))
 }

@@ -54,6 +54,8 @@ struct SnapshotPayload {
     sessions: Vec<Session>,
     /// Every namespace but `default`, and `default` if it has quotas.
     namespaces: Vec<Namespace>,
+    /// The namespace of each session not in `default`, by id.
+    session_namespaces: Vec<(String, String)>,
 }
 
 /// Opens a payload of storage format 6 (namespaces). An earlier payload
@@ -90,8 +92,8 @@ impl SnapshotPayload {
     fn catalog(self, revision: u64) -> Catalog {
         Catalog::from_parts(revision, self.instances, self.services)
             .with_acl(Acl::restore(self.tokens, self.acl_bootstrapped))
-            .with_sessions(self.sessions)
             .with_namespaces(self.namespaces)
+            .with_sessions(self.sessions, self.session_namespaces)
     }
 
     fn encode(&self) -> Result<Vec<u8>, CodecError> {
@@ -129,6 +131,7 @@ impl SnapshotPayload {
             acl_bootstrapped: old.acl_bootstrapped,
             sessions: old.sessions,
             namespaces: Vec::new(),
+            session_namespaces: Vec::new(),
         })
     }
 }
@@ -306,6 +309,11 @@ impl StateMachine {
                 acl_bootstrapped: st.catalog.acl().bootstrapped(),
                 sessions: st.catalog.sessions().cloned().collect(),
                 namespaces: st.catalog.namespace_specs().collect(),
+                session_namespaces: st
+                    .catalog
+                    .session_namespaces()
+                    .map(|(id, ns)| (id.clone(), ns.clone()))
+                    .collect(),
             }
         };
         let data = payload
@@ -791,6 +799,7 @@ mod tests {
             quotas: Quotas {
                 instances: 5,
                 services: 2,
+                sessions: 3,
             },
             create_revision: 0,
         };
@@ -806,6 +815,17 @@ mod tests {
                 max_namespaces: 10,
             },
             Command::Register(Instance::example("team-a/web", "1")),
+            Command::CreateSessionIn {
+                namespace: "team-a".into(),
+                session: Session {
+                    id: "0123456789abcdef0123456789abcdef".into(),
+                    name: "n".into(),
+                    ttl_ms: 5_000,
+                    on_end: crate::registry::model::OnSessionEnd::Critical,
+                    create_revision: 0,
+                    created_by: String::new(),
+                },
+            },
         ]
         .into_iter()
         .enumerate()
@@ -831,6 +851,12 @@ mod tests {
             st.catalog.namespace("default").map(|n| n.quotas.instances),
             Some(9)
         );
-        assert_eq!(st.catalog.usage_of("team-a"), (1, 1));
+        assert_eq!(
+            st.catalog
+                .session_namespace("0123456789abcdef0123456789abcdef"),
+            "team-a"
+        );
+        let usage = st.catalog.usage_of("team-a");
+        assert_eq!((usage.instances, usage.services, usage.sessions), (1, 1, 1));
     }
 }
