@@ -31,6 +31,8 @@ use crate::raft::liveness::election::Contact;
 use crate::raft::liveness::leadership::{can_serve, lag_entries};
 use crate::raft::replication::peer_trust::PeerRefusals;
 use crate::raft::{Node, NodeId, Raft};
+use crate::registry::catalog::Usage;
+use crate::registry::namespace::Quota;
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::HealthStatus;
 use crate::xds::XdsStats;
@@ -317,5 +319,55 @@ fn registry_metrics(r: &mut Registry, st: &RegistryState) {
         "watch_streams",
         "Open watch streams, the leader's health checker included",
         st.hub.watchers() as i64,
+    );
+    namespace_metrics(r, st);
+}
+
+/// What each namespace holds, and its quotas: series per namespace, which
+/// `[limits] max_namespaces` bounds.
+fn namespace_metrics(r: &mut Registry, st: &RegistryState) {
+    let held = |what: fn(&Usage) -> u64| {
+        let family: Family<Vec<(String, String)>, Gauge> = Family::default();
+        for (ns, usage) in st.catalog.namespaces() {
+            family
+                .get_or_create(&vec![("namespace".to_string(), ns.name)])
+                .set(i64::try_from(what(&usage)).unwrap_or(i64::MAX));
+        }
+        family
+    };
+    r.register(
+        "namespace_instances",
+        "Instances in each namespace",
+        held(|u| u.instances),
+    );
+    r.register(
+        "namespace_services",
+        "Services with instances or settings in each namespace",
+        held(|u| u.services),
+    );
+    r.register(
+        "namespace_sessions",
+        "Open sessions in each namespace",
+        held(|u| u.sessions),
+    );
+    let quotas: Family<Vec<(String, String)>, Gauge> = Family::default();
+    for (ns, _) in st.catalog.namespaces() {
+        for q in Quota::ALL {
+            let limit = q.of(&ns.quotas);
+            if limit > 0 {
+                let labels = vec![
+                    ("namespace".to_string(), ns.name.clone()),
+                    ("quota".to_string(), q.name().to_string()),
+                ];
+                quotas
+                    .get_or_create(&labels)
+                    .set(i64::try_from(limit).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    r.register(
+        "namespace_quota",
+        "Each namespace's quotas that are set (0 is no limit, and not shown)",
+        quotas,
     );
 }

@@ -4,14 +4,16 @@ registered while it watches, and turns that one critical live, without a
 reload, when its TTL check runs out.
 
 usage: check_console.py <base url of a node> [--screenshot PNG]
-                        [--cacert CA.pem] [--token SECRET]
+                        [--cacert CA.pem] [--token SECRET] [--namespace NS]
 
 With --cacert (an https:// base) Chromium trusts that CA as a user's browser
 does once it is imported: through an NSS database (certutil, Debian's
 libnss3-tools) in a temporary HOME. No certificate error is ignored, so the
 page loads only if the node's chain verifies against that CA. With --token
 (a cluster with [auth]) the console must first be refused, then list the
-services once the token is typed into its box.
+services once the token is typed into its box. With --namespace (an existing
+namespace), switching to it in the page's namespace list shows that
+namespace's services alone, and switching back shows `default`'s again.
 """
 import argparse
 import json
@@ -36,6 +38,7 @@ parser.add_argument("base")
 parser.add_argument("--screenshot")
 parser.add_argument("--cacert")
 parser.add_argument("--token")
+parser.add_argument("--namespace")
 args = parser.parse_args()
 base = args.base.rstrip("/")
 tls = ssl.create_default_context(cafile=args.cacert) if args.cacert else None
@@ -120,6 +123,23 @@ try:
     output = cell("web-ttl", "td.out", "textContent")
     print("turned critical live:", output)
     assert status("web-1") == "passing"
+    if args.namespace:
+        ns = args.namespace
+        call("PUT", f"/v1/namespaces/{ns}/services/api/instances/api-1", {"address": "10.0.0.3", "port": 9090})
+        services = lambda: driver.execute_script(
+            "return [...document.querySelectorAll('#services tr[data-service]')].map(r => r.dataset.service);")
+        choose = lambda name: driver.execute_script(
+            "const s = document.getElementById('namespace');"
+            "s.value = arguments[0]; s.dispatchEvent(new Event('change')); return s.value;", name)
+        wait.until(lambda d: ns in d.execute_script(
+            "return [...document.getElementById('namespace').options].map(o => o.value);"))
+        assert choose(ns) == ns
+        wait.until(lambda d: services() == ["api"])
+        assert ns in driver.execute_script("return document.getElementById('picked-title').textContent;")
+        print("namespace", ns, "shows:", services())
+        assert choose("default") == "default"
+        wait.until(lambda d: services() == ["web"])
+        print("back in default:", services())
     if args.screenshot:
         driver.save_screenshot(args.screenshot)
         print("screenshot:", args.screenshot)

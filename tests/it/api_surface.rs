@@ -153,6 +153,24 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
     let c = TestCluster::start(3).await;
     let leader = c.leader().await;
     register(&c.client(), "payments", "p-1", 80).await;
+    c.client()
+        .create_namespace(CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: Some(NamespaceQuotas {
+                max_instances: 5,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("namespace");
+    c.client()
+        .register(RegisterRequest {
+            instance: Some(instance("payments", "p-1", 80)),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("register in team-a");
     let applied = c.status(leader).await.expect("status").applied_index;
     for n in &c.nodes {
         c.wait_applied(n.id, applied).await;
@@ -162,8 +180,14 @@ async fn prometheus_metrics_show_raft_and_catalogue_state() {
             format!("roster_raft_is_leader {is_leader}"),
             format!("roster_raft_leader_id {leader}"),
             "roster_raft_voters 3".to_string(),
-            "roster_registry_instances{status=\"passing\"} 1".to_string(),
-            "roster_registry_services 1".to_string(),
+            "roster_registry_instances{status=\"passing\"} 2".to_string(),
+            "roster_registry_services 2".to_string(),
+            // Per namespace (at most `[limits] max_namespaces` of them).
+            "roster_namespace_instances{namespace=\"default\"} 1".to_string(),
+            "roster_namespace_instances{namespace=\"team-a\"} 1".to_string(),
+            "roster_namespace_services{namespace=\"team-a\"} 1".to_string(),
+            "roster_namespace_sessions{namespace=\"team-a\"} 0".to_string(),
+            "roster_namespace_quota{namespace=\"team-a\",quota=\"max_instances\"} 5".to_string(),
             "roster_registry_sessions 0".to_string(),
         ] {
             assert!(

@@ -63,13 +63,25 @@ async fn python_console_in_headless_chromium() {
     let c = TestCluster::start_setup(3, "", setup)
         .await
         .expect("cluster");
+    c.client()
+        .create_namespace(roster::proto::v1::CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: None,
+        })
+        .await
+        .expect("a namespace to switch to");
     let base = format!("http://127.0.0.1:{}", c.node(follower(&c).await).http_port);
+    let mut args = vec!["--namespace".to_string(), "team-a".to_string()];
     // Where to keep a screenshot of the page (the README's comes from here).
-    let args = match std::env::var("ROSTER_CONSOLE_SCREENSHOT") {
-        Ok(shot) => vec!["--screenshot".to_string(), shot],
-        Err(_) => Vec::new(),
-    };
-    check_console(python, base, args).await;
+    if let Ok(shot) = std::env::var("ROSTER_CONSOLE_SCREENSHOT") {
+        args.extend(["--screenshot".to_string(), shot]);
+    }
+    let stdout = check_console(python, base, args).await;
+    assert!(
+        stdout.contains("namespace team-a shows: ['api']"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("back in default: ['web']"), "{stdout}");
 }
 
 #[tokio::test]

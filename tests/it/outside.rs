@@ -67,6 +67,52 @@ fn outside_dig_and_curl_as_the_readme_shows() {
     assert_eq!(ran.len(), 6, "the example's commands: {block}");
 }
 
+/// The README's namespace example, run as written against `roster dev`.
+#[test]
+fn outside_namespaces_as_the_readme_shows() {
+    let (Ok(dig), Ok(curl)) = (std::env::var("ROSTER_DIG"), std::env::var("ROSTER_CURL")) else {
+        eprintln!("skipped: set ROSTER_DIG and ROSTER_CURL (.ci/run installs them and does)");
+        return;
+    };
+    let block = doc_block("namespace-example");
+    let base = free_block();
+    let _dev = Dev::start(base);
+    let roster = env!("CARGO_BIN_EXE_roster");
+    // What each line prints, in order.
+    let wanted = [
+        "team-a instances=0/500 services=0/50 sessions=0/20",
+        "registered team-a:web/web-1",
+        "team-a:web/web-1 127.0.0.1:8080",
+        "127.0.0.1",
+        "\"namespace\":\"team-a\"",
+        "team-a instances=1/500",
+        "deleted namespace team-a",
+    ];
+    let lines: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.split("  #").next().map(str::trim))
+        .filter(|l| !l.is_empty() && !l.starts_with("```"))
+        .collect();
+    assert_eq!(lines.len(), wanted.len(), "{block}");
+    for (line, wanted) in lines.into_iter().zip(wanted) {
+        let mut cmd = line.to_string();
+        for (dev, port) in [(7201, 200), (7301, 300)] {
+            cmd = cmd.replace(&dev.to_string(), &(base + port).to_string());
+        }
+        let cmd = if let Some(rest) = cmd.strip_prefix("cargo run -- ") {
+            format!("{roster} {rest} --endpoints 127.0.0.1:{base}")
+        } else if let Some(rest) = cmd.strip_prefix("dig ") {
+            format!("{dig} {rest}")
+        } else if let Some(rest) = cmd.strip_prefix("curl ") {
+            format!("{curl} -sS --max-time 2 {rest}")
+        } else {
+            panic!("a line the test does not know: {line}");
+        };
+        retried(&cmd, wanted)
+            .unwrap_or_else(|o| panic!("{cmd}: no {wanted:?} within {LIMIT:?}: {o:?}"));
+    }
+}
+
 #[test]
 fn roster_dev_tls_auth_prints_an_https_curl_line_that_works() {
     let Ok(curl) = std::env::var("ROSTER_CURL") else {

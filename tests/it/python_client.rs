@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use roster::client::tls_from_files;
-use roster::proto::v1::{CreateTokenRequest, GetServiceRequest, Role};
+use roster::proto::v1::{CreateNamespaceRequest, CreateTokenRequest, GetServiceRequest, Role};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -124,4 +124,78 @@ async fn python_grpcio_client_from_the_readme_over_tls() {
         String::from_utf8_lossy(&out.stderr).contains("UNAVAILABLE"),
         "{out:?}"
     );
+}
+
+/// The docs' namespace snippet, run as written: grpcio with the stubs
+/// generated from `proto/`, a token scoped to one namespace.
+#[tokio::test]
+async fn python_grpcio_client_uses_namespaces() {
+    let Some(python) = python() else {
+        return;
+    };
+    let setup = Setup {
+        auth: true,
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "[auth]\nenabled = true\n", setup)
+        .await
+        .expect("an auth cluster");
+    for name in ["team-a", "team-b"] {
+        c.client()
+            .create_namespace(CreateNamespaceRequest {
+                name: name.into(),
+                quotas: None,
+            })
+            .await
+            .expect("namespace");
+    }
+    let token = c
+        .client()
+        .create_token(CreateTokenRequest {
+            role: Role::Write as i32,
+            services: vec!["team-a/*".into()],
+            description: "team a, python".into(),
+        })
+        .await
+        .expect("a scoped token");
+    let leader = c.leader().await;
+    c.wait_for(
+        "the token on the leader",
+        Duration::from_secs(5),
+        || async {
+            c.client_with(leader, Some(&token.secret))
+                .status()
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let gen = dir.path().join("gen");
+    std::fs::create_dir_all(&gen).expect("gen dir");
+    run(Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(Path::new(REPO).join("proto"))
+        .arg(format!("--python_out={}", gen.display()))
+        .arg(format!("--grpc_python_out={}", gen.display()))
+        .arg(Path::new(REPO).join("proto/roster/v1/registry.proto")));
+    let path = dir.path().join("snippet.py");
+    std::fs::write(&path, doc_block("python-namespace-snippet")).expect("write snippet");
+    let stdout = run(Command::new(&python)
+        .arg(&path)
+        .current_dir(dir.path())
+        .env("ROSTER_ENDPOINT", c.endpoint(leader))
+        .env("ROSTER_TOKEN", &token.secret));
+    assert!(stdout.contains("['team-a/web 10.0.0.5:8080']"), "{stdout}");
+    assert!(stdout.contains("PERMISSION_DENIED"), "{stdout}");
+    let got = c
+        .client()
+        .get_service(GetServiceRequest {
+            service: "web".into(),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("read back");
+    assert_eq!(got.instances.len(), 1, "{got:?}");
 }
