@@ -179,6 +179,7 @@ pub fn namespace_to_pb_full(n: &Namespace, usage: Usage) -> pb::Namespace {
             max_instances: n.quotas.instances,
             max_services: n.quotas.services,
             max_sessions: n.quotas.sessions,
+            max_watch_streams: n.quotas.watch_streams,
         }),
         create_revision: n.create_revision,
         instances: usage.instances,
@@ -193,6 +194,7 @@ pub fn quotas_from_pb(q: Option<pb::NamespaceQuotas>) -> Quotas {
         instances: q.max_instances,
         services: q.max_services,
         sessions: q.max_sessions,
+        watch_streams: q.max_watch_streams,
     }
 }
 

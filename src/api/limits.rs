@@ -17,7 +17,8 @@ use tower::Service;
 use super::body::{observed, Observer};
 use crate::config::Limits;
 use crate::error::Error;
-use crate::registry::{Catalog, Instance};
+use crate::registry::namespace::Quota;
+use crate::registry::{Catalog, Instance, Outcome};
 
 pub(crate) fn exhausted(what: String, key: &str, limit: usize, remedy: &str) -> Error {
     Error::ResourceExhausted(format!(
@@ -201,6 +202,8 @@ struct Open {
     /// Streams per connection, by the client's address and port; a
     /// connection with none has no entry.
     per_connection: HashMap<SocketAddr, usize>,
+    /// Streams following a namespace other than `default`, by namespace.
+    per_namespace: HashMap<String, usize>,
 }
 
 /// One open watch stream; its place is freed when it is dropped (the stream
@@ -248,6 +251,52 @@ impl WatchSlots {
             slots: self.clone(),
             connection,
         })
+    }
+}
+
+/// A stream's place in a namespace's `max_watch_streams` quota, freed when
+/// it is dropped.
+pub struct NamespaceSlot {
+    slots: Arc<WatchSlots>,
+    namespace: String,
+}
+
+impl WatchSlots {
+    /// A place for one more stream in namespace `ns`, whose quota is `limit`
+    /// streams on this node (0: none).
+    pub fn enter(self: &Arc<Self>, ns: &str, limit: u64) -> Result<NamespaceSlot, Error> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.per_namespace.entry(ns.to_string()).or_default();
+        if limit > 0 && *n as u64 >= limit {
+            let refusal = Outcome::QuotaExceeded {
+                namespace: ns.to_string(),
+                quota: Quota::WatchStreams,
+                limit,
+            }
+            .refusal();
+            return Err(refusal.unwrap_or_else(|| Error::ResourceExhausted(ns.to_string())));
+        }
+        *n += 1;
+        Ok(NamespaceSlot {
+            slots: self.clone(),
+            namespace: ns.to_string(),
+        })
+    }
+}
+
+impl Drop for NamespaceSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.per_namespace.get_mut(&self.namespace) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_namespace.remove(&self.namespace);
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! on one stream, added and removed while it is open. Both are served from
 //! this node's state; only their start may need the leader's revision.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use tonic::{Request, Status, Streaming};
 use super::auth::{self, Grant};
 use super::convert;
 use super::forward::{self, Leader};
-use super::limits::{exhausted, WatchSlot, WatchSlots};
+use super::limits::{exhausted, NamespaceSlot, WatchSlot, WatchSlots};
 use crate::codec::encoded;
 use crate::config::Limits;
 use crate::error::Error;
@@ -72,10 +72,11 @@ impl Watches {
             super::namespaces::enter(&self.state, &self.proposer, grant.as_ref(), &msg.namespace)
                 .await?
                 .to_string();
-        // The slot is held for as long as the stream lives.
+        let in_namespace = self.slots.enter(&ns, self.watch_quota(&ns)?)?;
+        // The slots are held for as long as the stream lives.
         let stream =
             watch_stream(self.state.clone(), service, msg.since_revision).filter_map(move |u| {
-                let _held = &slot;
+                let _held = (&slot, &in_namespace);
                 // Watching every service is watching every service of one
                 // namespace that the token reaches; a revision with nothing
                 // of them in it is not sent.
@@ -111,6 +112,7 @@ impl Watches {
             grant: auth::grant(&req),
             credentials: auth::credentials(&req),
             _slot: self.slots.acquire(req.remote_addr())?,
+            in_namespaces: HashMap::new(),
             watches: self.clone(),
             watcher: Watcher::new(self.state.clone()),
             inbound: Some(req.into_inner()),
@@ -124,6 +126,15 @@ impl Watches {
         // Watch streams never end by themselves; a stopping node ends them
         // through the hub (Watcher::next), so that clients resume elsewhere.
         Ok(Box::pin(stream))
+    }
+
+    /// Namespace `ns`'s quota of watch streams on each node (0: none).
+    fn watch_quota(&self, ns: &str) -> Result<u64, Status> {
+        Ok(super::read_state(&self.state, |st| {
+            st.catalog
+                .namespace(ns)
+                .map_or(0, |n| n.quotas.watch_streams)
+        })?)
     }
 
     /// Prepares this node for watches starting after these revisions, and
@@ -185,6 +196,8 @@ struct Mux {
     grant: Option<Grant>,
     credentials: Option<HeaderValue>,
     _slot: WatchSlot,
+    /// Its place in each namespace it has followed a service of.
+    in_namespaces: HashMap<String, NamespaceSlot>,
     watches: Watches,
     watcher: Watcher,
     /// `None` once the client has sent all its requests: the stream goes on.
@@ -262,7 +275,7 @@ impl Mux {
                 // From here on an add names its service by its catalogue key.
                 Some(Action::Add(mut w)) => {
                     let raw = namespace::qualify(&w.namespace, &w.service);
-                    match self.admit(&w, &adds) {
+                    match self.admit(&w, &adds).and_then(|key| self.hold(key)) {
                         Ok(key) => {
                             w.service = key;
                             adds.push(w);
@@ -292,6 +305,18 @@ impl Mux {
     fn refuse(&mut self, service: String, status: &Status) {
         self.watcher.remove(Some(&service));
         self.out.push_back(ended(service, status));
+    }
+
+    /// Takes the stream's place in the namespace of `key` (once per
+    /// namespace, kept until the stream ends).
+    fn hold(&mut self, key: String) -> Result<String, Status> {
+        let ns = namespace::split(&key).0;
+        if !self.in_namespaces.contains_key(ns) {
+            let quota = self.watches.watch_quota(ns)?;
+            let slot = self.watches.slots.enter(ns, quota)?;
+            self.in_namespaces.insert(ns.to_string(), slot);
+        }
+        Ok(key)
     }
 
     /// The add's catalogue key, if it may start.

@@ -466,6 +466,7 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
             max_instances,
             max_services,
             max_sessions,
+            max_watch_streams,
         } => {
             let r = client(&endpoints)?
                 .create_namespace(CreateNamespaceRequest {
@@ -474,6 +475,7 @@ pub async fn namespace(c: NamespaceCommand) -> anyhow::Result<()> {
                         max_instances,
                         max_services,
                         max_sessions,
+                        max_watch_streams,
                     }),
                 })
                 .await?;

@@ -191,6 +191,9 @@ pub enum NamespaceCommand {
         max_services: u64,
         #[arg(long, default_value_t = 0)]
         max_sessions: u64,
+        /// Watch streams on each node.
+        #[arg(long, default_value_t = 0)]
+        max_watch_streams: u64,
     },
     /// The namespaces your token reaches, with their quotas and what they hold.
     List {

@@ -862,6 +862,7 @@ mod tests {
                     instances,
                     services,
                     sessions: 0,
+                    watch_streams: 0,
                 },
                 create_revision: 0,
             },

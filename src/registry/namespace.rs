@@ -60,6 +60,8 @@ pub struct Quotas {
     pub instances: u64,
     pub services: u64,
     pub sessions: u64,
+    /// Watch streams on each node (streams are a node's, not replicated).
+    pub watch_streams: u64,
 }
 
 impl From<Quotas> for BTreeMap<String, u64> {
@@ -79,6 +81,7 @@ impl From<BTreeMap<String, u64>> for Quotas {
             instances: get(Quota::Instances),
             services: get(Quota::Services),
             sessions: get(Quota::Sessions),
+            watch_streams: get(Quota::WatchStreams),
         }
     }
 }
@@ -89,10 +92,16 @@ pub enum Quota {
     Instances,
     Services,
     Sessions,
+    WatchStreams,
 }
 
 impl Quota {
-    pub const ALL: [Quota; 3] = [Quota::Instances, Quota::Services, Quota::Sessions];
+    pub const ALL: [Quota; 4] = [
+        Quota::Instances,
+        Quota::Services,
+        Quota::Sessions,
+        Quota::WatchStreams,
+    ];
 
     /// The name operators set it by (`roster namespace create --max-…`).
     pub fn name(self) -> &'static str {
@@ -100,6 +109,7 @@ impl Quota {
             Quota::Instances => "max_instances",
             Quota::Services => "max_services",
             Quota::Sessions => "max_sessions",
+            Quota::WatchStreams => "max_watch_streams",
         }
     }
 
@@ -108,6 +118,7 @@ impl Quota {
             Quota::Instances => q.instances,
             Quota::Services => q.services,
             Quota::Sessions => q.sessions,
+            Quota::WatchStreams => q.watch_streams,
         }
     }
 }
@@ -152,6 +163,7 @@ mod tests {
             instances: 10,
             services: 0,
             sessions: 0,
+            watch_streams: 0,
         };
         let bytes = bincode::serialize(&q).expect("encode");
         let map: BTreeMap<String, u64> = bincode::deserialize(&bytes).expect("a map");

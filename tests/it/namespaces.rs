@@ -33,6 +33,7 @@ async fn create_ns(c: &RosterClient, name: &str, max_instances: u64, max_service
             max_instances,
             max_services,
             max_sessions: 1,
+            max_watch_streams: 0,
         }),
     })
     .await
@@ -518,4 +519,79 @@ async fn sessions_live_in_a_namespace() {
     let again = client.list_sessions(list("q")).await.expect("list q again");
     assert!(again.sessions.is_empty(), "{again:?}");
     client.create_session(open("q")).await.expect("room again");
+}
+
+/// A namespace's watch-stream quota counts the streams on each node that
+/// follow it; a stream's place is freed when it ends.
+#[tokio::test]
+async fn watch_streams_of_a_namespace_are_within_its_quota_on_each_node() {
+    let c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    let client = c.node_client(leader);
+    client
+        .create_namespace(CreateNamespaceRequest {
+            name: "w".into(),
+            quotas: Some(NamespaceQuotas {
+                max_watch_streams: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("namespace");
+    let watch_w = || WatchRequest {
+        service: "web".into(),
+        namespace: "w".into(),
+        ..Default::default()
+    };
+    let first = client.watch(watch_w()).await.expect("the first stream");
+    match client.watch(watch_w()).await {
+        Ok(_) => panic!("a second stream in w on one node"),
+        Err(e) => {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains("max_watch_streams = 1"), "{e:?}");
+        }
+    }
+    // On a WatchServices stream, the add in w alone is refused.
+    let adds = ["w", ""]
+        .map(|ns| WatchServicesRequest {
+            action: Some(watch_services_request::Action::Add(WatchRequest {
+                service: "web".into(),
+                namespace: ns.into(),
+                since_revision: 0,
+            })),
+            namespace: String::new(),
+        })
+        .to_vec();
+    let (_more, mut mux) = client.watch_services(adds).await.expect("mux");
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let r = mux.message().await.expect("no error").expect("a response");
+        let ended = match r.result {
+            Some(MuxResult::Ended(e)) => Some(e.code),
+            _ => None,
+        };
+        answers.push((r.namespace, ended));
+    }
+    answers.sort();
+    assert_eq!(
+        answers,
+        [
+            (String::new(), None),
+            ("w".to_string(), Some(tonic::Code::ResourceExhausted as i32))
+        ]
+    );
+    // Another node counts its own streams.
+    let other = (1..=3).find(|&i| i != leader).expect("a follower");
+    let _there = c
+        .node_client(other)
+        .watch(watch_w())
+        .await
+        .expect("on another node");
+    drop(first);
+    c.wait_for(
+        "the first stream's place freed",
+        Duration::from_secs(10),
+        || async { client.watch(watch_w()).await.ok() },
+    )
+    .await;
 }

@@ -800,6 +800,7 @@ mod tests {
                 instances: 5,
                 services: 2,
                 sessions: 3,
+                watch_streams: 0,
             },
             create_revision: 0,
         };
