@@ -112,6 +112,13 @@ const PHASES: &[Phase] = &[
         run: Run::Shared(|s, o, r| Box::pin(phases::writes::register(s, o, r))),
     },
     Phase {
+        name: "namespaces",
+        measures: "registrations from 64 clients over 100 namespaces against one",
+        systems: Systems::RosterOnly,
+        modes: QUICK_FULL,
+        run: Run::Shared(|s, o, r| Box::pin(phases::namespaces::namespaces(s, o, r))),
+    },
+    Phase {
         name: "heartbeat",
         measures: "heartbeat round trips, 64 clients",
         systems: Systems::Both,

@@ -285,6 +285,25 @@ impl Roster {
 
     /// Adds a running node as a voter (or a read replica); returns once the
     /// cluster has it.
+    /// Creates namespace `name`, without quotas.
+    pub async fn create_namespace(&self, name: &str) -> Result<()> {
+        self.any
+            .create_namespace(CreateNamespaceRequest {
+                name: name.into(),
+                quotas: None,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Registers instance `id` of `service` in namespace `ns`.
+    pub async fn register_in(&self, conn: usize, ns: &str, service: &str, id: &str) -> Result<()> {
+        let mut r = Self::instance(service, id);
+        r.namespace = ns.into();
+        self.writer(conn).register(r).await?;
+        Ok(())
+    }
+
     pub async fn add_member(&self, id: u64, address: &str, replica: bool) -> Result<()> {
         self.any
             .add_member(AddMemberRequest {

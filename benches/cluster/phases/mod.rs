@@ -7,6 +7,7 @@ pub mod disk;
 pub mod dns;
 pub mod failover;
 pub mod liveness;
+pub mod namespaces;
 pub mod reads;
 pub mod replicas;
 pub mod rtt;
