@@ -268,13 +268,12 @@ impl WatchSlots {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let n = open.per_namespace.entry(ns.to_string()).or_default();
         if limit > 0 && *n as u64 >= limit {
-            let refusal = Outcome::QuotaExceeded {
+            return Err(Outcome::QuotaExceeded {
                 namespace: ns.to_string(),
                 quota: Quota::WatchStreams,
                 limit,
             }
-            .refusal();
-            return Err(refusal.unwrap_or_else(|| Error::ResourceExhausted(ns.to_string())));
+            .into_error());
         }
         *n += 1;
         Ok(NamespaceSlot {

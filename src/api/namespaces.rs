@@ -4,7 +4,6 @@ use tonic::Status;
 
 use super::auth;
 use super::convert;
-use crate::error::Error;
 use crate::raft::proposer::Proposer;
 use crate::registry::watch::{RegistryState, SharedState};
 use crate::registry::Outcome;
@@ -24,8 +23,7 @@ pub(super) async fn enter<'n>(
     if !super::read_state(state, exists)? {
         proposer.read_index().await?;
         if !super::read_state(state, exists)? {
-            let refusal = Outcome::NamespaceNotFound(ns.into()).refusal();
-            return Err(refusal.unwrap_or_else(|| Error::NotFound(ns.into())).into());
+            return Err(Outcome::NamespaceNotFound(ns.into()).into_error().into());
         }
     }
     Ok(ns)

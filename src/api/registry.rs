@@ -110,6 +110,10 @@ impl Registry for RegistryApi {
                     let ns = namespace::split(&i.service).0;
                     self.sessions.check_open(session, ns).await?;
                 }
+                // The namespace's quotas, as the entry will judge them: a
+                // write refused here never reaches the log.
+                self.read(|st| st.catalog.admit_register(i))?
+                    .map_err(Outcome::into_error)?;
                 let admitted = self.read(|st| self.admission.admit(&st.catalog, i))??;
                 (Some(admitted), i.session().map(str::to_string))
             }
@@ -304,6 +308,13 @@ impl Registry for RegistryApi {
         };
         self.proposer.here()?;
         self.enter(grant.as_ref(), &msg.namespace).await?;
+        if let Command::ConfigureService { service, .. } = &cmd {
+            let fits = self.read(|st| {
+                let new_service = st.catalog.service_name(service).is_none();
+                st.catalog.admit(service, false, new_service)
+            })?;
+            fits.map_err(Outcome::into_error)?;
+        }
         let r = self.proposer.propose(cmd).await?;
         if let Some(refused) = r.outcome.refusal() {
             return Err(refused.into());

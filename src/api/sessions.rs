@@ -152,6 +152,9 @@ impl Sessions {
             create_revision: 0,
             created_by: grant.map(|g| g.accessor().to_string()).unwrap_or_default(),
         };
+        // The quota as the entry will judge it: refused here, nothing is logged.
+        self.read(|st| st.catalog.admit_session(&ns))?
+            .map_err(Outcome::into_error)?;
         let cmd = match ns.as_str() {
             namespace::DEFAULT => Command::CreateSession(session),
             _ => Command::CreateSessionIn {

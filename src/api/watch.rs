@@ -330,8 +330,9 @@ impl Mux {
         auth::may_use(self.grant.as_ref(), &key)?;
         let ns = namespace::split(&key).0;
         if !super::read_state(&self.watches.state, |st| st.catalog.namespace(ns).is_some())? {
-            let refusal = crate::registry::Outcome::NamespaceNotFound(ns.into()).refusal();
-            return Err(refusal.unwrap_or_else(|| Error::NotFound(ns.into())).into());
+            return Err(crate::registry::Outcome::NamespaceNotFound(ns.into())
+                .into_error()
+                .into());
         }
         let max = self.watches.max_per_stream;
         if self.watcher.followed() + queued.len() >= max

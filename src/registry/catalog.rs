@@ -207,9 +207,7 @@ impl Catalog {
         }) {
             return Outcome::SessionNotFound;
         }
-        let fresh = self.get(&spec.service, &spec.id).is_none();
-        let new_service = fresh && self.service_name(&spec.service).is_none();
-        if let Err(refused) = self.admit(&spec.service, fresh, new_service) {
+        if let Err(refused) = self.admit_register(spec) {
             return refused;
         }
         let mut inst = spec.clone();
@@ -308,6 +306,14 @@ impl Catalog {
             self.held_mut(service).services += 1;
         }
         self.configs.insert(service.to_string(), config);
+    }
+
+    /// Whether registering `spec` fits its namespace: it exists, and has
+    /// room for the instance (unless it replaces one) and its service.
+    pub fn admit_register(&self, spec: &Instance) -> Result<(), Outcome> {
+        let fresh = self.get(&spec.service, &spec.id).is_none();
+        let new_service = fresh && self.service_name(&spec.service).is_none();
+        self.admit(&spec.service, fresh, new_service)
     }
 
     /// Whether `service`'s namespace exists and has room for one instance

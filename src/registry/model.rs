@@ -394,6 +394,13 @@ impl Outcome {
             _ => return None,
         })
     }
+
+    /// The refusal's error; for an outcome that is none, an internal one
+    /// (a caller only asks of what it knows refused).
+    pub fn into_error(self) -> Error {
+        self.refusal()
+            .unwrap_or_else(|| Error::Internal(format!("{self:?} is not a refusal")))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
