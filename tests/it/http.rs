@@ -221,6 +221,54 @@ async fn tokens_are_checked_as_over_grpc() {
     )
     .await;
     assert_eq!(s, 200, "{body}");
+
+    // A token of namespace team-a: that namespace's routes, nothing else.
+    c.client()
+        .create_namespace(roster::proto::v1::CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: None,
+        })
+        .await
+        .expect("namespace");
+    let team = c
+        .client()
+        .create_token(roster::proto::v1::CreateTokenRequest {
+            role: roster::proto::v1::Role::Read as i32,
+            services: vec!["team-a/*".into()],
+            description: "team a".into(),
+        })
+        .await
+        .expect("token");
+    let team = format!("Bearer {}", team.secret);
+    let get = |path: &str| {
+        http.get(url(&c, f, path))
+            .header("authorization", &team)
+            .send()
+            .map(|r| async move { answer(r.expect("GET")).await })
+            .flatten()
+    };
+    let (s, body) = c
+        .wait_for("the follower to know team-a's token", LIMIT, || async {
+            let (s, body) = get("/v1/namespaces/team-a/services").await;
+            (s != 401).then_some((s, body))
+        })
+        .await;
+    assert_eq!(s, 200, "{body}");
+    for other in [
+        "/v1/services/web",
+        "/v1/namespaces/team-b/services",
+        "/v1/watch",
+    ] {
+        let (s, body) = get(other).await;
+        assert_error(s, &body, 403, "PERMISSION_DENIED");
+    }
+    let (_, body) = get("/v1/namespaces").await;
+    assert_eq!(body["namespaces"][0]["name"], "team-a", "{body}");
+    assert_eq!(
+        body["namespaces"].as_array().map(Vec::len),
+        Some(1),
+        "{body}"
+    );
 }
 
 /// The events of an SSE body read so far: (event, id, data) each.

@@ -318,6 +318,48 @@ async fn with_auth_xds_serves_the_scope_of_its_token() {
         panic!("an unknown token is refused");
     };
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+
+    // A token of namespace team-a: its `api.team-a`, nothing of `default`,
+    // not even through the wildcard.
+    c.client()
+        .create_namespace(roster::proto::v1::CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: None,
+        })
+        .await
+        .expect("namespace");
+    c.client()
+        .register(RegisterRequest {
+            instance: Some(instance("api", "api-a", 9003)),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("register in team-a");
+    let team = c
+        .client()
+        .create_token(CreateTokenRequest {
+            role: Role::Read as i32,
+            services: vec!["team-a/*".into()],
+            description: "xds team-a".into(),
+        })
+        .await
+        .expect("create token")
+        .secret;
+    c.wait_for(
+        "team-a's token and instance on the follower",
+        LIMIT,
+        || async {
+            let mut ads = Ads::open(&c, f, Some(&team)).await.ok()?;
+            let r = ads.subscribe(LISTENER, &["api", "api.team-a", "db"]).await;
+            let names: Vec<String> = decode::<Listener>(&r).into_iter().map(|l| l.name).collect();
+            (names == ["api.team-a"]).then_some(())
+        },
+    )
+    .await;
+    let mut ads = Ads::open(&c, f, Some(&team)).await.expect("a stream");
+    let every = ads.subscribe(CLUSTER, &[]).await;
+    assert!(decode::<Cluster>(&every).is_empty(), "{every:?}");
 }
 
 #[tokio::test]
