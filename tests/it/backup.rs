@@ -79,6 +79,25 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
         .bootstrap(BootstrapRequest::default())
         .await
         .expect("bootstrap");
+    // A namespace with a quota and an instance, which the backup carries.
+    client
+        .create_namespace(CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: Some(NamespaceQuotas {
+                max_instances: 7,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("namespace");
+    client
+        .register(RegisterRequest {
+            instance: Some(instance("orders", "team-orders-1", 9100)),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("register in team-a");
     let before = catalogue(&old).await;
     let leader = old.leader().await;
     let follower = (1..=3).find(|&i| i != leader).expect("a follower");
@@ -126,8 +145,9 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     let out = roster(&["snapshot", "inspect"], &file);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(field(&out, "revision"), revision.to_string());
-    assert_eq!(field(&out, "instances"), "42");
-    assert_eq!(field(&out, "services"), "4");
+    // team-a's instance and service among them.
+    assert_eq!(field(&out, "instances"), "43");
+    assert_eq!(field(&out, "services"), "5");
     assert_eq!(field(&out, "tokens"), "1");
     assert_eq!(field(&out, "checksum"), "ok");
     let sum = Command::new("sha256sum")
@@ -197,6 +217,28 @@ async fn a_backup_restored_into_a_new_cluster_serves_the_same_state_at_its_revis
     let tokens = new.client().list_tokens().await.expect("list tokens");
     let accessors: Vec<_> = tokens.tokens.iter().map(|t| t.accessor.clone()).collect();
     assert_eq!(accessors, [token_info.accessor]);
+    let namespaces = new
+        .client()
+        .list_namespaces(ListNamespacesRequest::default())
+        .await
+        .expect("namespaces");
+    let team: Vec<_> = namespaces
+        .namespaces
+        .iter()
+        .filter(|n| n.name == "team-a")
+        .map(|n| (n.instances, n.quotas.as_ref().map(|q| q.max_instances)))
+        .collect();
+    assert_eq!(team, [(1, Some(7))], "{namespaces:?}");
+    let got = new
+        .client()
+        .get_service(GetServiceRequest {
+            service: "orders".into(),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("team-a's orders");
+    assert_eq!(got.instances.len(), 1, "{got:?}");
 
     // A watcher resuming from a revision before the backup's gets the whole
     // state (compacted), not a gap.
