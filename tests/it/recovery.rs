@@ -30,6 +30,23 @@ async fn a_survivor_of_a_lost_quorum_serves_every_acknowledged_write_alone_then_
     for n in 0..30 {
         register(&client, "orders", &format!("o-{n}"), 9000 + n).await;
     }
+    // A namespace at its quota of one instance, which recovery keeps.
+    client
+        .create_namespace(CreateNamespaceRequest {
+            name: "team-a".into(),
+            quotas: Some(NamespaceQuotas {
+                max_instances: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("namespace");
+    let in_team = |id: &str| RegisterRequest {
+        instance: Some(instance("orders", id, 9500)),
+        namespace: "team-a".into(),
+        ..Default::default()
+    };
+    client.register(in_team("t-1")).await.expect("in team-a");
     // The leader and one follower are gone for good; the survivor is stopped.
     let leader = c.leader().await;
     let survivor = (1..=3).find(|&i| i != leader).expect("a follower");
@@ -62,6 +79,21 @@ async fn a_survivor_of_a_lost_quorum_serves_every_acknowledged_write_alone_then_
     want.push("after".into());
     want.sort();
     assert_eq!(ids(&alone, "orders", Consistency::Linearizable).await, want);
+    // The namespace, its instance and its quota came through.
+    let e = alone
+        .register(in_team("t-2"))
+        .await
+        .expect_err("team-a is at its quota");
+    assert_eq!(e.code(), roster::client::Code::ResourceExhausted, "{e:?}");
+    let team = alone
+        .get_service(GetServiceRequest {
+            service: "orders".into(),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("team-a's orders");
+    assert_eq!(team.instances.len(), 1, "{team:?}");
 
     // A running node's directory is not touched.
     let out = recover(&c, survivor);
