@@ -326,12 +326,14 @@ fn registry_metrics(r: &mut Registry, st: &RegistryState) {
 /// What each namespace holds, and its quotas: series per namespace, which
 /// `[limits] max_namespaces` bounds.
 fn namespace_metrics(r: &mut Registry, st: &RegistryState) {
+    // One pass over the namespaces for all four families.
+    let all: Vec<_> = st.catalog.namespaces().collect();
     let held = |what: fn(&Usage) -> u64| {
         let family: Family<Vec<(String, String)>, Gauge> = Family::default();
-        for (ns, usage) in st.catalog.namespaces() {
+        for (ns, usage) in &all {
             family
-                .get_or_create(&vec![("namespace".to_string(), ns.name)])
-                .set(i64::try_from(what(&usage)).unwrap_or(i64::MAX));
+                .get_or_create(&vec![("namespace".to_string(), ns.name.clone())])
+                .set(i64::try_from(what(usage)).unwrap_or(i64::MAX));
         }
         family
     };
@@ -351,7 +353,7 @@ fn namespace_metrics(r: &mut Registry, st: &RegistryState) {
         held(|u| u.sessions),
     );
     let quotas: Family<Vec<(String, String)>, Gauge> = Family::default();
-    for (ns, _) in st.catalog.namespaces() {
+    for (ns, _) in &all {
         for q in Quota::ALL {
             let limit = q.of(&ns.quotas);
             if limit > 0 {

@@ -13,11 +13,20 @@ pub mod v1 {
     impl WatchServicesRequest {
         /// Follow `service` after `since_revision` (0: from its full state).
         pub fn add(service: impl Into<String>, since_revision: u64) -> Self {
+            Self::add_in("", service, since_revision)
+        }
+
+        /// Follow `service` of namespace `namespace` (empty: `default`).
+        pub fn add_in(
+            namespace: impl Into<String>,
+            service: impl Into<String>,
+            since_revision: u64,
+        ) -> Self {
             WatchServicesRequest {
                 action: Some(watch_services_request::Action::Add(WatchRequest {
                     service: service.into(),
                     since_revision,
-                    namespace: String::new(),
+                    namespace: namespace.into(),
                 })),
                 namespace: String::new(),
             }

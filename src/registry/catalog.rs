@@ -41,7 +41,7 @@ pub struct Catalog {
     /// holds, kept as it changes so quotas are checked without a scan.
     namespaces: BTreeMap<String, Held>,
     /// What `default` holds.
-    default_held: Held,
+    default_used: Usage,
     /// `default`'s quotas (none unless an operator set some).
     default_quotas: Quotas,
     /// The namespace of each session not in `default`.
@@ -52,34 +52,34 @@ pub struct Catalog {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub instances: u64,
+    /// Names with instances or settings.
     pub services: u64,
     pub sessions: u64,
+}
+
+impl Usage {
+    /// What counts against `quota` (watch streams are a node's: not here).
+    fn of(&self, quota: Quota) -> u64 {
+        match quota {
+            Quota::Instances => self.instances,
+            Quota::Services => self.services,
+            Quota::Sessions => self.sessions,
+            Quota::WatchStreams => 0,
+        }
+    }
 }
 
 /// A namespace and how much of its quotas it uses.
 #[derive(Clone, Debug, Default)]
 struct Held {
     spec: Option<Namespace>,
-    instances: u64,
-    /// Names with instances or settings.
-    services: u64,
-    sessions: u64,
+    used: Usage,
 }
 
 /// The instances a query returns, and whether protection overrode `healthy_only`.
 pub struct View<'a> {
     pub instances: Vec<&'a Instance>,
     pub protection_active: bool,
-}
-
-impl Held {
-    fn usage(&self) -> Usage {
-        Usage {
-            instances: self.instances,
-            services: self.services,
-            sessions: self.sessions,
-        }
-    }
 }
 
 /// Per-service counts, for listings.
@@ -266,18 +266,7 @@ impl Catalog {
 
     /// Whether namespace `ns` exists and has room for one session more.
     pub fn admit_session(&self, ns: &str) -> Result<(), Outcome> {
-        let (quotas, held) = self
-            .usage(ns)
-            .ok_or_else(|| Outcome::NamespaceNotFound(ns.into()))?;
-        let limit = quotas.sessions;
-        if limit > 0 && held.sessions >= limit {
-            return Err(Outcome::QuotaExceeded {
-                namespace: ns.to_string(),
-                quota: Quota::Sessions,
-                limit,
-            });
-        }
-        Ok(())
+        self.admit_in(ns, [Quota::Sessions])
     }
 
     /// The namespace session `id` is in.
@@ -320,43 +309,47 @@ impl Catalog {
     /// more (`instance`) and one service more (`service`): the check every
     /// node makes alike, so a refused write changes nothing anywhere.
     pub fn admit(&self, key: &str, instance: bool, service: bool) -> Result<(), Outcome> {
-        let (ns, _) = namespace::split(key);
-        let (quotas, held) = self
+        let adds = [(Quota::Instances, instance), (Quota::Services, service)];
+        let adds = adds.into_iter().filter_map(|(q, adds)| adds.then_some(q));
+        self.admit_in(namespace::split(key).0, adds)
+    }
+
+    /// Whether namespace `ns` exists and has room for one more of each of `adds`.
+    fn admit_in(&self, ns: &str, adds: impl IntoIterator<Item = Quota>) -> Result<(), Outcome> {
+        let (quotas, used) = self
             .usage(ns)
             .ok_or_else(|| Outcome::NamespaceNotFound(ns.into()))?;
-        let over = |quota: Quota, used: u64, adds: bool| {
+        for quota in adds {
             let limit = quota.of(&quotas);
-            (adds && limit > 0 && used >= limit).then(|| Outcome::QuotaExceeded {
-                namespace: ns.to_string(),
-                quota,
-                limit,
-            })
-        };
-        match over(Quota::Instances, held.instances, instance)
-            .or_else(|| over(Quota::Services, held.services, service))
-        {
-            Some(refused) => Err(refused),
-            None => Ok(()),
+            if limit > 0 && used.of(quota) >= limit {
+                return Err(Outcome::QuotaExceeded {
+                    namespace: ns.to_string(),
+                    quota,
+                    limit,
+                });
+            }
         }
+        Ok(())
     }
 
     /// A namespace's quotas and what it holds; `None` if it does not exist.
-    fn usage(&self, ns: &str) -> Option<(Quotas, &Held)> {
+    fn usage(&self, ns: &str) -> Option<(Quotas, Usage)> {
         if ns == namespace::DEFAULT {
-            return Some((self.default_quotas, &self.default_held));
+            return Some((self.default_quotas, self.default_used));
         }
         let held = self.namespaces.get(ns)?;
-        Some((held.spec.as_ref()?.quotas, held))
+        Some((held.spec.as_ref()?.quotas, held.used))
     }
 
-    fn held_mut(&mut self, key: &str) -> &mut Held {
+    fn held_mut(&mut self, key: &str) -> &mut Usage {
         self.held_in(namespace::split(key).0)
     }
 
-    fn held_in(&mut self, ns: &str) -> &mut Held {
+    /// What namespace `ns` holds, to count on.
+    fn held_in(&mut self, ns: &str) -> &mut Usage {
         match ns {
-            namespace::DEFAULT => &mut self.default_held,
-            ns => self.namespaces.entry(ns.to_string()).or_default(),
+            namespace::DEFAULT => &mut self.default_used,
+            ns => &mut self.namespaces.entry(ns.to_string()).or_default().used,
         }
     }
 
@@ -395,7 +388,7 @@ impl Catalog {
         let Some(held) = self.namespaces.get(name).filter(|h| h.spec.is_some()) else {
             return Outcome::NamespaceNotFound(name.to_string());
         };
-        let instances = held.instances as usize;
+        let instances = held.used.instances as usize;
         if instances > 0 && !force {
             return Outcome::NamespaceNotEmpty { instances };
         }
@@ -432,7 +425,7 @@ impl Catalog {
 
     /// What namespace `ns` holds (nothing if it does not exist).
     pub fn usage_of(&self, ns: &str) -> Usage {
-        self.usage(ns).map_or(Usage::default(), |(_, h)| h.usage())
+        self.usage(ns).map_or(Usage::default(), |(_, used)| used)
     }
 
     /// The namespace `name`, if it exists (`default` always does).
@@ -448,16 +441,9 @@ impl Catalog {
 
     /// Every namespace, `default` first, with what it holds.
     pub fn namespaces(&self) -> impl Iterator<Item = (Namespace, Usage)> + '_ {
-        let default = (
-            self.namespace(namespace::DEFAULT),
-            self.default_held.usage(),
-        );
+        let default = (self.namespace(namespace::DEFAULT), self.default_used);
         std::iter::once(default)
-            .chain(
-                self.namespaces
-                    .values()
-                    .map(|h| (h.spec.clone(), h.usage())),
-            )
+            .chain(self.namespaces.values().map(|h| (h.spec.clone(), h.used)))
             .filter_map(|(spec, usage)| Some((spec?, usage)))
     }
 

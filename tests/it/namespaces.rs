@@ -250,14 +250,7 @@ async fn watches_keep_to_their_namespace() {
 
     // One WatchServices stream follows `web` of two namespaces, told apart.
     let adds = ["team-a", ""]
-        .map(|ns| WatchServicesRequest {
-            action: Some(watch_services_request::Action::Add(WatchRequest {
-                service: "web".into(),
-                namespace: ns.into(),
-                since_revision: 0,
-            })),
-            namespace: String::new(),
-        })
+        .map(|ns| WatchServicesRequest::add_in(ns, "web", 0))
         .to_vec();
     let (_more, mut mux) = client.watch_services(adds).await.expect("mux");
     let mut got = Vec::new();
@@ -553,14 +546,7 @@ async fn watch_streams_of_a_namespace_are_within_its_quota_on_each_node() {
     }
     // On a WatchServices stream, the add in w alone is refused.
     let adds = ["w", ""]
-        .map(|ns| WatchServicesRequest {
-            action: Some(watch_services_request::Action::Add(WatchRequest {
-                service: "web".into(),
-                namespace: ns.into(),
-                since_revision: 0,
-            })),
-            namespace: String::new(),
-        })
+        .map(|ns| WatchServicesRequest::add_in(ns, "web", 0))
         .to_vec();
     let (_more, mut mux) = client.watch_services(adds).await.expect("mux");
     let mut answers = Vec::new();
