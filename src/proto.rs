@@ -34,9 +34,14 @@ pub mod v1 {
 
         /// Stop following `service`.
         pub fn remove(service: impl Into<String>) -> Self {
+            Self::remove_in("", service)
+        }
+
+        /// Stop following `service` of namespace `namespace` (empty: `default`).
+        pub fn remove_in(namespace: impl Into<String>, service: impl Into<String>) -> Self {
             WatchServicesRequest {
                 action: Some(watch_services_request::Action::Remove(service.into())),
-                namespace: String::new(),
+                namespace: namespace.into(),
             }
         }
     }

@@ -113,7 +113,7 @@ const PHASES: &[Phase] = &[
     },
     Phase {
         name: "namespaces",
-        measures: "registrations from 64 clients over 100 namespaces against one",
+        measures: "registrations and watch delay (1,000 watchers) over 100 namespaces against one",
         systems: Systems::RosterOnly,
         modes: QUICK_FULL,
         run: Run::Shared(|s, o, r| Box::pin(phases::namespaces::namespaces(s, o, r))),
@@ -201,6 +201,13 @@ const PHASES: &[Phase] = &[
         systems: Systems::Both,
         modes: QUICK_FULL,
         run: Run::Fresh(|d, o, r| Box::pin(phases::watch::mux(d, o, r))),
+    },
+    Phase {
+        name: "namespace-memory",
+        measures: "memory per instance over 100 namespaces against one",
+        systems: Systems::RosterOnly,
+        modes: QUICK_FULL,
+        run: Run::Fresh(|d, o, r| Box::pin(phases::namespaces::memory(d, o, r))),
     },
     Phase {
         name: "sessions",

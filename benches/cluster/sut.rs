@@ -283,8 +283,6 @@ impl Roster {
         Ok(r.services.iter().map(|s| u64::from(s.passing)).sum())
     }
 
-    /// Adds a running node as a voter (or a read replica); returns once the
-    /// cluster has it.
     /// Creates namespace `name`, without quotas.
     pub async fn create_namespace(&self, name: &str) -> Result<()> {
         self.any
@@ -304,6 +302,34 @@ impl Roster {
         Ok(())
     }
 
+    /// A watch on `service` of namespace `ns` (empty: `default`), past its
+    /// initial full state.
+    pub async fn watch_in(&self, conn: usize, ns: &str, service: &str) -> Result<RosterWatch> {
+        let request = || WatchRequest {
+            service: service.into(),
+            since_revision: 0,
+            namespace: ns.into(),
+        };
+        let mut attempts = 0;
+        let mut s = loop {
+            match self.client(conn).watch(self.req(request())).await {
+                Ok(s) => break s.into_inner(),
+                Err(e) if e.code() == tonic::Code::Unavailable && attempts < 50 => {
+                    attempts += 1;
+                    self.watch_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The initial full state.
+        s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
+        Ok(RosterWatch(s))
+    }
+
+    /// Adds a running node as a voter (or a read replica); returns once the
+    /// cluster has it.
     pub async fn add_member(&self, id: u64, address: &str, replica: bool) -> Result<()> {
         self.any
             .add_member(AddMemberRequest {
@@ -493,27 +519,7 @@ impl System for Roster {
     }
 
     async fn watch(&self, conn: usize, service: &str) -> Result<RosterWatch> {
-        let request = || WatchRequest {
-            service: service.into(),
-            since_revision: 0,
-            ..Default::default()
-        };
-        let mut attempts = 0;
-        let mut s = loop {
-            match self.client(conn).watch(self.req(request())).await {
-                Ok(s) => break s.into_inner(),
-                Err(e) if e.code() == tonic::Code::Unavailable && attempts < 50 => {
-                    attempts += 1;
-                    self.watch_retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        // The initial full state.
-        s.message().await?.ok_or_else(|| anyhow!("watch closed"))?;
-        Ok(RosterWatch(s))
+        self.watch_in(conn, "", service).await
     }
 
     async fn list_services(&self, conn: usize, page_size: u32) -> Result<Option<usize>> {

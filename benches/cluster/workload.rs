@@ -121,13 +121,20 @@ pub async fn watch_delay<S: System>(
     watchers: usize,
     events: usize,
 ) -> Result<Delivery> {
-    let service = format!("watch{watchers}");
+    let service: Arc<str> = format!("watch{watchers}").into();
+    let watched = service.clone();
     delivery_delay(
         sys,
-        &service,
         watchers,
-        events,
-        |sys, w, service| async move { sys.watch(w, &service).await },
+        (events, events),
+        move |sys, w| {
+            let service = watched.clone();
+            async move { sys.watch(w, &service).await }
+        },
+        |k, id| {
+            let (sys, service) = (sys.clone(), service.clone());
+            async move { sys.register(k, &service, &id).await }
+        },
     )
     .await
 }
@@ -147,37 +154,39 @@ pub struct Delivery {
     pub window: (Instant, Instant),
 }
 
-/// Opens `watchers` streams on `service` with `open`, registers `events`
-/// instances 20 ms apart, and times each one's arrival on every stream.
-pub async fn delivery_delay<S, W, F, Fut>(
+/// Opens `watchers` streams with `open`, registers `events` instances (ids
+/// `w-K`) with `write` 20 ms apart, and times each one's arrival on every
+/// stream, each of which waits for the `per_stream` writes to its service.
+pub async fn delivery_delay<S, W, F, Fut, G, GFut>(
     sys: &Arc<S>,
-    service: &str,
     watchers: usize,
-    events: usize,
+    (events, per_stream): (usize, usize),
     open: F,
+    write: G,
 ) -> Result<Delivery>
 where
     S: System,
     W: Watch,
-    F: Fn(Arc<S>, usize, String) -> Fut + Clone + Send + 'static,
+    F: Fn(Arc<S>, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<W>> + Send,
+    G: Fn(usize, String) -> GFut,
+    GFut: Future<Output = Result<()>>,
 {
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let mut opening = Vec::new();
     for w in 0..watchers {
-        let (sys, service, sem, open) =
-            (sys.clone(), service.to_string(), sem.clone(), open.clone());
+        let (sys, sem, open) = (sys.clone(), sem.clone(), open.clone());
         opening.push(tokio::spawn(async move {
             let _permit = sem.acquire().await?;
-            open(sys, w, service).await
+            open(sys, w).await
         }));
     }
     let mut tasks = Vec::new();
     for o in opening {
         let mut watch = o.await??;
         tasks.push(tokio::spawn(async move {
-            let mut got = Vec::with_capacity(events);
-            while got.len() < events {
+            let mut got = Vec::with_capacity(per_stream);
+            while got.len() < per_stream {
                 let ids = watch.next_puts().await?;
                 let now = Instant::now();
                 got.extend(ids.into_iter().map(|id| (id, now)));
@@ -192,7 +201,7 @@ where
     for k in 0..events {
         let id = format!("w-{k}");
         let sent = Instant::now();
-        sys.register(k, service, &id).await?;
+        write(k, id.clone()).await?;
         let acked = Instant::now();
         acks.push(acked - sent);
         writes.insert(id, (sent, acked));

@@ -65,14 +65,36 @@ impl Tracked {
 /// How long a service whose add was refused waits before it is added again.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// A followed service: its namespace (empty: `default`) and its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    namespace: String,
+    service: String,
+}
+
+impl Key {
+    pub fn new(namespace: &str, service: &str) -> Key {
+        // Answers name `default` as empty: one key for both spellings.
+        let namespace = if namespace == "default" {
+            ""
+        } else {
+            namespace
+        };
+        Key {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+        }
+    }
+}
+
 pub(crate) enum Command {
     Follow {
-        service: String,
+        key: Key,
         id: u64,
         tx: watch::Sender<Arc<ResolvedSet>>,
     },
     Unfollow {
-        service: String,
+        key: Key,
         id: u64,
     },
 }
@@ -116,8 +138,8 @@ impl Followed {
         }
     }
 
-    fn add(&self, service: &str) -> WatchServicesRequest {
-        WatchServicesRequest::add(service, self.tracked.revision)
+    fn add(&self, key: &Key) -> WatchServicesRequest {
+        WatchServicesRequest::add_in(&*key.namespace, &*key.service, self.tracked.revision)
     }
 }
 
@@ -127,11 +149,11 @@ type Stream = (
 );
 
 async fn run(client: Weak<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let mut followed: HashMap<String, Followed> = HashMap::new();
+    let mut followed: HashMap<Key, Followed> = HashMap::new();
     let mut stream: Option<Stream> = None;
     let mut pause = Duration::from_millis(50);
     // Services refused by the node, to add again at this time.
-    let mut refused: Vec<String> = Vec::new();
+    let mut refused: Vec<Key> = Vec::new();
     let mut retry_at = tokio::time::Instant::now();
     // Set when the stream just failed or ended: wait this long before reopening.
     let mut backoff: Option<Duration> = None;
@@ -180,11 +202,11 @@ async fn run(client: Weak<Shared>, mut commands: mpsc::UnboundedReceiver<Command
             },
             m = message => match m {
                 Ok(Some(m)) => {
-                    if let Some(service) = receive(m, &mut followed) {
+                    if let Some(key) = receive(m, &mut followed) {
                         if refused.is_empty() {
                             retry_at = tokio::time::Instant::now() + RETRY;
                         }
-                        refused.push(service);
+                        refused.push(key);
                     }
                 }
                 // Ended or broken: reopen, every service resuming where it stood.
@@ -195,9 +217,9 @@ async fn run(client: Weak<Shared>, mut commands: mpsc::UnboundedReceiver<Command
             },
             () = retry => {
                 if let Some((tx, _)) = &stream {
-                    for service in refused.drain(..) {
-                        if let Some(f) = followed.get(&service) {
-                            let _ = tx.unbounded_send(f.add(&service));
+                    for key in refused.drain(..) {
+                        if let Some(f) = followed.get(&key) {
+                            let _ = tx.unbounded_send(f.add(&key));
                         }
                     }
                 }
@@ -210,7 +232,7 @@ async fn run(client: Weak<Shared>, mut commands: mpsc::UnboundedReceiver<Command
 async fn idle(
     wait: Duration,
     commands: &mut mpsc::UnboundedReceiver<Command>,
-    followed: &mut HashMap<String, Followed>,
+    followed: &mut HashMap<Key, Followed>,
 ) -> bool {
     let wait = tokio::time::sleep(wait);
     tokio::pin!(wait);
@@ -228,12 +250,12 @@ async fn idle(
 /// Applies a resolver's command, telling the open stream (if any).
 fn apply(
     c: Command,
-    followed: &mut HashMap<String, Followed>,
+    followed: &mut HashMap<Key, Followed>,
     stream: Option<&mpsc::UnboundedSender<WatchServicesRequest>>,
 ) {
     let request = match c {
-        Command::Follow { service, id, tx } => {
-            if let Some(f) = followed.get_mut(&service) {
+        Command::Follow { key, id, tx } => {
+            if let Some(f) = followed.get_mut(&key) {
                 if f.tracked.revision > 0 {
                     tx.send_replace(Arc::new(f.tracked.healthy()));
                 }
@@ -244,20 +266,20 @@ fn apply(
                 tracked: Tracked::default(),
                 subscribers: vec![(id, tx)],
             };
-            let add = f.add(&service);
-            followed.insert(service, f);
+            let add = f.add(&key);
+            followed.insert(key, f);
             add
         }
-        Command::Unfollow { service, id } => {
-            let Some(f) = followed.get_mut(&service) else {
+        Command::Unfollow { key, id } => {
+            let Some(f) = followed.get_mut(&key) else {
                 return;
             };
             f.subscribers.retain(|(i, _)| *i != id);
             if !f.subscribers.is_empty() {
                 return;
             }
-            followed.remove(&service);
-            WatchServicesRequest::remove(service)
+            followed.remove(&key);
+            WatchServicesRequest::remove_in(key.namespace, key.service)
         }
     };
     if let Some(tx) = stream {
@@ -266,8 +288,9 @@ fn apply(
 }
 
 /// Applies one message; returns the service if the node refused its add.
-fn receive(m: WatchServicesResponse, followed: &mut HashMap<String, Followed>) -> Option<String> {
-    let f = followed.get_mut(&m.service)?;
+fn receive(m: WatchServicesResponse, followed: &mut HashMap<Key, Followed>) -> Option<Key> {
+    let key = Key::new(&m.namespace, &m.service);
+    let f = followed.get_mut(&key)?;
     match m.result? {
         Outcome::Update(u) => {
             f.tracked.apply(u);
@@ -282,7 +305,7 @@ fn receive(m: WatchServicesResponse, followed: &mut HashMap<String, Followed>) -
             if e.code == Code::OutOfRange as i32 {
                 f.tracked.revision = 0;
             }
-            Some(m.service)
+            Some(key)
         }
     }
 }

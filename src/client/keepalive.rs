@@ -182,12 +182,13 @@ struct Held {
 impl KeptSession {
     pub(super) async fn open(
         client: RosterClient,
+        namespace: &str,
         name: &str,
         ttl: Duration,
         on_end: SessionEnd,
     ) -> Result<KeptSession, Error> {
         let create = CreateSessionRequest {
-            namespace: Default::default(),
+            namespace: namespace.to_string(),
             name: name.to_string(),
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
             on_end: on_end as i32,
@@ -213,8 +214,12 @@ impl KeptSession {
     }
 
     /// Registers `instance` under the session; it is registered again under
-    /// any session that replaces this one.
-    pub async fn register(&self, instance: Instance) -> Result<RegisterResponse, Error> {
+    /// any session that replaces this one. An instance that names no
+    /// namespace is registered in the session's.
+    pub async fn register(&self, mut instance: Instance) -> Result<RegisterResponse, Error> {
+        if instance.namespace.is_empty() {
+            instance.namespace.clone_from(&self.held.create.namespace);
+        }
         let r = self.held.register(instance.clone()).await?;
         let mut held = lock(&self.held.instances);
         held.retain(|i| !(i.service == instance.service && i.id == instance.id));
@@ -230,7 +235,7 @@ impl KeptSession {
             .deregister(DeregisterRequest {
                 service: service.to_string(),
                 id: id.to_string(),
-                ..Default::default()
+                namespace: self.held.create.namespace.clone(),
             })
             .await
     }
@@ -315,7 +320,7 @@ impl Held {
     async fn close(&self) -> Result<CloseSessionResponse, Error> {
         let req = CloseSessionRequest {
             id: self.id(),
-            ..Default::default()
+            namespace: self.create.namespace.clone(),
         };
         self.client.close_session(req).await
     }

@@ -477,7 +477,19 @@ impl RosterClient {
         ttl: Duration,
         on_end: SessionEnd,
     ) -> Result<keepalive::KeptSession, Error> {
-        keepalive::KeptSession::open(self.clone(), name, ttl, on_end).await
+        self.open_session_in("", name, ttl, on_end).await
+    }
+
+    /// [`open_session`](Self::open_session) in `namespace` (empty:
+    /// `default`): the session holds instances of that namespace only.
+    pub async fn open_session_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        ttl: Duration,
+        on_end: SessionEnd,
+    ) -> Result<keepalive::KeptSession, Error> {
+        keepalive::KeptSession::open(self.clone(), namespace, name, ttl, on_end).await
     }
 
     /// Follows `service`'s healthy instances; see [`resolver::Resolver`]. All
@@ -502,7 +514,13 @@ impl RosterClient {
     /// # }
     /// ```
     pub fn resolve(&self, service: &str) -> resolver::Resolver {
-        resolver::Resolver::new(self.clone(), service)
+        self.resolve_in("", service)
+    }
+
+    /// [`resolve`](Self::resolve) a service of `namespace` (empty:
+    /// `default`); the same stream carries every namespace's services.
+    pub fn resolve_in(&self, namespace: &str, service: &str) -> resolver::Resolver {
+        resolver::Resolver::new(self.clone(), namespace, service)
     }
 
     /// Status of every endpoint, in order; a node that does not answer gives its error.

@@ -14,8 +14,8 @@ use tonic::transport::channel::Change as ChannelChange;
 use tonic::transport::{Channel, Endpoint};
 use tower::discover::Change;
 
-use super::feed::Command;
 pub use super::feed::ResolvedSet;
+use super::feed::{Command, Key};
 use super::picker::{Picked, Picker};
 use super::RosterClient;
 use crate::proto::v1::Instance;
@@ -24,16 +24,17 @@ use crate::proto::v1::Instance;
 /// the client (and so the feed) alive until then.
 struct Following {
     client: RosterClient,
-    service: String,
+    key: Option<Key>,
     id: u64,
 }
 
 impl Drop for Following {
     fn drop(&mut self) {
-        self.client.feed().send(Command::Unfollow {
-            service: std::mem::take(&mut self.service),
-            id: self.id,
-        });
+        if let Some(key) = self.key.take() {
+            self.client
+                .feed()
+                .send(Command::Unfollow { key, id: self.id });
+        }
     }
 }
 
@@ -44,13 +45,15 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Starts following `service`; the set is empty until the first answer.
-    pub(crate) fn new(client: RosterClient, service: &str) -> Resolver {
+    /// Starts following `service` of `namespace` (empty: `default`); the
+    /// set is empty until the first answer.
+    pub(crate) fn new(client: RosterClient, namespace: &str, service: &str) -> Resolver {
         static IDS: AtomicU64 = AtomicU64::new(0);
         let (tx, rx) = watch::channel(Arc::new(ResolvedSet::default()));
         let id = IDS.fetch_add(1, Ordering::Relaxed);
+        let key = Key::new(namespace, service);
         client.feed().send(Command::Follow {
-            service: service.to_string(),
+            key: key.clone(),
             id,
             tx,
         });
@@ -58,7 +61,7 @@ impl Resolver {
             rx,
             _following: Arc::new(Following {
                 client,
-                service: service.to_string(),
+                key: Some(key),
                 id,
             }),
         }

@@ -10,12 +10,14 @@ use std::time::Duration;
 use crate::common::*;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::NetError;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use roster::proto::v1::health_check::Kind as CheckKind;
 use roster::proto::v1::{
-    CreateNamespaceRequest, DeregisterRequest, HealthCheck, Instance, RegisterRequest, TtlCheck,
+    CreateNamespaceRequest, CreateTokenRequest, DeregisterRequest, HealthCheck, Instance,
+    RegisterRequest, Role, TtlCheck,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -384,4 +386,95 @@ async fn a_namespace_is_named_after_service_and_instance() {
     assert_eq!(ips(&one).len(), 1);
     let e = ask(&r, "web.service.team-b.roster.", RecordType::A).await;
     assert!(e.is_err(), "no such namespace: NXDOMAIN, got {e:?}");
+}
+
+/// A `[dns] token` scoped to one namespace answers for that namespace only:
+/// another namespace's service, whether it exists or not, and `default`'s
+/// get the same REFUSED, so DNS tells nothing of what lies outside.
+#[tokio::test]
+async fn a_namespace_scoped_token_answers_for_its_namespace_only() {
+    let secret = format!("dns-test-{:032x}", fastrand::u128(..));
+    let setup = Setup {
+        auth: true,
+        auth_secret: Some(secret.clone()),
+        dns: Some(format!("token = \"{secret}\"\nttl_s = 0")),
+        ..Setup::default()
+    };
+    let mut c = TestCluster::start_setup(3, "[auth]\nenabled = true\n", setup)
+        .await
+        .expect("cluster");
+    let admin = c.client();
+    for (ns, address) in [
+        ("team-a", "10.0.0.2"),
+        ("team-b", "10.0.0.3"),
+        ("", "10.0.0.1"),
+    ] {
+        if !ns.is_empty() {
+            admin
+                .create_namespace(CreateNamespaceRequest {
+                    name: ns.into(),
+                    quotas: None,
+                })
+                .await
+                .expect("namespace");
+        }
+        let mut i = instance("web", "web-1", 8080);
+        i.address = address.into();
+        admin
+            .register(RegisterRequest {
+                instance: Some(i),
+                namespace: ns.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("register");
+    }
+    let scoped = admin
+        .create_token(CreateTokenRequest {
+            role: Role::Read as i32,
+            services: vec!["team-a/*".into()],
+            description: "DNS of team-a".into(),
+        })
+        .await
+        .expect("token")
+        .secret;
+    // The follower answers DNS with the scoped token from its next start.
+    let f = follower(&c).await;
+    c.kill(f);
+    let config = &c.node(f).config;
+    let text = std::fs::read_to_string(config).expect("config");
+    let swapped = text.replace(
+        &format!("token = \"{secret}\""),
+        &format!("token = \"{scoped}\""),
+    );
+    assert_ne!(text, swapped, "the [dns] token line");
+    std::fs::write(config, swapped).expect("config");
+    c.start_node(f);
+    let r = resolver(dns_addr(&c, f), true, true, true);
+    let in_a = c
+        .wait_for("team-a's web under the scoped token", LIMIT, || async {
+            ask(&r, "web.service.team-a.roster.", RecordType::A)
+                .await
+                .ok()
+        })
+        .await;
+    assert_eq!(
+        ips(&in_a),
+        BTreeSet::from(["10.0.0.2".parse().expect("ip")])
+    );
+    for name in [
+        "web.service.team-b.roster.",
+        "web.service.team-c.roster.",
+        "web.service.roster.",
+        "web-1.web.instance.team-b.roster.",
+    ] {
+        let e = ask(&r, name, RecordType::A).await.expect_err(name);
+        assert!(
+            matches!(
+                e,
+                NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused))
+            ),
+            "{name}: REFUSED, got {e:?}"
+        );
+    }
 }

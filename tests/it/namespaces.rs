@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
+
+use crate::common::targets::{refusing_port, Kind, Target};
 use crate::common::*;
 use roster::client::{Code, RosterClient};
 use roster::proto::v1::watch_services_response::Result as MuxResult;
@@ -580,4 +583,152 @@ async fn watch_streams_of_a_namespace_are_within_its_quota_on_each_node() {
         || async { client.watch(watch_w()).await.ok() },
     )
     .await;
+}
+
+/// The leader checks a namespace's instances like `default`'s, and a
+/// protection threshold set in one namespace guards that namespace's service
+/// only: the same name in `default` is not protected.
+#[tokio::test]
+async fn health_checks_and_protection_thresholds_keep_to_their_namespace() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    create_ns(&client, "team-a", 0, 0).await;
+    let live = Target::start(Kind::Tcp).await;
+    let (_held, dead) = refusing_port();
+    let checked = |ns: &str, port: u32| RegisterRequest {
+        instance: Some(Instance {
+            check: Some(HealthCheck {
+                kind: Some(health_check::Kind::Tcp(TcpCheck { port: 0 })),
+                interval_ms: 200,
+                timeout_ms: 200,
+                failures_before_critical: 1,
+                successes_before_passing: 1,
+                deregister_after_ms: 0,
+            }),
+            address: "127.0.0.1".into(),
+            ..instance("web", "w-1", port)
+        }),
+        namespace: ns.into(),
+        ..Default::default()
+    };
+    // The same service and id in both: team-a's points at a refusing port.
+    client
+        .register(checked("team-a", dead))
+        .await
+        .expect("team-a's w-1");
+    client
+        .register(checked("", live.port()))
+        .await
+        .expect("default's w-1");
+    for ns in ["team-a", ""] {
+        client
+            .register(reg_in(ns, "web", "w-2"))
+            .await
+            .expect("w-2");
+    }
+    client
+        .configure_service(ConfigureServiceRequest {
+            namespace: "team-a".into(),
+            service: "web".into(),
+            protect_threshold_percent: 60,
+        })
+        .await
+        .expect("team-a's threshold");
+    let status = |ns: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client.get_service(get_in(ns, "web")).await.ok()?;
+            r.instances
+                .into_iter()
+                .find(|i| i.id == "w-1")
+                .map(|i| i.status)
+        }
+    };
+    c.wait_for("team-a's w-1 critical", Duration::from_secs(10), || {
+        status("team-a").map(|s| (s == Some(HealthStatus::Critical as i32)).then_some(()))
+    })
+    .await;
+    // Probed and passing: the two w-1 are checked apart.
+    c.wait_for(
+        "default's w-1 probed and passing",
+        Duration::from_secs(10),
+        || {
+            let probed = live.probes() > 0;
+            status("")
+                .map(move |s| (probed && s == Some(HealthStatus::Passing as i32)).then_some(()))
+        },
+    )
+    .await;
+    let healthy = |ns: &str| GetServiceRequest {
+        healthy_only: true,
+        ..get_in(ns, "web")
+    };
+    // 1 of 2 passing is under team-a's 60%: every instance comes back.
+    let a = client.get_service(healthy("team-a")).await.expect("team-a");
+    assert!(a.protection_active, "{a:?}");
+    assert_eq!(a.instances.len(), 2);
+    let d = client.get_service(healthy("")).await.expect("default");
+    assert!(!d.protection_active, "{d:?}");
+    assert_eq!(d.instances.len(), 2, "both pass in default: {d:?}");
+}
+
+/// The Rust client resolves a namespace's service and keeps a session in a
+/// namespace; `default` spelled out is the same as left empty.
+#[tokio::test]
+async fn the_rust_client_resolves_and_keeps_sessions_in_a_namespace() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    create_ns(&client, "team-a", 0, 0).await;
+    client
+        .register(reg_in("", "web", "w-d"))
+        .await
+        .expect("default's");
+    let kept = client
+        .open_session_in(
+            "team-a",
+            "web-a",
+            Duration::from_secs(10),
+            SessionEnd::Deregister,
+        )
+        .await
+        .expect("a session in team-a");
+    // No namespace on the instance: the session's.
+    kept.register(instance("web", "w-a", 80))
+        .await
+        .expect("under the session");
+    assert_eq!(
+        held(&client, "team-a", "web").await,
+        [named("team-a", "web", "w-a")]
+    );
+    let ids = |r: &roster::client::resolver::Resolver| -> Vec<String> {
+        r.current().instances.iter().map(|i| i.id.clone()).collect()
+    };
+    let mut in_a = client.resolve_in("team-a", "web");
+    let mut in_default = client.resolve_in("default", "web");
+    let mut plain = client.resolve("web");
+    for r in [&mut in_a, &mut in_default, &mut plain] {
+        assert!(r.ready(Duration::from_secs(10)).await);
+    }
+    assert_eq!(ids(&in_a), ["w-a"]);
+    assert_eq!(ids(&in_default), ["w-d"]);
+    assert_eq!(ids(&plain), ["w-d"]);
+    kept.deregister("web", "w-a")
+        .await
+        .expect("deregister in team-a");
+    c.wait_for(
+        "team-a's resolver empty",
+        Duration::from_secs(10),
+        || async { in_a.current().instances.is_empty().then_some(()) },
+    )
+    .await;
+    assert_eq!(ids(&plain), ["w-d"]);
+    kept.close().await.expect("close in team-a");
+    let left = client
+        .list_sessions(ListSessionsRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(left.sessions.is_empty(), "{left:?}");
 }

@@ -75,13 +75,20 @@ pub async fn xds(s: &mut Shared, _: &Opts, report: &mut Report) -> Result<()> {
 /// Time from a register's acknowledgement to each of `streams` xDS streams
 /// receiving the endpoints that hold it.
 async fn xds_delay(roster: &Arc<Roster>, streams: usize, events: usize) -> Result<Summary> {
-    let service = format!("xds{streams}");
+    let service: Arc<str> = format!("xds{streams}").into();
+    let watched = service.clone();
     delivery_delay(
         roster,
-        &service,
         streams,
-        events,
-        |r, w, service| async move { r.xds(w, &service).await },
+        (events, events),
+        move |r, w| {
+            let service = watched.clone();
+            async move { r.xds(w, &service).await }
+        },
+        |k, id| {
+            let service = service.clone();
+            async move { roster.register(k, &service, &id).await }
+        },
     )
     .await
     .map(|d| d.after_ack)
