@@ -88,7 +88,7 @@ async fn register(roster: &Arc<Roster>, dur: Duration, spread_out: bool) -> Summ
 /// name in each) or, all in `default`, on one of as many services; the
 /// writes go to each in turn, so every service sees the same changes.
 async fn watch_delay(roster: &Arc<Roster>, spread_out: bool) -> Result<Delivery> {
-    let service = |i: usize| {
+    let service = move |i: usize| {
         let ns = namespace_of(spread_out, i);
         let name = if spread_out {
             "nswatch".to_string()
