@@ -295,16 +295,20 @@ fn registry_metrics(r: &mut Registry, st: &RegistryState) {
         st.catalog.session_count() as i64,
     );
     // One pass over the catalogue: it is read under the lock writes need.
-    let mut counts = [0i64; 3];
+    let mut counts = [0i64; 4];
     for i in st.catalog.all_instances() {
         counts[match i.status {
+            _ if i.maintenance().is_some() => 3,
             HealthStatus::Passing => 0,
             HealthStatus::Warning => 1,
             HealthStatus::Critical => 2,
         }] += 1;
     }
     let by_status: Family<Vec<(String, String)>, Gauge> = Family::default();
-    for (name, n) in ["passing", "warning", "critical"].into_iter().zip(counts) {
+    for (name, n) in ["passing", "warning", "critical", "maintenance"]
+        .into_iter()
+        .zip(counts)
+    {
         by_status
             .get_or_create(&vec![("status".to_string(), name.to_string())])
             .set(n);

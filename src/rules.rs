@@ -112,6 +112,7 @@ pub const RULES: &[Rule] = &[
     rule("/roster.v1.Registry/Watch", R, Any, Read, Request, Safe, Some(("GET", "/v1/watch/{service}"))),
     rule("/roster.v1.Registry/WatchServices", R, Any, Read, Request, Safe, None),
     rule("/roster.v1.Registry/ConfigureService", W, Leader, Write, Request, Safe, None),
+    rule("/roster.v1.Registry/SetMaintenance", W, Leader, Write, Request, Safe, Some(("PUT", "/v1/services/{service}/maintenance"))),
     rule("/roster.v1.Registry/CreateSession", W, Leader, Write, Request, Safe, None),
     rule("/roster.v1.Registry/RenewSessions", W, Any, Read, Request, Safe, None),
     rule("/roster.v1.Registry/CloseSession", W, Leader, Write, Request, Safe, None),

@@ -35,7 +35,13 @@ pub fn instance_to_pb(i: &Instance) -> pb::Instance {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         weight: i.weight,
-        status: status_to_pb(i.status) as i32,
+        status: if i.maintenance().is_some() {
+            pb::HealthStatus::Maintenance
+        } else {
+            status_to_pb(i.status)
+        } as i32,
+        maintenance: i.maintenance().unwrap_or_default().to_string(),
+        check_status: status_to_pb(i.status) as i32,
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
         check: i.check.as_ref().map(check_to_pb),

@@ -42,6 +42,9 @@ fn renews_lease(i: &Instance) -> bool {
     )
 }
 
+/// The reason an instance put into maintenance without one shows.
+const DEFAULT_MAINTENANCE_REASON: &str = "in maintenance; no reason was given";
+
 fn not_found(service: &str, id: &str) -> Status {
     Error::NotFound(format!(
         "instance {id:?} of service {}",
@@ -322,6 +325,49 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::ConfigureServiceResponse {
             revision: r.revision,
         }))
+    }
+
+    async fn set_maintenance(
+        &self,
+        req: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::SetMaintenanceResponse>, Status> {
+        let grant = auth::grant(&req);
+        let msg = req.into_inner();
+        let service = if msg.id.is_empty() {
+            convert::service_key(&msg.namespace, &msg.service)?
+        } else {
+            convert::instance_ref(&msg.namespace, &msg.service, &msg.id)?
+        };
+        validate::maintenance_reason(&msg.reason)?;
+        auth::may_use(grant.as_ref(), &service)?;
+        self.proposer.here()?;
+        self.enter(grant.as_ref(), &msg.namespace).await?;
+        let reason = match (msg.enable, msg.reason.is_empty()) {
+            (false, _) => None,
+            (true, true) => Some(DEFAULT_MAINTENANCE_REASON.to_string()),
+            (true, false) => Some(msg.reason),
+        };
+        let id = (!msg.id.is_empty()).then_some(msg.id);
+        let cmd = Command::SetMaintenance {
+            service: service.clone(),
+            id: id.clone(),
+            reason,
+        };
+        let r = self.proposer.propose(cmd).await?;
+        match r.outcome {
+            Outcome::MaintenanceSet(n) => Ok(Response::new(pb::SetMaintenanceResponse {
+                revision: r.revision,
+                instances: u32::try_from(n).unwrap_or(u32::MAX),
+            })),
+            _ => Err(match id {
+                Some(id) => not_found(&service, &id),
+                None => Error::NotFound(format!(
+                    "service {} holds no instance",
+                    namespace::describe(&service)
+                ))
+                .into(),
+            }),
+        }
     }
 
     async fn create_session(

@@ -4,9 +4,9 @@ use crate::client::{tls_from_files, RosterClient};
 use crate::proto::v1::*;
 
 use super::{
-    AclCommand, CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs, MemberCommand,
-    NamespaceCommand, ProtectArgs, RegisterArgs, SessionCommand, StatusArgs, TokenCommand,
-    WatchArgs,
+    AclCommand, CheckArgs, CheckKindArg, Endpoints, GetArgs, InstanceArgs, ListArgs,
+    MaintenanceCommand, MemberCommand, NamespaceCommand, ProtectArgs, RegisterArgs, SessionCommand,
+    StatusArgs, TokenCommand, WatchArgs,
 };
 
 pub(super) fn client(e: &Endpoints) -> anyhow::Result<RosterClient> {
@@ -37,6 +37,7 @@ fn status_name(s: i32) -> &'static str {
         Ok(HealthStatus::Passing) => "passing",
         Ok(HealthStatus::Warning) => "warning",
         Ok(HealthStatus::Critical) => "critical",
+        Ok(HealthStatus::Maintenance) => "maintenance",
         _ => "unknown",
     }
 }
@@ -57,6 +58,9 @@ fn show(i: &Instance) -> String {
         i.weight,
         i.mod_revision
     );
+    if !i.maintenance.is_empty() {
+        s.push_str(&format!(" check_status={}", status_name(i.check_status)));
+    }
     if !i.tags.is_empty() {
         s.push_str(&format!(" tags={}", i.tags.join(",")));
     }
@@ -196,6 +200,36 @@ pub async fn list(a: ListArgs) -> anyhow::Result<()> {
     for s in &r.services {
         println!("{} instances={} passing={}", s.name, s.instances, s.passing);
     }
+    Ok(())
+}
+
+pub async fn maintenance(c: MaintenanceCommand) -> anyhow::Result<()> {
+    let (t, enable, reason) = match c {
+        MaintenanceCommand::Enable { target, reason } => (target, true, reason),
+        MaintenanceCommand::Disable { target } => (target, false, String::new()),
+    };
+    let r = client(&t.endpoints)?
+        .set_maintenance(SetMaintenanceRequest {
+            service: t.service.clone(),
+            id: t.id.clone().unwrap_or_default(),
+            enable,
+            reason,
+            namespace: t.endpoints.namespace.clone(),
+        })
+        .await?;
+    let what = match &t.id {
+        Some(id) => format!("{}/{id}", t.service),
+        None => format!("{} (every instance)", t.service),
+    };
+    let state = if enable {
+        "in maintenance"
+    } else {
+        "in rotation"
+    };
+    println!(
+        "{what}: {state}; {} instance(s) changed at revision {}",
+        r.instances, r.revision
+    );
     Ok(())
 }
 

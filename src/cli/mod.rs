@@ -67,6 +67,10 @@ enum Command {
     List(ListArgs),
     /// Set a service's protection threshold (percent of passing instances).
     Protect(ProtectArgs),
+    /// Take an instance (or every instance of a service) out of rotation, or
+    /// put it back: it stays registered and its checks keep running.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCommand),
     /// Stream changes of one service (or all) as they happen.
     Watch(WatchArgs),
     /// Show each node's role, term, indexes and the membership.
@@ -409,6 +413,32 @@ pub struct GetArgs {
     stale: bool,
 }
 
+#[derive(Subcommand)]
+pub enum MaintenanceCommand {
+    /// Into maintenance: out of every healthy view until disabled.
+    Enable {
+        #[command(flatten)]
+        target: MaintenanceTarget,
+        /// Why, shown with the instance.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Back into rotation (as its check says).
+    Disable {
+        #[command(flatten)]
+        target: MaintenanceTarget,
+    },
+}
+
+#[derive(Args)]
+pub struct MaintenanceTarget {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    service: String,
+    /// The instance; left out: every instance the service holds now.
+    id: Option<String>,
+}
+
 #[derive(Args)]
 pub struct ProtectArgs {
     #[command(flatten)]
@@ -528,6 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get(a) => commands::get(a).await,
         Command::List(a) => commands::list(a).await,
         Command::Protect(a) => commands::protect(a).await,
+        Command::Maintenance(c) => commands::maintenance(c).await,
         Command::Watch(a) => commands::watch(a).await,
         Command::Status(a) => commands::status(a).await,
         Command::Member(m) => commands::member(m).await,

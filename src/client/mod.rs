@@ -345,6 +345,8 @@ unary! {
     delete_namespace(DeleteNamespaceRequest) -> DeleteNamespaceResponse = "Registry" / "DeleteNamespace" by registry;
     /// Per-service settings (the protection threshold).
     configure_service(ConfigureServiceRequest) -> ConfigureServiceResponse = "Registry" / "ConfigureService" by registry;
+    /// Takes an instance (or a whole service) out of rotation, or puts it back.
+    set_maintenance(SetMaintenanceRequest) -> SetMaintenanceResponse = "Registry" / "SetMaintenance" by registry;
     /// Adds a running node as a voter (the cluster grows online).
     add_member(AddMemberRequest) -> MembershipResponse = "Cluster" / "AddMember" by cluster;
     /// Removes a voter (the cluster shrinks online).

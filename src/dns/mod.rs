@@ -348,6 +348,20 @@ impl Handler {
         }
         match labels {
             [] if ns == namespace::DEFAULT => Query::Apex,
+            // RFC 2782, as Consul answers it: `_<service>._tcp.service`, or
+            // `_<service>._<tag>.service`. SRV clients such as HAProxy ask
+            // only names that start with an underscore.
+            [srv, second, kind]
+                if kind == "service"
+                    && srv.len() > 1
+                    && srv.starts_with('_')
+                    && second.starts_with('_') =>
+            {
+                Query::Service {
+                    service: namespace::qualify(ns, &srv[1..]),
+                    tag: (second != "_tcp" && second.len() > 1).then(|| second[1..].to_string()),
+                }
+            }
             [rest @ .., service, kind] if kind == "service" => Query::Service {
                 service: namespace::qualify(ns, service),
                 tag: (!rest.is_empty()).then(|| rest.join(".")),
@@ -528,6 +542,21 @@ mod tests {
             }
         );
         assert_eq!(parse(&h, "service.team-a.roster."), Query::Unknown);
+        // RFC 2782: `_tcp` is every instance, another label a tag.
+        assert_eq!(
+            parse(&h, "_web._tcp.service.roster."),
+            Query::Service {
+                service: "web".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            parse(&h, "_web._v2.service.team-a.roster."),
+            Query::Service {
+                service: "team-a/web".into(),
+                tag: Some("v2".into())
+            }
+        );
         // A label may hold any byte on the wire.
         let slashed = Name::from_labels([&b"team-a/web"[..], b"service", b"roster"]).expect("name");
         assert_eq!(h.parse(&LowerName::new(&slashed)), Query::Unknown);

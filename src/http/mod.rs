@@ -32,6 +32,7 @@ use crate::proto::v1::registry_client::RegistryClient;
 use crate::rules;
 
 mod https;
+mod prometheus;
 pub use https::Https;
 
 /// A gRPC service of the client port, as this module calls it.
@@ -93,7 +94,9 @@ pub fn serve(
                 put(register).delete(deregister),
             )
             .route(&at(route("Registry/Heartbeat")), post(heartbeat))
+            .route(&at(route("Registry/SetMaintenance")), put(set_maintenance))
             .route(&at("/v1/watch"), get(watch_all))
+            .route(&at("/v1/discovery/prometheus"), get(prometheus::targets))
             .route(&at(route("Registry/Watch")), get(watch));
     }
     let app = app
@@ -287,6 +290,36 @@ async fn get_service(
         }
     }
     let r = api.registry.get_service(request(&headers, msg)).await?;
+    Ok(Reply(r))
+}
+
+/// The body is a `SetMaintenanceRequest` without its service and namespace
+/// (the path's): `{"id": "web-1", "enable": true, "reason": "disk swap"}`;
+/// no `id`: every instance of the service.
+async fn set_maintenance(
+    State(mut api): State<Api>,
+    Path(Params {
+        namespace, service, ..
+    }): Path<Params>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Answer<pb::SetMaintenanceResponse> {
+    let msg: pb::SetMaintenanceRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad_request(format!(
+            "body: not a maintenance request in JSON ({{\"id\", \"enable\", \"reason\"}}): {e}"
+        ))
+    })?;
+    if !msg.service.is_empty() || !msg.namespace.is_empty() {
+        return Err(bad_request(
+            "body: the service and namespace are the path's; leave them out".into(),
+        ));
+    }
+    let msg = pb::SetMaintenanceRequest {
+        service,
+        namespace,
+        ..msg
+    };
+    let r = api.registry.set_maintenance(request(&headers, msg)).await?;
     Ok(Reply(r))
 }
 

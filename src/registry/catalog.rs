@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::acl::Acl;
 use super::model::{
     Command, CommandResponse, Event, EventKind, HealthStatus, HealthUpdate, Instance, OnSessionEnd,
-    Outcome, ServiceConfig, Session, SESSION_KEY,
+    Outcome, ServiceConfig, Session, MAINTENANCE_KEY, SESSION_KEY,
 };
 use super::namespace::{self, Namespace, Quota, Quotas};
 
@@ -193,6 +193,17 @@ impl Catalog {
             Command::DeleteNamespace { name, force } => {
                 self.delete_namespace(revision, name, *force, &mut events)
             }
+            Command::SetMaintenance {
+                service,
+                id,
+                reason,
+            } => self.set_maintenance(
+                revision,
+                service,
+                id.as_deref(),
+                reason.as_deref(),
+                &mut events,
+            ),
         };
         (CommandResponse { revision, outcome }, events)
     }
@@ -212,9 +223,12 @@ impl Catalog {
         }
         let mut inst = spec.clone();
         inst.mod_revision = revision;
-        inst.create_revision = self
-            .get(&inst.service, &inst.id)
-            .map_or(revision, |old| old.create_revision);
+        let old = self.get(&inst.service, &inst.id);
+        inst.create_revision = old.map_or(revision, |old| old.create_revision);
+        if let Some(reason) = old.and_then(Instance::maintenance) {
+            inst.metadata
+                .insert(MAINTENANCE_KEY.to_string(), reason.to_string());
+        }
         if inst.status == HealthStatus::default() {
             inst.status = HealthStatus::Passing;
         }
@@ -245,6 +259,56 @@ impl Catalog {
             }
             None => Outcome::NotFound,
         }
+    }
+
+    /// Sets or clears the maintenance reason of instance `id` of `service`,
+    /// or of every instance the service holds; `NotFound` if none is there.
+    fn set_maintenance(
+        &mut self,
+        revision: u64,
+        service: &str,
+        id: Option<&str>,
+        reason: Option<&str>,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(held) = self.services.get_mut(service) else {
+            return Outcome::NotFound;
+        };
+        let ids: Vec<String> = match id {
+            Some(id) if held.contains_key(id) => vec![id.to_string()],
+            Some(_) => return Outcome::NotFound,
+            None => held.keys().cloned().collect(),
+        };
+        let (mut turned, mut changed) = (Vec::new(), 0);
+        for id in ids {
+            let Some(inst) = held.get_mut(&id).map(Arc::make_mut) else {
+                continue;
+            };
+            if inst.maintenance() == reason {
+                continue;
+            }
+            let was = inst.passing();
+            match reason {
+                Some(r) => inst
+                    .metadata
+                    .insert(MAINTENANCE_KEY.to_string(), r.to_string()),
+                None => inst.metadata.remove(MAINTENANCE_KEY),
+            };
+            inst.mod_revision = revision;
+            changed += 1;
+            if was != inst.passing() {
+                turned.push(inst.passing());
+            }
+            events.push(Event {
+                kind: EventKind::Put,
+                revision,
+                instance: Instance::clone(inst),
+            });
+        }
+        for up in turned {
+            self.count_passing(service, up);
+        }
+        Outcome::MaintenanceSet(changed)
     }
 
     fn create_session(&mut self, revision: u64, ns: &str, spec: &Session) -> Outcome {
@@ -491,14 +555,14 @@ impl Catalog {
             if inst.status == u.status {
                 continue;
             }
-            let was = inst.status == HealthStatus::Passing;
+            let was = inst.passing();
             inst.status = u.status;
             inst.check_output = u.output.clone();
             inst.status_since_ms = u.at_ms;
             inst.mod_revision = revision;
             applied += 1;
             let instance = Instance::clone(inst);
-            let now = instance.status == HealthStatus::Passing;
+            let now = instance.passing();
             if was != now {
                 self.count_passing(&instance.service, now);
             }
@@ -639,7 +703,8 @@ impl Catalog {
     }
 
     /// The instances of `service` carrying `tags`; with `healthy_only`, the passing
-    /// ones, unless fewer pass than the service's protection threshold.
+    /// ones, unless fewer pass than the service's protection threshold (then
+    /// all but those in maintenance).
     pub fn view(&self, service: &str, healthy_only: bool, tags: &[String]) -> View<'_> {
         let candidates: Vec<&Instance> = self
             .instances_of(service)
@@ -651,6 +716,12 @@ impl Catalog {
                 protection_active: false,
             };
         }
+        // Instances in maintenance leave every healthy view, even under the
+        // protection threshold: an operator took them out.
+        let candidates: Vec<&Instance> = candidates
+            .into_iter()
+            .filter(|i| i.maintenance().is_none())
+            .collect();
         let passing: Vec<&Instance> = candidates
             .iter()
             .copied()
@@ -762,7 +833,7 @@ impl Catalog {
     fn insert(&mut self, inst: impl Into<Arc<Instance>>) {
         let inst = inst.into();
         let checked = inst.check.is_some();
-        if inst.status == HealthStatus::Passing {
+        if inst.passing() {
             self.count_passing(&inst.service, true);
         }
         let held = inst
@@ -822,7 +893,7 @@ impl Catalog {
             self.instances -= 1;
             self.held_mut(&old.service).instances -= 1;
             self.checked -= usize::from(old.check.is_some());
-            if old.status == HealthStatus::Passing {
+            if old.passing() {
                 self.count_passing(&old.service, false);
             }
             let Some(session) = old.session() else { return };
@@ -1152,12 +1223,74 @@ mod tests {
             .map(|name| ServiceSummary {
                 name: name.to_string(),
                 instances: c.instances_of(name).count() as u32,
-                passing: c
-                    .instances_of(name)
-                    .filter(|i| i.status == HealthStatus::Passing)
-                    .count() as u32,
+                passing: c.instances_of(name).filter(|i| i.passing()).count() as u32,
             })
             .collect()
+    }
+
+    #[test]
+    fn maintenance_takes_instances_out_of_rotation_and_a_reregistration_keeps_it() {
+        let mut c = Catalog::default();
+        for id in ["1", "2"] {
+            c.apply(1, &Command::Register(Instance::example("a", id)));
+        }
+        let set = |id: Option<&str>, reason: Option<&str>| Command::SetMaintenance {
+            service: "a".into(),
+            id: id.map(Into::into),
+            reason: reason.map(Into::into),
+        };
+        let healthy = |c: &Catalog| -> Vec<String> {
+            let v = c.view("a", true, &[]);
+            v.instances.iter().map(|i| i.id.clone()).collect()
+        };
+        let (r, ev) = c.apply(2, &set(Some("1"), Some("disk swap")));
+        assert_eq!(r.outcome, Outcome::MaintenanceSet(1));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].instance.maintenance(), Some("disk swap"));
+        assert_eq!(ev[0].instance.mod_revision, 2);
+        assert_eq!(healthy(&c), ["2"]);
+        assert_eq!(c.summaries(), scanned(&c));
+        assert_eq!(c.summaries()[0].passing, 1);
+        // The instance's own re-registration leaves it in maintenance.
+        c.apply(3, &Command::Register(Instance::example("a", "1")));
+        assert_eq!(
+            c.get("a", "1").and_then(Instance::maintenance),
+            Some("disk swap")
+        );
+        assert_eq!(healthy(&c), ["2"]);
+        // Its check keeps running: a status change applies beneath it.
+        c.apply(
+            4,
+            &Command::SetHealth(vec![HealthUpdate {
+                service: "a".into(),
+                id: "1".into(),
+                status: HealthStatus::Critical,
+                output: "refused".into(),
+                at_ms: 1,
+            }]),
+        );
+        assert_eq!(c.summaries(), scanned(&c));
+        let (r, _) = c.apply(5, &set(None, Some("deploy")));
+        assert_eq!(r.outcome, Outcome::MaintenanceSet(2), "both changed reason");
+        assert!(healthy(&c).is_empty());
+        assert_eq!(c.summaries(), scanned(&c));
+        let (r, ev) = c.apply(6, &set(None, None));
+        assert_eq!(r.outcome, Outcome::MaintenanceSet(2));
+        assert!(ev.iter().all(|e| e.instance.maintenance().is_none()));
+        assert_eq!(healthy(&c), ["2"], "1 is back, and critical");
+        assert_eq!(c.summaries(), scanned(&c));
+        let (r, ev) = c.apply(7, &set(None, None));
+        assert_eq!((r.outcome, ev.len()), (Outcome::MaintenanceSet(0), 0));
+        assert_eq!(
+            c.apply(8, &set(Some("9"), Some("x"))).0.outcome,
+            Outcome::NotFound
+        );
+        let other = Command::SetMaintenance {
+            service: "b".into(),
+            id: None,
+            reason: Some("x".into()),
+        };
+        assert_eq!(c.apply(9, &other).0.outcome, Outcome::NotFound);
     }
 
     #[test]

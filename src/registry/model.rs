@@ -175,6 +175,17 @@ impl Instance {
         self.metadata.get(SESSION_KEY).map(String::as_str)
     }
 
+    /// Why the instance is in maintenance, if it is (see [`MAINTENANCE_KEY`]).
+    pub fn maintenance(&self) -> Option<&str> {
+        self.metadata.get(MAINTENANCE_KEY).map(String::as_str)
+    }
+
+    /// In rotation: its check passes and it is not in maintenance. Every
+    /// healthy view (queries, DNS, xDS, counts) asks this.
+    pub fn passing(&self) -> bool {
+        self.status == HealthStatus::Passing && self.maintenance().is_none()
+    }
+
     /// A passing instance at 127.0.0.1:80 with no check, for tests and the simulation.
     #[cfg(any(test, feature = "sim"))]
     pub fn example(service: &str, id: &str) -> Instance {
@@ -218,6 +229,12 @@ impl Instance {
 /// reader of an instance (queries, watches, snapshots) sees its session
 /// without a second record, as Nacos reserves `preserved.*` keys.
 pub const SESSION_KEY: &str = "roster.session";
+
+/// The metadata key holding why an instance is in maintenance (set by
+/// `SetMaintenance`, reserved like [`SESSION_KEY`]). A re-registration keeps
+/// it: taking an instance out of rotation is the operator's call, not the
+/// instance's.
+pub const MAINTENANCE_KEY: &str = "roster.maintenance";
 
 /// What happens to a session's instances when it expires or is closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -295,6 +312,13 @@ pub enum Command {
         namespace: String,
         session: Session,
     },
+    /// Puts an instance (`id`), or every instance `service` holds now (no
+    /// `id`), into maintenance with `reason`, or out of it (no `reason`).
+    SetMaintenance {
+        service: String,
+        id: Option<String>,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +388,9 @@ pub enum Outcome {
         quota: Quota,
         limit: u64,
     },
+    /// How many instances entered or left maintenance (0: all were already
+    /// where the command put them).
+    MaintenanceSet(usize),
 }
 
 impl Outcome {

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use super::model::{Metadata, SESSION_KEY};
+use super::model::{Metadata, MAINTENANCE_KEY, SESSION_KEY};
 use crate::error::{Error, Result};
 
 pub const MAX_NAME_LEN: usize = 63;
@@ -100,10 +100,19 @@ pub fn service_pattern(pattern: &str) -> Result<()> {
 
 /// A token's description: free text, bounded.
 pub fn description(text: &str) -> Result<()> {
+    free_text("description", text)
+}
+
+/// Why an instance is in maintenance: free text, bounded.
+pub fn maintenance_reason(text: &str) -> Result<()> {
+    free_text("reason", text)
+}
+
+fn free_text(what: &str, text: &str) -> Result<()> {
     const MAX: usize = 256;
     if text.len() > MAX {
         return Err(invalid(format!(
-            "description is {} bytes, the limit is {MAX}",
+            "{what} is {} bytes, the limit is {MAX}",
             text.len()
         )));
     }
@@ -236,6 +245,12 @@ pub fn metadata(md: &Metadata) -> Result<()> {
         return Err(invalid(format!(
             "metadata key {:?} is reserved: register under a session with RegisterRequest.session",
             SESSION_KEY
+        )));
+    }
+    if md.contains_key(MAINTENANCE_KEY) {
+        return Err(invalid(format!(
+            "metadata key {MAINTENANCE_KEY:?} is reserved: put an instance into maintenance \
+             with SetMaintenance (roster maintenance enable)"
         )));
     }
     if md.len() > MAX_METADATA_KEYS {

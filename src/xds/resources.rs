@@ -36,7 +36,7 @@ use envoy_types::util::pack_any;
 
 use crate::registry::catalog::Catalog;
 use crate::registry::namespace;
-use crate::registry::{HealthStatus, Instance};
+use crate::registry::Instance;
 
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -278,7 +278,7 @@ fn endpoint(i: &Instance) -> LbEndpoint {
             hostname: i.id.clone(),
             ..Default::default()
         })),
-        health_status: if i.status == HealthStatus::Passing {
+        health_status: if i.passing() {
             EnvoyHealth::Healthy
         } else {
             EnvoyHealth::Unknown
@@ -293,6 +293,7 @@ fn endpoint(i: &Instance) -> LbEndpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::HealthStatus;
     use prost::Message;
 
     fn catalog(instances: Vec<Instance>) -> Catalog {

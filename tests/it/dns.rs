@@ -478,3 +478,43 @@ async fn a_namespace_scoped_token_answers_for_its_namespace_only() {
         );
     }
 }
+
+/// An instance in maintenance leaves the service's A and SRV answers; its
+/// own instance name still resolves (it is registered).
+#[tokio::test]
+async fn an_instance_in_maintenance_leaves_the_answers() {
+    let setup = Setup {
+        dns: Some("ttl_s = 0".into()),
+        ..Setup::default()
+    };
+    let c = TestCluster::start_setup(3, "", setup)
+        .await
+        .expect("cluster");
+    put(&c, "web-1", "10.0.0.1", 8080, |_| {}).await;
+    put(&c, "web-2", "10.0.0.2", 8080, |_| {}).await;
+    let set = |enable| roster::proto::v1::SetMaintenanceRequest {
+        service: "web".into(),
+        id: "web-1".into(),
+        enable,
+        reason: "kernel upgrade".into(),
+        namespace: String::new(),
+    };
+    c.client().set_maintenance(set(true)).await.expect("enable");
+    let r = resolver(dns_addr(&c, c.leader().await), true, true, true);
+    let a = ask(&r, "web.service.roster.", RecordType::A)
+        .await
+        .expect("web-2 left");
+    assert_eq!(ips(&a), BTreeSet::from(["10.0.0.2".parse().expect("ip")]));
+    let srv = ask(&r, "web.service.roster.", RecordType::SRV)
+        .await
+        .expect("SRV");
+    assert_eq!(srv.len(), 1, "{srv:?}");
+    c.client()
+        .set_maintenance(set(false))
+        .await
+        .expect("disable");
+    let a = ask(&r, "web.service.roster.", RecordType::A)
+        .await
+        .expect("both");
+    assert_eq!(ips(&a).len(), 2);
+}

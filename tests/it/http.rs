@@ -641,3 +641,47 @@ async fn a_namespace_has_the_same_routes_under_v1_namespaces() {
         .expect("DELETE");
     assert_eq!(answer(r).await.0, 200);
 }
+
+/// `PUT /v1/services/{service}/maintenance` takes an instance out of the
+/// healthy view through a follower; a body naming the service is refused.
+#[tokio::test]
+async fn maintenance_through_http() {
+    let c = http_cluster("", false).await;
+    let f = follower(&c).await;
+    let http = reqwest::Client::new();
+    for id in ["web-1", "web-2"] {
+        let r = http
+            .put(url(&c, f, &format!("/v1/services/web/instances/{id}")))
+            .body(json!({"address": "10.0.0.1", "port": 8080}).to_string())
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let maintenance = |body: Value| {
+        http.put(url(&c, f, "/v1/services/web/maintenance"))
+            .body(body.to_string())
+            .send()
+            .map(|r| async move { answer(r.expect("PUT")).await })
+            .flatten()
+    };
+    let (s, body) = maintenance(json!({"id": "web-1", "enable": true, "reason": "drain"})).await;
+    assert_eq!((s, body["instances"].as_u64()), (200, Some(1)), "{body}");
+    let (_, body) = get_json(&http, url(&c, f, "/v1/services/web?healthy=true")).await;
+    let ids: Vec<&str> = body["instances"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, ["web-2"], "{body}");
+    let (_, body) = get_json(&http, url(&c, f, "/v1/services/web")).await;
+    let one = &body["instances"][0];
+    assert_eq!(
+        (one["status"].as_str(), one["maintenance"].as_str()),
+        (Some("HEALTH_STATUS_MAINTENANCE"), Some("drain")),
+        "{body}"
+    );
+    let (s, body) = maintenance(json!({"service": "api", "enable": true})).await;
+    assert_error(s, &body, 400, "INVALID_ARGUMENT");
+    let (s, body) = maintenance(json!({"id": "web-9", "enable": true})).await;
+    assert_error(s, &body, 404, "NOT_FOUND");
+}

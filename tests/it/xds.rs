@@ -482,3 +482,36 @@ async fn a_namespace_s_service_is_the_resource_service_dot_namespace() {
         .collect();
     assert_eq!(ports, [9002], "team-a's instance only");
 }
+
+/// An instance put into maintenance leaves its cluster's endpoints in the
+/// next push, and comes back in the one after it is taken out.
+#[tokio::test]
+async fn an_instance_in_maintenance_leaves_the_endpoints() {
+    let c = TestCluster::start(3).await;
+    put(&c, "api", "api-1", 9001, "z1").await;
+    put(&c, "api", "api-2", 9002, "z1").await;
+    let mut ads = Ads::open(&c, c.leader().await, None)
+        .await
+        .expect("an ADS stream");
+    let first = ads.subscribe(ENDPOINTS, &["api"]).await;
+    assert_eq!(endpoints(&first).len(), 2);
+    let set = |enable| roster::proto::v1::SetMaintenanceRequest {
+        service: "api".into(),
+        id: "api-1".into(),
+        enable,
+        reason: "drain".into(),
+        namespace: String::new(),
+    };
+    c.client().set_maintenance(set(true)).await.expect("enable");
+    let pushed = ads.recv().await;
+    let left: Vec<String> = endpoints(&pushed).into_iter().map(|(_, a)| a).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("9002"), "{left:?}");
+    ads.send(ENDPOINTS, &["api"], Some(&pushed), None).await;
+    c.client()
+        .set_maintenance(set(false))
+        .await
+        .expect("disable");
+    let back = ads.recv().await;
+    assert_eq!(endpoints(&back).len(), 2);
+}
