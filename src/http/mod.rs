@@ -31,6 +31,7 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::rules;
 
+mod consul;
 mod https;
 mod prometheus;
 pub use https::Https;
@@ -104,6 +105,8 @@ pub fn serve(
         .route(route("Cluster/Status"), get(status))
         .route("/v1/openapi.json", get(openapi))
         .route("/ui", get(console))
+        .merge(consul::routes())
+        .fallback(not_served)
         .with_state(api);
     tokio::spawn(async move {
         let served = match https {
@@ -420,6 +423,17 @@ async fn status(
     }
     let r = api.cluster.status(request(&headers, msg)).await?;
     Ok(Reply(r))
+}
+
+/// A path no route serves: 404 saying what is served.
+async fn not_served(uri: axum::http::Uri) -> Failure {
+    Failure(Status::not_found(format!(
+        "no route {}: this port serves Roster's API under /v1/services, /v1/namespaces, \
+         /v1/watch, /v1/cluster and /v1/discovery (GET /v1/openapi.json), the console at /ui, \
+         and a subset of Consul's under /v1/catalog, /v1/health, /v1/status and /v1/agent \
+         (docs/api.md)",
+        uri.path()
+    )))
 }
 
 async fn openapi() -> impl IntoResponse {

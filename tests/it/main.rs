@@ -14,6 +14,7 @@ mod backup;
 mod client;
 mod connections;
 mod console;
+mod consul;
 mod containers;
 mod dns;
 mod haproxy;
