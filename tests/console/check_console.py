@@ -1,7 +1,9 @@
 """Drives the web console in headless Chromium (selenium, Debian's chromium
 and chromium-driver): the page loads, shows a registered instance, shows one
 registered while it watches, and turns that one critical live, without a
-reload, when its TTL check runs out.
+reload, when its TTL check runs out; its buttons put an instance into
+maintenance and back and deregister one; its charts count what the watch
+delivered; its members table shows each follower's round trip.
 
 usage: check_console.py <base url of a node> [--screenshot PNG]
                         [--cacert CA.pem] [--token SECRET] [--namespace NS]
@@ -123,6 +125,35 @@ try:
     output = cell("web-ttl", "td.out", "textContent")
     print("turned critical live:", output)
     assert status("web-1") == "passing"
+
+    # The operator's tools: maintenance and deregistration from the page,
+    # the changes charted, the members' health as the leader sees it.
+    def click(instance, cls):
+        driver.execute_script(
+            "document.querySelector(arguments[0]).click();",
+            f'#instances tr[data-id="{instance}"] button.{cls}')
+
+    click("web-1", "maint")
+    wait.until(lambda d: status("web-1") == "maintenance")
+    stored = [i for i in call("GET", "/v1/services/web")["instances"] if i["id"] == "web-1"][0]
+    assert stored["maintenance"] == "from the console", stored
+    assert stored["status"] == "HEALTH_STATUS_MAINTENANCE", stored
+    print("maintenance from the page:", cell("web-1", "td.out", "textContent"))
+    click("web-1", "maint")
+    wait.until(lambda d: status("web-1") == "passing")
+    click("web-ttl", "dereg")
+    wait.until(lambda d: status("web-ttl") is None)
+    assert all(i["id"] != "web-ttl" for i in call("GET", "/v1/services/web")["instances"])
+    print("deregistered from the page")
+    totals = lambda: driver.execute_script(
+        "return ['registrations', 'health', 'deliveries']"
+        ".map(k => Number(document.getElementById('chart-' + k).dataset.total || 0));")
+    wait.until(lambda d: all(t > 0 for t in totals()))
+    print("charted (registrations, health changes, deliveries):", totals())
+    rtts = lambda: driver.execute_script(
+        "return [...document.querySelectorAll('#members td[data-rtt]')].map(c => c.dataset.rtt).filter(r => r);")
+    wait.until(lambda d: len(rtts()) >= 2)
+    print("members' round trips (ms):", rtts())
     if args.namespace:
         ns = args.namespace
         call("PUT", f"/v1/namespaces/{ns}/services/api/instances/api-1", {"address": "10.0.0.3", "port": 9090})

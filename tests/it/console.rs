@@ -1,7 +1,9 @@
 //! The web console in headless Chromium: `tests/console/check_console.py`
 //! (selenium, run by `ROSTER_PYTHON`) against a follower of a 3-node
-//! cluster: the page loads, shows registered instances, and turns one
-//! critical live when its TTL check runs out; over plain HTTP, and over
+//! cluster: the page loads, shows registered instances, turns one critical
+//! live when its TTL check runs out, puts one into maintenance and back and
+//! deregisters one from its buttons, charts the changes it saw and shows the
+//! members' round trips; over plain HTTP, and over
 //! HTTPS on a cluster with `[tls]` and `[auth]`, where Chromium trusts the
 //! test CA through an NSS database (`certutil`; no certificate error is
 //! ignored) and the console is refused until given a token. `.ci/run`
@@ -49,6 +51,14 @@ async fn check_console(python: String, base: String, args: Vec<String>) -> Strin
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("turned critical live"), "{stdout}");
+    for said in [
+        "maintenance from the page: maintenance: from the console",
+        "deregistered from the page",
+        "charted (registrations, health changes, deliveries)",
+        "members' round trips (ms)",
+    ] {
+        assert!(stdout.contains(said), "{said}: {stdout}");
+    }
     assert!(stdout.contains("console ok"), "{stdout}");
     stdout
 }
