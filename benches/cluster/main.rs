@@ -140,6 +140,13 @@ const PHASES: &[Phase] = &[
         run: Run::Shared(|s, o, r| Box::pin(phases::dns::dns(s, o, r))),
     },
     Phase {
+        name: "consul",
+        measures: "HTTP and Consul API reads of a 100-instance service, Consul blocking-query wake-up beside the gRPC watch",
+        systems: Systems::RosterOnly,
+        modes: QUICK_FULL,
+        run: Run::Shared(|s, o, r| Box::pin(phases::consul::consul(s, o, r))),
+    },
+    Phase {
         name: "stale_under_writes",
         measures: "stale reads on the leader and a follower, with and without writes",
         systems: Systems::Both,

@@ -3,6 +3,7 @@
 //! that the first phases use in turn, and the fresh ones the later phases
 //! start for themselves.
 
+pub mod consul;
 pub mod disk;
 pub mod dns;
 pub mod failover;
