@@ -929,3 +929,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// An outside process a test started (HAProxy, Prometheus), killed and
+/// reaped when the test ends, however it ends.
+pub struct Stopped(pub std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -8,16 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::common::*;
-
-async fn http_cluster() -> TestCluster {
-    let setup = Setup {
-        http: true,
-        ..Setup::default()
-    };
-    TestCluster::start_setup(3, "", setup)
-        .await
-        .expect("cluster")
-}
+use crate::http::http_cluster;
 
 const SCRIPT: &str = r#"
 import os, threading, time
@@ -65,7 +56,7 @@ async fn python_consul_client_registers_passes_blocks_and_deregisters() {
     let Some(python) = python() else {
         return;
     };
-    let c = http_cluster().await;
+    let c = http_cluster("", false).await;
     // A follower: writes are forwarded to the leader, as over gRPC.
     let leader = c.leader().await;
     let f = (1..=3).find(|&i| i != leader).expect("a follower");
@@ -87,7 +78,7 @@ async fn python_consul_client_registers_passes_blocks_and_deregisters() {
 /// nothing stored on a refused registration.
 #[tokio::test]
 async fn bad_requests_get_consul_s_answers() {
-    let c = http_cluster().await;
+    let c = http_cluster("", false).await;
     let base = format!("http://127.0.0.1:{}", c.node(1).http_port);
     let http = reqwest::Client::new();
     let put = |path: &str, body: &str| {

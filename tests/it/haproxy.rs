@@ -4,7 +4,7 @@
 //! servers, and follows a registration and a deregistration.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::ports::free_port;
@@ -13,16 +13,6 @@ use crate::common::*;
 use roster::proto::v1::{DeregisterRequest, Instance, RegisterRequest, SetMaintenanceRequest};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// The HAProxy process, stopped when dropped.
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Which targets answer `n` requests through HAProxy at `port`: those whose
 /// request count grew.
@@ -87,7 +77,7 @@ async fn haproxy_balances_over_srv_records_and_follows_changes() {
         ),
     )
     .expect("haproxy.cfg");
-    let _proxy = Haproxy(
+    let _proxy = Stopped(
         Command::new(&haproxy)
             .args(["-db", "-f"])
             .arg(&config)

@@ -56,7 +56,7 @@ async fn answer(r: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
-async fn http_cluster(extra: &str, auth: bool) -> TestCluster {
+pub(crate) async fn http_cluster(extra: &str, auth: bool) -> TestCluster {
     let setup = Setup {
         http: true,
         auth,

@@ -7,26 +7,17 @@
 //! tried with a Consul client library instead, in `consul.rs`.)
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::common::ports::free_port;
 use crate::common::*;
+use crate::http::http_cluster;
 use roster::proto::v1::{DeregisterRequest, Instance, RegisterRequest, SetMaintenanceRequest};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// The Prometheus process, stopped when dropped.
-struct Prometheus(Child);
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The `roster_id` label of each `up` series of value `value`.
 async fn up(port: u16, value: &str) -> Option<BTreeSet<String>> {
@@ -69,22 +60,12 @@ fn prometheus() -> Option<String> {
     p
 }
 
-async fn http_cluster() -> TestCluster {
-    let setup = Setup {
-        http: true,
-        ..Setup::default()
-    };
-    TestCluster::start_setup(3, "", setup)
-        .await
-        .expect("cluster")
-}
-
 #[tokio::test]
 async fn prometheus_scrapes_what_http_sd_lists_and_follows_changes() {
     let Some(prometheus) = prometheus() else {
         return;
     };
-    let c = http_cluster().await;
+    let c = http_cluster("", false).await;
     // The README's scrape config, pointed at node 1.
     let scrape = doc_block("prometheus-sd-example").replace(
         "127.0.0.1:7301",
@@ -130,7 +111,7 @@ async fn scrapes_and_follows(c: &TestCluster, prometheus: &str, scrape: &str) {
         format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{scrape}"),
     )
     .expect("prometheus.yml");
-    let _server = Prometheus(
+    let _server = Stopped(
         Command::new(prometheus)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(

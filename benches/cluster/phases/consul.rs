@@ -5,16 +5,15 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 
+use super::dns::http_load;
 use super::Shared;
 use crate::report::{Report, Row};
 use crate::stats::ms;
 use crate::sut::{System, Watch};
-use crate::workload::{delivery_delay, load_loop, watch_delay};
+use crate::workload::{delivery_delay, watch_delay};
 use crate::Opts;
 
 const SERVICE: &str = "q100";
@@ -90,17 +89,6 @@ pub async fn consul(s: &mut Shared, o: &Opts, report: &mut Report) -> Result<()>
         "",
     );
     Ok(())
-}
-
-async fn http_load(url: String, clients: usize, dur: Duration) -> crate::stats::Summary {
-    let ctx = Arc::new((reqwest::Client::new(), url));
-    load_loop(ctx, "http", clients, dur, |ctx, _, _| async move {
-        let (http, url) = &*ctx;
-        let r = http.get(url).send().await?.error_for_status()?;
-        r.bytes().await?;
-        Ok(())
-    })
-    .await
 }
 
 /// A Consul blocking query on `bq`, asked again with the index of each

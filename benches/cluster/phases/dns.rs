@@ -128,7 +128,7 @@ async fn dns_load(
 
 /// `clients` HTTP/1.1 clients (keep-alive) GETting `url` back to back for
 /// `dur`; an answer counts only if it is a 200.
-async fn http_load(url: String, clients: usize, dur: Duration) -> Summary {
+pub(super) async fn http_load(url: String, clients: usize, dur: Duration) -> Summary {
     let ctx = Arc::new((reqwest::Client::new(), url));
     load_loop(ctx, "http", clients, dur, |ctx, _, _| async move {
         let (http, url) = &*ctx;
