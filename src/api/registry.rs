@@ -35,6 +35,33 @@ pub struct RegistryApi {
 }
 
 /// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
+/// The status a heartbeat reports, if any (unset and PASSING are one), and
+/// its output, checked.
+fn reported_status(msg: &pb::HeartbeatRequest) -> Result<Option<HealthStatus>, Status> {
+    const MAX_OUTPUT: usize = 4096;
+    if msg.output.len() > MAX_OUTPUT {
+        return Err(Error::InvalidArgument(format!(
+            "output is {} bytes; at most {MAX_OUTPUT} are kept: send a shorter one",
+            msg.output.len()
+        ))
+        .into());
+    }
+    match pb::HealthStatus::try_from(msg.status) {
+        Ok(pb::HealthStatus::Unspecified) if msg.output.is_empty() => Ok(None),
+        Ok(pb::HealthStatus::Unspecified | pb::HealthStatus::Passing) => {
+            Ok(Some(HealthStatus::Passing))
+        }
+        Ok(pb::HealthStatus::Warning) => Ok(Some(HealthStatus::Warning)),
+        Ok(pb::HealthStatus::Critical) => Ok(Some(HealthStatus::Critical)),
+        _ => Err(Error::InvalidArgument(format!(
+            "status {} cannot be reported by a heartbeat: send PASSING, WARNING or CRITICAL \
+             (maintenance is SetMaintenance's)",
+            msg.status
+        ))
+        .into()),
+    }
+}
+
 fn renews_lease(i: &Instance) -> bool {
     matches!(
         i.check.as_ref().map(|c| &c.kind),
@@ -179,9 +206,9 @@ impl Registry for RegistryApi {
         }
     }
 
-    /// Renews a TTL instance's lease on the leader, and revives a critical one
-    /// at once, through Raft like any status change, rather than at the next
-    /// check tick.
+    /// Renews a TTL instance's lease on the leader, and sets the status it
+    /// reports (passing unless told) at once, through Raft like any status
+    /// change, rather than at the next check tick.
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,
@@ -190,28 +217,49 @@ impl Registry for RegistryApi {
         let msg = req.into_inner();
         let service = convert::instance_ref(&msg.namespace, &msg.service, &msg.id)?;
         auth::may_use(grant.as_ref(), &service)?;
+        let reported = reported_status(&msg)?;
         // Answered from this leader's state: it must hold every committed write.
         self.proposer.current().await?;
         let found = self.read(|st| {
-            st.catalog
-                .get(&service, &msg.id)
-                .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
+            st.catalog.get(&service, &msg.id).map(|i| {
+                // The output travels with a change of status: the state
+                // machine records no change without one.
+                let changes = i.status != reported.unwrap_or(HealthStatus::Passing);
+                (st.catalog.revision(), i.status, renews_lease(i), changes)
+            })
         })?;
-        let (mut revision, status, ttl) = found.ok_or_else(|| not_found(&service, &msg.id))?;
-        if ttl {
-            self.leases.renew(&service, &msg.id);
+        let (mut revision, status, ttl, changes) =
+            found.ok_or_else(|| not_found(&service, &msg.id))?;
+        if !ttl {
+            if reported.is_some() {
+                return Err(Error::FailedPrecondition(format!(
+                    "instance {:?} of {:?} has no TTL check, so it cannot report a status: \
+                     its check sets it; send the heartbeat without one",
+                    msg.id, msg.service
+                ))
+                .into());
+            }
+            return Ok(Response::new(pb::HeartbeatResponse {
+                revision,
+                status: status_to_pb(status) as i32,
+            }));
         }
-        if ttl && status != HealthStatus::Passing {
-            let revive = Command::SetHealth(vec![HealthUpdate {
+        self.leases.renew(&service, &msg.id);
+        let status = reported.unwrap_or(HealthStatus::Passing);
+        if changes {
+            let output = match msg.output.is_empty() {
+                true => TTL_RENEWED.into(),
+                false => msg.output,
+            };
+            let set = Command::SetHealth(vec![HealthUpdate {
                 service,
                 id: msg.id,
-                status: HealthStatus::Passing,
-                output: TTL_RENEWED.into(),
+                status,
+                output,
                 at_ms: now_ms(),
             }]);
-            revision = self.proposer.propose(revive).await?.revision;
+            revision = self.proposer.propose(set).await?.revision;
         }
-        let status = if ttl { HealthStatus::Passing } else { status };
         Ok(Response::new(pb::HeartbeatResponse {
             revision,
             status: status_to_pb(status) as i32,
@@ -230,10 +278,19 @@ impl Registry for RegistryApi {
         self.enter(grant.as_ref(), &msg.namespace).await?;
         self.read(|st| {
             let view = st.catalog.view(&service, msg.healthy_only, &msg.tags);
+            let (revision, changed) = (st.catalog.revision(), st.catalog.changed_at(&service));
+            // Only a revision this node has reached vouches for the caller's copy.
+            let since = msg.unchanged_since;
+            let unchanged = since > 0 && changed <= since && since <= revision;
             Response::new(pb::GetServiceResponse {
-                revision: st.catalog.revision(),
-                instances: view.instances.into_iter().map(instance_to_pb).collect(),
+                revision,
+                instances: match unchanged {
+                    true => Vec::new(),
+                    false => view.instances.into_iter().map(instance_to_pb).collect(),
+                },
                 protection_active: view.protection_active,
+                service_revision: changed,
+                unchanged,
             })
         })
     }

@@ -156,6 +156,7 @@ pub async fn heartbeat(a: InstanceArgs) -> anyhow::Result<()> {
             service: a.service.clone(),
             id: a.id.clone(),
             namespace: a.endpoints.namespace.clone(),
+            ..Default::default()
         })
         .await?;
     println!(
@@ -176,6 +177,7 @@ pub async fn get(a: GetArgs) -> anyhow::Result<()> {
             tags: a.tags,
             consistency: consistency(a.stale),
             namespace: a.endpoints.namespace.clone(),
+            ..Default::default()
         })
         .await?;
     println!("revision {}", r.revision);

@@ -102,6 +102,7 @@ impl Registration {
             service: instance.service.clone(),
             id: instance.id.clone(),
             namespace: instance.namespace.clone(),
+            ..Default::default()
         };
         let c = client.clone();
         let beats = Background::every(ttl / BEATS_PER_TTL, move || {

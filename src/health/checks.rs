@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::tracker::Tracker;
-use crate::registry::leases::{Leases, TTL_RENEWED};
+use crate::registry::leases::Leases;
 use crate::registry::model::{CheckKind, CheckSpec, HealthUpdate};
 use crate::registry::watch::WatchMessage;
 use crate::registry::{Command, EventKind, HealthStatus, Instance};
@@ -57,26 +57,25 @@ impl Target {
         matches!(self.proposed, Some((p, at)) if p == what && now.duration_since(at) < REPROPOSE_AFTER)
     }
 
-    /// A TTL instance is passing while its last renewal (or, lacking one, the
-    /// moment this leader took it in) is within the TTL.
+    /// A TTL instance turns critical once its last renewal (or, lacking
+    /// one, the moment this leader took it in) is older than the TTL. Until
+    /// then it keeps the status the registry holds: its heartbeats set that
+    /// (passing, or the status one reported) through Raft themselves, so a
+    /// new leader keeps a reported warning rather than guessing.
     fn judge_ttl(&mut self, ttl_ms: u64, renewed: Option<Instant>, now: Instant) {
         let renewed = renewed.map_or(self.seen_at, |r| r.max(self.seen_at));
         let silent = now.duration_since(renewed);
-        let desired = if silent > Duration::from_millis(ttl_ms) {
-            HealthStatus::Critical
-        } else {
-            HealthStatus::Passing
-        };
+        if silent <= Duration::from_millis(ttl_ms) {
+            self.desired = self.inst.status;
+            return;
+        }
         // Only a change needs words: this runs for every TTL instance on every tick.
-        if desired != self.desired || self.output.is_empty() {
-            self.desired = desired;
-            self.output = match desired {
-                HealthStatus::Passing => TTL_RENEWED.into(),
-                _ => format!(
-                    "TTL expired: no heartbeat for {} ms (TTL {ttl_ms} ms)",
-                    silent.as_millis()
-                ),
-            };
+        if self.desired != HealthStatus::Critical || self.output.is_empty() {
+            self.desired = HealthStatus::Critical;
+            self.output = format!(
+                "TTL expired: no heartbeat for {} ms (TTL {ttl_ms} ms)",
+                silent.as_millis()
+            );
         }
     }
 
@@ -263,6 +262,7 @@ impl Checks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::leases::TTL_RENEWED;
     use crate::registry::watch::ResetReason;
     use crate::registry::Catalog;
 
@@ -373,8 +373,24 @@ mod tests {
             self.checks.record(&key(id), result);
         }
 
-        fn heartbeat(&self, id: &str) {
+        /// A heartbeat as the leader's API takes it: the lease renewed, and
+        /// the status it reports (passing unless told) set through Raft
+        /// if it differs.
+        fn heartbeat(&mut self, id: &str) {
+            self.report(id, HealthStatus::Passing, TTL_RENEWED);
+        }
+
+        fn report(&mut self, id: &str, status: HealthStatus, output: &str) {
             self.leases.renew_at("svc", id, self.now);
+            if self.status(id) != status {
+                self.apply(&Command::SetHealth(vec![HealthUpdate {
+                    service: "svc".into(),
+                    id: id.into(),
+                    status,
+                    output: output.into(),
+                    at_ms: self.wall(),
+                }]));
+            }
         }
 
         fn get(&self, id: &str) -> &Instance {
@@ -454,11 +470,36 @@ mod tests {
         assert_eq!(l.get("silent").status_since_ms, WALL0 + 1200);
 
         l.heartbeat("silent");
+        assert_eq!(l.tick(), [], "the heartbeat revived it itself");
+        assert_eq!(l.get("silent").check_output, TTL_RENEWED);
+    }
+
+    #[test]
+    fn a_reported_status_holds_until_the_ttl_runs_out() {
+        let mut l = Leader::elected(vec![]);
+        l.apply(&Command::Register(ttl("self", 1000)));
+        for status in [HealthStatus::Warning, HealthStatus::Critical] {
+            for _ in 0..3 {
+                l.advance(400);
+                l.report("self", status, "queue backing up");
+                assert_eq!(l.tick(), [], "renewed: the report holds");
+                assert_eq!(l.status("self"), status);
+            }
+        }
+        l.report("self", HealthStatus::Warning, "queue backing up");
+        l.advance(1001);
         assert_eq!(
             updates(&l.tick()),
-            [("silent".into(), HealthStatus::Passing)]
+            [("self".into(), HealthStatus::Critical)]
         );
-        assert_eq!(l.get("silent").check_output, TTL_RENEWED);
+        assert!(l.get("self").check_output.starts_with("TTL expired"));
+        // A new leader keeps the reported status while the TTL holds.
+        let mut warned = ttl("other", 1000);
+        warned.status = HealthStatus::Warning;
+        let mut l = Leader::elected(vec![warned]);
+        l.advance(500);
+        assert_eq!(l.tick(), []);
+        assert_eq!(l.status("other"), HealthStatus::Warning);
     }
 
     #[test]

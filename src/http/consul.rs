@@ -17,6 +17,7 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 use tonic::{Code, Status};
 
+use super::answers::Question;
 use super::{pairs, Api, Failure};
 use crate::grpc::LEADER_CONTACT_HEADER;
 use crate::proto::v1 as pb;
@@ -40,9 +41,18 @@ pub(super) fn routes() -> Router<Api> {
         .route("/v1/agent/service/register", put(register))
         .route("/v1/agent/service/deregister/{id}", put(deregister))
         .route("/v1/agent/service/maintenance/{id}", put(maintenance))
-        .route("/v1/agent/check/pass/{check}", put(pass))
-        .route("/v1/agent/check/warn/{check}", put(not_ttl_settable))
-        .route("/v1/agent/check/fail/{check}", put(not_ttl_settable))
+        .route(
+            "/v1/agent/check/pass/{check}",
+            put(|s, p, h, q| ttl_update(pb::HealthStatus::Passing, s, p, h, q)),
+        )
+        .route(
+            "/v1/agent/check/warn/{check}",
+            put(|s, p, h, q| ttl_update(pb::HealthStatus::Warning, s, p, h, q)),
+        )
+        .route(
+            "/v1/agent/check/fail/{check}",
+            put(|s, p, h, q| ttl_update(pb::HealthStatus::Critical, s, p, h, q)),
+        )
 }
 
 /// An error as Consul answers it: a status and a plain-text body.
@@ -137,11 +147,8 @@ impl Query {
                 "wait" => q.wait = Some(go_duration(&v).ok_or_else(|| bad("Invalid wait time"))?),
                 "tag" => q.tags.push(v),
                 "passing" => {
-                    q.passing = match v.as_str() {
-                        "" | "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
-                        "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
-                        _ => return Err(bad("Invalid value for ?passing")),
-                    }
+                    q.passing = v.is_empty()
+                        || go_bool(&v).ok_or_else(|| bad("Invalid value for ?passing"))?
                 }
                 "dc" if v == DATACENTER || v.is_empty() => {}
                 "dc" => return Err(Refusal(
@@ -196,6 +203,15 @@ impl Query {
     }
 }
 
+/// A boolean as Go's `strconv.ParseBool` reads it, as Consul does.
+fn go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 /// A Go duration (`10s`, `1m30s`, `500ms`, `120000ms`, `1.5h`); a bare
 /// number is nanoseconds, as Consul's JSON takes it.
 fn go_duration(s: &str) -> Option<Duration> {
@@ -236,6 +252,23 @@ fn answer(
     q: &Query,
     meta: &tonic::metadata::MetadataMap,
 ) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(body) => json_answer(body.into(), index, q, meta),
+        Err(e) => Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// An answer already in JSON, with Consul's read headers.
+fn json_answer(
+    body: bytes::Bytes,
+    index: u64,
+    q: &Query,
+    meta: &tonic::metadata::MetadataMap,
+) -> Response {
     let mut headers = HeaderMap::new();
     let mut set = |name: &'static str, value: String| {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -252,7 +285,11 @@ fn answer(
     set("x-consul-knownleader", "true".into());
     set("x-consul-lastcontact", contact);
     set("x-consul-effective-consistency", q.effective().into());
-    (headers, axum::Json(body)).into_response()
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    (headers, body).into_response()
 }
 
 /// Blocks while nothing of `service` (every service with `None`) changed
@@ -309,18 +346,53 @@ async fn instances(
         healthy_only: false,
         tags: q.tags.clone(),
         consistency: q.consistency() as i32,
+        ..Default::default()
     };
     let r = api.registry.get_service(q.call(req)).await?;
     let meta = r.metadata().clone();
     Ok((r.into_inner().instances, meta))
 }
 
-/// The index of a service's answer: its newest change that a read shows,
-/// the change that woke a blocking query, or the index the query already
-/// had when nothing changed (a deregistration leaves no instance behind).
-fn service_index(all: &[pb::Instance], woke: u64, q: &Query) -> u64 {
-    let newest = all.iter().map(|i| i.mod_revision).max().unwrap_or(0);
-    newest.max(woke).max(if woke == 0 { q.index } else { 0 })
+/// A service's answer in Consul's shape for `route` (`render` writes it
+/// from the instances), reused while the service has not changed
+/// (`Answers`), with its index and its read's metadata.
+async fn service_answer(
+    api: &mut Api,
+    q: &Query,
+    service: &str,
+    woke: u64,
+    route: &'static str,
+    render: impl FnOnce(&[pb::Instance]) -> serde_json::Result<Vec<u8>>,
+) -> Answer {
+    let req = pb::GetServiceRequest {
+        service: service.to_string(),
+        namespace: q.namespace.clone(),
+        tags: q.tags.clone(),
+        consistency: q.consistency() as i32,
+        ..Default::default()
+    };
+    let question = Question {
+        route,
+        namespace: q.namespace.clone(),
+        service: service.to_string(),
+        healthy: q.passing,
+        tags: q.tags.clone(),
+    };
+    let render = |all: &[pb::Instance]| {
+        render(all).map_err(|e| Status::internal(format!("encoding the answer: {e}")))
+    };
+    let (r, rendered) = api
+        .answers
+        .read(&mut api.registry, question, q.call(req), render)
+        .await?;
+    // Its newest change that a read shows, the change that woke a blocking
+    // query, or the index the query already had when nothing changed (a
+    // deregistration leaves no instance behind).
+    let index = rendered
+        .newest
+        .max(woke)
+        .max(if woke == 0 { q.index } else { 0 });
+    Ok(json_answer(rendered.body, index, q, r.metadata()))
 }
 
 /// Every service of the namespace, by name, with its read's metadata.
@@ -375,9 +447,11 @@ async fn catalog_service(
 ) -> Answer {
     let q = Query::parse(&headers, query)?;
     let woke = block(&mut api, &q, Some(&service)).await?;
-    let (all, meta) = instances(&mut api, &q, &service).await?;
-    let body: Vec<_> = all.iter().map(shapes::catalog_entry).collect();
-    Ok(answer(&body, service_index(&all, woke, &q), &q, &meta))
+    service_answer(&mut api, &q, &service, woke, "consul-catalog", |all| {
+        let body: Vec<_> = all.iter().map(shapes::catalog_entry).collect();
+        serde_json::to_vec(&body)
+    })
+    .await
 }
 
 async fn health_service(
@@ -388,14 +462,16 @@ async fn health_service(
 ) -> Answer {
     let q = Query::parse(&headers, query)?;
     let woke = block(&mut api, &q, Some(&service)).await?;
-    let (all, meta) = instances(&mut api, &q, &service).await?;
-    let index = service_index(&all, woke, &q);
-    let body: Vec<_> = all
-        .iter()
-        .filter(|i| !q.passing || i.status == pb::HealthStatus::Passing as i32)
-        .map(shapes::health_entry)
-        .collect();
-    Ok(answer(&body, index, &q, &meta))
+    let passing = q.passing;
+    service_answer(&mut api, &q, &service, woke, "consul-health", |all| {
+        let body: Vec<_> = all
+            .iter()
+            .filter(|i| !passing || i.status == pb::HealthStatus::Passing as i32)
+            .map(shapes::health_entry)
+            .collect();
+        serde_json::to_vec(&body)
+    })
+    .await
 }
 
 async fn health_state(
@@ -804,9 +880,7 @@ async fn maintenance(
     let q = Query::parse(&headers, query)?;
     let enable = match q.enable.as_deref() {
         None => return Err(bad("Missing value for enable")),
-        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => true,
-        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => false,
-        Some(v) => return Err(bad(format!("Invalid value for enable: {v:?}"))),
+        Some(v) => go_bool(v).ok_or_else(|| bad(format!("Invalid value for enable: {v:?}")))?,
     };
     let i = find(&mut api, &q, &id).await?;
     let req = pb::SetMaintenanceRequest {
@@ -841,7 +915,11 @@ async fn checked(
     Ok(i)
 }
 
-async fn pass(
+/// `pass`, `warn` and `fail` of a TTL check: a heartbeat reporting
+/// `status`, with `?note=` as the check's output; it renews the lease, as
+/// Consul's reset the TTL.
+async fn ttl_update(
+    status: pb::HealthStatus,
     State(mut api): State<Api>,
     Path(check): Path<String>,
     headers: HeaderMap,
@@ -862,18 +940,11 @@ async fn pass(
         service: i.service,
         id: i.id,
         namespace: q.namespace.clone(),
+        status: status as i32,
+        output: q.reason.clone(),
     };
     api.registry.heartbeat(q.call(req)).await?;
     done()
-}
-
-/// `warn` and `fail`: a Roster TTL check turns critical when its renewals
-/// stop, and no call sets it; refused rather than half done.
-async fn not_ttl_settable(Path(check): Path<String>) -> Answer {
-    Err(bad(format!(
-        "Roster's TTL checks pass on /v1/agent/check/pass/{check} and turn critical \
-         when passes stop; warn and fail are not served"
-    )))
 }
 
 /// `PUT /v1/agent/service/register`: a Consul service definition as a

@@ -31,6 +31,7 @@ use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
 use crate::rules;
 
+mod answers;
 mod consul;
 mod https;
 mod prometheus;
@@ -49,6 +50,7 @@ const CONSOLE: &str = include_str!("console.html");
 struct Api {
     registry: RegistryClient<Grpc>,
     cluster: ClusterClient<Grpc>,
+    answers: std::sync::Arc<answers::Answers>,
 }
 
 /// What a namespace's routes start with, in place of `/v1`, which names
@@ -82,6 +84,7 @@ pub fn serve(
     let api = Api {
         registry: RegistryClient::new(registry),
         cluster: ClusterClient::new(cluster),
+        answers: Default::default(),
     };
     // A namespace's routes are `default`'s under /v1/namespaces/{namespace}.
     let mut app = Router::new();
@@ -278,7 +281,7 @@ async fn get_service(
     Path(p): Path<Params>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Answer<pb::GetServiceResponse> {
+) -> Result<Response, Failure> {
     let mut msg = pb::GetServiceRequest {
         service: p.service,
         namespace: p.namespace,
@@ -292,8 +295,59 @@ async fn get_service(
             _ => return Err(unknown(&k)),
         }
     }
-    let r = api.registry.get_service(request(&headers, msg)).await?;
-    Ok(Reply(r))
+    let question = answers::Question {
+        route: "service",
+        namespace: msg.namespace.clone(),
+        service: msg.service.clone(),
+        healthy: msg.healthy_only,
+        tags: msg.tags.clone(),
+    };
+    let render = |all: &[pb::Instance]| {
+        serde_json::to_vec(all).map_err(|e| Status::internal(format!("encoding instances: {e}")))
+    };
+    let (r, rendered) = api
+        .answers
+        .read(&mut api.registry, question, request(&headers, msg), render)
+        .await?;
+    let body = service_json(r.get_ref(), &rendered.body);
+    Ok((
+        staleness(r.metadata()),
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+/// A `GetServiceResponse` in the proto3 JSON mapping, as pbjson writes it
+/// (fields in order, defaults left out), with its instances already
+/// rendered as a JSON array.
+fn service_json(r: &pb::GetServiceResponse, instances: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(instances.len() + 96);
+    let mut field = |name: &str, value: &[u8]| {
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        out.extend_from_slice(format!("\"{name}\":").as_bytes());
+        out.extend_from_slice(value);
+    };
+    if r.revision != 0 {
+        field("revision", format!("\"{}\"", r.revision).as_bytes());
+    }
+    if instances != b"[]" {
+        field("instances", instances);
+    }
+    if r.protection_active {
+        field("protectionActive", b"true");
+    }
+    if r.service_revision != 0 {
+        field(
+            "serviceRevision",
+            format!("\"{}\"", r.service_revision).as_bytes(),
+        );
+    }
+    if out.is_empty() {
+        out.push(b'{');
+    }
+    out.push(b'}');
+    out
 }
 
 /// The body is a `SetMaintenanceRequest` without its service and namespace
@@ -388,6 +442,7 @@ async fn heartbeat(
         service: p.service,
         id: p.id,
         namespace: p.namespace,
+        ..Default::default()
     };
     let r = api.registry.heartbeat(request(&headers, msg)).await?;
     Ok(Reply(r))
@@ -564,6 +619,42 @@ mod tests {
             let body = error_json(&Status::new(code, "why"));
             assert_eq!(body["code"], name);
             assert_eq!(body["message"], "why");
+        }
+    }
+
+    /// The answer spliced from a rendered instance array is the one pbjson
+    /// writes for the whole message, byte for byte.
+    #[test]
+    fn a_service_answer_spliced_from_kept_instances_is_pbjson_s() {
+        let one = pb::Instance {
+            service: "web".into(),
+            id: "web-1".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            tags: vec!["v1".into()],
+            metadata: [("zone".to_string(), "a\"b".to_string())].into(),
+            ..Default::default()
+        };
+        for (revision, instances, protection_active, service_revision) in [
+            (0, vec![], false, 0),
+            (7, vec![], false, 0),
+            (7, vec![one.clone()], false, 5),
+            (9, vec![one.clone(), one], true, 9),
+        ] {
+            let whole = pb::GetServiceResponse {
+                revision,
+                instances,
+                protection_active,
+                service_revision,
+                unchanged: false,
+            };
+            let rendered = serde_json::to_vec(&whole.instances).expect("JSON");
+            let spliced = service_json(&whole, &rendered);
+            let expected = serde_json::to_vec(&whole).expect("JSON");
+            assert_eq!(
+                String::from_utf8_lossy(&spliced),
+                String::from_utf8_lossy(&expected)
+            );
         }
     }
 }

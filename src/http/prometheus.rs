@@ -60,6 +60,7 @@ pub(super) async fn targets(
             healthy_only: healthy,
             tags: tags.clone(),
             consistency: read as i32,
+            ..Default::default()
         };
         match api.registry.get_service(request(&headers, get)).await {
             Ok(r) => groups.extend(r.into_inner().instances.iter().map(group)),

@@ -46,6 +46,14 @@ pub struct Catalog {
     default_quotas: Quotas,
     /// The namespace of each session not in `default`.
     session_namespaces: BTreeMap<String, String>,
+    /// The revision of each service's last change a read can see (its
+    /// instances or its settings), since this catalogue was built; a
+    /// service not here last changed at or before `changed_floor`. Kept
+    /// for a while after a service is gone, so that its going counts as a
+    /// change. Derived as entries apply: a node rebuilt from a snapshot
+    /// knows less and answers higher, never lower.
+    changed: BTreeMap<String, u64>,
+    changed_floor: u64,
 }
 
 /// What a namespace holds.
@@ -98,6 +106,7 @@ impl Catalog {
     ) -> Self {
         let mut c = Catalog {
             revision,
+            changed_floor: revision,
             ..Default::default()
         };
         for i in instances {
@@ -205,7 +214,41 @@ impl Catalog {
                 &mut events,
             ),
         };
+        if let Command::ConfigureService { service, .. } = cmd {
+            self.changed(service, revision);
+        }
+        for e in &events {
+            self.changed(&e.instance.service, revision);
+        }
         (CommandResponse { revision, outcome }, events)
+    }
+
+    /// Records that `service` changed at `revision`.
+    fn changed(&mut self, service: &str, revision: u64) {
+        match self.changed.get_mut(service) {
+            Some(r) => *r = revision,
+            None => {
+                self.changed.insert(service.to_string(), revision);
+            }
+        }
+        // Services that are gone are forgotten in bulk, by raising the floor
+        // past their going, so that churning names cannot grow the map.
+        if self.changed.len() > 2 * (self.services.len() + self.configs.len()) + 1024 {
+            let (services, configs) = (&self.services, &self.configs);
+            self.changed
+                .retain(|s, _| services.contains_key(s) || configs.contains_key(s));
+            self.changed_floor = revision;
+        }
+    }
+
+    /// The revision of `service`'s last change a read can see (at most
+    /// higher, for a node that was rebuilt from a snapshot since).
+    pub fn changed_at(&self, service: &str) -> u64 {
+        self.changed
+            .get(service)
+            .copied()
+            .unwrap_or(0)
+            .max(self.changed_floor)
     }
 
     /// Stores `spec` at `revision`, keeping the create revision of the instance it replaces.
@@ -935,6 +978,57 @@ mod tests {
 
     fn register(service: &str, id: &str) -> Command {
         Command::Register(Instance::example(service, id))
+    }
+
+    #[test]
+    fn a_service_s_change_revision_moves_with_its_changes_only() {
+        let mut c = Catalog::default();
+        c.apply(1, &register("web", "1"));
+        c.apply(2, &register("api", "1"));
+        assert_eq!((c.changed_at("web"), c.changed_at("api")), (1, 2));
+        // A refused command and another service's change leave it.
+        c.apply(
+            3,
+            &Command::Deregister {
+                service: "web".into(),
+                id: "nope".into(),
+            },
+        );
+        assert_eq!(c.changed_at("web"), 1);
+        c.apply(
+            4,
+            &Command::ConfigureService {
+                service: "web".into(),
+                protect_threshold_pct: 50,
+            },
+        );
+        assert_eq!((c.changed_at("web"), c.changed_at("api")), (4, 2));
+        // Its going is a change too.
+        c.apply(
+            5,
+            &Command::Deregister {
+                service: "api".into(),
+                id: "1".into(),
+            },
+        );
+        assert_eq!(c.changed_at("api"), 5);
+        // Rebuilt from parts, it knows no better than the revision it has.
+        let rebuilt = Catalog::from_parts(5, c.shared_instances().collect::<Vec<_>>(), []);
+        assert_eq!((rebuilt.changed_at("web"), rebuilt.changed_at("x")), (5, 5));
+        // Churning names do not grow the map: gone ones are folded into the floor.
+        for r in 6..3000 {
+            let name = format!("churn-{r}");
+            c.apply(r, &register(&name, "1"));
+            c.apply(
+                r,
+                &Command::Deregister {
+                    service: name,
+                    id: "1".into(),
+                },
+            );
+        }
+        assert!(c.changed.len() < 1100, "{}", c.changed.len());
+        assert!(c.changed_at("churn-7") >= 7 && c.changed_at("web") >= 4);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Roster's subset of Consul's HTTP API, used by a real Consul client
 //! library (py-consul, which `.ci/run` installs into its venv): register
-//! with a TTL check, pass it, a blocking health query that returns on the
+//! with a TTL check, pass, warn and fail it, a blocking health query that returns on the
 //! next change, maintenance, deregistration. Its errors as Consul's.
 
 use std::process::Command;
@@ -18,6 +18,21 @@ c = consul.Consul(host="127.0.0.1", port=int(os.environ["PORT"]))
 assert c.agent.service.register("web", service_id="web-1", address="127.0.0.1", port=8080,
                                 tags=["v1"], check=consul.Check.ttl("30s"))
 assert c.agent.check.ttl_pass("service:web-1")
+index, nodes = c.health.service("web", passing=True)
+assert [n["Service"]["ID"] for n in nodes] == ["web-1"], nodes
+def ttl_check(note_expected, status_expected):
+    _, nodes = c.health.service("web")
+    (ch,) = [ch for n in nodes for ch in n["Checks"] if ch["CheckID"] == "service:web-1"]
+    assert (ch["Status"], ch["Output"]) == (status_expected, note_expected), ch
+# warn and fail set the TTL check's status and its output, as Consul's do;
+# ?passing keeps only passing instances.
+assert c.agent.check.ttl_warn("service:web-1", notes="queue backing up")
+ttl_check("queue backing up", "warning")
+assert c.health.service("web", passing=True)[1] == []
+assert c.agent.check.ttl_fail("service:web-1", notes="out of memory")
+ttl_check("out of memory", "critical")
+assert c.agent.check.ttl_pass("service:web-1", notes="recovered")
+ttl_check("recovered", "passing")
 index, nodes = c.health.service("web", passing=True)
 assert [n["Service"]["ID"] for n in nodes] == ["web-1"], nodes
 assert int(index) > 0, index

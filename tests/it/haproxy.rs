@@ -14,14 +14,15 @@ use roster::proto::v1::{DeregisterRequest, Instance, RegisterRequest, SetMainten
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// Which targets answer `n` requests through HAProxy at `port`: those whose
-/// request count grew.
-async fn answering(port: u16, targets: &[Target], n: usize) -> BTreeSet<usize> {
+/// Which targets answer `n` requests for `host` through the proxy at
+/// `port`: those whose request count grew.
+pub async fn answering(port: u16, host: &str, targets: &[Target], n: usize) -> BTreeSet<usize> {
     let before: Vec<u64> = targets.iter().map(Target::probes).collect();
     let http = reqwest::Client::new();
     for _ in 0..n {
         let _ = http
             .get(format!("http://127.0.0.1:{port}/"))
+            .header(reqwest::header::HOST, host)
             .timeout(Duration::from_secs(2))
             .send()
             .await;
@@ -87,12 +88,12 @@ async fn haproxy_balances_over_srv_records_and_follows_changes() {
             .expect("haproxy"),
     );
     c.wait_for("HAProxy to reach both servers", LIMIT, || async {
-        (answering(port, &targets, 10).await == BTreeSet::from([0, 1])).then_some(())
+        (answering(port, "web", &targets, 10).await == BTreeSet::from([0, 1])).then_some(())
     })
     .await;
     client.register(reg(2)).await.expect("a third");
     c.wait_for("HAProxy to add the third", LIMIT, || async {
-        (answering(port, &targets, 12).await == BTreeSet::from([0, 1, 2])).then_some(())
+        (answering(port, "web", &targets, 12).await == BTreeSet::from([0, 1, 2])).then_some(())
     })
     .await;
     client
@@ -104,7 +105,7 @@ async fn haproxy_balances_over_srv_records_and_follows_changes() {
         .await
         .expect("deregister");
     c.wait_for("HAProxy to drop the first", LIMIT, || async {
-        (answering(port, &targets, 12).await == BTreeSet::from([1, 2])).then_some(())
+        (answering(port, "web", &targets, 12).await == BTreeSet::from([1, 2])).then_some(())
     })
     .await;
     // Maintenance takes a server out as a deregistration does.
@@ -119,7 +120,7 @@ async fn haproxy_balances_over_srv_records_and_follows_changes() {
         .await
         .expect("maintenance");
     c.wait_for("HAProxy to drop the one in maintenance", LIMIT, || async {
-        (answering(port, &targets, 12).await == BTreeSet::from([2])).then_some(())
+        (answering(port, "web", &targets, 12).await == BTreeSet::from([2])).then_some(())
     })
     .await;
 }

@@ -261,6 +261,7 @@ async fn ttl_check_follows_heartbeats() {
                 namespace: Default::default(),
                 service: "ttl".into(),
                 id: "t-1".into(),
+                ..Default::default()
             })
             .await
             .expect("heartbeat")
@@ -396,6 +397,7 @@ async fn new_leader_takes_over_checks_without_marking_live_instances_critical() 
                         namespace: Default::default(),
                         service: "fleet".into(),
                         id: "ttl".into(),
+                        ..Default::default()
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -685,3 +685,144 @@ async fn maintenance_through_http() {
     let (s, body) = maintenance(json!({"id": "web-9", "enable": true})).await;
     assert_error(s, &body, 404, "NOT_FOUND");
 }
+
+/// Answers are kept and reused while their service is unchanged: every
+/// change of the service shows in the next read, over HTTP (Roster's route
+/// and Consul's) and over gRPC (`unchanged_since`), and a change of
+/// another service keeps the answer.
+#[tokio::test]
+async fn kept_answers_follow_every_change_of_their_service() {
+    use roster::proto::v1::{
+        ConfigureServiceRequest, DeregisterRequest, GetServiceRequest, SetMaintenanceRequest,
+    };
+    let c = http_cluster("", false).await;
+    let f = follower(&c).await;
+    let client = c.client();
+    let http = reqwest::Client::new();
+    // The ids a read of `path` answers (Roster's shape or Consul's), and
+    // the whole Roster answer.
+    let read = |path: &str| {
+        let u = url(&c, f, path);
+        let http = http.clone();
+        async move {
+            let (s, body) = get_json(&http, u).await;
+            assert_eq!(s, 200, "{body}");
+            let list = body["instances"].as_array().cloned();
+            let list = list.unwrap_or_else(|| body.as_array().cloned().unwrap_or_default());
+            let mut ids: Vec<String> = list
+                .iter()
+                .filter_map(|i| i["id"].as_str().or(i["Service"]["ID"].as_str()))
+                .map(String::from)
+                .collect();
+            ids.sort();
+            (ids, body)
+        }
+    };
+    register(&client, "web", "web-1", 80).await;
+    let (ids, first) = read("/v1/services/web").await;
+    assert_eq!(ids, ["web-1"]);
+    // Another service's change: the same instances and service revision,
+    // a later revision.
+    register(&client, "api", "api-1", 80).await;
+    let (ids, again) = read("/v1/services/web").await;
+    assert_eq!(ids, ["web-1"]);
+    assert_eq!(again["serviceRevision"], first["serviceRevision"]);
+    assert_ne!(again["revision"], first["revision"]);
+    assert_eq!(again["instances"], first["instances"]);
+    register(&client, "web", "web-2", 80).await;
+    assert_eq!(read("/v1/services/web").await.0, ["web-1", "web-2"]);
+    assert_eq!(
+        read("/v1/services/web?healthy=true").await.0,
+        ["web-1", "web-2"]
+    );
+    assert_eq!(
+        read("/v1/health/service/web?passing").await.0,
+        ["web-1", "web-2"]
+    );
+    client
+        .set_maintenance(SetMaintenanceRequest {
+            service: "web".into(),
+            id: "web-1".into(),
+            enable: true,
+            ..Default::default()
+        })
+        .await
+        .expect("maintenance");
+    assert_eq!(read("/v1/services/web?healthy=true").await.0, ["web-2"]);
+    assert_eq!(read("/v1/services/web").await.0, ["web-1", "web-2"]);
+    assert_eq!(read("/v1/health/service/web?passing").await.0, ["web-2"]);
+    assert_eq!(
+        read("/v1/catalog/service/web")
+            .await
+            .1
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    // A setting is a change too.
+    let (_, before) = read("/v1/services/web?healthy=true").await;
+    client
+        .configure_service(ConfigureServiceRequest {
+            service: "web".into(),
+            protect_threshold_percent: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("configure");
+    let (ids, body) = read("/v1/services/web?healthy=true").await;
+    assert_eq!(ids, ["web-2"]);
+    assert_ne!(body["serviceRevision"], before["serviceRevision"]);
+    client
+        .deregister(DeregisterRequest {
+            service: "web".into(),
+            id: "web-2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("deregister");
+    assert_eq!(read("/v1/services/web").await.0, ["web-1"]);
+    assert_eq!(
+        read("/v1/catalog/service/web")
+            .await
+            .1
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    // Over gRPC: the caller's copy is vouched for until the service changes.
+    let get = |since: u64| GetServiceRequest {
+        service: "web".into(),
+        unchanged_since: since,
+        ..Default::default()
+    };
+    let full = client.get_service(get(0)).await.expect("get");
+    assert!(!full.unchanged && full.service_revision > 0);
+    let same = client
+        .get_service(get(full.service_revision))
+        .await
+        .expect("get");
+    assert!(same.unchanged && same.instances.is_empty(), "{same:?}");
+    register(&client, "api", "api-2", 80).await;
+    let same = client
+        .get_service(get(full.service_revision))
+        .await
+        .expect("get");
+    assert!(same.unchanged, "another service's change keeps it");
+    // A revision past what the node holds vouches for nothing.
+    let ahead = client
+        .get_service(get(same.revision + 1000))
+        .await
+        .expect("get");
+    assert!(!ahead.unchanged && ahead.instances.len() == 1, "{ahead:?}");
+    register(&client, "web", "web-3", 80).await;
+    let changed = client
+        .get_service(get(full.service_revision))
+        .await
+        .expect("get");
+    assert!(
+        !changed.unchanged && changed.instances.len() == 2,
+        "{changed:?}"
+    );
+    assert!(changed.service_revision > full.service_revision);
+}

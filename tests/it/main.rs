@@ -37,6 +37,7 @@ mod sessions;
 mod slow_links;
 mod storage_damage;
 mod tls;
+mod traefik;
 mod validation;
 mod watch;
 mod xds;

@@ -189,10 +189,41 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             namespace: Default::default(),
             service: "payments".into(),
             id: "nope".into(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown heartbeat");
     assert_eq!(e.code(), roster::client::Code::NotFound);
+    // A reported status: only a TTL instance takes one, never maintenance,
+    // and its output is bounded.
+    let report = |status: HealthStatus, output: usize| HeartbeatRequest {
+        service: "payments".into(),
+        id: "p-1".into(),
+        status: status as i32,
+        output: "x".repeat(output),
+        ..Default::default()
+    };
+    for (req, code, says) in [
+        (
+            report(HealthStatus::Warning, 0),
+            roster::client::Code::FailedPrecondition,
+            "has no TTL check",
+        ),
+        (
+            report(HealthStatus::Maintenance, 0),
+            roster::client::Code::InvalidArgument,
+            "SetMaintenance",
+        ),
+        (
+            report(HealthStatus::Passing, 5000),
+            roster::client::Code::InvalidArgument,
+            "at most 4096",
+        ),
+    ] {
+        let e = client.heartbeat(req).await.expect_err("refused report");
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(e.message().contains(says), "{}", e.message());
+    }
     let e = client
         .get_service(get_req("bad_name", Consistency::Stale))
         .await
@@ -215,6 +246,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             namespace: Default::default(),
             service: "payments".into(),
             id: "p-1".into(),
+            ..Default::default()
         })
         .await
         .expect("heartbeat of a known instance");

@@ -189,6 +189,7 @@ pub async fn client(id: usize, rec: Arc<Recorder>, endpoints: Vec<String>, roami
                     namespace: Default::default(),
                     service: svc.clone(),
                     id: iid.into(),
+                    ..Default::default()
                 };
                 let r = if roaming {
                     tokio::time::timeout(OP_DEADLINE, pool.heartbeat(req)).await
