@@ -10,6 +10,21 @@ pub mod v1 {
     #[cfg(feature = "server")]
     include!(concat!(env!("OUT_DIR"), "/roster.v1.serde.rs"));
 
+    impl HealthStatus {
+        /// A status as one lowercase word (`passing`, `warning`, `critical`,
+        /// `maintenance`), as the CLI and Prometheus labels show it;
+        /// `unknown` for a value this build does not know.
+        pub fn word(status: i32) -> &'static str {
+            match HealthStatus::try_from(status) {
+                Ok(HealthStatus::Passing) => "passing",
+                Ok(HealthStatus::Warning) => "warning",
+                Ok(HealthStatus::Critical) => "critical",
+                Ok(HealthStatus::Maintenance) => "maintenance",
+                _ => "unknown",
+            }
+        }
+    }
+
     impl WatchServicesRequest {
         /// Follow `service` after `since_revision` (0: from its full state).
         pub fn add(service: impl Into<String>, since_revision: u64) -> Self {

@@ -32,16 +32,6 @@ fn consistency(stale: bool) -> i32 {
     }
 }
 
-fn status_name(s: i32) -> &'static str {
-    match HealthStatus::try_from(s) {
-        Ok(HealthStatus::Passing) => "passing",
-        Ok(HealthStatus::Warning) => "warning",
-        Ok(HealthStatus::Critical) => "critical",
-        Ok(HealthStatus::Maintenance) => "maintenance",
-        _ => "unknown",
-    }
-}
-
 fn show(i: &Instance) -> String {
     let ns = if i.namespace.is_empty() {
         String::new()
@@ -54,12 +44,12 @@ fn show(i: &Instance) -> String {
         i.id,
         i.address,
         i.port,
-        status_name(i.status),
+        HealthStatus::word(i.status),
         i.weight,
         i.mod_revision
     );
     if !i.maintenance.is_empty() {
-        s.push_str(&format!(" check_status={}", status_name(i.check_status)));
+        s.push_str(&format!(" check_status={}", HealthStatus::word(i.check_status)));
     }
     if !i.tags.is_empty() {
         s.push_str(&format!(" tags={}", i.tags.join(",")));
@@ -163,7 +153,7 @@ pub async fn heartbeat(a: InstanceArgs) -> anyhow::Result<()> {
         "{}/{} {} at revision {}",
         a.service,
         a.id,
-        status_name(r.status),
+        HealthStatus::word(r.status),
         r.revision
     );
     Ok(())

@@ -92,7 +92,7 @@ fn group(i: &pb::Instance) -> Value {
     label("service", &i.service);
     label("instance_id", &i.id);
     label("tags", &format!(",{},", i.tags.join(",")));
-    label("health", health(i.status));
+    label("health", pb::HealthStatus::word(i.status));
     label("weight", &i.weight.to_string());
     if !i.maintenance.is_empty() {
         label("maintenance_reason", &i.maintenance);
@@ -104,16 +104,6 @@ fn group(i: &pb::Instance) -> Value {
         "targets": [format!("{host}:{}", i.port)],
         "labels": labels,
     })
-}
-
-fn health(status: i32) -> &'static str {
-    match pb::HealthStatus::try_from(status) {
-        Ok(pb::HealthStatus::Passing) => "passing",
-        Ok(pb::HealthStatus::Warning) => "warning",
-        Ok(pb::HealthStatus::Critical) => "critical",
-        Ok(pb::HealthStatus::Maintenance) => "maintenance",
-        _ => "unknown",
-    }
 }
 
 /// A metadata key as a label name: what Prometheus does not allow in one
