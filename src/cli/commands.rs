@@ -49,7 +49,10 @@ fn show(i: &Instance) -> String {
         i.mod_revision
     );
     if !i.maintenance.is_empty() {
-        s.push_str(&format!(" check_status={}", HealthStatus::word(i.check_status)));
+        s.push_str(&format!(
+            " check_status={}",
+            HealthStatus::word(i.check_status)
+        ));
     }
     if !i.tags.is_empty() {
         s.push_str(&format!(" tags={}", i.tags.join(",")));

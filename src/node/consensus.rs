@@ -145,7 +145,7 @@ pub(super) async fn start_raft(
         fresh,
     } = open_storage(cfg).map_err(|e| e.on_start(cfg))?;
     let me = marker.identity().clone();
-    let mut log_store = LogStore::open(&db, marker)?;
+    let mut log_store = LogStore::open(&db, &cfg.data_dir, marker)?;
     let dial_peers = tls.map(Tls::dial_peers);
     if fresh && !members.is_empty() {
         check_not_known(cfg, members, dial_peers.as_ref()).await?;

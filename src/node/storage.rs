@@ -142,7 +142,7 @@ fn open_checked(cfg: &NodeConfig) -> Result<Storage, OpenError> {
     }
     let recorded = Marker::read(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
     let current = state_machine::Current::read(&cfg.data_dir)?;
-    let (last_log, vote_term) = log_store::inspect(&SledLog::open(&db)?)?;
+    let (last_log, vote_term) = log_store::inspect(&SledLog::open(&db, &cfg.data_dir)?)?;
     let mut has_data = false;
     for name in db.tree_names() {
         has_data |= !db.open_tree(name)?.is_empty();
@@ -224,7 +224,7 @@ pub async fn restore(
     let at = state_machine
         .seed(backup, openraft::Membership::new(vec![voters], nodes))
         .await?;
-    let mut log_store = LogStore::open(&db, marker)?;
+    let mut log_store = LogStore::open(&db, &cfg.data_dir, marker)?;
     log_store.start_after(at).await?;
     Ok(())
 }
@@ -256,7 +256,7 @@ pub async fn recover(cfg: &NodeConfig, peer_addr: String) -> Result<u64> {
             cfg.data_dir.display()
         )));
     }
-    let mut log_store = LogStore::open(&db, marker)?;
+    let mut log_store = LogStore::open(&db, &cfg.data_dir, marker)?;
     let (applied, _) = state_machine.applied_state().await?;
     let last = log_store.get_log_state().await?.last_log_id;
     let from = applied.map_or(0, |l| l.index + 1);

@@ -27,7 +27,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
             state_machine,
             ..
         } = open_storage(&cfg).map_err(|e| StorageIOError::read(&e))?;
-        let log_store = LogStore::open(&db, marker).map_err(|e| StorageIOError::read(&e))?;
+        let log_store =
+            LogStore::open(&db, &cfg.data_dir, marker).map_err(|e| StorageIOError::read(&e))?;
         Ok((dir, log_store, state_machine))
     }
 }

@@ -10,6 +10,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -86,9 +87,9 @@ impl LogStore {
     /// The log in sled, flushed on threads of their own. Must be called
     /// inside a tokio runtime: it spawns the flusher task, which lives as long
     /// as any clone of the store.
-    pub fn open(db: &sled::Db, marker: Arc<Marker>) -> Result<Self, sled::Error> {
+    pub fn open(db: &sled::Db, dir: &Path, marker: Arc<Marker>) -> Result<Self, sled::Error> {
         Ok(Self::on(
-            Arc::new(SledLog::open(db)?),
+            Arc::new(SledLog::open(db, dir)?),
             marker,
             Offload::Thread,
         ))
