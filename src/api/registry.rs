@@ -34,7 +34,6 @@ pub struct RegistryApi {
     max_namespaces: u32,
 }
 
-/// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
 /// The status a heartbeat reports, if any (unset and PASSING are one), and
 /// its output, checked.
 fn reported_status(msg: &pb::HeartbeatRequest) -> Result<Option<HealthStatus>, Status> {
@@ -62,6 +61,7 @@ fn reported_status(msg: &pb::HeartbeatRequest) -> Result<Option<HealthStatus>, S
     }
 }
 
+/// Registering or heartbeating a TTL-checked instance on the leader renews its lease.
 fn renews_lease(i: &Instance) -> bool {
     matches!(
         i.check.as_ref().map(|c| &c.kind),
@@ -221,15 +221,11 @@ impl Registry for RegistryApi {
         // Answered from this leader's state: it must hold every committed write.
         self.proposer.current().await?;
         let found = self.read(|st| {
-            st.catalog.get(&service, &msg.id).map(|i| {
-                // The output travels with a change of status: the state
-                // machine records no change without one.
-                let changes = i.status != reported.unwrap_or(HealthStatus::Passing);
-                (st.catalog.revision(), i.status, renews_lease(i), changes)
-            })
+            st.catalog
+                .get(&service, &msg.id)
+                .map(|i| (st.catalog.revision(), i.status, renews_lease(i)))
         })?;
-        let (mut revision, status, ttl, changes) =
-            found.ok_or_else(|| not_found(&service, &msg.id))?;
+        let (mut revision, status, ttl) = found.ok_or_else(|| not_found(&service, &msg.id))?;
         if !ttl {
             if reported.is_some() {
                 return Err(Error::FailedPrecondition(format!(
@@ -245,8 +241,10 @@ impl Registry for RegistryApi {
             }));
         }
         self.leases.renew(&service, &msg.id);
-        let status = reported.unwrap_or(HealthStatus::Passing);
-        if changes {
+        let reported = reported.unwrap_or(HealthStatus::Passing);
+        // The output travels with a change of status: the state machine
+        // records no change without one.
+        if reported != status {
             let output = match msg.output.is_empty() {
                 true => TTL_RENEWED.into(),
                 false => msg.output,
@@ -254,7 +252,7 @@ impl Registry for RegistryApi {
             let set = Command::SetHealth(vec![HealthUpdate {
                 service,
                 id: msg.id,
-                status,
+                status: reported,
                 output,
                 at_ms: now_ms(),
             }]);
@@ -262,7 +260,7 @@ impl Registry for RegistryApi {
         }
         Ok(Response::new(pb::HeartbeatResponse {
             revision,
-            status: status_to_pb(status) as i32,
+            status: status_to_pb(reported) as i32,
         }))
     }
 

@@ -68,7 +68,7 @@ impl Answers {
         registry: &mut RegistryClient<Grpc>,
         question: Question,
         mut req: tonic::Request<pb::GetServiceRequest>,
-        render: impl FnOnce(&[pb::Instance]) -> Result<Vec<u8>, Status>,
+        render: impl FnOnce(&[pb::Instance]) -> serde_json::Result<Vec<u8>>,
     ) -> Result<(tonic::Response<pb::GetServiceResponse>, Rendered), Status> {
         let held = self.held(&question);
         if let Some(k) = &held {
@@ -85,7 +85,9 @@ impl Answers {
             }
             (false, _) => {
                 let rendered = Rendered {
-                    body: render(&a.instances)?.into(),
+                    body: render(&a.instances)
+                        .map_err(|e| Status::internal(format!("encoding the answer: {e}")))?
+                        .into(),
                     newest: a
                         .instances
                         .iter()

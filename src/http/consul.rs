@@ -378,9 +378,6 @@ async fn service_answer(
         healthy: q.passing,
         tags: q.tags.clone(),
     };
-    let render = |all: &[pb::Instance]| {
-        render(all).map_err(|e| Status::internal(format!("encoding the answer: {e}")))
-    };
     let (r, rendered) = api
         .answers
         .read(&mut api.registry, question, q.call(req), render)

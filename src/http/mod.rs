@@ -302,9 +302,7 @@ async fn get_service(
         healthy: msg.healthy_only,
         tags: msg.tags.clone(),
     };
-    let render = |all: &[pb::Instance]| {
-        serde_json::to_vec(all).map_err(|e| Status::internal(format!("encoding instances: {e}")))
-    };
+    let render = |all: &[pb::Instance]| serde_json::to_vec(all);
     let (r, rendered) = api
         .answers
         .read(&mut api.registry, question, request(&headers, msg), render)

@@ -980,6 +980,13 @@ mod tests {
         Command::Register(Instance::example(service, id))
     }
 
+    fn deregister(service: &str, id: &str) -> Command {
+        Command::Deregister {
+            service: service.into(),
+            id: id.into(),
+        }
+    }
+
     #[test]
     fn a_service_s_change_revision_moves_with_its_changes_only() {
         let mut c = Catalog::default();
@@ -987,13 +994,7 @@ mod tests {
         c.apply(2, &register("api", "1"));
         assert_eq!((c.changed_at("web"), c.changed_at("api")), (1, 2));
         // A refused command and another service's change leave it.
-        c.apply(
-            3,
-            &Command::Deregister {
-                service: "web".into(),
-                id: "nope".into(),
-            },
-        );
+        c.apply(3, &deregister("web", "nope"));
         assert_eq!(c.changed_at("web"), 1);
         c.apply(
             4,
@@ -1004,13 +1005,7 @@ mod tests {
         );
         assert_eq!((c.changed_at("web"), c.changed_at("api")), (4, 2));
         // Its going is a change too.
-        c.apply(
-            5,
-            &Command::Deregister {
-                service: "api".into(),
-                id: "1".into(),
-            },
-        );
+        c.apply(5, &deregister("api", "1"));
         assert_eq!(c.changed_at("api"), 5);
         // Rebuilt from parts, it knows no better than the revision it has.
         let rebuilt = Catalog::from_parts(5, c.shared_instances().collect::<Vec<_>>(), []);
@@ -1019,13 +1014,7 @@ mod tests {
         for r in 6..3000 {
             let name = format!("churn-{r}");
             c.apply(r, &register(&name, "1"));
-            c.apply(
-                r,
-                &Command::Deregister {
-                    service: name,
-                    id: "1".into(),
-                },
-            );
+            c.apply(r, &deregister(&name, "1"));
         }
         assert!(c.changed.len() < 1100, "{}", c.changed.len());
         assert!(c.changed_at("churn-7") >= 7 && c.changed_at("web") >= 4);
