@@ -8,6 +8,8 @@
 
 use tonic::{Code, Status};
 
+use crate::grpc::LEADER_ADDRESS_HEADER;
+
 /// What a client may do after a write with an unknown outcome.
 pub const OUTCOME_UNKNOWN_HINT: &str = "the write may or may not be applied; \
      Register, Heartbeat and ConfigureService are safe to retry, and a retried \
@@ -80,7 +82,6 @@ impl Error {
 /// Response metadata naming the leader when a node refuses with `NotLeader`:
 /// followers forward by it (`api::forward`), and clients may use it as a hint.
 pub const LEADER_ID_HEADER: &str = "roster-leader-id";
-pub const LEADER_ADDRESS_HEADER: &str = "roster-leader-address";
 
 fn not_leader(leader: &Option<(u64, String)>) -> String {
     match leader {

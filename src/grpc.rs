@@ -38,6 +38,11 @@ pub fn channel(
 /// the client then sends its next write to another node.
 pub const FORWARDED_HEADER: &str = "roster-forwarded";
 
+/// The leader's client address (`host:port`), where a node knows it: on a
+/// refusal that names the leader, and on an answer forwarded to it. A client
+/// that has that address among its endpoints sends its next write there.
+pub const LEADER_ADDRESS_HEADER: &str = "roster-leader-address";
+
 /// Response header on an answer a node that does not lead gave from its own
 /// state (a stale read, a watch, its status): how many milliseconds ago it
 /// last heard from a leader, or `none` if it has heard from none since it

@@ -440,7 +440,10 @@ impl Cluster for ClusterApi {
             // Openraft 0.9 asserts when a leader commits its own removal: hand
             // leadership on first, and the new leader (to which the refusal
             // below sends this request) removes this node.
-            let handed = transfer(&self.raft, &self.me, &self.peers, TRANSFER_LIMIT).await;
+            let handed = self
+                .proposer
+                .hand_over(transfer(&self.raft, &self.me, &self.peers, TRANSFER_LIMIT))
+                .await;
             self.proposer.here()?;
             return Err(Error::Unavailable(format!(
                 "node {id} leads and could not hand leadership to another voter{}; \

@@ -30,7 +30,9 @@ use super::body::{observed, Observer};
 use super::cluster::CATCH_UP_TIMEOUT;
 use super::BoxFuture;
 use crate::error::{Error, LEADER_ID_HEADER};
-use crate::grpc::{FORWARDED_HEADER, LEADER_CONTACT_HEADER, MAX_MESSAGE_BYTES};
+use crate::grpc::{
+    FORWARDED_HEADER, LEADER_ADDRESS_HEADER, LEADER_CONTACT_HEADER, MAX_MESSAGE_BYTES,
+};
 use crate::peers::{error_chain, Peers};
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
@@ -208,11 +210,13 @@ impl Observer for Recorder {
     }
 }
 
-/// The leader as a follower sees it: its id and peer address.
+/// The leader as a follower sees it: its id, peer address and client
+/// address (empty until the leader has learned it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Leader {
     id: NodeId,
     addr: String,
+    client_addr: String,
 }
 
 impl Leader {
@@ -222,6 +226,7 @@ impl Leader {
             Refusal::NotLeader(f) => Some(Leader {
                 id: f.leader_id?,
                 addr: f.leader_node.as_ref()?.peer_addr.clone(),
+                client_addr: f.leader_node.as_ref()?.addr.clone(),
             }),
             Refusal::Failed(_) => None,
         }
@@ -268,11 +273,15 @@ impl Relay {
         };
         match sent.await {
             Ok(mut answer) => {
-                // Tells the client to send its writes elsewhere (the leader's
-                // client address may not be one it can reach, so no more).
-                answer
-                    .headers_mut()
-                    .insert(FORWARDED_HEADER, HeaderValue::from(leader.id));
+                // Tells the client to send its writes elsewhere: to the
+                // leader's client address if it is one of its endpoints.
+                let headers = answer.headers_mut();
+                headers.insert(FORWARDED_HEADER, HeaderValue::from(leader.id));
+                if let Ok(v) = HeaderValue::from_str(&leader.client_addr) {
+                    if !leader.client_addr.is_empty() {
+                        headers.insert(LEADER_ADDRESS_HEADER, v);
+                    }
+                }
                 answer
             }
             Err(s) => leader.transport_failure(s, effect).into_http(),

@@ -45,7 +45,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Response, Status, Streaming};
 
-use crate::grpc::{channel, FORWARDED_HEADER, MAX_MESSAGE_BYTES};
+use crate::grpc::{channel, FORWARDED_HEADER, LEADER_ADDRESS_HEADER, MAX_MESSAGE_BYTES};
 use crate::proto::v1::acl_client::AclClient;
 use crate::proto::v1::cluster_client::ClusterClient;
 use crate::proto::v1::registry_client::RegistryClient;
@@ -123,6 +123,22 @@ struct Shared {
     token: Option<MetadataValue<Ascii>>,
     /// The watch stream this client's resolvers share, opened by the first.
     feed: OnceLock<feed::Feed>,
+}
+
+impl Shared {
+    /// The endpoint that is the leader a forwarded answer names
+    /// (`LEADER_ADDRESS_HEADER`), if it is one of this client's.
+    fn leader_endpoint(&self, meta: &tonic::metadata::MetadataMap) -> Option<usize> {
+        let addr = meta.get(LEADER_ADDRESS_HEADER)?.to_str().ok()?;
+        let bare = |e: &str| {
+            let e = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            e.trim_end_matches('/').to_string()
+        };
+        self.endpoints.iter().position(|e| bare(e) == addr)
+    }
 }
 
 impl RosterClient {
@@ -222,8 +238,9 @@ impl RosterClient {
     /// leader serves), then the others, pausing briefly between rounds while
     /// nodes are down or a leader is being elected; every method goes through
     /// here. A follower marks the answers it forwarded (`FORWARDED_HEADER`),
-    /// so the next such call tries the next node: within n − 1 calls they go
-    /// straight to the leader. A retry of a removal that answers `NOT_FOUND`
+    /// with the leader's address, so the next such call goes to the leader
+    /// (or, if that address is not among the endpoints, the next node:
+    /// within n − 1 calls they go straight to the leader). A retry of a removal that answers `NOT_FOUND`
     /// after an attempt with an unknown outcome is a success (the default
     /// answer: revision 0, as the revision it was removed at is not known).
     async fn send<Req, T, F, Fut>(&self, path: &str, req: Req, mut send: F) -> Result<T, Error>
@@ -253,7 +270,7 @@ impl RosterClient {
                 let e = match send(s.channels[i].clone(), self.request(req.clone())).await {
                     Ok(v) => {
                         let next = if v.metadata().contains_key(FORWARDED_HEADER) {
-                            (i + 1) % n
+                            s.leader_endpoint(v.metadata()).unwrap_or((i + 1) % n)
                         } else {
                             i
                         };

@@ -85,22 +85,23 @@ impl NodeHandle {
         )
     }
 
-    /// Stops proposing, hands leadership to a caught-up follower if this node
-    /// leads (so a rolling restart costs no election timeout), then stops
-    /// serving and shuts Raft down; the data directory can then be reopened.
+    /// Hands leadership to a caught-up follower if this node leads, holding
+    /// the writes that arrive meanwhile and forwarding them to it (so a
+    /// rolling restart costs no election timeout and refuses nothing), then
+    /// stops proposing and serving and shuts Raft down; the data directory
+    /// can then be reopened.
     pub async fn shutdown(self) -> Result<()> {
-        self.proposer.close();
-        match leadership::transfer(
+        let transfer = leadership::transfer(
             &self.raft,
             &self.me,
             &self.peers,
             leadership::TRANSFER_LIMIT,
-        )
-        .await
-        {
+        );
+        match self.proposer.hand_over(transfer).await {
             Some(to) => tracing::info!("handed leadership to node {to}"),
             None => tracing::debug!("no leadership to hand over"),
         }
+        self.proposer.close();
         let _ = self.stop.send(());
         let http = self.http.as_ref().map(|h| &h.1);
         for task in self.metrics.iter().chain(&self.tls_watch).chain(http) {

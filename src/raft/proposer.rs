@@ -50,13 +50,24 @@ impl From<Refusal> for tonic::Status {
     }
 }
 
+/// Where a node is in its life, as its proposer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Leadership is being handed to another node: writes and reads wait
+    /// until it leads, then go to it (the API forwards them), so a rolling
+    /// restart answers them instead of refusing.
+    HandingOver,
+    /// The node is shutting down: nothing new is proposed, and streams end
+    /// so the server can stop.
+    Closed,
+}
+
 pub struct Proposer {
     raft: Raft,
     id: NodeId,
     timeout: Duration,
-    /// Set when the node begins to shut down: nothing new is proposed, and
-    /// streams end so the server can stop.
-    closed: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     contact: Contact,
     writes: Coalescer<Command, Result<CommandResponse, Refusal>>,
     reads: Coalescer<(), Result<(), Refusal>>,
@@ -206,7 +217,7 @@ impl Proposer {
             raft,
             id,
             timeout,
-            closed: watch::Sender::new(false),
+            phase: watch::Sender::new(Phase::Serving),
             contact,
             writes,
             reads,
@@ -222,31 +233,74 @@ impl Proposer {
         self.contact.leader_contact()
     }
 
-    /// From now on nothing new is proposed here: every call is refused as not applied.
+    /// From now on nothing new is proposed here: every call is refused as not
+    /// applied, naming the leader when another node leads (for the API to forward).
     pub fn close(&self) {
-        self.closed.send_replace(true);
+        self.phase.send_replace(Phase::Closed);
+    }
+
+    /// Runs `transfer` (which hands leadership to another node) with this
+    /// node's writes and reads held meanwhile: once another node leads they
+    /// are refused with its name, for the API to forward, so callers are
+    /// answered rather than told to retry. Nothing is proposed here while it
+    /// runs, so the successor can catch up.
+    pub async fn hand_over<T>(&self, transfer: impl Future<Output = T>) -> T {
+        self.phase.send_if_modified(|p| {
+            let serving = *p == Phase::Serving;
+            if serving {
+                *p = Phase::HandingOver;
+            }
+            serving
+        });
+        let done = transfer.await;
+        self.phase.send_if_modified(|p| {
+            let handing = *p == Phase::HandingOver;
+            if handing {
+                *p = Phase::Serving;
+            }
+            handing
+        });
+        done
     }
 
     /// Resolves once the node has begun to shut down.
     pub fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut closed = self.closed.subscribe();
+        let mut phase = self.phase.subscribe();
         async move {
-            let _ = closed.wait_for(|c| *c).await;
+            let _ = phase.wait_for(|p| *p == Phase::Closed).await;
         }
     }
 
-    fn check_open(&self) -> Result<(), Refusal> {
-        if *self.closed.borrow() {
-            return Err(Refusal::Failed(Error::Unavailable(format!(
-                "node {} is shutting down; not applied, retry on another node",
-                self.id
-            ))));
+    fn shutting_down(&self) -> Refusal {
+        Refusal::Failed(Error::Unavailable(format!(
+            "node {} is shutting down; not applied, retry on another node",
+            self.id
+        )))
+    }
+
+    /// While leadership is being handed on from this node, waits (up to the
+    /// request timeout) until another node leads or the hand-over ends.
+    async fn settled(&self) {
+        let mut phase = self.phase.subscribe();
+        if *phase.borrow_and_update() != Phase::HandingOver {
+            return;
         }
-        Ok(())
+        let mut metrics = self.raft.metrics();
+        let elsewhere = |m: &openraft::RaftMetrics<NodeId, Node>| {
+            self.contact.leader(m).is_some_and(|l| l != self.id)
+        };
+        let _ = tokio::time::timeout(self.timeout, async {
+            tokio::select! {
+                _ = metrics.wait_for(elsewhere) => {}
+                _ = phase.wait_for(|p| *p != Phase::HandingOver) => {}
+            }
+        })
+        .await;
     }
 
     /// Replicates `cmd` through Raft and returns what applying it did.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, Refusal> {
+        self.settled().await;
         self.here()?;
         let late = || {
             Error::Timeout(format!(
@@ -261,6 +315,7 @@ impl Proposer {
     /// Confirms leadership with a quorum and waits until this node has applied
     /// everything committed before the call (read index).
     pub async fn read_index(&self) -> Result<(), Refusal> {
+        self.settled().await;
         self.here()?;
         let late = || {
             Error::Unavailable(format!(
@@ -343,14 +398,19 @@ impl Proposer {
 
     /// Whether this node leads, by its current view and without a quorum
     /// round trip; if not, the leader it knows. A read replica that knows no
-    /// leader refuses outright (`cut_off`).
+    /// leader refuses outright (`cut_off`). A node shutting down serves
+    /// nothing itself, but still names the leader it knows, so what reaches
+    /// it until its server stops is forwarded rather than refused.
     pub fn here(&self) -> Result<(), Refusal> {
-        self.check_open()?;
+        let closed = *self.phase.borrow() == Phase::Closed;
         // Heartbeats come this way at a high rate: read the metrics in place, no clone.
         let (leader_id, leader_node) = {
             let rx = self.raft.metrics();
             let m = rx.borrow();
             let leader = self.contact.leader(&m);
+            if closed && leader.is_none_or(|l| l == self.id) {
+                return Err(self.shutting_down());
+            }
             if leader == Some(self.id) {
                 return Ok(());
             }

@@ -95,6 +95,64 @@ async fn sigterm_on_the_leader_hands_leadership_over_before_exiting() {
     );
 }
 
+/// A rolling restart as clients see it: writes that reach the leader while
+/// it hands leadership on are held and forwarded to its successor, so they
+/// are answered, not refused; none is left with an unknown outcome.
+#[tokio::test]
+async fn writes_reaching_a_stopping_leader_are_forwarded_to_its_successor() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut c = TestCluster::start(3).await;
+    let leader = c.leader().await;
+    let written = Arc::new(AtomicUsize::new(0));
+    // Four writers back to back on the leader's own connection, each until
+    // its first error (the node refusing as it stops, or gone).
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (endpoint, written) = (c.endpoint(leader), written.clone());
+            tokio::spawn(async move {
+                let mut api = RegistryClient::connect(format!("http://{endpoint}"))
+                    .await
+                    .expect("connect");
+                let mut forwarded = 0;
+                for n in 0.. {
+                    let req = register_req("rolling", &format!("w{w}-{n}"));
+                    match api.register(req).await {
+                        Ok(r) => {
+                            written.fetch_add(1, Ordering::Relaxed);
+                            forwarded += usize::from(r.metadata().contains_key("roster-forwarded"));
+                        }
+                        Err(e) => return (forwarded, e),
+                    }
+                }
+                unreachable!("the loop ends at the first error")
+            })
+        })
+        .collect();
+    c.wait_for("writes to flow", Duration::from_secs(10), || async {
+        (written.load(Ordering::Relaxed) >= 40).then_some(())
+    })
+    .await;
+    c.signal(leader, "TERM");
+    let exit = c.wait_exit(leader, Duration::from_secs(10)).await;
+    assert!(exit.success(), "a stopped node exits cleanly: {exit:?}");
+    let mut forwarded = 0;
+    for w in writers {
+        let (f, last) = w.await.expect("writer");
+        forwarded += f;
+        assert!(
+            !matches!(last.code(), Code::Aborted | Code::DeadlineExceeded),
+            "no write to a stopping leader is left with an unknown outcome: {last:?}"
+        );
+    }
+    assert!(
+        forwarded > 0,
+        "writes that arrived during the hand-over were forwarded to the new leader; logs in {}",
+        c.dir.path().display()
+    );
+}
+
 #[tokio::test]
 async fn an_isolated_leader_steps_down_and_fails_fast() {
     let mut c = TestCluster::start(3).await;

@@ -22,9 +22,8 @@ enum Stop {
 }
 
 pub async fn failover(s: &mut Shared, o: &Opts, report: &mut Report) -> Result<()> {
-    // Crashes 20 rounds (issue 13's measure: one slow round in five hid in 5);
-    // graceful stops are steadier.
-    let (kills, terms) = if o.quick { (2, 2) } else { (20, 5) };
+    // 20 rounds each (issue 13's measure: one slow round in five hid in 5).
+    let (kills, terms) = if o.quick { (2, 2) } else { (20, 20) };
     for (stop, rounds, what, target) in [
         (
             Stop::Kill,
@@ -36,7 +35,7 @@ pub async fn failover(s: &mut Shared, o: &Opts, report: &mut Report) -> Result<(
             Stop::Term,
             terms,
             "rolling restart: leader SIGTERM",
-            "Roster < 0.2 s",
+            "p50 ≤ etcd, max ≤ 100 ms",
         ),
     ] {
         let r = stop_leader(&s.roster, &mut s.rc, rounds, stop).await?;

@@ -130,7 +130,8 @@ fn transfer_target(m: &RaftMetrics<NodeId, Node>, id: NodeId) -> Option<NodeId> 
 }
 
 /// If this node leads, hands leadership to the most up-to-date voter and waits
-/// (up to `limit`) for it to take over. The caller must have stopped proposing.
+/// (up to `limit`) for it to take over. The caller must have stopped proposing
+/// ([`Proposer::hand_over`](crate::raft::proposer::Proposer::hand_over)).
 /// Returns the new leader, or `None` when this node did not lead or no
 /// follower could take over in time (the cluster then elects one as usual).
 pub async fn transfer(
@@ -147,7 +148,9 @@ pub async fn transfer(
         let node = m.membership_config.membership().get_node(&target)?.clone();
         (target, node, m.vote)
     };
-    // The follower must hold every entry this leader has, or it cannot win the vote.
+    // The follower must hold every entry this leader has, or it cannot win
+    // the vote; and this leader must have applied them, or the writes in
+    // flight would be answered as interrupted instead of done.
     let caught_up = raft
         .wait(Some(
             deadline.saturating_duration_since(tokio::time::Instant::now()),
@@ -155,10 +158,11 @@ pub async fn transfer(
         .metrics(
             |m| {
                 let last = m.last_log_index;
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(&target))
-                    .is_some_and(|matched| matched.map(|l| l.index) >= last)
+                m.last_applied.map(|l| l.index) >= last
+                    && m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&target))
+                        .is_some_and(|matched| matched.map(|l| l.index) >= last)
             },
             "transfer target caught up",
         )

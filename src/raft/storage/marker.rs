@@ -30,6 +30,11 @@ pub const MARKER_FILE: &str = "roster.marker";
 /// Bytes per slot: a length, then the record; a cluster id is at most a few
 /// hundred bytes.
 const SLOT: usize = 4096;
+/// An update rewrites its slot from the start in whole sectors, not the whole
+/// slot: a record takes one, and what follows its length is never read. With
+/// direct I/O ([`DirFile`]) one sector, not a 4 KiB page, reaches the disk
+/// per update, and every flush of the log updates the marker.
+const SECTOR: usize = 512;
 
 /// Whose data a directory holds. `incarnation` is random, drawn when the
 /// directory is created, so a recreated directory is a different incarnation.
@@ -261,7 +266,7 @@ impl Marker {
     fn write_file(&self, progress: &Progress) -> Result<(), MarkerError> {
         let mut generation = lock(&self.generation);
         let next = generation.map_or(1, |g| g + 1);
-        let slot = |generation| -> Result<Vec<u8>, MarkerError> {
+        let slot = |generation, whole: bool| -> Result<Vec<u8>, MarkerError> {
             let b = stored::encode(&Slotted {
                 generation,
                 record: Record {
@@ -275,15 +280,22 @@ impl Marker {
             let mut out = Vec::with_capacity(SLOT);
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
             out.extend_from_slice(&b);
-            out.resize(SLOT, 0);
+            let len = if whole {
+                SLOT
+            } else {
+                out.len().div_ceil(SECTOR) * SECTOR
+            };
+            out.resize(len, 0);
             Ok(out)
         };
         match *generation {
-            Some(_) => self.file.write_at((next % 2) * SLOT as u64, &slot(next)?)?,
+            Some(_) => self
+                .file
+                .write_at((next % 2) * SLOT as u64, &slot(next, false)?)?,
             None => {
                 // Both slots alike: either is a valid marker from the start.
-                let mut b = slot(next)?;
-                b.extend_from_slice(&slot(next)?);
+                let mut b = slot(next, true)?;
+                b.extend_from_slice(&slot(next, true)?);
                 self.file.replace(&b)?;
             }
         }
