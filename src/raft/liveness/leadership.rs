@@ -88,8 +88,15 @@ pub fn can_serve(
 /// Grants a vote for `candidate` in the next term on this node, which makes a
 /// leader whose lease has expired a follower.
 async fn vote_next_term(raft: &Raft, candidate: NodeId) -> bool {
-    let term = raft.metrics().borrow().current_term;
-    let last_log_id = raft.data_metrics().borrow().last_log;
+    let (term, applied) = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        (m.current_term, m.last_applied)
+    };
+    // The vote is refused if it names less log than this node holds. The
+    // data metrics can lag an append just flushed (a hand-over then lost 20
+    // ms to a retry); what is applied is in the log too.
+    let last_log_id = raft.data_metrics().borrow().last_log.max(applied);
     let req = VoteRequest::new(Vote::new(term + 1, candidate), last_log_id);
     matches!(raft.vote(req).await, Ok(resp) if resp.vote_granted)
 }
