@@ -593,3 +593,30 @@ impl<T> futures::Stream for WatchStream<T> {
             .map(|m| m.map(|r| r.map_err(Error::from)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forwarded_answer_sends_writes_to_the_endpoint_it_names() {
+        let c = RosterClient::new(&["127.0.0.1:7001", "http://127.0.0.1:7002/"]).expect("client");
+        let named = |addr: &str| {
+            let mut meta = tonic::metadata::MetadataMap::new();
+            meta.insert(LEADER_ADDRESS_HEADER, addr.parse().expect("header value"));
+            c.shared.leader_endpoint(&meta)
+        };
+        assert_eq!(named("127.0.0.1:7001"), Some(0));
+        assert_eq!(named("127.0.0.1:7002"), Some(1), "scheme and slash aside");
+        assert_eq!(
+            named("10.0.0.9:7001"),
+            None,
+            "not an endpoint: the next node"
+        );
+        assert_eq!(
+            c.shared
+                .leader_endpoint(&tonic::metadata::MetadataMap::new()),
+            None
+        );
+    }
+}
