@@ -245,22 +245,21 @@ impl Proposer {
     /// answered rather than told to retry. Nothing is proposed here while it
     /// runs, so the successor can catch up.
     pub async fn hand_over<T>(&self, transfer: impl Future<Output = T>) -> T {
-        self.phase.send_if_modified(|p| {
-            let serving = *p == Phase::Serving;
-            if serving {
-                *p = Phase::HandingOver;
-            }
-            serving
-        });
+        self.shift(Phase::Serving, Phase::HandingOver);
         let done = transfer.await;
-        self.phase.send_if_modified(|p| {
-            let handing = *p == Phase::HandingOver;
-            if handing {
-                *p = Phase::Serving;
-            }
-            handing
-        });
+        self.shift(Phase::HandingOver, Phase::Serving);
         done
+    }
+
+    /// Moves the phase from `from` to `to`; any other phase (closed meanwhile) stays.
+    fn shift(&self, from: Phase, to: Phase) {
+        self.phase.send_if_modified(|p| {
+            let at = *p == from;
+            if at {
+                *p = to;
+            }
+            at
+        });
     }
 
     /// Resolves once the node has begun to shut down.
@@ -281,10 +280,11 @@ impl Proposer {
     /// While leadership is being handed on from this node, waits (up to the
     /// request timeout) until another node leads or the hand-over ends.
     async fn settled(&self) {
-        let mut phase = self.phase.subscribe();
-        if *phase.borrow_and_update() != Phase::HandingOver {
+        // Every write passes here: no subscription unless handing over.
+        if *self.phase.borrow() != Phase::HandingOver {
             return;
         }
+        let mut phase = self.phase.subscribe();
         let mut metrics = self.raft.metrics();
         let elsewhere = |m: &openraft::RaftMetrics<NodeId, Node>| {
             self.contact.leader(m).is_some_and(|l| l != self.id)
